@@ -1,0 +1,74 @@
+//! The one error type of the crate. Every message names the file, key, shape or argument at fault.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong when loading a model, reading inputs or running it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A required file is absent (config.json, weights, tokenizer, ...).
+    #[error("missing {what}: {path} does not exist")]
+    MissingFile { what: &'static str, path: PathBuf },
+    /// config.json (or GGUF metadata) is malformed or lacks a key.
+    #[error("config {path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+    /// A weight file (safetensors, index, GGUF) is truncated or corrupt.
+    #[error("weights {path}: {msg}")]
+    Weights { path: PathBuf, msg: String },
+    /// A tensor the model needs is absent from the checkpoint.
+    #[error("missing tensor `{name}` (looked for {tried}) in {source_desc}")]
+    MissingTensor {
+        name: String,
+        tried: String,
+        source_desc: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    /// A dtype, architecture or quantisation we do not handle.
+    #[error("unsupported {what}: {value}")]
+    Unsupported { what: &'static str, value: String },
+    /// The tokenizer file is unreadable or a text cannot be tokenized.
+    #[error("tokenizer {path}: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+    /// An image cannot be decoded or preprocessed.
+    #[error("image {path}: {msg}")]
+    Image { path: PathBuf, msg: String },
+    /// A prompt the model cannot take (image placeholder count, length, ...).
+    #[error("prompt: {0}")]
+    Prompt(String),
+    /// An argument out of range (sampling parameters, batch, flags).
+    #[error("invalid argument `{name}`: {msg}")]
+    Arg { name: String, msg: String },
+}
+
+/// Result with the crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wrap an I/O error with the path it happened on.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Shorthand for [`Error::Arg`].
+    pub fn arg(name: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Arg {
+            name: name.into(),
+            msg: msg.into(),
+        }
+    }
+}

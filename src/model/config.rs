@@ -1,0 +1,399 @@
+//! Model configuration from HF `config.json`, in both the transformers 4.x spellings (`rope_theta`,
+//! `torch_dtype`, `image_token_index`) and the 5.x ones (`rope_parameters`, `dtype`, `image_token_id`).
+//! Absent keys take HF's class defaults (`LlamaConfig`, `CLIPVisionConfig`, `LlavaConfig`), because
+//! real llava-hf configs only list what differs from them.
+
+use crate::error::{Error, Result};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+
+/// The LLaMA language model (mirrors `LlamaConfig`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// The CLIP vision tower (mirrors `CLIPVisionConfig`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub layer_norm_eps: f64,
+    pub hidden_act: String,
+}
+
+impl VisionConfig {
+    /// Patches per side.
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+}
+
+/// Which vision positions reach the projector (`vision_feature_select_strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelectStrategy {
+    /// Drop the CLS token.
+    Default,
+    /// Keep every position, CLS included.
+    Full,
+}
+
+/// LLaVA (mirrors `LlavaConfig`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlavaConfig {
+    pub text: TextConfig,
+    pub vision: VisionConfig,
+    pub image_token_id: u32,
+    /// Indices into HF's vision hidden-states list, which starts with the embeddings output.
+    pub vision_feature_layers: Vec<i64>,
+    pub select_strategy: SelectStrategy,
+    pub projector_hidden_act: String,
+    pub projector_bias: bool,
+}
+
+impl LlavaConfig {
+    /// Image tokens one image expands to in the prompt.
+    pub fn image_tokens(&self) -> usize {
+        let g = self.vision.grid();
+        g * g + usize::from(self.select_strategy == SelectStrategy::Full)
+    }
+}
+
+/// The architectures we run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelConfig {
+    Llava(LlavaConfig),
+    Llama(TextConfig),
+}
+
+impl ModelConfig {
+    /// The language model's configuration.
+    pub fn text(&self) -> &TextConfig {
+        match self {
+            ModelConfig::Llava(c) => &c.text,
+            ModelConfig::Llama(c) => c,
+        }
+    }
+
+    /// Reads and parses `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::MissingFile {
+                what: "config.json",
+                path: path.to_path_buf(),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parses the text of a `config.json`; `path` only names it in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let v: Value = serde_json::from_str(text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        let obj = v.as_object().ok_or_else(|| Error::Config {
+            path: path.to_path_buf(),
+            msg: "top level is not a JSON object".into(),
+        })?;
+        let r = Reader {
+            path: path.to_path_buf(),
+        };
+        let model_type = obj
+            .get("model_type")
+            .and_then(Value::as_str)
+            .or_else(|| {
+                obj.get("architectures")
+                    .and_then(|a| a.get(0))
+                    .and_then(Value::as_str)
+            })
+            .unwrap_or("");
+        match model_type {
+            "llava" | "LlavaForConditionalGeneration" => Ok(ModelConfig::Llava(r.llava(obj)?)),
+            "llama" | "LlamaForCausalLM" => Ok(ModelConfig::Llama(r.text(obj, None)?)),
+            "" => Err(Error::Config {
+                path: path.to_path_buf(),
+                msg: "no `model_type` or `architectures` key".into(),
+            }),
+            other => Err(Error::Unsupported {
+                what: "architecture (supported: llava, llama)",
+                value: other.to_string(),
+            }),
+        }
+    }
+}
+
+struct Reader {
+    path: PathBuf,
+}
+
+impl Reader {
+    fn err(&self, msg: String) -> Error {
+        Error::Config {
+            path: self.path.clone(),
+            msg,
+        }
+    }
+
+    fn usize(&self, o: &Map<String, Value>, key: &str, default: Option<usize>) -> Result<usize> {
+        match o.get(key) {
+            None | Some(Value::Null) => {
+                default.ok_or_else(|| self.err(format!("missing key `{key}`")))
+            }
+            Some(v) => v
+                .as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| self.err(format!("`{key}` must be a non-negative integer, got {v}"))),
+        }
+    }
+
+    fn f64(&self, o: &Map<String, Value>, key: &str, default: f64) -> Result<f64> {
+        match o.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.err(format!("`{key}` must be a number, got {v}"))),
+        }
+    }
+
+    fn bool(&self, o: &Map<String, Value>, key: &str, default: bool) -> Result<bool> {
+        match o.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(format!("`{key}` must be true or false, got {v}"))),
+        }
+    }
+
+    fn string(&self, o: &Map<String, Value>, key: &str, default: &str) -> Result<String> {
+        match o.get(key) {
+            None | Some(Value::Null) => Ok(default.to_string()),
+            Some(v) => v
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| self.err(format!("`{key}` must be a string, got {v}"))),
+        }
+    }
+
+    fn ids(&self, o: &Map<String, Value>, key: &str) -> Result<Vec<u32>> {
+        match o.get(key) {
+            None | Some(Value::Null) => Ok(vec![]),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_u64()
+                        .map(|x| x as u32)
+                        .ok_or_else(|| self.err(format!("`{key}` holds a non-integer {x}")))
+                })
+                .collect(),
+            Some(v) => v
+                .as_u64()
+                .map(|x| vec![x as u32])
+                .ok_or_else(|| self.err(format!("`{key}` must be an integer or a list, got {v}"))),
+        }
+    }
+
+    /// `LlamaConfig`; `outer` is the LLaVA top level, which may carry `tie_word_embeddings`.
+    fn text(&self, o: &Map<String, Value>, outer: Option<&Map<String, Value>>) -> Result<TextConfig> {
+        let hidden_size = self.usize(o, "hidden_size", Some(4096))?;
+        let heads = self.usize(o, "num_attention_heads", Some(32))?;
+        let kv = self.usize(o, "num_key_value_heads", Some(heads))?;
+        if heads == 0 || kv == 0 || heads % kv != 0 {
+            return Err(self.err(format!(
+                "num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv}"
+            )));
+        }
+        let head_dim = self.usize(o, "head_dim", Some(hidden_size / heads))?;
+        if head_dim % 2 != 0 {
+            return Err(self.err(format!("head_dim {head_dim} must be even for RoPE")));
+        }
+        // 5.x: rope_parameters {rope_type, rope_theta}; 4.x: rope_theta + rope_scaling.
+        let (rope_theta, rope_type) = match o.get("rope_parameters").and_then(Value::as_object) {
+            Some(p) => (
+                self.f64(p, "rope_theta", 10000.0)?,
+                self.string(p, "rope_type", "default")?,
+            ),
+            None => {
+                let t = match o.get("rope_scaling").and_then(Value::as_object) {
+                    Some(s) => s
+                        .get("rope_type")
+                        .or_else(|| s.get("type"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("default")
+                        .to_string(),
+                    None => "default".to_string(),
+                };
+                (self.f64(o, "rope_theta", 10000.0)?, t)
+            }
+        };
+        if rope_type != "default" {
+            return Err(Error::Unsupported {
+                what: "rope scaling type (only `default`)",
+                value: rope_type,
+            });
+        }
+        let act = self.string(o, "hidden_act", "silu")?;
+        if act != "silu" {
+            return Err(Error::Unsupported {
+                what: "LLaMA hidden_act (only `silu`)",
+                value: act,
+            });
+        }
+        let tie_inner = self.bool(o, "tie_word_embeddings", false)?;
+        let tie = match outer {
+            Some(out) if out.contains_key("tie_word_embeddings") => {
+                self.bool(out, "tie_word_embeddings", false)? || tie_inner
+            }
+            _ => tie_inner,
+        };
+        let bos = self.ids(o, "bos_token_id")?;
+        Ok(TextConfig {
+            vocab_size: self.usize(o, "vocab_size", Some(32000))?,
+            hidden_size,
+            intermediate_size: self.usize(o, "intermediate_size", Some(11008))?,
+            num_hidden_layers: self.usize(o, "num_hidden_layers", Some(32))?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim,
+            rms_norm_eps: self.f64(o, "rms_norm_eps", 1e-6)?,
+            rope_theta,
+            max_position_embeddings: self.usize(o, "max_position_embeddings", Some(2048))?,
+            tie_word_embeddings: tie,
+            attention_bias: self.bool(o, "attention_bias", false)?,
+            mlp_bias: self.bool(o, "mlp_bias", false)?,
+            bos_token_id: bos.first().copied(),
+            eos_token_ids: self.ids(o, "eos_token_id")?,
+        })
+    }
+
+    /// `CLIPVisionConfig`.
+    fn vision(&self, o: &Map<String, Value>) -> Result<VisionConfig> {
+        let c = VisionConfig {
+            hidden_size: self.usize(o, "hidden_size", Some(768))?,
+            intermediate_size: self.usize(o, "intermediate_size", Some(3072))?,
+            num_hidden_layers: self.usize(o, "num_hidden_layers", Some(12))?,
+            num_attention_heads: self.usize(o, "num_attention_heads", Some(12))?,
+            num_channels: self.usize(o, "num_channels", Some(3))?,
+            image_size: self.usize(o, "image_size", Some(224))?,
+            patch_size: self.usize(o, "patch_size", Some(32))?,
+            layer_norm_eps: self.f64(o, "layer_norm_eps", 1e-5)?,
+            hidden_act: self.string(o, "hidden_act", "quick_gelu")?,
+        };
+        if c.patch_size == 0 || c.image_size % c.patch_size != 0 {
+            return Err(self.err(format!(
+                "vision image_size {} is not a multiple of patch_size {}",
+                c.image_size, c.patch_size
+            )));
+        }
+        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+            return Err(self.err(format!(
+                "vision hidden_size {} is not a multiple of num_attention_heads {}",
+                c.hidden_size, c.num_attention_heads
+            )));
+        }
+        if !matches!(c.hidden_act.as_str(), "quick_gelu" | "gelu") {
+            return Err(Error::Unsupported {
+                what: "vision hidden_act (quick_gelu, gelu)",
+                value: c.hidden_act,
+            });
+        }
+        Ok(c)
+    }
+
+    /// `LlavaConfig`.
+    fn llava(&self, o: &Map<String, Value>) -> Result<LlavaConfig> {
+        let empty = Map::new();
+        let sub = |key: &str| -> Result<&Map<String, Value>> {
+            match o.get(key) {
+                None | Some(Value::Null) => Ok(&empty),
+                Some(Value::Object(m)) => Ok(m),
+                Some(v) => Err(self.err(format!("`{key}` must be an object, got {v}"))),
+            }
+        };
+        let text_obj = sub("text_config")?;
+        if let Some(t) = text_obj.get("model_type").and_then(Value::as_str)
+            && t != "llama"
+        {
+            return Err(Error::Unsupported {
+                what: "LLaVA language model (only llama)",
+                value: t.to_string(),
+            });
+        }
+        let text = self.text(text_obj, Some(o))?;
+        let vision = self.vision(sub("vision_config")?)?;
+        let layers = match o.get("vision_feature_layer") {
+            None | Some(Value::Null) => vec![-2],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_i64().ok_or_else(|| {
+                        self.err(format!("`vision_feature_layer` holds a non-integer {x}"))
+                    })
+                })
+                .collect::<Result<_>>()?,
+            Some(v) => vec![v.as_i64().ok_or_else(|| {
+                self.err(format!("`vision_feature_layer` must be an integer or a list, got {v}"))
+            })?],
+        };
+        let n = vision.num_hidden_layers as i64 + 1;
+        if layers.is_empty() || layers.iter().any(|&l| l >= n || l < -n) {
+            return Err(self.err(format!(
+                "vision_feature_layer {layers:?} outside the {n} hidden states of a {}-layer vision tower",
+                vision.num_hidden_layers
+            )));
+        }
+        let select_strategy = match self
+            .string(o, "vision_feature_select_strategy", "default")?
+            .as_str()
+        {
+            "default" => SelectStrategy::Default,
+            "full" => SelectStrategy::Full,
+            s => {
+                return Err(Error::Unsupported {
+                    what: "vision_feature_select_strategy (default, full)",
+                    value: s.to_string(),
+                });
+            }
+        };
+        let image_token_id = match o.get("image_token_id").filter(|v| !v.is_null()) {
+            Some(_) => self.usize(o, "image_token_id", None)?,
+            None => self.usize(o, "image_token_index", Some(32000))?,
+        } as u32;
+        let projector_hidden_act = self.string(o, "projector_hidden_act", "gelu")?;
+        if projector_hidden_act != "gelu" {
+            return Err(Error::Unsupported {
+                what: "projector_hidden_act (only gelu)",
+                value: projector_hidden_act,
+            });
+        }
+        Ok(LlavaConfig {
+            text,
+            vision,
+            image_token_id,
+            vision_feature_layers: layers,
+            select_strategy,
+            projector_hidden_act,
+            projector_bias: self.bool(o, "multimodal_projector_bias", true)?,
+        })
+    }
+}

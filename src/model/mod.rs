@@ -1,0 +1,3 @@
+//! Model definitions and everything needed to load them: config, weights, tokenizer, template, image.
+
+pub mod config;
