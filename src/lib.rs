@@ -6,3 +6,8 @@ pub mod tensor;
 
 pub use error::{Error, Result};
 pub use tensor::{DType, Tensor};
+pub mod engine;
+pub mod ops;
+
+pub use engine::{Engine, Generation, ImageInput, Request, Sampling, StopReason};
+pub use model::Model;

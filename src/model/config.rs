@@ -160,10 +160,9 @@ impl Reader {
             None | Some(Value::Null) => {
                 default.ok_or_else(|| self.err(format!("missing key `{key}`")))
             }
-            Some(v) => v
-                .as_u64()
-                .map(|x| x as usize)
-                .ok_or_else(|| self.err(format!("`{key}` must be a non-negative integer, got {v}"))),
+            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                self.err(format!("`{key}` must be a non-negative integer, got {v}"))
+            }),
         }
     }
 
@@ -214,7 +213,11 @@ impl Reader {
     }
 
     /// `LlamaConfig`; `outer` is the LLaVA top level, which may carry `tie_word_embeddings`.
-    fn text(&self, o: &Map<String, Value>, outer: Option<&Map<String, Value>>) -> Result<TextConfig> {
+    fn text(
+        &self,
+        o: &Map<String, Value>,
+        outer: Option<&Map<String, Value>>,
+    ) -> Result<TextConfig> {
         let hidden_size = self.usize(o, "hidden_size", Some(4096))?;
         let heads = self.usize(o, "num_attention_heads", Some(32))?;
         let kv = self.usize(o, "num_key_value_heads", Some(heads))?;
@@ -352,7 +355,9 @@ impl Reader {
                 })
                 .collect::<Result<_>>()?,
             Some(v) => vec![v.as_i64().ok_or_else(|| {
-                self.err(format!("`vision_feature_layer` must be an integer or a list, got {v}"))
+                self.err(format!(
+                    "`vision_feature_layer` must be an integer or a list, got {v}"
+                ))
             })?],
         };
         let n = vision.num_hidden_layers as i64 + 1;

@@ -1,0 +1,149 @@
+//! The LLaVA-1.5 prompt: `[system ]USER: <image>\n{question} ASSISTANT:`, with `<image>` expanded to
+//! the vision tower's token count, and the segment (System/Image/Text/Template) of every position.
+
+use super::tokenizer::Tokenizer;
+use crate::error::{Error, Result};
+
+/// The placeholder users write for the image.
+pub const IMAGE_PLACEHOLDER: &str = "<image>";
+
+/// LLaVA-1.5's system prompt (`conv_vicuna_v1` / `llava_v1`).
+pub const LLAVA_SYSTEM: &str = "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions.";
+
+/// Which part of the prompt a position belongs to (PRUNING.md, "Positions and segments").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Segment {
+    /// Everything before the image: BOS, system prompt, `USER:`.
+    System,
+    /// The visual tokens.
+    Image,
+    /// The user's question after the image.
+    Text,
+    /// Template text after the image that is not the question (`\n`, ` ASSISTANT:`).
+    Template,
+}
+
+/// A tokenized prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    pub segments: Vec<Segment>,
+}
+
+impl Prompt {
+    /// Positions of the image tokens.
+    pub fn image_positions(&self) -> Vec<usize> {
+        (0..self.segments.len())
+            .filter(|&i| self.segments[i] == Segment::Image)
+            .collect()
+    }
+}
+
+/// How the user's text becomes the prompt.
+#[derive(Debug, Clone, Default)]
+pub struct PromptOptions {
+    /// Use the text verbatim (no `USER:`/`ASSISTANT:`); it must then contain `<image>` itself when
+    /// an image is given.
+    pub raw: bool,
+    /// A system prompt before `USER:` (e.g. [`LLAVA_SYSTEM`]); ignored when `raw`.
+    pub system: Option<String>,
+}
+
+/// The image side of a prompt: the token string `<image>` expands to and how many copies.
+#[derive(Debug, Clone)]
+pub struct ImageSlot {
+    pub token: String,
+    pub count: usize,
+}
+
+/// Builds and tokenizes the prompt for `question`. With an `image`, the text must hold at most one
+/// `<image>` (exactly one when `raw`); without a leading placeholder the chat template puts
+/// `<image>\n` before the question as LLaVA does. `max_len` is the model's context.
+pub fn build_prompt(
+    tok: &Tokenizer,
+    question: &str,
+    image: Option<&ImageSlot>,
+    opts: &PromptOptions,
+    max_len: usize,
+) -> Result<Prompt> {
+    let n = question.matches(IMAGE_PLACEHOLDER).count();
+    if n > 1 {
+        return Err(Error::Prompt(format!(
+            "the prompt contains {n} `{IMAGE_PLACEHOLDER}` placeholders; one image per prompt is supported"
+        )));
+    }
+    if image.is_none() && n == 1 {
+        return Err(Error::Prompt(format!(
+            "the prompt contains `{IMAGE_PLACEHOLDER}` but no image was given"
+        )));
+    }
+    if image.is_some() && n == 0 && opts.raw {
+        return Err(Error::Prompt(format!(
+            "a raw prompt must contain `{IMAGE_PLACEHOLDER}` where the image goes (it has none)"
+        )));
+    }
+    let (prefix, suffix) = if opts.raw {
+        (String::new(), "")
+    } else {
+        let sys = opts
+            .system
+            .as_deref()
+            .map(|s| format!("{s} "))
+            .unwrap_or_default();
+        (format!("{sys}USER: "), " ASSISTANT:")
+    };
+    // text = prefix + before + image tokens + between + question-after-image + suffix; the byte
+    // where the image starts and the span of the question after it decide the segments.
+    let (before, between, q_after) = match (image.is_some(), question.find(IMAGE_PLACEHOLDER)) {
+        (true, Some(p)) => (&question[..p], "", &question[p + IMAGE_PLACEHOLDER.len()..]),
+        (true, None) => ("", "\n", question),
+        (false, _) => ("", "", question),
+    };
+    let expanded = image.map(|s| s.token.repeat(s.count)).unwrap_or_default();
+    let image_start = prefix.len() + before.len();
+    let q_start = image_start + expanded.len() + between.len();
+    let q_end = q_start + q_after.len();
+    let text = format!("{prefix}{before}{expanded}{between}{q_after}{suffix}");
+    let image_id = match image {
+        Some(s) => Some(tok.token_to_id(&s.token).ok_or_else(|| {
+            Error::Prompt(format!("the tokenizer has no image token `{}`", s.token))
+        })?),
+        None => None,
+    };
+    let enc = tok.encode(&text, true)?;
+    let segments: Vec<Segment> = enc
+        .ids
+        .iter()
+        .zip(&enc.offsets)
+        .map(|(&id, &(s, e))| {
+            if Some(id) == image_id {
+                Segment::Image
+            } else if s < image_start || (s == 0 && e == 0) {
+                Segment::System
+            } else if s >= q_start && s < q_end {
+                Segment::Text
+            } else {
+                Segment::Template
+            }
+        })
+        .collect();
+    if let Some(slot) = image {
+        let got = segments.iter().filter(|&&s| s == Segment::Image).count();
+        if got != slot.count {
+            return Err(Error::Prompt(format!(
+                "`{IMAGE_PLACEHOLDER}` expanded to {got} image tokens, expected {} (the tokenizer splits `{}`?)",
+                slot.count, slot.token
+            )));
+        }
+    }
+    if enc.ids.len() > max_len {
+        return Err(Error::Prompt(format!(
+            "the prompt is {} tokens, longer than the model's context of {max_len}",
+            enc.ids.len()
+        )));
+    }
+    Ok(Prompt {
+        ids: enc.ids,
+        segments,
+    })
+}

@@ -1,0 +1,85 @@
+//! Tokenizer: HF `tokenizer.json` through the `tokenizers` crate (no network features).
+
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// A loaded tokenizer and where it came from (for error messages).
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    source: PathBuf,
+}
+
+/// Token ids with the byte span of the input text each one came from.
+pub struct Encoding {
+    pub ids: Vec<u32>,
+    pub offsets: Vec<(usize, usize)>,
+}
+
+impl Tokenizer {
+    /// Reads a `tokenizer.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::MissingFile {
+                what: "tokenizer (tokenizer.json)",
+                path: path.to_path_buf(),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            msg: format!("cannot parse: {e}"),
+        })?;
+        Ok(Tokenizer {
+            inner,
+            source: path.to_path_buf(),
+        })
+    }
+
+    /// Wraps an already built tokenizer (e.g. from GGUF metadata); `source` names it in errors.
+    pub fn from_inner(inner: tokenizers::Tokenizer, source: &Path) -> Self {
+        Tokenizer {
+            inner,
+            source: source.to_path_buf(),
+        }
+    }
+
+    /// Encodes `text`, adding the special tokens the tokenizer's post-processor adds (BOS).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Encoding> {
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| self.err(format!("cannot encode {text:?}: {e}")))?;
+        Ok(Encoding {
+            ids: enc.get_ids().to_vec(),
+            offsets: enc.get_offsets().to_vec(),
+        })
+    }
+
+    /// Decodes ids to text, optionally dropping special tokens.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| self.err(format!("cannot decode {ids:?}: {e}")))
+    }
+
+    /// The string of token `id`, if it exists.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The id of token string `token`, if it exists.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    fn err(&self, msg: String) -> Error {
+        Error::Tokenizer {
+            path: self.source.clone(),
+            msg,
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Named weights from HF safetensors (single file or sharded through `model.safetensors.index.json`)
+//! or from an in-memory map (GGUF import), looked up under canonical names.
+//!
+//! Canonical names strip the checkpoint's key layout: `lm.*` (LLaMA body), `lm_head.*`, `vision.*`
+//! (CLIP vision model), `projector.*`. Accepted layouts (DESIGN.md): `language_model.model.*` /
+//! `language_model.lm_head.*` (transformers 4.x llava), `model.language_model.*` / `lm_head.*` (5.x),
+//! `vision_tower.vision_model.*` or `vision_tower.*` with or without `model.`,
+//! `multi_modal_projector.*` with or without `model.`, and plain `model.*` (LlamaForCausalLM).
+
+use crate::error::{Error, Result};
+use crate::ops::matmul::Linear;
+use crate::tensor::{Storage, Tensor};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Raw prefix -> canonical prefix, first match wins.
+const PREFIXES: &[(&str, &str)] = &[
+    ("language_model.model.", "lm."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.language_model.", "lm."),
+    ("model.vision_tower.vision_model.", "vision."),
+    ("model.vision_tower.", "vision."),
+    ("vision_tower.vision_model.", "vision."),
+    ("vision_tower.", "vision."),
+    ("model.multi_modal_projector.", "projector."),
+    ("multi_modal_projector.", "projector."),
+    ("lm_head.", "lm_head."),
+    ("model.", "lm."),
+];
+
+enum Entry {
+    File {
+        file: usize,
+        raw: String,
+        dtype: Dtype,
+        shape: Vec<usize>,
+        start: usize,
+        end: usize,
+    },
+    Memory(Tensor),
+}
+
+/// A checkpoint's tensors under canonical names.
+pub struct Weights {
+    files: Vec<(PathBuf, Mmap)>,
+    entries: HashMap<String, Entry>,
+    /// Raw prefixes seen, in the order of [`PREFIXES`] (the detected key layout).
+    layout: BTreeSet<(usize, &'static str)>,
+    desc: String,
+}
+
+fn canonical(raw: &str) -> Option<(usize, &'static str, String)> {
+    PREFIXES.iter().enumerate().find_map(|(i, (p, c))| {
+        raw.strip_prefix(p)
+            .map(|rest| (i, *p, format!("{c}{rest}")))
+    })
+}
+
+impl Weights {
+    /// Opens `model.safetensors`, or every shard listed in `model.safetensors.index.json`, in `dir`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Weights {
+                path: index.clone(),
+                msg: format!("not valid JSON: {e}"),
+            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Weights {
+                    path: index.clone(),
+                    msg: "no `weight_map` object".into(),
+                })?;
+            let mut names = BTreeSet::new();
+            for (k, f) in map {
+                let f = f.as_str().ok_or_else(|| Error::Weights {
+                    path: index.clone(),
+                    msg: format!("weight_map entry `{k}` is not a file name"),
+                })?;
+                names.insert(f.to_string());
+            }
+            names.into_iter().map(|f| dir.join(f)).collect()
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(Error::MissingFile {
+                what: "weights (model.safetensors or model.safetensors.index.json)",
+                path: single,
+            });
+        };
+        let mut w = Weights {
+            files: vec![],
+            entries: HashMap::new(),
+            layout: BTreeSet::new(),
+            desc: dir.display().to_string(),
+        };
+        for path in files {
+            w.add_file(path)?;
+        }
+        Ok(w)
+    }
+
+    /// Weights already in memory, under raw HF names (e.g. from a GGUF import).
+    pub fn from_tensors(tensors: HashMap<String, Tensor>, desc: &str) -> Self {
+        let mut w = Weights {
+            files: vec![],
+            entries: HashMap::new(),
+            layout: BTreeSet::new(),
+            desc: desc.to_string(),
+        };
+        for (raw, t) in tensors {
+            if let Some((i, p, name)) = canonical(&raw) {
+                w.layout.insert((i, p));
+                w.entries.insert(name, Entry::Memory(t));
+            }
+        }
+        w
+    }
+
+    fn add_file(&mut self, path: PathBuf) -> Result<()> {
+        if !path.exists() {
+            return Err(Error::MissingFile {
+                what: "weight shard",
+                path,
+            });
+        }
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: the file is opened read-only; we only read the mapping.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Weights {
+            path: path.clone(),
+            msg: format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+        })?;
+        let idx = self.files.len();
+        for (raw, info) in meta.tensors() {
+            let Some((i, p, name)) = canonical(&raw) else {
+                continue;
+            };
+            self.layout.insert((i, p));
+            self.entries.insert(
+                name,
+                Entry::File {
+                    file: idx,
+                    raw,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: 8 + n + info.data_offsets.0,
+                    end: 8 + n + info.data_offsets.1,
+                },
+            );
+        }
+        self.files.push((path, mmap));
+        Ok(())
+    }
+
+    /// The raw key prefixes present, e.g. `["language_model.model.", "vision_tower.vision_model."]`.
+    pub fn layout(&self) -> Vec<&'static str> {
+        self.layout.iter().map(|(_, p)| *p).collect()
+    }
+
+    /// Whether a canonical name is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// Shape and dtype name of every tensor, sorted by canonical name (for `inspect`).
+    pub fn summary(&self) -> Vec<(String, Vec<usize>, String)> {
+        let mut v: Vec<_> = self
+            .entries
+            .iter()
+            .map(|(k, e)| match e {
+                Entry::File { dtype, shape, .. } => {
+                    (k.clone(), shape.clone(), format!("{dtype:?}"))
+                }
+                Entry::Memory(t) => (k.clone(), t.shape().to_vec(), t.dtype().to_string()),
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Removes and returns the tensor `name` (canonical), checking its shape.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.take_opt(name, shape)?.ok_or_else(|| {
+            let want = name.split_once('.').map(|(c, _)| c).unwrap_or(name);
+            let tried: Vec<String> = PREFIXES
+                .iter()
+                .filter(|(_, c)| c.trim_end_matches('.') == want)
+                .map(|(p, c)| format!("`{p}{}`", &name[c.len()..]))
+                .collect();
+            Error::MissingTensor {
+                name: name.to_string(),
+                tried: tried.join(", "),
+                source_desc: self.desc.clone(),
+            }
+        })
+    }
+
+    /// A linear layer `name.weight: [out, inp]` with `name.bias: [out]` when `bias`.
+    pub fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.take(&format!("{name}.weight"), &[out, inp])?,
+            bias: if bias {
+                Some(self.take(&format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Like [`Weights::take`] but `Ok(None)` when absent (optional biases, tied heads).
+    pub fn take_opt(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        let Some(entry) = self.entries.remove(name) else {
+            return Ok(None);
+        };
+        let t = match entry {
+            Entry::Memory(t) => t,
+            Entry::File {
+                file,
+                raw,
+                dtype,
+                shape: s,
+                start,
+                end,
+            } => {
+                let (path, mmap) = &self.files[file];
+                let bytes = &mmap[start..end];
+                let storage = match dtype {
+                    Dtype::F32 => Storage::F32(
+                        bytes
+                            .chunks_exact(4)
+                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                            .collect(),
+                    ),
+                    Dtype::F16 => Storage::F16(
+                        bytes
+                            .chunks_exact(2)
+                            .map(|b| f16::from_le_bytes([b[0], b[1]]))
+                            .collect(),
+                    ),
+                    Dtype::BF16 => Storage::BF16(
+                        bytes
+                            .chunks_exact(2)
+                            .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+                            .collect(),
+                    ),
+                    other => {
+                        return Err(Error::Unsupported {
+                            what: "weight dtype (f32, f16, bf16)",
+                            value: format!("{other:?} for tensor `{raw}` in {}", path.display()),
+                        });
+                    }
+                };
+                Tensor::new(&s, storage)?
+            }
+        };
+        if t.shape() != shape {
+            return Err(Error::Shape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: t.shape().to_vec(),
+            });
+        }
+        Ok(Some(t))
+    }
+}

@@ -1,0 +1,176 @@
+//! Matrix products through the `gemm` crate.
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use gemm::Parallelism;
+
+/// `out[m, n] = a[m, k] · b[n, k]ᵀ`, both row-major; `b` rows are read with stride `b_rs`
+/// (`k` for a packed matrix) and `a` rows with stride `a_rs`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_nt(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    b: &[f32],
+    b_rs: usize,
+    out: &mut [f32],
+    parallel: bool,
+) {
+    assert!(m == 0 || a.len() >= (m - 1) * a_rs + k);
+    assert!(n == 0 || b.len() >= (n - 1) * b_rs + k);
+    assert!(out.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    let par = if parallel && m * n * k >= 1 << 15 {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the asserts above bound every index the strides below can reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            a_rs as isize,
+            b.as_ptr(),
+            b_rs as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// `out[m, n] = a[m, k] · b[k, n]`, `b` rows read with stride `b_rs`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_nn(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    b: &[f32],
+    b_rs: usize,
+    out: &mut [f32],
+) {
+    assert!(m == 0 || a.len() >= (m - 1) * a_rs + k);
+    assert!(k == 0 || b.len() >= (k - 1) * b_rs + n);
+    assert!(out.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the asserts above bound every index the strides below can reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            a_rs as isize,
+            b.as_ptr(),
+            1,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
+/// A linear layer as HF's `nn.Linear`: `y = x · Wᵀ + b` with `W: [out, in]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn out_features(&self) -> usize {
+        self.weight.shape()[0]
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.cols()
+    }
+
+    /// `x: [rows, in]` -> `[rows, out]`.
+    pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
+        linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// `y = x · Wᵀ + b` for `x: [rows, in]`, `W: [out, in]` (any stored dtype), `b: [out]`.
+pub fn linear(x: &[f32], weight: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f32>> {
+    let (n, k) = (weight.rows(), weight.cols());
+    if k == 0 || x.len() % k != 0 {
+        return Err(Error::Shape {
+            name: "linear input".into(),
+            expected: vec![x.len() / k.max(1), k],
+            got: vec![x.len()],
+        });
+    }
+    let m = x.len() / k;
+    let w = weight.f32_cow();
+    let mut out = vec![0.0f32; m * n];
+    matmul_nt(m, n, k, x, k, &w, k, &mut out, true);
+    if let Some(b) = bias {
+        let b = b.f32_cow();
+        for row in out.chunks_mut(n) {
+            for (o, b) in row.iter_mut().zip(b.iter()) {
+                *o += b;
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nt_and_nn_match_naive() {
+        let (m, n, k) = (3, 5, 7);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.91).cos()).collect();
+        let mut out = vec![0.0; m * n];
+        matmul_nt(m, n, k, &a, k, &b, k, &mut out, true);
+        for i in 0..m {
+            for j in 0..n {
+                let r: f32 = (0..k).map(|t| a[i * k + t] * b[j * k + t]).sum();
+                assert!((out[i * n + j] - r).abs() < 1e-5);
+            }
+        }
+        // b viewed as [k, n]
+        let mut out2 = vec![0.0; m * n];
+        matmul_nn(m, n, k, &a, k, &b[..k * n], n, &mut out2);
+        for i in 0..m {
+            for j in 0..n {
+                let r: f32 = (0..k).map(|t| a[i * k + t] * b[t * n + j]).sum();
+                assert!((out2[i * n + j] - r).abs() < 1e-5);
+            }
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Rotary position embedding, rotate-half form (HF `apply_rotary_pos_emb`).
+
+/// Inverse frequencies `1 / theta^(2i/d)` for `i < d/2`, computed in f32 as HF does.
+pub fn inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect()
+}
+
+/// Rotates `x: [rows, heads, d]` in place; row `r` sits at position `positions[r]`:
+/// `(x₁, x₂) ← (x₁ cos θ − x₂ sin θ, x₂ cos θ + x₁ sin θ)` with x₁/x₂ the two halves of each head.
+pub fn apply_rope(x: &mut [f32], heads: usize, d: usize, positions: &[usize], inv_freq: &[f32]) {
+    let half = d / 2;
+    for (row, &pos) in x.chunks_mut(heads * d).zip(positions) {
+        let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
+            .iter()
+            .map(|f| {
+                let a = pos as f32 * f;
+                (a.cos(), a.sin())
+            })
+            .unzip();
+        for h in row.chunks_mut(d) {
+            for i in 0..half {
+                let (a, b) = (h[i], h[i + half]);
+                h[i] = a * cos[i] - b * sin[i];
+                h[i + half] = b * cos[i] + a * sin[i];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_by_position_angle() {
+        let f = inv_freq(4, 10000.0);
+        assert_eq!(f[0], 1.0);
+        let mut x = vec![1.0, 0.0, 0.0, 0.0];
+        apply_rope(&mut x, 1, 4, &[2], &f);
+        assert!((x[0] - 2f32.cos()).abs() < 1e-6 && (x[2] - 2f32.sin()).abs() < 1e-6);
+        let norm: f32 = x.iter().map(|v| v * v).sum();
+        assert!((norm - 1.0).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,64 @@
+//! Our LLaVA engine against HF transformers on the tiny random checkpoints of
+//! `tests/reference/gen_llava.py`: token ids, logits of every prompt position (max-abs 1e-4, f32),
+//! and 24 greedy tokens with the KV cache.
+
+mod common;
+
+use common::*;
+use fineprune::model::template::{LLAVA_SYSTEM, PromptOptions};
+use fineprune::{Engine, ImageInput, Model, Request};
+use std::sync::Arc;
+
+const LOGITS_TOL: f32 = 1e-4;
+
+fn check(name: &str) {
+    let dir = reference_dir();
+    let r = load_ref(&dir.join(format!("{name}_ref.safetensors")));
+    let model = Arc::new(Model::load(dir.join(name)).unwrap());
+    let engine = Engine::new(model.clone());
+    let pixels = r["pixel_values"].f.clone();
+    let prompts = [
+        ("", "What color is the big square?", None),
+        (
+            "_2",
+            "How many circles are there?",
+            Some(LLAVA_SYSTEM.to_string()),
+        ),
+    ];
+    for (suffix, question, system) in prompts {
+        let mut req = Request::new(question, Some(ImageInput::Pixels(pixels.clone())));
+        req.options = PromptOptions { raw: false, system };
+        let (prompt, logits) = engine.prompt_logits(&req).unwrap();
+        assert_eq!(
+            prompt.ids,
+            ids_u32(&r[&format!("input_ids{suffix}")]),
+            "{name}{suffix}: ids"
+        );
+        let want = &r[&format!("logits{suffix}")];
+        let err = max_abs_diff(&logits, &want.f);
+        println!(
+            "{name}{suffix}: logits max-abs diff {err:.2e} over {:?}",
+            want.shape
+        );
+        assert!(err < LOGITS_TOL, "{name}{suffix}: logits differ by {err}");
+
+        req.max_new_tokens = 24;
+        req.stop_on_eos = false;
+        let g = engine.generate(&[req]).unwrap().remove(0);
+        assert_eq!(
+            g.tokens,
+            ids_u32(&r[&format!("greedy_ids{suffix}")]),
+            "{name}{suffix}: greedy"
+        );
+    }
+}
+
+#[test]
+fn llava_gqa_old_layout_sharded_untied_matches_hf() {
+    check("llava_gqa");
+}
+
+#[test]
+fn llava_tied_new_layout_bf16_matches_hf() {
+    check("llava_tied");
+}
