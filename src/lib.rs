@@ -7,6 +7,7 @@ pub mod tensor;
 pub use error::{Error, Result};
 pub use tensor::{DType, Tensor};
 pub mod engine;
+pub mod io;
 pub mod ops;
 
 pub use engine::{Engine, Generation, ImageInput, Request, Sampling, StopReason};

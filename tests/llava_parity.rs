@@ -27,7 +27,10 @@ fn check(name: &str) {
     ];
     for (suffix, question, system) in prompts {
         let mut req = Request::new(question, Some(ImageInput::Pixels(pixels.clone())));
-        req.options = PromptOptions { raw: false, system };
+        req.options = PromptOptions {
+            system,
+            ..Default::default()
+        };
         let (prompt, logits) = engine.prompt_logits(&req).unwrap();
         assert_eq!(
             prompt.ids,

@@ -47,6 +47,8 @@ pub struct PromptOptions {
     pub raw: bool,
     /// A system prompt before `USER:` (e.g. [`LLAVA_SYSTEM`]); ignored when `raw`.
     pub system: Option<String>,
+    /// Pad the image to a square with the mean colour before preprocessing (LLaVA's `pad`).
+    pub pad_to_square: bool,
 }
 
 /// The image side of a prompt: the token string `<image>` expands to and how many copies.

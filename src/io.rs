@@ -1,0 +1,106 @@
+//! Atomic file writes and safetensors output.
+
+use crate::error::{Error, Result};
+use std::io::Write;
+use std::path::Path;
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, then a rename, so
+/// readers never see a half-written file and a failure leaves any old file intact.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().ok_or_else(|| {
+        Error::arg(
+            "output path",
+            format!("{} has no file name", path.display()),
+        )
+    })?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    res.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+/// A tensor to write: name, shape and little-endian bytes with their dtype.
+pub enum OutTensor<'a> {
+    F32(&'a str, Vec<usize>, &'a [f32]),
+    I64(&'a str, Vec<usize>, &'a [i64]),
+}
+
+/// Writes tensors to a safetensors file atomically.
+pub fn write_safetensors(path: &Path, tensors: &[OutTensor]) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let data: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|t| match t {
+            OutTensor::F32(n, s, v) => (
+                n.to_string(),
+                Dtype::F32,
+                s.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+            OutTensor::I64(n, s, v) => (
+                n.to_string(),
+                Dtype::I64,
+                s.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+        })
+        .collect();
+    let views = data
+        .iter()
+        .map(|(n, d, s, b)| {
+            TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::arg("output tensor", format!("{n}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::serialize(views, None)
+        .map_err(|e| Error::arg("output", format!("cannot serialize: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+/// Reads the f32 tensor `name` from a safetensors file.
+pub fn read_f32_tensor(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    if !path.exists() {
+        return Err(Error::MissingFile {
+            what: "tensor file",
+            path: path.to_path_buf(),
+        });
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Weights {
+        path: path.to_path_buf(),
+        msg: format!("not a valid safetensors file: {e}"),
+    })?;
+    let t = st.tensor(name).map_err(|_| Error::MissingTensor {
+        name: name.to_string(),
+        tried: format!("`{name}`"),
+        source_desc: path.display().to_string(),
+    })?;
+    if t.dtype() != safetensors::Dtype::F32 {
+        return Err(Error::Unsupported {
+            what: "dtype (expected F32)",
+            value: format!("{:?} for `{name}` in {}", t.dtype(), path.display()),
+        });
+    }
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok((t.shape().to_vec(), v))
+}
