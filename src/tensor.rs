@@ -178,6 +178,16 @@ impl Tensor {
         }
     }
 
+    /// Writes row `r` of a tensor viewed as [rows, cols] into `out` as f32.
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let c = self.cols();
+        match &self.storage {
+            Storage::F32(v) => out.copy_from_slice(&v[r * c..(r + 1) * c]),
+            Storage::F16(v) => out.iter_mut().zip(&v[r * c..(r + 1) * c]).for_each(|(o, x)| *o = x.to_f32()),
+            Storage::BF16(v) => out.iter_mut().zip(&v[r * c..(r + 1) * c]).for_each(|(o, x)| *o = x.to_f32()),
+        }
+    }
+
     /// Fails with a shape error naming `name` unless the shape is `expected`.
     pub fn expect_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
         if self.shape != expected {

@@ -1,7 +1,8 @@
 //! Matrix products through the `gemm` crate.
 
 use crate::error::{Error, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
+use rayon::prelude::*;
 use gemm::Parallelism;
 
 /// `out[m, n] = a[m, k] · b[n, k]ᵀ`, both row-major; `b` rows are read with stride `b_rs`
@@ -132,9 +133,12 @@ pub fn linear(x: &[f32], weight: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f
         });
     }
     let m = x.len() / k;
-    let w = weight.f32_cow();
     let mut out = vec![0.0f32; m * n];
-    matmul_nt(m, n, k, x, k, &w, k, &mut out, true);
+    if weight.dtype() != DType::F32 && m <= NARROW_ROWS {
+        narrow_rows(x, weight, &mut out, m, n, k);
+    } else {
+        matmul_nt(m, n, k, x, k, &weight.f32_cow(), k, &mut out, true);
+    }
     if let Some(b) = bias {
         let b = b.f32_cow();
         for row in out.chunks_mut(n) {
@@ -144,6 +148,30 @@ pub fn linear(x: &[f32], weight: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f
         }
     }
     Ok(out)
+}
+
+/// Up to this many input rows, f16/bf16 weights are read row by row instead of converted whole.
+const NARROW_ROWS: usize = 8;
+
+/// `out[m, n] = x[m, k] · Wᵀ` for a few rows of `x` and a f16/bf16 `W`: each weight row is widened
+/// once into a small buffer and dotted with every input row, so decoding never materialises an
+/// f32 copy of the matrix.
+fn narrow_rows(x: &[f32], weight: &Tensor, out: &mut [f32], m: usize, n: usize, k: usize) {
+    let mut t = vec![0.0f32; n * m];
+    t.par_chunks_mut(m).enumerate().for_each_init(
+        || vec![0.0f32; k],
+        |row, (j, o)| {
+            weight.row_into(j, row);
+            for (i, o) in o.iter_mut().enumerate() {
+                *o = x[i * k..(i + 1) * k].iter().zip(row.iter()).map(|(a, b)| a * b).sum();
+            }
+        },
+    );
+    for j in 0..n {
+        for i in 0..m {
+            out[i * n + j] = t[j * m + i];
+        }
+    }
 }
 
 #[cfg(test)]
@@ -170,6 +198,22 @@ mod tests {
             for j in 0..n {
                 let r: f32 = (0..k).map(|t| a[i * k + t] * b[t * n + j]).sum();
                 assert!((out2[i * n + j] - r).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn narrow_weights_give_the_same_product_either_path() {
+        let (n, k) = (9, 13);
+        let w: Vec<half::bf16> = (0..n * k).map(|i| half::bf16::from_f32((i as f32 * 0.3).sin())).collect();
+        let w = Tensor::new(&[n, k], crate::tensor::Storage::BF16(w)).unwrap();
+        for m in [1, NARROW_ROWS, NARROW_ROWS + 1] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.7).cos()).collect();
+            let got = linear(&x, &w, None).unwrap();
+            let mut want = vec![0.0; m * n];
+            matmul_nt(m, n, k, &x, k, &w.f32_cow(), k, &mut want, false);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5);
             }
         }
     }
