@@ -656,6 +656,22 @@ fn bad_metadata_is_rejected() {
     let n = b.len();
     b[n - 1] = 0xff;
     expect_weights_err(&b, &["metadata `k`", "UTF-8"]);
+    let mut b = Writer::new()
+        .kv(
+            "flags",
+            MetaValue::Array(MetaArray::Bool(vec![true, false])),
+        )
+        .bytes();
+    let n = b.len();
+    b[n - 1] = 7;
+    expect_weights_err(&b, &["metadata `flags`[1]", "bool"]);
+    // Arrays nested 9 deep.
+    let mut deep = MetaArray::U8(vec![1]);
+    for _ in 0..9 {
+        deep = MetaArray::Array(vec![deep]);
+    }
+    let b = Writer::new().kv("deep", MetaValue::Array(deep)).bytes();
+    expect_weights_err(&b, &["metadata `deep`", "nested deeper"]);
     let dup_t = Writer::new()
         .f32_tensor("x", &[1], &[1.0])
         .f32_tensor("x", &[1], &[2.0])
@@ -967,16 +983,16 @@ fn tiny_llama_errors() {
     assert!(
         matches!(load_llama(&t.path), Err(Error::Config { msg, .. }) if msg.contains("llama.feed_forward_length"))
     );
-    // SentencePiece vocabularies are not built.
+    // Unigram (T5) vocabularies are not built.
     let mut w = tiny_llama(1, true).0;
     for (k, v) in &mut w.kv {
         if k == "tokenizer.ggml.model" {
-            *v = s("llama");
+            *v = s("t5");
         }
     }
     let t = write_tmp(&w.bytes());
     assert!(
-        matches!(load_llama(&t.path), Err(Error::Unsupported { value, .. }) if value.contains("`llama`"))
+        matches!(load_llama(&t.path), Err(Error::Unsupported { value, .. }) if value.contains("`t5`"))
     );
 }
 
@@ -990,6 +1006,90 @@ fn add_bos_token_adds_bos() {
     let tok = f.tokenizer().unwrap().unwrap();
     assert_eq!(tok.encode("ab", true).unwrap().get_ids(), &[257, 256]);
     assert_eq!(tok.encode("ab", false).unwrap().get_ids(), &[256]);
+}
+
+/// SentencePiece (`llama`) vocabularies against transformers (tests/reference/gguf_spm_ref.py):
+/// merges derived from scores, byte fallback, `Metaspace`, BOS/EOS flags.
+#[test]
+fn sentencepiece_tokenizer_matches_transformers() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/gguf_spm_ref.json");
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let tokens: Vec<String> = j["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect();
+    let types: Vec<i32> = j["token_type"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap() as i32)
+        .collect();
+    let scores: Vec<f32> = j["scores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    for v in j["variants"].as_array().unwrap() {
+        let name = v["name"].as_str().unwrap();
+        let mut w = Writer::new()
+            .kv("general.architecture", s("llama"))
+            .kv("tokenizer.ggml.model", s("llama"))
+            .kv(
+                "tokenizer.ggml.tokens",
+                MetaValue::Array(MetaArray::String(tokens.clone())),
+            )
+            .kv(
+                "tokenizer.ggml.token_type",
+                MetaValue::Array(MetaArray::I32(types.clone())),
+            )
+            .kv(
+                "tokenizer.ggml.scores",
+                MetaValue::Array(MetaArray::F32(scores.clone())),
+            )
+            .kv("tokenizer.ggml.bos_token_id", MetaValue::U32(1))
+            .kv("tokenizer.ggml.eos_token_id", MetaValue::U32(2))
+            .kv("tokenizer.ggml.unknown_token_id", MetaValue::U32(0));
+        for (key, flag) in [
+            ("add_space_prefix", "add_space_prefix"),
+            ("add_bos_token", "add_bos_token"),
+            ("add_eos_token", "add_eos_token"),
+        ] {
+            if let Some(b) = v.get(key).and_then(|x| x.as_bool()) {
+                w = w.kv(&format!("tokenizer.ggml.{flag}"), MetaValue::Bool(b));
+            }
+        }
+        let (_t, f) = open_bytes(&w.bytes());
+        let tok = f.unwrap().tokenizer().unwrap().unwrap();
+        for case in v["cases"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            let with = tok.encode(text, true).unwrap();
+            assert_eq!(with.get_ids(), &ids(&case["ids"])[..], "{name}: {text:?}");
+            assert_eq!(
+                tok.encode(text, false).unwrap().get_ids(),
+                &ids(&case["plain"])[..],
+                "{name}: {text:?} plain"
+            );
+            assert_eq!(
+                tok.decode(with.get_ids(), false).unwrap(),
+                case["decoded"].as_str().unwrap(),
+                "{name}: decode {text:?}"
+            );
+        }
+        let mut ours: serde_json::Value =
+            serde_json::from_str(&tok.to_string(false).unwrap()).unwrap();
+        ours["model"].as_object_mut().unwrap().remove("vocab");
+        assert_eq!(ours, v["backend_without_vocab"], "{name}: tokenizer.json");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1246,6 +1346,48 @@ fn smollm2_matches_transformers_weights() {
         n += 1;
     }
     println!("{n} tokenizer strings match transformers");
+    let hf = &j["config"];
+    let c = &m.config;
+    let u = |k: &str| hf[k].as_u64().unwrap() as usize;
+    assert_eq!(
+        (
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers,
+            c.num_attention_heads
+        ),
+        (
+            u("hidden_size"),
+            u("intermediate_size"),
+            u("num_hidden_layers"),
+            u("num_attention_heads")
+        )
+    );
+    assert_eq!(
+        (
+            c.num_key_value_heads,
+            c.head_dim,
+            c.vocab_size,
+            c.max_position_embeddings
+        ),
+        (
+            u("num_key_value_heads"),
+            u("head_dim"),
+            u("vocab_size"),
+            u("max_position_embeddings")
+        )
+    );
+    assert_eq!(c.rms_norm_eps, hf["rms_norm_eps"].as_f64().unwrap());
+    assert_eq!(
+        c.rope_theta,
+        hf["rope_parameters"]["rope_theta"].as_f64().unwrap()
+    );
+    assert_eq!(
+        c.tie_word_embeddings,
+        hf["tie_word_embeddings"].as_bool().unwrap()
+    );
+    assert_eq!(c.bos_token_id, Some(u("bos_token_id") as u32));
+    assert_eq!(c.eos_token_ids, vec![u("eos_token_id") as u32]);
     if let Some(t) = j["chat_template"].as_str() {
         assert_eq!(m.chat_template.as_deref(), Some(t));
     }

@@ -1095,42 +1095,48 @@ impl GgufFile {
         }
     }
 
-    /// The tokenizer the metadata describes, built the way transformers 5.x builds it from a GGUF
-    /// (`integrations/gguf/gguf_tokenizer_mapping.py`): for `tokenizer.ggml.model == "gpt2"` a
-    /// byte-level BPE over `tokens` and `merges`, control tokens (`token_type` 3) added as special
-    /// tokens, user-defined ones (4) as plain added tokens, the split regex chosen by
-    /// `tokenizer.ggml.pre` where transformers knows it (else GPT-2's byte-level regex, which is
-    /// what transformers uses for SmolLM2's `smollm`), and BOS/EOS added only when
-    /// `tokenizer.ggml.add_bos_token`/`add_eos_token` say so.
+    /// The tokenizer the metadata describes, built the way transformers 5.23 builds it from a GGUF
+    /// (`integrations/gguf/gguf_tokenizer_mapping.py`), so it gives transformers' ids:
     ///
-    /// `Ok(None)` when the file has no tokenizer; [`Error::Unsupported`] for SentencePiece
-    /// (`llama`) and other models.
+    /// - `tokenizer.ggml.model == "gpt2"`: byte-level BPE over `tokens` and `merges` (tokens
+    ///   spelled outside the byte alphabet respelled from their UTF-8 bytes); the split regex
+    ///   chosen by `tokenizer.ggml.pre` where transformers knows it ([`split_regex`]), else GPT-2's
+    ///   byte-level regex -- which is what transformers runs for SmolLM2's `smollm`; no BOS/EOS
+    ///   unless `tokenizer.ggml.add_bos_token`/`add_eos_token` say so.
+    /// - `"llama"` (SentencePiece): BPE with byte fallback over `tokens`, merges from the file or
+    ///   derived from `scores` as transformers' `generate_merges` does, `Metaspace` pre-tokenizer
+    ///   (prepend `▁` to the first section only; transformers ignores `add_space_prefix`); BOS
+    ///   added unless `add_bos_token` is false.
+    ///
+    /// Both: control tokens (`token_type` 3) and the BOS/EOS/UNK/PAD tokens are added as special
+    /// tokens, user-defined ones (4) as plain added tokens. `Ok(None)` when the file has no
+    /// tokenizer; [`Error::Unsupported`] for other models (`t5`, `rwkv`, ...).
     pub fn tokenizer(&self) -> Result<Option<tokenizers::Tokenizer>> {
         let Some(model) = self.meta_str("tokenizer.ggml.model")? else {
             return Ok(None);
         };
-        if model != "gpt2" {
-            return Err(Error::Unsupported {
-                what: "GGUF tokenizer model (only gpt2, byte-level BPE)",
-                value: format!("`{model}` in {}", self.path.display()),
-            });
-        }
-        let json = self.byte_level_bpe_json()?;
+        let json = match model {
+            "gpt2" => self.tokenizer_json(true)?,
+            "llama" => self.tokenizer_json(false)?,
+            other => {
+                return Err(Error::Unsupported {
+                    what: "GGUF tokenizer model (gpt2, llama)",
+                    value: format!("`{other}` in {}", self.path.display()),
+                });
+            }
+        };
         let text = serde_json::to_string(&json).map_err(|e| self.tok_err(e.to_string()))?;
         let tok: tokenizers::Tokenizer = text
             .parse()
-            .map_err(|e| self.tok_err(format!("cannot build the byte-level BPE tokenizer: {e}")))?;
+            .map_err(|e| self.tok_err(format!("cannot build the `{model}` tokenizer: {e}")))?;
         Ok(Some(tok))
     }
 
-    /// The `tokenizer.json` transformers builds for a `gpt2` GGUF tokenizer.
-    fn byte_level_bpe_json(&self) -> Result<Value> {
+    /// The `tokenizer.json` transformers builds: byte-level BPE (`gpt2`) or SentencePiece BPE.
+    fn tokenizer_json(&self, byte_level: bool) -> Result<Value> {
         let tokens = self
             .string_array("tokenizer.ggml.tokens")?
             .ok_or_else(|| self.tok_err("missing `tokenizer.ggml.tokens`".into()))?;
-        let merges = self.string_array("tokenizer.ggml.merges")?.ok_or_else(|| {
-            self.tok_err("missing `tokenizer.ggml.merges` (needed for a gpt2 tokenizer)".into())
-        })?;
         let types: Vec<i64> = match self.metadata.get("tokenizer.ggml.token_type") {
             None => vec![],
             Some(MetaValue::Array(a)) => a.to_i64s().ok_or_else(|| {
@@ -1147,102 +1153,121 @@ impl GgufFile {
             }
         };
 
-        // Tokens the file spells outside the byte alphabet are respelled from their UTF-8 bytes.
+        // Byte-level: tokens spelled outside the byte alphabet are respelled from their bytes.
         let spelling = bytes_to_unicode();
         let alphabet: HashSet<char> = spelling.iter().copied().collect();
-        let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
-        let mut vocab = serde_json::Map::with_capacity(tokens.len());
+        let in_alphabet = |t: &str| !byte_level || t.chars().all(|c| alphabet.contains(&c));
+        let mut vocab: HashMap<String, usize> = HashMap::with_capacity(tokens.len());
         for (i, t) in tokens.iter().enumerate() {
             let key = if in_alphabet(t) {
                 (*t).to_string()
             } else {
                 t.bytes().map(|b| spelling[b as usize]).collect()
             };
-            vocab.insert(key, json!(i));
-        }
-        let mut merge_pairs = Vec::with_capacity(merges.len());
-        for (i, m) in merges.iter().enumerate() {
-            let (a, b) = m.split_once(' ').ok_or_else(|| {
-                self.tok_err(format!("`tokenizer.ggml.merges`[{i}] = {m:?} has no space"))
-            })?;
-            merge_pairs.push(json!([a, b]));
+            vocab.insert(key, i);
         }
 
-        let added = |token: &str, special: bool| -> Option<Value> {
-            let id = vocab.get(token)?.as_u64()?;
-            Some(json!({
-                "id": id, "content": token, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": special,
-            }))
+        let merges: Vec<(String, String)> = match self.string_array("tokenizer.ggml.merges")? {
+            Some(m) => m
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    m.split_once(' ')
+                        .map(|(a, b)| (a.to_string(), b.to_string()))
+                        .ok_or_else(|| {
+                            self.tok_err(format!(
+                                "`tokenizer.ggml.merges`[{i}] = {m:?} has no space"
+                            ))
+                        })
+                })
+                .collect::<Result<_>>()?,
+            None if byte_level => {
+                return Err(self.tok_err(
+                    "missing `tokenizer.ggml.merges` (needed for a gpt2 tokenizer)".into(),
+                ));
+            }
+            None => {
+                let scores = match self.metadata.get("tokenizer.ggml.scores") {
+                    Some(MetaValue::Array(MetaArray::F32(s))) if s.len() == tokens.len() => s,
+                    _ => {
+                        return Err(self.tok_err(format!(
+                            "a llama tokenizer without merges needs `tokenizer.ggml.scores`: one f32 per token ({})",
+                            tokens.len()
+                        )));
+                    }
+                };
+                merges_from_scores(&tokens, scores, &vocab)
+            }
         };
+
+        // Special tokens: BOS/EOS/UNK/PAD by id, then control tokens (3); user-defined tokens (4)
+        // are matched whole but are not special. In a byte-level vocabulary a control token spelled
+        // outside the alphabet is a llama.cpp mislabel, which transformers skips.
         let mut added_tokens = Vec::new();
         let mut seen = HashSet::new();
-        // 3 = CONTROL: special. In a byte-level vocabulary one spelled outside the alphabet is a
-        // llama.cpp mislabel, which transformers skips.
-        for (t, &ty) in tokens.iter().zip(&types) {
-            if ty == 3
-                && in_alphabet(t)
-                && seen.insert(*t)
-                && let Some(a) = added(t, true)
+        let mut add = |token: &str, special: bool| {
+            if let Some(&id) = vocab.get(token)
+                && seen.insert(token.to_string())
             {
-                added_tokens.push(a);
+                added_tokens.push(json!({
+                    "id": id, "content": token, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": special,
+                }));
+            }
+        };
+        for key in ["unknown", "bos", "eos", "padding"] {
+            if let Some(id) = self.meta_u64(&format!("tokenizer.ggml.{key}_token_id"))?
+                && let Some(t) = tokens.get(id as usize)
+                && in_alphabet(t)
+            {
+                add(t, true);
             }
         }
-        // 4 = USER_DEFINED: matched whole, but not special.
         for (t, &ty) in tokens.iter().zip(&types) {
-            if ty == 4
-                && seen.insert(*t)
-                && let Some(a) = added(t, false)
-            {
-                added_tokens.push(a);
+            if ty == 3 && in_alphabet(t) {
+                add(t, true);
+            }
+        }
+        for (t, &ty) in tokens.iter().zip(&types) {
+            if ty == 4 {
+                add(t, false);
             }
         }
         added_tokens.sort_by_key(|a| a["id"].as_u64());
 
-        let pre = self.meta_str("tokenizer.ggml.pre")?;
-        let pre_tokenizer = match pre.and_then(split_regex) {
-            Some(re) => json!({
-                "type": "Sequence",
-                "pretokenizers": [
-                    {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
-                    {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
-                ],
-            }),
-            None => {
-                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
-            }
-        };
-
-        // transformers' `update_post_processor`: BOS/EOS only when the file asks for them.
-        let special = |id_key: &str, flag_key: &str| -> Result<Option<(String, u64)>> {
-            if self.meta_bool(flag_key)? != Some(true) {
-                return Ok(None);
-            }
-            let Some(id) = self.meta_u64(id_key)? else {
-                return Ok(None);
+        // transformers' `update_post_processor`: BOS/EOS as the file asks (SentencePiece: BOS
+        // unless told otherwise).
+        let special =
+            |id_key: &str, flag_key: &str, default: bool| -> Result<Option<(String, u64)>> {
+                if !self.meta_bool(flag_key)?.unwrap_or(default) {
+                    return Ok(None);
+                }
+                let Some(id) = self.meta_u64(id_key)? else {
+                    return Ok(None);
+                };
+                let tok = tokens.get(id as usize).ok_or_else(|| {
+                    self.tok_err(format!(
+                        "`{id_key}` = {id} is past the {} tokens",
+                        tokens.len()
+                    ))
+                })?;
+                Ok(Some(((*tok).to_string(), id)))
             };
-            let tok = tokens.get(id as usize).ok_or_else(|| {
-                self.tok_err(format!(
-                    "`{id_key}` = {id} is past the {} tokens",
-                    tokens.len()
-                ))
-            })?;
-            Ok(Some(((*tok).to_string(), id)))
-        };
         let bos = special(
             "tokenizer.ggml.bos_token_id",
             "tokenizer.ggml.add_bos_token",
+            !byte_level,
         )?;
         let eos = special(
             "tokenizer.ggml.eos_token_id",
             "tokenizer.ggml.add_eos_token",
+            false,
         )?;
         let piece = |t: &str, type_id: u32| json!({"SpecialToken": {"id": t, "type_id": type_id}});
         let seq = |s: &str, type_id: u32| json!({"Sequence": {"id": s, "type_id": type_id}});
         let mut single = Vec::new();
-        let mut pair = Vec::new();
-        let mut specials = serde_json::Map::new();
-        for (part, type_id, list) in [("A", 0, &mut single), ("B", 1, &mut pair)] {
+        let mut second = Vec::new();
+        for (part, type_id, list) in [("A", 0, &mut single), ("B", 1, &mut second)] {
             if let Some((t, _)) = &bos {
                 list.push(piece(t, type_id));
             }
@@ -1251,27 +1276,107 @@ impl GgufFile {
                 list.push(piece(t, type_id));
             }
         }
-        let pair: Vec<Value> = single.iter().cloned().chain(pair).collect();
+        let pair: Vec<Value> = single.iter().cloned().chain(second).collect();
+        let mut specials = serde_json::Map::new();
         for (t, id) in bos.iter().chain(eos.iter()) {
             specials.insert(t.clone(), json!({"id": t, "ids": [id], "tokens": [t]}));
         }
+        let post = json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials});
 
-        Ok(json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added_tokens,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials},
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {
-                "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
-                "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false,
-                "ignore_merges": false, "vocab": vocab, "merges": merge_pairs,
-            },
-        }))
+        let vocab: serde_json::Map<String, Value> =
+            vocab.into_iter().map(|(k, v)| (k, json!(v))).collect();
+        let merges: Vec<Value> = merges.into_iter().map(|(a, b)| json!([a, b])).collect();
+        Ok(if byte_level {
+            let pre = self.meta_str("tokenizer.ggml.pre")?;
+            let pre_tokenizer = match pre.and_then(split_regex) {
+                Some(re) => json!({
+                    "type": "Sequence",
+                    "pretokenizers": [
+                        {"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false},
+                        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+                    ],
+                }),
+                None => json!({
+                    "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true,
+                }),
+            };
+            json!({
+                "version": "1.0", "truncation": null, "padding": null,
+                "added_tokens": added_tokens,
+                "normalizer": null,
+                "pre_tokenizer": pre_tokenizer,
+                "post_processor": post,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {
+                    "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+                    "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false,
+                    "ignore_merges": false, "vocab": vocab, "merges": merges,
+                },
+            })
+        } else {
+            json!({
+                "version": "1.0", "truncation": null, "padding": null,
+                "added_tokens": added_tokens,
+                "normalizer": null,
+                "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
+                "post_processor": post,
+                "decoder": {"type": "Sequence", "decoders": [
+                    {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                    {"type": "ByteFallback"},
+                    {"type": "Fuse"},
+                    {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+                ]},
+                "model": {
+                    "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                    "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                    "ignore_merges": false, "vocab": vocab, "merges": merges,
+                },
+            })
+        })
     }
+}
+
+/// BPE merges implied by a SentencePiece vocabulary, as transformers' `generate_merges` derives
+/// them: every split of every token into two vocabulary pieces, ordered by the token's score
+/// (best first), then by the lengths of the two pieces (longer first); ties keep vocabulary order.
+pub fn merges_from_scores(
+    tokens: &[&str],
+    scores: &[f32],
+    vocab: &HashMap<String, usize>,
+) -> Vec<(String, String)> {
+    // Python's dict(zip(tokens, scores)): first position of a token, last score.
+    let mut order: Vec<&str> = Vec::with_capacity(tokens.len());
+    let mut score: HashMap<&str, f32> = HashMap::with_capacity(tokens.len());
+    for (&t, &s) in tokens.iter().zip(scores) {
+        if score.insert(t, s).is_none() {
+            order.push(t);
+        }
+    }
+    let mut merges: Vec<(String, String, f32, usize, usize)> = Vec::new();
+    for t in order {
+        let s = score[t];
+        let mut local = Vec::new();
+        let bounds: Vec<usize> = t.char_indices().map(|(i, _)| i).skip(1).collect();
+        for b in bounds {
+            let (l, r) = t.split_at(b);
+            if let (Some(&il), Some(&ir)) = (vocab.get(l), vocab.get(r)) {
+                local.push((il, ir, l, r));
+            }
+        }
+        local.sort_by_key(|&(il, ir, _, _)| (il, ir));
+        for (_, _, l, r) in local {
+            merges.push((
+                l.to_string(),
+                r.to_string(),
+                s,
+                l.chars().count(),
+                r.chars().count(),
+            ));
+        }
+    }
+    // Stable sort, descending on (score, len(left), len(right)).
+    merges.sort_by(|a, b| b.2.total_cmp(&a.2).then(b.3.cmp(&a.3)).then(b.4.cmp(&a.4)));
+    merges.into_iter().map(|(l, r, ..)| (l, r)).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
