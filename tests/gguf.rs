@@ -1008,6 +1008,51 @@ fn add_bos_token_adds_bos() {
     assert_eq!(tok.encode("ab", false).unwrap().get_ids(), &[256]);
 }
 
+/// `tokenizer.ggml.pre` picks transformers' split regex (Llama 3's splits digits in threes), and
+/// tokens stored outside the byte alphabet are respelled from their bytes.
+#[test]
+fn byte_level_pre_tokenizer_and_respelling() {
+    let alphabet = fineprune::model::gguf::bytes_to_unicode();
+    let mut tokens: Vec<String> = alphabet.iter().map(|c| c.to_string()).collect();
+    tokens.extend(["12", "34", "123", " x"].map(String::from)); // " x" is stored raw
+    let build = |pre: Option<&str>| {
+        let mut w = Writer::new()
+            .kv("general.architecture", s("llama"))
+            .kv("tokenizer.ggml.model", s("gpt2"))
+            .kv(
+                "tokenizer.ggml.tokens",
+                MetaValue::Array(MetaArray::String(tokens.clone())),
+            )
+            .kv(
+                "tokenizer.ggml.merges",
+                strs(&["3 4", "1 2", "12 3", "Ġ x"]),
+            );
+        if let Some(p) = pre {
+            w = w.kv("tokenizer.ggml.pre", s(p));
+        }
+        let (_t, f) = open_bytes(&w.bytes());
+        f.unwrap().tokenizer().unwrap().unwrap()
+    };
+    // GPT-2's regex keeps "1234" whole: "3 4" merges first.
+    let gpt2 = build(Some("smollm"));
+    assert_eq!(
+        gpt2.encode("1234 x", false).unwrap().get_ids(),
+        &[256, 257, 259]
+    );
+    assert_eq!(
+        build(None).encode("1234", false).unwrap().get_ids(),
+        &[256, 257]
+    );
+    // Llama 3's regex splits "123" | "4".
+    let llama3 = build(Some("llama-bpe"));
+    assert_eq!(
+        llama3.encode("1234 x", false).unwrap().get_ids(),
+        &[258, u32::from(b'4'), 259]
+    );
+    assert_eq!(llama3.id_to_token(259).as_deref(), Some("Ġx"));
+    assert_eq!(llama3.decode(&[258, 259], false).unwrap(), "123 x");
+}
+
 /// SentencePiece (`llama`) vocabularies against transformers (tests/reference/gguf_spm_ref.py):
 /// merges derived from scores, byte fallback, `Metaspace`, BOS/EOS flags.
 #[test]
