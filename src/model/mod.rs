@@ -2,6 +2,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod gguf;
 pub mod llama;
 pub mod llava;
 pub mod template;
