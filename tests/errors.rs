@@ -73,7 +73,7 @@ fn missing_files_are_named() {
 fn missing_and_misshaped_tensors_are_named() {
     let (_t, dir) = copy_model("llava_tied");
     let st = dir.join("model.safetensors");
-    let victim = "language_model.model.layers.1.self_attn.k_proj.weight";
+    let victim = "model.language_model.layers.1.self_attn.k_proj.weight";
     rewrite(&st, |n, s, b| {
         (n != victim).then(|| (s.to_vec(), b.to_vec()))
     });
@@ -85,7 +85,7 @@ fn missing_and_misshaped_tensors_are_named() {
 
     let (_t, dir) = copy_model("llava_tied");
     let st = dir.join("model.safetensors");
-    let victim = "multi_modal_projector.linear_2.weight";
+    let victim = "model.multi_modal_projector.linear_2.weight";
     rewrite(&st, |n, s, b| {
         if n == victim {
             Some((vec![s[0] / 2, s[1] * 2], b.to_vec()))

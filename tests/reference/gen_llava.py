@@ -415,6 +415,28 @@ def to_old_processor_files(out_dir, tokenizer):
     })
 
 
+# transformers 5.23's save_pretrained does NOT write the in-memory names: it reverse-applies its llava
+# conversion mapping and writes `language_model.model.*`, `vision_tower.*` (no `vision_model.`) and
+# `multi_modal_projector.*`. Checkpoint A already covers `language_model.model.*`; to cover the new
+# `model.language_model.*` / `model.vision_tower.*` / `model.multi_modal_projector.*` prefixes, B's weights are
+# rewritten with the in-memory state_dict names (everything else in B is exactly what save_pretrained wrote).
+# Set B_KEYS = "as_saved" to keep save_pretrained's own key names instead.
+B_KEYS = "in_memory"
+
+
+def rewrite_new_layout(model, out_dir):
+    path = os.path.join(out_dir, "model.safetensors")
+    saved = load_file(path)
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert len(saved) == len(sd), (len(saved), len(sd))
+    assert sorted(v.numel() for v in saved.values()) == sorted(v.numel() for v in sd.values())
+    for k, v in saved.items():  # the saved file is the same tensors under other names
+        k_mem = ("model." + k.replace("language_model.model.", "language_model.", 1)) if not k.startswith("model.") else k
+        assert torch.equal(sd[k_mem], v), k
+    if B_KEYS == "in_memory":
+        save_file(sd, path, metadata={"format": "pt"})
+
+
 # ----------------------------------------------------------------------------------------------
 # Independent re-implementation (documents the numerics contract; checks HF and RoPE)
 # ----------------------------------------------------------------------------------------------
@@ -609,6 +631,7 @@ def run_variant(name, tokenizer):
         ref_model = model
     else:
         model.to(torch.bfloat16).save_pretrained(out_dir)
+        rewrite_new_layout(model, out_dir)
         ref_model = LlavaForConditionalGeneration(cfg).eval()  # in-memory reference: bf16-rounded weights
         ref_model.load_state_dict({k: v.float() for k, v in model.state_dict().items()}, strict=False)
         ref_model.tie_weights()
@@ -711,8 +734,8 @@ def run_variant(name, tokenizer):
         "greedy_ids_2": g2.to(torch.int64).contiguous(),
     }
     ref_path = os.path.join(HERE, f"{name}_ref.safetensors")
-    save_file(tensors, ref_path, metadata={"generator": "gen_llava.py", "torch": torch.__version__,
-                                           "transformers": transformers.__version__})
+    save_file(tensors, ref_path, metadata={  # one key: safetensors writes a metadata map in random order
+        "generator": f"gen_llava.py torch {torch.__version__} transformers {transformers.__version__}"})
     tok = proc2.tokenizer
     first_img = int((ids1 == image_id).nonzero()[0])
     meta = {
