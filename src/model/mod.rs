@@ -3,6 +3,7 @@
 pub mod clip;
 pub mod config;
 pub mod gguf;
+pub mod image;
 pub mod llama;
 pub mod llava;
 pub mod template;
