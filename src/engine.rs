@@ -3,8 +3,10 @@
 
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::model::image::{self, ImageProcessorConfig};
 use crate::model::llama::{KvCache, SeqRows};
 use crate::model::template::{self, ImageSlot, Prompt, PromptOptions};
+use crate::tensor::Tensor;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::path::PathBuf;
@@ -134,24 +136,57 @@ impl Engine {
             _ => None,
         };
         let ctx = m.lm.config.max_position_embeddings;
-        let prompt =
-            template::build_prompt(&m.tokenizer, &req.prompt, slot.as_ref(), &req.options, ctx)?;
+        // A plain language model has no LLaVA chat template: its text goes in verbatim.
+        let opts = if m.vision.is_some() {
+            req.options.clone()
+        } else {
+            PromptOptions {
+                raw: true,
+                ..req.options.clone()
+            }
+        };
+        let prompt = template::build_prompt(&m.tokenizer, &req.prompt, slot.as_ref(), &opts, ctx)?;
         let mut embeds = m.lm.embed(&prompt.ids)?;
         if let (Some(v), Some(img)) = (&m.vision, &req.image) {
-            let pixels = self.pixels(img)?;
+            let pixels = self.pixels(img, req.options.pad_to_square)?;
             v.merge(&prompt.ids, &mut embeds, &v.forward(&pixels)?)?;
         }
         Ok(Prepared { prompt, embeds })
     }
 
-    fn pixels(&self, img: &ImageInput) -> Result<Vec<f32>> {
-        match img {
-            ImageInput::Pixels(p) => Ok(p.clone()),
-            ImageInput::Path(p) => Err(Error::Image {
-                path: p.clone(),
-                msg: "image files need the image processor".into(),
-            }),
+    /// `pixel_values` of one image: preprocessed from a file, or checked when given directly.
+    fn pixels(&self, img: &ImageInput, pad_to_square: bool) -> Result<Vec<f32>> {
+        let m = &*self.model;
+        let (Some(v), Some(proc)) = (&m.vision, &m.image_processor) else {
+            return Err(Error::Prompt("the model has no vision tower".into()));
+        };
+        let c = &v.config.vision;
+        let want = [c.num_channels, c.image_size, c.image_size];
+        let t = match img {
+            ImageInput::Pixels(p) => Tensor::from_f32(&[p.len()], p.clone())?,
+            ImageInput::Path(path) => {
+                let rgb = image::load_image(path)?;
+                let proc = ImageProcessorConfig {
+                    pad_to_square,
+                    ..proc.clone()
+                };
+                proc.preprocess(&rgb).map_err(|e| match e {
+                    Error::Image { msg, .. } => Error::Image {
+                        path: path.clone(),
+                        msg,
+                    },
+                    e => e,
+                })?
+            }
+        };
+        if t.len() != want.iter().product::<usize>() {
+            return Err(Error::Shape {
+                name: "pixel_values".into(),
+                expected: want.to_vec(),
+                got: t.shape().to_vec(),
+            });
         }
+        Ok(t.into_f32_vec())
     }
 
     /// Runs the whole prompt of each prepared request through the LM (rows batched), filling the

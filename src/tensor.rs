@@ -183,8 +183,14 @@ impl Tensor {
         let c = self.cols();
         match &self.storage {
             Storage::F32(v) => out.copy_from_slice(&v[r * c..(r + 1) * c]),
-            Storage::F16(v) => out.iter_mut().zip(&v[r * c..(r + 1) * c]).for_each(|(o, x)| *o = x.to_f32()),
-            Storage::BF16(v) => out.iter_mut().zip(&v[r * c..(r + 1) * c]).for_each(|(o, x)| *o = x.to_f32()),
+            Storage::F16(v) => out
+                .iter_mut()
+                .zip(&v[r * c..(r + 1) * c])
+                .for_each(|(o, x)| *o = x.to_f32()),
+            Storage::BF16(v) => out
+                .iter_mut()
+                .zip(&v[r * c..(r + 1) * c])
+                .for_each(|(o, x)| *o = x.to_f32()),
         }
     }
 

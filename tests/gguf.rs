@@ -4,6 +4,9 @@
 //! SmolLM2-135M-Instruct Q4_1 file when it is present (`FINEPRUNE_SMOLLM2_GGUF`, default
 //! `target/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`; required when `CI` is set).
 
+mod common;
+
+use common::smollm2_path;
 use fineprune::Error;
 use fineprune::model::gguf::{GgmlType, GgufFile, MetaArray, MetaValue, dequantize, load_llama};
 use fineprune::tensor::Tensor;
@@ -1140,29 +1143,6 @@ fn sentencepiece_tokenizer_matches_transformers() {
 // ---------------------------------------------------------------------------------------------
 // The real SmolLM2-135M-Instruct Q4_1 file
 // ---------------------------------------------------------------------------------------------
-
-fn smollm2_path() -> Option<PathBuf> {
-    let p = std::env::var_os("FINEPRUNE_SMOLLM2_GGUF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("target/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "CI is set but the SmolLM2 GGUF is missing at {}",
-            p.display()
-        );
-    }
-    println!(
-        "skipped: {} is absent (set FINEPRUNE_SMOLLM2_GGUF)",
-        p.display()
-    );
-    None
-}
 
 #[test]
 fn smollm2_every_tensor_matches_gguf_py() {

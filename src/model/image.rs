@@ -104,6 +104,33 @@ impl ImageProcessorConfig {
         Self::from_json(&text, path)
     }
 
+    /// The image processor of an HF model directory: `preprocessor_config.json` (transformers 4.x),
+    /// else the `image_processor` object of `processor_config.json` (5.x), else CLIP's settings at
+    /// the vision tower's `image_size`.
+    pub fn from_model_dir(dir: &Path, image_size: usize) -> Result<Self> {
+        let pre = dir.join("preprocessor_config.json");
+        if pre.exists() {
+            return Self::from_preprocessor_config(&pre);
+        }
+        let proc = dir.join("processor_config.json");
+        if proc.exists() {
+            let text = std::fs::read_to_string(&proc).map_err(|e| Error::io(&proc, e))?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+                path: proc.clone(),
+                msg: format!("not valid JSON: {e}"),
+            })?;
+            if let Some(ip) = v.get("image_processor") {
+                return Self::from_json(&ip.to_string(), &proc);
+            }
+        }
+        Ok(ImageProcessorConfig {
+            shortest_edge: image_size,
+            crop_height: image_size,
+            crop_width: image_size,
+            ..Default::default()
+        })
+    }
+
     /// Parses the text of a `preprocessor_config.json`; `path` only names it in errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
         let err = |msg: String| Error::Config {

@@ -12,6 +12,7 @@ pub mod weights;
 
 use crate::error::{Error, Result};
 use config::ModelConfig;
+use image::ImageProcessorConfig;
 use llama::Llama;
 use llava::VisionEncoder;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,8 @@ pub struct Model {
     /// Vision tower + projector (LLaVA only).
     pub vision: Option<VisionEncoder>,
     pub tokenizer: Tokenizer,
+    /// Image preprocessing (LLaVA only; CLIP defaults when the checkpoint has no processor config).
+    pub image_processor: Option<ImageProcessorConfig>,
     /// Where it was loaded from.
     pub source: PathBuf,
     /// The checkpoint's key prefixes (its detected key layout).
@@ -33,18 +36,29 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads an HF model directory (`config.json`, safetensors weights, `tokenizer.json`).
+    /// Loads an HF model directory (`config.json`, safetensors weights, `tokenizer.json`, and the
+    /// image processor config) or a LLaMA-architecture `.gguf` file.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
-        let dir = path.as_ref();
-        if !dir.exists() {
+        let path = path.as_ref();
+        if !path.exists() {
             return Err(Error::MissingFile {
-                what: "model directory",
-                path: dir.to_path_buf(),
+                what: "model (an HF directory or a .gguf file)",
+                path: path.to_path_buf(),
             });
         }
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
-        let mut w = weights::Weights::from_dir(dir)?;
+        if path.is_file() {
+            return Self::load_gguf(path);
+        }
+        let config = ModelConfig::from_file(&path.join("config.json"))?;
+        let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
+        let image_processor = match &config {
+            ModelConfig::Llava(c) => Some(ImageProcessorConfig::from_model_dir(
+                path,
+                c.vision.image_size,
+            )?),
+            ModelConfig::Llama(_) => None,
+        };
+        let mut w = weights::Weights::from_dir(path)?;
         let layout = w.layout();
         let tensors = w.summary();
         let vision = match &config {
@@ -57,7 +71,39 @@ impl Model {
             lm,
             vision,
             tokenizer,
-            source: dir.to_path_buf(),
+            image_processor,
+            source: path.to_path_buf(),
+            layout,
+            tensors,
+        })
+    }
+
+    /// Loads a LLaMA GGUF file: weights dequantised to f32 (f16/bf16 kept), tokenizer from its
+    /// metadata (`tokenizer.json` beside the file, if present, takes precedence).
+    fn load_gguf(path: &Path) -> Result<Self> {
+        let g = gguf::load_llama(path)?;
+        let beside = path.with_file_name("tokenizer.json");
+        let tokenizer = if beside.exists() {
+            Tokenizer::from_file(&beside)?
+        } else {
+            let inner = g.tokenizer.ok_or_else(|| Error::MissingFile {
+                what: "tokenizer (the GGUF has no tokenizer metadata and no tokenizer.json is beside it)",
+                path: beside.clone(),
+            })?;
+            Tokenizer::from_inner(inner, path)
+        };
+        let mut w = weights::Weights::from_tensors(g.tensors, &path.display().to_string());
+        let layout = vec!["gguf: token_embd / blk.N.* (llama.cpp names)"];
+        let tensors = w.summary();
+        let config = ModelConfig::Llama(g.config);
+        let lm = Llama::load(config.text(), &mut w)?;
+        Ok(Model {
+            config,
+            lm,
+            vision: None,
+            tokenizer,
+            image_processor: None,
+            source: path.to_path_buf(),
             layout,
             tensors,
         })

@@ -2,8 +2,8 @@
 
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
-use rayon::prelude::*;
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 /// `out[m, n] = a[m, k] · b[n, k]ᵀ`, both row-major; `b` rows are read with stride `b_rs`
 /// (`k` for a packed matrix) and `a` rows with stride `a_rs`.
@@ -163,7 +163,11 @@ fn narrow_rows(x: &[f32], weight: &Tensor, out: &mut [f32], m: usize, n: usize, 
         |row, (j, o)| {
             weight.row_into(j, row);
             for (i, o) in o.iter_mut().enumerate() {
-                *o = x[i * k..(i + 1) * k].iter().zip(row.iter()).map(|(a, b)| a * b).sum();
+                *o = x[i * k..(i + 1) * k]
+                    .iter()
+                    .zip(row.iter())
+                    .map(|(a, b)| a * b)
+                    .sum();
             }
         },
     );
@@ -205,7 +209,9 @@ mod tests {
     #[test]
     fn narrow_weights_give_the_same_product_either_path() {
         let (n, k) = (9, 13);
-        let w: Vec<half::bf16> = (0..n * k).map(|i| half::bf16::from_f32((i as f32 * 0.3).sin())).collect();
+        let w: Vec<half::bf16> = (0..n * k)
+            .map(|i| half::bf16::from_f32((i as f32 * 0.3).sin()))
+            .collect();
         let w = Tensor::new(&[n, k], crate::tensor::Storage::BF16(w)).unwrap();
         for m in [1, NARROW_ROWS, NARROW_ROWS + 1] {
             let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.7).cos()).collect();

@@ -64,3 +64,29 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn ids_u32(t: &RefTensor) -> Vec<u32> {
     t.i.iter().map(|&x| x as u32).collect()
 }
+
+/// The real SmolLM2-135M-Instruct Q4_1 GGUF (`FINEPRUNE_SMOLLM2_GGUF`, default
+/// `target/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, where `.ci/run` puts it). `None` (the test
+/// prints that it skipped) when absent, unless `CI` is set: then its absence is a failure.
+pub fn smollm2_path() -> Option<PathBuf> {
+    let p = std::env::var_os("FINEPRUNE_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("target/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "CI is set but the SmolLM2 GGUF is missing at {}",
+            p.display()
+        );
+    }
+    println!(
+        "skipped: {} is absent (set FINEPRUNE_SMOLLM2_GGUF)",
+        p.display()
+    );
+    None
+}
