@@ -65,3 +65,19 @@ fn llava_gqa_old_layout_sharded_untied_matches_hf() {
 fn llava_tied_new_layout_bf16_matches_hf() {
     check("llava_tied");
 }
+
+/// The whole path from an image file: our preprocessing + model against HF's logits.
+#[test]
+fn from_image_file_matches_hf() {
+    let dir = reference_dir();
+    for name in ["llava_gqa", "llava_tied"] {
+        let r = load_ref(&dir.join(format!("{name}_ref.safetensors")));
+        let engine = Engine::new(Arc::new(Model::load(dir.join(name)).unwrap()));
+        let img = ImageInput::Path(dir.join("images/tiny_scene.png"));
+        let (_, logits) = engine
+            .prompt_logits(&Request::new("What color is the big square?", Some(img)))
+            .unwrap();
+        let err = max_abs_diff(&logits, &r["logits"].f);
+        assert!(err < LOGITS_TOL, "{name}: {err}");
+    }
+}

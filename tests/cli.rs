@@ -1,0 +1,250 @@
+//! The `fineprune` binary: each subcommand on the tiny fixture, and clear errors for bad flags.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+fn fineprune(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fineprune"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn model() -> String {
+    reference_dir().join("llava_gqa").display().to_string()
+}
+
+fn image() -> String {
+    reference_dir()
+        .join("images/tiny_scene.png")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn logits_from_image_and_from_pixel_values_match_hf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("logits.safetensors");
+    let q = "What color is the big square?";
+    let want = load_ref(&reference_dir().join("llava_gqa_ref.safetensors"));
+    let (ok, _, err) = fineprune(&[
+        "logits",
+        "--model",
+        &model(),
+        "--image",
+        &image(),
+        "--prompt",
+        q,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let got = load_ref(&out);
+    assert_eq!(got["logits"].shape, vec![40, 512]);
+    assert!(max_abs_diff(&got["logits"].f, &want["logits"].f) < 1e-4);
+    assert_eq!(got["input_ids"].i, want["input_ids"].i);
+    let pv = reference_dir().join("llava_gqa_ref.safetensors");
+    let (ok, _, err) = fineprune(&[
+        "logits",
+        "--model",
+        &model(),
+        "--pixel-values",
+        pv.to_str().unwrap(),
+        "--prompt",
+        q,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(max_abs_diff(&load_ref(&out)["logits"].f, &want["logits"].f) < 1e-4);
+    // No temp file left behind by the atomic write.
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn generate_runs_a_batch_and_inspect_describes() {
+    let (ok, stdout, err) = fineprune(&[
+        "generate",
+        "--model",
+        &model(),
+        "--image",
+        &image(),
+        "--prompt",
+        "What color?",
+        "--prompt",
+        "How many?",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("### What color?") && stdout.contains("### How many?"),
+        "{stdout}"
+    );
+    assert!(err.contains("prefill") && err.contains("tokens/s"), "{err}");
+    let (ok, stdout, err) = fineprune(&["inspect", "--model", &model()]);
+    assert!(ok, "{err}");
+    for s in [
+        "LlavaForConditionalGeneration",
+        "4 heads / 2 kv heads",
+        "25 image tokens",
+        "language_model.model.*",
+        "212928",
+        "lm_head separate",
+    ] {
+        assert!(stdout.contains(s), "missing {s:?} in {stdout}");
+    }
+}
+
+#[test]
+fn bad_flags_and_inputs_get_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x.safetensors");
+    let o = out.to_str().unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["generate".into(), "--model".into(), model()],
+            "--prompt",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                model(),
+                "--prompt".into(),
+                "q".into(),
+                "--temperature".into(),
+                "hot".into(),
+            ],
+            "--temperature",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                model(),
+                "--prompt".into(),
+                "q".into(),
+                "--top-p".into(),
+                "1.5".into(),
+            ],
+            "top_p",
+        ),
+        (vec!["frobnicate".into()], "frobnicate"),
+        (
+            vec![
+                "logits".into(),
+                "--model".into(),
+                model(),
+                "--prompt".into(),
+                "q".into(),
+            ],
+            "--out",
+        ),
+        (
+            vec![
+                "logits".into(),
+                "--model".into(),
+                model(),
+                "--prompt".into(),
+                "q".into(),
+                "--image".into(),
+                image(),
+                "--pixel-values".into(),
+                image(),
+                "--out".into(),
+                o.into(),
+            ],
+            "cannot be used with",
+        ),
+        (
+            vec![
+                "logits".into(),
+                "--model".into(),
+                model(),
+                "--prompt".into(),
+                "q".into(),
+                "--pixel-values".into(),
+                image(),
+                "--out".into(),
+                o.into(),
+            ],
+            "tiny_scene.png",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                "/no/such/model".into(),
+                "--prompt".into(),
+                "q".into(),
+            ],
+            "/no/such/model",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                model(),
+                "--image".into(),
+                "/no/such.png".into(),
+                "--prompt".into(),
+                "q".into(),
+            ],
+            "/no/such.png",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                model(),
+                "--image".into(),
+                model() + "/config.json",
+                "--prompt".into(),
+                "q".into(),
+            ],
+            "config.json",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                model(),
+                "--image".into(),
+                image(),
+                "--prompt".into(),
+                "<image> <image>".into(),
+            ],
+            "2 `<image>`",
+        ),
+        (
+            vec![
+                "logits".into(),
+                "--model".into(),
+                model(),
+                "--image".into(),
+                image(),
+                "--prompt".into(),
+                "q".into(),
+                "--out".into(),
+                "/no/such/dir/x.safetensors".into(),
+            ],
+            "/no/such/dir/x.safetensors",
+        ),
+    ];
+    for (args, want) in cases {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, _, err) = fineprune(&a);
+        assert!(!ok, "{a:?} succeeded");
+        assert!(err.contains(want), "{a:?}: expected {want:?} in {err}");
+        assert!(!err.contains("panicked"), "{a:?} panicked: {err}");
+    }
+    assert!(!out.exists());
+}
