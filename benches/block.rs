@@ -36,10 +36,14 @@ fn config() -> TextConfig {
 
 /// Deterministic pseudo-random values in [-scale, scale).
 fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
         })
         .collect()
@@ -74,14 +78,25 @@ fn block(bf16: bool) -> Llama {
             (name.to_string(), Tensor::new(&shape, storage).unwrap())
         })
         .collect();
-    Llama::load(&c, &mut Weights::from_tensors(map, "random 7B-shaped block")).unwrap()
+    Llama::load(
+        &c,
+        &mut Weights::from_tensors(map, "random 7B-shaped block"),
+    )
+    .unwrap()
 }
 
 /// FLOPs of one block for `t` new tokens attending to `s` keys in total (causal: row i sees
 /// `s - t + i + 1`), counting a multiply-add as 2.
 fn block_flops(c: &TextConfig, t: usize, s: usize) -> f64 {
-    let (h, i, d) = (c.hidden_size as f64, c.intermediate_size as f64, c.head_dim as f64);
-    let (qd, kvd) = (c.num_attention_heads as f64 * d, c.num_key_value_heads as f64 * d);
+    let (h, i, d) = (
+        c.hidden_size as f64,
+        c.intermediate_size as f64,
+        c.head_dim as f64,
+    );
+    let (qd, kvd) = (
+        c.num_attention_heads as f64 * d,
+        c.num_key_value_heads as f64 * d,
+    );
     let linear = 2.0 * t as f64 * (h * (qd + 2.0 * kvd) + qd * h + 3.0 * h * i);
     let visible: f64 = (0..t).map(|r| (s - t + r + 1) as f64).sum();
     linear + 4.0 * c.num_attention_heads as f64 * d * visible
@@ -90,15 +105,26 @@ fn block_flops(c: &TextConfig, t: usize, s: usize) -> f64 {
 fn run_prefill(lm: &Llama, x: &[f32], len: usize) -> KvCache {
     let mut cache = KvCache::new(1);
     let mut x = x.to_vec();
-    let seqs = [SeqRows { positions: (0..len).collect() }];
-    lm.layer_forward(0, &mut x, &seqs, &mut [&mut cache]).unwrap();
+    let seqs = [SeqRows {
+        positions: (0..len).collect(),
+    }];
+    lm.layer_forward(0, &mut x, &seqs, &mut [&mut cache])
+        .unwrap();
     cache
 }
 
 fn run_decode(lm: &Llama, cache: &KvCache, x1: &[f32], pos: usize) {
     let mut c = cache.clone();
     let mut x = x1.to_vec();
-    lm.layer_forward(0, &mut x, &[SeqRows { positions: vec![pos] }], &mut [&mut c]).unwrap();
+    lm.layer_forward(
+        0,
+        &mut x,
+        &[SeqRows {
+            positions: vec![pos],
+        }],
+        &mut [&mut c],
+    )
+    .unwrap();
 }
 
 fn gflops(f: impl Fn(), flops: f64, reps: usize) -> f64 {
@@ -111,7 +137,10 @@ fn gflops(f: impl Fn(), flops: f64, reps: usize) -> f64 {
 }
 
 fn benches(cr: &mut Criterion) {
-    let len: usize = std::env::var("FINEPRUNE_BENCH_LEN").ok().and_then(|v| v.parse().ok()).unwrap_or(616);
+    let len: usize = std::env::var("FINEPRUNE_BENCH_LEN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(616);
     let c = config();
     let h = c.hidden_size;
     // The machine's matmul roofline through gemm, for comparison.
@@ -133,8 +162,16 @@ fn benches(cr: &mut Criterion) {
         let dt = if bf16 { "bf16" } else { "f32" };
         let lm = block(bf16);
         let cache = run_prefill(&lm, &x, len);
-        let pf = gflops(|| drop(run_prefill(&lm, &x, len)), block_flops(&c, len, len), 2);
-        let dc = gflops(|| run_decode(&lm, &cache, &x1, len), block_flops(&c, 1, len + 1), 5);
+        let pf = gflops(
+            || drop(run_prefill(&lm, &x, len)),
+            block_flops(&c, len, len),
+            2,
+        );
+        let dc = gflops(
+            || run_decode(&lm, &cache, &x1, len),
+            block_flops(&c, 1, len + 1),
+            5,
+        );
         eprintln!(
             "7B block, {dt} weights: prefill {len} tokens {pf:.1} GFLOP/s ({:.0}% of gemm peak), decode at {len} cached {dc:.1} GFLOP/s",
             100.0 * pf / peak
@@ -142,9 +179,13 @@ fn benches(cr: &mut Criterion) {
         let mut g = cr.benchmark_group(format!("7b_block_{dt}"));
         g.sample_size(10);
         g.throughput(Throughput::Elements(len as u64));
-        g.bench_function(format!("prefill_{len}"), |bn| bn.iter(|| run_prefill(&lm, &x, len)));
+        g.bench_function(format!("prefill_{len}"), |bn| {
+            bn.iter(|| run_prefill(&lm, &x, len))
+        });
         g.throughput(Throughput::Elements(1));
-        g.bench_function(format!("decode_after_{len}"), |bn| bn.iter(|| run_decode(&lm, &cache, &x1, len)));
+        g.bench_function(format!("decode_after_{len}"), |bn| {
+            bn.iter(|| run_decode(&lm, &cache, &x1, len))
+        });
         g.finish();
     }
 }

@@ -13,16 +13,25 @@ fn main() -> Result<(), fineprune::Error> {
     };
     let engine = Engine::new(Arc::new(Model::load(&model)?));
     let image = ImageInput::Path(image.into());
-    let reqs: Vec<Request> = ["What color is the big square?", "How many circles are there?"]
-        .into_iter()
-        .map(|q| {
-            let mut r = Request::new(q, Some(image.clone()));
-            r.max_new_tokens = 16;
-            r
-        })
-        .collect();
+    let reqs: Vec<Request> = [
+        "What color is the big square?",
+        "How many circles are there?",
+    ]
+    .into_iter()
+    .map(|q| {
+        let mut r = Request::new(q, Some(image.clone()));
+        r.max_new_tokens = 16;
+        r
+    })
+    .collect();
     for (r, g) in reqs.iter().zip(engine.generate(&reqs)?) {
-        println!("{} -> {} ({} tokens, {:?})", r.prompt, g.text.trim(), g.tokens.len(), g.stop);
+        println!(
+            "{} -> {} ({} tokens, {:?})",
+            r.prompt,
+            g.text.trim(),
+            g.tokens.len(),
+            g.stop
+        );
     }
     Ok(())
 }

@@ -302,13 +302,13 @@ impl Reader {
             layer_norm_eps: self.f64(o, "layer_norm_eps", 1e-5)?,
             hidden_act: self.string(o, "hidden_act", "quick_gelu")?,
         };
-        if c.patch_size == 0 || c.image_size % c.patch_size != 0 {
+        if c.patch_size == 0 || !c.image_size.is_multiple_of(c.patch_size) {
             return Err(self.err(format!(
                 "vision image_size {} is not a multiple of patch_size {}",
                 c.image_size, c.patch_size
             )));
         }
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(self.err(format!(
                 "vision hidden_size {} is not a multiple of num_attention_heads {}",
                 c.hidden_size, c.num_attention_heads

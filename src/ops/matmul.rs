@@ -125,7 +125,7 @@ impl Linear {
 /// `y = x · Wᵀ + b` for `x: [rows, in]`, `W: [out, in]` (any stored dtype), `b: [out]`.
 pub fn linear(x: &[f32], weight: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f32>> {
     let (n, k) = (weight.rows(), weight.cols());
-    if k == 0 || x.len() % k != 0 {
+    if k == 0 || !x.len().is_multiple_of(k) {
         return Err(Error::Shape {
             name: "linear input".into(),
             expected: vec![x.len() / k.max(1), k],
