@@ -81,3 +81,48 @@ fn from_image_file_matches_hf() {
         assert!(err < LOGITS_TOL, "{name}: {err}");
     }
 }
+
+/// transformers 5.23's `save_pretrained` writes yet another mix of prefixes
+/// (`language_model.model.*`, `vision_tower.*`, `multi_modal_projector.*`): the same weights
+/// under those names give the same logits.
+#[test]
+fn transformers_5_saved_key_layout_loads_the_same() {
+    use safetensors::tensor::TensorView;
+    let dir = reference_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(dir.join("llava_tied")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    let st_path = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&st_path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            let n = n
+                .replace("model.language_model.", "language_model.model.")
+                .replace("model.vision_tower.", "vision_tower.")
+                .replace("model.multi_modal_projector.", "multi_modal_projector.");
+            (n, v)
+        })
+        .collect();
+    std::fs::write(&st_path, safetensors::serialize(renamed, None).unwrap()).unwrap();
+    let m = Model::load(tmp.path()).unwrap();
+    assert_eq!(
+        m.layout,
+        vec![
+            "language_model.model.",
+            "vision_tower.",
+            "multi_modal_projector."
+        ]
+    );
+    let r = load_ref(&dir.join("llava_tied_ref.safetensors"));
+    let req = Request::new(
+        "What color is the big square?",
+        Some(ImageInput::Pixels(r["pixel_values"].f.clone())),
+    );
+    let (_, logits) = Engine::new(Arc::new(m)).prompt_logits(&req).unwrap();
+    assert!(max_abs_diff(&logits, &r["logits"].f) < LOGITS_TOL);
+}

@@ -402,3 +402,113 @@ impl Reader {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ModelConfig> {
+        ModelConfig::from_json(text, Path::new("config.json"))
+    }
+
+    /// llava-hf/llava-1.5-7b-hf's config (transformers 4.36): most values come from class defaults.
+    const LLAVA_15_7B: &str = r#"{
+      "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100,
+      "image_token_index": 32000, "model_type": "llava", "pad_token_id": 32001,
+      "projector_hidden_act": "gelu",
+      "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+        "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+        "torch_dtype": "float16", "vocab_size": 32064},
+      "tie_word_embeddings": false, "torch_dtype": "float16", "transformers_version": "4.36.0.dev0",
+      "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+        "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+        "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+      "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064
+    }"#;
+
+    #[test]
+    fn llava_15_7b_takes_hf_class_defaults() {
+        let ModelConfig::Llava(c) = parse(LLAVA_15_7B).unwrap() else {
+            panic!("not llava")
+        };
+        assert_eq!(c.image_tokens(), 576);
+        assert_eq!(c.image_token_id, 32000);
+        let t = &c.text;
+        assert_eq!(
+            (
+                t.hidden_size,
+                t.num_hidden_layers,
+                t.num_attention_heads,
+                t.num_key_value_heads
+            ),
+            (4096, 32, 32, 32)
+        );
+        assert_eq!(
+            (t.intermediate_size, t.head_dim, t.vocab_size),
+            (11008, 128, 32064)
+        );
+        assert_eq!(
+            (t.rope_theta, t.rms_norm_eps, t.tie_word_embeddings),
+            (10000.0, 1e-5, false)
+        );
+        assert_eq!(c.vision.hidden_act, "quick_gelu");
+        assert_eq!(c.vision_feature_layers, vec![-2]);
+        assert!(c.projector_bias);
+    }
+
+    #[test]
+    fn transformers_5_spellings() {
+        let text = r#"{"model_type": "llava", "image_token_id": 7, "vision_feature_layer": [-3, -1],
+          "vision_feature_select_strategy": "full", "tie_word_embeddings": true,
+          "text_config": {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+            "dtype": "bfloat16", "eos_token_id": [2, 5]},
+          "vision_config": {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 3,
+            "image_size": 30, "patch_size": 6}}"#;
+        let ModelConfig::Llava(c) = parse(text).unwrap() else {
+            panic!("not llava")
+        };
+        assert_eq!(c.text.rope_theta, 500000.0);
+        assert_eq!(c.text.eos_token_ids, vec![2, 5]);
+        assert!(c.text.tie_word_embeddings);
+        assert_eq!(c.image_tokens(), 26);
+        assert_eq!(c.image_token_id, 7);
+    }
+
+    #[test]
+    fn bad_configs_name_the_problem() {
+        let cases = [
+            (
+                r#"{"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}"#,
+                "llama3",
+            ),
+            (
+                r#"{"model_type": "llama", "hidden_size": "big"}"#,
+                "hidden_size",
+            ),
+            (
+                r#"{"model_type": "llama", "num_attention_heads": 6, "num_key_value_heads": 4}"#,
+                "num_key_value_heads 4",
+            ),
+            (r#"{"model_type": "qwen2"}"#, "qwen2"),
+            (r#"{"hidden_size": 8}"#, "model_type"),
+            (
+                r#"{"model_type": "llava", "vision_feature_layer": 30}"#,
+                "vision_feature_layer",
+            ),
+            (
+                r#"{"model_type": "llava", "vision_feature_select_strategy": "cls"}"#,
+                "cls",
+            ),
+            (
+                r#"{"model_type": "llava", "text_config": {"model_type": "mistral"}}"#,
+                "mistral",
+            ),
+            (r#"[1, 2]"#, "not a JSON object"),
+        ];
+        for (text, want) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+}
