@@ -145,3 +145,11 @@ fn every_position_has_its_segment() {
         "Which shape is red?"
     );
 }
+
+#[test]
+fn model_and_engine_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Model>();
+    check::<Engine>();
+    check::<Request>();
+}

@@ -93,8 +93,28 @@ impl Model {
             Tokenizer::from_inner(inner, path)
         };
         let mut w = weights::Weights::from_tensors(g.tensors, &path.display().to_string());
-        let layout = vec!["gguf: token_embd / blk.N.* (llama.cpp names)"];
-        let tensors = w.summary();
+        // Report the types as stored in the file (e.g. `Q4_1`), not the dequantised f32.
+        let stored: std::collections::HashMap<String, String> = gguf::GgufFile::open(path)?
+            .tensor_infos()
+            .iter()
+            .filter_map(|t| gguf::hf_name(&t.name).map(|n| (n, t.ggml_type.name())))
+            .collect();
+        let mut layout = vec!["token_embd.", "blk.N.", "output_norm."];
+        if stored.contains_key("lm_head.weight") {
+            layout.push("output.");
+        }
+        let tensors = w
+            .summary()
+            .into_iter()
+            .map(|(name, shape, dtype)| {
+                let raw = match name.strip_prefix("lm.") {
+                    Some(rest) => format!("model.{rest}"),
+                    None => name.clone(),
+                };
+                let dtype = stored.get(&raw).cloned().unwrap_or(dtype);
+                (name, shape, dtype)
+            })
+            .collect();
         let config = ModelConfig::Llama(g.config);
         let lm = Llama::load(config.text(), &mut w)?;
         Ok(Model {
