@@ -6,6 +6,9 @@ use crate::model::Model;
 use crate::model::image::{self, ImageProcessorConfig};
 use crate::model::llama::{KvCache, SeqRows};
 use crate::model::template::{self, ImageSlot, Prompt, PromptOptions};
+use crate::prune::metrics::{self, RunStats, StageReport};
+use crate::prune::score::{self, Ranking};
+use crate::prune::{PrunePlan, Segment};
 use crate::tensor::Tensor;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -53,6 +56,8 @@ pub struct Request {
     pub sampling: Sampling,
     /// Stop at the model's end-of-sequence token (on by default).
     pub stop_on_eos: bool,
+    /// Visual token pruning for this request (`None`: the full sequence everywhere).
+    pub prune: Option<PrunePlan>,
 }
 
 impl Request {
@@ -65,6 +70,7 @@ impl Request {
             max_new_tokens: 64,
             sampling: Sampling::default(),
             stop_on_eos: true,
+            prune: None,
         }
     }
 }
@@ -87,6 +93,8 @@ pub struct Generation {
     /// New tokens decoded, special tokens skipped.
     pub text: String,
     pub stop: StopReason,
+    /// Token counts per layer, pruning stages, FLOPs.
+    pub stats: RunStats,
     /// Wall time of the (batched) prefill and of the decode steps, seconds.
     pub prefill_secs: f64,
     pub decode_secs: f64,
@@ -189,36 +197,126 @@ impl Engine {
         Ok(t.into_f32_vec())
     }
 
-    /// Runs the whole prompt of each prepared request through the LM (rows batched), filling the
-    /// caches; returns the last hidden states `[total positions, hidden]` before the final norm.
-    pub fn prefill(&self, prepared: &[Prepared], caches: &mut [KvCache]) -> Result<Vec<f32>> {
+    /// Runs the prompts of `prepared` through the LM together (rows batched), pruning each one by
+    /// its plan, filling `caches`. Returns the final hidden states of every row that reached the
+    /// last layer (`[rows, hidden]`, before the final norm) and each sequence's state.
+    fn prefill<'p>(
+        &self,
+        prepared: &[Prepared],
+        plans: &[Option<&'p PrunePlan>],
+        caches: &mut [KvCache],
+    ) -> Result<(Vec<f32>, Vec<SeqState<'p>>)> {
         let lm = &self.model.lm;
+        let c = &lm.config;
+        let h = c.hidden_size;
+        let mut states = prepared
+            .iter()
+            .zip(plans)
+            .map(|(p, plan)| SeqState::new(&p.prompt, *plan, lm.num_layers()))
+            .collect::<Result<Vec<_>>>()?;
         let mut x: Vec<f32> = prepared
             .iter()
             .flat_map(|p| p.embeds.iter().copied())
             .collect();
-        let seqs: Vec<SeqRows> = prepared
-            .iter()
-            .map(|p| SeqRows {
-                positions: (0..p.prompt.ids.len()).collect(),
-            })
-            .collect();
-        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
         for l in 0..lm.num_layers() {
+            for st in &mut states {
+                st.record_layer();
+            }
+            let prunes = states.iter().any(|st| st.stage_at(l + 1).is_some());
+            let x_in = prunes.then(|| x.clone());
+            let seqs: Vec<SeqRows> = states
+                .iter()
+                .map(|st| SeqRows {
+                    positions: st.positions.clone(),
+                })
+                .collect();
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
             lm.layer_forward(l, &mut x, &seqs, &mut refs)?;
+            let Some(x_in) = x_in else { continue };
+            // Rank and drop image tokens of the sequences with a stage at layer l + 1.
+            let mut next = Vec::with_capacity(x.len());
+            let mut r0 = 0;
+            for (st, cache) in states.iter_mut().zip(caches.iter()) {
+                let n = st.positions.len();
+                let rows = r0..r0 + n;
+                r0 += n;
+                let Some((keep, plan)) = st.stage_at(l + 1) else {
+                    next.extend_from_slice(&x[rows.start * h..rows.end * h]);
+                    continue;
+                };
+                let segs = &st.segments;
+                let q_rows = plan.query.candidates(segs);
+                let image_cols: Vec<usize> =
+                    (0..n).filter(|&i| segs[i] == Segment::Image).collect();
+                let x_sel: Vec<f32> = q_rows
+                    .iter()
+                    .flat_map(|&r| {
+                        x_in[(rows.start + r) * h..(rows.start + r + 1) * h]
+                            .iter()
+                            .copied()
+                    })
+                    .collect();
+                let pos: Vec<usize> = q_rows.iter().map(|&r| st.positions[r]).collect();
+                let q = lm.query_rows(l, &x_sel, &pos)?;
+                let att = score::selected_attention(
+                    &q,
+                    &cache.layers[l].k,
+                    &q_rows,
+                    &image_cols,
+                    c.num_attention_heads,
+                    c.num_key_value_heads,
+                    c.head_dim,
+                );
+                let w = plan.query.weights(segs, &q_rows, &att.image_mass());
+                let ranking = score::rank(&att, w, plan.head.as_ref(), plan.head_keep, keep);
+                let kept_rows = st.apply_stage(l + 1, &image_cols, ranking, plan.renumber);
+                for r in kept_rows {
+                    next.extend_from_slice(&x[(rows.start + r) * h..(rows.start + r + 1) * h]);
+                }
+            }
+            x = next;
         }
-        Ok(x)
+        let v = self.model.vision.as_ref();
+        for (st, p) in states.iter_mut().zip(prepared) {
+            let image_tokens = st.stats.image_tokens_per_layer[0];
+            let vision = match v {
+                Some(v) if image_tokens > 0 => v.flops(),
+                _ => 0.0,
+            };
+            let head = 2.0 * (h * c.vocab_size) as f64;
+            let ns = &st.stats.tokens_per_layer;
+            st.stats.prefill_flops = vision
+                + head
+                + ns.iter()
+                    .map(|&n| metrics::lm_layer_flops(c, n, n * (n + 1) / 2))
+                    .sum::<f64>();
+            st.stats.decode_flops = head
+                + ns.iter()
+                    .map(|&n| metrics::lm_layer_flops(c, 1, n + 1))
+                    .sum::<f64>();
+            debug_assert_eq!(p.prompt.ids.len(), st.prompt_len);
+        }
+        Ok((x, states))
     }
 
-    /// Logits of every prompt position, `[positions, vocab]`, and the prompt.
-    pub fn prompt_logits(&self, req: &Request) -> Result<(Prompt, Vec<f32>)> {
+    /// Prefill logits of one request: every row that reached the last layer (all prompt positions
+    /// unless pruned), with the prompt positions they belong to.
+    pub fn prompt_logits(&self, req: &Request) -> Result<PromptLogits> {
         let p = self.prepare(req)?;
         let mut caches = vec![KvCache::new(self.model.lm.num_layers())];
-        let x = self.prefill(std::slice::from_ref(&p), &mut caches)?;
-        Ok((p.prompt, self.model.lm.logits(&x)?))
+        let (x, mut states) =
+            self.prefill(std::slice::from_ref(&p), &[req.prune.as_ref()], &mut caches)?;
+        let st = states.remove(0);
+        Ok(PromptLogits {
+            logits: self.model.lm.logits(&x)?,
+            prompt: p.prompt,
+            positions: st.orig,
+            stats: st.stats,
+        })
     }
 
-    /// Generates for a batch of requests; prefill and each decode step run the batch together.
+    /// Generates for a batch of requests; prefill and each decode step run the batch together,
+    /// each request pruned by its own plan.
     pub fn generate(&self, reqs: &[Request]) -> Result<Vec<Generation>> {
         for (i, r) in reqs.iter().enumerate() {
             let s = r.sampling;
@@ -243,14 +341,15 @@ impl Engine {
             .iter()
             .map(|r| self.prepare(r))
             .collect::<Result<Vec<_>>>()?;
+        let plans: Vec<Option<&PrunePlan>> = reqs.iter().map(|r| r.prune.as_ref()).collect();
         let t0 = Instant::now();
         let mut caches: Vec<KvCache> = reqs.iter().map(|_| KvCache::new(lm.num_layers())).collect();
-        let x = self.prefill(&prepared, &mut caches)?;
+        let (x, states) = self.prefill(&prepared, &plans, &mut caches)?;
         let h = lm.config.hidden_size;
         let mut last = Vec::with_capacity(reqs.len() * h);
         let mut end = 0;
-        for p in &prepared {
-            end += p.prompt.ids.len();
+        for st in &states {
+            end += st.positions.len();
             last.extend_from_slice(&x[(end - 1) * h..end * h]);
         }
         let mut logits = lm.logits(&last)?;
@@ -277,7 +376,7 @@ impl Engine {
                     &mut rngs[i],
                 );
                 out[i].push(tok);
-                let pos = prepared[i].prompt.ids.len() + out[i].len();
+                let pos = states[i].prompt_len + out[i].len();
                 stop[i] = if r.stop_on_eos && eos.contains(&tok) {
                     Some(StopReason::Eos)
                 } else if out[i].len() >= r.max_new_tokens {
@@ -297,12 +396,6 @@ impl Engine {
                 .map(|&i| *out[i].last().unwrap_or(&0))
                 .collect();
             let mut x = lm.embed(&ids)?;
-            let seqs: Vec<SeqRows> = active
-                .iter()
-                .map(|&i| SeqRows {
-                    positions: vec![prepared[i].prompt.ids.len() + out[i].len() - 1],
-                })
-                .collect();
             let mut refs: Vec<&mut KvCache> = caches
                 .iter_mut()
                 .enumerate()
@@ -310,6 +403,12 @@ impl Engine {
                 .map(|(_, c)| c)
                 .collect();
             for l in 0..lm.num_layers() {
+                let seqs: Vec<SeqRows> = active
+                    .iter()
+                    .map(|&i| SeqRows {
+                        positions: vec![states[i].decode_position(l, out[i].len() - 1)],
+                    })
+                    .collect();
                 lm.layer_forward(l, &mut x, &seqs, &mut refs)?;
             }
             logits = lm.logits(&x)?;
@@ -319,17 +418,153 @@ impl Engine {
             .into_iter()
             .zip(out)
             .zip(stop)
-            .map(|((p, tokens), stop)| {
+            .zip(states)
+            .map(|(((p, tokens), stop), st)| {
                 Ok(Generation {
                     text: self.model.tokenizer.decode(&tokens, true)?,
                     prompt: p.prompt,
                     tokens,
                     stop: stop.unwrap_or(StopReason::MaxTokens),
+                    stats: st.stats,
                     prefill_secs,
                     decode_secs,
                 })
             })
             .collect()
+    }
+}
+
+/// Prefill logits of one request ([`Engine::prompt_logits`]).
+#[derive(Debug, Clone)]
+pub struct PromptLogits {
+    pub prompt: Prompt,
+    /// `[rows, vocab]` for the rows that reached the last layer.
+    pub logits: Vec<f32>,
+    /// The prompt position of each row of `logits`.
+    pub positions: Vec<usize>,
+    pub stats: RunStats,
+}
+
+/// One sequence's view of the prefill: which prompt positions are still present, their RoPE ids
+/// and segments, and the pruning done so far.
+struct SeqState<'p> {
+    prompt_len: usize,
+    /// Prompt position of each current row.
+    orig: Vec<usize>,
+    /// RoPE position id of each current row.
+    positions: Vec<usize>,
+    segments: Vec<Segment>,
+    /// For each current row that is an image token, its index among the prompt's image tokens.
+    image_index: Vec<Option<usize>>,
+    plan: Option<&'p PrunePlan>,
+    /// Kept count of each stage of `plan`.
+    keep: Vec<usize>,
+    /// `(layer, rows removed)` of the stages done, for renumbered decode positions.
+    removed: Vec<(usize, usize)>,
+    renumber: bool,
+    stats: RunStats,
+}
+
+impl<'p> SeqState<'p> {
+    fn new(prompt: &Prompt, plan: Option<&'p PrunePlan>, num_layers: usize) -> Result<Self> {
+        let n = prompt.ids.len();
+        let mut next_image = 0;
+        let image_index = prompt
+            .segments
+            .iter()
+            .map(|&s| {
+                (s == Segment::Image).then(|| {
+                    next_image += 1;
+                    next_image - 1
+                })
+            })
+            .collect();
+        let keep = match plan {
+            Some(p) => p.kept_counts(num_layers, next_image)?,
+            None => vec![],
+        };
+        Ok(SeqState {
+            prompt_len: n,
+            orig: (0..n).collect(),
+            positions: (0..n).collect(),
+            segments: prompt.segments.clone(),
+            image_index,
+            plan,
+            keep,
+            removed: vec![],
+            renumber: plan.is_some_and(|p| p.renumber),
+            stats: RunStats::default(),
+        })
+    }
+
+    /// The kept count and plan of a stage whose first pruned layer is `layer`.
+    fn stage_at(&self, layer: usize) -> Option<(usize, &'p PrunePlan)> {
+        let plan = self.plan?;
+        let i = plan.stages.iter().position(|s| s.layer == layer)?;
+        Some((self.keep[i], plan))
+    }
+
+    /// Notes the token counts the next layer runs on.
+    fn record_layer(&mut self) {
+        let img = self.image_index.iter().filter(|i| i.is_some()).count();
+        self.stats.image_tokens_per_layer.push(img);
+        self.stats.tokens_per_layer.push(self.positions.len());
+    }
+
+    /// Keeps the non-image rows and the ranked-kept image rows; returns the kept row indices.
+    fn apply_stage(
+        &mut self,
+        layer: usize,
+        image_cols: &[usize],
+        ranking: Ranking,
+        renumber: bool,
+    ) -> Vec<usize> {
+        let n = self.positions.len();
+        let mut keep_row = vec![true; n];
+        for &r in image_cols {
+            keep_row[r] = false;
+        }
+        for &k in &ranking.kept {
+            keep_row[image_cols[k]] = true;
+        }
+        let rows: Vec<usize> = (0..n).filter(|&r| keep_row[r]).collect();
+        let ranked: Vec<usize> = image_cols
+            .iter()
+            .filter_map(|&r| self.image_index[r])
+            .collect();
+        self.stats.stages.push(StageReport {
+            layer,
+            before: image_cols.len(),
+            after: ranking.kept.len(),
+            kept: ranking.kept.iter().map(|&k| ranked[k]).collect(),
+            ranked,
+            query_positions: ranking.query_rows.iter().map(|&r| self.orig[r]).collect(),
+            ranking,
+        });
+        self.removed.push((layer, n - rows.len()));
+        self.orig = rows.iter().map(|&r| self.orig[r]).collect();
+        self.segments = rows.iter().map(|&r| self.segments[r]).collect();
+        self.image_index = rows.iter().map(|&r| self.image_index[r]).collect();
+        self.positions = if renumber {
+            (0..rows.len()).collect()
+        } else {
+            rows.iter().map(|&r| self.positions[r]).collect()
+        };
+        rows
+    }
+
+    /// RoPE position id of generated token `k` (0-based) in layer `l`.
+    fn decode_position(&self, l: usize, k: usize) -> usize {
+        let removed: usize = if self.renumber {
+            self.removed
+                .iter()
+                .filter(|(layer, _)| *layer <= l)
+                .map(|(_, r)| r)
+                .sum()
+        } else {
+            0
+        };
+        self.prompt_len - removed + k
     }
 }
 

@@ -31,7 +31,8 @@ fn check(name: &str) {
             system,
             ..Default::default()
         };
-        let (prompt, logits) = engine.prompt_logits(&req).unwrap();
+        let out = engine.prompt_logits(&req).unwrap();
+        let (prompt, logits) = (out.prompt, out.logits);
         assert_eq!(
             prompt.ids,
             ids_u32(&r[&format!("input_ids{suffix}")]),
@@ -74,9 +75,10 @@ fn from_image_file_matches_hf() {
         let r = load_ref(&dir.join(format!("{name}_ref.safetensors")));
         let engine = Engine::new(Arc::new(Model::load(dir.join(name)).unwrap()));
         let img = ImageInput::Path(dir.join("images/tiny_scene.png"));
-        let (_, logits) = engine
+        let logits = engine
             .prompt_logits(&Request::new("What color is the big square?", Some(img)))
-            .unwrap();
+            .unwrap()
+            .logits;
         let err = max_abs_diff(&logits, &r["logits"].f);
         assert!(err < LOGITS_TOL, "{name}: {err}");
     }
@@ -123,6 +125,6 @@ fn transformers_5_saved_key_layout_loads_the_same() {
         "What color is the big square?",
         Some(ImageInput::Pixels(r["pixel_values"].f.clone())),
     );
-    let (_, logits) = Engine::new(Arc::new(m)).prompt_logits(&req).unwrap();
+    let logits = Engine::new(Arc::new(m)).prompt_logits(&req).unwrap().logits;
     assert!(max_abs_diff(&logits, &r["logits"].f) < LOGITS_TOL);
 }

@@ -25,7 +25,8 @@ fn smollm2_gguf_matches_hf_logits_and_greedy_text() {
         let k = p["key"].as_u64().unwrap();
         let text = p["text"].as_str().unwrap();
         let mut req = Request::new(text, None);
-        let (prompt, logits) = engine.prompt_logits(&req).unwrap();
+        let out = engine.prompt_logits(&req).unwrap();
+        let (prompt, logits) = (out.prompt, out.logits);
         assert_eq!(
             prompt.ids,
             ids_u32(&r[&format!("input_ids_{k}")]),

@@ -8,6 +8,10 @@ use clap::{Args, Parser, Subcommand};
 use fineprune::io::{OutTensor, read_f32_tensor, write_safetensors};
 use fineprune::model::config::ModelConfig;
 use fineprune::model::template::{LLAVA_SYSTEM, PromptOptions};
+use fineprune::prune::head::{StrategyParams, head_strategy};
+use fineprune::prune::metrics::RunStats;
+use fineprune::prune::query::query_strategy;
+use fineprune::prune::{Keep, PrunePlan, Stage};
 use fineprune::{Engine, ImageInput, Model, Request, Sampling};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,10 +67,86 @@ struct PromptArgs {
     system: Option<String>,
 }
 
+/// FastV-style visual token pruning (see PRUNING.md for the exact strategy definitions).
+#[derive(Args)]
+struct PruneArgs {
+    /// Prune after these layers: layers >= K see only the kept image tokens, ranked by layer K-1's
+    /// attention. A comma list makes a multi-stage plan (e.g. 2,8). FastV: 2. Off when absent.
+    #[arg(long, value_delimiter = ',')]
+    prune_layer: Vec<usize>,
+    /// Image tokens kept at each stage: a fraction of the prompt's image tokens (0.5, rounded up)
+    /// or a count (144); one value per --prune-layer, or one for all.
+    #[arg(long, value_delimiter = ',', default_value = "0.5")]
+    keep: Vec<Keep>,
+    /// Head strategy: sum (FastV), variance, entropy, max_attention, attention_range, sparsity,
+    /// top_k_sum, weighted_quality, gini_coefficient.
+    #[arg(long, default_value = "sum")]
+    head: String,
+    /// Query strategy: last_token (FastV), last_n_tokens, last_5_tokens, text_tokens_only,
+    /// weighted_recent, system_and_text, attention_weighted, max_attention_token, adaptive_by_length.
+    #[arg(long, default_value = "last_token")]
+    query: String,
+    /// Fraction of heads kept by every head strategy but sum (rho).
+    #[arg(long, default_value_t = 0.5)]
+    head_keep: f64,
+    /// n of last_n_tokens.
+    #[arg(long, default_value_t = 3)]
+    query_n: usize,
+    /// k of top_k_sum (default ceil(0.1 N)).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// tau of adaptive_by_length: text_tokens_only above this many question tokens.
+    #[arg(long, default_value_t = 16)]
+    tau: usize,
+    /// Renumber RoPE position ids after pruning instead of keeping the original ones.
+    #[arg(long)]
+    renumber: bool,
+}
+
+impl PruneArgs {
+    fn plan(&self) -> fineprune::Result<Option<PrunePlan>> {
+        if self.prune_layer.is_empty() {
+            return Ok(None);
+        }
+        let keeps = match self.keep.len() {
+            1 => vec![self.keep[0]; self.prune_layer.len()],
+            n if n == self.prune_layer.len() => self.keep.clone(),
+            n => {
+                return Err(fineprune::Error::arg(
+                    "--keep",
+                    format!(
+                        "{n} values for {} --prune-layer stages",
+                        self.prune_layer.len()
+                    ),
+                ));
+            }
+        };
+        let params = StrategyParams {
+            query_n: self.query_n,
+            top_k: self.top_k,
+            tau: self.tau,
+        };
+        let mut plan = PrunePlan::new(
+            self.prune_layer
+                .iter()
+                .zip(keeps)
+                .map(|(&layer, keep)| Stage { layer, keep })
+                .collect(),
+        );
+        plan.head = head_strategy(&self.head, &params)?;
+        plan.query = query_strategy(&self.query, &params)?;
+        plan.head_keep = self.head_keep;
+        plan.renumber = self.renumber;
+        Ok(Some(plan))
+    }
+}
+
 #[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
     common: PromptArgs,
+    #[command(flatten)]
+    prune: PruneArgs,
     /// The question; repeat the flag to run several prompts as one batch.
     #[arg(long, required = true)]
     prompt: Vec<String>,
@@ -91,13 +171,18 @@ struct GenerateArgs {
 struct LogitsArgs {
     #[command(flatten)]
     common: PromptArgs,
+    #[command(flatten)]
+    prune: PruneArgs,
     /// The question.
     #[arg(long)]
     prompt: String,
     /// A safetensors file holding a `pixel_values` tensor ([1,3,H,W] or [3,H,W]) to use instead of --image.
     #[arg(long, conflicts_with = "image")]
     pixel_values: Option<PathBuf>,
-    /// Output file: tensors `logits` (f32 [positions, vocab]) and `input_ids` (i64 [positions]).
+    /// Output file: `logits` (f32 [rows, vocab], one row per prompt position that reached the last
+    /// layer), `positions` (i64 [rows], their prompt positions), `input_ids` (i64, the whole
+    /// prompt) and, when pruning, `kept` (i64 [stages, kept], image-token indices; one tensor
+    /// `kept.{stage}` per stage when the stages keep different counts).
     #[arg(long)]
     out: PathBuf,
 }
@@ -127,6 +212,7 @@ fn options(a: &PromptArgs) -> PromptOptions {
 fn run(cli: Cli) -> fineprune::Result<()> {
     match cli.command {
         Command::Generate(a) => {
+            let plan = a.prune.plan()?;
             let engine = Engine::new(Arc::new(Model::load(&a.common.model)?));
             let reqs: Vec<Request> = a
                 .prompt
@@ -143,6 +229,7 @@ fn run(cli: Cli) -> fineprune::Result<()> {
                         seed: a.seed.wrapping_add(i as u64),
                     },
                     stop_on_eos: !a.ignore_eos,
+                    prune: plan.clone(),
                 })
                 .collect();
             let gens = engine.generate(&reqs)?;
@@ -151,6 +238,9 @@ fn run(cli: Cli) -> fineprune::Result<()> {
                     println!("### {p}");
                 }
                 println!("{}", g.text.trim());
+            }
+            for g in &gens {
+                report_pruning(&g.stats);
             }
             let tokens: usize = gens.iter().map(|g| g.tokens.len()).sum();
             let (pre, dec) = (gens[0].prefill_secs, gens[0].decode_secs);
@@ -179,24 +269,42 @@ fn run(cli: Cli) -> fineprune::Result<()> {
                 (None, Some(p)) => Some(ImageInput::Path(p.clone())),
                 (None, None) => None,
             };
+            let plan = a.prune.plan()?;
             let engine = Engine::new(Arc::new(Model::load(&a.common.model)?));
             let mut req = Request::new(a.prompt.clone(), image);
             req.options = options(&a.common);
-            let (prompt, logits) = engine.prompt_logits(&req)?;
-            let n = prompt.ids.len();
-            let ids: Vec<i64> = prompt.ids.iter().map(|&i| i as i64).collect();
-            write_safetensors(
-                &a.out,
-                &[
-                    OutTensor::F32("logits", vec![n, logits.len() / n], &logits),
-                    OutTensor::I64("input_ids", vec![n], &ids),
-                ],
-            )?;
-            eprintln!(
-                "wrote logits [{n}, {}] to {}",
-                logits.len() / n,
-                a.out.display()
-            );
+            req.prune = plan;
+            let out = engine.prompt_logits(&req)?;
+            let rows = out.positions.len();
+            let vocab = out.logits.len() / rows.max(1);
+            let ids: Vec<i64> = out.prompt.ids.iter().map(|&i| i as i64).collect();
+            let positions: Vec<i64> = out.positions.iter().map(|&i| i as i64).collect();
+            let stages = &out.stats.stages;
+            let kept: Vec<Vec<i64>> = stages
+                .iter()
+                .map(|s| s.kept.iter().map(|&k| k as i64).collect())
+                .collect();
+            let flat: Vec<i64> = kept.concat();
+            let names: Vec<String> = (0..kept.len()).map(|i| format!("kept.{i}")).collect();
+            let mut tensors = vec![
+                OutTensor::F32("logits", vec![rows, vocab], &out.logits),
+                OutTensor::I64("positions", vec![rows], &positions),
+                OutTensor::I64("input_ids", vec![ids.len()], &ids),
+            ];
+            if !kept.is_empty() && kept.iter().all(|k| k.len() == kept[0].len()) {
+                tensors.push(OutTensor::I64(
+                    "kept",
+                    vec![kept.len(), kept[0].len()],
+                    &flat,
+                ));
+            } else {
+                for (n, k) in names.iter().zip(&kept) {
+                    tensors.push(OutTensor::I64(n, vec![k.len()], k));
+                }
+            }
+            write_safetensors(&a.out, &tensors)?;
+            report_pruning(&out.stats);
+            eprintln!("wrote logits [{rows}, {vocab}] to {}", a.out.display());
             Ok(())
         }
         Command::Inspect { model, tensors } => {
@@ -204,6 +312,24 @@ fn run(cli: Cli) -> fineprune::Result<()> {
             inspect(&m, tensors);
             Ok(())
         }
+    }
+}
+
+/// One line per pruning stage and the token budget, on stderr.
+fn report_pruning(stats: &RunStats) {
+    for s in &stats.stages {
+        eprintln!(
+            "pruned at layer {}: {} -> {} image tokens, kept {:?}",
+            s.layer, s.before, s.after, s.kept
+        );
+    }
+    if !stats.stages.is_empty() {
+        eprintln!(
+            "image tokens averaged over layers {:.1}; prefill {:.3} GFLOP, decode step {:.3} GFLOP",
+            stats.avg_image_tokens(),
+            stats.prefill_flops / 1e9,
+            stats.decode_flops / 1e9
+        );
     }
 }
 

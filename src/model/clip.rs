@@ -87,6 +87,11 @@ impl ClipVision {
         })
     }
 
+    /// Encoder layers loaded (and run).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// HF's `hidden_states` list for one image `pixel_values: [channels, size, size]`: entry 0 is the
     /// embeddings after `pre_layrnorm`, entry i the output of layer i; `[tokens, hidden]` each, for
     /// as many layers as were loaded.

@@ -248,6 +248,23 @@ impl Llama {
         Ok(())
     }
 
+    /// Queries of layer `l` for a few rows of its input `x: [rows, hidden]` at RoPE `positions`,
+    /// `[rows, heads, head_dim]` with RoPE applied (what the attention of those rows used).
+    pub fn query_rows(&self, l: usize, x: &[f32], positions: &[usize]) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let layer = &self.layers[l];
+        let xn = norm::rms_norm(x, &layer.input_layernorm, c.rms_norm_eps);
+        let mut q = layer.self_attn.q_proj.forward(&xn)?;
+        rope::apply_rope(
+            &mut q,
+            c.num_attention_heads,
+            c.head_dim,
+            positions,
+            &self.inv_freq,
+        );
+        Ok(q)
+    }
+
     /// Final RMSNorm then LM head on `x: [rows, hidden]` -> `[rows, vocab]`.
     pub fn logits(&self, x: &[f32]) -> Result<Vec<f32>> {
         let xn = norm::rms_norm(x, &self.norm, self.config.rms_norm_eps);

@@ -80,6 +80,18 @@ impl VisionEncoder {
         self.projector.linear_2.forward(&h)
     }
 
+    /// Analytic FLOPs of encoding one image (the tower's layers that run, and the projector).
+    pub fn flops(&self) -> f64 {
+        let c = &self.config;
+        crate::prune::metrics::vision_flops(
+            &c.vision,
+            self.tower.num_layers(),
+            c.vision.hidden_size * self.layers.len(),
+            c.text.hidden_size,
+            self.image_tokens(),
+        )
+    }
+
     /// Replaces the rows of `embeds: [ids.len(), hidden]` whose id is the image token with
     /// `features` (one image's worth per placeholder block), checking the counts agree.
     pub fn merge(&self, ids: &[u32], embeds: &mut [f32], features: &[f32]) -> Result<()> {

@@ -1,0 +1,85 @@
+//! What a run reports about pruning: analytic FLOPs from the shapes actually run, token counts per
+//! layer, and each stage's ranking.
+
+use super::score::Ranking;
+use crate::model::config::{TextConfig, VisionConfig};
+
+/// FLOPs (a multiply-add counts 2) of one LLaMA decoder layer for `t` new rows whose attention
+/// spans `visible` (query, key) pairs in total (`t(t+1)/2` for a causal prefill of `t` rows).
+pub fn lm_layer_flops(c: &TextConfig, t: usize, visible: usize) -> f64 {
+    let (h, i, d) = (
+        c.hidden_size as f64,
+        c.intermediate_size as f64,
+        c.head_dim as f64,
+    );
+    let (qd, kvd) = (
+        c.num_attention_heads as f64 * d,
+        c.num_key_value_heads as f64 * d,
+    );
+    let linear = 2.0 * t as f64 * (h * (qd + 2.0 * kvd) + qd * h + 3.0 * h * i);
+    linear + 4.0 * c.num_attention_heads as f64 * d * visible as f64
+}
+
+/// FLOPs of the CLIP tower's first `layers` layers plus the projector (`proj_in` -> `text_hidden`)
+/// for one image.
+pub fn vision_flops(
+    c: &VisionConfig,
+    layers: usize,
+    proj_in: usize,
+    text_hidden: usize,
+    image_tokens: usize,
+) -> f64 {
+    let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+    let t = (c.grid() * c.grid() + 1) as f64;
+    let patch = 2.0 * (t - 1.0) * h * (c.num_channels * c.patch_size * c.patch_size) as f64;
+    let layer = 2.0 * t * (4.0 * h * h + 2.0 * h * i) + 4.0 * t * t * h;
+    let th = text_hidden as f64;
+    let proj = 2.0 * image_tokens as f64 * (proj_in as f64 * th + th * th);
+    patch + layers as f64 * layer + proj
+}
+
+/// One pruning stage of one request.
+#[derive(Debug, Clone)]
+pub struct StageReport {
+    /// The first layer that runs without the dropped tokens (K).
+    pub layer: usize,
+    /// Image tokens before and after the stage.
+    pub before: usize,
+    pub after: usize,
+    /// Indices (0..N over the prompt's image tokens) of the tokens that were ranked, in order;
+    /// `ranking.importance[i]` belongs to `ranked[i]`.
+    pub ranked: Vec<usize>,
+    /// Image-token indices kept, ascending.
+    pub kept: Vec<usize>,
+    /// Prompt positions of the query rows that voted (`ranking.query_rows` are positions in the
+    /// sequence as it was at this stage).
+    pub query_positions: Vec<usize>,
+    pub ranking: Ranking,
+}
+
+/// Per-request statistics of a prefill (pruned or not).
+#[derive(Debug, Clone, Default)]
+pub struct RunStats {
+    /// Image tokens present in each LM layer.
+    pub image_tokens_per_layer: Vec<usize>,
+    /// Sequence length in each LM layer.
+    pub tokens_per_layer: Vec<usize>,
+    pub stages: Vec<StageReport>,
+    /// Analytic FLOPs of the prefill (vision tower, projector, LM layers, LM head for one row).
+    pub prefill_flops: f64,
+    /// Analytic FLOPs of one decode step right after the prefill.
+    pub decode_flops: f64,
+}
+
+impl RunStats {
+    /// Image tokens kept after the last stage (all of them when unpruned).
+    pub fn kept_after_last(&self) -> usize {
+        self.image_tokens_per_layer.last().copied().unwrap_or(0)
+    }
+
+    /// Image tokens averaged over all LM layers, the budget papers report.
+    pub fn avg_image_tokens(&self) -> f64 {
+        let n = self.image_tokens_per_layer.len().max(1);
+        self.image_tokens_per_layer.iter().sum::<usize>() as f64 / n as f64
+    }
+}
