@@ -58,6 +58,8 @@ pub struct Request {
     pub stop_on_eos: bool,
     /// Visual token pruning for this request (`None`: the full sequence everywhere).
     pub prune: Option<PrunePlan>,
+    /// Keep the logits each new token was chosen from ([`Generation::step_logits`]).
+    pub return_logits: bool,
 }
 
 impl Request {
@@ -71,6 +73,7 @@ impl Request {
             sampling: Sampling::default(),
             stop_on_eos: true,
             prune: None,
+            return_logits: false,
         }
     }
 }
@@ -95,6 +98,8 @@ pub struct Generation {
     pub stop: StopReason,
     /// Token counts per layer, pruning stages, FLOPs.
     pub stats: RunStats,
+    /// With [`Request::return_logits`]: the `[vocab]` logits each new token was chosen from.
+    pub step_logits: Vec<Vec<f32>>,
     /// Wall time of the (batched) prefill and of the decode steps, seconds.
     pub prefill_secs: f64,
     pub decode_secs: f64,
@@ -360,6 +365,7 @@ impl Engine {
             .map(|r| StdRng::seed_from_u64(r.sampling.seed))
             .collect();
         let mut out: Vec<Vec<u32>> = vec![vec![]; reqs.len()];
+        let mut step_logits: Vec<Vec<Vec<f32>>> = vec![vec![]; reqs.len()];
         let mut stop: Vec<Option<StopReason>> = vec![None; reqs.len()];
         let mut active: Vec<usize> = (0..reqs.len()).collect();
         loop {
@@ -370,11 +376,11 @@ impl Engine {
                     stop[i] = Some(StopReason::MaxTokens);
                     continue;
                 }
-                let tok = sample(
-                    &logits[row * vocab..(row + 1) * vocab],
-                    &r.sampling,
-                    &mut rngs[i],
-                );
+                let row_logits = &logits[row * vocab..(row + 1) * vocab];
+                if r.return_logits {
+                    step_logits[i].push(row_logits.to_vec());
+                }
+                let tok = sample(row_logits, &r.sampling, &mut rngs[i]);
                 out[i].push(tok);
                 let pos = states[i].prompt_len + out[i].len();
                 stop[i] = if r.stop_on_eos && eos.contains(&tok) {
@@ -419,13 +425,15 @@ impl Engine {
             .zip(out)
             .zip(stop)
             .zip(states)
-            .map(|(((p, tokens), stop), st)| {
+            .zip(step_logits)
+            .map(|((((p, tokens), stop), st), step_logits)| {
                 Ok(Generation {
                     text: self.model.tokenizer.decode(&tokens, true)?,
                     prompt: p.prompt,
                     tokens,
                     stop: stop.unwrap_or(StopReason::MaxTokens),
                     stats: st.stats,
+                    step_logits,
                     prefill_secs,
                     decode_secs,
                 })

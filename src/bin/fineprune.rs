@@ -230,6 +230,7 @@ fn run(cli: Cli) -> fineprune::Result<()> {
                     },
                     stop_on_eos: !a.ignore_eos,
                     prune: plan.clone(),
+                    return_logits: false,
                 })
                 .collect();
             let gens = engine.generate(&reqs)?;

@@ -1,0 +1,176 @@
+//! Pruning is exact: cached decoding after a pruned prefill equals a full recompute of the pruned
+//! sequence at every step; keep = 1.0 changes nothing; a batch of differently pruned prompts equals
+//! the same prompts run one by one; bad plans are refused.
+
+mod common;
+
+use common::*;
+use fineprune::model::llama::{KvCache, SeqRows};
+use fineprune::prune::head::{StrategyParams, head_strategy};
+use fineprune::prune::query::query_strategy;
+use fineprune::prune::{Keep, PrunePlan, Segment, Stage};
+use fineprune::{Engine, Generation, ImageInput, Model, Request};
+use std::sync::Arc;
+
+/// f32 accumulation-order noise only: both sides run the same kernels on different row batches.
+const TOL: f32 = 1e-5;
+
+fn engine(name: &str) -> Engine {
+    Engine::new(Arc::new(Model::load(reference_dir().join(name)).unwrap()))
+}
+
+fn pixels(seed: f32) -> Option<ImageInput> {
+    Some(ImageInput::Pixels((0..3 * 30 * 30).map(|i| (i as f32 * seed).sin()).collect()))
+}
+
+fn stage(layer: usize, keep: Keep) -> Stage {
+    Stage { layer, keep }
+}
+
+fn plan(stages: Vec<Stage>, head: &str, query: &str, renumber: bool) -> PrunePlan {
+    let p = StrategyParams::default();
+    let mut plan = PrunePlan::new(stages);
+    plan.head = head_strategy(head, &p).unwrap();
+    plan.query = query_strategy(query, &p).unwrap();
+    plan.renumber = renumber;
+    plan
+}
+
+/// Logits of the last row, recomputed from scratch without reusing any cache: layers before a
+/// stage see every surviving token, the stage drops the image tokens the prefill dropped, the
+/// generated tokens are always kept.
+fn recompute(e: &Engine, req: &Request, g: &Generation, steps: usize, renumber: bool) -> Vec<f32> {
+    let lm = &e.model().lm;
+    let prep = e.prepare(req).unwrap();
+    let n = prep.prompt.ids.len();
+    let mut x = prep.embeds.clone();
+    x.extend(lm.embed(&g.tokens[..steps]).unwrap());
+    let image_index: Vec<Option<usize>> = {
+        let mut k = 0;
+        prep.prompt
+            .segments
+            .iter()
+            .map(|&s| (s == Segment::Image).then(|| { k += 1; k - 1 }))
+            .chain((0..steps).map(|_| None))
+            .collect()
+    };
+    let mut rows: Vec<usize> = (0..n + steps).collect(); // sequence positions present
+    let mut positions = rows.clone();
+    let mut cache = KvCache::new(lm.num_layers());
+    let h = lm.config.hidden_size;
+    for l in 0..lm.num_layers() {
+        if let Some(st) = g.stats.stages.iter().find(|s| s.layer == l) {
+            let keep: Vec<usize> = (0..rows.len())
+                .filter(|&i| image_index[rows[i]].is_none_or(|k| st.kept.contains(&k)))
+                .collect();
+            x = keep.iter().flat_map(|&i| x[i * h..(i + 1) * h].to_vec()).collect();
+            rows = keep.iter().map(|&i| rows[i]).collect();
+            positions = if renumber { (0..rows.len()).collect() } else { rows.clone() };
+        }
+        let seqs = [SeqRows { positions: positions.clone() }];
+        lm.layer_forward(l, &mut x, &seqs, &mut [&mut cache]).unwrap();
+    }
+    let last = &x[(rows.len() - 1) * h..];
+    lm.logits(last).unwrap()
+}
+
+#[test]
+fn cached_decode_equals_full_recompute_of_the_pruned_sequence() {
+    let cases = [
+        ("llava_gqa", plan(vec![stage(2, Keep::Fraction(0.5))], "sum", "last_token", false)),
+        ("llava_gqa", plan(vec![stage(1, Keep::Fraction(0.6)), stage(2, Keep::Count(4))], "variance", "text_tokens_only", false)),
+        ("llava_tied", plan(vec![stage(1, Keep::Fraction(0.25))], "entropy", "attention_weighted", true)),
+        ("llava_tied", plan(vec![stage(1, Keep::Count(20)), stage(2, Keep::Fraction(0.3))], "weighted_quality", "weighted_recent", true)),
+    ];
+    for (name, p) in cases {
+        let e = engine(name);
+        let renumber = p.renumber;
+        let mut req = Request::new("Is there a red circle left of the square?", pixels(0.37));
+        req.prune = Some(p);
+        req.max_new_tokens = 8;
+        req.stop_on_eos = false;
+        req.return_logits = true;
+        let g = e.generate(std::slice::from_ref(&req)).unwrap().remove(0);
+        assert_eq!(g.step_logits.len(), 8);
+        for k in 0..8 {
+            let want = recompute(&e, &req, &g, k, renumber);
+            let err = max_abs_diff(&g.step_logits[k], &want);
+            assert!(err < TOL, "{name} step {k}: {err}");
+        }
+        // The KV cache of layers after a stage holds only the kept tokens: fewer image tokens there.
+        let s = &g.stats;
+        let last = s.stages.last().unwrap();
+        assert_eq!(s.image_tokens_per_layer[last.layer], last.after);
+        assert!(s.avg_image_tokens() < s.image_tokens_per_layer[0] as f64);
+    }
+}
+
+#[test]
+fn keep_all_is_identical_to_no_pruning() {
+    for name in ["llava_gqa", "llava_tied"] {
+        let e = engine(name);
+        let base = Request::new("What color is the big square?", pixels(0.11));
+        let full = e.prompt_logits(&base).unwrap();
+        for (head, query) in [("sum", "last_token"), ("variance", "text_tokens_only"), ("gini_coefficient", "max_attention_token")] {
+            let mut req = base.clone();
+            req.prune = Some(plan(vec![stage(1, Keep::Fraction(1.0)), stage(2, Keep::Fraction(1.0))], head, query, false));
+            let pruned = e.prompt_logits(&req).unwrap();
+            assert_eq!(pruned.logits, full.logits, "{name} {head}/{query}");
+            assert_eq!(pruned.positions, full.positions);
+        }
+    }
+}
+
+#[test]
+fn a_batch_pruned_differently_equals_one_by_one() {
+    let e = engine("llava_gqa");
+    let mut reqs = vec![
+        Request::new("What color is the big square?", pixels(0.2)),
+        Request::new("How many circles are there in this picture?", pixels(0.9)),
+        Request::new("Is there a triangle?", pixels(1.7)),
+        Request::new("Which shape is on the left?", pixels(0.5)),
+    ];
+    reqs[0].prune = Some(PrunePlan::fastv());
+    reqs[1].prune = Some(plan(vec![stage(1, Keep::Fraction(0.25))], "variance", "text_tokens_only", false));
+    reqs[3].prune = Some(plan(vec![stage(1, Keep::Count(10)), stage(2, Keep::Count(3))], "top_k_sum", "last_5_tokens", true));
+    for r in &mut reqs {
+        r.max_new_tokens = 6;
+        r.stop_on_eos = false;
+        r.return_logits = true;
+    }
+    let batch = e.generate(&reqs).unwrap();
+    for (r, b) in reqs.iter().zip(&batch) {
+        let one = e.generate(std::slice::from_ref(r)).unwrap().remove(0);
+        assert_eq!(one.tokens, b.tokens, "{:?}", r.prompt);
+        for (x, y) in one.step_logits.iter().zip(&b.step_logits) {
+            assert!(max_abs_diff(x, y) < TOL);
+        }
+        let kept = |g: &Generation| g.stats.stages.iter().map(|s| s.kept.clone()).collect::<Vec<_>>();
+        assert_eq!(kept(&one), kept(b));
+    }
+    assert_eq!(batch[2].stats.stages.len(), 0);
+    assert_eq!(batch[3].stats.stages.len(), 2);
+}
+
+#[test]
+fn bad_plans_are_refused_with_clear_errors() {
+    let e = engine("llava_gqa");
+    let run = |p: PrunePlan, image: bool| {
+        let mut r = Request::new("What?", if image { pixels(0.1) } else { None });
+        r.prune = Some(p);
+        e.generate(&[r]).unwrap_err().to_string()
+    };
+    let s = |layer, keep| plan(vec![stage(layer, keep)], "sum", "last_token", false);
+    assert!(run(s(3, Keep::Fraction(0.5)), true).contains("outside the model"));
+    assert!(run(s(0, Keep::Fraction(0.5)), true).contains("outside the model"));
+    assert!(run(s(2, Keep::Fraction(1.2)), true).contains("outside (0, 1]"));
+    assert!(run(s(2, Keep::Count(26)), true).contains("more than the prompt's 25 image tokens"));
+    assert!(run(s(2, Keep::Fraction(0.5)), false).contains("no image tokens"));
+    let mut p = s(2, Keep::Fraction(0.5));
+    p.head_keep = 0.0;
+    assert!(run(p, true).contains("head"));
+    let err = head_strategy("varience", &StrategyParams::default()).unwrap_err().to_string();
+    assert!(err.contains("varience") && err.contains("variance") && err.contains("gini_coefficient"), "{err}");
+    let err = query_strategy("last", &StrategyParams::default()).unwrap_err().to_string();
+    assert!(err.contains("text_tokens_only") && err.contains("adaptive_by_length"), "{err}");
+}
