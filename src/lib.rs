@@ -9,6 +9,7 @@ pub use tensor::{DType, Tensor};
 pub mod engine;
 pub mod io;
 pub mod ops;
+pub mod prune;
 
 pub use engine::{Engine, Generation, ImageInput, Request, Sampling, StopReason};
 pub use model::Model;
