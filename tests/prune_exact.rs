@@ -6,9 +6,9 @@ mod common;
 
 use common::*;
 use fineprune::model::llama::{KvCache, SeqRows};
-use fineprune::prune::head::{StrategyParams, head_strategy};
-use fineprune::prune::query::query_strategy;
+use fineprune::prune::query_strategy;
 use fineprune::prune::{Keep, PrunePlan, Segment, Stage};
+use fineprune::prune::{StrategyParams, head_strategy};
 use fineprune::{Engine, Generation, ImageInput, Model, Request};
 use std::sync::Arc;
 
@@ -20,7 +20,9 @@ fn engine(name: &str) -> Engine {
 }
 
 fn pixels(seed: f32) -> Option<ImageInput> {
-    Some(ImageInput::Pixels((0..3 * 30 * 30).map(|i| (i as f32 * seed).sin()).collect()))
+    Some(ImageInput::Pixels(
+        (0..3 * 30 * 30).map(|i| (i as f32 * seed).sin()).collect(),
+    ))
 }
 
 fn stage(layer: usize, keep: Keep) -> Stage {
@@ -50,7 +52,12 @@ fn recompute(e: &Engine, req: &Request, g: &Generation, steps: usize, renumber: 
         prep.prompt
             .segments
             .iter()
-            .map(|&s| (s == Segment::Image).then(|| { k += 1; k - 1 }))
+            .map(|&s| {
+                (s == Segment::Image).then(|| {
+                    k += 1;
+                    k - 1
+                })
+            })
             .chain((0..steps).map(|_| None))
             .collect()
     };
@@ -63,12 +70,22 @@ fn recompute(e: &Engine, req: &Request, g: &Generation, steps: usize, renumber: 
             let keep: Vec<usize> = (0..rows.len())
                 .filter(|&i| image_index[rows[i]].is_none_or(|k| st.kept.contains(&k)))
                 .collect();
-            x = keep.iter().flat_map(|&i| x[i * h..(i + 1) * h].to_vec()).collect();
+            x = keep
+                .iter()
+                .flat_map(|&i| x[i * h..(i + 1) * h].to_vec())
+                .collect();
             rows = keep.iter().map(|&i| rows[i]).collect();
-            positions = if renumber { (0..rows.len()).collect() } else { rows.clone() };
+            positions = if renumber {
+                (0..rows.len()).collect()
+            } else {
+                rows.clone()
+            };
         }
-        let seqs = [SeqRows { positions: positions.clone() }];
-        lm.layer_forward(l, &mut x, &seqs, &mut [&mut cache]).unwrap();
+        let seqs = [SeqRows {
+            positions: positions.clone(),
+        }];
+        lm.layer_forward(l, &mut x, &seqs, &mut [&mut cache])
+            .unwrap();
     }
     let last = &x[(rows.len() - 1) * h..];
     lm.logits(last).unwrap()
@@ -77,10 +94,42 @@ fn recompute(e: &Engine, req: &Request, g: &Generation, steps: usize, renumber: 
 #[test]
 fn cached_decode_equals_full_recompute_of_the_pruned_sequence() {
     let cases = [
-        ("llava_gqa", plan(vec![stage(2, Keep::Fraction(0.5))], "sum", "last_token", false)),
-        ("llava_gqa", plan(vec![stage(1, Keep::Fraction(0.6)), stage(2, Keep::Count(4))], "variance", "text_tokens_only", false)),
-        ("llava_tied", plan(vec![stage(1, Keep::Fraction(0.25))], "entropy", "attention_weighted", true)),
-        ("llava_tied", plan(vec![stage(1, Keep::Count(20)), stage(2, Keep::Fraction(0.3))], "weighted_quality", "weighted_recent", true)),
+        (
+            "llava_gqa",
+            plan(
+                vec![stage(2, Keep::Fraction(0.5))],
+                "sum",
+                "last_token",
+                false,
+            ),
+        ),
+        (
+            "llava_gqa",
+            plan(
+                vec![stage(1, Keep::Fraction(0.6)), stage(2, Keep::Count(4))],
+                "variance",
+                "text_tokens_only",
+                false,
+            ),
+        ),
+        (
+            "llava_tied",
+            plan(
+                vec![stage(1, Keep::Fraction(0.25))],
+                "entropy",
+                "attention_weighted",
+                true,
+            ),
+        ),
+        (
+            "llava_tied",
+            plan(
+                vec![stage(1, Keep::Count(20)), stage(2, Keep::Fraction(0.3))],
+                "weighted_quality",
+                "weighted_recent",
+                true,
+            ),
+        ),
     ];
     for (name, p) in cases {
         let e = engine(name);
@@ -111,9 +160,18 @@ fn keep_all_is_identical_to_no_pruning() {
         let e = engine(name);
         let base = Request::new("What color is the big square?", pixels(0.11));
         let full = e.prompt_logits(&base).unwrap();
-        for (head, query) in [("sum", "last_token"), ("variance", "text_tokens_only"), ("gini_coefficient", "max_attention_token")] {
+        for (head, query) in [
+            ("sum", "last_token"),
+            ("variance", "text_tokens_only"),
+            ("gini_coefficient", "max_attention_token"),
+        ] {
             let mut req = base.clone();
-            req.prune = Some(plan(vec![stage(1, Keep::Fraction(1.0)), stage(2, Keep::Fraction(1.0))], head, query, false));
+            req.prune = Some(plan(
+                vec![stage(1, Keep::Fraction(1.0)), stage(2, Keep::Fraction(1.0))],
+                head,
+                query,
+                false,
+            ));
             let pruned = e.prompt_logits(&req).unwrap();
             assert_eq!(pruned.logits, full.logits, "{name} {head}/{query}");
             assert_eq!(pruned.positions, full.positions);
@@ -131,8 +189,18 @@ fn a_batch_pruned_differently_equals_one_by_one() {
         Request::new("Which shape is on the left?", pixels(0.5)),
     ];
     reqs[0].prune = Some(PrunePlan::fastv());
-    reqs[1].prune = Some(plan(vec![stage(1, Keep::Fraction(0.25))], "variance", "text_tokens_only", false));
-    reqs[3].prune = Some(plan(vec![stage(1, Keep::Count(10)), stage(2, Keep::Count(3))], "top_k_sum", "last_5_tokens", true));
+    reqs[1].prune = Some(plan(
+        vec![stage(1, Keep::Fraction(0.25))],
+        "variance",
+        "text_tokens_only",
+        false,
+    ));
+    reqs[3].prune = Some(plan(
+        vec![stage(1, Keep::Count(10)), stage(2, Keep::Count(3))],
+        "top_k_sum",
+        "last_5_tokens",
+        true,
+    ));
     for r in &mut reqs {
         r.max_new_tokens = 6;
         r.stop_on_eos = false;
@@ -145,7 +213,13 @@ fn a_batch_pruned_differently_equals_one_by_one() {
         for (x, y) in one.step_logits.iter().zip(&b.step_logits) {
             assert!(max_abs_diff(x, y) < TOL);
         }
-        let kept = |g: &Generation| g.stats.stages.iter().map(|s| s.kept.clone()).collect::<Vec<_>>();
+        let kept = |g: &Generation| {
+            g.stats
+                .stages
+                .iter()
+                .map(|s| s.kept.clone())
+                .collect::<Vec<_>>()
+        };
         assert_eq!(kept(&one), kept(b));
     }
     assert_eq!(batch[2].stats.stages.len(), 0);
@@ -169,8 +243,18 @@ fn bad_plans_are_refused_with_clear_errors() {
     let mut p = s(2, Keep::Fraction(0.5));
     p.head_keep = 0.0;
     assert!(run(p, true).contains("head"));
-    let err = head_strategy("varience", &StrategyParams::default()).unwrap_err().to_string();
-    assert!(err.contains("varience") && err.contains("variance") && err.contains("gini_coefficient"), "{err}");
-    let err = query_strategy("last", &StrategyParams::default()).unwrap_err().to_string();
-    assert!(err.contains("text_tokens_only") && err.contains("adaptive_by_length"), "{err}");
+    let err = head_strategy("varience", &StrategyParams::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("varience") && err.contains("variance") && err.contains("gini_coefficient"),
+        "{err}"
+    );
+    let err = query_strategy("last", &StrategyParams::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("text_tokens_only") && err.contains("adaptive_by_length"),
+        "{err}"
+    );
 }

@@ -81,7 +81,7 @@ impl PrunePlan {
 
     /// A plan with the given stages and FastV's strategies (`sum`, `last_token`).
     pub fn new(stages: Vec<Stage>) -> Self {
-        let p = head::StrategyParams::default();
+        let p = super::StrategyParams::default();
         PrunePlan {
             stages,
             // The default strategies exist by construction.
