@@ -6,100 +6,19 @@
 //! 576 image tokens + 40 text).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+mod common;
+
+use common::{config_7b, random, random_llama};
 use fineprune::model::config::TextConfig;
 use fineprune::model::llama::{KvCache, Llama, SeqRows};
-use fineprune::model::weights::Weights;
 use fineprune::ops::matmul::matmul_nt;
-use fineprune::tensor::{Storage, Tensor};
-use std::collections::HashMap;
+use fineprune::prune::metrics::lm_layer_flops;
 use std::time::Instant;
 
-fn config() -> TextConfig {
-    TextConfig {
-        vocab_size: 1024,
-        hidden_size: 4096,
-        intermediate_size: 11008,
-        num_hidden_layers: 1,
-        num_attention_heads: 32,
-        num_key_value_heads: 32,
-        head_dim: 128,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        max_position_embeddings: 4096,
-        tie_word_embeddings: true,
-        attention_bias: false,
-        mlp_bias: false,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![2],
-    }
-}
-
-/// Deterministic pseudo-random values in [-scale, scale).
-fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
-
-fn block(bf16: bool) -> Llama {
-    let c = config();
-    let (h, i) = (c.hidden_size, c.intermediate_size);
-    let shapes: Vec<(&str, Vec<usize>)> = vec![
-        ("model.embed_tokens.weight", vec![c.vocab_size, h]),
-        ("model.norm.weight", vec![h]),
-        ("model.layers.0.input_layernorm.weight", vec![h]),
-        ("model.layers.0.post_attention_layernorm.weight", vec![h]),
-        ("model.layers.0.self_attn.q_proj.weight", vec![h, h]),
-        ("model.layers.0.self_attn.k_proj.weight", vec![h, h]),
-        ("model.layers.0.self_attn.v_proj.weight", vec![h, h]),
-        ("model.layers.0.self_attn.o_proj.weight", vec![h, h]),
-        ("model.layers.0.mlp.gate_proj.weight", vec![i, h]),
-        ("model.layers.0.mlp.up_proj.weight", vec![i, h]),
-        ("model.layers.0.mlp.down_proj.weight", vec![h, i]),
-    ];
-    let map: HashMap<String, Tensor> = shapes
-        .into_iter()
-        .enumerate()
-        .map(|(k, (name, shape))| {
-            let v = random(shape.iter().product(), k as u64, 0.02);
-            let storage = if bf16 {
-                Storage::BF16(v.into_iter().map(half::bf16::from_f32).collect())
-            } else {
-                Storage::F32(v)
-            };
-            (name.to_string(), Tensor::new(&shape, storage).unwrap())
-        })
-        .collect();
-    Llama::load(
-        &c,
-        &mut Weights::from_tensors(map, "random 7B-shaped block"),
-    )
-    .unwrap()
-}
-
-/// FLOPs of one block for `t` new tokens attending to `s` keys in total (causal: row i sees
-/// `s - t + i + 1`), counting a multiply-add as 2.
+/// FLOPs of one block for `t` new rows attending to `s` keys in total (causal).
 fn block_flops(c: &TextConfig, t: usize, s: usize) -> f64 {
-    let (h, i, d) = (
-        c.hidden_size as f64,
-        c.intermediate_size as f64,
-        c.head_dim as f64,
-    );
-    let (qd, kvd) = (
-        c.num_attention_heads as f64 * d,
-        c.num_key_value_heads as f64 * d,
-    );
-    let linear = 2.0 * t as f64 * (h * (qd + 2.0 * kvd) + qd * h + 3.0 * h * i);
-    let visible: f64 = (0..t).map(|r| (s - t + r + 1) as f64).sum();
-    linear + 4.0 * c.num_attention_heads as f64 * d * visible
+    let visible: usize = (0..t).map(|r| s - t + r + 1).sum();
+    lm_layer_flops(c, t, visible)
 }
 
 fn run_prefill(lm: &Llama, x: &[f32], len: usize) -> KvCache {
@@ -141,7 +60,7 @@ fn benches(cr: &mut Criterion) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(616);
-    let c = config();
+    let c = config_7b(1);
     let h = c.hidden_size;
     // The machine's matmul roofline through gemm, for comparison.
     let n = 2048;
@@ -160,7 +79,7 @@ fn benches(cr: &mut Criterion) {
     let x1 = random(h, 8, 1.0);
     for bf16 in [false, true] {
         let dt = if bf16 { "bf16" } else { "f32" };
-        let lm = block(bf16);
+        let lm = random_llama(&c, bf16);
         let cache = run_prefill(&lm, &x, len);
         let pf = gflops(
             || drop(run_prefill(&lm, &x, len)),

@@ -253,6 +253,7 @@ impl Engine {
                 let q_rows = plan.query.candidates(segs);
                 let image_cols: Vec<usize> =
                     (0..n).filter(|&i| segs[i] == Segment::Image).collect();
+                let t_rank = Instant::now();
                 let x_sel: Vec<f32> = q_rows
                     .iter()
                     .flat_map(|&r| {
@@ -274,7 +275,11 @@ impl Engine {
                 );
                 let w = plan.query.weights(segs, &q_rows, &att.image_mass());
                 let ranking = score::rank(&att, w, plan.head.as_ref(), plan.head_keep, keep);
-                let kept_rows = st.apply_stage(l + 1, &image_cols, ranking, plan.renumber);
+                let cost = (
+                    t_rank.elapsed().as_secs_f64(),
+                    att.nbytes() + 4 * (x_sel.len() + q.len()),
+                );
+                let kept_rows = st.apply_stage(l + 1, &image_cols, ranking, plan.renumber, cost);
                 for r in kept_rows {
                     next.extend_from_slice(&x[(rows.start + r) * h..(rows.start + r + 1) * h]);
                 }
@@ -302,6 +307,27 @@ impl Engine {
             debug_assert_eq!(p.prompt.ids.len(), st.prompt_len);
         }
         Ok((x, states))
+    }
+
+    /// Runs the prefill of already prepared inputs (your own ids, segments and embeddings), each
+    /// with its plan, and returns each request's statistics; the KV caches are dropped.
+    pub fn prefill_prepared(
+        &self,
+        prepared: &[Prepared],
+        plans: &[Option<&PrunePlan>],
+    ) -> Result<Vec<RunStats>> {
+        if prepared.len() != plans.len() {
+            return Err(Error::arg(
+                "plans",
+                format!("{} plans for {} inputs", plans.len(), prepared.len()),
+            ));
+        }
+        let mut caches: Vec<KvCache> = prepared
+            .iter()
+            .map(|_| KvCache::new(self.model.lm.num_layers()))
+            .collect();
+        let (_, states) = self.prefill(prepared, plans, &mut caches)?;
+        Ok(states.into_iter().map(|s| s.stats).collect())
     }
 
     /// Prefill logits of one request: every row that reached the last layer (all prompt positions
@@ -520,12 +546,14 @@ impl<'p> SeqState<'p> {
     }
 
     /// Keeps the non-image rows and the ranked-kept image rows; returns the kept row indices.
+    /// `cost`: seconds and bytes the ranking took.
     fn apply_stage(
         &mut self,
         layer: usize,
         image_cols: &[usize],
         ranking: Ranking,
         renumber: bool,
+        cost: (f64, usize),
     ) -> Vec<usize> {
         let n = self.positions.len();
         let mut keep_row = vec![true; n];
@@ -548,6 +576,8 @@ impl<'p> SeqState<'p> {
             ranked,
             query_positions: ranking.query_rows.iter().map(|&r| self.orig[r]).collect(),
             ranking,
+            rank_secs: cost.0,
+            rank_bytes: cost.1,
         });
         self.removed.push((layer, n - rows.len()));
         self.orig = rows.iter().map(|&r| self.orig[r]).collect();

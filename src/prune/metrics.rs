@@ -55,6 +55,11 @@ pub struct StageReport {
     /// sequence as it was at this stage).
     pub query_positions: Vec<usize>,
     pub ranking: Ranking,
+    /// Wall time of the ranking (queries of the voting rows, their attention, strategies, top-k).
+    pub rank_secs: f64,
+    /// Bytes the ranking allocated beyond the normal forward (see
+    /// [`SelectedAttention::nbytes`](super::score::SelectedAttention::nbytes)).
+    pub rank_bytes: usize,
 }
 
 /// Per-request statistics of a prefill (pruned or not).

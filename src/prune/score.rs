@@ -19,6 +19,8 @@ pub struct SelectedAttention {
     pub image_cols: Vec<usize>,
     /// `[heads, rows, image_cols]`, row-major.
     pub probs: Vec<f32>,
+    /// Key positions the rows were scored against.
+    pub positions: usize,
 }
 
 impl SelectedAttention {
@@ -26,6 +28,13 @@ impl SelectedAttention {
     pub fn at(&self, h: usize, r: usize, v: usize) -> f32 {
         let (nr, nv) = (self.rows.len(), self.image_cols.len());
         self.probs[(h * nr + r) * nv + v]
+    }
+
+    /// Bytes held or transiently allocated to compute this: the kept probabilities plus one
+    /// `rows x positions` score buffer per head in flight (at most one per thread).
+    pub fn nbytes(&self) -> usize {
+        let in_flight = self.heads.min(rayon::current_num_threads());
+        4 * (self.probs.len() + in_flight * self.rows.len() * self.positions)
     }
 
     /// m_q: mean over heads of each row's total attention to the image.
@@ -88,6 +97,7 @@ pub fn selected_attention(
         rows: rows.to_vec(),
         image_cols: image_cols.to_vec(),
         probs,
+        positions: s,
     }
 }
 
