@@ -248,3 +248,124 @@ fn bad_flags_and_inputs_get_clear_errors() {
     }
     assert!(!out.exists());
 }
+
+#[test]
+fn logits_with_pruning_writes_kept_indices_like_the_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pruned.safetensors");
+    let pv = reference_dir().join("llava_gqa_ref.safetensors");
+    let want = load_ref(&reference_dir().join("fastv_ref.safetensors"));
+    let (ok, _, err) = fineprune(&[
+        "logits",
+        "--model",
+        &model(),
+        "--pixel-values",
+        pv.to_str().unwrap(),
+        "--prompt",
+        "What color is the big square?",
+        "--prune-layer",
+        "2",
+        "--keep",
+        "0.5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("pruned at layer 2: 25 -> 13 image tokens"),
+        "{err}"
+    );
+    let got = load_ref(&out);
+    assert_eq!(got["kept"].shape, vec![1, 13]);
+    assert_eq!(got["kept"].i, want["llava_gqa_fastv_p1_kept"].i);
+    assert_eq!(got["logits"].shape, vec![28, 512]);
+    assert!(max_abs_diff(&got["logits"].f, &want["llava_gqa_fastv_p1_logits"].f) < 1e-4);
+    assert_eq!(got["positions"].i.len(), 28);
+
+    // Two stages keeping different counts: one tensor per stage.
+    let (ok, _, err) = fineprune(&[
+        "logits",
+        "--model",
+        &model(),
+        "--pixel-values",
+        pv.to_str().unwrap(),
+        "--prompt",
+        "What?",
+        "--prune-layer",
+        "1,2",
+        "--keep",
+        "12,5",
+        "--head",
+        "variance",
+        "--query",
+        "text_tokens_only",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let got = load_ref(&out);
+    assert_eq!(got["kept.0"].shape, vec![12]);
+    assert_eq!(got["kept.1"].shape, vec![5]);
+    assert!(got["kept.1"].i.iter().all(|k| got["kept.0"].i.contains(k)));
+}
+
+#[test]
+fn bad_pruning_flags_get_clear_errors() {
+    let pv = reference_dir().join("llava_gqa_ref.safetensors");
+    let pv = pv.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--prune-layer", "2", "--head", "varience"],
+            "valid: sum, variance",
+        ),
+        (
+            vec!["--prune-layer", "2", "--query", "first_token"],
+            "text_tokens_only",
+        ),
+        (vec!["--prune-layer", "7"], "outside the model"),
+        (
+            vec!["--prune-layer", "2", "--keep", "1.5"],
+            "outside (0, 1]",
+        ),
+        (
+            vec!["--prune-layer", "2", "--keep", "40"],
+            "more than the prompt's 25",
+        ),
+        (vec!["--prune-layer", "2", "--keep", "lots"], "lots"),
+        (
+            vec!["--prune-layer", "1,2", "--keep", "0.5,0.3,0.1"],
+            "3 values for 2",
+        ),
+        (vec!["--prune-layer", "2", "--head-keep", "0"], "head-keep"),
+        (vec!["--prune-layer", "2", "--query-n", "0"], "query-n"),
+    ];
+    for (extra, want) in cases {
+        let m = model();
+        let mut a = vec![
+            "logits",
+            "--model",
+            &m,
+            "--pixel-values",
+            pv,
+            "--prompt",
+            "What?",
+            "--out",
+            "/tmp/never-written.safetensors",
+        ];
+        a.extend(extra.iter());
+        let (ok, _, err) = fineprune(&a);
+        assert!(!ok, "{a:?} succeeded");
+        assert!(err.contains(want), "{a:?}: expected {want:?} in {err}");
+    }
+    // A text-only prompt has nothing to prune.
+    let (ok, _, err) = fineprune(&[
+        "generate",
+        "--model",
+        &model(),
+        "--prompt",
+        "hello",
+        "--prune-layer",
+        "2",
+    ]);
+    assert!(!ok && err.contains("no image tokens"), "{err}");
+}
