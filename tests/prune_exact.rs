@@ -258,3 +258,40 @@ fn bad_plans_are_refused_with_clear_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn reports_count_tokens_and_flops_per_layer() {
+    let e = engine("llava_gqa");
+    let mut req = Request::new("What color is the big square?", pixels(0.4));
+    let full = e.prompt_logits(&req).unwrap().stats;
+    req.prune = Some(plan(
+        vec![stage(1, Keep::Count(10)), stage(2, Keep::Count(4))],
+        "sum",
+        "last_token",
+        false,
+    ));
+    let p = e.prompt_logits(&req).unwrap().stats;
+    assert_eq!(full.image_tokens_per_layer, vec![25, 25, 25]);
+    assert_eq!(p.image_tokens_per_layer, vec![25, 10, 4]);
+    assert_eq!(p.tokens_per_layer, vec![40, 25, 19]);
+    assert!((p.avg_image_tokens() - 13.0).abs() < 1e-12);
+    assert_eq!(
+        (
+            p.stages[0].before,
+            p.stages[0].after,
+            p.stages[1].before,
+            p.stages[1].after
+        ),
+        (25, 10, 10, 4)
+    );
+    assert!(
+        p.stages[1]
+            .kept
+            .iter()
+            .all(|k| p.stages[0].kept.contains(k))
+    );
+    assert_eq!(p.stages[1].ranked, p.stages[0].kept);
+    assert_eq!(p.stages[0].query_positions, vec![39]);
+    assert!(p.prefill_flops < full.prefill_flops && p.decode_flops < full.decode_flops);
+    assert!(p.stages.iter().all(|s| s.rank_bytes > 0));
+}

@@ -88,3 +88,33 @@ impl RunStats {
         self.image_tokens_per_layer.iter().sum::<usize>() as f64 / n as f64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_flops_by_hand() {
+        let c = TextConfig {
+            vocab_size: 10,
+            hidden_size: 8,
+            intermediate_size: 16,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 4,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e4,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            mlp_bias: false,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        };
+        // q 8x8, k/v 8x4 each, o 8x8, MLP 3 x 8x16: 64+32+32+64+384 = 576 MACs per row.
+        // 3 causal rows see 1+2+3 = 6 keys; QK and PV cost 2 heads x 4 dims MACs per pair each.
+        let want = 2.0 * (3.0 * 576.0 + 6.0 * 2.0 * 4.0 * 2.0);
+        assert_eq!(lm_layer_flops(&c, 3, 6), want);
+    }
+}
