@@ -5,7 +5,14 @@
 use fineprune::{Engine, ImageInput, Model, Request};
 use std::sync::Arc;
 
-fn main() -> Result<(), fineprune::Error> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), fineprune::Error> {
     let mut args = std::env::args().skip(1);
     let (Some(model), Some(image)) = (args.next(), args.next()) else {
         eprintln!("usage: generate MODEL_DIR IMAGE");

@@ -7,7 +7,14 @@ use fineprune::prune::{Keep, PrunePlan, Stage, StrategyParams, head_strategy, qu
 use fineprune::{Engine, ImageInput, Model, Request};
 use std::sync::Arc;
 
-fn main() -> Result<(), fineprune::Error> {
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), fineprune::Error> {
     let mut args = std::env::args().skip(1);
     let (Some(model), Some(image)) = (args.next(), args.next()) else {
         eprintln!("usage: prune MODEL_DIR IMAGE");

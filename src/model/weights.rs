@@ -219,6 +219,12 @@ impl Weights {
         let Some(entry) = self.entries.remove(name) else {
             return Ok(None);
         };
+        let stored_as = match &entry {
+            Entry::File { raw, file, .. } => {
+                format!("`{raw}` in {}", self.files[*file].0.display())
+            }
+            Entry::Memory(_) => self.desc.clone(),
+        };
         let t = match entry {
             Entry::Memory(t) => t,
             Entry::File {
@@ -262,7 +268,7 @@ impl Weights {
         };
         if t.shape() != shape {
             return Err(Error::Shape {
-                name: name.to_string(),
+                name: format!("{name} (stored as {stored_as})"),
                 expected: shape.to_vec(),
                 got: t.shape().to_vec(),
             });
