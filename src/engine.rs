@@ -279,7 +279,21 @@ impl Engine {
                     t_rank.elapsed().as_secs_f64(),
                     att.nbytes() + 4 * (x_sel.len() + q.len()),
                 );
-                let kept_rows = st.apply_stage(l + 1, &image_cols, ranking, plan.renumber, cost);
+                let kept_states: Vec<&[f32]> = ranking
+                    .kept
+                    .iter()
+                    .map(|&k| {
+                        &x[(rows.start + image_cols[k]) * h..(rows.start + image_cols[k] + 1) * h]
+                    })
+                    .collect();
+                let diversity = metrics::mean_cosine_distance(&kept_states);
+                let kept_rows = st.apply_stage(
+                    l + 1,
+                    &image_cols,
+                    ranking,
+                    plan.renumber,
+                    (cost.0, cost.1, diversity),
+                );
                 for r in kept_rows {
                     next.extend_from_slice(&x[(rows.start + r) * h..(rows.start + r + 1) * h]);
                 }
@@ -546,14 +560,14 @@ impl<'p> SeqState<'p> {
     }
 
     /// Keeps the non-image rows and the ranked-kept image rows; returns the kept row indices.
-    /// `cost`: seconds and bytes the ranking took.
+    /// `cost`: seconds and bytes the ranking took, and the diversity of the kept tokens.
     fn apply_stage(
         &mut self,
         layer: usize,
         image_cols: &[usize],
         ranking: Ranking,
         renumber: bool,
-        cost: (f64, usize),
+        cost: (f64, usize, f64),
     ) -> Vec<usize> {
         let n = self.positions.len();
         let mut keep_row = vec![true; n];
@@ -578,6 +592,7 @@ impl<'p> SeqState<'p> {
             ranking,
             rank_secs: cost.0,
             rank_bytes: cost.1,
+            diversity: cost.2,
         });
         self.removed.push((layer, n - rows.len()));
         self.orig = rows.iter().map(|&r| self.orig[r]).collect();

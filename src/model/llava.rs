@@ -80,6 +80,15 @@ impl VisionEncoder {
         self.projector.linear_2.forward(&h)
     }
 
+    /// The patch (row-major index in the `grid x grid` patch grid) image token `i` comes from;
+    /// `None` for the CLS token that the `full` strategy keeps in front.
+    pub fn patch_of_token(&self, i: usize) -> Option<usize> {
+        match self.config.select_strategy {
+            SelectStrategy::Default => Some(i),
+            SelectStrategy::Full => i.checked_sub(1),
+        }
+    }
+
     /// Analytic FLOPs of encoding one image (the tower's layers that run, and the projector).
     pub fn flops(&self) -> f64 {
         let c = &self.config;

@@ -60,6 +60,64 @@ pub struct StageReport {
     /// Bytes the ranking allocated beyond the normal forward (see
     /// [`SelectedAttention::nbytes`](super::score::SelectedAttention::nbytes)).
     pub rank_bytes: usize,
+    /// Mean pairwise cosine distance of the kept tokens' hidden states entering layer K.
+    pub diversity: f64,
+}
+
+impl StageReport {
+    /// Concentration of the importance s: its normalised entropy `H(s / Σs) / ln N` (1 = spread
+    /// evenly over the N ranked tokens, 0 = all on one).
+    pub fn importance_entropy(&self) -> f64 {
+        normalized_entropy(&self.ranking.importance)
+    }
+}
+
+/// `H(p) / ln N` for `p = x / Σx` (0 when N <= 1 or Σx = 0).
+pub fn normalized_entropy(x: &[f32]) -> f64 {
+    let total: f64 = x.iter().map(|&v| v.max(0.0) as f64).sum();
+    if x.len() <= 1 || total <= 0.0 {
+        return 0.0;
+    }
+    let h: f64 = x
+        .iter()
+        .map(|&v| v.max(0.0) as f64 / total)
+        .filter(|&p| p > 0.0)
+        .map(|p| -p * p.ln())
+        .sum();
+    h / (x.len() as f64).ln()
+}
+
+/// Mean over pairs `i < j` of `1 - cos(v_i, v_j)` (0 for fewer than two vectors).
+pub fn mean_cosine_distance(v: &[&[f32]]) -> f64 {
+    if v.len() < 2 {
+        return 0.0;
+    }
+    let norms: Vec<f64> = v
+        .iter()
+        .map(|x| {
+            x.iter()
+                .map(|&a| (a as f64) * (a as f64))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect();
+    let mut sum = 0.0;
+    for i in 0..v.len() {
+        for j in i + 1..v.len() {
+            let d: f64 = v[i]
+                .iter()
+                .zip(v[j])
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum();
+            let cos = if norms[i] > 0.0 && norms[j] > 0.0 {
+                d / (norms[i] * norms[j])
+            } else {
+                0.0
+            };
+            sum += 1.0 - cos;
+        }
+    }
+    sum / (v.len() * (v.len() - 1) / 2) as f64
 }
 
 /// Per-request statistics of a prefill (pruned or not).
@@ -92,6 +150,18 @@ impl RunStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entropy_and_diversity_by_hand() {
+        assert!((normalized_entropy(&[1.0, 1.0, 1.0, 1.0]) - 1.0).abs() < 1e-12);
+        assert_eq!(normalized_entropy(&[0.0, 3.0, 0.0]), 0.0);
+        // p = (1/2, 1/2, 0): H = ln 2, / ln 3.
+        assert!((normalized_entropy(&[1.0, 1.0, 0.0]) - 2f64.ln() / 3f64.ln()).abs() < 1e-12);
+        let (a, b, c) = ([1.0f32, 0.0], [0.0f32, 2.0], [-1.0f32, 0.0]);
+        // pairs: (a,b) cos 0 -> 1, (a,c) cos -1 -> 2, (b,c) cos 0 -> 1; mean 4/3.
+        assert!((mean_cosine_distance(&[&a, &b, &c]) - 4.0 / 3.0).abs() < 1e-12);
+        assert_eq!(mean_cosine_distance(&[&a]), 0.0);
+    }
 
     #[test]
     fn layer_flops_by_hand() {
