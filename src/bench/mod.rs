@@ -1,0 +1,3 @@
+//! Benchmarking: result reports and plots.
+
+pub mod report;
