@@ -18,8 +18,8 @@
 //!   would composite it onto white first; LLaVA always converts to RGB before the processor.
 //! - Pillow 13 runs the vertical resampling pass first for images more than twice as tall as
 //!   wide (see `resample`); older Pillow always went horizontal first, which rounds differently.
-//! - PNG decoding is exact. JPEG decoding (the `jpeg-decoder` crate) is within a few levels of
-//!   PIL's libjpeg-turbo, not exact.
+//! - PNG and JPEG decoding are exact: JPEG goes through `super::jpeg`, a decoder written to match
+//!   the libjpeg-turbo 3.2.0 in Pillow's wheels (see that module for its scope).
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -436,35 +436,14 @@ fn decode(bytes: &[u8], path: &Path) -> Result<RgbImage> {
     }
 }
 
-/// JPEG through the `jpeg-decoder` crate, the closest pure-Rust match to the libjpeg-turbo that
-/// PIL uses (ISLOW IDCT, fancy upsampling): pixels differ by at most a few levels, mostly 0-1
-/// (see tests/image_preprocess.rs). `image`'s own decoder (zune-jpeg) upsamples 4:2:0 chroma
-/// differently and is further off.
+/// JPEG through our own decoder (`super::jpeg`), which reproduces the libjpeg-turbo that PIL
+/// uses bit for bit: ISLOW IDCT, fancy upsampling, libjpeg's YCbCr tables, Pillow's CMYK
+/// conversion.
 fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
-    use jpeg_decoder::{Decoder, PixelFormat};
-    let mut d = Decoder::new(Cursor::new(bytes));
-    d.set_max_decoding_buffer_size(MAX_DECODED_BYTES);
-    let px = d.decode().map_err(|e| format!("cannot decode JPEG: {e}"))?;
-    let info = d.info().ok_or("cannot decode JPEG: no frame header")?;
-    let (w, h) = (info.width as u32, info.height as u32);
-    let rgb: Vec<u8> = match info.pixel_format {
-        PixelFormat::RGB24 => px,
-        PixelFormat::L8 => px.iter().flat_map(|&l| [l; 3]).collect(),
-        // PIL reads CMYK JPEGs with Adobe polarity and converts with
-        // channel = 255 - k - c * (255 - k) / 255 (Convert.c cmyk2rgb; MULDIV255 rounding)
-        PixelFormat::CMYK32 => px
-            .chunks_exact(4)
-            .flat_map(|p| {
-                let nk = 255 - p[3] as u32;
-                [p[0], p[1], p[2]].map(|c| {
-                    let t = c as u32 * nk + 128;
-                    (nk - (((t >> 8) + t) >> 8)) as u8
-                })
-            })
-            .collect(),
-        PixelFormat::L16 => return Err("16-bit (lossless) JPEG is not supported".into()),
-    };
-    RgbImage::from_raw(w, h, rgb).ok_or_else(|| "JPEG decoder returned a short buffer".into())
+    let img = super::jpeg::decode(bytes, MAX_DECODED_BYTES)
+        .map_err(|e| format!("cannot decode JPEG: {e}"))?;
+    RgbImage::from_raw(img.width, img.height, img.rgb)
+        .ok_or_else(|| "JPEG decoder returned a short buffer".into())
 }
 
 /// PIL's `convert("RGB")`: alpha is dropped (not composited), grey is replicated. For 16-bit PNGs

@@ -4,6 +4,7 @@ pub mod clip;
 pub mod config;
 pub mod gguf;
 pub mod image;
+mod jpeg;
 pub mod llama;
 pub mod llava;
 pub mod template;
