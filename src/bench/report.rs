@@ -218,8 +218,8 @@ pub fn overlay(img: &RgbImage, grid: u32, importance: &[f32], kept: &[usize]) ->
             64.0 * (1.0 - (2.0 * t - 1.0).abs()),
             255.0 * (1.0 - t),
         ];
-        for c in 0..3 {
-            p.0[c] = (0.5 * p.0[c] as f32 + 0.5 * heat[c]).round() as u8;
+        for (c, hc) in p.0.iter_mut().zip(heat) {
+            *c = (0.5 * *c as f32 + 0.5 * hc).round() as u8;
         }
     }
     let white = Rgb([255, 255, 255]);
