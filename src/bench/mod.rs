@@ -1,3 +1,4 @@
 //! Benchmarking: result reports and plots.
 
+pub mod mem;
 pub mod report;
