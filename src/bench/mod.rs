@@ -4,3 +4,4 @@
 pub mod eval;
 pub mod mem;
 pub mod report;
+pub mod sweep;

@@ -1,0 +1,260 @@
+//! Running a pruning study: every configuration (head x query x keep x layer, plus the unpruned
+//! model) over every sample, scored, timed and measured.
+
+use super::eval::{PopeMetrics, Scorecard, ScoreSummary};
+use super::mem;
+use crate::engine::{Engine, ImageInput, Request};
+use crate::error::Result;
+use crate::prune::{Keep, PrunePlan, Stage, StrategyParams, head_strategy, query_strategy};
+use serde::Serialize;
+use std::path::PathBuf;
+
+/// One question about one image.
+#[derive(Debug, Clone)]
+pub struct BenchItem {
+    pub id: String,
+    pub image: PathBuf,
+    /// The question as asked (any answer-format instruction included).
+    pub question: String,
+    pub answers: Vec<String>,
+    pub family: String,
+    /// POPE-style yes/no label: scored with POPE's yes/no reading instead of answer matching.
+    pub yes_no: Option<bool>,
+    /// Ground-truth relevant patches over the vision tower's patch grid (row-major), if known.
+    pub relevant: Option<Vec<bool>>,
+}
+
+/// One configuration of a sweep.
+#[derive(Debug, Clone)]
+pub struct SweepConfig {
+    /// `unpruned` or `head/query/keep/Kn`.
+    pub label: String,
+    pub head: String,
+    pub query: String,
+    pub keep: Option<Keep>,
+    pub layer: Option<usize>,
+    pub plan: Option<PrunePlan>,
+}
+
+impl SweepConfig {
+    /// The unpruned baseline.
+    pub fn unpruned() -> Self {
+        SweepConfig {
+            label: "unpruned".into(),
+            head: "-".into(),
+            query: "-".into(),
+            keep: None,
+            layer: None,
+            plan: None,
+        }
+    }
+
+    /// Every combination of the lists (one pruning stage each), after the unpruned baseline.
+    pub fn grid(
+        heads: &[String],
+        queries: &[String],
+        keeps: &[Keep],
+        layers: &[usize],
+        params: &StrategyParams,
+        head_keep: f64,
+    ) -> Result<Vec<SweepConfig>> {
+        let mut out = vec![Self::unpruned()];
+        for h in heads {
+            let head = head_strategy(h, params)?;
+            for q in queries {
+                let query = query_strategy(q, params)?;
+                for &layer in layers {
+                    for &keep in keeps {
+                        let mut plan = PrunePlan::new(vec![Stage { layer, keep }]);
+                        plan.head = head.clone();
+                        plan.query = query.clone();
+                        plan.head_keep = head_keep;
+                        out.push(SweepConfig {
+                            label: format!("{h}/{q}/{keep}/K{layer}"),
+                            head: h.clone(),
+                            query: q.clone(),
+                            keep: Some(keep),
+                            layer: Some(layer),
+                            plan: Some(plan),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What happened to one sample under one configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct SampleRecord {
+    pub config: String,
+    pub id: String,
+    pub family: String,
+    pub prediction: String,
+    pub score: f64,
+    /// Image tokens after the last stage, and averaged over all LM layers.
+    pub kept_after: usize,
+    pub avg_kept: f64,
+    /// Share of the relevant patches among the kept tokens (all kept when unpruned).
+    pub recall: Option<f64>,
+    /// Normalised entropy of the first stage's importance scores.
+    pub concentration: Option<f64>,
+    /// Mean pairwise cosine distance of the kept tokens' hidden states at the last stage.
+    pub diversity: Option<f64>,
+    pub prefill_ms: f64,
+    pub decode_tokens_per_s: f64,
+    pub prefill_gflops: f64,
+    pub decode_gflops: f64,
+    /// Patches kept after the last stage (all when unpruned).
+    #[serde(skip)]
+    pub kept_patches: Vec<usize>,
+    /// Importance of each patch at the first stage (empty when unpruned).
+    #[serde(skip)]
+    pub patch_importance: Vec<f32>,
+}
+
+/// Aggregates of one configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigSummary {
+    pub label: String,
+    pub head: String,
+    pub query: String,
+    pub keep: Option<String>,
+    pub layer: Option<usize>,
+    pub scores: ScoreSummary,
+    pub pope: Option<PopeMetrics>,
+    pub kept_after: f64,
+    pub avg_kept: f64,
+    pub recall: Option<f64>,
+    pub concentration: Option<f64>,
+    pub diversity: Option<f64>,
+    pub prefill_ms: f64,
+    pub decode_tokens_per_s: f64,
+    pub peak_bytes: usize,
+    pub prefill_gflops: f64,
+    /// Unpruned prefill FLOPs / this configuration's, and the same for wall time.
+    pub flops_speedup: f64,
+    pub time_speedup: f64,
+}
+
+/// Options of a sweep run.
+#[derive(Debug, Clone)]
+pub struct SweepOptions {
+    pub max_new_tokens: usize,
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 { 0.0 } else { s / n as f64 }
+}
+
+fn mean_opt(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let xs: Vec<f64> = v.flatten().collect();
+    (!xs.is_empty()).then(|| mean(xs.into_iter()))
+}
+
+/// Runs every configuration over every item, one request at a time so each prefill is timed
+/// alone; `on_sample` runs after each (a progress bar). The first configuration should be the
+/// unpruned baseline: speedups are relative to it.
+pub fn run(
+    engine: &Engine,
+    items: &[BenchItem],
+    configs: &[SweepConfig],
+    opts: &SweepOptions,
+    on_sample: &dyn Fn(),
+) -> Result<(Vec<SampleRecord>, Vec<ConfigSummary>)> {
+    let vision = engine.model().vision.as_ref();
+    let mut records = Vec::new();
+    let mut summaries: Vec<ConfigSummary> = Vec::new();
+    for cfg in configs {
+        mem::reset_peak();
+        let mut card = Scorecard::new();
+        let mut recs = Vec::with_capacity(items.len());
+        for it in items {
+            let mut req = Request::new(it.question.clone(), Some(ImageInput::Path(it.image.clone())));
+            req.max_new_tokens = opts.max_new_tokens;
+            req.prune = cfg.plan.clone();
+            let g = engine.generate(&[req])?.remove(0);
+            let pred = g.text.trim().to_string();
+            let score = match it.yes_no {
+                Some(label) => card.add_yes_no(&it.id, &it.family, &pred, label),
+                None if it.answers.len() >= 10 => card.add_vqa(&it.id, &it.family, &pred, &it.answers),
+                None => card.add_exact(&it.id, &it.family, &pred, &it.answers),
+            };
+            let s = &g.stats;
+            let n_image = s.image_tokens_per_layer.first().copied().unwrap_or(0);
+            let to_patch = |t: usize| vision.and_then(|v| v.patch_of_token(t));
+            let kept_tokens: Vec<usize> = match s.stages.last() {
+                Some(st) => st.kept.clone(),
+                None => (0..n_image).collect(),
+            };
+            let kept_patches: Vec<usize> = kept_tokens.iter().filter_map(|&t| to_patch(t)).collect();
+            let recall = it.relevant.as_ref().and_then(|rel| {
+                let total = rel.iter().filter(|&&r| r).count();
+                (total > 0).then(|| kept_patches.iter().filter(|&&p| rel.get(p) == Some(&true)).count() as f64 / total as f64)
+            });
+            let patch_importance = match s.stages.first() {
+                Some(st) => {
+                    let mut v = vec![0.0f32; n_image];
+                    for (&t, &imp) in st.ranked.iter().zip(&st.ranking.importance) {
+                        if let Some(p) = to_patch(t).filter(|&p| p < n_image) {
+                            v[p] = imp;
+                        }
+                    }
+                    v
+                }
+                None => vec![],
+            };
+            recs.push(SampleRecord {
+                config: cfg.label.clone(),
+                id: it.id.clone(),
+                family: it.family.clone(),
+                prediction: pred,
+                score,
+                kept_after: s.kept_after_last(),
+                avg_kept: s.avg_image_tokens(),
+                recall,
+                concentration: s.stages.first().map(|st| st.importance_entropy()),
+                diversity: s.stages.last().map(|st| st.diversity),
+                prefill_ms: g.prefill_secs * 1e3,
+                decode_tokens_per_s: if g.decode_secs > 0.0 { g.tokens.len() as f64 / g.decode_secs } else { 0.0 },
+                prefill_gflops: s.prefill_flops / 1e9,
+                decode_gflops: s.decode_flops / 1e9,
+                kept_patches,
+                patch_importance,
+            });
+            on_sample();
+        }
+        let peak_bytes = mem::peak_bytes();
+        let prefill_ms = mean(recs.iter().map(|r| r.prefill_ms));
+        let prefill_gflops = mean(recs.iter().map(|r| r.prefill_gflops));
+        let (base_ms, base_gflops) = summaries
+            .first()
+            .map(|b| (b.prefill_ms, b.prefill_gflops))
+            .unwrap_or((prefill_ms, prefill_gflops));
+        let scores = card.summary();
+        summaries.push(ConfigSummary {
+            label: cfg.label.clone(),
+            head: cfg.head.clone(),
+            query: cfg.query.clone(),
+            keep: cfg.keep.map(|k| k.to_string()),
+            layer: cfg.layer,
+            pope: scores.pope.clone(),
+            scores,
+            kept_after: mean(recs.iter().map(|r| r.kept_after as f64)),
+            avg_kept: mean(recs.iter().map(|r| r.avg_kept)),
+            recall: mean_opt(recs.iter().map(|r| r.recall)),
+            concentration: mean_opt(recs.iter().map(|r| r.concentration)),
+            diversity: mean_opt(recs.iter().map(|r| r.diversity)),
+            prefill_ms,
+            decode_tokens_per_s: mean(recs.iter().map(|r| r.decode_tokens_per_s)),
+            peak_bytes,
+            prefill_gflops,
+            flops_speedup: base_gflops / prefill_gflops,
+            time_speedup: base_ms / prefill_ms,
+        });
+        records.extend(recs);
+    }
+    Ok((records, summaries))
+}
