@@ -6,6 +6,7 @@ pub mod tensor;
 
 pub use error::{Error, Result};
 pub use tensor::{DType, Tensor};
+pub mod bench;
 pub mod engine;
 pub mod io;
 pub mod ops;
