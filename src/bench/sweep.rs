@@ -1,7 +1,7 @@
 //! Running a pruning study: every configuration (head x query x keep x layer, plus the unpruned
 //! model) over every sample, scored, timed and measured.
 
-use super::eval::{PopeMetrics, Scorecard, ScoreSummary};
+use super::eval::{PopeMetrics, ScoreSummary, Scorecard};
 use super::mem;
 use crate::engine::{Engine, ImageInput, Request};
 use crate::error::Result;
@@ -172,14 +172,19 @@ pub fn run(
         let mut card = Scorecard::new();
         let mut recs = Vec::with_capacity(items.len());
         for it in items {
-            let mut req = Request::new(it.question.clone(), Some(ImageInput::Path(it.image.clone())));
+            let mut req = Request::new(
+                it.question.clone(),
+                Some(ImageInput::Path(it.image.clone())),
+            );
             req.max_new_tokens = opts.max_new_tokens;
             req.prune = cfg.plan.clone();
             let g = engine.generate(&[req])?.remove(0);
             let pred = g.text.trim().to_string();
             let score = match it.yes_no {
                 Some(label) => card.add_yes_no(&it.id, &it.family, &pred, label),
-                None if it.answers.len() >= 10 => card.add_vqa(&it.id, &it.family, &pred, &it.answers),
+                None if it.answers.len() >= 10 => {
+                    card.add_vqa(&it.id, &it.family, &pred, &it.answers)
+                }
                 None => card.add_exact(&it.id, &it.family, &pred, &it.answers),
             };
             let s = &g.stats;
@@ -189,10 +194,17 @@ pub fn run(
                 Some(st) => st.kept.clone(),
                 None => (0..n_image).collect(),
             };
-            let kept_patches: Vec<usize> = kept_tokens.iter().filter_map(|&t| to_patch(t)).collect();
+            let kept_patches: Vec<usize> =
+                kept_tokens.iter().filter_map(|&t| to_patch(t)).collect();
             let recall = it.relevant.as_ref().and_then(|rel| {
                 let total = rel.iter().filter(|&&r| r).count();
-                (total > 0).then(|| kept_patches.iter().filter(|&&p| rel.get(p) == Some(&true)).count() as f64 / total as f64)
+                (total > 0).then(|| {
+                    kept_patches
+                        .iter()
+                        .filter(|&&p| rel.get(p) == Some(&true))
+                        .count() as f64
+                        / total as f64
+                })
             });
             let patch_importance = match s.stages.first() {
                 Some(st) => {
@@ -218,7 +230,11 @@ pub fn run(
                 concentration: s.stages.first().map(|st| st.importance_entropy()),
                 diversity: s.stages.last().map(|st| st.diversity),
                 prefill_ms: g.prefill_secs * 1e3,
-                decode_tokens_per_s: if g.decode_secs > 0.0 { g.tokens.len() as f64 / g.decode_secs } else { 0.0 },
+                decode_tokens_per_s: if g.decode_secs > 0.0 {
+                    g.tokens.len() as f64 / g.decode_secs
+                } else {
+                    0.0
+                },
                 prefill_gflops: s.prefill_flops / 1e9,
                 decode_gflops: s.decode_flops / 1e9,
                 kept_patches,

@@ -1,0 +1,440 @@
+//! `prune-bench`: a visual-token pruning study in one command.
+//!
+//! Runs the unpruned model and every combination of `--head`, `--query`, `--keep` and
+//! `--prune-layer` over a data set (ShapesVQA, generated with ground-truth relevance masks, or a
+//! LLaVA eval file), then reports accuracy (overall, per family, POPE F1), kept tokens, recall of
+//! the relevant patches, concentration and diversity of the kept tokens, prefill time, decode
+//! speed, peak memory, FLOPs and speedups: an aligned table on stdout, `results.csv`,
+//! `samples.csv`, `results.json`, plots (SVG + PNG) and, with `--visualize N`, overlays.
+
+use clap::Parser;
+use fineprune::bench::eval;
+use fineprune::bench::mem::PeakAlloc;
+use fineprune::bench::report::{self, Series};
+use fineprune::bench::shapes::{self, Family, ShapesConfig, Split};
+use fineprune::bench::sweep::{
+    self, BenchItem, ConfigSummary, SampleRecord, SweepConfig, SweepOptions,
+};
+use fineprune::prune::{Keep, StrategyParams};
+use fineprune::{Engine, Error, Model};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[global_allocator]
+static ALLOC: PeakAlloc = PeakAlloc;
+
+/// Where the bundled default model will live.
+const DEFAULT_MODEL: &str = "models/shapes-llava";
+
+#[derive(Parser)]
+#[command(
+    name = "prune-bench",
+    version,
+    about = "Visual token pruning studies: accuracy, tokens, speed, memory, FLOPs and token quality per strategy"
+)]
+struct Args {
+    /// HF model directory (LLaVA). Default: the bundled model in models/shapes-llava.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// `shapes:N` (N ShapesVQA test questions, with relevance masks) or a LLaVA eval question
+    /// file (.jsonl; POPE label files carry their answers, others need --answers).
+    #[arg(long, default_value = "shapes:200")]
+    data: String,
+    /// Answers for a question file: TextVQA annotations (.json) or an answers .jsonl.
+    #[arg(long)]
+    answers: Option<PathBuf>,
+    /// Folder the question file's image paths are relative to (default: the file's folder).
+    #[arg(long)]
+    images: Option<PathBuf>,
+    /// Head strategies to sweep (comma list).
+    #[arg(long, value_delimiter = ',', default_value = "sum")]
+    head: Vec<String>,
+    /// Query strategies to sweep (comma list).
+    #[arg(long, value_delimiter = ',', default_value = "last_token")]
+    query: Vec<String>,
+    /// Keep values to sweep: fractions of the image tokens or counts (comma list).
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.25")]
+    keep: Vec<Keep>,
+    /// Pruning layers K to sweep (comma list).
+    #[arg(long, value_delimiter = ',', default_value = "2")]
+    prune_layer: Vec<usize>,
+    /// rho: fraction of heads kept by the head strategies other than sum.
+    #[arg(long, default_value_t = 0.5)]
+    head_keep: f64,
+    /// n of last_n_tokens.
+    #[arg(long, default_value_t = 3)]
+    query_n: usize,
+    /// k of top_k_sum (default ceil(0.1 N)).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// tau of adaptive_by_length.
+    #[arg(long, default_value_t = 16)]
+    tau: usize,
+    /// Use only the first N questions.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Seed of the ShapesVQA generator.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// New tokens per answer.
+    #[arg(long, default_value_t = 8)]
+    max_new_tokens: usize,
+    /// Output folder.
+    #[arg(long, default_value = "prune-bench-results")]
+    out: PathBuf,
+    /// Write overlays (kept patches outlined, importance heatmap) for the first N samples of
+    /// every pruned configuration.
+    #[arg(long, default_value_t = 0)]
+    visualize: usize,
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(a: Args) -> fineprune::Result<()> {
+    let params = StrategyParams {
+        query_n: a.query_n,
+        top_k: a.top_k,
+        tau: a.tau,
+    };
+    // Flags first: a typo fails before any model is loaded.
+    let configs = SweepConfig::grid(
+        &a.head,
+        &a.query,
+        &a.keep,
+        &a.prune_layer,
+        &params,
+        a.head_keep,
+    )?;
+    let model_dir = match &a.model {
+        Some(m) => m.clone(),
+        None if Path::new(DEFAULT_MODEL).exists() => PathBuf::from(DEFAULT_MODEL),
+        None => {
+            return Err(Error::arg(
+                "--model",
+                format!(
+                    "no bundled default model at {DEFAULT_MODEL} yet; point --model at a LLaVA checkpoint \
+                     directory, e.g. --model tests/reference/llava_gqa (a tiny random test model)"
+                ),
+            ));
+        }
+    };
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let model = Model::load(&model_dir)?;
+    let Some(vision) = &model.vision else {
+        return Err(Error::arg(
+            "--model",
+            format!(
+                "{} has no vision tower: nothing to prune",
+                model_dir.display()
+            ),
+        ));
+    };
+    let vc = vision.config.vision.clone();
+    let mut items = load_data(&a, vc.image_size as u32, vc.patch_size as u32)?;
+    if let Some(n) = a.limit {
+        items.truncate(n);
+    }
+    if items.is_empty() {
+        return Err(Error::arg(
+            "--data",
+            format!("{} holds no questions", a.data),
+        ));
+    }
+    let engine = Engine::new(Arc::new(model));
+    let bar = ProgressBar::new((items.len() * configs.len()) as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} samples x configs  {elapsed} (eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let opts = SweepOptions {
+        max_new_tokens: a.max_new_tokens,
+    };
+    let (records, summaries) = sweep::run(&engine, &items, &configs, &opts, &|| bar.inc(1))?;
+    bar.finish_and_clear();
+    write_outputs(&a, &records, &summaries)?;
+    if a.visualize > 0 {
+        visualize(&a, &items, &records, vc.grid() as u32)?;
+    }
+    Ok(())
+}
+
+/// ShapesVQA's test split (images written under OUT/images at the model's resolution) or a
+/// LLaVA eval file.
+fn load_data(a: &Args, image_size: u32, patch: u32) -> fineprune::Result<Vec<BenchItem>> {
+    if let Some(n) = a.data.strip_prefix("shapes:") {
+        let n: usize = n
+            .parse()
+            .map_err(|_| Error::arg("--data", format!("`{}`: shapes:N needs a count", a.data)))?;
+        let n = a.limit.map_or(n, |l| l.min(n));
+        let cfg = ShapesConfig::default();
+        let samples = shapes::generate(Split::Test, n, a.seed, &cfg)?;
+        let dir = a.out.join("images");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let suffix = "\nAnswer the question using a single word or phrase.";
+        return samples
+            .iter()
+            .map(|s| {
+                let path = dir.join(s.image_file());
+                fineprune::io::write_atomic(&path, &s.scene.png(image_size)?)?;
+                Ok(BenchItem {
+                    id: s.id.clone(),
+                    image: path,
+                    question: format!("{}{suffix}", s.question),
+                    answers: s.answers.clone(),
+                    family: s.family.name().to_string(),
+                    yes_no: (s.family == Family::Existence)
+                        .then(|| s.answers.first().is_some_and(|x| x == "yes")),
+                    relevant: s.relevance(image_size, patch),
+                })
+            })
+            .collect();
+    }
+    let questions = PathBuf::from(&a.data);
+    let images = a.images.clone().unwrap_or_else(|| {
+        questions
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    });
+    let text = std::fs::read_to_string(&questions).map_err(|e| Error::io(&questions, e))?;
+    let has_labels = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .is_some_and(|l| l.contains("\"label\""));
+    let items = match (&a.answers, has_labels) {
+        (_, true) => eval::load_pope(&questions, &images)?,
+        (Some(ans), false) if ans.extension().is_some_and(|e| e == "json") => {
+            eval::load_textvqa(&questions, ans, &images)?
+        }
+        (Some(ans), false) => eval::load_with_answers(&questions, ans, &images)?,
+        (None, false) => {
+            return Err(Error::arg(
+                "--answers",
+                format!(
+                    "{} has no labels: give --answers (TextVQA annotations .json or answers .jsonl)",
+                    questions.display()
+                ),
+            ));
+        }
+    };
+    Ok(items
+        .into_iter()
+        .map(|it| BenchItem {
+            yes_no: if has_labels {
+                it.answers.first().and_then(|x| eval::parse_yes_no_label(x))
+            } else {
+                None
+            },
+            family: it.category.clone().unwrap_or_else(|| "all".into()),
+            id: it.question_id,
+            image: it.image,
+            question: it.question,
+            answers: it.answers,
+            relevant: None,
+        })
+        .collect())
+}
+
+fn opt(x: Option<f64>, digits: usize) -> String {
+    x.map_or("-".into(), |v| format!("{v:.digits$}"))
+}
+
+fn write_outputs(
+    a: &Args,
+    records: &[SampleRecord],
+    summaries: &[ConfigSummary],
+) -> fineprune::Result<()> {
+    let families: Vec<String> = summaries
+        .first()
+        .map(|s| s.scores.families.keys().cloned().collect())
+        .unwrap_or_default();
+    let mut header: Vec<String> = [
+        "config",
+        "head",
+        "query",
+        "keep",
+        "K",
+        "n",
+        "accuracy",
+        "pope_f1",
+        "kept_after_K",
+        "kept_avg_layers",
+        "recall",
+        "concentration",
+        "diversity",
+        "prefill_ms",
+        "decode_tok_s",
+        "peak_MiB",
+        "prefill_GFLOP",
+        "flops_speedup",
+        "time_speedup",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    header.extend(families.iter().map(|f| format!("acc_{f}")));
+    let mut rows = vec![header];
+    for s in summaries {
+        let mut r = vec![
+            s.label.clone(),
+            s.head.clone(),
+            s.query.clone(),
+            s.keep.clone().unwrap_or("-".into()),
+            s.layer.map_or("-".into(), |l| l.to_string()),
+            s.scores.n.to_string(),
+            format!("{:.3}", s.scores.accuracy),
+            opt(s.pope.as_ref().map(|p| p.f1), 3),
+            format!("{:.1}", s.kept_after),
+            format!("{:.1}", s.avg_kept),
+            opt(s.recall, 3),
+            opt(s.concentration, 3),
+            opt(s.diversity, 3),
+            format!("{:.2}", s.prefill_ms),
+            format!("{:.1}", s.decode_tokens_per_s),
+            format!("{:.1}", s.peak_bytes as f64 / (1 << 20) as f64),
+            format!("{:.4}", s.prefill_gflops),
+            format!("{:.2}", s.flops_speedup),
+            format!("{:.2}", s.time_speedup),
+        ];
+        r.extend(
+            families
+                .iter()
+                .map(|f| opt(s.scores.families.get(f).map(|x| x.accuracy), 3)),
+        );
+        rows.push(r);
+    }
+    print!("{}", report::table(&rows));
+    report::write_csv(&a.out.join("results.csv"), &rows)?;
+    let mut srows = vec![
+        [
+            "config",
+            "id",
+            "family",
+            "prediction",
+            "score",
+            "kept_after",
+            "kept_avg_layers",
+            "recall",
+            "prefill_ms",
+            "prefill_GFLOP",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>(),
+    ];
+    for r in records {
+        srows.push(vec![
+            r.config.clone(),
+            r.id.clone(),
+            r.family.clone(),
+            r.prediction.clone(),
+            format!("{}", r.score),
+            r.kept_after.to_string(),
+            format!("{:.2}", r.avg_kept),
+            opt(r.recall, 4),
+            format!("{:.3}", r.prefill_ms),
+            format!("{:.5}", r.prefill_gflops),
+        ]);
+    }
+    report::write_csv(&a.out.join("samples.csv"), &srows)?;
+    let json = serde_json::json!({ "configs": summaries, "samples": records });
+    let text = serde_json::to_string_pretty(&json)
+        .map_err(|e| Error::arg("results.json", e.to_string()))?;
+    fineprune::io::write_atomic(&a.out.join("results.json"), text.as_bytes())?;
+
+    // One line per strategy (head/query/K) over its keep values; the unpruned run is its own point.
+    let mut groups: Vec<(String, Vec<&ConfigSummary>)> = vec![];
+    for s in summaries.iter().filter(|s| s.keep.is_some()) {
+        let key = format!("{}/{}/K{}", s.head, s.query, s.layer.unwrap_or(0));
+        match groups.iter_mut().find(|g| g.0 == key) {
+            Some(g) => g.1.push(s),
+            None => groups.push((key, vec![s])),
+        }
+    }
+    let base = summaries.iter().find(|s| s.keep.is_none());
+    let series = |f: &dyn Fn(&ConfigSummary) -> Option<(f64, f64)>| -> Vec<Series> {
+        let mut v: Vec<Series> = groups
+            .iter()
+            .map(|(k, ss)| Series {
+                label: k.clone(),
+                points: ss.iter().filter_map(|s| f(s)).collect(),
+            })
+            .collect();
+        if let Some(b) = base.and_then(|b| f(b)) {
+            v.push(Series {
+                label: "unpruned".into(),
+                points: vec![b],
+            });
+        }
+        v
+    };
+    report::line_plot(
+        &a.out.join("accuracy_vs_kept"),
+        "Accuracy vs kept image tokens",
+        "image tokens kept after K",
+        "accuracy",
+        &series(&|s| Some((s.kept_after, s.scores.accuracy))),
+    )?;
+    report::line_plot(
+        &a.out.join("recall_vs_kept"),
+        "Relevant-patch recall vs kept image tokens",
+        "image tokens kept after K",
+        "recall of relevant patches",
+        &series(&|s| s.recall.map(|r| (s.kept_after, r))),
+    )?;
+    let keep_x = |s: &ConfigSummary| s.kept_after / base.map_or(1.0, |b| b.kept_after.max(1.0));
+    report::line_plot(
+        &a.out.join("speedup_vs_keep"),
+        "Prefill speedup vs keep (solid: FLOPs; see results.csv for wall time)",
+        "kept fraction of image tokens",
+        "prefill FLOPs speedup",
+        &series(&|s| Some((keep_x(s), s.flops_speedup))),
+    )?;
+    eprintln!(
+        "wrote {}/results.csv, samples.csv, results.json and plots",
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn visualize(
+    a: &Args,
+    items: &[BenchItem],
+    records: &[SampleRecord],
+    grid: u32,
+) -> fineprune::Result<()> {
+    let dir = a.out.join("visualize");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    for it in items.iter().take(a.visualize) {
+        let img = fineprune::model::image::load_image(&it.image)?;
+        let scale = (336 / img.width().max(1)).max(1);
+        let big = image::imageops::resize(
+            &img,
+            img.width() * scale,
+            img.height() * scale,
+            image::imageops::FilterType::Nearest,
+        );
+        for r in records
+            .iter()
+            .filter(|r| r.id == it.id && !r.patch_importance.is_empty())
+        {
+            let o = report::overlay(&big, grid, &r.patch_importance, &r.kept_patches);
+            let name = format!("{}__{}.png", it.id, r.config.replace('/', "_"));
+            report::save_png(&o, &dir.join(name))?;
+        }
+    }
+    eprintln!("wrote overlays to {}", dir.display());
+    Ok(())
+}

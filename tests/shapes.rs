@@ -1,0 +1,666 @@
+//! ShapesVQA: determinism, split disjointness, answers checked against the scene by an independent
+//! reading of each question, relevance masks against renders of each object alone, the sign text
+//! read back from pixels, LLaVA export/import round trips and errors on damaged exports.
+
+use fineprune::Error;
+use fineprune::bench::shapes::{
+    Background, Color, Family, Object, PopeKind, SIGN_CHARSET, SIGN_INK, SIGN_PAD, Sample, Scene,
+    Shape, ShapesConfig, Size, Split, Texture, export_llava_eval, export_llava_train, generate,
+    generate_one, glyph, read_llava_eval,
+};
+use std::collections::HashSet;
+use std::path::Path;
+
+fn cfg() -> ShapesConfig {
+    ShapesConfig::default()
+}
+
+fn color_named(w: &str) -> Color {
+    Color::ALL
+        .into_iter()
+        .find(|c| c.name() == w)
+        .unwrap_or_else(|| panic!("not a colour: {w}"))
+}
+
+fn shape_named(w: &str) -> Shape {
+    Shape::ALL
+        .into_iter()
+        .find(|s| s.name() == w)
+        .unwrap_or_else(|| panic!("not a shape: {w}"))
+}
+
+fn size_named(w: &str) -> Option<Size> {
+    Size::ALL.into_iter().find(|s| s.name() == w)
+}
+
+/// Shape objects as (index, shape, colour, size).
+fn shapes(scene: &Scene) -> Vec<(usize, Shape, Color, Size)> {
+    scene
+        .objects
+        .iter()
+        .enumerate()
+        .filter_map(|(i, o)| o.shape().map(|(s, c, z)| (i, s, c, z)))
+        .collect()
+}
+
+/// Resolves "the [size] [color] shape" to the indices of the matching shape objects.
+fn resolve(scene: &Scene, phrase: &str) -> Vec<usize> {
+    let words: Vec<&str> = phrase.strip_prefix("the ").unwrap().split(' ').collect();
+    let shape = shape_named(words[words.len() - 1]);
+    let (mut size, mut color) = (None, None);
+    for w in &words[..words.len() - 1] {
+        match size_named(w) {
+            Some(z) => size = Some(z),
+            None => color = Some(color_named(w)),
+        }
+    }
+    shapes(scene)
+        .into_iter()
+        .filter(|o| o.1 == shape && size.is_none_or(|z| o.3 == z) && color.is_none_or(|c| o.2 == c))
+        .map(|o| o.0)
+        .collect()
+}
+
+/// Checks a sample's answers and referenced objects by reading its question afresh.
+fn check_answer(s: &Sample) {
+    let sc = &s.scene;
+    let objs = shapes(sc);
+    let q = s.question.as_str();
+    let a = s.answers[0].as_str();
+    let ctx = format!("{}: {q} -> {:?}", s.id, s.answers);
+    let mut referenced = s.referenced.clone();
+    referenced.sort();
+    match s.family {
+        Family::Color => {
+            let phrase = q
+                .strip_prefix("What color is ")
+                .unwrap()
+                .trim_end_matches('?');
+            let m = resolve(sc, phrase);
+            assert_eq!(m.len(), 1, "{ctx}: ambiguous");
+            assert_eq!(a, sc.objects[m[0]].shape().unwrap().1.name(), "{ctx}");
+            assert_eq!(referenced, m, "{ctx}");
+        }
+        Family::Shape => {
+            let c = q.strip_prefix("What shape is the ").unwrap();
+            let c = color_named(c.strip_suffix(" object?").unwrap());
+            let m: Vec<_> = objs.iter().filter(|o| o.2 == c).collect();
+            assert_eq!(m.len(), 1, "{ctx}: ambiguous");
+            assert_eq!(a, m[0].1.name(), "{ctx}");
+            assert_eq!(referenced, vec![m[0].0], "{ctx}");
+        }
+        Family::Count => {
+            let what = q.strip_prefix("How many ").unwrap();
+            let what = what.strip_suffix(" are there?").unwrap();
+            let m: Vec<usize> = match what.strip_suffix(" objects") {
+                Some(c) => {
+                    let c = color_named(c);
+                    objs.iter().filter(|o| o.2 == c).map(|o| o.0).collect()
+                }
+                None => {
+                    let sh = shape_named(what.strip_suffix('s').unwrap());
+                    objs.iter().filter(|o| o.1 == sh).map(|o| o.0).collect()
+                }
+            };
+            assert!(!m.is_empty(), "{ctx}");
+            assert_eq!(a, m.len().to_string(), "{ctx}");
+            assert_eq!(s.answers.len(), 2, "{ctx}");
+            assert_eq!(referenced, m, "{ctx}");
+        }
+        Family::Existence => {
+            let rest = q.strip_prefix("Is there ").unwrap();
+            let rest = rest.strip_suffix(" in the image?").unwrap();
+            let words: Vec<&str> = rest.split(' ').collect();
+            assert_eq!(
+                words[0],
+                if words[1] == "orange" { "an" } else { "a" },
+                "{ctx}"
+            );
+            let (c, sh) = (color_named(words[1]), shape_named(words[2]));
+            let m: Vec<usize> = objs
+                .iter()
+                .filter(|o| o.1 == sh && o.2 == c)
+                .map(|o| o.0)
+                .collect();
+            assert_eq!(a, if m.is_empty() { "no" } else { "yes" }, "{ctx}");
+            assert_eq!(referenced, m, "{ctx}");
+            let colors: HashSet<Color> = objs.iter().map(|o| o.2).collect();
+            let shapes_here: HashSet<Shape> = objs.iter().map(|o| o.1).collect();
+            match s.pope_kind {
+                None => assert_eq!(a, "yes", "{ctx}"),
+                Some(PopeKind::Random) => assert_eq!(a, "no"),
+                // default priors: circle and red are the most frequent
+                Some(PopeKind::Popular) => assert!(
+                    (sh == Shape::Circle && !colors.contains(&c))
+                        || (c == Color::Red && !shapes_here.contains(&sh)),
+                    "{ctx}"
+                ),
+                Some(PopeKind::Adversarial) => {
+                    assert!(colors.contains(&c) && shapes_here.contains(&sh) && m.is_empty())
+                }
+            }
+        }
+        Family::RelativePosition => {
+            let body = q.strip_prefix("Is ").unwrap().trim_end_matches('?');
+            let (pa, pb, horizontal) =
+                if let Some((x, y)) = body.split_once(" to the left or right of ") {
+                    (x, y, true)
+                } else {
+                    let (x, y) = body.split_once(" above or below ").unwrap();
+                    (x, y, false)
+                };
+            let (ma, mb) = (resolve(sc, pa), resolve(sc, pb));
+            assert!(ma.len() == 1 && mb.len() == 1, "{ctx}: ambiguous");
+            let (ba, bb) = (sc.objects[ma[0]].bbox(), sc.objects[mb[0]].bbox());
+            let expect = if horizontal {
+                if ba.2 < bb.0 {
+                    "left"
+                } else {
+                    assert!(bb.2 < ba.0, "{ctx}: boxes overlap horizontally");
+                    "right"
+                }
+            } else if ba.3 < bb.1 {
+                "above"
+            } else {
+                assert!(bb.3 < ba.1, "{ctx}: boxes overlap vertically");
+                "below"
+            };
+            assert_eq!(a, expect, "{ctx}");
+            assert_eq!(s.referenced, vec![ma[0], mb[0]], "{ctx}");
+        }
+        Family::ReadText => {
+            assert_eq!(q, "What does the sign say?");
+            let signs: Vec<usize> = (0..sc.objects.len())
+                .filter(|&i| sc.objects[i].sign_text().is_some())
+                .collect();
+            assert_eq!(signs.len(), 1, "{ctx}");
+            assert_eq!(a, sc.objects[signs[0]].sign_text().unwrap(), "{ctx}");
+            assert_eq!(s.referenced, signs, "{ctx}");
+        }
+    }
+    if s.family != Family::Existence {
+        assert_eq!(s.pope_kind, None);
+    }
+}
+
+/// Structural invariants of a scene.
+fn check_scene(s: &Sample) {
+    let objs = shapes(&s.scene);
+    assert!(
+        (2..=8).contains(&objs.len()),
+        "{}: {} shapes",
+        s.id,
+        objs.len()
+    );
+    let signs: Vec<&Object> = s
+        .scene
+        .objects
+        .iter()
+        .filter(|o| o.sign_text().is_some())
+        .collect();
+    assert!(signs.len() <= 1);
+    if let Some(sign) = signs.first() {
+        assert!(
+            objs.iter().all(|o| o.1 != Shape::Rectangle),
+            "{}: rectangle beside a sign",
+            s.id
+        );
+        let t = sign.sign_text().unwrap();
+        assert!((2..=5).contains(&t.len()) && t.chars().all(|c| SIGN_CHARSET.contains(c)));
+    }
+    for o in &s.scene.objects {
+        let (x0, y0, x1, y1) = o.bbox();
+        assert!(
+            x0 >= 0.0 && y0 >= 0.0 && x1 <= 1.0 && y1 <= 1.0,
+            "{}: outside",
+            s.id
+        );
+    }
+    for (i, a) in s.scene.objects.iter().enumerate() {
+        for b in &s.scene.objects[i + 1..] {
+            let (a0, b0) = (a.bbox(), b.bbox());
+            let w = (a0.2.min(b0.2) - a0.0.max(b0.0)).max(0.0);
+            let h = (a0.3.min(b0.3) - a0.1.max(b0.1)).max(0.0);
+            let smaller = ((a0.2 - a0.0) * (a0.3 - a0.1)).min((b0.2 - b0.0) * (b0.3 - b0.1));
+            if a.sign_text().is_some() || b.sign_text().is_some() {
+                assert_eq!(w * h, 0.0, "{}: sign overlapped", s.id);
+            } else {
+                assert!(
+                    w * h <= 0.1 * smaller + 1e-6,
+                    "{}: overlap {}",
+                    s.id,
+                    w * h / smaller
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn same_seed_same_samples_and_png_bytes_different_seed_different() {
+    let c = cfg();
+    let a = generate(Split::Test, 18, 7, &c).unwrap();
+    let b = generate(Split::Test, 18, 7, &c).unwrap();
+    assert_eq!(a, b);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(
+            x.scene.png(64).unwrap(),
+            y.scene.png(64).unwrap(),
+            "{}",
+            x.id
+        );
+    }
+    let other = generate(Split::Test, 18, 8, &c).unwrap();
+    for (x, y) in a.iter().zip(&other) {
+        assert_ne!(x.scene, y.scene);
+        assert_ne!(x.scene.png(64).unwrap(), y.scene.png(64).unwrap());
+    }
+    // a sample does not depend on how many are generated
+    let short = generate(Split::Test, 7, 7, &c).unwrap();
+    assert_eq!(short[..], a[..7]);
+    assert_eq!(generate_one(Split::Test, 13, 7, &c).unwrap(), a[13]);
+    assert_eq!(a[3].id, "test-7-000003");
+}
+
+#[test]
+fn splits_never_share_a_scene() {
+    let c = cfg();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut ids = HashSet::new();
+    for split in [Split::Train, Split::Val, Split::Test] {
+        for s in generate(split, 150, 3, &c).unwrap() {
+            assert_eq!(s.split, split);
+            assert!(ids.insert(s.id.clone()));
+            let key = serde_json::to_string(&s.scene).unwrap();
+            assert!(seen.insert(key), "{} repeats a scene", s.id);
+        }
+    }
+}
+
+#[test]
+fn families_are_balanced_and_every_answer_matches_the_scene() {
+    let samples = generate(Split::Val, 240, 11, &cfg()).unwrap();
+    for f in Family::ALL {
+        let n = samples.iter().filter(|s| s.family == f).count();
+        assert_eq!(n, 40, "{f}");
+    }
+    let exist: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.family == Family::Existence)
+        .collect();
+    assert_eq!(exist.iter().filter(|s| s.answers[0] == "yes").count(), 20);
+    for k in PopeKind::ALL {
+        let n = exist.iter().filter(|s| s.pope_kind == Some(k)).count();
+        assert!((6..=7).contains(&n), "{k:?}: {n}");
+    }
+    let mut rel = HashSet::new();
+    for s in &samples {
+        check_scene(s);
+        check_answer(s);
+        if s.family == Family::RelativePosition {
+            rel.insert(s.answers[0].clone());
+        }
+    }
+    assert_eq!(rel.len(), 4, "all four directions appear: {rel:?}");
+    // the size word appears when the shape alone is ambiguous
+    assert!(
+        samples
+            .iter()
+            .any(|s| s.family == Family::Color && s.question.split(' ').count() == 6)
+    );
+    // clutter, textures and signs all occur outside ReadText too
+    assert!(samples.iter().any(|s| !s.scene.clutter.is_empty()));
+    assert!(
+        samples
+            .iter()
+            .any(|s| s.scene.background.texture != Texture::Plain)
+    );
+    let others: Vec<_> = samples
+        .iter()
+        .filter(|s| s.family != Family::ReadText)
+        .collect();
+    let with_sign = others.iter().filter(|s| s.scene.sign().is_some()).count();
+    assert!(
+        (60..=140).contains(&with_sign),
+        "{with_sign} of {} scenes carry a sign",
+        others.len()
+    );
+}
+
+#[test]
+fn family_weights_select_families() {
+    let c = ShapesConfig {
+        family_weights: [0.0, 0.0, 0.0, 0.0, 1.0, 3.0],
+        sign_prob: 0.0,
+        ..cfg()
+    };
+    let s = generate(Split::Train, 40, 1, &c).unwrap();
+    assert_eq!(
+        s.iter().filter(|s| s.family == Family::ReadText).count(),
+        30
+    );
+    assert_eq!(
+        s.iter()
+            .filter(|s| s.family == Family::RelativePosition)
+            .count(),
+        10
+    );
+    for x in &s {
+        check_answer(x);
+        // sign_prob 0: only ReadText scenes carry a sign
+        assert_eq!(x.scene.sign().is_some(), x.family == Family::ReadText);
+    }
+}
+
+/// Patches touched by the non-black pixels of `objects` rendered alone on black.
+fn touched(objects: &[Object], size: u32, patch: u32) -> Vec<bool> {
+    let g = size / patch;
+    let mut m = vec![false; (g * g) as usize];
+    for o in objects {
+        let scene = Scene {
+            background: Background {
+                color: [0, 0, 0],
+                texture: Texture::Plain,
+            },
+            clutter: vec![],
+            objects: vec![o.clone()],
+        };
+        let img = scene.render(size);
+        for (x, y, p) in img.enumerate_pixels() {
+            if p.0 != [0, 0, 0] && x / patch < g && y / patch < g {
+                m[((y / patch) * g + x / patch) as usize] = true;
+            }
+        }
+    }
+    m
+}
+
+#[test]
+fn masks_cover_exactly_the_patches_the_objects_touch() {
+    let samples = generate(Split::Test, 30, 5, &cfg()).unwrap();
+    let mut checked = 0;
+    for (size, patch) in [(336, 14), (30, 6), (64, 8), (50, 8)] {
+        for s in &samples {
+            let mask = s.relevance_mask(size, patch);
+            let g = (size / patch) as usize;
+            assert_eq!(mask.len(), g * g);
+            let objs: Vec<Object> = s
+                .referenced
+                .iter()
+                .map(|&i| s.scene.objects[i].clone())
+                .collect();
+            assert_eq!(
+                mask,
+                touched(&objs, size, patch),
+                "{} at {size}/{patch}",
+                s.id
+            );
+            if s.referenced.is_empty() {
+                assert!(s.relevance(size, patch).is_none() && mask.iter().all(|b| !b));
+            } else {
+                assert_eq!(s.relevance(size, patch), Some(mask.clone()));
+                if size == 336 {
+                    assert!(
+                        mask.iter().any(|&b| b) && mask.iter().any(|&b| !b),
+                        "{}",
+                        s.id
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 80);
+    assert!(samples[0].relevance_mask(336, 0).is_empty());
+}
+
+#[test]
+fn object_masks_match_pixel_centre_tests_over_the_whole_canvas() {
+    for s in generate(Split::Train, 12, 2, &cfg()).unwrap() {
+        for o in &s.scene.objects {
+            for size in [17, 64] {
+                let m = o.mask(size);
+                for y in 0..size {
+                    for x in 0..size {
+                        let (u, v) = (
+                            (x as f32 + 0.5) / size as f32,
+                            (y as f32 + 0.5) / size as f32,
+                        );
+                        assert_eq!(m[(y * size + x) as usize], o.contains(u, v));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads a sign's text from a render by sampling the centre of every font cell.
+fn read_sign(img: &image::RgbImage, o: &Object) -> String {
+    let fineprune::bench::shapes::ObjectKind::Sign { text, glyph: g } = &o.kind else {
+        panic!("not a sign")
+    };
+    let size = img.width() as f32;
+    let x0 = o.cx - o.hw + SIGN_PAD as f32 * g;
+    let y0 = o.cy - o.hh + SIGN_PAD as f32 * g;
+    let mut out = String::new();
+    for k in 0..text.chars().count() {
+        let mut rows = [0u8; 7];
+        for (r, row) in rows.iter_mut().enumerate() {
+            for c in 0..5 {
+                let u = x0 + ((k * 6 + c) as f32 + 0.5) * g;
+                let v = y0 + (r as f32 + 0.5) * g;
+                let p = img.get_pixel((u * size) as u32, (v * size) as u32);
+                if p.0 == SIGN_INK {
+                    *row |= 0x10 >> c;
+                }
+            }
+        }
+        let c = SIGN_CHARSET
+            .chars()
+            .find(|&c| glyph(c) == Some(rows))
+            .unwrap_or('?');
+        out.push(c);
+    }
+    out
+}
+
+#[test]
+fn sign_text_reads_back_from_the_rendered_pixels() {
+    let c = ShapesConfig {
+        family_weights: [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+        ..cfg()
+    };
+    for s in generate(Split::Test, 24, 9, &c).unwrap() {
+        let img = s.scene.render(336);
+        let sign = &s.scene.objects[s.referenced[0]];
+        assert_eq!(read_sign(&img, sign), s.answers[0], "{}", s.id);
+    }
+}
+
+#[test]
+fn eval_export_round_trips_and_train_export_is_llava_json() {
+    let samples = generate(Split::Test, 14, 4, &cfg()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("eval");
+    export_llava_eval(&samples, &dir, 48).unwrap();
+    let back = read_llava_eval(&dir).unwrap();
+    assert_eq!(back, samples);
+    for (a, b) in back.iter().zip(&samples) {
+        assert_eq!(a.relevance_mask(336, 14), b.relevance_mask(336, 14));
+        let png = std::fs::read(dir.join("images").join(b.image_file())).unwrap();
+        assert_eq!(png, b.scene.png(48).unwrap());
+        let img = image::load_from_memory(&png).unwrap().to_rgb8();
+        assert_eq!(img, b.scene.render(48));
+    }
+    let q = std::fs::read_to_string(dir.join("questions.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(q.lines().next().unwrap()).unwrap();
+    assert_eq!(first["question_id"], samples[0].id.as_str());
+    assert_eq!(first["image"], format!("{}.png", samples[0].id).as_str());
+    assert_eq!(first["text"], samples[0].question.as_str());
+    assert_eq!(first["category"], samples[0].family.name());
+
+    let tdir = tmp.path().join("train");
+    export_llava_train(&samples, &tdir, 32).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tdir.join("train.json")).unwrap()).unwrap();
+    let recs = v.as_array().unwrap();
+    assert_eq!(recs.len(), samples.len());
+    for (r, s) in recs.iter().zip(&samples) {
+        assert_eq!(r["id"], s.id.as_str());
+        assert_eq!(r["image"], s.image_file().as_str());
+        let conv = r["conversations"].as_array().unwrap();
+        assert_eq!(conv[0]["from"], "human");
+        assert_eq!(
+            conv[0]["value"],
+            format!("<image>\n{}", s.question).as_str()
+        );
+        assert_eq!(conv[1]["from"], "gpt");
+        assert_eq!(conv[1]["value"], s.answers[0].as_str());
+        assert!(tdir.join("images").join(s.image_file()).is_file());
+    }
+}
+
+/// Exports a few samples, applies `damage` to the directory and returns the read error's message.
+fn damaged(damage: impl Fn(&Path)) -> String {
+    let samples = generate(Split::Val, 4, 1, &cfg()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    export_llava_eval(&samples, tmp.path(), 16).unwrap();
+    damage(tmp.path());
+    read_llava_eval(tmp.path()).unwrap_err().to_string()
+}
+
+fn edit_line(path: &Path, line: usize, f: impl Fn(&str) -> String) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let lines: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| if i + 1 == line { f(l) } else { l.to_string() })
+        .collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn damaged_exports_give_errors_naming_file_and_line() {
+    let e = damaged(|d| std::fs::remove_file(d.join("questions.jsonl")).unwrap());
+    assert!(
+        e.contains("missing questions.jsonl") && e.contains("questions.jsonl"),
+        "{e}"
+    );
+
+    let e = damaged(|d| edit_line(&d.join("questions.jsonl"), 2, |_| "{not json".into()));
+    assert!(e.contains("questions.jsonl") && e.contains("line 2"), "{e}");
+
+    let e = damaged(|d| std::fs::write(d.join("scenes.jsonl"), [0xff, 0xfe, b'\n']).unwrap());
+    assert!(e.contains("scenes.jsonl"), "{e}");
+
+    let e = damaged(|d| {
+        edit_line(&d.join("answers.jsonl"), 3, |l| {
+            l.replace("\"family\"", "\"famly\"")
+        })
+    });
+    assert!(e.contains("answers.jsonl") && e.contains("line 3"), "{e}");
+
+    let e = damaged(|d| edit_line(&d.join("answers.jsonl"), 1, |_| String::new()));
+    assert!(
+        e.contains("answers.jsonl") && e.contains("no answer") && e.contains("line 1"),
+        "{e}"
+    );
+
+    let e = damaged(|d| {
+        let p = d.join("scenes.jsonl");
+        let text = std::fs::read_to_string(&p).unwrap();
+        let first = text.lines().next().unwrap().to_string();
+        std::fs::write(&p, format!("{text}{first}\n")).unwrap();
+    });
+    assert!(
+        e.contains("scenes.jsonl") && e.contains("line 5") && e.contains("repeats"),
+        "{e}"
+    );
+
+    let e = damaged(|d| {
+        edit_line(&d.join("answers.jsonl"), 2, |l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["referenced"] = serde_json::json!([99]);
+            v.to_string()
+        })
+    });
+    assert!(
+        e.contains("answers.jsonl") && e.contains("line 2") && e.contains("99"),
+        "{e}"
+    );
+
+    let e = damaged(|d| {
+        edit_line(&d.join("answers.jsonl"), 1, |l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["family"] = "read_text".into();
+            v.to_string()
+        })
+    });
+    assert!(
+        e.contains("answers.jsonl") && e.contains("line 1") && e.contains("category"),
+        "{e}"
+    );
+
+    let e = damaged(|d| {
+        let img = std::fs::read_dir(d.join("images"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        std::fs::remove_file(img.path()).unwrap();
+    });
+    assert!(e.contains("image") && e.contains(".png"), "{e}");
+
+    let e = damaged(|d| {
+        edit_line(&d.join("answers.jsonl"), 4, |l| {
+            l.replace("val-1-000003", "val-1-000099")
+        })
+    });
+    assert!(
+        e.contains("answers.jsonl") && e.contains("val-1-000003"),
+        "{e}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    match read_llava_eval(&tmp.path().join("nowhere")) {
+        Err(Error::MissingFile { path, .. }) => assert!(path.ends_with("questions.jsonl")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn sign_characters_outside_the_font_are_rejected_on_read() {
+    let c = ShapesConfig {
+        family_weights: [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+        ..cfg()
+    };
+    let samples = generate(Split::Val, 2, 1, &c).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    export_llava_eval(&samples, tmp.path(), 16).unwrap();
+    let text = samples[1].answers[0].clone();
+    edit_line(&tmp.path().join("scenes.jsonl"), 2, |l| {
+        l.replace(&format!("\"text\":\"{text}\""), "\"text\":\"a!\"")
+    });
+    let e = read_llava_eval(tmp.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("scenes.jsonl") && e.contains("line 2") && e.contains("'a'"),
+        "{e}"
+    );
+}
+
+#[test]
+fn export_rejects_duplicate_ids_and_zero_size() {
+    let mut samples = generate(Split::Val, 2, 1, &cfg()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(
+        export_llava_eval(&samples, tmp.path(), 0)
+            .unwrap_err()
+            .to_string()
+            .contains("image_size")
+    );
+    samples[1].id = samples[0].id.clone();
+    let e = export_llava_train(&samples, tmp.path(), 16)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("duplicate id"), "{e}");
+}
