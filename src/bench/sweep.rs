@@ -1,7 +1,7 @@
 //! Running a pruning study: every configuration (head x query x keep x layer, plus the unpruned
 //! model) over every sample, scored, timed and measured.
 
-use super::eval::{PopeMetrics, ScoreSummary, Scorecard};
+use super::eval::{ScoreSummary, Scorecard};
 use super::mem;
 use crate::engine::{Engine, ImageInput, Request};
 use crate::error::Result;
@@ -122,8 +122,8 @@ pub struct ConfigSummary {
     pub query: String,
     pub keep: Option<String>,
     pub layer: Option<usize>,
+    /// Accuracy overall and per family, POPE metrics over the yes/no questions.
     pub scores: ScoreSummary,
-    pub pope: Option<PopeMetrics>,
     pub kept_after: f64,
     pub avg_kept: f64,
     pub recall: Option<f64>,
@@ -256,7 +256,6 @@ pub fn run(
             query: cfg.query.clone(),
             keep: cfg.keep.map(|k| k.to_string()),
             layer: cfg.layer,
-            pope: scores.pope.clone(),
             scores,
             kept_after: mean(recs.iter().map(|r| r.kept_after as f64)),
             avg_kept: mean(recs.iter().map(|r| r.avg_kept)),

@@ -295,7 +295,7 @@ fn write_outputs(
             s.layer.map_or("-".into(), |l| l.to_string()),
             s.scores.n.to_string(),
             format!("{:.3}", s.scores.accuracy),
-            opt(s.pope.as_ref().map(|p| p.f1), 3),
+            opt(s.scores.pope.as_ref().map(|p| p.f1), 3),
             format!("{:.1}", s.kept_after),
             format!("{:.1}", s.avg_kept),
             opt(s.recall, 3),
@@ -372,7 +372,7 @@ fn write_outputs(
                 points: ss.iter().filter_map(|s| f(s)).collect(),
             })
             .collect();
-        if let Some(b) = base.and_then(|b| f(b)) {
+        if let Some(b) = base.and_then(f) {
             v.push(Series {
                 label: "unpruned".into(),
                 points: vec![b],

@@ -1,0 +1,205 @@
+//! The `prune-bench` binary: a sweep writes every output, runs reproduce from their seed, and bad
+//! flags or unreadable data get clear errors.
+
+mod common;
+
+use common::reference_dir;
+use std::path::Path;
+use std::process::Command;
+
+fn bench(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_prune-bench"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn model() -> String {
+    reference_dir().join("llava_gqa").display().to_string()
+}
+
+/// The columns of samples.csv that do not depend on timing.
+fn deterministic_samples(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("samples.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| l.split(',').take(8).collect::<Vec<_>>().join(","))
+        .collect()
+}
+
+#[test]
+fn a_sweep_writes_every_file_and_reproduces_from_its_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run1");
+    let o = out.to_str().unwrap();
+    let m = model();
+    let args = [
+        "--model",
+        &m,
+        "--data",
+        "shapes:6",
+        "--head",
+        "sum,variance",
+        "--query",
+        "last_token",
+        "--keep",
+        "0.5,0.25",
+        "--seed",
+        "3",
+        "--visualize",
+        "1",
+    ];
+    let (ok, stdout, err) = bench(&[&args[..], &["--out", o]].concat());
+    assert!(ok, "{err}");
+    // Table: header, rule, unpruned + 2 heads x 2 keeps.
+    assert_eq!(stdout.lines().count(), 2 + 5, "{stdout}");
+    assert!(stdout.contains("variance/last_token/0.25/K2"));
+    for f in [
+        "results.csv",
+        "samples.csv",
+        "results.json",
+        "accuracy_vs_kept.svg",
+        "accuracy_vs_kept.png",
+        "recall_vs_kept.svg",
+        "recall_vs_kept.png",
+        "speedup_vs_keep.svg",
+        "speedup_vs_keep.png",
+    ] {
+        assert!(
+            out.join(f).metadata().map(|m| m.len() > 0).unwrap_or(false),
+            "{f} missing"
+        );
+    }
+    assert_eq!(std::fs::read_dir(out.join("images")).unwrap().count(), 6);
+    assert_eq!(
+        std::fs::read_dir(out.join("visualize")).unwrap().count(),
+        4,
+        "one sample x 4 pruned configs"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(json["configs"].as_array().unwrap().len(), 5);
+    assert_eq!(json["samples"].as_array().unwrap().len(), 30);
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert!(csv.starts_with(
+        "config,head,query,keep,K,n,accuracy,pope_f1,kept_after_K,kept_avg_layers,recall"
+    ));
+    assert_eq!(csv.lines().count(), 6);
+    // Same seed, same samples, answers, kept tokens and recall; another seed, other questions.
+    let out2 = tmp.path().join("run2");
+    let (ok, _, err) = bench(&[&args[..], &["--out", out2.to_str().unwrap()]].concat());
+    assert!(ok, "{err}");
+    assert_eq!(deterministic_samples(&out), deterministic_samples(&out2));
+    let out3 = tmp.path().join("run3");
+    let mut other = args.to_vec();
+    other[9] = "4";
+    let (ok, _, err) = bench(&[&other[..], &["--out", out3.to_str().unwrap()]].concat());
+    assert!(ok, "{err}");
+    assert_ne!(deterministic_samples(&out), deterministic_samples(&out3));
+}
+
+#[test]
+fn bad_flags_and_unreadable_data_get_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tmp.path().join("out");
+    let o = o.to_str().unwrap();
+    let m = model();
+    let bad_jsonl = tmp.path().join("q.jsonl");
+    std::fs::write(&bad_jsonl, "{\"question_id\": 1, \"image\": \"a.png\", \"text\": \"q\", \"label\": \"yes\"}\nnot json\n").unwrap();
+    let no_labels = tmp.path().join("nolabels.jsonl");
+    std::fs::write(
+        &no_labels,
+        "{\"question_id\": 1, \"image\": \"a.png\", \"text\": \"q\"}\n",
+    )
+    .unwrap();
+    let bj = bad_jsonl.to_str().unwrap();
+    let nl = no_labels.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--model", &m, "--head", "varience", "--out", o],
+            "valid: sum, variance",
+        ),
+        (
+            vec!["--model", &m, "--query", "last", "--out", o],
+            "text_tokens_only",
+        ),
+        (vec!["--model", &m, "--keep", "half", "--out", o], "half"),
+        (
+            vec![
+                "--model", &m, "--keep", "1.5", "--data", "shapes:2", "--out", o,
+            ],
+            "outside (0, 1]",
+        ),
+        (
+            vec![
+                "--model",
+                &m,
+                "--prune-layer",
+                "9",
+                "--data",
+                "shapes:2",
+                "--out",
+                o,
+            ],
+            "outside the model",
+        ),
+        (
+            vec!["--model", &m, "--data", "shapes:many", "--out", o],
+            "shapes:N",
+        ),
+        (
+            vec![
+                "--model",
+                &m,
+                "--data",
+                "/no/such/questions.jsonl",
+                "--out",
+                o,
+            ],
+            "/no/such/questions.jsonl",
+        ),
+        (vec!["--model", &m, "--data", bj, "--out", o], "line 2"),
+        (vec!["--model", &m, "--data", nl, "--out", o], "--answers"),
+        (
+            vec!["--model", "/no/such/model", "--out", o],
+            "/no/such/model",
+        ),
+        (vec!["--frobnicate"], "--frobnicate"),
+    ];
+    for (args, want) in cases {
+        let (ok, _, err) = bench(&args);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: expected {want:?} in {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn without_a_bundled_model_it_says_how_to_point_at_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, _, err) = bench(&[
+        "--head",
+        "variance",
+        "--query",
+        "text_tokens_only",
+        "--out",
+        tmp.path().to_str().unwrap(),
+    ]);
+    if Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models/shapes-llava")
+        .exists()
+    {
+        assert!(ok, "{err}");
+    } else {
+        assert!(
+            !ok && err.contains("--model") && err.contains("tests/reference/llava_gqa"),
+            "{err}"
+        );
+    }
+}
