@@ -19,41 +19,10 @@ pub fn matmul_nt(
     out: &mut [f32],
     parallel: bool,
 ) {
-    assert!(m == 0 || a.len() >= (m - 1) * a_rs + k);
     assert!(n == 0 || b.len() >= (n - 1) * b_rs + k);
-    assert!(out.len() >= m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    let par = if parallel && m * n * k >= 1 << 15 {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: the asserts above bound every index the strides below can reach.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            a_rs as isize,
-            b.as_ptr(),
-            b_rs as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    let par = parallel && m * n * k >= 1 << 15;
+    // b viewed as [k, n]: element (kk, j) at j * b_rs + kk.
+    gemm_strided(m, n, k, a, a_rs, b, (1, b_rs), out, par);
 }
 
 /// `out[m, n] = a[m, k] · b[k, n]`, `b` rows read with stride `b_rs`.
@@ -68,13 +37,35 @@ pub fn matmul_nn(
     b_rs: usize,
     out: &mut [f32],
 ) {
-    assert!(m == 0 || a.len() >= (m - 1) * a_rs + k);
     assert!(k == 0 || b.len() >= (k - 1) * b_rs + n);
+    gemm_strided(m, n, k, a, a_rs, b, (b_rs, 1), out, false);
+}
+
+/// `out = a · b` through `gemm`, `a` row-major with row stride `a_rs`, `b`'s element (kk, j) at
+/// `kk * b_strides.0 + j * b_strides.1` (callers check `b`'s extent).
+#[allow(clippy::too_many_arguments)]
+fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    b: &[f32],
+    b_strides: (usize, usize),
+    out: &mut [f32],
+    parallel: bool,
+) {
+    assert!(m == 0 || a.len() >= (m - 1) * a_rs + k);
     assert!(out.len() >= m * n);
     if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: the asserts above bound every index the strides below can reach.
+    let par = if parallel {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the asserts here and in the callers bound every index the strides can reach.
     unsafe {
         gemm::gemm(
             m,
@@ -88,14 +79,14 @@ pub fn matmul_nn(
             1,
             a_rs as isize,
             b.as_ptr(),
-            1,
-            b_rs as isize,
+            b_strides.1 as isize,
+            b_strides.0 as isize,
             0.0,
             1.0,
             false,
             false,
             false,
-            Parallelism::None,
+            par,
         );
     }
 }
