@@ -4,14 +4,17 @@
 //! logits    dump the prefill logits of every prompt position (for comparison with other engines)
 //! inspect   show a checkpoint's architecture, parameter count, dtypes and key layout
 
+mod common;
+
 use clap::{Args, Parser, Subcommand};
+use common::StrategyFlags;
 use fineprune::io::{OutTensor, read_f32_tensor, write_safetensors};
 use fineprune::model::config::ModelConfig;
 use fineprune::model::template::{LLAVA_SYSTEM, PromptOptions};
+use fineprune::prune::head_strategy;
 use fineprune::prune::metrics::RunStats;
 use fineprune::prune::query_strategy;
 use fineprune::prune::{Keep, PrunePlan, Stage};
-use fineprune::prune::{StrategyParams, head_strategy};
 use fineprune::{Engine, ImageInput, Model, Request, Sampling};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -86,18 +89,8 @@ struct PruneArgs {
     /// weighted_recent, system_and_text, attention_weighted, max_attention_token, adaptive_by_length.
     #[arg(long, default_value = "last_token")]
     query: String,
-    /// Fraction of heads kept by every head strategy but sum (rho).
-    #[arg(long, default_value_t = 0.5)]
-    head_keep: f64,
-    /// n of last_n_tokens.
-    #[arg(long, default_value_t = 3)]
-    query_n: usize,
-    /// k of top_k_sum (default ceil(0.1 N)).
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// tau of adaptive_by_length: text_tokens_only above this many question tokens.
-    #[arg(long, default_value_t = 16)]
-    tau: usize,
+    #[command(flatten)]
+    strategy: StrategyFlags,
     /// Renumber RoPE position ids after pruning instead of keeping the original ones.
     #[arg(long)]
     renumber: bool,
@@ -121,11 +114,7 @@ impl PruneArgs {
                 ));
             }
         };
-        let params = StrategyParams {
-            query_n: self.query_n,
-            top_k: self.top_k,
-            tau: self.tau,
-        };
+        let params = self.strategy.params();
         let mut plan = PrunePlan::new(
             self.prune_layer
                 .iter()
@@ -135,7 +124,7 @@ impl PruneArgs {
         );
         plan.head = head_strategy(&self.head, &params)?;
         plan.query = query_strategy(&self.query, &params)?;
-        plan.head_keep = self.head_keep;
+        plan.head_keep = self.strategy.head_keep;
         plan.renumber = self.renumber;
         Ok(Some(plan))
     }

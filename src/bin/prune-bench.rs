@@ -7,7 +7,10 @@
 //! speed, peak memory, FLOPs and speedups: an aligned table on stdout, `results.csv`,
 //! `samples.csv`, `results.json`, plots (SVG + PNG) and, with `--visualize N`, overlays.
 
+mod common;
+
 use clap::Parser;
+use common::StrategyFlags;
 use fineprune::bench::eval;
 use fineprune::bench::mem::PeakAlloc;
 use fineprune::bench::report::{self, Series};
@@ -15,7 +18,7 @@ use fineprune::bench::shapes::{self, Family, ShapesConfig, Split};
 use fineprune::bench::sweep::{
     self, BenchItem, ConfigSummary, SampleRecord, SweepConfig, SweepOptions,
 };
-use fineprune::prune::{Keep, StrategyParams};
+use fineprune::prune::Keep;
 use fineprune::{Engine, Error, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -60,18 +63,8 @@ struct Args {
     /// Pruning layers K to sweep (comma list).
     #[arg(long, value_delimiter = ',', default_value = "2")]
     prune_layer: Vec<usize>,
-    /// rho: fraction of heads kept by the head strategies other than sum.
-    #[arg(long, default_value_t = 0.5)]
-    head_keep: f64,
-    /// n of last_n_tokens.
-    #[arg(long, default_value_t = 3)]
-    query_n: usize,
-    /// k of top_k_sum (default ceil(0.1 N)).
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// tau of adaptive_by_length.
-    #[arg(long, default_value_t = 16)]
-    tau: usize,
+    #[command(flatten)]
+    strategy: StrategyFlags,
     /// Use only the first N questions.
     #[arg(long)]
     limit: Option<usize>,
@@ -101,11 +94,7 @@ fn main() -> ExitCode {
 }
 
 fn run(a: Args) -> fineprune::Result<()> {
-    let params = StrategyParams {
-        query_n: a.query_n,
-        top_k: a.top_k,
-        tau: a.tau,
-    };
+    let params = a.strategy.params();
     // Flags first: a typo fails before any model is loaded.
     let configs = SweepConfig::grid(
         &a.head,
@@ -113,7 +102,7 @@ fn run(a: Args) -> fineprune::Result<()> {
         &a.keep,
         &a.prune_layer,
         &params,
-        a.head_keep,
+        a.strategy.head_keep,
     )?;
     let model_dir = match &a.model {
         Some(m) => m.clone(),
