@@ -1,16 +1,31 @@
 //! fineprune: a hand-written LLaVA engine with FastV-style visual token pruning.
+//!
+//! ```no_run
+//! use fineprune::prune::{Keep, PrunePlan, Stage, StrategyParams, head_strategy, query_strategy};
+//! use fineprune::{Engine, ImageInput, Model, Request};
+//! use std::sync::Arc;
+//!
+//! let engine = Engine::new(Arc::new(Model::load("path/to/llava-1.5-7b-hf")?));
+//! let mut req = Request::new("What is in the picture?", Some(ImageInput::Path("cat.jpg".into())));
+//! let mut plan = PrunePlan::new(vec![Stage { layer: 2, keep: Keep::Fraction(0.25) }]);
+//! plan.head = head_strategy("variance", &StrategyParams::default())?;
+//! plan.query = query_strategy("text_tokens_only", &StrategyParams::default())?;
+//! req.prune = Some(plan);
+//! let out = engine.generate(&[req])?;
+//! println!("{} ({} image tokens kept)", out[0].text, out[0].stats.kept_after_last());
+//! # Ok::<(), fineprune::Error>(())
+//! ```
 
-pub mod error;
-pub mod model;
-pub mod tensor;
-
-pub use error::{Error, Result};
-pub use tensor::{DType, Tensor};
 pub mod bench;
 pub mod engine;
+pub mod error;
 pub mod io;
+pub mod model;
 pub mod ops;
 pub mod prune;
+pub mod tensor;
 
 pub use engine::{Engine, Generation, ImageInput, Request, Sampling, StopReason};
+pub use error::{Error, Result};
 pub use model::Model;
+pub use tensor::{DType, Tensor};
