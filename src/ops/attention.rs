@@ -1,6 +1,6 @@
 //! Scaled dot-product attention with grouped-query heads, causal (LM) or bidirectional (vision).
 
-use super::matmul::{matmul_nn, matmul_nt};
+use super::matmul::{matmul_nn, matmul_nt, matmul_tn_acc};
 use rayon::prelude::*;
 
 /// Shapes of one attention call.
@@ -20,6 +20,29 @@ pub struct AttnShape {
 /// output `[t, heads, d]`. Query head `h` reads key/value head `h / (heads / kv_heads)`. Under the
 /// causal mask query row `i` sees keys `0..=s-t+i`.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape) -> Vec<f32> {
+    attend(q, k, v, sh, false).0
+}
+
+/// [`attention`] that also returns the attention probabilities `[heads, t, s]` (0 where masked),
+/// to be handed to [`attention_backward`]. The output is bitwise the same as [`attention`]'s.
+pub fn attention_with_probs(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    sh: AttnShape,
+) -> (Vec<f32>, Vec<f32>) {
+    let (out, probs) = attend(q, k, v, sh, true);
+    (out, probs.unwrap_or_default())
+}
+
+/// The forward of [`attention`], keeping the probabilities when `keep_probs`.
+fn attend(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    sh: AttnShape,
+    keep_probs: bool,
+) -> (Vec<f32>, Option<Vec<f32>>) {
     let AttnShape {
         t,
         s,
@@ -33,7 +56,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape) -> Vec<f32> {
     assert_eq!(v.len(), s * kv_heads * d);
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
-    let per_head: Vec<Vec<f32>> = (0..heads)
+    let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..heads)
         .into_par_iter()
         .map(|h| {
             let kvh = h / group;
@@ -55,16 +78,104 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape) -> Vec<f32> {
             }
             let mut o = vec![0.0f32; t * d];
             matmul_nn(t, d, s, &p, s, &v[kvh * d..], kv_heads * d, &mut o);
-            o
+            (o, if keep_probs { p } else { Vec::new() })
         })
         .collect();
     let mut out = vec![0.0f32; t * heads * d];
-    for (h, o) in per_head.iter().enumerate() {
+    for (h, (o, _)) in per_head.iter().enumerate() {
         for i in 0..t {
             out[(i * heads + h) * d..][..d].copy_from_slice(&o[i * d..][..d]);
         }
     }
-    out
+    let probs = keep_probs.then(|| per_head.into_iter().flat_map(|(_, p)| p).collect());
+    (out, probs)
+}
+
+/// Backward of [`attention`] for `dout: [t, heads, d]`, returning `(dq, dk, dv)` shaped as
+/// `q`, `k`, `v`. `probs` are those of [`attention_with_probs`] (`[heads, t, s]`); with `None`
+/// they are recomputed. Per query head `h` reading key/value head `g = h / (heads / kv_heads)`,
+/// with `P` its probabilities and `σ = 1/√d`:
+/// `dV_g += Pᵀ·dO_h`, `dP = dO_h·V_gᵀ`, `dS = σ·P ⊙ (dP − rowsum(P ⊙ dP))`, `dQ_h = dS·K_g`,
+/// `dK_g += dSᵀ·Q_h` (masked entries have `P = 0`, hence no gradient).
+pub fn attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    probs: Option<&[f32]>,
+    dout: &[f32],
+    sh: AttnShape,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let AttnShape {
+        t,
+        s,
+        heads,
+        kv_heads,
+        head_dim: d,
+        ..
+    } = sh;
+    assert_eq!(dout.len(), t * heads * d);
+    let recomputed;
+    let probs = match probs {
+        Some(p) => p,
+        None => {
+            recomputed = attention_with_probs(q, k, v, sh).1;
+            &recomputed
+        }
+    };
+    assert_eq!(probs.len(), heads * t * s);
+    let group = heads / kv_heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    // One task per key/value head, so its dk/dv accumulate without sharing.
+    let per_kv: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..kv_heads)
+        .into_par_iter()
+        .map(|g| {
+            let (mut dk, mut dv) = (vec![0.0f32; s * d], vec![0.0f32; s * d]);
+            let mut dq = vec![0.0f32; group * t * d];
+            let mut ds = vec![0.0f32; t * s];
+            for (hi, dq) in dq.chunks_mut(t * d).enumerate() {
+                let h = g * group + hi;
+                let p = &probs[h * t * s..][..t * s];
+                let d_o = &dout[h * d..];
+                matmul_tn_acc(s, d, t, p, s, d_o, heads * d, &mut dv, false);
+                matmul_nt(
+                    t,
+                    s,
+                    d,
+                    d_o,
+                    heads * d,
+                    &v[g * d..],
+                    kv_heads * d,
+                    &mut ds,
+                    false,
+                );
+                for (dsr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
+                    let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    for (x, &pv) in dsr.iter_mut().zip(pr) {
+                        *x = scale * pv * (*x - dot);
+                    }
+                }
+                matmul_nn(t, d, s, &ds, s, &k[g * d..], kv_heads * d, dq);
+                matmul_tn_acc(s, d, t, &ds, s, &q[h * d..], heads * d, &mut dk, false);
+            }
+            (dq, dk, dv)
+        })
+        .collect();
+    let mut dq = vec![0.0f32; q.len()];
+    let mut dk = vec![0.0f32; k.len()];
+    let mut dv = vec![0.0f32; v.len()];
+    for (g, (gq, gk, gv)) in per_kv.iter().enumerate() {
+        for (hi, gq) in gq.chunks(t * d).enumerate() {
+            let h = g * group + hi;
+            for i in 0..t {
+                dq[(i * heads + h) * d..][..d].copy_from_slice(&gq[i * d..][..d]);
+            }
+        }
+        for j in 0..s {
+            dk[(j * kv_heads + g) * d..][..d].copy_from_slice(&gk[j * d..][..d]);
+            dv[(j * kv_heads + g) * d..][..d].copy_from_slice(&gv[j * d..][..d]);
+        }
+    }
+    (dq, dk, dv)
 }
 
 /// In place: `row[..visible] = softmax(scale · row[..visible])`, the rest set to 0.
@@ -140,6 +251,91 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0, f32::max);
             assert!(err < 1e-5, "causal={causal} err={err}");
+        }
+    }
+
+    /// f64 transcription of the definition (GQA, causal or not).
+    fn attn64(q: &[f64], k: &[f64], v: &[f64], sh: AttnShape) -> Vec<f64> {
+        let (d, g) = (sh.head_dim, sh.heads / sh.kv_heads);
+        let mut out = vec![0.0; sh.t * sh.heads * d];
+        for h in 0..sh.heads {
+            for i in 0..sh.t {
+                let lim = if sh.causal { sh.s - sh.t + i + 1 } else { sh.s };
+                let sc: Vec<f64> = (0..lim)
+                    .map(|j| {
+                        (0..d)
+                            .map(|e| {
+                                q[(i * sh.heads + h) * d + e] * k[(j * sh.kv_heads + h / g) * d + e]
+                            })
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                for (j, x) in sc.iter().enumerate() {
+                    let p = (x - m).exp() / z;
+                    for e in 0..d {
+                        out[(i * sh.heads + h) * d + e] += p * v[(j * sh.kv_heads + h / g) * d + e];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        use crate::ops::gradcheck::*;
+        let cases = [(3, 5, true), (5, 5, true), (3, 5, false), (4, 4, false)];
+        for (seed, &(t, s, causal)) in cases.iter().enumerate() {
+            let sh = AttnShape {
+                t,
+                s,
+                heads: 6,
+                kv_heads: 3,
+                head_dim: 5,
+                causal,
+            };
+            let mut rng = Rng::new(10 + seed as u64);
+            // Scores of a few units so the softmax is neither flat nor one-hot.
+            let q: Vec<f32> = rng.vec(t * 6 * 5).iter().map(|x| 2.0 * x).collect();
+            let k: Vec<f32> = rng.vec(s * 3 * 5).iter().map(|x| 2.0 * x).collect();
+            let v = rng.vec(s * 3 * 5);
+            let r = rng.vec(t * 6 * 5);
+            let (qd, kd, vd) = (f64s(&q), f64s(&k), f64s(&v));
+            let (out, probs) = attention_with_probs(&q, &k, &v, sh);
+            assert_eq!(out, attention(&q, &k, &v, sh));
+            let tag = format!("attention t={t} s={s} causal={causal}");
+            check(
+                &format!("{tag} fwd"),
+                &out,
+                &attn64(&qd, &kd, &vd, sh),
+                1e-5,
+            );
+            let (dq, dk, dv) = attention_backward(&q, &k, &v, Some(&probs), &r, sh);
+            let h = 1e-6;
+            let f = |q: &[f64], k: &[f64], v: &[f64]| dot(&attn64(q, k, v, sh), &r);
+            check(
+                &format!("{tag} dq"),
+                &dq,
+                &fd(|x| f(x, &kd, &vd), &qd, h),
+                1e-5,
+            );
+            check(
+                &format!("{tag} dk"),
+                &dk,
+                &fd(|x| f(&qd, x, &vd), &kd, h),
+                1e-5,
+            );
+            check(
+                &format!("{tag} dv"),
+                &dv,
+                &fd(|x| f(&qd, &kd, x), &vd, h),
+                1e-5,
+            );
+            let again = attention_backward(&q, &k, &v, None, &r, sh);
+            assert!(again.0 == dq && again.1 == dk && again.2 == dv);
         }
     }
 }

@@ -183,6 +183,110 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `out[m, n] += a[k, m]ᵀ · b[k, n]`: `a` rows (length ≥ `m`) read with stride `a_rs`, `b` rows
+/// with stride `b_rs`. The weight-gradient product of the backward passes (`dW += dyᵀ · x`).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_tn_acc(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    b: &[f32],
+    b_rs: usize,
+    out: &mut [f32],
+    parallel: bool,
+) {
+    assert!(k == 0 || (a.len() >= (k - 1) * a_rs + m && b.len() >= (k - 1) * b_rs + n));
+    assert!(out.len() >= m * n);
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let par = if parallel && m * n * k >= 1 << 15 {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the asserts bound every index: lhs (i, kk) at kk * a_rs + i, rhs (kk, j) at
+    // kk * b_rs + j, dst (i, j) at i * n + j.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            a.as_ptr(),
+            a_rs as isize,
+            1,
+            b.as_ptr(),
+            1,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Backward of [`linear`] (`y = x · Wᵀ + b`, `x: [m, k]`, `W: [n, k]` as f32, `dy: [m, n]`):
+/// returns `dx = dy · W` (`[m, k]`) and accumulates `dW += dyᵀ · x` (`[n, k]`) and, when given,
+/// `db += Σ_rows dy` (`[n]`). Also the backward of the vision patch embedding, which is a linear
+/// over unfolded patches (`Conv2d` with stride = kernel, no bias in CLIP): unfold the pixels into
+/// `x: [patches, 3·p·p]` in the conv weight's `(c, ky, kx)` order and view its weight as `[d, 3·p·p]`.
+pub fn linear_backward(
+    x: &[f32],
+    weight: &[f32],
+    in_features: usize,
+    dy: &[f32],
+    dweight: &mut [f32],
+    dbias: Option<&mut [f32]>,
+) -> Result<Vec<f32>> {
+    let k = in_features;
+    let shape_err = |name: &str, expected: Vec<usize>, got: usize| Error::Shape {
+        name: format!("linear_backward {name}"),
+        expected,
+        got: vec![got],
+    };
+    if k == 0 || !weight.len().is_multiple_of(k) {
+        return Err(shape_err(
+            "weight",
+            vec![weight.len() / k.max(1), k],
+            weight.len(),
+        ));
+    }
+    let n = weight.len() / k;
+    if !x.len().is_multiple_of(k) {
+        return Err(shape_err("x", vec![x.len() / k, k], x.len()));
+    }
+    let m = x.len() / k;
+    if dy.len() != m * n {
+        return Err(shape_err("dy", vec![m, n], dy.len()));
+    }
+    if dweight.len() != n * k {
+        return Err(shape_err("dweight", vec![n, k], dweight.len()));
+    }
+    let mut dx = vec![0.0f32; m * k];
+    matmul_nn(m, k, n, dy, n, weight, k, &mut dx);
+    matmul_tn_acc(n, k, m, dy, n, x, k, dweight, true);
+    if let Some(db) = dbias {
+        if db.len() != n {
+            return Err(shape_err("dbias", vec![n], db.len()));
+        }
+        for row in dy.chunks(n) {
+            for (b, g) in db.iter_mut().zip(row) {
+                *b += g;
+            }
+        }
+    }
+    Ok(dx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +329,73 @@ mod tests {
             matmul_nt(m, n, k, &x, k, &w.f32_cow(), k, &mut want, false);
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn linear_backward_matches_finite_differences() {
+        use crate::ops::gradcheck::*;
+        let (m, n, k) = (7, 5, 11);
+        let mut rng = Rng::new(1);
+        let (x, w, b, r) = (rng.vec(m * k), rng.vec(n * k), rng.vec(n), rng.vec(m * n));
+        let fwd = |x: &[f64], w: &[f64], b: &[f64]| -> Vec<f64> {
+            let mut y = vec![0.0; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    y[i * n + j] = b[j] + (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum::<f64>();
+                }
+            }
+            y
+        };
+        let (xd, wd, bd) = (f64s(&x), f64s(&w), f64s(&b));
+        let wt = Tensor::from_f32(&[n, k], w.clone()).unwrap();
+        let bt = Tensor::from_f32(&[n], b.clone()).unwrap();
+        check(
+            "linear fwd",
+            &linear(&x, &wt, Some(&bt)).unwrap(),
+            &fwd(&xd, &wd, &bd),
+            1e-5,
+        );
+        // Accumulation: start dW/db from a known non-zero value.
+        let (mut dw, mut db) = (vec![0.5f32; n * k], vec![-0.25f32; n]);
+        let dx = linear_backward(&x, &w, k, &r, &mut dw, Some(&mut db)).unwrap();
+        dw.iter_mut().for_each(|v| *v -= 0.5);
+        db.iter_mut().for_each(|v| *v += 0.25);
+        let h = 1e-6;
+        check(
+            "linear dx",
+            &dx,
+            &fd(|x| dot(&fwd(x, &wd, &bd), &r), &xd, h),
+            1e-5,
+        );
+        check(
+            "linear dW",
+            &dw,
+            &fd(|w| dot(&fwd(&xd, w, &bd), &r), &wd, h),
+            1e-5,
+        );
+        check(
+            "linear db",
+            &db,
+            &fd(|b| dot(&fwd(&xd, &wd, b), &r), &bd, h),
+            1e-5,
+        );
+        assert!(linear_backward(&x, &w, k, &r[1..], &mut dw, None).is_err());
+    }
+
+    #[test]
+    fn tn_acc_matches_naive_on_the_parallel_path() {
+        // 37·41·43 > 2^15 products, so gemm runs on rayon; `a` is read with a padded stride.
+        let (m, n, k, a_rs) = (37, 41, 43, 40);
+        let a: Vec<f32> = (0..k * a_rs).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.91).cos()).collect();
+        let mut out = vec![1.0f32; m * n];
+        matmul_tn_acc(m, n, k, &a, a_rs, &b, n, &mut out, true);
+        for i in 0..m {
+            for j in 0..n {
+                let r: f32 = 1.0 + (0..k).map(|t| a[t * a_rs + i] * b[t * n + j]).sum::<f32>();
+                assert!((out[i * n + j] - r).abs() < 1e-4, "{i},{j}");
             }
         }
     }

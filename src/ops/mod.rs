@@ -4,6 +4,9 @@
 pub mod act;
 pub mod attention;
 pub mod embed;
+#[cfg(test)]
+mod gradcheck;
+pub mod loss;
 pub mod matmul;
 pub mod norm;
 pub mod rope;

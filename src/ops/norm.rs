@@ -38,6 +38,66 @@ pub fn layer_norm(x: &[f32], weight: &Tensor, bias: &Tensor, eps: f64) -> Vec<f3
     out
 }
 
+/// Backward of [`rms_norm`] for `x, dy: [rows, d]`, `w: [d]` (f32): with `r = 1/sqrt(mean(x²)+eps)`,
+/// `x̂ = x·r` and `g = dy ⊙ w`, returns `dx = r·(g − x̂·mean(g ⊙ x̂))` and accumulates
+/// `dw += Σ_rows dy ⊙ x̂`.
+pub fn rms_norm_backward(x: &[f32], w: &[f32], eps: f64, dy: &[f32], dw: &mut [f32]) -> Vec<f32> {
+    let d = w.len();
+    assert!(d > 0 && x.len().is_multiple_of(d) && dy.len() == x.len() && dw.len() == d);
+    let mut dx = vec![0.0f32; x.len()];
+    for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let r = 1.0 / (ms + eps as f32).sqrt();
+        let mut gx = 0.0f32;
+        for i in 0..d {
+            gx += dy[i] * w[i] * x[i] * r;
+            dw[i] += dy[i] * x[i] * r;
+        }
+        let gx = gx / d as f32;
+        for i in 0..d {
+            dx[i] = r * (dy[i] * w[i] - x[i] * r * gx);
+        }
+    }
+    dx
+}
+
+/// Backward of [`layer_norm`] for `x, dy: [rows, d]`, `w: [d]` (f32): with `x̂ = (x − mean)·r`,
+/// `r = 1/sqrt(var+eps)` and `g = dy ⊙ w`, returns `dx = r·(g − mean(g) − x̂·mean(g ⊙ x̂))` and
+/// accumulates `dw += Σ_rows dy ⊙ x̂`, `db += Σ_rows dy`.
+pub fn layer_norm_backward(
+    x: &[f32],
+    w: &[f32],
+    eps: f64,
+    dy: &[f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) -> Vec<f32> {
+    let d = w.len();
+    assert!(d > 0 && x.len().is_multiple_of(d) && dy.len() == x.len());
+    assert!(dw.len() == d && db.len() == d);
+    let mut dx = vec![0.0f32; x.len()];
+    let mut xh = vec![0.0f32; d];
+    for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
+        let mean = x.iter().sum::<f32>() / d as f32;
+        let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+        let r = 1.0 / (var + eps as f32).sqrt();
+        let (mut g1, mut gx) = (0.0f32, 0.0f32);
+        for i in 0..d {
+            xh[i] = (x[i] - mean) * r;
+            let g = dy[i] * w[i];
+            g1 += g;
+            gx += g * xh[i];
+            dw[i] += dy[i] * xh[i];
+            db[i] += dy[i];
+        }
+        let (g1, gx) = (g1 / d as f32, gx / d as f32);
+        for i in 0..d {
+            dx[i] = r * (dy[i] * w[i] - g1 - xh[i] * gx);
+        }
+    }
+    dx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +111,63 @@ mod tests {
         let b = Tensor::from_f32(&[2], vec![0.5, -0.5]).unwrap();
         let y = layer_norm(&[1.0, 3.0], &w, &b, 0.0);
         assert!((y[0] - (-1.0 + 0.5)).abs() < 1e-6 && (y[1] - (2.0 - 0.5)).abs() < 1e-6);
+    }
+
+    /// f64 transcriptions of both norms; `b = None` is RMSNorm.
+    fn norm64(x: &[f64], w: &[f64], b: Option<&[f64]>, eps: f64) -> Vec<f64> {
+        let d = w.len();
+        let mut y = vec![0.0; x.len()];
+        for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+            let mean = if b.is_some() {
+                x.iter().sum::<f64>() / d as f64
+            } else {
+                0.0
+            };
+            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / d as f64;
+            let r = 1.0 / (var + eps).sqrt();
+            for i in 0..d {
+                y[i] = (x[i] - mean) * r * w[i] + b.map_or(0.0, |b| b[i]);
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        use crate::ops::gradcheck::*;
+        let (rows, d, eps) = (5, 13, 1e-5);
+        let mut rng = Rng::new(2);
+        let (x, w, b, r) = (rng.vec(rows * d), rng.vec(d), rng.vec(d), rng.vec(rows * d));
+        let (xd, wd, bd) = (f64s(&x), f64s(&w), f64s(&b));
+        let (wt, bt) = (
+            Tensor::from_f32(&[d], w.clone()).unwrap(),
+            Tensor::from_f32(&[d], b.clone()).unwrap(),
+        );
+        let h = 1e-6;
+        check(
+            "rms_norm fwd",
+            &rms_norm(&x, &wt, eps),
+            &norm64(&xd, &wd, None, eps),
+            1e-5,
+        );
+        let mut dw = vec![0.0f32; d];
+        let dx = rms_norm_backward(&x, &w, eps, &r, &mut dw);
+        let f = |x: &[f64], w: &[f64]| dot(&norm64(x, w, None, eps), &r);
+        check("rms_norm dx", &dx, &fd(|x| f(x, &wd), &xd, h), 1e-5);
+        check("rms_norm dw", &dw, &fd(|w| f(&xd, w), &wd, h), 1e-5);
+
+        let got = layer_norm(&x, &wt, &bt, eps);
+        check(
+            "layer_norm fwd",
+            &got,
+            &norm64(&xd, &wd, Some(&bd), eps),
+            1e-5,
+        );
+        let (mut dw, mut db) = (vec![0.0f32; d], vec![0.0f32; d]);
+        let dx = layer_norm_backward(&x, &w, eps, &r, &mut dw, &mut db);
+        let f = |x: &[f64], w: &[f64], b: &[f64]| dot(&norm64(x, w, Some(b), eps), &r);
+        check("layer_norm dx", &dx, &fd(|x| f(x, &wd, &bd), &xd, h), 1e-5);
+        check("layer_norm dw", &dw, &fd(|w| f(&xd, w, &bd), &wd, h), 1e-5);
+        check("layer_norm db", &db, &fd(|b| f(&xd, &wd, b), &bd, h), 1e-5);
     }
 }
