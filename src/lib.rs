@@ -11,6 +11,7 @@ pub mod engine;
 pub mod io;
 pub mod ops;
 pub mod prune;
+pub mod train;
 
 pub use engine::{Engine, Generation, ImageInput, Request, Sampling, StopReason};
 pub use model::Model;
