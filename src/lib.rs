@@ -24,6 +24,7 @@ pub mod model;
 pub mod ops;
 pub mod prune;
 pub mod tensor;
+pub mod train;
 
 pub use engine::{Engine, Generation, ImageInput, Request, Sampling, StopReason};
 pub use error::{Error, Result};

@@ -1,0 +1,9 @@
+//! The distillation trainer, written by hand in the spirit of llm.c: parameters are plain `f32`
+//! buffers owned by the model code, gradients are buffers of the same length, and every update
+//! rule is spelled out here rather than hidden behind an autograd framework.
+//!
+//! - [`optim`]: AdamW (bit-for-bit the formula of `torch.optim.AdamW`), parameter groups with
+//!   per-group learning rate, weight decay and freezing (LLaVA's two stages), warm-up + cosine
+//!   schedule, global-norm gradient clipping, gradient accumulation and resumable optimizer state.
+
+pub mod optim;
