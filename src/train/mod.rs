@@ -5,5 +5,10 @@
 //! - [`optim`]: AdamW (bit-for-bit the formula of `torch.optim.AdamW`), parameter groups with
 //!   per-group learning rate, weight decay and freezing (LLaVA's two stages), warm-up + cosine
 //!   schedule, global-norm gradient clipping, gradient accumulation and resumable optimizer state.
+//! - [`data`]: LLaVA conversation json -> token ids with answer-only labels (LLaVA-1.5's
+//!   `preprocess_v1` masking) and pixel values; a seeded, resumable loader.
+//! - [`tokenizer_train`]: trains a LLaMA-style byte-fallback BPE `tokenizer.json` for new models.
 
+pub mod data;
 pub mod optim;
+pub mod tokenizer_train;
