@@ -198,36 +198,6 @@ pub fn softmax_scaled(row: &mut [f32], visible: usize, scale: f32) {
 mod tests {
     use super::*;
 
-    /// Direct triple loop on the definition.
-    fn naive(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape) -> Vec<f32> {
-        let (d, g) = (sh.head_dim, sh.heads / sh.kv_heads);
-        let mut out = vec![0.0; sh.t * sh.heads * d];
-        for h in 0..sh.heads {
-            for i in 0..sh.t {
-                let lim = if sh.causal { sh.s - sh.t + i + 1 } else { sh.s };
-                let sc: Vec<f32> = (0..lim)
-                    .map(|j| {
-                        (0..d)
-                            .map(|e| {
-                                q[(i * sh.heads + h) * d + e] * k[(j * sh.kv_heads + h / g) * d + e]
-                            })
-                            .sum::<f32>()
-                            / (d as f32).sqrt()
-                    })
-                    .collect();
-                let m = sc.iter().cloned().fold(f32::MIN, f32::max);
-                let z: f32 = sc.iter().map(|x| (x - m).exp()).sum();
-                for (j, x) in sc.iter().enumerate() {
-                    let p = (x - m).exp() / z;
-                    for e in 0..d {
-                        out[(i * sh.heads + h) * d + e] += p * v[(j * sh.kv_heads + h / g) * d + e];
-                    }
-                }
-            }
-        }
-        out
-    }
-
     #[test]
     fn matches_definition_gqa_causal_and_full() {
         for &causal in &[true, false] {
@@ -244,17 +214,18 @@ mod tests {
             let k = f(sh.s * 2 * 6, 0.77);
             let v = f(sh.s * 2 * 6, 1.13);
             let got = attention(&q, &k, &v, sh);
-            let want = naive(&q, &k, &v, sh);
+            let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+            let want = attn64(&wide(&q), &wide(&k), &wide(&v), sh);
             let err = got
                 .iter()
                 .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
+                .map(|(&a, &b)| (a as f64 - b).abs())
+                .fold(0.0, f64::max);
             assert!(err < 1e-5, "causal={causal} err={err}");
         }
     }
 
-    /// f64 transcription of the definition (GQA, causal or not).
+    /// Direct f64 transcription of the definition (GQA, causal or not).
     fn attn64(q: &[f64], k: &[f64], v: &[f64], sh: AttnShape) -> Vec<f64> {
         let (d, g) = (sh.head_dim, sh.heads / sh.kv_heads);
         let mut out = vec![0.0; sh.t * sh.heads * d];
