@@ -5,5 +5,7 @@
 //! - [`optim`]: AdamW (bit-for-bit the formula of `torch.optim.AdamW`), parameter groups with
 //!   per-group learning rate, weight decay and freezing (LLaVA's two stages), warm-up + cosine
 //!   schedule, global-norm gradient clipping, gradient accumulation and resumable optimizer state.
+//! - [`model`]: LLaVA with f32 parameters, training forward with caches and the full backward.
 
+pub mod model;
 pub mod optim;
