@@ -8,7 +8,9 @@
 //! - [`data`]: LLaVA conversation json -> token ids with answer-only labels (LLaVA-1.5's
 //!   `preprocess_v1` masking) and pixel values; a seeded, resumable loader.
 //! - [`tokenizer_train`]: trains a LLaMA-style byte-fallback BPE `tokenizer.json` for new models.
+//! - [`model`]: LLaVA with f32 parameters, training forward with caches and the full backward.
 
 pub mod data;
+pub mod model;
 pub mod optim;
 pub mod tokenizer_train;

@@ -1,0 +1,975 @@
+//! The LLaVA model as the trainer sees it (llm.c style): every weight is an f32 [`Param`] (value +
+//! gradient) owned here, [`TrainModel::forward`] runs a batch and keeps what the backward needs,
+//! [`TrainModel::backward`] walks the same blocks in reverse and accumulates into the gradients.
+//! The numerics follow the inference model in `crate::model` (itself HF-exact): CLIP tower ->
+//! selected hidden states -> projector (linear, exact GELU, linear) -> merged into the token
+//! embeddings at `<image>` positions -> LLaMA layers -> final RMSNorm -> LM head -> cross-entropy
+//! on answer tokens. Checked against PyTorch autograd in `tests/train_grads.rs`.
+//!
+//! Parameter names are transformers 5.x in-memory keys (`model.named_parameters()` of
+//! `LlavaForConditionalGeneration`): `model.vision_tower.embeddings.patch_embedding.weight`,
+//! `model.vision_tower.encoder.layers.{i}.self_attn.q_proj.weight`,
+//! `model.multi_modal_projector.linear_1.weight`, `model.language_model.layers.{i}.mlp.up_proj.weight`,
+//! `model.language_model.norm.weight`, `lm_head.weight` (absent when tied). Only the vision layers
+//! up to the deepest selected feature layer exist (the rest never influence the loss), and
+//! `post_layernorm` is not a parameter. Shapes are HF's, flattened row-major (the patch embedding
+//! is `[hidden, channels, p, p]`, used as `[hidden, channels·p·p]`).
+//!
+//! Groups: `{vision,projector,lm}.{decay,no_decay}` from [`decay_group`] (biases and norms do not
+//! decay). A group whose parameters have empty gradients (frozen, see [`Param::grad`]) gets no
+//! weight gradient computed; when every vision and projector parameter is frozen the backward stops
+//! at the merged embeddings.
+
+use super::optim::{Param, decay_group};
+use crate::error::{Error, Result};
+use crate::model::config::{LlavaConfig, ModelConfig, SelectStrategy};
+use crate::model::weights::Weights;
+use crate::ops::attention::{AttnShape, attention_backward, attention_with_probs};
+use crate::ops::loss::{IGNORE_INDEX, cross_entropy};
+use crate::ops::matmul::{linear_backward, matmul_nt};
+use crate::ops::{self, act, embed, norm, rope};
+use crate::tensor::Tensor;
+use std::path::Path;
+
+/// One training sequence with its image.
+#[derive(Debug, Clone)]
+pub struct TrainSeq {
+    /// Token ids, `<image>` already expanded to the vision tower's token count.
+    pub input_ids: Vec<u32>,
+    /// HF-style labels, one per position: the token id where it is an answer token to learn,
+    /// [`IGNORE_INDEX`] elsewhere. Position `t` is trained to predict `labels[t + 1]`.
+    pub labels: Vec<i64>,
+    /// `[channels, size, size]`, preprocessed.
+    pub pixel_values: Vec<f32>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parameter plumbing
+// ---------------------------------------------------------------------------------------------
+
+/// Builds the parameter list, asking `get(canonical_name, shape)` for each value (canonical names
+/// are those of [`Weights`]: `vision.*`, `projector.*`, `lm.*`, `lm_head.weight`).
+struct Builder<'a> {
+    params: Vec<Param>,
+    get: &'a mut ValueSource<'a>,
+}
+
+/// Gives the value of a parameter from its canonical name and shape.
+type ValueSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>> + 'a;
+
+impl Builder<'_> {
+    fn add(&mut self, canonical: &str, shape: &[usize]) -> Result<usize> {
+        let value = (self.get)(canonical, shape)?;
+        let (prefix, hf) = if let Some(r) = canonical.strip_prefix("vision.") {
+            ("vision", format!("model.vision_tower.{r}"))
+        } else if let Some(r) = canonical.strip_prefix("projector.") {
+            ("projector", format!("model.multi_modal_projector.{r}"))
+        } else if let Some(r) = canonical.strip_prefix("lm.") {
+            ("lm", format!("model.language_model.{r}"))
+        } else {
+            ("lm", canonical.to_string())
+        };
+        self.params
+            .push(Param::new(hf.clone(), decay_group(prefix, &hf), value));
+        Ok(self.params.len() - 1)
+    }
+
+    fn lin(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Lin> {
+        Ok(Lin {
+            w: self.add(&format!("{name}.weight"), &[out, inp])?,
+            b: if bias {
+                Some(self.add(&format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            },
+            out,
+            inp,
+        })
+    }
+
+    fn ln(&mut self, name: &str, d: usize) -> Result<Ln> {
+        Ok(Ln {
+            w: self.add(&format!("{name}.weight"), &[d])?,
+            b: self.add(&format!("{name}.bias"), &[d])?,
+        })
+    }
+}
+
+fn frozen(p: &[Param], i: usize) -> bool {
+    p[i].grad.is_empty()
+}
+
+/// `y = x·Wᵀ + b` over parameters `w` (`[out, inp]`) and `b`.
+#[derive(Debug, Clone, Copy)]
+struct Lin {
+    w: usize,
+    b: Option<usize>,
+    out: usize,
+    inp: usize,
+}
+
+impl Lin {
+    fn forward(&self, p: &[Param], x: &[f32]) -> Vec<f32> {
+        let m = x.len() / self.inp;
+        let mut y = vec![0.0f32; m * self.out];
+        matmul_nt(
+            m,
+            self.out,
+            self.inp,
+            x,
+            self.inp,
+            &p[self.w].value,
+            self.inp,
+            &mut y,
+            true,
+        );
+        if let Some(b) = self.b {
+            for row in y.chunks_mut(self.out) {
+                ops::add(row, &p[b].value);
+            }
+        }
+        y
+    }
+
+    /// Returns `dx`; accumulates `dW`, `db` unless frozen.
+    fn backward(&self, p: &mut [Param], x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
+        let skip = frozen(p, self.w);
+        let mut dw = if skip {
+            vec![0.0f32; p[self.w].value.len()]
+        } else {
+            std::mem::take(&mut p[self.w].grad)
+        };
+        let dx = match self.b.filter(|&b| !frozen(p, b)) {
+            Some(b) => {
+                let mut db = std::mem::take(&mut p[b].grad);
+                let r = linear_backward(x, &p[self.w].value, self.inp, dy, &mut dw, Some(&mut db));
+                p[b].grad = db;
+                r
+            }
+            None => linear_backward(x, &p[self.w].value, self.inp, dy, &mut dw, None),
+        };
+        if !skip {
+            p[self.w].grad = dw;
+        }
+        dx
+    }
+}
+
+/// LayerNorm with weight and bias.
+#[derive(Debug, Clone, Copy)]
+struct Ln {
+    w: usize,
+    b: usize,
+}
+
+impl Ln {
+    fn forward(&self, p: &[Param], x: &[f32], eps: f64) -> Result<Vec<f32>> {
+        let d = p[self.w].value.len();
+        Ok(norm::layer_norm(
+            x,
+            &Tensor::from_f32(&[d], p[self.w].value.clone())?,
+            &Tensor::from_f32(&[d], p[self.b].value.clone())?,
+            eps,
+        ))
+    }
+
+    fn backward(&self, p: &mut [Param], x: &[f32], eps: f64, dy: &[f32]) -> Vec<f32> {
+        let d = p[self.w].value.len();
+        let mut dw = std::mem::take(&mut p[self.w].grad);
+        let mut db = std::mem::take(&mut p[self.b].grad);
+        let (mut tw, mut tb) = (vec![0.0; d], vec![0.0; d]);
+        let dx = norm::layer_norm_backward(
+            x,
+            &p[self.w].value,
+            eps,
+            dy,
+            if dw.is_empty() { &mut tw } else { &mut dw },
+            if db.is_empty() { &mut tb } else { &mut db },
+        );
+        p[self.w].grad = dw;
+        p[self.b].grad = db;
+        dx
+    }
+}
+
+fn rms_forward(p: &[Param], w: usize, x: &[f32], eps: f64) -> Result<Vec<f32>> {
+    let d = p[w].value.len();
+    Ok(norm::rms_norm(
+        x,
+        &Tensor::from_f32(&[d], p[w].value.clone())?,
+        eps,
+    ))
+}
+
+fn rms_backward(p: &mut [Param], w: usize, x: &[f32], eps: f64, dy: &[f32]) -> Vec<f32> {
+    let mut dw = std::mem::take(&mut p[w].grad);
+    let mut tmp = vec![0.0; p[w].value.len()];
+    let dx = norm::rms_norm_backward(
+        x,
+        &p[w].value,
+        eps,
+        dy,
+        if dw.is_empty() { &mut tmp } else { &mut dw },
+    );
+    p[w].grad = dw;
+    dx
+}
+
+// ---------------------------------------------------------------------------------------------
+// CLIP vision tower (HF `CLIPVisionModel`)
+// ---------------------------------------------------------------------------------------------
+
+/// HF `CLIPEncoderLayer`.
+struct EncoderLayer {
+    layer_norm1: Ln,
+    q_proj: Lin,
+    k_proj: Lin,
+    v_proj: Lin,
+    out_proj: Lin,
+    layer_norm2: Ln,
+    fc1: Lin,
+    fc2: Lin,
+}
+
+/// What one encoder layer's backward needs.
+struct EncoderCache {
+    x: Vec<f32>,
+    xn1: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    probs: Vec<f32>,
+    o: Vec<f32>,
+    x_mid: Vec<f32>,
+    xn2: Vec<f32>,
+    pre_act: Vec<f32>,
+    act: Vec<f32>,
+}
+
+impl EncoderLayer {
+    fn forward(&self, p: &[Param], c: &LlavaConfig, x: &mut [f32]) -> Result<EncoderCache> {
+        let vc = &c.vision;
+        let (h, nh) = (vc.hidden_size, vc.num_attention_heads);
+        let sh = AttnShape {
+            t: x.len() / h,
+            s: x.len() / h,
+            heads: nh,
+            kv_heads: nh,
+            head_dim: h / nh,
+            causal: false,
+        };
+        let x_in = x.to_vec();
+        let xn1 = self.layer_norm1.forward(p, x, vc.layer_norm_eps)?;
+        let q = self.q_proj.forward(p, &xn1);
+        let k = self.k_proj.forward(p, &xn1);
+        let v = self.v_proj.forward(p, &xn1);
+        let (o, probs) = attention_with_probs(&q, &k, &v, sh);
+        ops::add(x, &self.out_proj.forward(p, &o));
+        let x_mid = x.to_vec();
+        let xn2 = self.layer_norm2.forward(p, x, vc.layer_norm_eps)?;
+        let pre_act = self.fc1.forward(p, &xn2);
+        let mut a = pre_act.clone();
+        match vc.hidden_act.as_str() {
+            "gelu" => act::gelu(&mut a),
+            _ => act::quick_gelu(&mut a),
+        }
+        ops::add(x, &self.fc2.forward(p, &a));
+        Ok(EncoderCache {
+            x: x_in,
+            xn1,
+            q,
+            k,
+            v,
+            probs,
+            o,
+            x_mid,
+            xn2,
+            pre_act,
+            act: a,
+        })
+    }
+
+    /// `dx` is the gradient of the layer's output on entry and of its input on return.
+    fn backward(
+        &self,
+        p: &mut [Param],
+        c: &LlavaConfig,
+        cache: &EncoderCache,
+        dx: &mut [f32],
+    ) -> Result<()> {
+        let vc = &c.vision;
+        let (h, nh) = (vc.hidden_size, vc.num_attention_heads);
+        let eps = vc.layer_norm_eps;
+        let da = self.fc2.backward(p, &cache.act, dx)?;
+        let dpre = match vc.hidden_act.as_str() {
+            "gelu" => act::gelu_backward(&cache.pre_act, &da),
+            _ => act::quick_gelu_backward(&cache.pre_act, &da),
+        };
+        let dxn2 = self.fc1.backward(p, &cache.xn2, &dpre)?;
+        ops::add(dx, &self.layer_norm2.backward(p, &cache.x_mid, eps, &dxn2));
+        let d_o = self.out_proj.backward(p, &cache.o, dx)?;
+        let sh = AttnShape {
+            t: dx.len() / h,
+            s: dx.len() / h,
+            heads: nh,
+            kv_heads: nh,
+            head_dim: h / nh,
+            causal: false,
+        };
+        let (dq, dk, dv) =
+            attention_backward(&cache.q, &cache.k, &cache.v, Some(&cache.probs), &d_o, sh);
+        let mut dxn1 = self.q_proj.backward(p, &cache.xn1, &dq)?;
+        ops::add(&mut dxn1, &self.k_proj.backward(p, &cache.xn1, &dk)?);
+        ops::add(&mut dxn1, &self.v_proj.backward(p, &cache.xn1, &dv)?);
+        ops::add(dx, &self.layer_norm1.backward(p, &cache.x, eps, &dxn1));
+        Ok(())
+    }
+}
+
+/// The vision tower's embeddings, `pre_layrnorm` and encoder layers.
+struct VisionTower {
+    patch_embedding: Lin,
+    class_embedding: usize,
+    position_embedding: usize,
+    pre_layrnorm: Ln,
+    layers: Vec<EncoderLayer>,
+}
+
+/// One image's vision activations.
+struct VisionCache {
+    patches: Vec<f32>,
+    pre_ln_in: Vec<f32>,
+    layers: Vec<EncoderCache>,
+}
+
+impl VisionTower {
+    /// Unfolds `[channels, size, size]` into `[patches, channels·p·p]` (the conv kernel's order).
+    fn unfold(c: &LlavaConfig, px: &[f32]) -> Result<Vec<f32>> {
+        let vc = &c.vision;
+        let (p, ch, g, s) = (vc.patch_size, vc.num_channels, vc.grid(), vc.image_size);
+        if px.len() != ch * s * s {
+            return Err(Error::Shape {
+                name: "pixel_values".into(),
+                expected: vec![ch, s, s],
+                got: vec![px.len()],
+            });
+        }
+        let mut out = Vec::with_capacity(g * g * ch * p * p);
+        for gy in 0..g {
+            for gx in 0..g {
+                for cc in 0..ch {
+                    for y in 0..p {
+                        let row = (cc * s + gy * p + y) * s + gx * p;
+                        out.extend_from_slice(&px[row..row + p]);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// HF's hidden-states list (entry 0 after `pre_layrnorm`, entry i after layer i).
+    fn forward(
+        &self,
+        p: &[Param],
+        c: &LlavaConfig,
+        px: &[f32],
+    ) -> Result<(Vec<Vec<f32>>, VisionCache)> {
+        let patches = Self::unfold(c, px)?;
+        let pe = self.patch_embedding.forward(p, &patches);
+        let mut x = p[self.class_embedding].value.clone();
+        x.extend_from_slice(&pe);
+        ops::add(&mut x, &p[self.position_embedding].value);
+        let mut x_cur = self.pre_layrnorm.forward(p, &x, c.vision.layer_norm_eps)?;
+        let mut states = vec![x_cur.clone()];
+        let mut caches = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            caches.push(layer.forward(p, c, &mut x_cur)?);
+            states.push(x_cur.clone());
+        }
+        Ok((
+            states,
+            VisionCache {
+                patches,
+                pre_ln_in: x,
+                layers: caches,
+            },
+        ))
+    }
+
+    /// `dstates[i]`: gradient reaching hidden state `i` directly (from the feature selection).
+    fn backward(
+        &self,
+        p: &mut [Param],
+        c: &LlavaConfig,
+        cache: &VisionCache,
+        dstates: &[Vec<f32>],
+    ) -> Result<()> {
+        let n = self.layers.len();
+        let mut dx = dstates[n].clone();
+        for i in (0..n).rev() {
+            self.layers[i].backward(p, c, &cache.layers[i], &mut dx)?;
+            ops::add(&mut dx, &dstates[i]);
+        }
+        let dx = self
+            .pre_layrnorm
+            .backward(p, &cache.pre_ln_in, c.vision.layer_norm_eps, &dx);
+        let h = c.vision.hidden_size;
+        if !frozen(p, self.position_embedding) {
+            ops::add(&mut p[self.position_embedding].grad, &dx);
+        }
+        if !frozen(p, self.class_embedding) {
+            ops::add(&mut p[self.class_embedding].grad, &dx[..h]);
+        }
+        if !frozen(p, self.patch_embedding.w) {
+            self.patch_embedding.backward(p, &cache.patches, &dx[h..])?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LLaMA decoder (HF `LlamaDecoderLayer`)
+// ---------------------------------------------------------------------------------------------
+
+/// HF `LlamaDecoderLayer`: RMSNorm, attention (q/k/v/o, RoPE, GQA, causal), RMSNorm, SiLU MLP.
+struct DecoderLayer {
+    input_layernorm: usize,
+    q_proj: Lin,
+    k_proj: Lin,
+    v_proj: Lin,
+    o_proj: Lin,
+    post_attention_layernorm: usize,
+    gate_proj: Lin,
+    up_proj: Lin,
+    down_proj: Lin,
+}
+
+/// What one decoder layer's backward needs (rows of every sequence, concatenated).
+struct DecoderCache {
+    x: Vec<f32>,
+    xn1: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    probs: Vec<Vec<f32>>,
+    o: Vec<f32>,
+    x_mid: Vec<f32>,
+    xn2: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    act: Vec<f32>,
+}
+
+/// Causal GQA attention over one sequence of `t` rows.
+fn attn_shape(c: &LlavaConfig, t: usize) -> AttnShape {
+    let tc = &c.text;
+    AttnShape {
+        t,
+        s: t,
+        heads: tc.num_attention_heads,
+        kv_heads: tc.num_key_value_heads,
+        head_dim: tc.head_dim,
+        causal: true,
+    }
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        p: &[Param],
+        c: &LlavaConfig,
+        inv_freq: &[f32],
+        lens: &[usize],
+        x: &mut [f32],
+    ) -> Result<DecoderCache> {
+        let tc = &c.text;
+        let (nh, nkv, hd) = (tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim);
+        let x_in = x.to_vec();
+        let xn1 = rms_forward(p, self.input_layernorm, x, tc.rms_norm_eps)?;
+        let mut q = self.q_proj.forward(p, &xn1);
+        let mut k = self.k_proj.forward(p, &xn1);
+        let v = self.v_proj.forward(p, &xn1);
+        let mut o = vec![0.0f32; q.len()];
+        let mut probs = Vec::with_capacity(lens.len());
+        let mut r0 = 0;
+        for &t in lens {
+            let pos: Vec<usize> = (0..t).collect();
+            let qs = &mut q[r0 * nh * hd..(r0 + t) * nh * hd];
+            let ks = &mut k[r0 * nkv * hd..(r0 + t) * nkv * hd];
+            rope::apply_rope(qs, nh, hd, &pos, inv_freq);
+            rope::apply_rope(ks, nkv, hd, &pos, inv_freq);
+            let vs = &v[r0 * nkv * hd..(r0 + t) * nkv * hd];
+            let (out, pr) = attention_with_probs(qs, ks, vs, attn_shape(c, t));
+            o[r0 * nh * hd..(r0 + t) * nh * hd].copy_from_slice(&out);
+            probs.push(pr);
+            r0 += t;
+        }
+        ops::add(x, &self.o_proj.forward(p, &o));
+        let x_mid = x.to_vec();
+        let xn2 = rms_forward(p, self.post_attention_layernorm, x, tc.rms_norm_eps)?;
+        let gate = self.gate_proj.forward(p, &xn2);
+        let up = self.up_proj.forward(p, &xn2);
+        let mut a = gate.clone();
+        act::silu_mul(&mut a, &up);
+        ops::add(x, &self.down_proj.forward(p, &a));
+        Ok(DecoderCache {
+            x: x_in,
+            xn1,
+            q,
+            k,
+            v,
+            probs,
+            o,
+            x_mid,
+            xn2,
+            gate,
+            up,
+            act: a,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        p: &mut [Param],
+        c: &LlavaConfig,
+        inv_freq: &[f32],
+        lens: &[usize],
+        cache: &DecoderCache,
+        dx: &mut [f32],
+    ) -> Result<()> {
+        let tc = &c.text;
+        let (nh, nkv, hd, eps) = (
+            tc.num_attention_heads,
+            tc.num_key_value_heads,
+            tc.head_dim,
+            tc.rms_norm_eps,
+        );
+        let da = self.down_proj.backward(p, &cache.act, dx)?;
+        let (dgate, dup) = act::silu_mul_backward(&cache.gate, &cache.up, &da);
+        let mut dxn2 = self.gate_proj.backward(p, &cache.xn2, &dgate)?;
+        ops::add(&mut dxn2, &self.up_proj.backward(p, &cache.xn2, &dup)?);
+        ops::add(
+            dx,
+            &rms_backward(p, self.post_attention_layernorm, &cache.x_mid, eps, &dxn2),
+        );
+        let d_o = self.o_proj.backward(p, &cache.o, dx)?;
+        let mut dq = vec![0.0f32; cache.q.len()];
+        let mut dk = vec![0.0f32; cache.k.len()];
+        let mut dv = vec![0.0f32; cache.v.len()];
+        let mut r0 = 0;
+        for (&t, probs) in lens.iter().zip(&cache.probs) {
+            let pos: Vec<usize> = (0..t).collect();
+            let (qr, kr) = (
+                r0 * nh * hd..(r0 + t) * nh * hd,
+                r0 * nkv * hd..(r0 + t) * nkv * hd,
+            );
+            let (mut gq, mut gk, gv) = attention_backward(
+                &cache.q[qr.clone()],
+                &cache.k[kr.clone()],
+                &cache.v[kr.clone()],
+                Some(probs),
+                &d_o[qr.clone()],
+                attn_shape(c, t),
+            );
+            rope::apply_rope_backward(&mut gq, nh, hd, &pos, inv_freq);
+            rope::apply_rope_backward(&mut gk, nkv, hd, &pos, inv_freq);
+            dq[qr].copy_from_slice(&gq);
+            dk[kr.clone()].copy_from_slice(&gk);
+            dv[kr].copy_from_slice(&gv);
+            r0 += t;
+        }
+        let mut dxn1 = self.q_proj.backward(p, &cache.xn1, &dq)?;
+        ops::add(&mut dxn1, &self.k_proj.backward(p, &cache.xn1, &dk)?);
+        ops::add(&mut dxn1, &self.v_proj.backward(p, &cache.xn1, &dv)?);
+        ops::add(
+            dx,
+            &rms_backward(p, self.input_layernorm, &cache.x, eps, &dxn1),
+        );
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LLaVA
+// ---------------------------------------------------------------------------------------------
+
+/// Everything the backward of the last [`TrainModel::forward`] needs.
+struct Cache {
+    ids: Vec<u32>,
+    lens: Vec<usize>,
+    /// Row of each merged image feature (`[images·image_tokens]`, image by image).
+    image_rows: Vec<usize>,
+    vision: Vec<VisionCache>,
+    /// Projector input `[images·image_tokens, vision_hidden·layers]`, `linear_1` output, GELU output.
+    feats: Vec<f32>,
+    h1: Vec<f32>,
+    g: Vec<f32>,
+    decoder: Vec<DecoderCache>,
+    final_in: Vec<f32>,
+    final_out: Vec<f32>,
+    dlogits: Vec<f32>,
+}
+
+/// LLaVA with trainable f32 parameters.
+pub struct TrainModel {
+    pub config: LlavaConfig,
+    /// Every parameter, in HF's `named_parameters()` order within each block.
+    pub params: Vec<Param>,
+    vision: VisionTower,
+    linear_1: Lin,
+    linear_2: Lin,
+    embed_tokens: usize,
+    layers: Vec<DecoderLayer>,
+    norm: usize,
+    /// `None` when tied to `embed_tokens`.
+    lm_head: Option<usize>,
+    /// `vision_feature_layer` as indices into the hidden-states list.
+    feature_layers: Vec<usize>,
+    inv_freq: Vec<f32>,
+    cache: Option<Cache>,
+}
+
+impl TrainModel {
+    /// Loads a LLaVA checkpoint directory (`config.json` + safetensors, any key layout and dtype
+    /// [`Weights`] reads), converting every weight to f32.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let config = match ModelConfig::from_file(&dir.join("config.json"))? {
+            ModelConfig::Llava(c) => c,
+            ModelConfig::Llama(_) => {
+                return Err(Error::arg(
+                    "model",
+                    format!("{} is a LLaMA checkpoint, not LLaVA", dir.display()),
+                ));
+            }
+        };
+        let mut w = Weights::from_dir(dir)?;
+        let has_head = w.contains("lm_head.weight");
+        let mut get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            Ok(w.take(name, shape)?.to_f32().into_f32_vec())
+        };
+        let tied = config.text.tie_word_embeddings || !has_head;
+        Self::build(config, tied, &mut get)
+    }
+
+    /// A freshly initialised model: weights `N(0, std)`-like (uniform with that standard
+    /// deviation, from a seeded generator), norm weights 1, biases 0, CLS and positions like weights.
+    pub fn init(config: &LlavaConfig, std: f32, seed: u64) -> Result<Self> {
+        let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+        let mut get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let n: usize = shape.iter().product();
+            let last = name.rsplit('.').nth(1).unwrap_or("");
+            if name.ends_with(".bias") {
+                return Ok(vec![0.0; n]);
+            }
+            if last.contains("norm") || name == "lm.norm.weight" {
+                return Ok(vec![1.0; n]);
+            }
+            Ok((0..n)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    let u = (state >> 40) as f32 / (1u64 << 24) as f32;
+                    (u * 2.0 - 1.0) * std * 3f32.sqrt()
+                })
+                .collect())
+        };
+        Self::build(config.clone(), config.text.tie_word_embeddings, &mut get)
+    }
+
+    fn build(config: LlavaConfig, tied: bool, get: &mut ValueSource<'_>) -> Result<Self> {
+        let c = &config;
+        let (vc, tc) = (&c.vision, &c.text);
+        let n_states = vc.num_hidden_layers as i64 + 1;
+        let feature_layers = c
+            .vision_feature_layers
+            .iter()
+            .map(|&l| {
+                let r = if l < 0 { n_states + l } else { l };
+                if (0..n_states).contains(&r) {
+                    Ok(r as usize)
+                } else {
+                    Err(Error::arg(
+                        "vision_feature_layer",
+                        format!("{l} is outside the {n_states} hidden states"),
+                    ))
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let deepest = feature_layers.iter().copied().max().unwrap_or(0);
+        let mut b = Builder {
+            params: Vec::new(),
+            get,
+        };
+        let (h, p, ch) = (vc.hidden_size, vc.patch_size, vc.num_channels);
+        let class_embedding = b.add("vision.embeddings.class_embedding", &[h])?;
+        let patch_w = b.add("vision.embeddings.patch_embedding.weight", &[h, ch, p, p])?;
+        let position_embedding = b.add(
+            "vision.embeddings.position_embedding.weight",
+            &[vc.grid() * vc.grid() + 1, h],
+        )?;
+        let pre_layrnorm = b.ln("vision.pre_layrnorm", h)?;
+        let mut vlayers = Vec::with_capacity(deepest);
+        for i in 0..deepest {
+            let n = format!("vision.encoder.layers.{i}");
+            vlayers.push(EncoderLayer {
+                q_proj: b.lin(&format!("{n}.self_attn.q_proj"), h, h, true)?,
+                k_proj: b.lin(&format!("{n}.self_attn.k_proj"), h, h, true)?,
+                v_proj: b.lin(&format!("{n}.self_attn.v_proj"), h, h, true)?,
+                out_proj: b.lin(&format!("{n}.self_attn.out_proj"), h, h, true)?,
+                layer_norm1: b.ln(&format!("{n}.layer_norm1"), h)?,
+                fc1: b.lin(&format!("{n}.mlp.fc1"), vc.intermediate_size, h, true)?,
+                fc2: b.lin(&format!("{n}.mlp.fc2"), h, vc.intermediate_size, true)?,
+                layer_norm2: b.ln(&format!("{n}.layer_norm2"), h)?,
+            });
+        }
+        let th = tc.hidden_size;
+        let pb = c.projector_bias;
+        let linear_1 = b.lin("projector.linear_1", th, h * feature_layers.len(), pb)?;
+        let linear_2 = b.lin("projector.linear_2", th, th, pb)?;
+        let embed_tokens = b.add("lm.embed_tokens.weight", &[tc.vocab_size, th])?;
+        let (hd, qd, kvd) = (
+            tc.head_dim,
+            tc.num_attention_heads * tc.head_dim,
+            tc.num_key_value_heads * tc.head_dim,
+        );
+        let (ab, mb, inter) = (tc.attention_bias, tc.mlp_bias, tc.intermediate_size);
+        let mut layers = Vec::with_capacity(tc.num_hidden_layers);
+        for i in 0..tc.num_hidden_layers {
+            let n = format!("lm.layers.{i}");
+            layers.push(DecoderLayer {
+                q_proj: b.lin(&format!("{n}.self_attn.q_proj"), qd, th, ab)?,
+                k_proj: b.lin(&format!("{n}.self_attn.k_proj"), kvd, th, ab)?,
+                v_proj: b.lin(&format!("{n}.self_attn.v_proj"), kvd, th, ab)?,
+                o_proj: b.lin(&format!("{n}.self_attn.o_proj"), th, qd, ab)?,
+                gate_proj: b.lin(&format!("{n}.mlp.gate_proj"), inter, th, mb)?,
+                up_proj: b.lin(&format!("{n}.mlp.up_proj"), inter, th, mb)?,
+                down_proj: b.lin(&format!("{n}.mlp.down_proj"), th, inter, mb)?,
+                input_layernorm: b.add(&format!("{n}.input_layernorm.weight"), &[th])?,
+                post_attention_layernorm: b
+                    .add(&format!("{n}.post_attention_layernorm.weight"), &[th])?,
+            });
+        }
+        let norm = b.add("lm.norm.weight", &[th])?;
+        let lm_head = if tied {
+            None
+        } else {
+            Some(b.add("lm_head.weight", &[tc.vocab_size, th])?)
+        };
+        Ok(TrainModel {
+            inv_freq: rope::inv_freq(hd, tc.rope_theta),
+            config,
+            params: b.params,
+            vision: VisionTower {
+                patch_embedding: Lin {
+                    w: patch_w,
+                    b: None,
+                    out: h,
+                    inp: ch * p * p,
+                },
+                class_embedding,
+                position_embedding,
+                pre_layrnorm,
+                layers: vlayers,
+            },
+            linear_1,
+            linear_2,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            feature_layers,
+            cache: None,
+        })
+    }
+
+    /// The parameter called `name`.
+    pub fn param(&self, name: &str) -> Option<&Param> {
+        self.params.iter().find(|p| p.name == name)
+    }
+
+    /// Whether the LM head is the embedding matrix.
+    pub fn tied(&self) -> bool {
+        self.lm_head.is_none()
+    }
+
+    /// Runs the batch and returns the mean cross-entropy over its counted (answer) tokens, as
+    /// torch's `F.cross_entropy` on the concatenation of the shifted logits/labels of every
+    /// sequence with `ignore_index = -100`; keeps the activations for [`TrainModel::backward`].
+    pub fn forward(&mut self, batch: &[TrainSeq]) -> Result<f32> {
+        self.cache = None;
+        let c = &self.config;
+        let p = &self.params;
+        let (vh, th, vocab) = (c.vision.hidden_size, c.text.hidden_size, c.text.vocab_size);
+        let ntok = c.image_tokens();
+        let skip = usize::from(c.select_strategy == SelectStrategy::Default);
+        // Vision tower and feature selection, image by image.
+        let nl = self.feature_layers.len();
+        let mut feats = Vec::with_capacity(batch.len() * ntok * vh * nl);
+        let mut vision = Vec::with_capacity(batch.len());
+        for s in batch {
+            let (states, cache) = self.vision.forward(p, c, &s.pixel_values)?;
+            for t in skip..skip + ntok {
+                for &l in &self.feature_layers {
+                    feats.extend_from_slice(&states[l][t * vh..(t + 1) * vh]);
+                }
+            }
+            vision.push(cache);
+        }
+        // Projector.
+        let h1 = self.linear_1.forward(p, &feats);
+        let mut g = h1.clone();
+        act::gelu(&mut g);
+        let img = self.linear_2.forward(p, &g);
+        // Token embeddings with the image features merged in.
+        let mut ids = Vec::new();
+        let mut targets = Vec::new();
+        let mut lens = Vec::with_capacity(batch.len());
+        let mut image_rows = Vec::with_capacity(batch.len() * ntok);
+        for (i, s) in batch.iter().enumerate() {
+            if s.labels.len() != s.input_ids.len() {
+                return Err(Error::arg(
+                    "labels",
+                    format!(
+                        "sequence {i} has {} labels for {} tokens",
+                        s.labels.len(),
+                        s.input_ids.len()
+                    ),
+                ));
+            }
+            let slots: Vec<usize> = (0..s.input_ids.len())
+                .filter(|&t| s.input_ids[t] == c.image_token_id)
+                .map(|t| ids.len() + t)
+                .collect();
+            if slots.len() != ntok {
+                return Err(Error::Prompt(format!(
+                    "sequence {i} has {} image tokens (id {}) but its image gives {ntok} features",
+                    slots.len(),
+                    c.image_token_id
+                )));
+            }
+            image_rows.extend(slots);
+            ids.extend_from_slice(&s.input_ids);
+            targets.extend(s.labels[1..].iter().copied());
+            targets.push(IGNORE_INDEX);
+            lens.push(s.input_ids.len());
+        }
+        let table = Tensor::from_f32(&[vocab, th], p[self.embed_tokens].value.clone())?;
+        // The image token may lie outside the vocabulary; its rows are overwritten anyway.
+        let safe_ids: Vec<u32> = ids
+            .iter()
+            .map(|&t| if t == c.image_token_id { 0 } else { t })
+            .collect();
+        let mut x = embed::embed(&table, &safe_ids)?;
+        for (k, &r) in image_rows.iter().enumerate() {
+            x[r * th..(r + 1) * th].copy_from_slice(&img[k * th..(k + 1) * th]);
+        }
+        // Decoder layers.
+        let mut decoder = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            decoder.push(layer.forward(p, c, &self.inv_freq, &lens, &mut x)?);
+        }
+        let final_out = rms_forward(p, self.norm, &x, c.text.rms_norm_eps)?;
+        let head = self.lm_head.unwrap_or(self.embed_tokens);
+        let logits = Lin {
+            w: head,
+            b: None,
+            out: vocab,
+            inp: th,
+        }
+        .forward(p, &final_out);
+        let (loss, dlogits) = cross_entropy(&logits, vocab, &targets, IGNORE_INDEX)?;
+        self.cache = Some(Cache {
+            ids,
+            lens,
+            image_rows,
+            vision,
+            feats,
+            h1,
+            g,
+            decoder,
+            final_in: x,
+            final_out,
+            dlogits,
+        });
+        Ok(loss)
+    }
+
+    /// Accumulates the gradient of the last forward's loss into every non-frozen parameter's
+    /// `grad` (call [`super::optim::zero_grads`] between steps). Consumes the cache.
+    pub fn backward(&mut self) -> Result<()> {
+        let cache = self
+            .cache
+            .take()
+            .ok_or_else(|| Error::arg("backward", "no forward pass to differentiate"))?;
+        let c = &self.config;
+        let p = &mut self.params;
+        let (vh, th, vocab) = (c.vision.hidden_size, c.text.hidden_size, c.text.vocab_size);
+        let head = self.lm_head.unwrap_or(self.embed_tokens);
+        let dxn = Lin {
+            w: head,
+            b: None,
+            out: vocab,
+            inp: th,
+        }
+        .backward(p, &cache.final_out, &cache.dlogits)?;
+        let mut dx = rms_backward(p, self.norm, &cache.final_in, c.text.rms_norm_eps, &dxn);
+        for (layer, lc) in self.layers.iter().zip(&cache.decoder).rev() {
+            layer.backward(p, c, &self.inv_freq, &cache.lens, lc, &mut dx)?;
+        }
+        // Split the embedding gradient: image rows go to the projector, the rest to the table.
+        let mut dimg = vec![0.0f32; cache.image_rows.len() * th];
+        for (k, &r) in cache.image_rows.iter().enumerate() {
+            dimg[k * th..(k + 1) * th].copy_from_slice(&dx[r * th..(r + 1) * th]);
+            dx[r * th..(r + 1) * th].fill(0.0);
+        }
+        if !frozen(p, self.embed_tokens) {
+            let mut dtable = std::mem::take(&mut p[self.embed_tokens].grad);
+            let ids: Vec<u32> = cache
+                .ids
+                .iter()
+                .map(|&t| if t == c.image_token_id { 0 } else { t })
+                .collect();
+            let r = embed::embed_backward(&ids, &dx, th, &mut dtable);
+            p[self.embed_tokens].grad = dtable;
+            r?;
+        }
+        let upstream_frozen = p
+            .iter()
+            .filter(|q| q.group.starts_with("vision") || q.group.starts_with("projector"))
+            .all(|q| q.grad.is_empty());
+        if upstream_frozen {
+            return Ok(());
+        }
+        // Projector.
+        let dg = self.linear_2.backward(p, &cache.g, &dimg)?;
+        let dh1 = act::gelu_backward(&cache.h1, &dg);
+        let dfeats = self.linear_1.backward(p, &cache.feats, &dh1)?;
+        // Vision tower, image by image.
+        let vision_frozen = p
+            .iter()
+            .filter(|q| q.group.starts_with("vision"))
+            .all(|q| q.grad.is_empty());
+        if vision_frozen {
+            return Ok(());
+        }
+        let ntok = c.image_tokens();
+        let tokens = c.vision.grid() * c.vision.grid() + 1;
+        let skip = usize::from(c.select_strategy == SelectStrategy::Default);
+        let nl = self.feature_layers.len();
+        for (i, vcache) in cache.vision.iter().enumerate() {
+            let mut dstates = vec![vec![0.0f32; tokens * vh]; self.vision.layers.len() + 1];
+            for t in 0..ntok {
+                let row = &dfeats[(i * ntok + t) * vh * nl..(i * ntok + t + 1) * vh * nl];
+                for (j, &l) in self.feature_layers.iter().enumerate() {
+                    let dst = &mut dstates[l][(t + skip) * vh..(t + skip + 1) * vh];
+                    ops::add(dst, &row[j * vh..(j + 1) * vh]);
+                }
+            }
+            self.vision.backward(p, c, vcache, &dstates)?;
+        }
+        Ok(())
+    }
+}
