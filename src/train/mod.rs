@@ -9,7 +9,9 @@
 //!   `preprocess_v1` masking) and pixel values; a seeded, resumable loader.
 //! - [`tokenizer_train`]: trains a LLaMA-style byte-fallback BPE `tokenizer.json` for new models.
 //! - [`model`]: LLaVA with f32 parameters, training forward with caches and the full backward.
+//! - [`checkpoint`]: writes a model as a transformers 5.x-loadable checkpoint directory.
 
+pub mod checkpoint;
 pub mod data;
 pub mod model;
 pub mod optim;

@@ -51,7 +51,22 @@ pub struct TrainSeq {
 /// are those of [`Weights`]: `vision.*`, `projector.*`, `lm.*`, `lm_head.weight`).
 struct Builder<'a> {
     params: Vec<Param>,
+    shapes: Vec<Vec<usize>>,
     get: &'a mut ValueSource<'a>,
+}
+
+/// The transformers 5.x in-memory key (what `named_parameters()` and `save_pretrained` use) of a
+/// canonical [`Weights`] name, with its group prefix (`vision`, `projector` or `lm`).
+pub fn hf_name(canonical: &str) -> (&'static str, String) {
+    if let Some(r) = canonical.strip_prefix("vision.") {
+        ("vision", format!("model.vision_tower.{r}"))
+    } else if let Some(r) = canonical.strip_prefix("projector.") {
+        ("projector", format!("model.multi_modal_projector.{r}"))
+    } else if let Some(r) = canonical.strip_prefix("lm.") {
+        ("lm", format!("model.language_model.{r}"))
+    } else {
+        ("lm", canonical.to_string())
+    }
 }
 
 /// Gives the value of a parameter from its canonical name and shape.
@@ -60,17 +75,10 @@ type ValueSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>> + 'a;
 impl Builder<'_> {
     fn add(&mut self, canonical: &str, shape: &[usize]) -> Result<usize> {
         let value = (self.get)(canonical, shape)?;
-        let (prefix, hf) = if let Some(r) = canonical.strip_prefix("vision.") {
-            ("vision", format!("model.vision_tower.{r}"))
-        } else if let Some(r) = canonical.strip_prefix("projector.") {
-            ("projector", format!("model.multi_modal_projector.{r}"))
-        } else if let Some(r) = canonical.strip_prefix("lm.") {
-            ("lm", format!("model.language_model.{r}"))
-        } else {
-            ("lm", canonical.to_string())
-        };
+        let (prefix, hf) = hf_name(canonical);
         self.params
             .push(Param::new(hf.clone(), decay_group(prefix, &hf), value));
+        self.shapes.push(shape.to_vec());
         Ok(self.params.len() - 1)
     }
 
@@ -617,6 +625,8 @@ pub struct TrainModel {
     pub config: LlavaConfig,
     /// Every parameter, in HF's `named_parameters()` order within each block.
     pub params: Vec<Param>,
+    /// Shape of each parameter (same order as `params`).
+    shapes: Vec<Vec<usize>>,
     vision: VisionTower,
     linear_1: Lin,
     linear_2: Lin,
@@ -701,6 +711,7 @@ impl TrainModel {
         let deepest = feature_layers.iter().copied().max().unwrap_or(0);
         let mut b = Builder {
             params: Vec::new(),
+            shapes: Vec::new(),
             get,
         };
         let (h, p, ch) = (vc.hidden_size, vc.patch_size, vc.num_channels);
@@ -762,6 +773,7 @@ impl TrainModel {
             inv_freq: rope::inv_freq(hd, tc.rope_theta),
             config,
             params: b.params,
+            shapes: b.shapes,
             vision: VisionTower {
                 patch_embedding: Lin {
                     w: patch_w,
@@ -788,6 +800,11 @@ impl TrainModel {
     /// The parameter called `name`.
     pub fn param(&self, name: &str) -> Option<&Param> {
         self.params.iter().find(|p| p.name == name)
+    }
+
+    /// The shape of parameter `i` (index into `params`).
+    pub fn param_shape(&self, i: usize) -> &[usize] {
+        &self.shapes[i]
     }
 
     /// Whether the LM head is the embedding matrix.
