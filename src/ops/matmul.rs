@@ -19,10 +19,8 @@ pub fn matmul_nt(
     out: &mut [f32],
     parallel: bool,
 ) {
-    assert!(n == 0 || b.len() >= (n - 1) * b_rs + k);
-    let par = parallel && m * n * k >= 1 << 15;
     // b viewed as [k, n]: element (kk, j) at j * b_rs + kk.
-    gemm_strided(m, n, k, a, a_rs, b, (1, b_rs), out, par);
+    gemm_strided(m, n, k, a, (a_rs, 1), b, (1, b_rs), out, false, parallel);
 }
 
 /// `out[m, n] = a[m, k] · b[k, n]`, `b` rows read with stride `b_rs`.
@@ -37,35 +35,43 @@ pub fn matmul_nn(
     b_rs: usize,
     out: &mut [f32],
 ) {
-    assert!(k == 0 || b.len() >= (k - 1) * b_rs + n);
-    gemm_strided(m, n, k, a, a_rs, b, (b_rs, 1), out, false);
+    gemm_strided(m, n, k, a, (a_rs, 1), b, (b_rs, 1), out, false, false);
 }
 
-/// `out = a · b` through `gemm`, `a` row-major with row stride `a_rs`, `b`'s element (kk, j) at
-/// `kk * b_strides.0 + j * b_strides.1` (callers check `b`'s extent).
+/// `out (+)= a · b` through `gemm` for `a: [m, k]` with element (i, kk) at
+/// `i * a_strides.0 + kk * a_strides.1`, `b: [k, n]` with element (kk, j) at
+/// `kk * b_strides.0 + j * b_strides.1`, `out: [m, n]` row-major; `accumulate` adds to `out`.
 #[allow(clippy::too_many_arguments)]
 fn gemm_strided(
     m: usize,
     n: usize,
     k: usize,
     a: &[f32],
-    a_rs: usize,
+    a_strides: (usize, usize),
     b: &[f32],
     b_strides: (usize, usize),
     out: &mut [f32],
+    accumulate: bool,
     parallel: bool,
 ) {
-    assert!(m == 0 || a.len() >= (m - 1) * a_rs + k);
     assert!(out.len() >= m * n);
     if m == 0 || n == 0 {
         return;
     }
-    let par = if parallel {
+    if k == 0 {
+        if !accumulate {
+            out[..m * n].fill(0.0);
+        }
+        return;
+    }
+    assert!(a.len() > (m - 1) * a_strides.0 + (k - 1) * a_strides.1);
+    assert!(b.len() > (k - 1) * b_strides.0 + (n - 1) * b_strides.1);
+    let par = if parallel && m * n * k >= 1 << 15 {
         Parallelism::Rayon(0)
     } else {
         Parallelism::None
     };
-    // SAFETY: the asserts here and in the callers bound every index the strides can reach.
+    // SAFETY: the asserts above bound the largest index each stride pattern can reach.
     unsafe {
         gemm::gemm(
             m,
@@ -74,14 +80,14 @@ fn gemm_strided(
             out.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            accumulate,
             a.as_ptr(),
-            1,
-            a_rs as isize,
+            a_strides.1 as isize,
+            a_strides.0 as isize,
             b.as_ptr(),
             b_strides.1 as isize,
             b_strides.0 as isize,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -197,41 +203,8 @@ pub fn matmul_tn_acc(
     out: &mut [f32],
     parallel: bool,
 ) {
-    assert!(k == 0 || (a.len() >= (k - 1) * a_rs + m && b.len() >= (k - 1) * b_rs + n));
-    assert!(out.len() >= m * n);
-    if m == 0 || n == 0 || k == 0 {
-        return;
-    }
-    let par = if parallel && m * n * k >= 1 << 15 {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: the asserts bound every index: lhs (i, kk) at kk * a_rs + i, rhs (kk, j) at
-    // kk * b_rs + j, dst (i, j) at i * n + j.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            a.as_ptr(),
-            a_rs as isize,
-            1,
-            b.as_ptr(),
-            1,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    // a viewed as [m, k]: element (i, kk) at kk * a_rs + i.
+    gemm_strided(m, n, k, a, (1, a_rs), b, (b_rs, 1), out, true, parallel);
 }
 
 /// Backward of [`linear`] (`y = x · Wᵀ + b`, `x: [m, k]`, `W: [n, k]` as f32, `dy: [m, n]`):
