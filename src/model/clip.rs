@@ -97,32 +97,8 @@ impl ClipVision {
     /// as many layers as were loaded.
     pub fn forward(&self, pixel_values: &[f32]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
-        let (h, p, ch, g, s) = (
-            c.hidden_size,
-            c.patch_size,
-            c.num_channels,
-            c.grid(),
-            c.image_size,
-        );
-        if pixel_values.len() != ch * s * s {
-            return Err(Error::Shape {
-                name: "pixel_values".into(),
-                expected: vec![ch, s, s],
-                got: vec![pixel_values.len()],
-            });
-        }
-        // Unfold into [patches, c*p*p], patches in row-major grid order.
-        let mut patches = Vec::with_capacity(g * g * ch * p * p);
-        for gy in 0..g {
-            for gx in 0..g {
-                for cc in 0..ch {
-                    for y in 0..p {
-                        let row = (cc * s + gy * p + y) * s + gx * p;
-                        patches.extend_from_slice(&pixel_values[row..row + p]);
-                    }
-                }
-            }
-        }
+        let (h, g) = (c.hidden_size, c.grid());
+        let patches = unfold_patches(c, pixel_values)?;
         let pe = crate::ops::matmul::linear(&patches, &self.patch_embedding, None)?;
         let mut x = self.class_embedding.to_f32().into_f32_vec();
         x.extend_from_slice(&pe);
@@ -162,4 +138,30 @@ impl ClipVision {
         }
         Ok(states)
     }
+}
+
+/// Unfolds one image `[channels, size, size]` into `[patches, channels * p * p]`, patches in
+/// row-major grid order and each in the conv kernel's (c, y, x) order, so the stride-p patch
+/// convolution is a matmul with the kernel viewed as `[hidden, channels * p * p]`.
+pub fn unfold_patches(c: &VisionConfig, pixel_values: &[f32]) -> Result<Vec<f32>> {
+    let (p, ch, g, s) = (c.patch_size, c.num_channels, c.grid(), c.image_size);
+    if pixel_values.len() != ch * s * s {
+        return Err(Error::Shape {
+            name: "pixel_values".into(),
+            expected: vec![ch, s, s],
+            got: vec![pixel_values.len()],
+        });
+    }
+    let mut patches = Vec::with_capacity(g * g * ch * p * p);
+    for gy in 0..g {
+        for gx in 0..g {
+            for cc in 0..ch {
+                for y in 0..p {
+                    let row = (cc * s + gy * p + y) * s + gx * p;
+                    patches.extend_from_slice(&pixel_values[row..row + p]);
+                }
+            }
+        }
+    }
+    Ok(patches)
 }

@@ -351,31 +351,6 @@ struct VisionCache {
 }
 
 impl VisionTower {
-    /// Unfolds `[channels, size, size]` into `[patches, channels·p·p]` (the conv kernel's order).
-    fn unfold(c: &LlavaConfig, px: &[f32]) -> Result<Vec<f32>> {
-        let vc = &c.vision;
-        let (p, ch, g, s) = (vc.patch_size, vc.num_channels, vc.grid(), vc.image_size);
-        if px.len() != ch * s * s {
-            return Err(Error::Shape {
-                name: "pixel_values".into(),
-                expected: vec![ch, s, s],
-                got: vec![px.len()],
-            });
-        }
-        let mut out = Vec::with_capacity(g * g * ch * p * p);
-        for gy in 0..g {
-            for gx in 0..g {
-                for cc in 0..ch {
-                    for y in 0..p {
-                        let row = (cc * s + gy * p + y) * s + gx * p;
-                        out.extend_from_slice(&px[row..row + p]);
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
-
     /// HF's hidden-states list (entry 0 after `pre_layrnorm`, entry i after layer i).
     fn forward(
         &self,
@@ -383,7 +358,7 @@ impl VisionTower {
         c: &LlavaConfig,
         px: &[f32],
     ) -> Result<(Vec<Vec<f32>>, VisionCache)> {
-        let patches = Self::unfold(c, px)?;
+        let patches = crate::model::clip::unfold_patches(&c.vision, px)?;
         let pe = self.patch_embedding.forward(p, &patches);
         let mut x = p[self.class_embedding].value.clone();
         x.extend_from_slice(&pe);
