@@ -10,9 +10,11 @@
 //! - [`tokenizer_train`]: trains a LLaMA-style byte-fallback BPE `tokenizer.json` for new models.
 //! - [`model`]: LLaVA with f32 parameters, training forward with caches and the full backward.
 //! - [`checkpoint`]: writes a model as a transformers 5.x-loadable checkpoint directory.
+//! - [`run`]: the training loop behind `distill train`: TOML config, losses, resumable checkpoints.
 
 pub mod checkpoint;
 pub mod data;
 pub mod model;
 pub mod optim;
+pub mod run;
 pub mod tokenizer_train;

@@ -1,0 +1,675 @@
+//! The training loop: a [`TrainConfig`] (TOML) in, losses, plots and resumable checkpoints out.
+//!
+//! Output directory layout:
+//! - `losses.csv`: `step,loss,grad_norm,lr,tokens`, one row per optimizer step (`step` counts from
+//!   1; `loss` is the mean of the micro-batch losses before the update; `grad_norm` before
+//!   clipping, empty without clipping; `lr` the peak-group rate used).
+//! - `loss.svg` / `loss.png`: the loss curve, rewritten at the end of each run.
+//! - `checkpoint-NNNNNN/`: a transformers-loadable checkpoint ([`save_checkpoint`]) plus
+//!   `optimizer.safetensors` ([`AdamW::save`]) and `trainer_state.json` (step, loader position).
+//!   Only the newest is kept.
+//! - `latest.json`: names the newest complete checkpoint. It is written (atomically) after the
+//!   checkpoint's files, so a run killed mid-save resumes from the previous one.
+//!
+//! Resuming restores parameters (exact f32), optimizer moments and step count, and the loader
+//! position, so a resumed run computes the same losses and parameters, bit for bit, as one that
+//! was never interrupted.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::save_checkpoint;
+use super::data::{Dataset, Encoder, Loader, LoaderState};
+use super::model::{TrainModel, TrainSeq};
+use super::optim::{AdamW, GroupConfig, Schedule, zero_grads};
+use crate::bench::report::{Series, line_plot};
+use crate::error::{Error, Result};
+use crate::io::write_atomic;
+use crate::model::config::ModelConfig;
+use crate::model::image::ImageProcessorConfig;
+use crate::model::template::ImageSlot;
+use crate::model::tokenizer::Tokenizer;
+
+const GROUP_PREFIXES: [&str; 3] = ["vision", "projector", "lm"];
+
+fn one() -> usize {
+    1
+}
+fn default_max_len() -> usize {
+    2048
+}
+
+/// A training run, read from TOML by [`TrainConfig::from_file`]. Relative paths are relative to
+/// the TOML file's folder.
+///
+/// ```toml
+/// model = "base-model"          # LLaVA checkpoint folder to start from (config.json, weights, tokenizer.json)
+/// data = "data/train.json"      # LLaVA conversation json
+/// image_folder = "data/images"  # folder the json's `image` fields are relative to
+/// output = "runs/r1"            # losses, plots, checkpoints
+/// steps = 1000                  # optimizer steps
+/// lr = 2e-5                     # peak learning rate
+/// # optional (defaults): seed = 0, batch_size = 1, grad_accum = 1, warmup = 0,
+/// # min_lr_ratio = 0.0, weight_decay = 0.0, max_grad_norm = (none: no clipping),
+/// # frozen = [] (any of "vision", "projector", "lm" or a full group like "lm.no_decay"),
+/// # checkpoint_every = 0 (only at the end), max_len = 2048
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub image_folder: PathBuf,
+    pub output: PathBuf,
+    #[serde(default)]
+    pub seed: u64,
+    pub steps: u64,
+    #[serde(default = "one")]
+    pub batch_size: usize,
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    pub lr: f64,
+    #[serde(default)]
+    pub warmup: u64,
+    #[serde(default)]
+    pub min_lr_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub max_grad_norm: Option<f64>,
+    #[serde(default)]
+    pub frozen: Vec<String>,
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+}
+
+impl TrainConfig {
+    /// Parses a TOML file; relative paths are resolved against its folder.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut cfg: TrainConfig = toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        for p in [
+            &mut cfg.model,
+            &mut cfg.data,
+            &mut cfg.image_folder,
+            &mut cfg.output,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Checks numbers, input files and the output folder, touching no weights; every error names
+    /// the offending field or file. [`train`] calls this before any compute.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |f: &str, m: String| Err(Error::arg(f, m));
+        if self.steps == 0 {
+            return bad("steps", "must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be at least 1".into());
+        }
+        if self.grad_accum == 0 {
+            return bad("grad_accum", "must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", format!("{} must be a finite number > 0", self.lr));
+        }
+        if self.warmup > self.steps {
+            return bad(
+                "warmup",
+                format!("{} is more than steps = {}", self.warmup, self.steps),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad(
+                "min_lr_ratio",
+                format!("{} must be in [0, 1]", self.min_lr_ratio),
+            );
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(
+                "weight_decay",
+                format!("{} must be a finite number >= 0", self.weight_decay),
+            );
+        }
+        if let Some(n) = self.max_grad_norm
+            && !(n.is_finite() && n > 0.0)
+        {
+            return bad(
+                "max_grad_norm",
+                format!("{n} must be a finite number > 0 (leave it out to disable clipping)"),
+            );
+        }
+        if self.max_len == 0 {
+            return bad("max_len", "must be at least 1".into());
+        }
+        for f in &self.frozen {
+            let ok = GROUP_PREFIXES
+                .iter()
+                .any(|g| f == g || *f == format!("{g}.decay") || *f == format!("{g}.no_decay"));
+            if !ok {
+                return bad(
+                    "frozen",
+                    format!("unknown group `{f}` (use vision, projector, lm, or e.g. lm.no_decay)"),
+                );
+            }
+        }
+        if GROUP_PREFIXES
+            .iter()
+            .all(|g| self.group_frozen(&format!("{g}.decay")))
+            && GROUP_PREFIXES
+                .iter()
+                .all(|g| self.group_frozen(&format!("{g}.no_decay")))
+        {
+            return bad("frozen", "every group is frozen: nothing to train".into());
+        }
+        Schedule::new(self.warmup, self.steps, self.min_lr_ratio)?;
+
+        // Inputs.
+        for (what, p) in [
+            ("config.json of `model`", self.model.join("config.json")),
+            (
+                "tokenizer.json of `model`",
+                self.model.join("tokenizer.json"),
+            ),
+        ] {
+            if !p.is_file() {
+                return Err(Error::MissingFile { what, path: p });
+            }
+        }
+        if !(self.model.join("model.safetensors").is_file()
+            || self.model.join("model.safetensors.index.json").is_file())
+        {
+            return Err(Error::MissingFile {
+                what: "weights of `model` (model.safetensors or its index)",
+                path: self.model.join("model.safetensors"),
+            });
+        }
+        if let ModelConfig::Llama(_) = ModelConfig::from_file(&self.model.join("config.json"))? {
+            return bad(
+                "model",
+                format!("{} is a LLaMA checkpoint, not LLaVA", self.model.display()),
+            );
+        }
+        if !self.data.is_file() {
+            return Err(Error::MissingFile {
+                what: "training data json (`data`)",
+                path: self.data.clone(),
+            });
+        }
+        if !self.image_folder.is_dir() {
+            return Err(Error::MissingFile {
+                what: "image folder (`image_folder`)",
+                path: self.image_folder.clone(),
+            });
+        }
+        let ds = Dataset::open(&self.data, &self.image_folder)?;
+        if ds.is_empty() {
+            return bad(
+                "data",
+                format!("{} holds no conversations", self.data.display()),
+            );
+        }
+
+        // Output.
+        let unwritable = |e: std::io::Error| Error::Io {
+            path: self.output.clone(),
+            source: std::io::Error::new(
+                e.kind(),
+                format!("output folder (`output`) is not writable: {e}"),
+            ),
+        };
+        std::fs::create_dir_all(&self.output).map_err(unwritable)?;
+        let probe = self
+            .output
+            .join(format!(".fineprune-write-probe{}", std::process::id()));
+        std::fs::File::create(&probe).map_err(unwritable)?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(())
+    }
+
+    fn group_frozen(&self, group: &str) -> bool {
+        self.frozen
+            .iter()
+            .any(|f| group == f || group.starts_with(&format!("{f}.")))
+    }
+
+    fn optimizer(&self) -> Result<AdamW> {
+        let groups = GROUP_PREFIXES
+            .iter()
+            .flat_map(|g| {
+                [
+                    (format!("{g}.decay"), self.weight_decay),
+                    (format!("{g}.no_decay"), 0.0),
+                ]
+            })
+            .map(|(name, wd)| {
+                if self.group_frozen(&name) {
+                    GroupConfig::frozen(name)
+                } else {
+                    GroupConfig::new(name, wd)
+                }
+            })
+            .collect();
+        Ok(AdamW::new(self.lr, groups)?.with_schedule(Schedule::new(
+            self.warmup,
+            self.steps,
+            self.min_lr_ratio,
+        )?))
+    }
+}
+
+/// How [`train`] runs.
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Continue from the newest checkpoint in the output folder (error if there is none).
+    pub resume: bool,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+    /// Stop (with a checkpoint) once this global step is reached, before `steps`; the schedule
+    /// still spans `steps`, so resuming later continues the same run.
+    pub stop_after: Option<u64>,
+}
+
+/// One optimizer step's record (a row of `losses.csv`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepRecord {
+    pub step: u64,
+    pub loss: f32,
+    pub grad_norm: Option<f32>,
+    pub lr: f64,
+    pub tokens: u64,
+}
+
+/// What a [`train`] call did.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// Global step the run started from (0, or the resumed checkpoint's).
+    pub start_step: u64,
+    /// Global step reached.
+    pub end_step: u64,
+    /// Every step's record so far, earlier runs' included (`losses.csv`).
+    pub history: Vec<StepRecord>,
+    /// The newest checkpoint folder.
+    pub checkpoint: PathBuf,
+    /// Tokens processed by this call and its wall time.
+    pub tokens: u64,
+    pub seconds: f64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+    epoch: u64,
+    position: usize,
+    seed: u64,
+    batch_size: usize,
+    grad_accum: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Latest {
+    checkpoint: String,
+    step: u64,
+}
+
+const LOSS_HEADER: &str = "step,loss,grad_norm,lr,tokens";
+
+fn csv_row(r: &StepRecord) -> String {
+    let gn = r.grad_norm.map(|g| g.to_string()).unwrap_or_default();
+    format!("{},{},{},{},{}\n", r.step, r.loss, gn, r.lr, r.tokens)
+}
+
+fn read_losses(path: &Path) -> Result<Vec<StepRecord>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let parse_err = |line: usize| Error::Config {
+        path: path.to_path_buf(),
+        msg: format!("line {line} is not `{LOSS_HEADER}`"),
+    };
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        if line.is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() != 5 {
+            return Err(parse_err(i + 1));
+        }
+        out.push(StepRecord {
+            step: f[0].parse().map_err(|_| parse_err(i + 1))?,
+            loss: f[1].parse().map_err(|_| parse_err(i + 1))?,
+            grad_norm: if f[2].is_empty() {
+                None
+            } else {
+                Some(f[2].parse().map_err(|_| parse_err(i + 1))?)
+            },
+            lr: f[3].parse().map_err(|_| parse_err(i + 1))?,
+            tokens: f[4].parse().map_err(|_| parse_err(i + 1))?,
+        });
+    }
+    Ok(out)
+}
+
+/// The newest complete checkpoint of an output folder, if any.
+pub fn latest_checkpoint(output: &Path) -> Result<Option<(PathBuf, u64)>> {
+    let p = output.join("latest.json");
+    if !p.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    let l: Latest = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: p.clone(),
+        msg: e.to_string(),
+    })?;
+    Ok(Some((output.join(l.checkpoint), l.step)))
+}
+
+fn set_frozen_grads(cfg: &TrainConfig, m: &mut TrainModel) {
+    for p in &mut m.params {
+        if cfg.group_frozen(&p.group) {
+            p.grad = Vec::new();
+        }
+    }
+}
+
+fn save_all(
+    cfg: &TrainConfig,
+    m: &TrainModel,
+    opt: &AdamW,
+    loader: &Loader,
+    step: u64,
+) -> Result<PathBuf> {
+    let name = format!("checkpoint-{step:06}");
+    let dir = cfg.output.join(&name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    }
+    save_checkpoint(m, &cfg.model, &dir)?;
+    opt.save(&dir.join("optimizer.safetensors"))?;
+    let st = loader.state();
+    let state = TrainerState {
+        step,
+        epoch: st.epoch,
+        position: st.position,
+        seed: cfg.seed,
+        batch_size: cfg.batch_size,
+        grad_accum: cfg.grad_accum,
+    };
+    let json = serde_json::to_vec_pretty(&state).expect("trainer state serializes");
+    write_atomic(&dir.join("trainer_state.json"), &json)?;
+    let latest = serde_json::to_vec_pretty(&Latest {
+        checkpoint: name.clone(),
+        step,
+    })
+    .expect("latest serializes");
+    write_atomic(&cfg.output.join("latest.json"), &latest)?;
+    // Older checkpoints are superseded.
+    let entries = std::fs::read_dir(&cfg.output).map_err(|e| Error::io(&cfg.output, e))?;
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.starts_with("checkpoint-") && n != name && e.path().is_dir() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    Ok(dir)
+}
+
+/// Runs (or, with `opts.resume`, continues) the training described by `cfg`. Everything is
+/// validated before any weight is loaded or step taken.
+pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
+    cfg.validate()?;
+    if let Some(s) = opts.stop_after
+        && s == 0
+    {
+        return Err(Error::arg("stop_after", "must be at least 1"));
+    }
+    let latest = latest_checkpoint(&cfg.output)?;
+    if !opts.resume && latest.is_some() {
+        return Err(Error::arg(
+            "output",
+            format!(
+                "{} already holds a training run (latest.json); resume it or choose another folder",
+                cfg.output.display()
+            ),
+        ));
+    }
+    let resume_from = if opts.resume {
+        Some(latest.ok_or_else(|| {
+            Error::arg(
+                "resume",
+                format!(
+                    "no checkpoint to resume from in {} (latest.json is missing)",
+                    cfg.output.display()
+                ),
+            )
+        })?)
+    } else {
+        None
+    };
+
+    let ds = Dataset::open(&cfg.data, &cfg.image_folder)?;
+    let tok_path = cfg.model.join("tokenizer.json");
+    let tokenizer = Tokenizer::from_file(&tok_path)?;
+    let pp = cfg.model.join("preprocessor_config.json");
+    let processor = if pp.is_file() {
+        ImageProcessorConfig::from_preprocessor_config(&pp)?
+    } else {
+        ImageProcessorConfig::default()
+    };
+
+    let (mut m, mut opt, mut loader, start, mut history) = match &resume_from {
+        None => {
+            let m = TrainModel::from_dir(&cfg.model)?;
+            let loader = Loader::new(ds.len(), cfg.batch_size, cfg.seed)?;
+            (m, cfg.optimizer()?, loader, 0, Vec::new())
+        }
+        Some((dir, step)) => {
+            let sp = dir.join("trainer_state.json");
+            let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
+            let st: TrainerState = serde_json::from_str(&text).map_err(|e| Error::Config {
+                path: sp.clone(),
+                msg: e.to_string(),
+            })?;
+            for (field, was, now) in [
+                ("seed", st.seed, cfg.seed),
+                ("batch_size", st.batch_size as u64, cfg.batch_size as u64),
+                ("grad_accum", st.grad_accum as u64, cfg.grad_accum as u64),
+            ] {
+                if was != now {
+                    return Err(Error::arg(
+                        field,
+                        format!("is {now} but the run being resumed used {was}"),
+                    ));
+                }
+            }
+            if st.step != *step {
+                return Err(Error::Config {
+                    path: sp,
+                    msg: format!("step {} disagrees with latest.json's {step}", st.step),
+                });
+            }
+            if st.step >= cfg.steps {
+                return Err(Error::arg(
+                    "steps",
+                    format!("the run is already at step {} of {}", st.step, cfg.steps),
+                ));
+            }
+            let mut m = TrainModel::from_dir(dir)?;
+            set_frozen_grads(cfg, &mut m);
+            let mut opt = cfg.optimizer()?;
+            opt.load(&dir.join("optimizer.safetensors"), &m.params)?;
+            let loader = Loader::resume(
+                ds.len(),
+                cfg.batch_size,
+                cfg.seed,
+                LoaderState {
+                    epoch: st.epoch,
+                    position: st.position,
+                },
+            )?;
+            let mut hist = read_losses(&cfg.output.join("losses.csv"))?;
+            hist.retain(|r| r.step <= st.step);
+            (m, opt, loader, st.step, hist)
+        }
+    };
+    set_frozen_grads(cfg, &mut m);
+
+    let image_slot = {
+        let id = m.config.image_token_id;
+        let token = tokenizer.id_to_token(id).ok_or_else(|| Error::Tokenizer {
+            path: tok_path.clone(),
+            msg: format!("has no image token id {id}"),
+        })?;
+        ImageSlot {
+            token,
+            count: m.config.image_tokens(),
+        }
+    };
+    let mut enc = Encoder::new(&tokenizer, image_slot, cfg.max_len);
+    enc.image_processor = Some(processor);
+
+    // losses.csv: rewritten with the kept history, then appended to step by step.
+    let csv_path = cfg.output.join("losses.csv");
+    let mut csv_text = format!("{LOSS_HEADER}\n");
+    for r in &history {
+        csv_text.push_str(&csv_row(r));
+    }
+    write_atomic(&csv_path, csv_text.as_bytes())?;
+    let mut csv = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&csv_path)
+        .map_err(|e| Error::io(&csv_path, e))?;
+
+    let end = opts
+        .stop_after
+        .unwrap_or(cfg.steps)
+        .min(cfg.steps)
+        .max(start);
+    let bar = if opts.progress {
+        indicatif::ProgressBar::new(end - start)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+
+    let t0 = Instant::now();
+    let mut run_tokens = 0u64;
+    let mut sums: Vec<Vec<f32>> = Vec::new();
+    let mut checkpoint = None;
+    for step in start..end {
+        let lr = opt.schedule.lr(cfg.lr, opt.steps_taken());
+        let mut loss_sum = 0.0f64;
+        let mut tokens = 0u64;
+        for micro in 0..cfg.grad_accum {
+            let (_, idx) = loader.next_batch();
+            let seqs: Vec<TrainSeq> = ds
+                .batch(&enc, &idx)?
+                .into_iter()
+                .map(|s| TrainSeq {
+                    input_ids: s.input_ids,
+                    labels: s.labels,
+                    pixel_values: s.pixel_values,
+                })
+                .collect();
+            tokens += seqs.iter().map(|s| s.input_ids.len() as u64).sum::<u64>();
+            zero_grads(&mut m.params);
+            let loss = m.forward(&seqs)?;
+            m.backward()?;
+            loss_sum += loss as f64;
+            if cfg.grad_accum > 1 {
+                if micro == 0 {
+                    sums = m.params.iter().map(|p| p.grad.clone()).collect();
+                } else {
+                    for (s, p) in sums.iter_mut().zip(&m.params) {
+                        s.iter_mut().zip(&p.grad).for_each(|(a, g)| *a += g);
+                    }
+                }
+            }
+        }
+        if cfg.grad_accum > 1 {
+            let f = 1.0 / cfg.grad_accum as f32;
+            for (s, p) in sums.iter_mut().zip(&mut m.params) {
+                std::mem::swap(s, &mut p.grad);
+                p.grad.iter_mut().for_each(|g| *g *= f);
+            }
+        }
+        let loss = (loss_sum / cfg.grad_accum as f64) as f32;
+        let grad_norm = match cfg.max_grad_norm {
+            Some(n) => Some(opt.clip_grad_norm(&mut m.params, n as f32)?),
+            None => None,
+        };
+        opt.step(&mut m.params)?;
+        let rec = StepRecord {
+            step: step + 1,
+            loss,
+            grad_norm,
+            lr,
+            tokens,
+        };
+        csv.write_all(csv_row(&rec).as_bytes())
+            .and_then(|_| csv.flush())
+            .map_err(|e| Error::io(&csv_path, e))?;
+        history.push(rec);
+        run_tokens += tokens;
+        let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!(
+            "loss {loss:.4} lr {lr:.2e} {:.0} tok/s",
+            run_tokens as f64 / secs
+        ));
+        bar.inc(1);
+        let s = step + 1;
+        if s == end || (cfg.checkpoint_every > 0 && s % cfg.checkpoint_every == 0) {
+            checkpoint = Some(save_all(cfg, &m, &opt, &loader, s)?);
+        }
+    }
+    bar.finish();
+    let checkpoint = match checkpoint {
+        Some(c) => c,
+        None => save_all(cfg, &m, &opt, &loader, end)?,
+    };
+    if !history.is_empty() {
+        let points = history
+            .iter()
+            .map(|r| (r.step as f64, r.loss as f64))
+            .collect();
+        line_plot(
+            &cfg.output.join("loss"),
+            "training loss",
+            "step",
+            "loss",
+            &[Series {
+                label: "train".into(),
+                points,
+            }],
+        )?;
+    }
+    Ok(TrainSummary {
+        start_step: start,
+        end_step: end,
+        history,
+        checkpoint,
+        tokens: run_tokens,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
