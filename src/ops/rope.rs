@@ -10,23 +10,7 @@ pub fn inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
 /// Rotates `x: [rows, heads, d]` in place; row `r` sits at position `positions[r]`:
 /// `(x₁, x₂) ← (x₁ cos θ − x₂ sin θ, x₂ cos θ + x₁ sin θ)` with x₁/x₂ the two halves of each head.
 pub fn apply_rope(x: &mut [f32], heads: usize, d: usize, positions: &[usize], inv_freq: &[f32]) {
-    let half = d / 2;
-    for (row, &pos) in x.chunks_mut(heads * d).zip(positions) {
-        let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
-            .iter()
-            .map(|f| {
-                let a = pos as f32 * f;
-                (a.cos(), a.sin())
-            })
-            .unzip();
-        for h in row.chunks_mut(d) {
-            for i in 0..half {
-                let (a, b) = (h[i], h[i + half]);
-                h[i] = a * cos[i] - b * sin[i];
-                h[i + half] = b * cos[i] + a * sin[i];
-            }
-        }
-    }
+    rotate(x, heads, d, positions, inv_freq, 1.0);
 }
 
 /// Backward of [`apply_rope`], in place on `dy: [rows, heads, d]`: the rotation is orthogonal, so
@@ -39,20 +23,25 @@ pub fn apply_rope_backward(
     positions: &[usize],
     inv_freq: &[f32],
 ) {
+    rotate(dy, heads, d, positions, inv_freq, -1.0);
+}
+
+/// Rotates each head's halves by `sign · θ` (`sign` is ±1, so the products are exact).
+fn rotate(x: &mut [f32], heads: usize, d: usize, positions: &[usize], inv_freq: &[f32], sign: f32) {
     let half = d / 2;
-    for (row, &pos) in dy.chunks_mut(heads * d).zip(positions) {
+    for (row, &pos) in x.chunks_mut(heads * d).zip(positions) {
         let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
             .iter()
             .map(|f| {
                 let a = pos as f32 * f;
-                (a.cos(), a.sin())
+                (a.cos(), sign * a.sin())
             })
             .unzip();
         for h in row.chunks_mut(d) {
             for i in 0..half {
                 let (a, b) = (h[i], h[i + half]);
-                h[i] = a * cos[i] + b * sin[i];
-                h[i + half] = b * cos[i] - a * sin[i];
+                h[i] = a * cos[i] - b * sin[i];
+                h[i + half] = b * cos[i] + a * sin[i];
             }
         }
     }
