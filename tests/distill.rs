@@ -6,7 +6,7 @@ mod common;
 
 use common::reference_dir;
 use fineprune::bench::shapes::{ShapesConfig, Split, export_llava_train, generate};
-use fineprune::train::run::{TrainConfig, TrainOptions, train};
+use fineprune::train::run::{StageConfig, TrainConfig, TrainOptions, train, train_stages};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -22,7 +22,8 @@ fn export(dir: &Path, n: usize) {
 
 fn config(data: &Path, out: &Path) -> TrainConfig {
     TrainConfig {
-        model: fixture(),
+        model: Some(fixture()),
+        new_model: None,
         data: data.join("train.json"),
         image_folder: data.join("images"),
         output: out.to_path_buf(),
@@ -38,6 +39,7 @@ fn config(data: &Path, out: &Path) -> TrainConfig {
         frozen: vec![],
         checkpoint_every: 3,
         max_len: 2048,
+        stage: vec![],
     }
 }
 
@@ -208,7 +210,7 @@ fn bad_configs_fail_before_any_step() {
         "nothing to train",
     );
     check(
-        with(&|c| c.model = data.path().to_path_buf()),
+        with(&|c| c.model = Some(data.path().to_path_buf())),
         quiet(),
         "config.json of `model`",
     );
@@ -305,4 +307,288 @@ fn cli_trains_from_toml() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("`steps`"), "{err}");
+}
+
+/// A tiny `[new_model]`: 32-pixel images in 8-pixel patches (16 image tokens).
+const NEW_MODEL: &str = "[new_model]\nimage_size = 32\npatch_size = 8\nvision_hidden_size = 16\n\
+vision_intermediate_size = 32\nvision_layers = 2\nvision_heads = 2\nhidden_size = 32\n\
+intermediate_size = 64\nlayers = 2\nheads = 4\nkv_heads = 2\nvocab_size = 400\n";
+
+#[test]
+fn new_model_from_scratch_via_cli_then_eval() {
+    let exe = env!("CARGO_BIN_EXE_distill");
+    let dir = tempfile::tempdir().unwrap();
+    // Export: train.json, images at 32 px, and the generator settings.
+    let o = Command::new(exe)
+        .args([
+            "shapes",
+            "--train",
+            "12",
+            "--test",
+            "3",
+            "--image-size",
+            "32",
+        ])
+        .args(["--patch-size", "8", "--seed", "5", "--out"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in ["train.json", "shapes_config.json", "test/questions.jsonl"] {
+        assert!(dir.path().join("data").join(f).is_file(), "missing {f}");
+    }
+    let toml = format!(
+        "data = \"data/train.json\"\nimage_folder = \"data/images\"\noutput = \"run\"\nsteps = 3\n\
+         batch_size = 2\nlr = 1e-3\n{NEW_MODEL}"
+    );
+    std::fs::write(dir.path().join("run.toml"), toml).unwrap();
+    let o = Command::new(exe)
+        .args(["train", "--quiet", "--config"])
+        .arg(dir.path().join("run.toml"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The base model: trained tokenizer with <image>/<pad> at the ids the config names,
+    // the shape asked for, CLIP preprocessing at 32 px, the data's ShapesVQA settings.
+    let base = dir.path().join("run/base");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base.join("config.json")).unwrap()).unwrap();
+    let tok =
+        fineprune::model::tokenizer::Tokenizer::from_file(&base.join("tokenizer.json")).unwrap();
+    assert_eq!(
+        tok.token_to_id("<image>").map(u64::from),
+        cfg["image_token_index"].as_u64()
+    );
+    assert_eq!(cfg["vision_config"]["image_size"], 32);
+    assert_eq!(cfg["text_config"]["num_key_value_heads"], 2);
+    assert!(cfg["vocab_size"].as_u64().unwrap() <= 400);
+    let ckpt = dir.path().join("run/checkpoint-000003");
+    for f in ["preprocessor_config.json", "shapes_config.json"] {
+        assert!(
+            base.join(f).is_file() && ckpt.join(f).is_file(),
+            "missing {f}"
+        );
+    }
+    let m = fineprune::Model::load(&ckpt).unwrap();
+    assert_eq!(m.vision.as_ref().unwrap().config.image_tokens(), 16);
+
+    // Eval: per-family table, eval.json with every prediction.
+    let o = Command::new(exe)
+        .args(["eval", "--n", "12", "--max-new-tokens", "3", "--model"])
+        .arg(&ckpt)
+        .arg("--out")
+        .arg(dir.path().join("eval"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let table = String::from_utf8_lossy(&o.stdout);
+    for f in ["color", "count", "read_text", "overall"] {
+        assert!(table.contains(f), "{table}");
+    }
+    let ev: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("eval/eval.json")).unwrap()).unwrap();
+    assert_eq!(ev["predictions"].as_array().unwrap().len(), 12);
+    assert_eq!(ev["scores"]["n"], 12);
+    // Bad eval input: a clear error.
+    let o = Command::new(exe)
+        .args(["eval", "--n", "0", "--model"])
+        .arg(&ckpt)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--n"));
+}
+
+#[test]
+fn new_model_configs_are_checked_before_any_compute() {
+    let data = tempfile::tempdir().unwrap();
+    export(data.path(), 2);
+    let out = tempfile::tempdir().unwrap();
+    let shape: fineprune::train::new_model::NewModel =
+        toml::from_str(NEW_MODEL.trim_start_matches("[new_model]\n")).unwrap();
+    let mut base = config(data.path(), &out.path().join("run"));
+    base.model = None;
+    base.new_model = Some(shape.clone());
+    let check = |cfg: TrainConfig, want: &str| {
+        let e = train(&cfg, &quiet()).unwrap_err().to_string();
+        assert!(e.contains(want), "expected `{want}` in: {e}");
+        assert!(
+            !cfg.output.join("base").exists(),
+            "{want}: a model was created"
+        );
+    };
+    let mut both = base.clone();
+    both.model = Some(fixture());
+    check(both, "not both");
+    let mut neither = base.clone();
+    neither.new_model = None;
+    check(neither, "`[new_model]`");
+    let with = |f: &dyn Fn(&mut fineprune::train::new_model::NewModel)| {
+        let mut c = base.clone();
+        let mut s = shape.clone();
+        f(&mut s);
+        c.new_model = Some(s);
+        c
+    };
+    check(with(&|s| s.patch_size = 7), "new_model.patch_size");
+    check(with(&|s| s.heads = 3), "new_model.heads");
+    check(with(&|s| s.kv_heads = 3), "new_model.kv_heads");
+    check(with(&|s| s.vision_heads = 5), "new_model.vision_heads");
+    check(with(&|s| s.layers = 0), "new_model.layers");
+    check(
+        with(&|s| s.vision_feature_layer = -4),
+        "new_model.vision_feature_layer",
+    );
+    check(
+        with(&|s| s.max_position_embeddings = 16),
+        "new_model.max_position_embeddings",
+    );
+    // Unknown keys in the table are refused by name.
+    let e = toml::from_str::<fineprune::train::new_model::NewModel>(
+        &NEW_MODEL
+            .trim_start_matches("[new_model]\n")
+            .replace("layers = 2\nheads", "layer = 2\nheads"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("layer"), "{e}");
+}
+
+#[test]
+fn stages_chain_and_resume_across_the_boundary() {
+    let data = tempfile::tempdir().unwrap();
+    export(data.path(), 4);
+    let stage = |name: &str, steps: u64, lr: f64, frozen: &[&str]| StageConfig {
+        name: name.into(),
+        steps,
+        lr,
+        frozen: Some(frozen.iter().map(|s| s.to_string()).collect()),
+        data: None,
+        image_folder: None,
+        batch_size: None,
+        grad_accum: None,
+        warmup: Some(0),
+        min_lr_ratio: None,
+        weight_decay: None,
+        max_grad_norm: None,
+        checkpoint_every: Some(2),
+    };
+    let staged = |out: &Path| {
+        let mut c = config(data.path(), out);
+        c.steps = 0;
+        c.lr = 0.0;
+        c.stage = vec![
+            stage("pretrain", 3, 3e-3, &["vision", "lm"]),
+            stage("finetune", 3, 1e-3, &["vision"]),
+        ];
+        c
+    };
+    let full_dir = tempfile::tempdir().unwrap();
+    let full = train_stages(&staged(full_dir.path()), &quiet()).unwrap();
+    assert_eq!(full.len(), 2);
+    let s1 = full_dir.path().join("stage1-pretrain/checkpoint-000003");
+    let s2 = full_dir.path().join("stage2-finetune/checkpoint-000003");
+    assert_eq!(
+        (full[0].checkpoint.clone(), full[1].checkpoint.clone()),
+        (s1.clone(), s2.clone())
+    );
+    // Stage 1 moved only the projector; stage 2 started from it and moved the LM too.
+    let load = |d: &Path| fineprune::train::model::TrainModel::from_dir(d).unwrap();
+    let (m0, m1, m2) = (load(&fixture()), load(&s1), load(&s2));
+    for ((a, b), c) in m0.params.iter().zip(&m1.params).zip(&m2.params) {
+        let g = &a.group;
+        assert_eq!(
+            a.value == b.value,
+            !g.starts_with("projector"),
+            "stage 1: {}",
+            a.name
+        );
+        if g.starts_with("vision") {
+            assert_eq!(b.value, c.value, "stage 2 moved frozen {}", a.name);
+        }
+    }
+    assert!(
+        m1.params
+            .iter()
+            .zip(&m2.params)
+            .any(|(b, c)| b.group.starts_with("lm") && b.value != c.value)
+    );
+
+    // Interrupted inside stage 2 (global step 4), resumed: identical to uninterrupted.
+    let part_dir = tempfile::tempdir().unwrap();
+    let cfg = staged(part_dir.path());
+    let first = train_stages(
+        &cfg,
+        &TrainOptions {
+            stop_after: Some(4),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(first.len(), 2);
+    assert_eq!(first[1].end_step, 1);
+    let e = train_stages(&cfg, &quiet()).unwrap_err().to_string();
+    assert!(e.contains("already holds a training run"), "{e}");
+    let rest = train_stages(
+        &cfg,
+        &TrainOptions {
+            resume: true,
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!((rest[0].start_step, rest[0].end_step), (1, 3));
+    let a = std::fs::read(s2.join("model.safetensors")).unwrap();
+    let b = std::fs::read(
+        part_dir
+            .path()
+            .join("stage2-finetune/checkpoint-000003/model.safetensors"),
+    )
+    .unwrap();
+    assert!(a == b, "resumed stage 2 differs");
+    // Everything finished: nothing left.
+    assert!(
+        train_stages(
+            &cfg,
+            &TrainOptions {
+                resume: true,
+                ..quiet()
+            }
+        )
+        .unwrap()
+        .is_empty()
+    );
+
+    // Stage errors name the stage; top-level steps with stages, bad and repeated names.
+    let mut bad = staged(part_dir.path());
+    bad.stage[1].lr = 0.0;
+    let e = train_stages(&bad, &quiet()).unwrap_err().to_string();
+    assert!(
+        e.contains("`lr`") && e.contains("stage 2 `finetune`"),
+        "{e}"
+    );
+    let mut bad = staged(part_dir.path());
+    bad.steps = 5;
+    assert!(
+        train_stages(&bad, &quiet())
+            .unwrap_err()
+            .to_string()
+            .contains("in each stage")
+    );
+    let mut bad = staged(part_dir.path());
+    bad.stage[1].name = "pretrain".into();
+    assert!(
+        train_stages(&bad, &quiet())
+            .unwrap_err()
+            .to_string()
+            .contains("names two stages")
+    );
+    bad.stage[1].name = "a/b".into();
+    assert!(
+        train_stages(&bad, &quiet())
+            .unwrap_err()
+            .to_string()
+            .contains("letters, digits")
+    );
 }

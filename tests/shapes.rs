@@ -4,9 +4,9 @@
 
 use fineprune::Error;
 use fineprune::bench::shapes::{
-    Background, Color, Family, Object, PopeKind, SIGN_CHARSET, SIGN_INK, SIGN_PAD, Sample, Scene,
-    Shape, ShapesConfig, Size, Split, Texture, export_llava_eval, export_llava_train, generate,
-    generate_one, glyph, read_llava_eval,
+    Background, Color, Family, Object, PopeKind, SHORT_ANSWER, SIGN_CHARSET, SIGN_INK, SIGN_PAD,
+    Sample, Scene, Shape, ShapesConfig, Size, Split, Texture, export_llava_eval,
+    export_llava_train, generate, generate_one, glyph, read_llava_eval,
 };
 use std::collections::HashSet;
 use std::path::Path;
@@ -512,7 +512,7 @@ fn eval_export_round_trips_and_train_export_is_llava_json() {
         assert_eq!(conv[0]["from"], "human");
         assert_eq!(
             conv[0]["value"],
-            format!("<image>\n{}", s.question).as_str()
+            format!("<image>\n{}{}", s.question, SHORT_ANSWER).as_str()
         );
         assert_eq!(conv[1]["from"], "gpt");
         assert_eq!(conv[1]["value"], s.answers[0].as_str());

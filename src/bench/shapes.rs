@@ -957,7 +957,32 @@ fn check_weights(name: &str, w: &[f32], need_positive: bool) -> Result<()> {
     Ok(())
 }
 
+/// File name of the ShapesVQA settings a model was trained on, kept in its checkpoint folder.
+pub const MODEL_SHAPES_CONFIG: &str = "shapes_config.json";
+
 impl ShapesConfig {
+    /// Reads a JSON config (fields left out keep their defaults) and validates it.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let cfg: ShapesConfig = serde_json::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The settings a model was trained on: `{model_dir}/shapes_config.json` when present, else
+    /// the defaults.
+    pub fn for_model(model_dir: &Path) -> Result<Self> {
+        let p = model_dir.join(MODEL_SHAPES_CONFIG);
+        if p.is_file() {
+            Self::from_file(&p)
+        } else {
+            Ok(ShapesConfig::default())
+        }
+    }
+
     /// Patches per side of the relevance grid.
     pub fn grid(&self) -> u32 {
         self.image_size.checked_div(self.patch_size).unwrap_or(0)
@@ -1634,10 +1659,15 @@ fn write_images(samples: &[Sample], dir: &Path, image_size: u32) -> Result<()> {
     })
 }
 
+/// LLaVA-1.5's instruction for short answers, appended to every question it trains and evaluates
+/// on VQA data with.
+pub const SHORT_ANSWER: &str = "\nAnswer the question using a single word or phrase.";
+
 /// Writes LLaVA's training format: `dir/images/{id}.png` rendered at `image_size` and
 /// `dir/train.json`, a list of `{"id", "image": "{id}.png", "conversations": [{"from": "human",
-/// "value": "<image>\n{question}"}, {"from": "gpt", "value": "{first answer}"}]}` (`image` relative to
-/// `dir/images`, LLaVA's `--image_folder`).
+/// "value": "<image>\n{question}{SHORT_ANSWER}"}, {"from": "gpt", "value": "{first answer}"}]}`
+/// (`image` relative to `dir/images`, LLaVA's `--image_folder`; the question ends with
+/// [`SHORT_ANSWER`], as in LLaVA-1.5's VQA training data).
 pub fn export_llava_train(samples: &[Sample], dir: &Path, image_size: u32) -> Result<()> {
     write_images(samples, dir, image_size)?;
     let records: Vec<TrainRecord> = samples
@@ -1648,7 +1678,7 @@ pub fn export_llava_train(samples: &[Sample], dir: &Path, image_size: u32) -> Re
             conversations: vec![
                 Turn {
                     from: "human".into(),
-                    value: format!("<image>\n{}", s.question),
+                    value: format!("<image>\n{}{SHORT_ANSWER}", s.question),
                 },
                 Turn {
                     from: "gpt".into(),

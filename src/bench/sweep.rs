@@ -3,11 +3,13 @@
 
 use super::eval::{ScoreSummary, Scorecard};
 use super::mem;
+use super::shapes::{self, Family, SHORT_ANSWER, ShapesConfig, Split};
 use crate::engine::{Engine, ImageInput, Request};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::io::write_atomic;
 use crate::prune::{Keep, PrunePlan, Stage, StrategyParams, head_strategy, query_strategy};
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// One question about one image.
 #[derive(Debug, Clone)]
@@ -22,6 +24,39 @@ pub struct BenchItem {
     pub yes_no: Option<bool>,
     /// Ground-truth relevant patches over the vision tower's patch grid (row-major), if known.
     pub relevant: Option<Vec<bool>>,
+}
+
+/// `n` ShapesVQA test questions (generator `seed`, settings `cfg`) as bench items: images
+/// rendered at `image_size` into `dir/images`, questions with [`SHORT_ANSWER`], relevance masks
+/// over the `patch_size` grid, existence questions scored POPE-style.
+pub fn shapes_items(
+    n: usize,
+    seed: u64,
+    cfg: &ShapesConfig,
+    image_size: u32,
+    patch_size: u32,
+    dir: &Path,
+) -> Result<Vec<BenchItem>> {
+    let samples = shapes::generate(Split::Test, n, seed, cfg)?;
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).map_err(|e| Error::io(&images, e))?;
+    samples
+        .iter()
+        .map(|s| {
+            let path = images.join(s.image_file());
+            write_atomic(&path, &s.scene.png(image_size)?)?;
+            Ok(BenchItem {
+                id: s.id.clone(),
+                image: path,
+                question: format!("{}{SHORT_ANSWER}", s.question),
+                answers: s.answers.clone(),
+                family: s.family.name().to_string(),
+                yes_no: (s.family == Family::Existence)
+                    .then(|| s.answers.first().is_some_and(|x| x == "yes")),
+                relevant: s.relevance(image_size, patch_size),
+            })
+        })
+        .collect()
 }
 
 /// One configuration of a sweep.
@@ -98,6 +133,9 @@ pub struct SampleRecord {
     pub avg_kept: f64,
     /// Share of the relevant patches among the kept tokens (all kept when unpruned).
     pub recall: Option<f64>,
+    /// The random-keep baseline of `recall`: its expectation when the same number of patches is
+    /// kept uniformly at random, `kept patches / all patches` (exact, no sampling noise).
+    pub random_recall: Option<f64>,
     /// Normalised entropy of the first stage's importance scores.
     pub concentration: Option<f64>,
     /// Mean pairwise cosine distance of the kept tokens' hidden states at the last stage.
@@ -127,6 +165,8 @@ pub struct ConfigSummary {
     pub kept_after: f64,
     pub avg_kept: f64,
     pub recall: Option<f64>,
+    /// Expected recall of a random kept set of the same size (see [`SampleRecord`]).
+    pub random_recall: Option<f64>,
     pub concentration: Option<f64>,
     pub diversity: Option<f64>,
     pub prefill_ms: f64,
@@ -206,6 +246,10 @@ pub fn run(
                         / total as f64
                 })
             });
+            let random_recall = it.relevant.as_ref().and_then(|rel| {
+                (recall.is_some() && !rel.is_empty())
+                    .then(|| kept_patches.len().min(rel.len()) as f64 / rel.len() as f64)
+            });
             let patch_importance = match s.stages.first() {
                 Some(st) => {
                     let mut v = vec![0.0f32; n_image];
@@ -227,6 +271,7 @@ pub fn run(
                 kept_after: s.kept_after_last(),
                 avg_kept: s.avg_image_tokens(),
                 recall,
+                random_recall,
                 concentration: s.stages.first().map(|st| st.importance_entropy()),
                 diversity: s.stages.last().map(|st| st.diversity),
                 prefill_ms: g.prefill_secs * 1e3,
@@ -260,6 +305,7 @@ pub fn run(
             kept_after: mean(recs.iter().map(|r| r.kept_after as f64)),
             avg_kept: mean(recs.iter().map(|r| r.avg_kept)),
             recall: mean_opt(recs.iter().map(|r| r.recall)),
+            random_recall: mean_opt(recs.iter().map(|r| r.random_recall)),
             concentration: mean_opt(recs.iter().map(|r| r.concentration)),
             diversity: mean_opt(recs.iter().map(|r| r.diversity)),
             prefill_ms,

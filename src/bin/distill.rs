@@ -1,20 +1,32 @@
-//! `distill`: fine-tunes a LLaVA checkpoint with fineprune's hand-written trainer.
+//! `distill`: trains LLaVA models with fineprune's hand-written trainer.
 //!
-//! `distill train --config run.toml` trains as the TOML file says (see
-//! `fineprune::train::run::TrainConfig`) and writes `losses.csv`, `loss.svg/png` and a
-//! transformers-loadable checkpoint to the output folder; `--resume` continues an interrupted run
-//! from its newest checkpoint with the same results as an uninterrupted one.
+//! - `distill shapes --out data`: exports ShapesVQA training data (LLaVA conversation json +
+//!   images) and the settings it was generated with.
+//! - `distill train --config run.toml` trains as the TOML file says (see
+//!   `fineprune::train::run::TrainConfig`), from a checkpoint or from scratch (`[new_model]`), and
+//!   writes `losses.csv`, `loss.svg/png` and a transformers-loadable checkpoint to the output
+//!   folder; `--resume` continues an interrupted run from its newest checkpoint with the same
+//!   results as an uninterrupted one.
+//! - `distill eval --model DIR`: greedy accuracy on ShapesVQA's test split, per question family.
 
 use clap::{Parser, Subcommand};
-use fineprune::train::run::{TrainConfig, TrainOptions, train};
-use std::path::PathBuf;
+use fineprune::bench::report;
+use fineprune::bench::shapes::{
+    self, MODEL_SHAPES_CONFIG, ShapesConfig, Split, export_llava_eval, export_llava_train,
+};
+use fineprune::bench::sweep::{self, SweepConfig, SweepOptions};
+use fineprune::train::run::{TrainConfig, TrainOptions, train_stages};
+use fineprune::{Engine, Error, Model};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
     name = "distill",
     version,
-    about = "Fine-tune a LLaVA checkpoint with fineprune's hand-written trainer"
+    about = "Train LLaVA models (from scratch or a checkpoint) with fineprune's hand-written trainer, and evaluate them on ShapesVQA"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -25,12 +37,16 @@ struct Cli {
 enum Command {
     /// Train (or resume training) as a TOML config says.
     ///
-    /// The config needs `model` (LLaVA checkpoint folder), `data` (LLaVA conversation json),
-    /// `image_folder`, `output`, `steps` and `lr`; optional: `seed`, `batch_size`, `grad_accum`,
-    /// `warmup`, `min_lr_ratio`, `weight_decay`, `max_grad_norm`, `frozen` (e.g. ["vision"]),
-    /// `checkpoint_every`, `max_len`. Relative paths are relative to the config file.
+    /// The config needs `data` (LLaVA conversation json), `image_folder`, `output`, `steps`, `lr`
+    /// and either `model` (a LLaVA checkpoint folder to start from) or a `[new_model]` table (a
+    /// shape to train from scratch: the tokenizer is trained on `data` and the model created in
+    /// OUTPUT/base). Optional: `seed`, `batch_size`, `grad_accum`, `warmup`, `min_lr_ratio`,
+    /// `weight_decay`, `max_grad_norm`, `frozen` (e.g. ["vision"]), `checkpoint_every`,
+    /// `max_len`. `[[stage]]` tables (each with `name`, `steps`, `lr` and any overrides, e.g.
+    /// `frozen`) run LLaVA-style stages in order, each into OUTPUT/stageN-NAME from the previous
+    /// stage's final checkpoint. Relative paths are relative to the config file.
     #[command(
-        after_help = "Example config:\n\n  model = \"llava-base\"\n  data = \"data/train.json\"\n  image_folder = \"data/images\"\n  output = \"runs/r1\"\n  steps = 1000\n  lr = 2e-5\n  warmup = 30\n  batch_size = 4\n  grad_accum = 4\n  max_grad_norm = 1.0\n  frozen = [\"vision\"]\n  checkpoint_every = 100"
+        after_help = "Example config (fine-tuning):\n\n  model = \"llava-base\"\n  data = \"data/train.json\"\n  image_folder = \"data/images\"\n  output = \"runs/r1\"\n  steps = 1000\n  lr = 2e-5\n  warmup = 30\n  batch_size = 4\n  grad_accum = 4\n  max_grad_norm = 1.0\n  frozen = [\"vision\"]\n  checkpoint_every = 100\n\nFrom scratch, replace `model` with:\n\n  [new_model]\n  image_size = 112\n  patch_size = 8\n  vision_hidden_size = 128\n  vision_intermediate_size = 512\n  vision_layers = 4\n  vision_heads = 4\n  hidden_size = 192\n  intermediate_size = 512\n  layers = 4\n  heads = 6\n  kv_heads = 2\n  vocab_size = 512\n  # optional: vision_feature_layer = -1, init_std = 0.02, init_seed = 0,\n  # max_position_embeddings = 1024, rope_theta = 10000.0, tie_word_embeddings = false\n\nTwo stages (replace the top-level steps and lr):\n\n  [[stage]]\n  name = \"pretrain\"\n  steps = 500\n  lr = 1e-3\n  frozen = [\"vision\", \"lm\"]\n\n  [[stage]]\n  name = \"finetune\"\n  steps = 2000\n  lr = 2e-5\n  frozen = [\"vision\"]"
     )]
     Train {
         /// TOML file describing the run.
@@ -39,14 +55,189 @@ enum Command {
         /// Continue from the newest checkpoint in the output folder.
         #[arg(long)]
         resume: bool,
-        /// Stop (with a checkpoint) at this global step; the learning-rate schedule still spans
-        /// `steps`, so a later `--resume` continues the same run.
+        /// Stop (with a checkpoint) at this global step (counted across stages); the
+        /// learning-rate schedule still spans `steps`, so a later `--resume` continues the same
+        /// run.
         #[arg(long, value_name = "STEP")]
         stop_after: Option<u64>,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
     },
+    /// Export ShapesVQA as LLaVA training data: OUT/train.json, OUT/images/, and
+    /// OUT/shapes_config.json (the generator settings; a `[new_model]` trained on OUT/train.json
+    /// keeps them, so `distill eval` and `prune-bench` test it on the same distribution).
+    Shapes {
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Training questions (one image each).
+        #[arg(long, default_value_t = 20000)]
+        train: usize,
+        /// Also export this many test questions to OUT/test (LLaVA eval files with scenes).
+        #[arg(long, default_value_t = 0)]
+        test: usize,
+        /// Side of the rendered images in pixels (the model's image_size).
+        #[arg(long, default_value_t = 336)]
+        image_size: u32,
+        /// Patch side for the relevance masks recorded in the settings (the model's patch_size).
+        #[arg(long, default_value_t = 14)]
+        patch_size: u32,
+        /// ShapesVQA settings (JSON, fields left out keep their defaults).
+        #[arg(long, value_name = "FILE.json")]
+        config: Option<PathBuf>,
+        /// Generator seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Accuracy on ShapesVQA's test split, overall and per question family (greedy decoding,
+    /// exact match; existence questions read yes/no as POPE does). Uses the model's
+    /// shapes_config.json when it has one.
+    Eval {
+        /// LLaVA checkpoint folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Test questions.
+        #[arg(long, default_value_t = 600)]
+        n: usize,
+        /// Generator seed of the test split.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// New tokens per answer.
+        #[arg(long, default_value_t = 8)]
+        max_new_tokens: usize,
+        /// Folder for the rendered test images and eval.json (per-family scores and every
+        /// prediction).
+        #[arg(long, default_value = "distill-eval")]
+        out: PathBuf,
+    },
+}
+
+fn export_shapes(
+    out: &Path,
+    train: usize,
+    test: usize,
+    image_size: u32,
+    patch_size: u32,
+    config: Option<&Path>,
+    seed: u64,
+) -> fineprune::Result<()> {
+    let mut cfg = match config {
+        Some(p) => ShapesConfig::from_file(p)?,
+        None => ShapesConfig::default(),
+    };
+    cfg.image_size = image_size;
+    cfg.patch_size = patch_size;
+    cfg.validate()?;
+    if train == 0 {
+        return Err(Error::arg("--train", "must be at least 1"));
+    }
+    let samples = shapes::generate(Split::Train, train, seed, &cfg)?;
+    export_llava_train(&samples, out, image_size)?;
+    if test > 0 {
+        let samples = shapes::generate(Split::Test, test, seed, &cfg)?;
+        export_llava_eval(&samples, &out.join("test"), image_size)?;
+    }
+    let json = serde_json::to_vec_pretty(&cfg).expect("shapes config serializes");
+    fineprune::io::write_atomic(&out.join(MODEL_SHAPES_CONFIG), &json)?;
+    println!(
+        "wrote {train} training questions to {} ({}x{} images){}",
+        out.join("train.json").display(),
+        image_size,
+        image_size,
+        if test > 0 {
+            format!(
+                " and {test} test questions to {}",
+                out.join("test").display()
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+fn eval(
+    model_dir: &Path,
+    n: usize,
+    seed: u64,
+    max_new_tokens: usize,
+    out: &Path,
+) -> fineprune::Result<()> {
+    if n == 0 {
+        return Err(Error::arg("--n", "must be at least 1"));
+    }
+    let shapes_cfg = ShapesConfig::for_model(model_dir)?;
+    let model = Model::load(model_dir)?;
+    let Some(vision) = &model.vision else {
+        return Err(Error::arg(
+            "--model",
+            format!("{} has no vision tower", model_dir.display()),
+        ));
+    };
+    let vc = vision.config.vision.clone();
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let items = sweep::shapes_items(
+        n,
+        seed,
+        &shapes_cfg,
+        vc.image_size as u32,
+        vc.patch_size as u32,
+        out,
+    )?;
+    let engine = Engine::new(Arc::new(model));
+    let bar = ProgressBar::new(items.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} questions {elapsed} (eta {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let (records, summaries) = sweep::run(
+        &engine,
+        &items,
+        &[SweepConfig::unpruned()],
+        &SweepOptions { max_new_tokens },
+        &|| bar.inc(1),
+    )?;
+    bar.finish_and_clear();
+    let scores = &summaries[0].scores;
+    let mut rows = vec![vec!["family".to_string(), "n".into(), "accuracy".into()]];
+    for (f, s) in &scores.families {
+        rows.push(vec![
+            f.clone(),
+            s.n.to_string(),
+            format!("{:.3}", s.accuracy),
+        ]);
+    }
+    rows.push(vec![
+        "overall".into(),
+        scores.n.to_string(),
+        format!("{:.3}", scores.accuracy),
+    ]);
+    print!("{}", report::table(&rows));
+    let predictions: Vec<_> = records
+        .iter()
+        .map(|r| serde_json::json!({"id": r.id, "family": r.family, "prediction": r.prediction, "score": r.score}))
+        .collect();
+    let json = serde_json::json!({
+        "model": model_dir,
+        "seed": seed,
+        "scores": scores,
+        "predictions": predictions,
+    });
+    let text = serde_json::to_string_pretty(&json).expect("eval json serializes");
+    fineprune::io::write_atomic(&out.join("eval.json"), text.as_bytes())?;
+    eprintln!("wrote {}", out.join("eval.json").display());
+    Ok(())
+}
+
+fn finish(r: fineprune::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("distill: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -64,31 +255,58 @@ fn main() -> ExitCode {
                     progress: !quiet,
                     stop_after,
                 };
-                train(&cfg, &opts).map(|s| (cfg, s))
+                train_stages(&cfg, &opts)
             });
             match run {
-                Ok((cfg, s)) => {
-                    let last = s.history.last().map(|r| r.loss).unwrap_or(f32::NAN);
-                    println!(
-                        "trained steps {}..{} in {:.1}s ({:.0} tokens/s), last loss {last:.5}",
-                        s.start_step,
-                        s.end_step,
-                        s.seconds,
-                        s.tokens as f64 / s.seconds.max(1e-9)
-                    );
-                    println!("checkpoint: {}", s.checkpoint.display());
-                    println!(
-                        "losses: {}  plot: {}",
-                        cfg.output.join("losses.csv").display(),
-                        cfg.output.join("loss.svg").display()
-                    );
+                Ok(summaries) => {
+                    if summaries.is_empty() {
+                        println!("nothing to do: every stage is finished");
+                    }
+                    for s in summaries {
+                        let last = s.history.last().map(|r| r.loss).unwrap_or(f32::NAN);
+                        let out = s.checkpoint.parent().unwrap_or(Path::new(""));
+                        println!(
+                            "trained steps {}..{} in {:.1}s ({:.0} tokens/s), last loss {last:.5}",
+                            s.start_step,
+                            s.end_step,
+                            s.seconds,
+                            s.tokens as f64 / s.seconds.max(1e-9)
+                        );
+                        println!("checkpoint: {}", s.checkpoint.display());
+                        println!(
+                            "losses: {}  plot: {}",
+                            out.join("losses.csv").display(),
+                            out.join("loss.svg").display()
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("distill: error: {e}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => finish(Err(e)),
             }
         }
+        Command::Shapes {
+            out,
+            train,
+            test,
+            image_size,
+            patch_size,
+            config,
+            seed,
+        } => finish(export_shapes(
+            &out,
+            train,
+            test,
+            image_size,
+            patch_size,
+            config.as_deref(),
+            seed,
+        )),
+        Command::Eval {
+            model,
+            n,
+            seed,
+            max_new_tokens,
+            out,
+        } => finish(eval(&model, n, seed, max_new_tokens, &out)),
     }
 }

@@ -14,7 +14,7 @@ use common::StrategyFlags;
 use fineprune::bench::eval;
 use fineprune::bench::mem::PeakAlloc;
 use fineprune::bench::report::{self, Series};
-use fineprune::bench::shapes::{self, Family, ShapesConfig, Split};
+use fineprune::bench::shapes::ShapesConfig;
 use fineprune::bench::sweep::{
     self, BenchItem, ConfigSummary, SampleRecord, SweepConfig, SweepOptions,
 };
@@ -30,6 +30,17 @@ static ALLOC: PeakAlloc = PeakAlloc;
 
 /// Where the bundled default model will live.
 const DEFAULT_MODEL: &str = "models/shapes-llava";
+
+/// The bundled model: `models/shapes-llava` under the working directory, else in this crate's
+/// source tree (so `cargo run` works from any folder of the checkout).
+fn default_model() -> Option<PathBuf> {
+    [
+        PathBuf::from(DEFAULT_MODEL),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL),
+    ]
+    .into_iter()
+    .find(|p| p.join("config.json").is_file())
+}
 
 #[derive(Parser)]
 #[command(
@@ -106,16 +117,18 @@ fn run(a: Args) -> fineprune::Result<()> {
     )?;
     let model_dir = match &a.model {
         Some(m) => m.clone(),
-        None if Path::new(DEFAULT_MODEL).exists() => PathBuf::from(DEFAULT_MODEL),
-        None => {
-            return Err(Error::arg(
-                "--model",
-                format!(
-                    "no bundled default model at {DEFAULT_MODEL} yet; point --model at a LLaVA checkpoint \
+        None => match default_model() {
+            Some(m) => m,
+            None => {
+                return Err(Error::arg(
+                    "--model",
+                    format!(
+                        "no bundled default model at {DEFAULT_MODEL} yet; point --model at a LLaVA checkpoint \
                      directory, e.g. --model tests/reference/llava_gqa (a tiny random test model)"
-                ),
-            ));
-        }
+                    ),
+                ));
+            }
+        },
     };
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let model = Model::load(&model_dir)?;
@@ -129,7 +142,8 @@ fn run(a: Args) -> fineprune::Result<()> {
         ));
     };
     let vc = vision.config.vision.clone();
-    let mut items = load_data(&a, vc.image_size as u32, vc.patch_size as u32)?;
+    let shapes_cfg = ShapesConfig::for_model(&model_dir)?;
+    let mut items = load_data(&a, &shapes_cfg, vc.image_size as u32, vc.patch_size as u32)?;
     if let Some(n) = a.limit {
         items.truncate(n);
     }
@@ -159,36 +173,20 @@ fn run(a: Args) -> fineprune::Result<()> {
     Ok(())
 }
 
-/// ShapesVQA's test split (images written under OUT/images at the model's resolution) or a
-/// LLaVA eval file.
-fn load_data(a: &Args, image_size: u32, patch: u32) -> fineprune::Result<Vec<BenchItem>> {
+/// ShapesVQA's test split (with the settings the model was trained on, images written under
+/// OUT/images at the model's resolution) or a LLaVA eval file.
+fn load_data(
+    a: &Args,
+    shapes_cfg: &ShapesConfig,
+    image_size: u32,
+    patch: u32,
+) -> fineprune::Result<Vec<BenchItem>> {
     if let Some(n) = a.data.strip_prefix("shapes:") {
         let n: usize = n
             .parse()
             .map_err(|_| Error::arg("--data", format!("`{}`: shapes:N needs a count", a.data)))?;
         let n = a.limit.map_or(n, |l| l.min(n));
-        let cfg = ShapesConfig::default();
-        let samples = shapes::generate(Split::Test, n, a.seed, &cfg)?;
-        let dir = a.out.join("images");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let suffix = "\nAnswer the question using a single word or phrase.";
-        return samples
-            .iter()
-            .map(|s| {
-                let path = dir.join(s.image_file());
-                fineprune::io::write_atomic(&path, &s.scene.png(image_size)?)?;
-                Ok(BenchItem {
-                    id: s.id.clone(),
-                    image: path,
-                    question: format!("{}{suffix}", s.question),
-                    answers: s.answers.clone(),
-                    family: s.family.name().to_string(),
-                    yes_no: (s.family == Family::Existence)
-                        .then(|| s.answers.first().is_some_and(|x| x == "yes")),
-                    relevant: s.relevance(image_size, patch),
-                })
-            })
-            .collect();
+        return sweep::shapes_items(n, a.seed, shapes_cfg, image_size, patch, &a.out);
     }
     let questions = PathBuf::from(&a.data);
     let images = a.images.clone().unwrap_or_else(|| {
@@ -261,6 +259,7 @@ fn write_outputs(
         "kept_after_K",
         "kept_avg_layers",
         "recall",
+        "recall_random",
         "concentration",
         "diversity",
         "prefill_ms",
@@ -288,6 +287,7 @@ fn write_outputs(
             format!("{:.1}", s.kept_after),
             format!("{:.1}", s.avg_kept),
             opt(s.recall, 3),
+            opt(s.random_recall, 3),
             opt(s.concentration, 3),
             opt(s.diversity, 3),
             format!("{:.2}", s.prefill_ms),

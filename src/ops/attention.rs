@@ -77,7 +77,7 @@ fn attend(
                 softmax_scaled(row, visible, scale);
             }
             let mut o = vec![0.0f32; t * d];
-            matmul_nn(t, d, s, &p, s, &v[kvh * d..], kv_heads * d, &mut o);
+            matmul_nn(t, d, s, &p, s, &v[kvh * d..], kv_heads * d, &mut o, false);
             (o, if keep_probs { p } else { Vec::new() })
         })
         .collect();
@@ -154,7 +154,7 @@ pub fn attention_backward(
                         *x = scale * pv * (*x - dot);
                     }
                 }
-                matmul_nn(t, d, s, &ds, s, &k[g * d..], kv_heads * d, dq);
+                matmul_nn(t, d, s, &ds, s, &k[g * d..], kv_heads * d, dq, false);
                 matmul_tn_acc(s, d, t, &ds, s, &q[h * d..], heads * d, &mut dk, false);
             }
             (dq, dk, dv)

@@ -34,8 +34,9 @@ pub fn matmul_nn(
     b: &[f32],
     b_rs: usize,
     out: &mut [f32],
+    parallel: bool,
 ) {
-    gemm_strided(m, n, k, a, (a_rs, 1), b, (b_rs, 1), out, false, false);
+    gemm_strided(m, n, k, a, (a_rs, 1), b, (b_rs, 1), out, false, parallel);
 }
 
 /// `out (+)= a · b` through `gemm` for `a: [m, k]` with element (i, kk) at
@@ -245,7 +246,7 @@ pub fn linear_backward(
         return Err(shape_err("dweight", vec![n, k], dweight.len()));
     }
     let mut dx = vec![0.0f32; m * k];
-    matmul_nn(m, k, n, dy, n, weight, k, &mut dx);
+    matmul_nn(m, k, n, dy, n, weight, k, &mut dx, true);
     matmul_tn_acc(n, k, m, dy, n, x, k, dweight, true);
     if let Some(db) = dbias {
         if db.len() != n {
@@ -279,7 +280,7 @@ mod tests {
         }
         // b viewed as [k, n]
         let mut out2 = vec![0.0; m * n];
-        matmul_nn(m, n, k, &a, k, &b[..k * n], n, &mut out2);
+        matmul_nn(m, n, k, &a, k, &b[..k * n], n, &mut out2, false);
         for i in 0..m {
             for j in 0..n {
                 let r: f32 = (0..k).map(|t| a[i * k + t] * b[t * n + j]).sum();

@@ -29,6 +29,7 @@ pub const COPIED_FILES: &[&str] = &[
     "chat_template.jinja",
     "preprocessor_config.json",
     "processor_config.json",
+    crate::bench::shapes::MODEL_SHAPES_CONFIG,
 ];
 
 /// Checks that `dir` exists (creating it) and accepts a new file, before anything is written.

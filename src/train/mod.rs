@@ -9,12 +9,14 @@
 //!   `preprocess_v1` masking) and pixel values; a seeded, resumable loader.
 //! - [`tokenizer_train`]: trains a LLaMA-style byte-fallback BPE `tokenizer.json` for new models.
 //! - [`model`]: LLaVA with f32 parameters, training forward with caches and the full backward.
+//! - [`new_model`]: the shape of a model trained from scratch, and its creation (tokenizer, config, init).
 //! - [`checkpoint`]: writes a model as a transformers 5.x-loadable checkpoint directory.
 //! - [`run`]: the training loop behind `distill train`: TOML config, losses, resumable checkpoints.
 
 pub mod checkpoint;
 pub mod data;
 pub mod model;
+pub mod new_model;
 pub mod optim;
 pub mod run;
 pub mod tokenizer_train;

@@ -239,14 +239,14 @@ struct EncoderLayer {
     fc2: Lin,
 }
 
-/// What one encoder layer's backward needs.
+/// What one encoder layer's backward needs (rows of every image, concatenated).
 struct EncoderCache {
     x: Vec<f32>,
     xn1: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    probs: Vec<f32>,
+    probs: Vec<Vec<f32>>,
     o: Vec<f32>,
     x_mid: Vec<f32>,
     xn2: Vec<f32>,
@@ -254,24 +254,45 @@ struct EncoderCache {
     act: Vec<f32>,
 }
 
+/// Bidirectional attention over one image's `t` rows.
+fn vision_attn_shape(c: &LlavaConfig, t: usize) -> AttnShape {
+    let vc = &c.vision;
+    AttnShape {
+        t,
+        s: t,
+        heads: vc.num_attention_heads,
+        kv_heads: vc.num_attention_heads,
+        head_dim: vc.hidden_size / vc.num_attention_heads,
+        causal: false,
+    }
+}
+
 impl EncoderLayer {
-    fn forward(&self, p: &[Param], c: &LlavaConfig, x: &mut [f32]) -> Result<EncoderCache> {
+    /// `x`: the rows of `images` images of `t` tokens each, concatenated; attention stays
+    /// within an image.
+    fn forward(
+        &self,
+        p: &[Param],
+        c: &LlavaConfig,
+        t: usize,
+        x: &mut [f32],
+    ) -> Result<EncoderCache> {
         let vc = &c.vision;
-        let (h, nh) = (vc.hidden_size, vc.num_attention_heads);
-        let sh = AttnShape {
-            t: x.len() / h,
-            s: x.len() / h,
-            heads: nh,
-            kv_heads: nh,
-            head_dim: h / nh,
-            causal: false,
-        };
+        let w = t * vc.hidden_size;
         let x_in = x.to_vec();
         let xn1 = self.layer_norm1.forward(p, x, vc.layer_norm_eps)?;
         let q = self.q_proj.forward(p, &xn1);
         let k = self.k_proj.forward(p, &xn1);
         let v = self.v_proj.forward(p, &xn1);
-        let (o, probs) = attention_with_probs(&q, &k, &v, sh);
+        let mut o = vec![0.0f32; q.len()];
+        let mut probs = Vec::with_capacity(q.len() / w.max(1));
+        for (i, oi) in o.chunks_mut(w).enumerate() {
+            let r = i * w..(i + 1) * w;
+            let (out, pr) =
+                attention_with_probs(&q[r.clone()], &k[r.clone()], &v[r], vision_attn_shape(c, t));
+            oi.copy_from_slice(&out);
+            probs.push(pr);
+        }
         ops::add(x, &self.out_proj.forward(p, &o));
         let x_mid = x.to_vec();
         let xn2 = self.layer_norm2.forward(p, x, vc.layer_norm_eps)?;
@@ -302,11 +323,12 @@ impl EncoderLayer {
         &self,
         p: &mut [Param],
         c: &LlavaConfig,
+        t: usize,
         cache: &EncoderCache,
         dx: &mut [f32],
     ) -> Result<()> {
         let vc = &c.vision;
-        let (h, nh) = (vc.hidden_size, vc.num_attention_heads);
+        let w = t * vc.hidden_size;
         let eps = vc.layer_norm_eps;
         let da = self.fc2.backward(p, &cache.act, dx)?;
         let dpre = match vc.hidden_act.as_str() {
@@ -316,16 +338,25 @@ impl EncoderLayer {
         let dxn2 = self.fc1.backward(p, &cache.xn2, &dpre)?;
         ops::add(dx, &self.layer_norm2.backward(p, &cache.x_mid, eps, &dxn2));
         let d_o = self.out_proj.backward(p, &cache.o, dx)?;
-        let sh = AttnShape {
-            t: dx.len() / h,
-            s: dx.len() / h,
-            heads: nh,
-            kv_heads: nh,
-            head_dim: h / nh,
-            causal: false,
-        };
-        let (dq, dk, dv) =
-            attention_backward(&cache.q, &cache.k, &cache.v, Some(&cache.probs), &d_o, sh);
+        let (mut dq, mut dk, mut dv) = (
+            vec![0.0f32; d_o.len()],
+            vec![0.0; d_o.len()],
+            vec![0.0; d_o.len()],
+        );
+        for (i, pr) in cache.probs.iter().enumerate() {
+            let r = i * w..(i + 1) * w;
+            let (a, b, d) = attention_backward(
+                &cache.q[r.clone()],
+                &cache.k[r.clone()],
+                &cache.v[r.clone()],
+                Some(pr),
+                &d_o[r.clone()],
+                vision_attn_shape(c, t),
+            );
+            dq[r.clone()].copy_from_slice(&a);
+            dk[r.clone()].copy_from_slice(&b);
+            dv[r].copy_from_slice(&d);
+        }
         let mut dxn1 = self.q_proj.backward(p, &cache.xn1, &dq)?;
         ops::add(&mut dxn1, &self.k_proj.backward(p, &cache.xn1, &dk)?);
         ops::add(&mut dxn1, &self.v_proj.backward(p, &cache.xn1, &dv)?);
@@ -343,7 +374,7 @@ struct VisionTower {
     layers: Vec<EncoderLayer>,
 }
 
-/// One image's vision activations.
+/// The vision activations of a batch of images (rows concatenated image by image).
 struct VisionCache {
     patches: Vec<f32>,
     pre_ln_in: Vec<f32>,
@@ -351,23 +382,34 @@ struct VisionCache {
 }
 
 impl VisionTower {
-    /// HF's hidden-states list (entry 0 after `pre_layrnorm`, entry i after layer i).
+    /// HF's hidden-states list for a batch of images (entry 0 after `pre_layrnorm`, entry i
+    /// after layer i), each entry the images' `grid² + 1` rows concatenated.
     fn forward(
         &self,
         p: &[Param],
         c: &LlavaConfig,
-        px: &[f32],
+        pixels: &[&[f32]],
     ) -> Result<(Vec<Vec<f32>>, VisionCache)> {
-        let patches = crate::model::clip::unfold_patches(&c.vision, px)?;
+        let h = c.vision.hidden_size;
+        let t = c.vision.grid() * c.vision.grid() + 1;
+        let mut patches = Vec::new();
+        for px in pixels {
+            patches.extend(crate::model::clip::unfold_patches(&c.vision, px)?);
+        }
         let pe = self.patch_embedding.forward(p, &patches);
-        let mut x = p[self.class_embedding].value.clone();
-        x.extend_from_slice(&pe);
-        ops::add(&mut x, &p[self.position_embedding].value);
+        let mut x = Vec::with_capacity(pixels.len() * t * h);
+        for pe_i in pe.chunks(h * (t - 1)) {
+            x.extend_from_slice(&p[self.class_embedding].value);
+            x.extend_from_slice(pe_i);
+        }
+        for xi in x.chunks_mut(t * h) {
+            ops::add(xi, &p[self.position_embedding].value);
+        }
         let mut x_cur = self.pre_layrnorm.forward(p, &x, c.vision.layer_norm_eps)?;
         let mut states = vec![x_cur.clone()];
         let mut caches = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            caches.push(layer.forward(p, c, &mut x_cur)?);
+            caches.push(layer.forward(p, c, t, &mut x_cur)?);
             states.push(x_cur.clone());
         }
         Ok((
@@ -389,23 +431,30 @@ impl VisionTower {
         dstates: &[Vec<f32>],
     ) -> Result<()> {
         let n = self.layers.len();
+        let h = c.vision.hidden_size;
+        let t = c.vision.grid() * c.vision.grid() + 1;
         let mut dx = dstates[n].clone();
         for i in (0..n).rev() {
-            self.layers[i].backward(p, c, &cache.layers[i], &mut dx)?;
+            self.layers[i].backward(p, c, t, &cache.layers[i], &mut dx)?;
             ops::add(&mut dx, &dstates[i]);
         }
         let dx = self
             .pre_layrnorm
             .backward(p, &cache.pre_ln_in, c.vision.layer_norm_eps, &dx);
-        let h = c.vision.hidden_size;
-        if !frozen(p, self.position_embedding) {
-            ops::add(&mut p[self.position_embedding].grad, &dx);
-        }
-        if !frozen(p, self.class_embedding) {
-            ops::add(&mut p[self.class_embedding].grad, &dx[..h]);
+        for dxi in dx.chunks(t * h) {
+            if !frozen(p, self.position_embedding) {
+                ops::add(&mut p[self.position_embedding].grad, dxi);
+            }
+            if !frozen(p, self.class_embedding) {
+                ops::add(&mut p[self.class_embedding].grad, &dxi[..h]);
+            }
         }
         if !frozen(p, self.patch_embedding.w) {
-            self.patch_embedding.backward(p, &cache.patches, &dx[h..])?;
+            let dpe: Vec<f32> = dx
+                .chunks(t * h)
+                .flat_map(|d| d[h..].iter().copied())
+                .collect();
+            self.patch_embedding.backward(p, &cache.patches, &dpe)?;
         }
         Ok(())
     }
@@ -584,7 +633,7 @@ struct Cache {
     lens: Vec<usize>,
     /// Row of each merged image feature (`[images·image_tokens]`, image by image).
     image_rows: Vec<usize>,
-    vision: Vec<VisionCache>,
+    vision: VisionCache,
     /// Projector input `[images·image_tokens, vision_hidden·layers]`, `linear_1` output, GELU output.
     feats: Vec<f32>,
     h1: Vec<f32>,
@@ -797,18 +846,19 @@ impl TrainModel {
         let (vh, th, vocab) = (c.vision.hidden_size, c.text.hidden_size, c.text.vocab_size);
         let ntok = c.image_tokens();
         let skip = usize::from(c.select_strategy == SelectStrategy::Default);
-        // Vision tower and feature selection, image by image.
+        // Vision tower (all images at once) and feature selection.
         let nl = self.feature_layers.len();
+        let vt = c.vision.grid() * c.vision.grid() + 1;
         let mut feats = Vec::with_capacity(batch.len() * ntok * vh * nl);
-        let mut vision = Vec::with_capacity(batch.len());
-        for s in batch {
-            let (states, cache) = self.vision.forward(p, c, &s.pixel_values)?;
+        let pixels: Vec<&[f32]> = batch.iter().map(|s| s.pixel_values.as_slice()).collect();
+        let (states, vision) = self.vision.forward(p, c, &pixels)?;
+        for i in 0..batch.len() {
             for t in skip..skip + ntok {
+                let r = i * vt + t;
                 for &l in &self.feature_layers {
-                    feats.extend_from_slice(&states[l][t * vh..(t + 1) * vh]);
+                    feats.extend_from_slice(&states[l][r * vh..(r + 1) * vh]);
                 }
             }
-            vision.push(cache);
         }
         // Projector.
         let h1 = self.linear_1.forward(p, &feats);
@@ -939,7 +989,7 @@ impl TrainModel {
         let dg = self.linear_2.backward(p, &cache.g, &dimg)?;
         let dh1 = act::gelu_backward(&cache.h1, &dg);
         let dfeats = self.linear_1.backward(p, &cache.feats, &dh1)?;
-        // Vision tower, image by image.
+        // Vision tower.
         let vision_frozen = p
             .iter()
             .filter(|q| q.group.starts_with("vision"))
@@ -951,17 +1001,20 @@ impl TrainModel {
         let tokens = c.vision.grid() * c.vision.grid() + 1;
         let skip = usize::from(c.select_strategy == SelectStrategy::Default);
         let nl = self.feature_layers.len();
-        for (i, vcache) in cache.vision.iter().enumerate() {
-            let mut dstates = vec![vec![0.0f32; tokens * vh]; self.vision.layers.len() + 1];
+        let images = cache.lens.len();
+        let mut dstates = vec![vec![0.0f32; images * tokens * vh]; self.vision.layers.len() + 1];
+        for i in 0..images {
             for t in 0..ntok {
                 let row = &dfeats[(i * ntok + t) * vh * nl..(i * ntok + t + 1) * vh * nl];
+                let r = i * tokens + t + skip;
                 for (j, &l) in self.feature_layers.iter().enumerate() {
-                    let dst = &mut dstates[l][(t + skip) * vh..(t + skip + 1) * vh];
-                    ops::add(dst, &row[j * vh..(j + 1) * vh]);
+                    ops::add(
+                        &mut dstates[l][r * vh..(r + 1) * vh],
+                        &row[j * vh..(j + 1) * vh],
+                    );
                 }
             }
-            self.vision.backward(p, c, vcache, &dstates)?;
         }
-        Ok(())
+        self.vision.backward(p, c, &cache.vision, &dstates)
     }
 }

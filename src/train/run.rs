@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::save_checkpoint;
 use super::data::{Dataset, Encoder, Loader, LoaderState};
 use super::model::{TrainModel, TrainSeq};
+use super::new_model::{NewModel, create_model};
 use super::optim::{AdamW, GroupConfig, Schedule, zero_grads};
 use crate::bench::report::{Series, line_plot};
 use crate::error::{Error, Result};
@@ -47,6 +48,8 @@ fn default_max_len() -> usize {
 ///
 /// ```toml
 /// model = "base-model"          # LLaVA checkpoint folder to start from (config.json, weights, tokenizer.json)
+///                               # or, instead of `model`, a `[new_model]` table (see [`NewModel`]):
+///                               # a model trained from scratch, created in `{output}/base` first
 /// data = "data/train.json"      # LLaVA conversation json
 /// image_folder = "data/images"  # folder the json's `image` fields are relative to
 /// output = "runs/r1"            # losses, plots, checkpoints
@@ -57,20 +60,32 @@ fn default_max_len() -> usize {
 /// # frozen = [] (any of "vision", "projector", "lm" or a full group like "lm.no_decay"),
 /// # checkpoint_every = 0 (only at the end), max_len = 2048
 /// ```
+///
+/// Stages (LLaVA's projector pre-training, then instruction tuning) replace the top-level `steps`
+/// and `lr` with `[[stage]]` tables, run in order; see [`StageConfig`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
-    pub model: PathBuf,
+    /// Checkpoint to start from; exactly one of `model` and `new_model`.
+    #[serde(default)]
+    pub model: Option<PathBuf>,
+    /// Shape of a model trained from scratch.
+    #[serde(default)]
+    pub new_model: Option<NewModel>,
     pub data: PathBuf,
     pub image_folder: PathBuf,
     pub output: PathBuf,
     #[serde(default)]
     pub seed: u64,
+    /// Optimizer steps (with `[[stage]]`s: in each stage instead).
+    #[serde(default)]
     pub steps: u64,
     #[serde(default = "one")]
     pub batch_size: usize,
     #[serde(default = "one")]
     pub grad_accum: usize,
+    /// Peak learning rate (with `[[stage]]`s: in each stage instead).
+    #[serde(default)]
     pub lr: f64,
     #[serde(default)]
     pub warmup: u64,
@@ -86,6 +101,56 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     #[serde(default = "default_max_len")]
     pub max_len: usize,
+    /// Stages run in order, each from the previous one's final checkpoint.
+    #[serde(default)]
+    pub stage: Vec<StageConfig>,
+}
+
+/// One stage of a multi-stage run (TOML `[[stage]]`). It trains `steps` steps at peak rate `lr`
+/// with its own schedule and optimizer state, into `{output}/stage{i}-{name}`, starting from the
+/// previous stage's final checkpoint (the first stage from `model` or `[new_model]`). Fields left
+/// out take the top-level values.
+///
+/// ```toml
+/// [[stage]]                      # LLaVA stage 1: align the projector
+/// name = "pretrain"
+/// steps = 500
+/// lr = 1e-3
+/// frozen = ["vision", "lm"]
+///
+/// [[stage]]                      # stage 2: instruction tuning
+/// name = "finetune"
+/// steps = 2000
+/// lr = 2e-5
+/// frozen = ["vision"]
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// Letters, digits, `-` and `_` (it names the stage's folder).
+    pub name: String,
+    pub steps: u64,
+    pub lr: f64,
+    #[serde(default)]
+    pub frozen: Option<Vec<String>>,
+    #[serde(default)]
+    pub data: Option<PathBuf>,
+    #[serde(default)]
+    pub image_folder: Option<PathBuf>,
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    #[serde(default)]
+    pub grad_accum: Option<usize>,
+    #[serde(default)]
+    pub warmup: Option<u64>,
+    #[serde(default)]
+    pub min_lr_ratio: Option<f64>,
+    #[serde(default)]
+    pub weight_decay: Option<f64>,
+    #[serde(default)]
+    pub max_grad_norm: Option<f64>,
+    #[serde(default)]
+    pub checkpoint_every: Option<u64>,
 }
 
 impl TrainConfig {
@@ -97,12 +162,15 @@ impl TrainConfig {
             msg: e.to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new(""));
-        for p in [
-            &mut cfg.model,
-            &mut cfg.data,
-            &mut cfg.image_folder,
-            &mut cfg.output,
-        ] {
+        let stage_paths = cfg
+            .stage
+            .iter_mut()
+            .flat_map(|s| s.data.as_mut().into_iter().chain(s.image_folder.as_mut()));
+        for p in [&mut cfg.data, &mut cfg.image_folder, &mut cfg.output]
+            .into_iter()
+            .chain(cfg.model.as_mut())
+            .chain(stage_paths)
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -110,9 +178,91 @@ impl TrainConfig {
         Ok(cfg)
     }
 
+    /// The single-stage runs this config describes: itself, or one per `[[stage]]` (see
+    /// [`StageConfig`]), each with its own output folder and starting point.
+    pub fn stages(&self) -> Result<Vec<TrainConfig>> {
+        if self.stage.is_empty() {
+            return Ok(vec![self.clone()]);
+        }
+        if self.steps != 0 || self.lr != 0.0 {
+            return Err(Error::arg(
+                "steps",
+                "with [[stage]] tables, `steps` and `lr` go in each stage, not at the top level",
+            ));
+        }
+        let mut out: Vec<TrainConfig> = Vec::with_capacity(self.stage.len());
+        for (i, st) in self.stage.iter().enumerate() {
+            let ok = !st.name.is_empty()
+                && st
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !ok {
+                return Err(Error::arg(
+                    "stage.name",
+                    format!(
+                        "stage {}: `{}` must be letters, digits, - or _",
+                        i + 1,
+                        st.name
+                    ),
+                ));
+            }
+            if self.stage[..i].iter().any(|s| s.name == st.name) {
+                return Err(Error::arg(
+                    "stage.name",
+                    format!("`{}` names two stages", st.name),
+                ));
+            }
+            let mut c = self.clone();
+            c.stage = Vec::new();
+            c.steps = st.steps;
+            c.lr = st.lr;
+            c.output = self.output.join(format!("stage{}-{}", i + 1, st.name));
+            if let Some(prev) = out.last() {
+                c.model = Some(prev.output.join(format!("checkpoint-{:06}", prev.steps)));
+                c.new_model = None;
+            }
+            if let Some(v) = &st.frozen {
+                c.frozen = v.clone();
+            }
+            if let Some(v) = &st.data {
+                c.data = v.clone();
+            }
+            if let Some(v) = &st.image_folder {
+                c.image_folder = v.clone();
+            }
+            c.batch_size = st.batch_size.unwrap_or(c.batch_size);
+            c.grad_accum = st.grad_accum.unwrap_or(c.grad_accum);
+            c.warmup = st.warmup.unwrap_or(c.warmup);
+            c.min_lr_ratio = st.min_lr_ratio.unwrap_or(c.min_lr_ratio);
+            c.weight_decay = st.weight_decay.unwrap_or(c.weight_decay);
+            c.max_grad_norm = st.max_grad_norm.or(c.max_grad_norm);
+            c.checkpoint_every = st.checkpoint_every.unwrap_or(c.checkpoint_every);
+            out.push(c);
+        }
+        Ok(out)
+    }
+
     /// Checks numbers, input files and the output folder, touching no weights; every error names
-    /// the offending field or file. [`train`] calls this before any compute.
+    /// the offending field or file (and stage). [`train`] calls this before any compute. With
+    /// stages, every stage is checked; a later stage's starting checkpoint need not exist yet.
     pub fn validate(&self) -> Result<()> {
+        if self.stage.is_empty() {
+            return self.validate_stage(true);
+        }
+        for (i, s) in self.stages()?.iter().enumerate() {
+            s.validate_stage(i == 0).map_err(|e| match e {
+                Error::Arg { name, msg } => Error::Arg {
+                    name,
+                    msg: format!("{msg} (stage {} `{}`)", i + 1, self.stage[i].name),
+                },
+                e => e,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn validate_stage(&self, model_ready: bool) -> Result<()> {
         let bad = |f: &str, m: String| Err(Error::arg(f, m));
         if self.steps == 0 {
             return bad("steps", "must be at least 1".into());
@@ -178,30 +328,23 @@ impl TrainConfig {
         Schedule::new(self.warmup, self.steps, self.min_lr_ratio)?;
 
         // Inputs.
-        for (what, p) in [
-            ("config.json of `model`", self.model.join("config.json")),
-            (
-                "tokenizer.json of `model`",
-                self.model.join("tokenizer.json"),
-            ),
-        ] {
-            if !p.is_file() {
-                return Err(Error::MissingFile { what, path: p });
+        match (&self.model, &self.new_model) {
+            (Some(_), Some(_)) => {
+                return bad(
+                    "model",
+                    "give either `model` (a checkpoint) or `[new_model]` (a shape), not both"
+                        .into(),
+                );
             }
-        }
-        if !(self.model.join("model.safetensors").is_file()
-            || self.model.join("model.safetensors.index.json").is_file())
-        {
-            return Err(Error::MissingFile {
-                what: "weights of `model` (model.safetensors or its index)",
-                path: self.model.join("model.safetensors"),
-            });
-        }
-        if let ModelConfig::Llama(_) = ModelConfig::from_file(&self.model.join("config.json"))? {
-            return bad(
-                "model",
-                format!("{} is a LLaMA checkpoint, not LLaVA", self.model.display()),
-            );
+            (None, None) => {
+                return bad(
+                    "model",
+                    "missing: give `model` (a checkpoint folder) or a `[new_model]` table".into(),
+                );
+            }
+            (None, Some(shape)) => shape.validate()?,
+            (Some(model), None) if model_ready => check_model_dir(model)?,
+            (Some(_), None) => {}
         }
         if !self.data.is_file() {
             return Err(Error::MissingFile {
@@ -240,6 +383,14 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// The folder the run starts from: `model`, or `{output}/base` for a new model.
+    pub fn base_dir(&self) -> PathBuf {
+        match &self.model {
+            Some(m) => m.clone(),
+            None => self.output.join("base"),
+        }
+    }
+
     fn group_frozen(&self, group: &str) -> bool {
         self.frozen
             .iter()
@@ -269,6 +420,33 @@ impl TrainConfig {
             self.min_lr_ratio,
         )?))
     }
+}
+
+/// Checks that `model` is a LLaVA checkpoint folder without loading its weights.
+fn check_model_dir(model: &Path) -> Result<()> {
+    for (what, p) in [
+        ("config.json of `model`", model.join("config.json")),
+        ("tokenizer.json of `model`", model.join("tokenizer.json")),
+    ] {
+        if !p.is_file() {
+            return Err(Error::MissingFile { what, path: p });
+        }
+    }
+    if !(model.join("model.safetensors").is_file()
+        || model.join("model.safetensors.index.json").is_file())
+    {
+        return Err(Error::MissingFile {
+            what: "weights of `model` (model.safetensors or its index)",
+            path: model.join("model.safetensors"),
+        });
+    }
+    if let ModelConfig::Llama(_) = ModelConfig::from_file(&model.join("config.json"))? {
+        return Err(Error::arg(
+            "model",
+            format!("{} is a LLaMA checkpoint, not LLaVA", model.display()),
+        ));
+    }
+    Ok(())
 }
 
 /// How [`train`] runs.
@@ -399,7 +577,7 @@ fn save_all(
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
-    save_checkpoint(m, &cfg.model, &dir)?;
+    save_checkpoint(m, &cfg.base_dir(), &dir)?;
     opt.save(&dir.join("optimizer.safetensors"))?;
     let st = loader.state();
     let state = TrainerState {
@@ -429,9 +607,65 @@ fn save_all(
     Ok(dir)
 }
 
-/// Runs (or, with `opts.resume`, continues) the training described by `cfg`. Everything is
-/// validated before any weight is loaded or step taken.
+/// Runs every stage of `cfg` in order (one for a config without `[[stage]]`s), each from the
+/// previous one's final checkpoint; with `opts.resume`, finished stages are skipped and the
+/// interrupted one continues. `opts.stop_after` counts steps across stages. Every stage is
+/// validated before the first step. Returns one summary per stage run by this call.
+pub fn train_stages(cfg: &TrainConfig, opts: &TrainOptions) -> Result<Vec<TrainSummary>> {
+    cfg.validate()?;
+    if let Some(0) = opts.stop_after {
+        return Err(Error::arg("stop_after", "must be at least 1"));
+    }
+    let stages = cfg.stages()?;
+    if !opts.resume {
+        for s in &stages {
+            if latest_checkpoint(&s.output)?.is_some() {
+                return Err(Error::arg(
+                    "output",
+                    format!(
+                        "{} already holds a training run (latest.json); resume it or choose another folder",
+                        s.output.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut offset = 0u64;
+    for s in &stages {
+        let stop = opts.stop_after.map(|g| g.saturating_sub(offset));
+        if stop == Some(0) {
+            break;
+        }
+        let done = latest_checkpoint(&s.output)?;
+        if matches!(done, Some((_, step)) if step >= s.steps) {
+            offset += s.steps;
+            continue;
+        }
+        let o = TrainOptions {
+            resume: done.is_some(),
+            progress: opts.progress,
+            stop_after: stop.filter(|&l| l < s.steps),
+        };
+        out.push(train(s, &o)?);
+        if o.stop_after.is_some() {
+            break;
+        }
+        offset += s.steps;
+    }
+    Ok(out)
+}
+
+/// Runs (or, with `opts.resume`, continues) the training described by `cfg`, a config without
+/// `[[stage]]`s (see [`train_stages`]). Everything is validated before any weight is loaded or
+/// step taken.
 pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
+    if !cfg.stage.is_empty() {
+        return Err(Error::arg(
+            "stage",
+            "a config with [[stage]] tables runs through train_stages",
+        ));
+    }
     cfg.validate()?;
     if let Some(s) = opts.stop_after
         && s == 0
@@ -463,9 +697,13 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     };
 
     let ds = Dataset::open(&cfg.data, &cfg.image_folder)?;
-    let tok_path = cfg.model.join("tokenizer.json");
+    let base = cfg.base_dir();
+    if let (Some(shape), None) = (&cfg.new_model, &resume_from) {
+        create_model(shape, &cfg.data, &base)?;
+    }
+    let tok_path = base.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path)?;
-    let pp = cfg.model.join("preprocessor_config.json");
+    let pp = base.join("preprocessor_config.json");
     let processor = if pp.is_file() {
         ImageProcessorConfig::from_preprocessor_config(&pp)?
     } else {
@@ -474,7 +712,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
 
     let (mut m, mut opt, mut loader, start, mut history) = match &resume_from {
         None => {
-            let m = TrainModel::from_dir(&cfg.model)?;
+            let m = TrainModel::from_dir(&base)?;
             let loader = Loader::new(ds.len(), cfg.batch_size, cfg.seed)?;
             (m, cfg.optimizer()?, loader, 0, Vec::new())
         }
