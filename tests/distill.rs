@@ -17,7 +17,7 @@ fn fixture() -> PathBuf {
 /// Exports `n` ShapesVQA training samples into `dir` (train.json + images/).
 fn export(dir: &Path, n: usize) {
     let samples = generate(Split::Train, n, 3, &ShapesConfig::default()).unwrap();
-    export_llava_train(&samples, dir, 30).unwrap();
+    export_llava_train(&samples, dir, 30, false).unwrap();
 }
 
 fn config(data: &Path, out: &Path) -> TrainConfig {

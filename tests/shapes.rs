@@ -4,9 +4,9 @@
 
 use fineprune::Error;
 use fineprune::bench::shapes::{
-    Background, Color, Family, Object, PopeKind, SHORT_ANSWER, SIGN_CHARSET, SIGN_INK, SIGN_PAD,
-    Sample, Scene, Shape, ShapesConfig, Size, Split, Texture, export_llava_eval,
-    export_llava_train, generate, generate_one, glyph, read_llava_eval,
+    Background, Color, DESCRIBE, Family, Object, ObjectKind, PopeKind, SHORT_ANSWER, SIGN_CHARSET,
+    SIGN_INK, SIGN_PAD, Sample, Scene, Shape, ShapesConfig, Size, Split, Texture,
+    export_llava_eval, export_llava_train, generate, generate_one, glyph, read_llava_eval,
 };
 use std::collections::HashSet;
 use std::path::Path;
@@ -500,7 +500,7 @@ fn eval_export_round_trips_and_train_export_is_llava_json() {
     assert_eq!(first["category"], samples[0].family.name());
 
     let tdir = tmp.path().join("train");
-    export_llava_train(&samples, &tdir, 32).unwrap();
+    export_llava_train(&samples, &tdir, 32, false).unwrap();
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tdir.join("train.json")).unwrap()).unwrap();
     let recs = v.as_array().unwrap();
@@ -516,8 +516,53 @@ fn eval_export_round_trips_and_train_export_is_llava_json() {
         );
         assert_eq!(conv[1]["from"], "gpt");
         assert_eq!(conv[1]["value"], s.answers[0].as_str());
+        assert_eq!(conv.len(), 2);
         assert!(tdir.join("images").join(s.image_file()).is_file());
     }
+
+    // Described: the same first turn, then the caption turn.
+    let ddir = tmp.path().join("described");
+    export_llava_train(&samples, &ddir, 32, true).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ddir.join("train.json")).unwrap()).unwrap();
+    for (r, (plain, s)) in v.as_array().unwrap().iter().zip(recs.iter().zip(&samples)) {
+        let conv = r["conversations"].as_array().unwrap();
+        assert_eq!(conv[..2], plain["conversations"].as_array().unwrap()[..]);
+        assert_eq!(conv[2]["value"], DESCRIBE);
+        assert_eq!(conv[3]["value"], s.scene.caption().as_str());
+    }
+}
+
+#[test]
+fn caption_lists_every_shape_left_to_right_and_the_sign() {
+    let shape = |shape, color, size, cx: f32| Object {
+        kind: ObjectKind::Shape { shape, color, size },
+        cx,
+        cy: 0.5,
+        hw: 0.05,
+        hh: 0.05,
+    };
+    let scene = Scene {
+        background: Background {
+            color: [240, 240, 240],
+            texture: Texture::Plain,
+        },
+        clutter: vec![],
+        objects: vec![
+            shape(Shape::Star, Color::Red, Size::Large, 0.7),
+            shape(Shape::Circle, Color::Blue, Size::Small, 0.2),
+            Object::sign("P2H", 0.01, 0.5, 0.1),
+        ],
+    };
+    assert_eq!(
+        scene.caption(),
+        "small blue circle, large red star. The sign says P2H."
+    );
+    let no_sign = Scene {
+        objects: scene.objects[..2].to_vec(),
+        ..scene
+    };
+    assert_eq!(no_sign.caption(), "small blue circle, large red star.");
 }
 
 /// Exports a few samples, applies `damage` to the directory and returns the read error's message.
@@ -659,7 +704,7 @@ fn export_rejects_duplicate_ids_and_zero_size() {
             .contains("image_size")
     );
     samples[1].id = samples[0].id.clone();
-    let e = export_llava_train(&samples, tmp.path(), 16)
+    let e = export_llava_train(&samples, tmp.path(), 16, false)
         .unwrap_err()
         .to_string();
     assert!(e.contains("duplicate id"), "{e}");

@@ -258,7 +258,7 @@ fn loader_is_deterministic_and_resumable() {
 fn shapes_export(dir: &Path, n: usize) -> Vec<fineprune::bench::shapes::Sample> {
     let cfg = ShapesConfig::default();
     let samples = generate(Split::Train, n, 3, &cfg).unwrap();
-    export_llava_train(&samples, dir, 30).unwrap();
+    export_llava_train(&samples, dir, 30, false).unwrap();
     samples
 }
 

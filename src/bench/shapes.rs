@@ -679,6 +679,23 @@ impl Scene {
             .collect()
     }
 
+    /// A short description listing every shape left to right (by centre) as `{size} {color}
+    /// {shape}` and the sign's text, e.g. `small red star, large blue circle. The sign says P2H.`
+    /// Dense, fully image-dependent supervision: LLaVA's caption stage in miniature.
+    pub fn caption(&self) -> String {
+        let mut shapes = self.shapes();
+        shapes.sort_by(|a, b| self.objects[a.0].cx.total_cmp(&self.objects[b.0].cx));
+        let list: Vec<String> = shapes
+            .iter()
+            .map(|&(_, s, c, z)| format!("{} {} {}", z.name(), c.name(), s.name()))
+            .collect();
+        let mut text = format!("{}.", list.join(", "));
+        if let Some(t) = self.objects.iter().find_map(|o| o.sign_text()) {
+            text.push_str(&format!(" The sign says {t}."));
+        }
+        text
+    }
+
     /// Index of the sign, if any.
     pub fn sign(&self) -> Option<usize> {
         self.objects.iter().position(|o| o.sign_text().is_some())
@@ -1663,12 +1680,22 @@ fn write_images(samples: &[Sample], dir: &Path, image_size: u32) -> Result<()> {
 /// on VQA data with.
 pub const SHORT_ANSWER: &str = "\nAnswer the question using a single word or phrase.";
 
+/// The second turn of a described sample: [`DESCRIBE`] answered with [`Scene::caption`].
+pub const DESCRIBE: &str = "Describe the image briefly.";
+
 /// Writes LLaVA's training format: `dir/images/{id}.png` rendered at `image_size` and
 /// `dir/train.json`, a list of `{"id", "image": "{id}.png", "conversations": [{"from": "human",
 /// "value": "<image>\n{question}{SHORT_ANSWER}"}, {"from": "gpt", "value": "{first answer}"}]}`
 /// (`image` relative to `dir/images`, LLaVA's `--image_folder`; the question ends with
-/// [`SHORT_ANSWER`], as in LLaVA-1.5's VQA training data).
-pub fn export_llava_train(samples: &[Sample], dir: &Path, image_size: u32) -> Result<()> {
+/// [`SHORT_ANSWER`], as in LLaVA-1.5's VQA training data). With `describe`, every conversation
+/// gets a second turn, [`DESCRIBE`] answered with the scene's [`Scene::caption`]: the first turn
+/// stays exactly what evaluation asks, the second trains the vision side on every object.
+pub fn export_llava_train(
+    samples: &[Sample],
+    dir: &Path,
+    image_size: u32,
+    describe: bool,
+) -> Result<()> {
     write_images(samples, dir, image_size)?;
     let records: Vec<TrainRecord> = samples
         .iter()
@@ -1684,7 +1711,26 @@ pub fn export_llava_train(samples: &[Sample], dir: &Path, image_size: u32) -> Re
                     from: "gpt".into(),
                     value: s.answers.first().cloned().unwrap_or_default(),
                 },
-            ],
+            ]
+            .into_iter()
+            .chain(
+                describe
+                    .then(|| {
+                        [
+                            Turn {
+                                from: "human".into(),
+                                value: DESCRIBE.into(),
+                            },
+                            Turn {
+                                from: "gpt".into(),
+                                value: s.scene.caption(),
+                            },
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
+            .collect(),
         })
         .collect();
     let json = serde_json::to_vec_pretty(&records)

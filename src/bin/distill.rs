@@ -89,6 +89,11 @@ enum Command {
         /// Generator seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Give every conversation a second turn, "Describe the image briefly." answered with
+        /// the list of its shapes and the sign's text: dense supervision for the vision side
+        /// (the first turn stays the evaluated question).
+        #[arg(long)]
+        describe: bool,
     },
     /// Accuracy on ShapesVQA's test split, overall and per question family (greedy decoding,
     /// exact match; existence questions read yes/no as POPE does). Uses the model's
@@ -113,15 +118,29 @@ enum Command {
     },
 }
 
-fn export_shapes(
-    out: &Path,
+/// `distill shapes` arguments.
+struct ShapesExport<'a> {
+    out: &'a Path,
     train: usize,
     test: usize,
     image_size: u32,
     patch_size: u32,
-    config: Option<&Path>,
+    config: Option<&'a Path>,
     seed: u64,
-) -> fineprune::Result<()> {
+    describe: bool,
+}
+
+fn export_shapes(a: &ShapesExport<'_>) -> fineprune::Result<()> {
+    let ShapesExport {
+        out,
+        train,
+        test,
+        image_size,
+        patch_size,
+        config,
+        seed,
+        describe,
+    } = *a;
     let mut cfg = match config {
         Some(p) => ShapesConfig::from_file(p)?,
         None => ShapesConfig::default(),
@@ -133,7 +152,7 @@ fn export_shapes(
         return Err(Error::arg("--train", "must be at least 1"));
     }
     let samples = shapes::generate(Split::Train, train, seed, &cfg)?;
-    export_llava_train(&samples, out, image_size)?;
+    export_llava_train(&samples, out, image_size, describe)?;
     if test > 0 {
         let samples = shapes::generate(Split::Test, test, seed, &cfg)?;
         export_llava_eval(&samples, &out.join("test"), image_size)?;
@@ -292,15 +311,17 @@ fn main() -> ExitCode {
             patch_size,
             config,
             seed,
-        } => finish(export_shapes(
-            &out,
+            describe,
+        } => finish(export_shapes(&ShapesExport {
+            out: &out,
             train,
             test,
             image_size,
             patch_size,
-            config.as_deref(),
+            config: config.as_deref(),
             seed,
-        )),
+            describe,
+        })),
         Command::Eval {
             model,
             n,
