@@ -349,7 +349,8 @@ fn new_model_from_scratch_via_cli_then_eval() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // The base model: trained tokenizer with <image>/<pad> at the ids the config names,
-    // the shape asked for, CLIP preprocessing at 32 px, the data's ShapesVQA settings.
+    // the shape asked for, CLIP preprocessing at 32 px; checkpoints add the data's ShapesVQA
+    // settings.
     let base = dir.path().join("run/base");
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(base.join("config.json")).unwrap()).unwrap();

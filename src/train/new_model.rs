@@ -11,7 +11,6 @@ use super::model::TrainModel;
 use super::tokenizer_train::{
     ADDED_SPECIALS, TokenizerTrainConfig, conversation_texts, train_tokenizer,
 };
-use crate::bench::shapes::MODEL_SHAPES_CONFIG;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::model::config::{LlavaConfig, ModelConfig};
@@ -249,8 +248,7 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
 }
 
 /// Writes a new model of shape `shape` to `dir` (created): tokenizer trained on the texts of
-/// `data` (a LLaVA conversation json), config, processor config and initial weights, plus the
-/// `shapes_config.json` found beside `data` (ShapesVQA's export settings), if any.
+/// `data` (a LLaVA conversation json), config, processor config and initial weights.
 pub fn create_model(shape: &NewModel, data: &Path, dir: &Path) -> Result<()> {
     shape.validate()?;
     let convs = super::data::read_conversations(data)?;
@@ -288,13 +286,6 @@ pub fn create_model(shape: &NewModel, data: &Path, dir: &Path) -> Result<()> {
             });
         }
     };
-    // The ShapesVQA settings the data was generated with travel with the model.
-    if let Some(src) = data.parent().map(|d| d.join(MODEL_SHAPES_CONFIG))
-        && src.is_file()
-    {
-        let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
-        write_atomic(&dir.join(MODEL_SHAPES_CONFIG), &bytes)?;
-    }
     let model = TrainModel::init(&config, shape.init_std, shape.init_seed)?;
     save_checkpoint(&model, dir, dir)
 }

@@ -6,7 +6,8 @@
 //!   clipping, empty without clipping; `lr` the peak-group rate used).
 //! - `loss.svg` / `loss.png`: the loss curve, rewritten at the end of each run.
 //! - `checkpoint-NNNNNN/`: a transformers-loadable checkpoint ([`save_checkpoint`]) plus
-//!   `optimizer.safetensors` ([`AdamW::save`]) and `trainer_state.json` (step, loader position).
+//!   `optimizer.safetensors` ([`AdamW::save`]) and `trainer_state.json` (step, loader position),
+//!   and the `shapes_config.json` found beside the training json (ShapesVQA's settings), if any.
 //!   Only the newest is kept.
 //! - `latest.json`: names the newest complete checkpoint. It is written (atomically) after the
 //!   checkpoint's files, so a run killed mid-save resumes from the previous one.
@@ -27,6 +28,7 @@ use super::model::{TrainModel, TrainSeq};
 use super::new_model::{NewModel, create_model};
 use super::optim::{AdamW, GroupConfig, Schedule, zero_grads};
 use crate::bench::report::{Series, line_plot};
+use crate::bench::shapes::MODEL_SHAPES_CONFIG;
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::model::config::ModelConfig;
@@ -578,6 +580,14 @@ fn save_all(
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     }
     save_checkpoint(m, &cfg.base_dir(), &dir)?;
+    // The ShapesVQA settings of the data trained on (written by `distill shapes` beside the
+    // json) replace the starting model's: evaluation then asks the distribution it learned.
+    if let Some(src) = cfg.data.parent().map(|d| d.join(MODEL_SHAPES_CONFIG))
+        && src.is_file()
+    {
+        let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
+        write_atomic(&dir.join(MODEL_SHAPES_CONFIG), &bytes)?;
+    }
     opt.save(&dir.join("optimizer.safetensors"))?;
     let st = loader.state();
     let state = TrainerState {
