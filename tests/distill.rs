@@ -364,11 +364,9 @@ fn new_model_from_scratch_via_cli_then_eval() {
     assert_eq!(cfg["text_config"]["num_key_value_heads"], 2);
     assert!(cfg["vocab_size"].as_u64().unwrap() <= 400);
     let ckpt = dir.path().join("run/checkpoint-000003");
+    assert!(base.join("preprocessor_config.json").is_file());
     for f in ["preprocessor_config.json", "shapes_config.json"] {
-        assert!(
-            base.join(f).is_file() && ckpt.join(f).is_file(),
-            "missing {f}"
-        );
+        assert!(ckpt.join(f).is_file(), "missing {f}");
     }
     let m = fineprune::Model::load(&ckpt).unwrap();
     assert_eq!(m.vision.as_ref().unwrap().config.image_tokens(), 16);
