@@ -368,6 +368,16 @@ fn new_model_from_scratch_via_cli_then_eval() {
     for f in ["preprocessor_config.json", "shapes_config.json"] {
         assert!(ckpt.join(f).is_file(), "missing {f}");
     }
+    // transformers' full CLIP key set: post_layernorm too, which LLaVA never runs.
+    let bytes = std::fs::read(ckpt.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for k in [
+        "model.vision_tower.post_layernorm.weight",
+        "model.vision_tower.encoder.layers.1.mlp.fc2.bias",
+        "model.multi_modal_projector.linear_2.weight",
+    ] {
+        assert!(st.names().contains(&k), "{k} missing");
+    }
     let m = fineprune::Model::load(&ckpt).unwrap();
     assert_eq!(m.vision.as_ref().unwrap().config.image_tokens(), 16);
 
@@ -590,4 +600,24 @@ fn stages_chain_and_resume_across_the_boundary() {
             .to_string()
             .contains("letters, digits")
     );
+}
+
+#[test]
+fn bundled_teacher_recipe_parses() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/shapes-teacher.toml");
+    let cfg = TrainConfig::from_file(&p).unwrap();
+    let shape = cfg.new_model.as_ref().unwrap();
+    shape.validate().unwrap();
+    assert!(cfg.model.is_none());
+    assert_eq!(cfg.stages().unwrap().len(), 1);
+    // The shape the train bench measures.
+    let bench: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/teacher_config.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(bench["vision_config"]["image_size"], shape.image_size);
+    assert_eq!(bench["vision_config"]["patch_size"], shape.patch_size);
+    assert_eq!(bench["text_config"]["hidden_size"], shape.hidden_size);
+    assert_eq!(bench["text_config"]["num_hidden_layers"], shape.layers);
 }

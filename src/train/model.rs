@@ -69,6 +69,28 @@ pub fn hf_name(canonical: &str) -> (&'static str, String) {
     }
 }
 
+/// Initial values of parameter `name` (canonical) for [`TrainModel::init`]: biases 0, norm
+/// weights 1, everything else uniform with standard deviation `std` from the LCG `state`.
+pub(crate) fn init_values(name: &str, shape: &[usize], std: f32, state: &mut u64) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let last = name.rsplit('.').nth(1).unwrap_or("");
+    if name.ends_with(".bias") {
+        return vec![0.0; n];
+    }
+    if last.contains("norm") || name == "lm.norm.weight" {
+        return vec![1.0; n];
+    }
+    (0..n)
+        .map(|_| {
+            *state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let u = (*state >> 40) as f32 / (1u64 << 24) as f32;
+            (u * 2.0 - 1.0) * std * 3f32.sqrt()
+        })
+        .collect()
+}
+
 /// Gives the value of a parameter from its canonical name and shape.
 type ValueSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>> + 'a;
 
@@ -691,25 +713,7 @@ impl TrainModel {
     /// deviation, from a seeded generator), norm weights 1, biases 0, CLS and positions like weights.
     pub fn init(config: &LlavaConfig, std: f32, seed: u64) -> Result<Self> {
         let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
-        let mut get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            let n: usize = shape.iter().product();
-            let last = name.rsplit('.').nth(1).unwrap_or("");
-            if name.ends_with(".bias") {
-                return Ok(vec![0.0; n]);
-            }
-            if last.contains("norm") || name == "lm.norm.weight" {
-                return Ok(vec![1.0; n]);
-            }
-            Ok((0..n)
-                .map(|_| {
-                    state = state
-                        .wrapping_mul(6_364_136_223_846_793_005)
-                        .wrapping_add(1_442_695_040_888_963_407);
-                    let u = (state >> 40) as f32 / (1u64 << 24) as f32;
-                    (u * 2.0 - 1.0) * std * 3f32.sqrt()
-                })
-                .collect())
-        };
+        let mut get = |name: &str, shape: &[usize]| Ok(init_values(name, shape, std, &mut state));
         Self::build(config.clone(), config.text.tie_word_embeddings, &mut get)
     }
 

@@ -7,12 +7,12 @@
 //! weights ([`TrainModel::init`]). Training then starts from that folder as from any checkpoint.
 
 use super::checkpoint::save_checkpoint;
-use super::model::TrainModel;
+use super::model::{TrainModel, hf_name, init_values};
 use super::tokenizer_train::{
     ADDED_SPECIALS, TokenizerTrainConfig, conversation_texts, train_tokenizer,
 };
 use crate::error::{Error, Result};
-use crate::io::write_atomic;
+use crate::io::{OutTensor, write_atomic, write_safetensors};
 use crate::model::config::{LlavaConfig, ModelConfig};
 use crate::model::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
@@ -286,6 +286,59 @@ pub fn create_model(shape: &NewModel, data: &Path, dir: &Path) -> Result<()> {
             });
         }
     };
+    // transformers' CLIP also holds `post_layernorm` and the layers past the deepest feature
+    // layer, which LLaVA never runs and the trainer does not hold: they are written once here
+    // (initialised by the same rule) and carried into every checkpoint by `save_checkpoint`.
+    let unheld = unheld_vision_tensors(&config, shape.init_std, shape.init_seed);
+    let out: Vec<OutTensor> = unheld
+        .iter()
+        .map(|(n, s, v)| OutTensor::F32(n, s.clone(), v))
+        .collect();
+    write_safetensors(&dir.join("model.safetensors"), &out)?;
     let model = TrainModel::init(&config, shape.init_std, shape.init_seed)?;
     save_checkpoint(&model, dir, dir)
+}
+
+/// `post_layernorm` and the encoder layers from the deepest `vision_feature_layer` on, as
+/// (transformers name, shape, initial values).
+fn unheld_vision_tensors(
+    c: &LlavaConfig,
+    std: f32,
+    seed: u64,
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let v = &c.vision;
+    let (h, i) = (v.hidden_size, v.intermediate_size);
+    let states = v.num_hidden_layers as i64 + 1;
+    let deepest = c
+        .vision_feature_layers
+        .iter()
+        .map(|&l| if l < 0 { states + l } else { l })
+        .max()
+        .unwrap_or(0) as usize;
+    let mut names: Vec<(String, Vec<usize>)> = Vec::new();
+    for l in deepest..v.num_hidden_layers {
+        let p = format!("vision.encoder.layers.{l}");
+        for n in ["layer_norm1", "layer_norm2"] {
+            names.push((format!("{p}.{n}.weight"), vec![h]));
+            names.push((format!("{p}.{n}.bias"), vec![h]));
+        }
+        for n in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            names.push((format!("{p}.self_attn.{n}.weight"), vec![h, h]));
+            names.push((format!("{p}.self_attn.{n}.bias"), vec![h]));
+        }
+        names.push((format!("{p}.mlp.fc1.weight"), vec![i, h]));
+        names.push((format!("{p}.mlp.fc1.bias"), vec![i]));
+        names.push((format!("{p}.mlp.fc2.weight"), vec![h, i]));
+        names.push((format!("{p}.mlp.fc2.bias"), vec![h]));
+    }
+    names.push(("vision.post_layernorm.weight".into(), vec![h]));
+    names.push(("vision.post_layernorm.bias".into(), vec![h]));
+    let mut state = seed ^ 0x5eed_0f_c11b;
+    names
+        .into_iter()
+        .map(|(n, s)| {
+            let v = init_values(&n, &s, std, &mut state);
+            (hf_name(&n).1, s, v)
+        })
+        .collect()
 }
