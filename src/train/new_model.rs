@@ -333,7 +333,7 @@ fn unheld_vision_tensors(
     }
     names.push(("vision.post_layernorm.weight".into(), vec![h]));
     names.push(("vision.post_layernorm.bias".into(), vec![h]));
-    let mut state = seed ^ 0x5eed_0f_c11b;
+    let mut state = seed ^ 0x005e_ed0f_c11b;
     names
         .into_iter()
         .map(|(n, s)| {
