@@ -182,6 +182,9 @@ pub struct ConfigSummary {
 #[derive(Debug, Clone)]
 pub struct SweepOptions {
     pub max_new_tokens: usize,
+    /// System prompt before `USER:` (None: llava-hf's template, which has none; models trained
+    /// by `distill` saw [`crate::model::template::LLAVA_SYSTEM`]).
+    pub system: Option<String>,
 }
 
 fn mean(v: impl Iterator<Item = f64>) -> f64 {
@@ -217,6 +220,7 @@ pub fn run(
                 Some(ImageInput::Path(it.image.clone())),
             );
             req.max_new_tokens = opts.max_new_tokens;
+            req.options.system = opts.system.clone();
             req.prune = cfg.plan.clone();
             let g = engine.generate(&[req])?.remove(0);
             let pred = g.text.trim().to_string();

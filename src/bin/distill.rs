@@ -15,6 +15,7 @@ use fineprune::bench::shapes::{
     self, MODEL_SHAPES_CONFIG, ShapesConfig, Split, export_llava_eval, export_llava_train,
 };
 use fineprune::bench::sweep::{self, SweepConfig, SweepOptions};
+use fineprune::model::template::LLAVA_SYSTEM;
 use fineprune::train::run::{TrainConfig, TrainOptions, train_stages};
 use fineprune::{Engine, Error, Model};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -115,6 +116,10 @@ enum Command {
         /// prediction).
         #[arg(long, default_value = "distill-eval")]
         out: PathBuf,
+        /// Ask without LLaVA's system prompt (which `distill train` trains with; use this for
+        /// llava-hf models, whose template has none).
+        #[arg(long)]
+        no_system: bool,
     },
 }
 
@@ -182,6 +187,7 @@ fn eval(
     seed: u64,
     max_new_tokens: usize,
     out: &Path,
+    no_system: bool,
 ) -> fineprune::Result<()> {
     if n == 0 {
         return Err(Error::arg("--n", "must be at least 1"));
@@ -214,7 +220,10 @@ fn eval(
         &engine,
         &items,
         &[SweepConfig::unpruned()],
-        &SweepOptions { max_new_tokens },
+        &SweepOptions {
+            max_new_tokens,
+            system: (!no_system).then(|| LLAVA_SYSTEM.to_string()),
+        },
         &|| bar.inc(1),
     )?;
     bar.finish_and_clear();
@@ -328,6 +337,7 @@ fn main() -> ExitCode {
             seed,
             max_new_tokens,
             out,
-        } => finish(eval(&model, n, seed, max_new_tokens, &out)),
+            no_system,
+        } => finish(eval(&model, n, seed, max_new_tokens, &out, no_system)),
     }
 }

@@ -18,6 +18,7 @@ use fineprune::bench::shapes::ShapesConfig;
 use fineprune::bench::sweep::{
     self, BenchItem, ConfigSummary, SampleRecord, SweepConfig, SweepOptions,
 };
+use fineprune::model::template::LLAVA_SYSTEM;
 use fineprune::prune::Keep;
 use fineprune::{Engine, Error, Model};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -92,6 +93,10 @@ struct Args {
     /// every pruned configuration.
     #[arg(long, default_value_t = 0)]
     visualize: usize,
+    /// Put LLaVA-1.5's system prompt before `USER:` (models trained by `distill` expect it;
+    /// llava-hf's own template has none).
+    #[arg(long)]
+    llava_system: bool,
 }
 
 fn main() -> ExitCode {
@@ -163,6 +168,7 @@ fn run(a: Args) -> fineprune::Result<()> {
     );
     let opts = SweepOptions {
         max_new_tokens: a.max_new_tokens,
+        system: a.llava_system.then(|| LLAVA_SYSTEM.to_string()),
     };
     let (records, summaries) = sweep::run(&engine, &items, &configs, &opts, &|| bar.inc(1))?;
     bar.finish_and_clear();
