@@ -250,10 +250,10 @@ pub fn run(
                         / total as f64
                 })
             });
-            let random_recall = it.relevant.as_ref().and_then(|rel| {
-                (recall.is_some() && !rel.is_empty())
-                    .then(|| kept_patches.len().min(rel.len()) as f64 / rel.len() as f64)
-            });
+            // `recall` is defined only when some patch is relevant, so `rel` is not empty.
+            let random_recall = recall
+                .and(it.relevant.as_ref())
+                .map(|rel| kept_patches.len().min(rel.len()) as f64 / rel.len() as f64);
             let patch_importance = match s.stages.first() {
                 Some(st) => {
                     let mut v = vec![0.0f32; n_image];

@@ -122,18 +122,16 @@ fn run(a: Args) -> fineprune::Result<()> {
     )?;
     let model_dir = match &a.model {
         Some(m) => m.clone(),
-        None => match default_model() {
-            Some(m) => m,
-            None => {
-                return Err(Error::arg(
-                    "--model",
-                    format!(
-                        "no bundled default model at {DEFAULT_MODEL} yet; point --model at a LLaVA checkpoint \
-                     directory, e.g. --model tests/reference/llava_gqa (a tiny random test model)"
-                    ),
-                ));
-            }
-        },
+        None => default_model().ok_or_else(|| {
+            Error::arg(
+                "--model",
+                format!(
+                    "no bundled default model at {DEFAULT_MODEL} yet; point --model at a LLaVA \
+                     checkpoint directory, e.g. --model tests/reference/llava_gqa (a tiny random \
+                     test model)"
+                ),
+            )
+        })?,
     };
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let model = Model::load(&model_dir)?;

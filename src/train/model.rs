@@ -290,7 +290,7 @@ fn vision_attn_shape(c: &LlavaConfig, t: usize) -> AttnShape {
 }
 
 impl EncoderLayer {
-    /// `x`: the rows of `images` images of `t` tokens each, concatenated; attention stays
+    /// `x`: the rows of a batch of images, `t` tokens each, concatenated; attention stays
     /// within an image.
     fn forward(
         &self,

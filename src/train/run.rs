@@ -657,7 +657,7 @@ pub fn train_stages(cfg: &TrainConfig, opts: &TrainOptions) -> Result<Vec<TrainS
             progress: opts.progress,
             stop_after: stop.filter(|&l| l < s.steps),
         };
-        out.push(train(s, &o)?);
+        out.push(run(s, &o)?);
         if o.stop_after.is_some() {
             break;
         }
@@ -677,6 +677,11 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         ));
     }
     cfg.validate()?;
+    run(cfg, opts)
+}
+
+/// [`train`] after validation: one single-stage run.
+fn run(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     if let Some(s) = opts.stop_after
         && s == 0
     {
