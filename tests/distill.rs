@@ -5,7 +5,8 @@
 mod common;
 
 use common::reference_dir;
-use fineprune::bench::shapes::{ShapesConfig, Split, export_llava_train, generate};
+use fineprune::bench::shapes::{ShapesConfig, Split, TrainTurns, export_llava_train, generate};
+use fineprune::model::template::LLAVA_SYSTEM;
 use fineprune::train::run::{StageConfig, TrainConfig, TrainOptions, train, train_stages};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,8 +17,12 @@ fn fixture() -> PathBuf {
 
 /// Exports `n` ShapesVQA training samples into `dir` (train.json + images/).
 fn export(dir: &Path, n: usize) {
-    let samples = generate(Split::Train, n, 3, &ShapesConfig::default()).unwrap();
-    export_llava_train(&samples, dir, 30, false).unwrap();
+    let cfg = ShapesConfig {
+        image_size: 30,
+        ..ShapesConfig::default()
+    };
+    let samples = generate(Split::Train, n, 3, &cfg).unwrap();
+    export_llava_train(&samples, dir, &cfg, TrainTurns::default()).unwrap();
 }
 
 fn config(data: &Path, out: &Path) -> TrainConfig {
@@ -365,7 +370,11 @@ fn new_model_from_scratch_via_cli_then_eval() {
     assert!(cfg["vocab_size"].as_u64().unwrap() <= 400);
     let ckpt = dir.path().join("run/checkpoint-000003");
     assert!(base.join("preprocessor_config.json").is_file());
-    for f in ["preprocessor_config.json", "shapes_config.json"] {
+    for f in [
+        "preprocessor_config.json",
+        "shapes_config.json",
+        "chat_template.json",
+    ] {
         assert!(ckpt.join(f).is_file(), "missing {f}");
     }
     // transformers' full CLIP key set: post_layernorm too, which LLaVA never runs.
@@ -380,6 +389,8 @@ fn new_model_from_scratch_via_cli_then_eval() {
     }
     let m = fineprune::Model::load(&ckpt).unwrap();
     assert_eq!(m.vision.as_ref().unwrap().config.image_tokens(), 16);
+    // Its chat template declares the system prompt it was trained with.
+    assert_eq!(m.system.as_deref(), Some(LLAVA_SYSTEM));
 
     // Eval: per-family table, eval.json with every prediction.
     let o = Command::new(exe)

@@ -5,7 +5,7 @@
 use fineprune::Error;
 use fineprune::bench::shapes::{
     Background, Color, DESCRIBE, Family, Object, ObjectKind, PopeKind, SHORT_ANSWER, SIGN_CHARSET,
-    SIGN_INK, SIGN_PAD, Sample, Scene, Shape, ShapesConfig, Size, Split, Texture,
+    SIGN_INK, SIGN_PAD, Sample, Scene, Shape, ShapesConfig, Size, Split, Texture, TrainTurns,
     export_llava_eval, export_llava_train, generate, generate_one, glyph, read_llava_eval,
 };
 use std::collections::HashSet;
@@ -61,8 +61,9 @@ fn resolve(scene: &Scene, phrase: &str) -> Vec<usize> {
         .collect()
 }
 
-/// Checks a sample's answers and referenced objects by reading its question afresh.
-fn check_answer(s: &Sample) {
+/// Checks a sample's answers and (unless `answer_only`) its referenced objects and POPE kind by
+/// reading its question afresh.
+fn check_answer(s: &Sample, answer_only: bool) {
     let sc = &s.scene;
     let objs = shapes(sc);
     let q = s.question.as_str();
@@ -70,6 +71,11 @@ fn check_answer(s: &Sample) {
     let ctx = format!("{}: {q} -> {:?}", s.id, s.answers);
     let mut referenced = s.referenced.clone();
     referenced.sort();
+    let check_refs = |expect: &[usize]| {
+        if !answer_only {
+            assert_eq!(referenced, expect, "{ctx}");
+        }
+    };
     match s.family {
         Family::Color => {
             let phrase = q
@@ -79,7 +85,7 @@ fn check_answer(s: &Sample) {
             let m = resolve(sc, phrase);
             assert_eq!(m.len(), 1, "{ctx}: ambiguous");
             assert_eq!(a, sc.objects[m[0]].shape().unwrap().1.name(), "{ctx}");
-            assert_eq!(referenced, m, "{ctx}");
+            check_refs(&m);
         }
         Family::Shape => {
             let c = q.strip_prefix("What shape is the ").unwrap();
@@ -87,7 +93,7 @@ fn check_answer(s: &Sample) {
             let m: Vec<_> = objs.iter().filter(|o| o.2 == c).collect();
             assert_eq!(m.len(), 1, "{ctx}: ambiguous");
             assert_eq!(a, m[0].1.name(), "{ctx}");
-            assert_eq!(referenced, vec![m[0].0], "{ctx}");
+            check_refs(&[m[0].0]);
         }
         Family::Count => {
             let what = q.strip_prefix("How many ").unwrap();
@@ -104,8 +110,10 @@ fn check_answer(s: &Sample) {
             };
             assert!(!m.is_empty(), "{ctx}");
             assert_eq!(a, m.len().to_string(), "{ctx}");
-            assert_eq!(s.answers.len(), 2, "{ctx}");
-            assert_eq!(referenced, m, "{ctx}");
+            if !answer_only {
+                assert_eq!(s.answers.len(), 2, "{ctx}");
+            }
+            check_refs(&m);
         }
         Family::Existence => {
             let rest = q.strip_prefix("Is there ").unwrap();
@@ -123,7 +131,10 @@ fn check_answer(s: &Sample) {
                 .map(|o| o.0)
                 .collect();
             assert_eq!(a, if m.is_empty() { "no" } else { "yes" }, "{ctx}");
-            assert_eq!(referenced, m, "{ctx}");
+            check_refs(&m);
+            if answer_only {
+                return;
+            }
             let colors: HashSet<Color> = objs.iter().map(|o| o.2).collect();
             let shapes_here: HashSet<Shape> = objs.iter().map(|o| o.1).collect();
             match s.pope_kind {
@@ -166,7 +177,9 @@ fn check_answer(s: &Sample) {
                 "below"
             };
             assert_eq!(a, expect, "{ctx}");
-            assert_eq!(s.referenced, vec![ma[0], mb[0]], "{ctx}");
+            if !answer_only {
+                assert_eq!(s.referenced, vec![ma[0], mb[0]], "{ctx}");
+            }
         }
         Family::ReadText => {
             assert_eq!(q, "What does the sign say?");
@@ -175,7 +188,7 @@ fn check_answer(s: &Sample) {
                 .collect();
             assert_eq!(signs.len(), 1, "{ctx}");
             assert_eq!(a, sc.objects[signs[0]].sign_text().unwrap(), "{ctx}");
-            assert_eq!(s.referenced, signs, "{ctx}");
+            check_refs(&signs);
         }
     }
     if s.family != Family::Existence {
@@ -296,7 +309,7 @@ fn families_are_balanced_and_every_answer_matches_the_scene() {
     let mut rel = HashSet::new();
     for s in &samples {
         check_scene(s);
-        check_answer(s);
+        check_answer(s, false);
         if s.family == Family::RelativePosition {
             rel.insert(s.answers[0].clone());
         }
@@ -346,7 +359,7 @@ fn family_weights_select_families() {
         10
     );
     for x in &s {
-        check_answer(x);
+        check_answer(x, false);
         // sign_prob 0: only ReadText scenes carry a sign
         assert_eq!(x.scene.sign().is_some(), x.family == Family::ReadText);
     }
@@ -500,7 +513,11 @@ fn eval_export_round_trips_and_train_export_is_llava_json() {
     assert_eq!(first["category"], samples[0].family.name());
 
     let tdir = tmp.path().join("train");
-    export_llava_train(&samples, &tdir, 32, false).unwrap();
+    let at32 = ShapesConfig {
+        image_size: 32,
+        ..cfg()
+    };
+    export_llava_train(&samples, &tdir, &at32, TrainTurns::default()).unwrap();
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tdir.join("train.json")).unwrap()).unwrap();
     let recs = v.as_array().unwrap();
@@ -522,7 +539,11 @@ fn eval_export_round_trips_and_train_export_is_llava_json() {
 
     // Described: the same first turn, then the caption turn.
     let ddir = tmp.path().join("described");
-    export_llava_train(&samples, &ddir, 32, true).unwrap();
+    let described = TrainTurns {
+        describe: true,
+        ..TrainTurns::default()
+    };
+    export_llava_train(&samples, &ddir, &at32, described).unwrap();
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(ddir.join("train.json")).unwrap()).unwrap();
     for (r, (plain, s)) in v.as_array().unwrap().iter().zip(recs.iter().zip(&samples)) {
@@ -530,6 +551,78 @@ fn eval_export_round_trips_and_train_export_is_llava_json() {
         assert_eq!(conv[..2], plain["conversations"].as_array().unwrap()[..]);
         assert_eq!(conv[2]["value"], DESCRIBE);
         assert_eq!(conv[3]["value"], s.scene.caption().as_str());
+    }
+
+    // All families: the same first turn, then one question of every other family the scene
+    // allows, each answered correctly; the file is the same on every export.
+    let all = TrainTurns {
+        all_families: true,
+        ..TrainTurns::default()
+    };
+    let adir = tmp.path().join("all");
+    export_llava_train(&samples, &adir, &at32, all).unwrap();
+    let bytes = std::fs::read(adir.join("train.json")).unwrap();
+    export_llava_train(&samples, &adir, &at32, all).unwrap();
+    assert_eq!(std::fs::read(adir.join("train.json")).unwrap(), bytes);
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let mut orders = HashSet::new();
+    for (r, (plain, s)) in v.as_array().unwrap().iter().zip(recs.iter().zip(&samples)) {
+        let conv = r["conversations"].as_array().unwrap();
+        assert_eq!(conv[..2], plain["conversations"].as_array().unwrap()[..]);
+        let mut families = vec![s.family];
+        for pair in conv[2..].chunks(2) {
+            assert_eq!(
+                (&pair[0]["from"], &pair[1]["from"]),
+                (&"human".into(), &"gpt".into())
+            );
+            let q = pair[0]["value"]
+                .as_str()
+                .unwrap()
+                .strip_suffix(SHORT_ANSWER)
+                .unwrap();
+            assert!(!q.contains("<image>"), "{q}");
+            let family = family_of(q);
+            assert!(
+                !families.contains(&family),
+                "{}: {family} asked twice",
+                s.id
+            );
+            families.push(family);
+            let turn = Sample {
+                question: q.to_string(),
+                answers: vec![pair[1]["value"].as_str().unwrap().to_string()],
+                family,
+                pope_kind: None,
+                ..s.clone()
+            };
+            check_answer(&turn, true);
+        }
+        // a scene always has a countable shape and one to ask about
+        assert!(families.contains(&Family::Count) && families.contains(&Family::Existence));
+        assert_eq!(
+            families.len() == 6,
+            s.scene.sign().is_some() || families.len() != 5
+        );
+        orders.insert(families[1..].to_vec());
+    }
+    assert!(orders.len() > 1, "extra turns are shuffled");
+}
+
+/// The family a question's wording belongs to.
+fn family_of(q: &str) -> Family {
+    if q.starts_with("What color is ") {
+        Family::Color
+    } else if q.starts_with("What shape is ") {
+        Family::Shape
+    } else if q.starts_with("How many ") {
+        Family::Count
+    } else if q.starts_with("Is there ") {
+        Family::Existence
+    } else if q.starts_with("Is ") {
+        Family::RelativePosition
+    } else {
+        assert_eq!(q, "What does the sign say?");
+        Family::ReadText
     }
 }
 
@@ -704,7 +797,11 @@ fn export_rejects_duplicate_ids_and_zero_size() {
             .contains("image_size")
     );
     samples[1].id = samples[0].id.clone();
-    let e = export_llava_train(&samples, tmp.path(), 16, false)
+    let at16 = ShapesConfig {
+        image_size: 16,
+        ..cfg()
+    };
+    let e = export_llava_train(&samples, tmp.path(), &at16, TrainTurns::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("duplicate id"), "{e}");

@@ -1,7 +1,7 @@
 //! Training data: LLaVA conversations -> ids + answer-only labels, the seeded loader, the
 //! tokenizer trainer.
 
-use fineprune::bench::shapes::{ShapesConfig, Split, export_llava_train, generate};
+use fineprune::bench::shapes::{ShapesConfig, Split, TrainTurns, export_llava_train, generate};
 use fineprune::error::Error;
 use fineprune::model::image::ImageProcessorConfig;
 use fineprune::model::template::{ImageSlot, LLAVA_SYSTEM, PromptOptions, build_prompt};
@@ -256,9 +256,12 @@ fn loader_is_deterministic_and_resumable() {
 }
 
 fn shapes_export(dir: &Path, n: usize) -> Vec<fineprune::bench::shapes::Sample> {
-    let cfg = ShapesConfig::default();
+    let cfg = ShapesConfig {
+        image_size: 30,
+        ..ShapesConfig::default()
+    };
     let samples = generate(Split::Train, n, 3, &cfg).unwrap();
-    export_llava_train(&samples, dir, 30, false).unwrap();
+    export_llava_train(&samples, dir, &cfg, TrainTurns::default()).unwrap();
     samples
 }
 

@@ -64,6 +64,7 @@ use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use image::RgbImage;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use rayon::prelude::*;
 use serde::de::DeserializeOwned;
@@ -1683,54 +1684,97 @@ pub const SHORT_ANSWER: &str = "\nAnswer the question using a single word or phr
 /// The second turn of a described sample: [`DESCRIBE`] answered with [`Scene::caption`].
 pub const DESCRIBE: &str = "Describe the image briefly.";
 
-/// Writes LLaVA's training format: `dir/images/{id}.png` rendered at `image_size` and
+/// What an exported training conversation holds beyond its first turn, which is always the
+/// sample's own question exactly as evaluation asks it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrainTurns {
+    /// Then one more question of every other family the scene allows, in a seeded random order:
+    /// multi-turn VQA as in LLaVA-1.5's VQAv2/GQA data, several supervised answers per image.
+    pub all_families: bool,
+    /// Then [`DESCRIBE`], answered with the scene's [`Scene::caption`]: dense supervision of every
+    /// object.
+    pub describe: bool,
+}
+
+/// Every family's question about `scene` except `skip`'s, in random order (families the scene
+/// allows no unambiguous question of are left out; existence is yes or a POPE negative at even
+/// odds).
+fn other_questions(
+    scene: &Scene,
+    skip: Family,
+    rng: &mut StdRng,
+    cfg: &ShapesConfig,
+) -> Vec<Question> {
+    let mut fams: Vec<Family> = Family::ALL.into_iter().filter(|&f| f != skip).collect();
+    fams.shuffle(rng);
+    fams.into_iter()
+        .filter_map(|f| match f {
+            Family::Color => q_color(scene, rng),
+            Family::Shape => q_shape(scene, rng),
+            Family::Count => q_count(scene, rng),
+            Family::Existence => {
+                let plan = if rng.random::<bool>() {
+                    ExistencePlan::Yes
+                } else {
+                    ExistencePlan::No(PopeKind::ALL[pick_weighted(rng, &cfg.pope_weights)])
+                };
+                q_exist(scene, rng, plan, cfg)
+            }
+            Family::RelativePosition => q_relpos(scene, rng, cfg),
+            Family::ReadText => q_read(scene),
+        })
+        .collect()
+}
+
+/// Seed of a sample's extra training turns, from its id (FNV-1a, then splitmix).
+fn turns_seed(id: &str) -> u64 {
+    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    splitmix(h ^ 0x5455_524E_5300_0000) // "TURNS"
+}
+
+/// Writes LLaVA's training format: `dir/images/{id}.png` rendered at `cfg.image_size` and
 /// `dir/train.json`, a list of `{"id", "image": "{id}.png", "conversations": [{"from": "human",
-/// "value": "<image>\n{question}{SHORT_ANSWER}"}, {"from": "gpt", "value": "{first answer}"}]}`
-/// (`image` relative to `dir/images`, LLaVA's `--image_folder`; the question ends with
-/// [`SHORT_ANSWER`], as in LLaVA-1.5's VQA training data). With `describe`, every conversation
-/// gets a second turn, [`DESCRIBE`] answered with the scene's [`Scene::caption`]: the first turn
-/// stays exactly what evaluation asks, the second trains the vision side on every object.
+/// "value": "<image>\n{question}{SHORT_ANSWER}"}, {"from": "gpt", "value": "{first answer}"}, ...]}`
+/// (`image` relative to `dir/images`, LLaVA's `--image_folder`; every question ends with
+/// [`SHORT_ANSWER`], as in LLaVA-1.5's VQA training data). `turns` picks what follows the first
+/// turn; `cfg` is the configuration the samples were generated with (existence negatives of the
+/// extra turns follow its weights). The same samples always give the same file.
 pub fn export_llava_train(
     samples: &[Sample],
     dir: &Path,
-    image_size: u32,
-    describe: bool,
+    cfg: &ShapesConfig,
+    turns: TrainTurns,
 ) -> Result<()> {
-    write_images(samples, dir, image_size)?;
+    write_images(samples, dir, cfg.image_size)?;
+    let turn = |from: &str, value: String| Turn {
+        from: from.into(),
+        value,
+    };
     let records: Vec<TrainRecord> = samples
         .iter()
-        .map(|s| TrainRecord {
-            id: s.id.clone(),
-            image: s.image_file(),
-            conversations: vec![
-                Turn {
-                    from: "human".into(),
-                    value: format!("<image>\n{}{SHORT_ANSWER}", s.question),
-                },
-                Turn {
-                    from: "gpt".into(),
-                    value: s.answers.first().cloned().unwrap_or_default(),
-                },
-            ]
-            .into_iter()
-            .chain(
-                describe
-                    .then(|| {
-                        [
-                            Turn {
-                                from: "human".into(),
-                                value: DESCRIBE.into(),
-                            },
-                            Turn {
-                                from: "gpt".into(),
-                                value: s.scene.caption(),
-                            },
-                        ]
-                    })
-                    .into_iter()
-                    .flatten(),
-            )
-            .collect(),
+        .map(|s| {
+            let mut conversations = vec![
+                turn("human", format!("<image>\n{}{SHORT_ANSWER}", s.question)),
+                turn("gpt", s.answers.first().cloned().unwrap_or_default()),
+            ];
+            if turns.all_families {
+                let mut rng = StdRng::seed_from_u64(turns_seed(&s.id));
+                for q in other_questions(&s.scene, s.family, &mut rng, cfg) {
+                    conversations.push(turn("human", format!("{}{SHORT_ANSWER}", q.text)));
+                    conversations.push(turn("gpt", q.answers[0].clone()));
+                }
+            }
+            if turns.describe {
+                conversations.push(turn("human", DESCRIBE.into()));
+                conversations.push(turn("gpt", s.scene.caption()));
+            }
+            TrainRecord {
+                id: s.id.clone(),
+                image: s.image_file(),
+                conversations,
+            }
         })
         .collect();
     let json = serde_json::to_vec_pretty(&records)

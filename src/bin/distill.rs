@@ -12,7 +12,8 @@
 use clap::{Parser, Subcommand};
 use fineprune::bench::report;
 use fineprune::bench::shapes::{
-    self, MODEL_SHAPES_CONFIG, ShapesConfig, Split, export_llava_eval, export_llava_train,
+    self, MODEL_SHAPES_CONFIG, ShapesConfig, Split, TrainTurns, export_llava_eval,
+    export_llava_train,
 };
 use fineprune::bench::sweep::{self, SweepConfig, SweepOptions};
 use fineprune::model::template::LLAVA_SYSTEM;
@@ -95,6 +96,11 @@ enum Command {
         /// (the first turn stays the evaluated question).
         #[arg(long)]
         describe: bool,
+        /// Follow each conversation's question with one question of every other family the scene
+        /// allows (multi-turn, as LLaVA-1.5's VQA data): about five supervised answers per image
+        /// instead of one.
+        #[arg(long)]
+        all_families: bool,
     },
     /// Accuracy on ShapesVQA's test split, overall and per question family (greedy decoding,
     /// exact match; existence questions read yes/no as POPE does). Uses the model's
@@ -116,10 +122,11 @@ enum Command {
         /// prediction).
         #[arg(long, default_value = "distill-eval")]
         out: PathBuf,
-        /// Ask without LLaVA's system prompt (which `distill train` trains with; use this for
-        /// llava-hf models, whose template has none).
+        /// Put LLaVA-1.5's system prompt before `USER:` even if the model's chat template has
+        /// none (by default the model's own: LLaVA-1.5's for models `distill train` created, none
+        /// for llava-hf checkpoints).
         #[arg(long)]
-        no_system: bool,
+        llava_system: bool,
     },
 }
 
@@ -132,7 +139,7 @@ struct ShapesExport<'a> {
     patch_size: u32,
     config: Option<&'a Path>,
     seed: u64,
-    describe: bool,
+    turns: TrainTurns,
 }
 
 fn export_shapes(a: &ShapesExport<'_>) -> fineprune::Result<()> {
@@ -144,7 +151,7 @@ fn export_shapes(a: &ShapesExport<'_>) -> fineprune::Result<()> {
         patch_size,
         config,
         seed,
-        describe,
+        turns,
     } = *a;
     let mut cfg = match config {
         Some(p) => ShapesConfig::from_file(p)?,
@@ -157,7 +164,7 @@ fn export_shapes(a: &ShapesExport<'_>) -> fineprune::Result<()> {
         return Err(Error::arg("--train", "must be at least 1"));
     }
     let samples = shapes::generate(Split::Train, train, seed, &cfg)?;
-    export_llava_train(&samples, out, image_size, describe)?;
+    export_llava_train(&samples, out, &cfg, turns)?;
     if test > 0 {
         let samples = shapes::generate(Split::Test, test, seed, &cfg)?;
         export_llava_eval(&samples, &out.join("test"), image_size)?;
@@ -187,7 +194,7 @@ fn eval(
     seed: u64,
     max_new_tokens: usize,
     out: &Path,
-    no_system: bool,
+    llava_system: bool,
 ) -> fineprune::Result<()> {
     if n == 0 {
         return Err(Error::arg("--n", "must be at least 1"));
@@ -210,6 +217,11 @@ fn eval(
         vc.patch_size as u32,
         out,
     )?;
+    let system = if llava_system {
+        Some(LLAVA_SYSTEM.to_string())
+    } else {
+        model.system.clone()
+    };
     let engine = Engine::new(Arc::new(model));
     let bar = ProgressBar::new(items.len() as u64);
     bar.set_style(
@@ -222,7 +234,7 @@ fn eval(
         &[SweepConfig::unpruned()],
         &SweepOptions {
             max_new_tokens,
-            system: (!no_system).then(|| LLAVA_SYSTEM.to_string()),
+            system,
         },
         &|| bar.inc(1),
     )?;
@@ -321,6 +333,7 @@ fn main() -> ExitCode {
             config,
             seed,
             describe,
+            all_families,
         } => finish(export_shapes(&ShapesExport {
             out: &out,
             train,
@@ -329,7 +342,10 @@ fn main() -> ExitCode {
             patch_size,
             config: config.as_deref(),
             seed,
-            describe,
+            turns: TrainTurns {
+                all_families,
+                describe,
+            },
         })),
         Command::Eval {
             model,
@@ -337,7 +353,7 @@ fn main() -> ExitCode {
             seed,
             max_new_tokens,
             out,
-            no_system,
-        } => finish(eval(&model, n, seed, max_new_tokens, &out, no_system)),
+            llava_system,
+        } => finish(eval(&model, n, seed, max_new_tokens, &out, llava_system)),
     }
 }

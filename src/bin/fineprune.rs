@@ -62,10 +62,11 @@ struct PromptArgs {
     /// Use the prompt verbatim instead of the LLaVA-1.5 template `USER: <image>\n{prompt} ASSISTANT:`.
     #[arg(long)]
     raw: bool,
-    /// Put LLaVA-1.5's system prompt before `USER:`.
+    /// Put LLaVA-1.5's system prompt before `USER:` (by default the model's chat template
+    /// decides: LLaVA-1.5's for models `distill train` created, none for llava-hf checkpoints).
     #[arg(long, conflicts_with = "system")]
     llava_system: bool,
-    /// A custom system prompt before `USER:`.
+    /// A custom system prompt before `USER:` (instead of the model's).
     #[arg(long)]
     system: Option<String>,
 }
@@ -186,13 +187,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn options(a: &PromptArgs) -> PromptOptions {
+/// The prompt options the flags ask for; the system prompt defaults to `model`'s.
+fn options(a: &PromptArgs, model: &Model) -> PromptOptions {
     PromptOptions {
         raw: a.raw,
         system: match (&a.system, a.llava_system) {
             (Some(s), _) => Some(s.clone()),
             (None, true) => Some(LLAVA_SYSTEM.to_string()),
-            _ => None,
+            _ => model.system.clone(),
         },
         pad_to_square: a.pad_to_square,
     }
@@ -210,7 +212,7 @@ fn run(cli: Cli) -> fineprune::Result<()> {
                 .map(|(i, p)| Request {
                     prompt: p.clone(),
                     image: a.common.image.clone().map(ImageInput::Path),
-                    options: options(&a.common),
+                    options: options(&a.common, engine.model()),
                     max_new_tokens: a.max_new_tokens,
                     sampling: Sampling {
                         temperature: a.temperature,
@@ -262,7 +264,7 @@ fn run(cli: Cli) -> fineprune::Result<()> {
             let plan = a.prune.plan()?;
             let engine = Engine::new(Arc::new(Model::load(&a.common.model)?));
             let mut req = Request::new(a.prompt.clone(), image);
-            req.options = options(&a.common);
+            req.options = options(&a.common, engine.model());
             req.prune = plan;
             let out = engine.prompt_logits(&req)?;
             let rows = out.positions.len();

@@ -93,8 +93,9 @@ struct Args {
     /// every pruned configuration.
     #[arg(long, default_value_t = 0)]
     visualize: usize,
-    /// Put LLaVA-1.5's system prompt before `USER:` (models trained by `distill` expect it;
-    /// llava-hf's own template has none).
+    /// Put LLaVA-1.5's system prompt before `USER:` even if the model's chat template has none
+    /// (by default the model's own: LLaVA-1.5's for models trained by `distill`, none for
+    /// llava-hf checkpoints).
     #[arg(long)]
     llava_system: bool,
 }
@@ -166,7 +167,11 @@ fn run(a: Args) -> fineprune::Result<()> {
     );
     let opts = SweepOptions {
         max_new_tokens: a.max_new_tokens,
-        system: a.llava_system.then(|| LLAVA_SYSTEM.to_string()),
+        system: if a.llava_system {
+            Some(LLAVA_SYSTEM.to_string())
+        } else {
+            engine.model().system.clone()
+        },
     };
     let (records, summaries) = sweep::run(&engine, &items, &configs, &opts, &|| bar.inc(1))?;
     bar.finish_and_clear();

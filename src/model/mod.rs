@@ -28,6 +28,11 @@ pub struct Model {
     pub tokenizer: Tokenizer,
     /// Image preprocessing (LLaVA only; CLIP defaults when the checkpoint has no processor config).
     pub image_processor: Option<ImageProcessorConfig>,
+    /// The system prompt its chat template puts before `USER:` ([`template::system_of_model`]):
+    /// LLaVA-1.5's for models trained by `distill`, None for llava-hf checkpoints and GGUF files.
+    /// The CLIs use it unless told otherwise; library callers pass it in
+    /// [`template::PromptOptions::system`].
+    pub system: Option<String>,
     /// Where it was loaded from.
     pub source: PathBuf,
     /// The checkpoint's key prefixes (its detected key layout).
@@ -73,6 +78,7 @@ impl Model {
             vision,
             tokenizer,
             image_processor,
+            system: template::system_of_model(path)?,
             source: path.to_path_buf(),
             layout,
             tensors,
@@ -124,6 +130,7 @@ impl Model {
             vision: None,
             tokenizer,
             image_processor: None,
+            system: None,
             source: path.to_path_buf(),
             layout,
             tensors,

@@ -3,12 +3,55 @@
 
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
+use std::path::Path;
 
 /// The placeholder users write for the image.
 pub const IMAGE_PLACEHOLDER: &str = "<image>";
 
 /// LLaVA-1.5's system prompt (`conv_vicuna_v1` / `llava_v1`).
 pub const LLAVA_SYSTEM: &str = "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the human's questions.";
+
+/// LLaVA-1.5's conversation format (`conv_vicuna_v1`: `{system} USER: <image>\n{q1} ASSISTANT:
+/// {a1}</s>USER: {q2} ASSISTANT:`) as a transformers chat template (Jinja, the processor's
+/// `chat_template`). `distill` writes it into the models it creates, so transformers'
+/// `apply_chat_template` builds the prompts they were trained on, and [`system_of_model`] tells our
+/// engine to put [`LLAVA_SYSTEM`] before `USER:`.
+pub const LLAVA_V1_CHAT_TEMPLATE: &str = concat!(
+    "{{ \"A chat between a curious human and an artificial intelligence assistant. The assistant ",
+    "gives helpful, detailed, and polite answers to the human's questions. \" }}",
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'USER: ' }}",
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}",
+    "{{ '<image>\\n' }}{% endfor %}",
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}",
+    "{{ content['text'] }}{% endfor %}{{ ' ' }}",
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' }}",
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}",
+    "{{ content['text'] }}{% endfor %}{{ '</s>' }}{% endif %}{% endfor %}",
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+);
+
+/// The system prompt a model directory's chat template puts before `USER:`: [`LLAVA_SYSTEM`] when
+/// its `chat_template.json` (transformers' processor file, `{"chat_template": "..."}`) contains
+/// that text, as the template of `distill`'s models does; None without the file or with
+/// llava-hf's own template, which has no system prompt.
+pub fn system_of_model(dir: &Path) -> Result<Option<String>> {
+    let path = dir.join("chat_template.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.clone(),
+        msg: e.to_string(),
+    })?;
+    let template = v["chat_template"].as_str().ok_or_else(|| Error::Config {
+        path: path.clone(),
+        msg: "no `chat_template` string".into(),
+    })?;
+    Ok(template
+        .contains(LLAVA_SYSTEM)
+        .then(|| LLAVA_SYSTEM.to_string()))
+}
 
 /// Which part of the prompt a position belongs to (PRUNING.md, "Positions and segments").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -148,4 +191,32 @@ pub fn build_prompt(
         ids: enc.ids,
         segments,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_template(json: &str) -> Result<Option<String>> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("chat_template.json"), json).unwrap();
+        system_of_model(dir.path())
+    }
+
+    #[test]
+    fn system_prompt_comes_from_the_chat_template() {
+        let ours = serde_json::json!({ "chat_template": LLAVA_V1_CHAT_TEMPLATE }).to_string();
+        assert_eq!(with_template(&ours).unwrap().as_deref(), Some(LLAVA_SYSTEM));
+        // llava-hf's llava-1.5 template (abridged): roles only, no system prompt.
+        let hf = r#"{"chat_template": "{% for message in messages %}{{ message['role'].upper() + ': '}}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"}"#;
+        assert_eq!(with_template(hf).unwrap(), None);
+        // no file: no system prompt
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(system_of_model(dir.path()).unwrap(), None);
+        // damaged files name the file
+        for bad in ["{", r#"{"chat_template": 3}"#] {
+            let e = with_template(bad).unwrap_err().to_string();
+            assert!(e.contains("chat_template.json"), "{e}");
+        }
+    }
 }

@@ -3,7 +3,8 @@
 //! [`create_model`] writes a complete llava-hf checkpoint folder before the first step:
 //! `tokenizer.json` trained on the run's conversations ([`train_tokenizer`]), `config.json` with
 //! the shape given here (CLIP vision tower, GELU projector, LLaMA language model),
-//! `preprocessor_config.json` (CLIP preprocessing at `image_size`) and the freshly initialised
+//! `preprocessor_config.json` (CLIP preprocessing at `image_size`), `chat_template.json` (the
+//! LLaVA-1.5 conversation format the trainer uses, system prompt included) and the freshly initialised
 //! weights ([`TrainModel::init`]). Training then starts from that folder as from any checkpoint.
 
 use super::checkpoint::save_checkpoint;
@@ -14,6 +15,7 @@ use super::tokenizer_train::{
 use crate::error::{Error, Result};
 use crate::io::{OutTensor, write_atomic, write_safetensors};
 use crate::model::config::{LlavaConfig, ModelConfig};
+use crate::model::template::LLAVA_V1_CHAT_TEMPLATE;
 use crate::model::tokenizer::Tokenizer;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -248,7 +250,7 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
 }
 
 /// Writes a new model of shape `shape` to `dir` (created): tokenizer trained on the texts of
-/// `data` (a LLaVA conversation json), config, processor config and initial weights.
+/// `data` (a LLaVA conversation json), config, processor config, chat template and initial weights.
 pub fn create_model(shape: &NewModel, data: &Path, dir: &Path) -> Result<()> {
     shape.validate()?;
     let convs = super::data::read_conversations(data)?;
@@ -276,6 +278,11 @@ pub fn create_model(shape: &NewModel, data: &Path, dir: &Path) -> Result<()> {
     write_json(
         &dir.join("preprocessor_config.json"),
         &shape.preprocessor_json(),
+    )?;
+    // The conversation format the trainer uses, for transformers' processor and our CLIs.
+    write_json(
+        &dir.join("chat_template.json"),
+        &json!({ "chat_template": LLAVA_V1_CHAT_TEMPLATE }),
     )?;
     let config: LlavaConfig = match ModelConfig::from_file(&config_path)? {
         ModelConfig::Llava(c) => c,
