@@ -42,6 +42,7 @@ fn config(data: &Path, out: &Path) -> TrainConfig {
         weight_decay: 0.01,
         max_grad_norm: Some(1.0),
         frozen: vec![],
+        lr_scale: Default::default(),
         checkpoint_every: 3,
         max_len: 2048,
         stage: vec![],
@@ -50,6 +51,51 @@ fn config(data: &Path, out: &Path) -> TrainConfig {
 
 fn quiet() -> TrainOptions {
     TrainOptions::default()
+}
+
+/// Adam's first step moves every weight by about `lr` whatever its gradient, so the step of a
+/// group whose rate is scaled by 2 is twice the unscaled one, and other groups' steps are unchanged.
+#[test]
+fn lr_scale_multiplies_a_groups_step() {
+    let data = tempfile::tempdir().unwrap();
+    export(data.path(), 2);
+    let step = |scale: &[(&str, f64)]| {
+        let out = tempfile::tempdir().unwrap();
+        let mut cfg = config(data.path(), out.path());
+        (cfg.steps, cfg.warmup, cfg.grad_accum, cfg.weight_decay) = (1, 0, 1, 0.0);
+        cfg.max_grad_norm = None;
+        cfg.lr = 1e-3;
+        cfg.lr_scale = scale.iter().map(|(g, x)| (g.to_string(), *x)).collect();
+        let s = train(&cfg, &quiet()).unwrap();
+        fineprune::train::model::TrainModel::from_dir(&s.checkpoint).unwrap()
+    };
+    let init = fineprune::train::model::TrainModel::from_dir(&fixture()).unwrap();
+    let base = step(&[]);
+    let scaled = step(&[("projector", 2.0), ("lm.no_decay", 0.5)]);
+    let mut compared = std::collections::BTreeMap::<u32, usize>::new();
+    for ((p0, p1), p2) in init.params.iter().zip(&base.params).zip(&scaled.params) {
+        let ratio = if p0.group.starts_with("projector") {
+            2.0
+        } else if p0.group == "lm.no_decay" {
+            0.5
+        } else {
+            1.0
+        };
+        for ((a, b), c) in p0.value.iter().zip(&p1.value).zip(&p2.value) {
+            let (d1, d2) = (b - a, c - a);
+            // |d| <= lr; a weight whose gradient is ~0 moves by less (Adam's eps), so compare
+            // only clear steps; f32 rounding of the weights bounds the agreement.
+            if d1.abs() > 5e-4 {
+                *compared.entry((ratio * 2.0) as u32).or_default() += 1;
+                assert!(
+                    (d2 - ratio * d1).abs() < 1e-5,
+                    "{}: step {d2} vs {ratio} x {d1}",
+                    p0.name
+                );
+            }
+        }
+    }
+    assert_eq!(compared.len(), 3, "every ratio checked: {compared:?}");
 }
 
 #[test]
@@ -213,6 +259,16 @@ fn bad_configs_fail_before_any_step() {
         with(&|c| c.frozen = vec!["vision".into(), "projector".into(), "lm".into()]),
         quiet(),
         "nothing to train",
+    );
+    check(
+        with(&|c| c.lr_scale = [("text".to_string(), 2.0)].into()),
+        quiet(),
+        "`lr_scale`: unknown group `text`",
+    );
+    check(
+        with(&|c| c.lr_scale = [("lm.decay".to_string(), 0.0)].into()),
+        quiet(),
+        "`lr_scale`: lm.decay = 0",
     );
     check(
         with(&|c| c.model = Some(data.path().to_path_buf())),
@@ -483,6 +539,7 @@ fn stages_chain_and_resume_across_the_boundary() {
         steps,
         lr,
         frozen: Some(frozen.iter().map(|s| s.to_string()).collect()),
+        lr_scale: None,
         data: None,
         image_folder: None,
         batch_size: None,

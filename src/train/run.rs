@@ -16,6 +16,7 @@
 //! position, so a resumed run computes the same losses and parameters, bit for bit, as one that
 //! was never interrupted.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -60,6 +61,7 @@ fn default_max_len() -> usize {
 /// # optional (defaults): seed = 0, batch_size = 1, grad_accum = 1, warmup = 0,
 /// # min_lr_ratio = 0.0, weight_decay = 0.0, max_grad_norm = (none: no clipping),
 /// # frozen = [] (any of "vision", "projector", "lm" or a full group like "lm.no_decay"),
+/// # lr_scale = {} (peak-rate multiplier per group, named as for `frozen`: { vision = 2.0 }),
 /// # checkpoint_every = 0 (only at the end), max_len = 2048
 /// ```
 ///
@@ -99,6 +101,10 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f64>,
     #[serde(default)]
     pub frozen: Vec<String>,
+    /// Multiplier on the peak learning rate per group (`vision`, `projector`, `lm`, or a full
+    /// group like `lm.no_decay`, which takes precedence); groups left out: 1.0.
+    #[serde(default)]
+    pub lr_scale: BTreeMap<String, f64>,
     #[serde(default)]
     pub checkpoint_every: u64,
     #[serde(default = "default_max_len")]
@@ -135,6 +141,8 @@ pub struct StageConfig {
     pub lr: f64,
     #[serde(default)]
     pub frozen: Option<Vec<String>>,
+    #[serde(default)]
+    pub lr_scale: Option<BTreeMap<String, f64>>,
     #[serde(default)]
     pub data: Option<PathBuf>,
     #[serde(default)]
@@ -227,6 +235,9 @@ impl TrainConfig {
             if let Some(v) = &st.frozen {
                 c.frozen = v.clone();
             }
+            if let Some(v) = &st.lr_scale {
+                c.lr_scale = v.clone();
+            }
             if let Some(v) = &st.data {
                 c.data = v.clone();
             }
@@ -307,15 +318,23 @@ impl TrainConfig {
         if self.max_len == 0 {
             return bad("max_len", "must be at least 1".into());
         }
-        for f in &self.frozen {
-            let ok = GROUP_PREFIXES
+        let known = |f: &str| {
+            GROUP_PREFIXES
                 .iter()
-                .any(|g| f == g || *f == format!("{g}.decay") || *f == format!("{g}.no_decay"));
-            if !ok {
-                return bad(
-                    "frozen",
-                    format!("unknown group `{f}` (use vision, projector, lm, or e.g. lm.no_decay)"),
-                );
+                .any(|g| f == *g || f == format!("{g}.decay") || f == format!("{g}.no_decay"))
+        };
+        let unknown = |f: &str| {
+            format!("unknown group `{f}` (use vision, projector, lm, or e.g. lm.no_decay)")
+        };
+        if let Some(f) = self.frozen.iter().find(|f| !known(f)) {
+            return bad("frozen", unknown(f));
+        }
+        for (g, &x) in &self.lr_scale {
+            if !known(g) {
+                return bad("lr_scale", unknown(g));
+            }
+            if !(x.is_finite() && x > 0.0) {
+                return bad("lr_scale", format!("{g} = {x} must be a finite number > 0"));
             }
         }
         if GROUP_PREFIXES
@@ -412,7 +431,12 @@ impl TrainConfig {
                 if self.group_frozen(&name) {
                     GroupConfig::frozen(name)
                 } else {
-                    GroupConfig::new(name, wd)
+                    let prefix = name.split('.').next().unwrap_or_default();
+                    let scale = self.lr_scale.get(&name).or(self.lr_scale.get(prefix));
+                    GroupConfig {
+                        lr_scale: scale.copied().unwrap_or(1.0),
+                        ..GroupConfig::new(name, wd)
+                    }
                 }
             })
             .collect();
