@@ -1688,27 +1688,42 @@ pub const DESCRIBE: &str = "Describe the image briefly.";
 /// sample's own question exactly as evaluation asks it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TrainTurns {
-    /// Then one more question of every other family the scene allows, in a seeded random order:
-    /// multi-turn VQA as in LLaVA-1.5's VQAv2/GQA data, several supervised answers per image.
+    /// Then one more question of every other family the scene allows, in a seeded random order,
+    /// leaving out any that would give another's answer away: multi-turn VQA as in LLaVA-1.5's
+    /// VQAv2/GQA data, several supervised answers per image.
     pub all_families: bool,
     /// Then [`DESCRIBE`], answered with the scene's [`Scene::caption`]: dense supervision of every
     /// object.
     pub describe: bool,
 }
 
-/// Every family's question about `scene` except `skip`'s, in random order (families the scene
-/// allows no unambiguous question of are left out; existence is yes or a POPE negative at even
-/// odds).
+/// Whether `word` occurs in `text` as a whole word, singular or plural ("stars" has "star").
+fn has_word(text: &str, word: &str) -> bool {
+    text.split(|c: char| !c.is_alphanumeric()).any(|w| {
+        w.eq_ignore_ascii_case(word)
+            || w.strip_suffix('s')
+                .is_some_and(|w| w.eq_ignore_ascii_case(word))
+    })
+}
+
+/// One question of every family but `first`'s about `scene`, in random order, none of which gives
+/// another's answer away: a question is left out when its answer is a word of another question
+/// (or another's answer is a word of it), as "What shape is the red object?" would answer "What
+/// color is the star?" for a red star. Families the scene allows no unambiguous question of are
+/// left out; existence is yes or a POPE negative at even odds.
 fn other_questions(
     scene: &Scene,
-    skip: Family,
+    first: (&str, &str),
+    family: Family,
     rng: &mut StdRng,
     cfg: &ShapesConfig,
 ) -> Vec<Question> {
-    let mut fams: Vec<Family> = Family::ALL.into_iter().filter(|&f| f != skip).collect();
+    let mut fams: Vec<Family> = Family::ALL.into_iter().filter(|&f| f != family).collect();
     fams.shuffle(rng);
-    fams.into_iter()
-        .filter_map(|f| match f {
+    let mut asked: Vec<(String, String)> = vec![(first.0.to_string(), first.1.to_string())];
+    let mut out = Vec::new();
+    for f in fams {
+        let q = match f {
             Family::Color => q_color(scene, rng),
             Family::Shape => q_shape(scene, rng),
             Family::Count => q_count(scene, rng),
@@ -1722,8 +1737,18 @@ fn other_questions(
             }
             Family::RelativePosition => q_relpos(scene, rng, cfg),
             Family::ReadText => q_read(scene),
-        })
-        .collect()
+        };
+        let Some(q) = q else { continue };
+        let answer = &q.answers[0];
+        let leaks = asked
+            .iter()
+            .any(|(text, ans)| has_word(text, answer) || has_word(&q.text, ans));
+        if !leaks {
+            asked.push((q.text.clone(), answer.clone()));
+            out.push(q);
+        }
+    }
+    out
 }
 
 /// Seed of a sample's extra training turns, from its id (FNV-1a, then splitmix).
@@ -1761,7 +1786,9 @@ pub fn export_llava_train(
             ];
             if turns.all_families {
                 let mut rng = StdRng::seed_from_u64(turns_seed(&s.id));
-                for q in other_questions(&s.scene, s.family, &mut rng, cfg) {
+                let answer = s.answers.first().map_or("", String::as_str);
+                let first = (s.question.as_str(), answer);
+                for q in other_questions(&s.scene, first, s.family, &mut rng, cfg) {
                     conversations.push(turn("human", format!("{}{SHORT_ANSWER}", q.text)));
                     conversations.push(turn("gpt", q.answers[0].clone()));
                 }
