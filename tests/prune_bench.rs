@@ -180,14 +180,18 @@ fn bad_flags_and_unreadable_data_get_clear_errors() {
     }
 }
 
+/// Without `--model` it runs the bundled model (the README's main command, on fewer questions),
+/// or, in a copy without one, says how to point `--model` at a model.
 #[test]
-fn without_a_bundled_model_it_says_how_to_point_at_one() {
+fn without_model_flag_it_runs_the_bundled_model() {
     let tmp = tempfile::tempdir().unwrap();
     let (ok, _, err) = bench(&[
         "--head",
         "variance",
         "--query",
         "text_tokens_only",
+        "--limit",
+        "12",
         "--out",
         tmp.path().to_str().unwrap(),
     ]);

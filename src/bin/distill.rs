@@ -41,9 +41,10 @@ enum Command {
     ///
     /// The config needs `data` (LLaVA conversation json), `image_folder`, `output`, `steps`, `lr`
     /// and either `model` (a LLaVA checkpoint folder to start from) or a `[new_model]` table (a
-    /// shape to train from scratch: the tokenizer is trained on `data` and the model created in
-    /// OUTPUT/base). Optional: `seed`, `batch_size`, `grad_accum`, `warmup`, `min_lr_ratio`,
-    /// `weight_decay`, `max_grad_norm`, `frozen` (e.g. ["vision"]), `checkpoint_every`,
+    /// shape to train from scratch: the tokenizer is trained on `data` and every stage's data, and
+    /// the model created in OUTPUT/base). Optional: `seed`, `batch_size`, `grad_accum`, `warmup`,
+    /// `min_lr_ratio`, `weight_decay`, `max_grad_norm`, `frozen` (e.g. ["vision"]), `lr_scale`
+    /// (e.g. { vision = 2.0 }), `checkpoint_every`,
     /// `max_len`. `[[stage]]` tables (each with `name`, `steps`, `lr` and any overrides, e.g.
     /// `frozen`) run LLaVA-style stages in order, each into OUTPUT/stageN-NAME from the previous
     /// stage's final checkpoint. Relative paths are relative to the config file.

@@ -250,10 +250,14 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
 }
 
 /// Writes a new model of shape `shape` to `dir` (created): tokenizer trained on the texts of
-/// `data` (a LLaVA conversation json), config, processor config, chat template and initial weights.
-pub fn create_model(shape: &NewModel, data: &Path, dir: &Path) -> Result<()> {
+/// every file of `data` (LLaVA conversation jsons: all the data the model will see), config,
+/// processor config, chat template and initial weights.
+pub fn create_model(shape: &NewModel, data: &[&Path], dir: &Path) -> Result<()> {
     shape.validate()?;
-    let convs = super::data::read_conversations(data)?;
+    let mut convs = Vec::new();
+    for d in data {
+        convs.extend(super::data::read_conversations(d)?);
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tok_cfg = TokenizerTrainConfig {
         vocab_size: shape.vocab_size,

@@ -664,6 +664,13 @@ pub fn train_stages(cfg: &TrainConfig, opts: &TrainOptions) -> Result<Vec<TrainS
             }
         }
     }
+    // A new model's tokenizer learns the text of every stage.
+    let mut texts: Vec<&Path> = vec![&cfg.data];
+    for s in &stages {
+        if !texts.contains(&s.data.as_path()) {
+            texts.push(&s.data);
+        }
+    }
     let mut out = Vec::new();
     let mut offset = 0u64;
     for s in &stages {
@@ -681,7 +688,7 @@ pub fn train_stages(cfg: &TrainConfig, opts: &TrainOptions) -> Result<Vec<TrainS
             progress: opts.progress,
             stop_after: stop.filter(|&l| l < s.steps),
         };
-        out.push(run(s, &o)?);
+        out.push(run(s, &o, &texts)?);
         if o.stop_after.is_some() {
             break;
         }
@@ -701,11 +708,12 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         ));
     }
     cfg.validate()?;
-    run(cfg, opts)
+    run(cfg, opts, &[&cfg.data])
 }
 
-/// [`train`] after validation: one single-stage run.
-fn run(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
+/// [`train`] after validation: one single-stage run; a new model's tokenizer is trained on the
+/// conversations of `texts`.
+fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainSummary> {
     if let Some(s) = opts.stop_after
         && s == 0
     {
@@ -738,7 +746,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let ds = Dataset::open(&cfg.data, &cfg.image_folder)?;
     let base = cfg.base_dir();
     if let (Some(shape), None) = (&cfg.new_model, &resume_from) {
-        create_model(shape, &cfg.data, &base)?;
+        create_model(shape, texts, &base)?;
     }
     let tok_path = base.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path)?;
