@@ -677,7 +677,9 @@ fn bundled_teacher_recipe_parses() {
     let shape = cfg.new_model.as_ref().unwrap();
     shape.validate().unwrap();
     assert!(cfg.model.is_none());
-    assert_eq!(cfg.stages().unwrap().len(), 1);
+    let names: Vec<String> = cfg.stage.iter().map(|s| s.name.clone()).collect();
+    assert_eq!(names, ["colour", "single", "few", "full"]);
+    assert_eq!(cfg.stages().unwrap().len(), 4);
     // The shape the train bench measures.
     let bench: serde_json::Value = serde_json::from_slice(
         &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/teacher_config.json"))
