@@ -1535,6 +1535,25 @@ fn plans(cfg: &ShapesConfig, n: usize) -> Vec<(Family, Option<ExistencePlan>)> {
         .collect()
 }
 
+/// A question of `family` about `scene` (existence questions follow `plan`), if the scene allows
+/// an unambiguous one.
+fn ask(
+    scene: &Scene,
+    family: Family,
+    plan: Option<ExistencePlan>,
+    rng: &mut StdRng,
+    cfg: &ShapesConfig,
+) -> Option<Question> {
+    match family {
+        Family::Color => q_color(scene, rng),
+        Family::Shape => q_shape(scene, rng),
+        Family::Count => q_count(scene, rng),
+        Family::Existence => plan.and_then(|p| q_exist(scene, rng, p, cfg)),
+        Family::RelativePosition => q_relpos(scene, rng, cfg),
+        Family::ReadText => q_read(scene),
+    }
+}
+
 fn make_sample(
     split: Split,
     index: usize,
@@ -1549,15 +1568,7 @@ fn make_sample(
         let Some(scene) = gen_scene(&mut rng, cfg, family == Family::ReadText) else {
             continue;
         };
-        let q = match family {
-            Family::Color => q_color(&scene, &mut rng),
-            Family::Shape => q_shape(&scene, &mut rng),
-            Family::Count => q_count(&scene, &mut rng),
-            Family::Existence => plan.and_then(|p| q_exist(&scene, &mut rng, p, cfg)),
-            Family::RelativePosition => q_relpos(&scene, &mut rng, cfg),
-            Family::ReadText => q_read(&scene),
-        };
-        if let Some(q) = q {
+        if let Some(q) = ask(&scene, family, plan, &mut rng, cfg) {
             return Ok(Sample {
                 id,
                 split,
@@ -1723,22 +1734,16 @@ fn other_questions(
     let mut asked: Vec<(String, String)> = vec![(first.0.to_string(), first.1.to_string())];
     let mut out = Vec::new();
     for f in fams {
-        let q = match f {
-            Family::Color => q_color(scene, rng),
-            Family::Shape => q_shape(scene, rng),
-            Family::Count => q_count(scene, rng),
-            Family::Existence => {
-                let plan = if rng.random::<bool>() {
-                    ExistencePlan::Yes
-                } else {
-                    ExistencePlan::No(PopeKind::ALL[pick_weighted(rng, &cfg.pope_weights)])
-                };
-                q_exist(scene, rng, plan, cfg)
+        let plan = (f == Family::Existence).then(|| {
+            if rng.random::<bool>() {
+                ExistencePlan::Yes
+            } else {
+                ExistencePlan::No(PopeKind::ALL[pick_weighted(rng, &cfg.pope_weights)])
             }
-            Family::RelativePosition => q_relpos(scene, rng, cfg),
-            Family::ReadText => q_read(scene),
+        });
+        let Some(q) = ask(scene, f, plan, rng, cfg) else {
+            continue;
         };
-        let Some(q) = q else { continue };
         let answer = &q.answers[0];
         let leaks = asked
             .iter()
