@@ -40,6 +40,7 @@ fn config(data: &Path, out: &Path) -> TrainConfig {
         warmup: 2,
         min_lr_ratio: 0.1,
         weight_decay: 0.01,
+        betas: [0.9, 0.999],
         max_grad_norm: Some(1.0),
         frozen: vec![],
         lr_scale: Default::default(),
@@ -96,6 +97,44 @@ fn lr_scale_multiplies_a_groups_step() {
         }
     }
     assert_eq!(compared.len(), 3, "every ratio checked: {compared:?}");
+}
+
+/// With `betas = [0, 0]` AdamW is sign descent: every step moves a weight by exactly `lr` (its
+/// gradient's sign; not at all where the gradient is zero, as for the embedding row of a token
+/// absent from the batch), so after two constant-rate steps a weight has moved by 0, `lr` or
+/// `2 lr`. Torch's default betas average the two gradients instead, so this fails unless the
+/// betas reach AdamW.
+#[test]
+fn betas_reach_the_optimizer() {
+    let data = tempfile::tempdir().unwrap();
+    export(data.path(), 4);
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path(), out.path());
+    (cfg.steps, cfg.warmup, cfg.grad_accum, cfg.weight_decay) = (2, 0, 1, 0.0);
+    (cfg.max_grad_norm, cfg.min_lr_ratio, cfg.lr) = (None, 1.0, 1e-3);
+    cfg.betas = [0.0, 0.0];
+    let s = train(&cfg, &quiet()).unwrap();
+    let after = fineprune::train::model::TrainModel::from_dir(&s.checkpoint).unwrap();
+    let init = fineprune::train::model::TrainModel::from_dir(&fixture()).unwrap();
+    let (mut sign_steps, mut total) = (0usize, 0usize);
+    // The LM head's rows for tokens the model gives ~0 probability get gradients near Adam's eps
+    // and move by a fraction of `lr`, so it is left out.
+    let params = init.params.iter().zip(&after.params);
+    for (p0, p1) in params.filter(|(p, _)| p.name != "lm_head.weight") {
+        for (a, b) in p0.value.iter().zip(&p1.value) {
+            let d = (b - a).abs();
+            total += 1;
+            // f32 rounding of weights of magnitude ~1 bounds the agreement.
+            if [0.0, 1e-3, 2e-3].iter().any(|m| (d - m).abs() < 1e-6) {
+                sign_steps += 1;
+            }
+        }
+    }
+    // Other weights with a near-eps gradient in one step are rare (0.2% in this fixture).
+    assert!(
+        sign_steps as f64 > 0.99 * total as f64,
+        "{sign_steps} of {total} weights moved by 0, lr or 2 lr"
+    );
 }
 
 #[test]
@@ -245,6 +284,7 @@ fn bad_configs_fail_before_any_step() {
     check(with(&|c| c.warmup = 11), quiet(), "`warmup`");
     check(with(&|c| c.min_lr_ratio = 1.5), quiet(), "`min_lr_ratio`");
     check(with(&|c| c.weight_decay = -0.1), quiet(), "`weight_decay`");
+    check(with(&|c| c.betas = [0.9, 1.0]), quiet(), "`betas`");
     check(
         with(&|c| c.max_grad_norm = Some(0.0)),
         quiet(),
@@ -547,6 +587,7 @@ fn stages_chain_and_resume_across_the_boundary() {
         warmup: Some(0),
         min_lr_ratio: None,
         weight_decay: None,
+        betas: None,
         max_grad_norm: None,
         checkpoint_every: Some(2),
     };

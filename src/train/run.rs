@@ -45,6 +45,9 @@ fn one() -> usize {
 fn default_max_len() -> usize {
     2048
 }
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
 
 /// A training run, read from TOML by [`TrainConfig::from_file`]. Relative paths are relative to
 /// the TOML file's folder.
@@ -59,7 +62,8 @@ fn default_max_len() -> usize {
 /// steps = 1000                  # optimizer steps
 /// lr = 2e-5                     # peak learning rate
 /// # optional (defaults): seed = 0, batch_size = 1, grad_accum = 1, warmup = 0,
-/// # min_lr_ratio = 0.0, weight_decay = 0.0, max_grad_norm = (none: no clipping),
+/// # min_lr_ratio = 0.0, weight_decay = 0.0, betas = [0.9, 0.999] (AdamW's; LLM pre-training
+/// # often takes beta2 = 0.95), max_grad_norm = (none: no clipping),
 /// # frozen = [] (any of "vision", "projector", "lm" or a full group like "lm.no_decay"),
 /// # lr_scale = {} (peak-rate multiplier per group, named as for `frozen`: { vision = 2.0 }),
 /// # checkpoint_every = 0 (only at the end), max_len = 2048
@@ -97,6 +101,9 @@ pub struct TrainConfig {
     pub min_lr_ratio: f64,
     #[serde(default)]
     pub weight_decay: f64,
+    /// AdamW's `beta1`, `beta2`.
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
     #[serde(default)]
     pub max_grad_norm: Option<f64>,
     #[serde(default)]
@@ -157,6 +164,8 @@ pub struct StageConfig {
     pub min_lr_ratio: Option<f64>,
     #[serde(default)]
     pub weight_decay: Option<f64>,
+    #[serde(default)]
+    pub betas: Option<[f64; 2]>,
     #[serde(default)]
     pub max_grad_norm: Option<f64>,
     #[serde(default)]
@@ -249,6 +258,7 @@ impl TrainConfig {
             c.warmup = st.warmup.unwrap_or(c.warmup);
             c.min_lr_ratio = st.min_lr_ratio.unwrap_or(c.min_lr_ratio);
             c.weight_decay = st.weight_decay.unwrap_or(c.weight_decay);
+            c.betas = st.betas.unwrap_or(c.betas);
             c.max_grad_norm = st.max_grad_norm.or(c.max_grad_norm);
             c.checkpoint_every = st.checkpoint_every.unwrap_or(c.checkpoint_every);
             out.push(c);
@@ -306,6 +316,9 @@ impl TrainConfig {
                 "weight_decay",
                 format!("{} must be a finite number >= 0", self.weight_decay),
             );
+        }
+        if !self.betas.iter().all(|b| (0.0..1.0).contains(b)) {
+            return bad("betas", format!("{:?} must both be in [0, 1)", self.betas));
         }
         if let Some(n) = self.max_grad_norm
             && !(n.is_finite() && n > 0.0)
@@ -440,11 +453,9 @@ impl TrainConfig {
                 }
             })
             .collect();
-        Ok(AdamW::new(self.lr, groups)?.with_schedule(Schedule::new(
-            self.warmup,
-            self.steps,
-            self.min_lr_ratio,
-        )?))
+        Ok(AdamW::new(self.lr, groups)?
+            .with_hyper((self.betas[0], self.betas[1]), 1e-8)
+            .with_schedule(Schedule::new(self.warmup, self.steps, self.min_lr_ratio)?))
     }
 }
 
