@@ -38,6 +38,7 @@ fn model(layers: usize) -> Model {
             std::path::Path::new("wordlevel"),
         ),
         image_processor: None,
+        system: None,
         source: "random".into(),
         layout: vec![],
         tensors: vec![],
