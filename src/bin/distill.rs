@@ -16,7 +16,6 @@ use fineprune::bench::shapes::{
     export_llava_train,
 };
 use fineprune::bench::sweep::{self, SweepConfig, SweepOptions};
-use fineprune::model::template::LLAVA_SYSTEM;
 use fineprune::train::run::{TrainConfig, TrainOptions, train_stages};
 use fineprune::{Engine, Error, Model};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -218,11 +217,7 @@ fn eval(
         vc.patch_size as u32,
         out,
     )?;
-    let system = if llava_system {
-        Some(LLAVA_SYSTEM.to_string())
-    } else {
-        model.system.clone()
-    };
+    let system = model.system_prompt(llava_system);
     let engine = Engine::new(Arc::new(model));
     let bar = ProgressBar::new(items.len() as u64);
     bar.set_style(

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use common::StrategyFlags;
 use fineprune::io::{OutTensor, read_f32_tensor, write_safetensors};
 use fineprune::model::config::ModelConfig;
-use fineprune::model::template::{LLAVA_SYSTEM, PromptOptions};
+use fineprune::model::template::PromptOptions;
 use fineprune::prune::head_strategy;
 use fineprune::prune::metrics::RunStats;
 use fineprune::prune::query_strategy;
@@ -191,11 +191,10 @@ fn main() -> ExitCode {
 fn options(a: &PromptArgs, model: &Model) -> PromptOptions {
     PromptOptions {
         raw: a.raw,
-        system: match (&a.system, a.llava_system) {
-            (Some(s), _) => Some(s.clone()),
-            (None, true) => Some(LLAVA_SYSTEM.to_string()),
-            _ => model.system.clone(),
-        },
+        system: a
+            .system
+            .clone()
+            .or_else(|| model.system_prompt(a.llava_system)),
         pad_to_square: a.pad_to_square,
     }
 }

@@ -18,7 +18,6 @@ use fineprune::bench::shapes::ShapesConfig;
 use fineprune::bench::sweep::{
     self, BenchItem, ConfigSummary, SampleRecord, SweepConfig, SweepOptions,
 };
-use fineprune::model::template::LLAVA_SYSTEM;
 use fineprune::prune::Keep;
 use fineprune::{Engine, Error, Model};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -167,11 +166,7 @@ fn run(a: Args) -> fineprune::Result<()> {
     );
     let opts = SweepOptions {
         max_new_tokens: a.max_new_tokens,
-        system: if a.llava_system {
-            Some(LLAVA_SYSTEM.to_string())
-        } else {
-            engine.model().system.clone()
-        },
+        system: engine.model().system_prompt(a.llava_system),
     };
     let (records, summaries) = sweep::run(&engine, &items, &configs, &opts, &|| bar.inc(1))?;
     bar.finish_and_clear();

@@ -42,6 +42,16 @@ pub struct Model {
 }
 
 impl Model {
+    /// The system prompt to ask this model with: LLaVA-1.5's ([`template::LLAVA_SYSTEM`]) when
+    /// `llava` (the CLIs' `--llava-system`), else the model's own [`Model::system`].
+    pub fn system_prompt(&self, llava: bool) -> Option<String> {
+        if llava {
+            Some(template::LLAVA_SYSTEM.to_string())
+        } else {
+            self.system.clone()
+        }
+    }
+
     /// Loads an HF model directory (`config.json`, safetensors weights, `tokenizer.json`, and the
     /// image processor config) or a LLaMA-architecture `.gguf` file.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
