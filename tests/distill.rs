@@ -515,6 +515,64 @@ fn new_model_from_scratch_via_cli_then_eval() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--n"));
 }
 
+/// A new model's tokenizer learns the text of every stage, not only the top-level data's: a word
+/// only the second stage's answers use takes fewer tokens than under the tokenizer a one-stage
+/// run on the first stage's data trains (training is deterministic, so were the second stage's
+/// text ignored the two tokenizers would be identical).
+#[test]
+fn a_new_models_tokenizer_learns_every_stages_text() {
+    let data = tempfile::tempdir().unwrap();
+    export(data.path(), 4);
+    let mut recs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.path().join("train.json")).unwrap()).unwrap();
+    for r in recs.as_array_mut().unwrap() {
+        for t in r["conversations"].as_array_mut().unwrap() {
+            if t["from"] == "gpt" {
+                t["value"] = "quixotic quixotic quixotic".into();
+            }
+        }
+    }
+    let second = data.path().join("train2.json");
+    std::fs::write(&second, serde_json::to_vec(&recs).unwrap()).unwrap();
+    let shape: fineprune::train::new_model::NewModel =
+        toml::from_str(NEW_MODEL.trim_start_matches("[new_model]\n")).unwrap();
+    let stage = |name: &str, data: Option<PathBuf>| StageConfig {
+        name: name.into(),
+        steps: 1,
+        lr: 1e-3,
+        data,
+        frozen: None,
+        lr_scale: None,
+        image_folder: None,
+        batch_size: None,
+        grad_accum: None,
+        warmup: Some(0),
+        min_lr_ratio: None,
+        weight_decay: None,
+        betas: None,
+        max_grad_norm: None,
+        checkpoint_every: None,
+    };
+    let tokens_of_the_word = |stages: Vec<StageConfig>| {
+        let out = tempfile::tempdir().unwrap();
+        let mut c = config(data.path(), out.path());
+        (c.model, c.new_model, c.stage) = (None, Some(shape.clone()), stages);
+        (c.steps, c.lr) = (0, 0.0);
+        train_stages(&c, &quiet()).unwrap();
+        let tok = fineprune::model::tokenizer::Tokenizer::from_file(
+            &out.path().join("stage1-first/base/tokenizer.json"),
+        )
+        .unwrap();
+        tok.encode(" quixotic", false).unwrap().ids.len()
+    };
+    let one = tokens_of_the_word(vec![stage("first", None)]);
+    let both = tokens_of_the_word(vec![stage("first", None), stage("second", Some(second))]);
+    assert!(
+        both < one,
+        "\" quixotic\": {both} tokens with both stages' text, {one} without"
+    );
+}
+
 #[test]
 fn new_model_configs_are_checked_before_any_compute() {
     let data = tempfile::tempdir().unwrap();
