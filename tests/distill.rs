@@ -50,6 +50,27 @@ fn config(data: &Path, out: &Path) -> TrainConfig {
     }
 }
 
+/// A stage that overrides nothing but its name, length and rate.
+fn plain_stage(name: &str, steps: u64, lr: f64) -> StageConfig {
+    StageConfig {
+        name: name.into(),
+        steps,
+        lr,
+        frozen: None,
+        lr_scale: None,
+        data: None,
+        image_folder: None,
+        batch_size: None,
+        grad_accum: None,
+        warmup: None,
+        min_lr_ratio: None,
+        weight_decay: None,
+        betas: None,
+        max_grad_norm: None,
+        checkpoint_every: None,
+    }
+}
+
 fn quiet() -> TrainOptions {
     TrainOptions::default()
 }
@@ -537,21 +558,9 @@ fn a_new_models_tokenizer_learns_every_stages_text() {
     let shape: fineprune::train::new_model::NewModel =
         toml::from_str(NEW_MODEL.trim_start_matches("[new_model]\n")).unwrap();
     let stage = |name: &str, data: Option<PathBuf>| StageConfig {
-        name: name.into(),
-        steps: 1,
-        lr: 1e-3,
         data,
-        frozen: None,
-        lr_scale: None,
-        image_folder: None,
-        batch_size: None,
-        grad_accum: None,
         warmup: Some(0),
-        min_lr_ratio: None,
-        weight_decay: None,
-        betas: None,
-        max_grad_norm: None,
-        checkpoint_every: None,
+        ..plain_stage(name, 1, 1e-3)
     };
     let tokens_of_the_word = |stages: Vec<StageConfig>| {
         let out = tempfile::tempdir().unwrap();
@@ -633,21 +642,10 @@ fn stages_chain_and_resume_across_the_boundary() {
     let data = tempfile::tempdir().unwrap();
     export(data.path(), 4);
     let stage = |name: &str, steps: u64, lr: f64, frozen: &[&str]| StageConfig {
-        name: name.into(),
-        steps,
-        lr,
         frozen: Some(frozen.iter().map(|s| s.to_string()).collect()),
-        lr_scale: None,
-        data: None,
-        image_folder: None,
-        batch_size: None,
-        grad_accum: None,
         warmup: Some(0),
-        min_lr_ratio: None,
-        weight_decay: None,
-        betas: None,
-        max_grad_norm: None,
         checkpoint_every: Some(2),
+        ..plain_stage(name, steps, lr)
     };
     let staged = |out: &Path| {
         let mut c = config(data.path(), out);
