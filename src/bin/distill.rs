@@ -42,8 +42,8 @@ enum Command {
     /// and either `model` (a LLaVA checkpoint folder to start from) or a `[new_model]` table (a
     /// shape to train from scratch: the tokenizer is trained on `data` and every stage's data, and
     /// the model created in OUTPUT/base). Optional: `seed`, `batch_size`, `grad_accum`, `warmup`,
-    /// `min_lr_ratio`, `weight_decay`, `betas` (AdamW's, default [0.9, 0.999]), `max_grad_norm`, `frozen` (e.g. ["vision"]), `lr_scale`
-    /// (e.g. { vision = 2.0 }), `checkpoint_every`,
+    /// `min_lr_ratio`, `weight_decay`, `betas` (AdamW's, default [0.9, 0.999]), `max_grad_norm`,
+    /// `frozen` (e.g. ["vision"]), `lr_scale` (e.g. { vision = 2.0 }), `checkpoint_every`,
     /// `max_len`. `[[stage]]` tables (each with `name`, `steps`, `lr` and any overrides, e.g.
     /// `frozen`) run LLaVA-style stages in order, each into OUTPUT/stageN-NAME from the previous
     /// stage's final checkpoint. Relative paths are relative to the config file.

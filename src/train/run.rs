@@ -453,9 +453,13 @@ impl TrainConfig {
                 }
             })
             .collect();
-        Ok(AdamW::new(self.lr, groups)?
-            .with_hyper((self.betas[0], self.betas[1]), 1e-8)
-            .with_schedule(Schedule::new(self.warmup, self.steps, self.min_lr_ratio)?))
+        let mut opt = AdamW::new(self.lr, groups)?.with_schedule(Schedule::new(
+            self.warmup,
+            self.steps,
+            self.min_lr_ratio,
+        )?);
+        opt.betas = (self.betas[0], self.betas[1]);
+        Ok(opt)
     }
 }
 
