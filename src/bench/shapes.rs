@@ -697,6 +697,46 @@ impl Scene {
         text
     }
 
+    /// What each patch of the `(image_size / patch_size)²` grid (row-major) shows: the shape
+    /// owning the most of its pixels in the rendered image (later objects paint over earlier
+    /// ones) when that is at least an eighth of the patch, else `None` (background, clutter, a
+    /// sign). Dense supervision for vision pretraining ([`crate::train::vision_pretrain`]).
+    /// Pixels past the last whole patch are ignored.
+    pub fn patch_labels(
+        &self,
+        image_size: u32,
+        patch_size: u32,
+    ) -> Vec<Option<(Shape, Color, Size)>> {
+        if patch_size == 0 {
+            return Vec::new();
+        }
+        let (size, g) = (image_size as usize, (image_size / patch_size) as usize);
+        let mut owner = vec![usize::MAX; size * size];
+        for (i, o) in self.objects.iter().enumerate() {
+            o.for_each_pixel(image_size, |x, y| owner[y as usize * size + x as usize] = i);
+        }
+        let ps = patch_size as usize;
+        (0..g * g)
+            .map(|cell| {
+                let (py, px) = (cell / g, cell % g);
+                let mut counts: HashMap<usize, usize> = HashMap::new();
+                for y in py * ps..(py + 1) * ps {
+                    for &o in &owner[y * size + px * ps..y * size + (px + 1) * ps] {
+                        if o != usize::MAX {
+                            *counts.entry(o).or_default() += 1;
+                        }
+                    }
+                }
+                let (o, n) = counts
+                    .into_iter()
+                    .max_by_key(|&(o, n)| (n, usize::MAX - o))?;
+                (n * 8 >= ps * ps)
+                    .then(|| self.objects[o].shape())
+                    .flatten()
+            })
+            .collect()
+    }
+
     /// Index of the sign, if any.
     pub fn sign(&self) -> Option<usize> {
         self.objects.iter().position(|o| o.sign_text().is_some())

@@ -17,6 +17,7 @@ use fineprune::bench::shapes::{
 };
 use fineprune::bench::sweep::{self, SweepConfig, SweepOptions};
 use fineprune::train::run::{TrainConfig, TrainOptions, train_stages};
+use fineprune::train::vision_pretrain::{PretrainConfig, pretrain_vision};
 use fineprune::{Engine, Error, Model};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -101,6 +102,51 @@ enum Command {
         /// instead of one.
         #[arg(long)]
         all_families: bool,
+    },
+    /// Pretrain a from-scratch model's vision tower on ShapesVQA's per-patch labels (shape, colour
+    /// and size class of the object each patch shows), the stand-in for the CLIP pretraining a
+    /// real LLaVA starts from; writes the model to OUT with the projector and language model
+    /// unchanged, plus losses.csv and vision_pretrain.json (held-out per-patch accuracy before
+    /// and after). Start `distill train` from OUT (`model = "OUT"`).
+    PretrainVision {
+        /// LLaVA checkpoint folder (e.g. the OUTPUT/base a `[new_model]` run creates; `distill
+        /// train --stop-after 0` creates it and stops).
+        #[arg(long)]
+        model: PathBuf,
+        /// Output checkpoint folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// ShapesVQA settings of the scenes (default: the model's shapes_config.json, else the
+        /// generator's defaults).
+        #[arg(long, value_name = "FILE.json")]
+        shapes_config: Option<PathBuf>,
+        /// Optimizer steps.
+        #[arg(long, default_value_t = 1000)]
+        steps: u64,
+        /// Images per step.
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        /// Peak learning rate (AdamW; linear warm-up, then cosine to 0).
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// Warm-up steps.
+        #[arg(long, default_value_t = 50)]
+        warmup: u64,
+        /// Decoupled weight decay of weight matrices.
+        #[arg(long, default_value_t = 0.05)]
+        weight_decay: f64,
+        /// Seed of the scenes, their order and the head.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Distinct training scenes.
+        #[arg(long, default_value_t = 20000)]
+        scenes: usize,
+        /// Held-out scenes for the accuracy report.
+        #[arg(long, default_value_t = 200)]
+        eval_scenes: usize,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
     },
     /// Accuracy on ShapesVQA's test split, overall and per question family (greedy decoding,
     /// exact match; existence questions read yes/no as POPE does). Uses the model's
@@ -343,6 +389,62 @@ fn main() -> ExitCode {
                 describe,
             },
         })),
+        Command::PretrainVision {
+            model,
+            out,
+            shapes_config,
+            steps,
+            batch_size,
+            lr,
+            warmup,
+            weight_decay,
+            seed,
+            scenes,
+            eval_scenes,
+            quiet,
+        } => finish((|| {
+            let shapes = match &shapes_config {
+                Some(p) => ShapesConfig::from_file(p)?,
+                None => ShapesConfig::for_model(&model)?,
+            };
+            let cfg = PretrainConfig {
+                steps,
+                batch_size,
+                lr,
+                warmup,
+                weight_decay,
+                seed,
+                scenes,
+                eval_scenes,
+                shapes,
+            };
+            let bar = if quiet {
+                ProgressBar::hidden()
+            } else {
+                ProgressBar::new(steps)
+            };
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            let s = pretrain_vision(&model, &out, &cfg, &|step, loss| {
+                bar.set_position(step);
+                bar.set_message(format!("loss {loss:.4}"));
+            })?;
+            bar.finish_and_clear();
+            println!("held-out patch accuracy (patches showing a shape):");
+            for (name, a) in [("before", s.before), ("after", s.after)] {
+                println!(
+                    "  {name:6}  shape {:.3}  color {:.3}  size {:.3}  ({} patches)",
+                    a.shape, a.color, a.size, a.patches
+                );
+            }
+            println!("model: {}", out.display());
+            Ok(())
+        })()),
         Command::Eval {
             model,
             n,

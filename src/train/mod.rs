@@ -11,6 +11,7 @@
 //! - [`model`]: LLaVA with f32 parameters, training forward with caches and the full backward.
 //! - [`new_model`]: the shape of a model trained from scratch, and its creation (tokenizer, config, init).
 //! - [`checkpoint`]: writes a model as a transformers 5.x-loadable checkpoint directory.
+//! - [`vision_pretrain`]: pretrains a from-scratch vision tower on ShapesVQA's per-patch labels.
 //! - [`run`]: the training loop behind `distill train`: TOML config, losses, resumable checkpoints.
 
 pub mod checkpoint;
@@ -20,3 +21,4 @@ pub mod new_model;
 pub mod optim;
 pub mod run;
 pub mod tokenizer_train;
+pub mod vision_pretrain;

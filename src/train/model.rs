@@ -685,6 +685,8 @@ pub struct TrainModel {
     feature_layers: Vec<usize>,
     inv_freq: Vec<f32>,
     cache: Option<Cache>,
+    /// Activations of the last [`TrainModel::vision_forward`] and its image count.
+    vision_cache: Option<(VisionCache, usize)>,
 }
 
 impl TrainModel {
@@ -822,6 +824,7 @@ impl TrainModel {
             lm_head,
             feature_layers,
             cache: None,
+            vision_cache: None,
         })
     }
 
@@ -845,25 +848,14 @@ impl TrainModel {
     /// sequence with `ignore_index = -100`; keeps the activations for [`TrainModel::backward`].
     pub fn forward(&mut self, batch: &[TrainSeq]) -> Result<f32> {
         self.cache = None;
+        self.vision_cache = None;
         let c = &self.config;
         let p = &self.params;
-        let (vh, th, vocab) = (c.vision.hidden_size, c.text.hidden_size, c.text.vocab_size);
+        let (th, vocab) = (c.text.hidden_size, c.text.vocab_size);
         let ntok = c.image_tokens();
-        let skip = usize::from(c.select_strategy == SelectStrategy::Default);
         // Vision tower (all images at once) and feature selection.
-        let nl = self.feature_layers.len();
-        let vt = c.vision.grid() * c.vision.grid() + 1;
-        let mut feats = Vec::with_capacity(batch.len() * ntok * vh * nl);
         let pixels: Vec<&[f32]> = batch.iter().map(|s| s.pixel_values.as_slice()).collect();
-        let (states, vision) = self.vision.forward(p, c, &pixels)?;
-        for i in 0..batch.len() {
-            for t in skip..skip + ntok {
-                let r = i * vt + t;
-                for &l in &self.feature_layers {
-                    feats.extend_from_slice(&states[l][r * vh..(r + 1) * vh]);
-                }
-            }
-        }
+        let (feats, vision) = self.features_forward(&pixels)?;
         // Projector.
         let h1 = self.linear_1.forward(p, &feats);
         let mut g = h1.clone();
@@ -952,7 +944,7 @@ impl TrainModel {
             .ok_or_else(|| Error::arg("backward", "no forward pass to differentiate"))?;
         let c = &self.config;
         let p = &mut self.params;
-        let (vh, th, vocab) = (c.vision.hidden_size, c.text.hidden_size, c.text.vocab_size);
+        let (th, vocab) = (c.text.hidden_size, c.text.vocab_size);
         let head = self.lm_head.unwrap_or(self.embed_tokens);
         let dxn = Lin {
             w: head,
@@ -993,7 +985,73 @@ impl TrainModel {
         let dg = self.linear_2.backward(p, &cache.g, &dimg)?;
         let dh1 = act::gelu_backward(&cache.h1, &dg);
         let dfeats = self.linear_1.backward(p, &cache.feats, &dh1)?;
-        // Vision tower.
+        self.features_backward(&cache.vision, cache.lens.len(), &dfeats)
+    }
+
+    /// The vision tower's selected features of a batch of images (the projector's input):
+    /// `[images * image_tokens, vision_hidden * feature_layers]`, the images' rows one after
+    /// another. For objectives on the vision tower alone (see [`super::vision_pretrain`]);
+    /// [`TrainModel::vision_backward`] differentiates the last call.
+    pub fn vision_forward(&mut self, pixels: &[&[f32]]) -> Result<Vec<f32>> {
+        self.cache = None;
+        let (feats, vision) = self.features_forward(pixels)?;
+        self.vision_cache = Some((vision, pixels.len()));
+        Ok(feats)
+    }
+
+    /// Accumulates into the vision parameters' `grad` the gradient reaching the features of the
+    /// last [`TrainModel::vision_forward`] (`dfeats`, same layout). Consumes its activations.
+    pub fn vision_backward(&mut self, dfeats: &[f32]) -> Result<()> {
+        let (cache, images) = self
+            .vision_cache
+            .take()
+            .ok_or_else(|| Error::arg("vision_backward", "no vision forward to differentiate"))?;
+        let want = images * self.config.image_tokens() * self.feature_width();
+        if dfeats.len() != want {
+            return Err(Error::Shape {
+                name: "vision feature gradient".into(),
+                expected: vec![want],
+                got: vec![dfeats.len()],
+            });
+        }
+        self.features_backward(&cache, images, dfeats)
+    }
+
+    /// Width of one image token's selected features (`vision_hidden * feature_layers`).
+    pub fn feature_width(&self) -> usize {
+        self.config.vision.hidden_size * self.feature_layers.len()
+    }
+
+    /// Vision tower and feature selection (LLaVA's `vision_feature_layer` and
+    /// `vision_feature_select_strategy`).
+    fn features_forward(&self, pixels: &[&[f32]]) -> Result<(Vec<f32>, VisionCache)> {
+        let c = &self.config;
+        let vh = c.vision.hidden_size;
+        let ntok = c.image_tokens();
+        let skip = usize::from(c.select_strategy == SelectStrategy::Default);
+        let vt = c.vision.grid() * c.vision.grid() + 1;
+        let (states, vision) = self.vision.forward(&self.params, c, pixels)?;
+        let mut feats = Vec::with_capacity(pixels.len() * ntok * self.feature_width());
+        for i in 0..pixels.len() {
+            for t in skip..skip + ntok {
+                let r = i * vt + t;
+                for &l in &self.feature_layers {
+                    feats.extend_from_slice(&states[l][r * vh..(r + 1) * vh]);
+                }
+            }
+        }
+        Ok((feats, vision))
+    }
+
+    /// Backward of [`TrainModel::features_forward`]; a no-op when the vision tower is frozen.
+    fn features_backward(
+        &mut self,
+        cache: &VisionCache,
+        images: usize,
+        dfeats: &[f32],
+    ) -> Result<()> {
+        let p = &mut self.params;
+        let c = &self.config;
         let vision_frozen = p
             .iter()
             .filter(|q| q.group.starts_with("vision"))
@@ -1001,11 +1059,11 @@ impl TrainModel {
         if vision_frozen {
             return Ok(());
         }
+        let vh = c.vision.hidden_size;
         let ntok = c.image_tokens();
         let tokens = c.vision.grid() * c.vision.grid() + 1;
         let skip = usize::from(c.select_strategy == SelectStrategy::Default);
         let nl = self.feature_layers.len();
-        let images = cache.lens.len();
         let mut dstates = vec![vec![0.0f32; images * tokens * vh]; self.vision.layers.len() + 1];
         for i in 0..images {
             for t in 0..ntok {
@@ -1019,6 +1077,6 @@ impl TrainModel {
                 }
             }
         }
-        self.vision.backward(p, c, &cache.vision, &dstates)
+        self.vision.backward(p, c, cache, &dstates)
     }
 }

@@ -1,0 +1,250 @@
+//! Vision pretraining (`distill pretrain-vision`): the per-patch labels on a hand-built scene, the
+//! gradient of the patch loss against finite differences, and a short run that lowers the loss,
+//! moves only the vision tower and writes a checkpoint our engine loads.
+
+mod common;
+
+use common::reference_dir;
+use fineprune::Model;
+use fineprune::bench::shapes::{
+    Background, Color, Object, ObjectKind, Scene, Shape, ShapesConfig, Size, Texture,
+};
+use fineprune::train::model::TrainModel;
+use fineprune::train::optim::zero_grads;
+use fineprune::train::vision_pretrain::{
+    CLASSES, PretrainConfig, new_head, patch_loss, pretrain_vision,
+};
+
+fn square(color: Color, size: Size, (x0, x1): (f32, f32), (y0, y1): (f32, f32)) -> Object {
+    Object {
+        kind: ObjectKind::Shape {
+            shape: Shape::Square,
+            color,
+            size,
+        },
+        cx: (x0 + x1) / 2.0,
+        cy: (y0 + y1) / 2.0,
+        hw: (x1 - x0) / 2.0,
+        hh: (y1 - y0) / 2.0,
+    }
+}
+
+/// 40 px, patch 10 (a 4x4 grid). Pixel centres sit at (k + 0.5) / 40, so the boxes below own:
+/// blue 100 px of patch (1,1) of which green, drawn later, paints 60 (rows 10..16); red 30 px of
+/// patch (0,3) (3 rows, at least an eighth of 100); yellow 10 px of patch (3,0) (one row, less).
+#[test]
+fn patch_labels_follow_the_painted_pixels() {
+    let scene = Scene {
+        background: Background {
+            color: [240, 240, 240],
+            texture: Texture::Plain,
+        },
+        clutter: vec![],
+        objects: vec![
+            square(Color::Blue, Size::Large, (0.25, 0.5), (0.25, 0.5)),
+            square(Color::Green, Size::Medium, (0.25, 0.5), (0.25, 0.4)),
+            square(Color::Red, Size::Small, (0.75, 1.0), (0.0, 0.075)),
+            square(Color::Yellow, Size::Small, (0.0, 0.25), (0.75, 0.775)),
+        ],
+    };
+    let labels = scene.patch_labels(40, 10);
+    let mut want = vec![None; 16];
+    want[5] = Some((Shape::Square, Color::Green, Size::Medium));
+    want[3] = Some((Shape::Square, Color::Red, Size::Small));
+    assert_eq!(labels, want);
+    // Without the green square, blue owns its patch again.
+    let blue_only = Scene {
+        objects: vec![scene.objects[0].clone()],
+        ..scene.clone()
+    };
+    assert_eq!(
+        blue_only.patch_labels(40, 10)[5],
+        Some((Shape::Square, Color::Blue, Size::Large))
+    );
+    assert!(scene.patch_labels(40, 0).is_empty());
+}
+
+fn fixture_batch() -> (TrainModel, Vec<Vec<f32>>, Vec<[i64; 3]>) {
+    let m = TrainModel::from_dir(&reference_dir().join("llava_gqa")).unwrap();
+    let vc = &m.config.vision;
+    let n = 3 * vc.image_size * vc.image_size;
+    let pixels: Vec<Vec<f32>> = (0..2)
+        .map(|i| {
+            (0..n)
+                .map(|k| ((k * 7 + i * 13) % 23) as f32 / 11.0 - 1.0)
+                .collect()
+        })
+        .collect();
+    let rows = 2 * m.config.image_tokens();
+    let labels = (0..rows)
+        .map(|r| [0, 1, 2].map(|t| ((r * (t + 3)) % CLASSES[t]) as i64))
+        .collect();
+    (m, pixels, labels)
+}
+
+/// The loss's gradient with respect to head and vision parameters against central differences
+/// in f32 (step 1e-2 on entries of the largest gradient). Tolerance: 2% of the gradient plus
+/// 1e-3 absolute, the f32 rounding of a loss near 5 divided by the step; a wrong term or index
+/// is off by O(1).
+#[test]
+fn patch_loss_gradient_matches_finite_differences() {
+    let (mut m, pixels, labels) = fixture_batch();
+    let refs: Vec<&[f32]> = pixels.iter().map(|p| p.as_slice()).collect();
+    let mut head = new_head(m.feature_width(), 3);
+    for p in m.params.iter_mut() {
+        if !p.group.starts_with("vision") {
+            p.grad = Vec::new();
+        }
+    }
+    patch_loss(&mut m, &mut head, &refs, &labels, true).unwrap();
+    let h = 1e-2f32;
+    let mut checked = 0;
+    for name in [
+        "head.weight",
+        "head.bias",
+        "model.vision_tower.embeddings.patch_embedding.weight",
+        "model.vision_tower.encoder.layers.0.self_attn.q_proj.weight",
+        "model.vision_tower.encoder.layers.1.mlp.fc2.weight",
+        "model.vision_tower.pre_layrnorm.weight",
+    ] {
+        let in_head = name.starts_with("head");
+        let (grad, idx) = {
+            let p = if in_head {
+                head.iter().find(|p| p.name == name)
+            } else {
+                m.param(name)
+            }
+            .unwrap_or_else(|| panic!("no parameter {name}"));
+            let i = (0..p.grad.len())
+                .max_by(|&a, &b| p.grad[a].abs().total_cmp(&p.grad[b].abs()))
+                .unwrap();
+            (p.grad[i], i)
+        };
+        let at =
+            |delta: f32, m: &mut TrainModel, head: &mut Vec<fineprune::train::optim::Param>| {
+                let value = if in_head {
+                    &mut head.iter_mut().find(|p| p.name == name).unwrap().value
+                } else {
+                    &mut m.params.iter_mut().find(|p| p.name == name).unwrap().value
+                };
+                value[idx] += delta;
+            };
+        at(h, &mut m, &mut head);
+        let up = patch_loss(&mut m, &mut head, &refs, &labels, false).unwrap();
+        at(-2.0 * h, &mut m, &mut head);
+        let down = patch_loss(&mut m, &mut head, &refs, &labels, false).unwrap();
+        at(h, &mut m, &mut head);
+        let fd = (up - down) / (2.0 * h);
+        println!("{name}[{idx}]: analytic {grad:e} finite difference {fd:e}");
+        assert!(
+            grad.abs() > 1e-4,
+            "{name}: gradient {grad} too small to test"
+        );
+        assert!(
+            (fd - grad).abs() <= 0.02 * grad.abs() + 1e-3,
+            "{name}[{idx}]: analytic {grad} vs finite difference {fd}"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 6);
+    zero_grads(&mut head);
+}
+
+#[test]
+fn a_short_run_lowers_the_loss_and_moves_only_the_vision_tower() {
+    let src = reference_dir().join("llava_gqa");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("pretrained");
+    let cfg = PretrainConfig {
+        steps: 40,
+        batch_size: 8,
+        lr: 3e-3,
+        warmup: 5,
+        weight_decay: 0.0,
+        seed: 1,
+        scenes: 64,
+        eval_scenes: 16,
+        shapes: ShapesConfig {
+            clutter: false,
+            textures: false,
+            sign_prob: 0.0,
+            max_objects: 3,
+            ..ShapesConfig::default()
+        },
+    };
+    let s = pretrain_vision(&src, &out, &cfg, &|_, _| {}).unwrap();
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    let (first, last) = (mean(&s.losses[..5]), mean(&s.losses[35..]));
+    println!(
+        "loss {first} -> {last}; held-out {:?} -> {:?}",
+        s.before, s.after
+    );
+    assert!(last < 0.8 * first, "loss {first} -> {last}");
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "losses.csv",
+        "vision_pretrain.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let before = TrainModel::from_dir(&src).unwrap();
+    let after = TrainModel::from_dir(&out).unwrap();
+    let mut moved = 0;
+    for (a, b) in before.params.iter().zip(&after.params) {
+        assert_eq!(a.name, b.name);
+        if a.group.starts_with("vision") {
+            moved += usize::from(a.value != b.value);
+        } else {
+            assert_eq!(a.value, b.value, "{} changed", a.name);
+        }
+    }
+    assert!(moved > 10, "only {moved} vision tensors moved");
+    Model::load(&out).unwrap();
+}
+
+#[test]
+fn bad_settings_are_refused_before_training() {
+    let src = reference_dir().join("llava_gqa");
+    let tmp = tempfile::tempdir().unwrap();
+    let base = PretrainConfig {
+        steps: 1,
+        batch_size: 1,
+        lr: 1e-3,
+        warmup: 0,
+        weight_decay: 0.0,
+        seed: 0,
+        scenes: 1,
+        eval_scenes: 1,
+        shapes: ShapesConfig::default(),
+    };
+    for (cfg, needle) in [
+        (
+            PretrainConfig {
+                steps: 0,
+                ..base.clone()
+            },
+            "at least 1",
+        ),
+        (
+            PretrainConfig {
+                lr: f64::NAN,
+                ..base.clone()
+            },
+            "lr",
+        ),
+    ] {
+        let e = pretrain_vision(&src, &tmp.path().join("o"), &cfg, &|_, _| {}).unwrap_err();
+        assert!(e.to_string().contains(needle), "{e}");
+    }
+    let e = pretrain_vision(
+        &tmp.path().join("missing"),
+        &tmp.path().join("o"),
+        &base,
+        &|_, _| {},
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("missing"), "{e}");
+    assert!(!tmp.path().join("o").exists());
+}
