@@ -1,5 +1,5 @@
-//! Vision pretraining (`distill pretrain-vision`): the per-patch labels on a hand-built scene, the
-//! gradient of the patch loss against finite differences, and a short run that lowers the loss,
+//! Vision pretraining (`distill pretrain-vision`): where each shape lies on the patch grid of a
+//! hand-built scene, the gradient of the pooled-shape loss against finite differences, and a short run that lowers the loss,
 //! moves only the vision tower and writes a checkpoint our engine loads.
 
 mod common;
@@ -12,7 +12,7 @@ use fineprune::bench::shapes::{
 use fineprune::train::model::TrainModel;
 use fineprune::train::optim::zero_grads;
 use fineprune::train::vision_pretrain::{
-    CLASSES, PretrainConfig, new_head, patch_loss, pretrain_vision,
+    PretrainConfig, ShapeTarget, new_head, pretrain_vision, shape_loss,
 };
 
 fn square(color: Color, size: Size, (x0, x1): (f32, f32), (y0, y1): (f32, f32)) -> Object {
@@ -29,11 +29,12 @@ fn square(color: Color, size: Size, (x0, x1): (f32, f32), (y0, y1): (f32, f32)) 
     }
 }
 
-/// 40 px, patch 10 (a 4x4 grid). Pixel centres sit at (k + 0.5) / 40, so the boxes below own:
-/// blue 100 px of patch (1,1) of which green, drawn later, paints 60 (rows 10..16); red 30 px of
-/// patch (0,3) (3 rows, at least an eighth of 100); yellow 10 px of patch (3,0) (one row, less).
+/// 40 px, patch 10 (a 4x4 grid). Pixel centres sit at (k + 0.5) / 40, so the boxes below paint:
+/// blue all 100 px of patch (1,1), of which green, drawn later, takes rows 10..16 (60 px); red 3
+/// rows of 10 px, the left 5 columns in patch (0,2) and the right 5 in (0,3); the sign is not a
+/// shape; the last square lies wholly under red.
 #[test]
-fn patch_labels_follow_the_painted_pixels() {
+fn shape_patches_follow_the_painted_pixels() {
     let scene = Scene {
         background: Background {
             color: [240, 240, 240],
@@ -42,29 +43,27 @@ fn patch_labels_follow_the_painted_pixels() {
         clutter: vec![],
         objects: vec![
             square(Color::Blue, Size::Large, (0.25, 0.5), (0.25, 0.5)),
+            square(Color::Gray, Size::Small, (0.625, 0.75), (0.0, 0.05)),
             square(Color::Green, Size::Medium, (0.25, 0.5), (0.25, 0.4)),
-            square(Color::Red, Size::Small, (0.75, 1.0), (0.0, 0.075)),
-            square(Color::Yellow, Size::Small, (0.0, 0.25), (0.75, 0.775)),
+            square(Color::Red, Size::Small, (0.625, 0.875), (0.0, 0.075)),
+            Object::sign("A", 0.02, 0.2, 0.85),
         ],
     };
-    let labels = scene.patch_labels(40, 10);
-    let mut want = vec![None; 16];
-    want[5] = Some((Shape::Square, Color::Green, Size::Medium));
-    want[3] = Some((Shape::Square, Color::Red, Size::Small));
-    assert_eq!(labels, want);
-    // Without the green square, blue owns its patch again.
-    let blue_only = Scene {
-        objects: vec![scene.objects[0].clone()],
-        ..scene.clone()
-    };
-    assert_eq!(
-        blue_only.patch_labels(40, 10)[5],
-        Some((Shape::Square, Color::Blue, Size::Large))
-    );
-    assert!(scene.patch_labels(40, 0).is_empty());
+    let got = scene.shape_patches(40, 10);
+    let want = [
+        (Color::Blue, Size::Large, vec![(5, 1.0)]),
+        (Color::Green, Size::Medium, vec![(5, 1.0)]),
+        (Color::Red, Size::Small, vec![(2, 0.5), (3, 0.5)]),
+    ];
+    assert_eq!(got.len(), want.len(), "{got:?}");
+    for (g, (color, size, patches)) in got.iter().zip(want) {
+        assert_eq!((g.shape, g.color, g.size), (Shape::Square, color, size));
+        assert_eq!(g.patches, patches, "{color:?}");
+    }
+    assert!(scene.shape_patches(40, 0).is_empty());
 }
 
-fn fixture_batch() -> (TrainModel, Vec<Vec<f32>>, Vec<[i64; 3]>) {
+fn fixture_batch() -> (TrainModel, Vec<Vec<f32>>, Vec<Vec<ShapeTarget>>) {
     let m = TrainModel::from_dir(&reference_dir().join("llava_gqa")).unwrap();
     let vc = &m.config.vision;
     let n = 3 * vc.image_size * vc.image_size;
@@ -75,11 +74,15 @@ fn fixture_batch() -> (TrainModel, Vec<Vec<f32>>, Vec<[i64; 3]>) {
                 .collect()
         })
         .collect();
-    let rows = 2 * m.config.image_tokens();
-    let labels = (0..rows)
-        .map(|r| [0, 1, 2].map(|t| ((r * (t + 3)) % CLASSES[t]) as i64))
-        .collect();
-    (m, pixels, labels)
+    let target = |classes, patches| ShapeTarget { classes, patches };
+    let targets = vec![
+        vec![
+            target([0, 3, 1], vec![(0, 0.25), (1, 0.75)]),
+            target([6, 7, 2], vec![(12, 1.0)]),
+        ],
+        vec![target([2, 0, 0], vec![(7, 0.5), (8, 0.3), (24, 0.2)])],
+    ];
+    (m, pixels, targets)
 }
 
 /// The loss's gradient with respect to head and vision parameters against central differences
@@ -87,8 +90,8 @@ fn fixture_batch() -> (TrainModel, Vec<Vec<f32>>, Vec<[i64; 3]>) {
 /// 1e-3 absolute, the f32 rounding of a loss near 5 divided by the step; a wrong term or index
 /// is off by O(1).
 #[test]
-fn patch_loss_gradient_matches_finite_differences() {
-    let (mut m, pixels, labels) = fixture_batch();
+fn shape_loss_gradient_matches_finite_differences() {
+    let (mut m, pixels, targets) = fixture_batch();
     let refs: Vec<&[f32]> = pixels.iter().map(|p| p.as_slice()).collect();
     let mut head = new_head(m.feature_width(), 3);
     for p in m.params.iter_mut() {
@@ -96,7 +99,7 @@ fn patch_loss_gradient_matches_finite_differences() {
             p.grad = Vec::new();
         }
     }
-    patch_loss(&mut m, &mut head, &refs, &labels, true).unwrap();
+    shape_loss(&mut m, &mut head, &refs, &targets, true).unwrap();
     let h = 1e-2f32;
     let mut checked = 0;
     for name in [
@@ -130,9 +133,9 @@ fn patch_loss_gradient_matches_finite_differences() {
                 value[idx] += delta;
             };
         at(h, &mut m, &mut head);
-        let up = patch_loss(&mut m, &mut head, &refs, &labels, false).unwrap();
+        let up = shape_loss(&mut m, &mut head, &refs, &targets, false).unwrap();
         at(-2.0 * h, &mut m, &mut head);
-        let down = patch_loss(&mut m, &mut head, &refs, &labels, false).unwrap();
+        let down = shape_loss(&mut m, &mut head, &refs, &targets, false).unwrap();
         at(h, &mut m, &mut head);
         let fd = (up - down) / (2.0 * h);
         println!("{name}[{idx}]: analytic {grad:e} finite difference {fd:e}");
@@ -156,7 +159,7 @@ fn a_short_run_lowers_the_loss_and_moves_only_the_vision_tower() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("pretrained");
     let cfg = PretrainConfig {
-        steps: 40,
+        steps: 150,
         batch_size: 8,
         lr: 3e-3,
         warmup: 5,
@@ -174,12 +177,14 @@ fn a_short_run_lowers_the_loss_and_moves_only_the_vision_tower() {
     };
     let s = pretrain_vision(&src, &out, &cfg, &|_, _| {}).unwrap();
     let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
-    let (first, last) = (mean(&s.losses[..5]), mean(&s.losses[35..]));
+    let (first, last) = (mean(&s.losses[..5]), mean(&s.losses[145..]));
     println!(
         "loss {first} -> {last}; held-out {:?} -> {:?}",
         s.before, s.after
     );
-    assert!(last < 0.8 * first, "loss {first} -> {last}");
+    assert!(last < 0.75 * first, "loss {first} -> {last}");
+    // Colour is the quickest attribute to learn: far above chance (1/8) on held-out shapes.
+    assert!(s.after.color >= 0.5, "held-out colour accuracy {}", s.after.color);
     for f in [
         "model.safetensors",
         "config.json",

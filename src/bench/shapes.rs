@@ -69,7 +69,7 @@ use rand::{RngExt, SeedableRng};
 use rayon::prelude::*;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 
@@ -634,6 +634,16 @@ impl Clutter {
     }
 }
 
+/// A shape and the patches it is painted on ([`Scene::shape_patches`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShapePatches {
+    pub shape: Shape,
+    pub color: Color,
+    pub size: Size,
+    /// `(patch index, fraction of the shape's pixels in that patch)`, by patch index.
+    pub patches: Vec<(usize, f32)>,
+}
+
 /// A synthetic scene in normalised coordinates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Scene {
@@ -697,16 +707,12 @@ impl Scene {
         text
     }
 
-    /// What each patch of the `(image_size / patch_size)²` grid (row-major) shows: the shape
-    /// owning the most of its pixels in the rendered image (later objects paint over earlier
-    /// ones) when that is at least an eighth of the patch, else `None` (background, clutter, a
-    /// sign). Dense supervision for vision pretraining ([`crate::train::vision_pretrain`]).
+    /// Where each shape lies on the `(image_size / patch_size)²` patch grid (row-major): for
+    /// every shape with pixels in the rendered image (later objects paint over earlier ones), the
+    /// patches holding them and the fraction of its pixels each holds (summing to 1), in object
+    /// order. Dense supervision for vision pretraining ([`crate::train::vision_pretrain`]).
     /// Pixels past the last whole patch are ignored.
-    pub fn patch_labels(
-        &self,
-        image_size: u32,
-        patch_size: u32,
-    ) -> Vec<Option<(Shape, Color, Size)>> {
+    pub fn shape_patches(&self, image_size: u32, patch_size: u32) -> Vec<ShapePatches> {
         if patch_size == 0 {
             return Vec::new();
         }
@@ -716,23 +722,28 @@ impl Scene {
             o.for_each_pixel(image_size, |x, y| owner[y as usize * size + x as usize] = i);
         }
         let ps = patch_size as usize;
-        (0..g * g)
-            .map(|cell| {
-                let (py, px) = (cell / g, cell % g);
-                let mut counts: HashMap<usize, usize> = HashMap::new();
-                for y in py * ps..(py + 1) * ps {
-                    for &o in &owner[y * size + px * ps..y * size + (px + 1) * ps] {
-                        if o != usize::MAX {
-                            *counts.entry(o).or_default() += 1;
-                        }
-                    }
-                }
-                let (o, n) = counts
-                    .into_iter()
-                    .max_by_key(|&(o, n)| (n, usize::MAX - o))?;
-                (n * 8 >= ps * ps)
-                    .then(|| self.objects[o].shape())
-                    .flatten()
+        let mut counts: Vec<BTreeMap<usize, usize>> = vec![BTreeMap::new(); self.objects.len()];
+        for (i, &o) in owner.iter().enumerate() {
+            let (x, y) = (i % size / ps, i / size / ps);
+            if o != usize::MAX && x < g && y < g {
+                *counts[o].entry(y * g + x).or_default() += 1;
+            }
+        }
+        self.objects
+            .iter()
+            .zip(counts)
+            .filter_map(|(o, c)| {
+                let (shape, color, size) = o.shape()?;
+                let total: usize = c.values().sum();
+                (total > 0).then(|| ShapePatches {
+                    shape,
+                    color,
+                    size,
+                    patches: c
+                        .into_iter()
+                        .map(|(p, n)| (p, n as f32 / total as f32))
+                        .collect(),
+                })
             })
             .collect()
     }

@@ -103,11 +103,11 @@ enum Command {
         #[arg(long)]
         all_families: bool,
     },
-    /// Pretrain a from-scratch model's vision tower on ShapesVQA's per-patch labels (shape, colour
-    /// and size class of the object each patch shows), the stand-in for the CLIP pretraining a
-    /// real LLaVA starts from; writes the model to OUT with the projector and language model
-    /// unchanged, plus losses.csv and vision_pretrain.json (held-out per-patch accuracy before
-    /// and after). Start `distill train` from OUT (`model = "OUT"`).
+    /// Pretrain a from-scratch model's vision tower on ShapesVQA's shapes (a linear head predicts
+    /// each shape's kind, colour and size class from its patches' pooled features), the stand-in
+    /// for the CLIP pretraining a real LLaVA starts from; writes the model to OUT with the
+    /// projector and language model unchanged, plus losses.csv and vision_pretrain.json
+    /// (held-out accuracy before and after). Start `distill train` from OUT (`model = "OUT"`).
     PretrainVision {
         /// LLaVA checkpoint folder (e.g. the OUTPUT/base a `[new_model]` run creates; `distill
         /// train --stop-after 0` creates it and stops).
@@ -435,11 +435,11 @@ fn main() -> ExitCode {
                 bar.set_message(format!("loss {loss:.4}"));
             })?;
             bar.finish_and_clear();
-            println!("held-out patch accuracy (patches showing a shape):");
+            println!("held-out accuracy of the head on pooled shape features:");
             for (name, a) in [("before", s.before), ("after", s.after)] {
                 println!(
-                    "  {name:6}  shape {:.3}  color {:.3}  size {:.3}  ({} patches)",
-                    a.shape, a.color, a.size, a.patches
+                    "  {name:6}  shape {:.3}  color {:.3}  size {:.3}  ({} shapes)",
+                    a.shape, a.color, a.size, a.shapes
                 );
             }
             println!("model: {}", out.display());

@@ -3,19 +3,19 @@
 //!
 //! Trained through the language model alone, a from-scratch vision tower learns colour within a
 //! few hundred steps but no shape in thousands: the answer token's gradient reaches the patches
-//! only through attention, one token per question. Here a linear head reads every image token's
-//! selected features (the projector's input) and predicts what its patch shows
-//! ([`Scene::patch_labels`]): shape (7 + none), colour (8 + none) and size class (3 + none). The
-//! loss is the sum of the three cross-entropies, each the mean over every patch of the batch:
+//! only through attention, one token per question. Here every shape of every image is a labelled
+//! example: its patches' selected features (the projector's input) are pooled with the share of
+//! its pixels each patch holds ([`Scene::shape_patches`]), as the language model's attention
+//! pools them, and a linear head predicts shape (7), colour (8) and size class (3) from the pool:
 //!
 //! ```text
-//! L = Σ_task (1/N) Σ_patches (logsumexp(z_task) − z_task[label_task]),  z = W·f + b
+//! f_o = Σ_p w_op · f_p,   z = W·f_o + b,   L = Σ_task (1/O) Σ_o (logsumexp(z_task) − z_task[y_o])
 //! ```
 //!
 //! Only the vision tower (and the head, dropped at export) trains; the projector and language
 //! model are written back unchanged. Scenes come from the ShapesVQA generator (train split,
 //! seeded) and are rendered at the model's resolution and preprocessed as its processor says;
-//! test-split scenes measure per-patch accuracy before and after.
+//! test-split scenes measure per-shape accuracy before and after.
 
 use super::checkpoint::save_checkpoint;
 use super::data::Loader;
@@ -62,14 +62,22 @@ pub struct PretrainConfig {
     pub shapes: ShapesConfig,
 }
 
-/// Per-task accuracy over the patches that show a shape (the "none" patches excluded).
+/// Per-task accuracy over held-out shapes.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct PatchAccuracy {
+pub struct ShapeAccuracy {
     pub shape: f64,
     pub color: f64,
     pub size: f64,
-    /// Patches that show a shape.
-    pub patches: usize,
+    /// Shapes scored.
+    pub shapes: usize,
+}
+
+/// One labelled shape of an image: class indices per task ([`CLASSES`] order) and its patches
+/// with pooling weights (patch indices within the image).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShapeTarget {
+    pub classes: [i64; 3],
+    pub patches: Vec<(usize, f32)>,
 }
 
 /// What a run measured.
@@ -77,26 +85,26 @@ pub struct PatchAccuracy {
 pub struct PretrainSummary {
     /// Held-out accuracy of the freshly initialised head on the input tower (a linear probe
     /// would do better; this is the starting point of the run).
-    pub before: PatchAccuracy,
+    pub before: ShapeAccuracy,
     /// Held-out accuracy after training.
-    pub after: PatchAccuracy,
+    pub after: ShapeAccuracy,
     /// Loss of every step.
     pub losses: Vec<f32>,
 }
 
-/// The labels of one scene's patches as class indices per task.
-fn targets(scene: &Scene, image_size: u32, patch_size: u32) -> PatchTargets {
-    let idx = |v: usize| v as i64;
+/// The labelled shapes of one scene.
+pub fn targets(scene: &Scene, image_size: u32, patch_size: u32) -> Vec<ShapeTarget> {
+    let idx = |i: Option<usize>| i.unwrap_or(0) as i64;
     scene
-        .patch_labels(image_size, patch_size)
+        .shape_patches(image_size, patch_size)
         .into_iter()
-        .map(|l| match l {
-            Some((s, c, z)) => [
-                idx(Shape::ALL.iter().position(|&x| x == s).unwrap_or(0)),
-                idx(Color::ALL.iter().position(|&x| x == c).unwrap_or(0)),
-                idx(Size::ALL.iter().position(|&x| x == z).unwrap_or(0)),
+        .map(|o| ShapeTarget {
+            classes: [
+                idx(Shape::ALL.iter().position(|&x| x == o.shape)),
+                idx(Color::ALL.iter().position(|&x| x == o.color)),
+                idx(Size::ALL.iter().position(|&x| x == o.size)),
             ],
-            None => [0, 1, 2].map(|t| idx(CLASSES[t] - 1)),
+            patches: o.patches,
         })
         .collect()
 }
@@ -146,27 +154,55 @@ fn head_logits(head: &[Param], feats: &[f32], width: usize) -> Vec<f32> {
     z
 }
 
-/// Runs the batch and returns its loss; with `backward`, accumulates its gradient into the head's
-/// and the vision tower's `grad`. `labels` holds one row per image token, image after image.
-pub fn patch_loss(
+/// Pooled features `[shapes, width]` of every image's shapes, in order.
+fn pool(feats: &[f32], width: usize, tokens: usize, targets: &[Vec<ShapeTarget>]) -> Vec<f32> {
+    let mut pooled = Vec::new();
+    for (i, shapes) in targets.iter().enumerate() {
+        for t in shapes {
+            let mut f = vec![0.0f32; width];
+            for &(p, w) in &t.patches {
+                let row = &feats[(i * tokens + p) * width..(i * tokens + p + 1) * width];
+                f.iter_mut().zip(row).for_each(|(a, &x)| *a += w * x);
+            }
+            pooled.extend(f);
+        }
+    }
+    pooled
+}
+
+/// Runs the batch (`targets[i]`: the shapes of image `i`) and returns its loss; with
+/// `backward`, accumulates its gradient into the head's and the vision tower's `grad`.
+pub fn shape_loss(
     model: &mut TrainModel,
     head: &mut [Param],
     pixels: &[&[f32]],
-    labels: &[[i64; 3]],
+    targets: &[Vec<ShapeTarget>],
     backward: bool,
 ) -> Result<f32> {
-    let feats = model.vision_forward(pixels)?;
-    let width = model.feature_width();
-    let rows = feats.len() / width;
-    if labels.len() != rows {
+    let tokens = model.config.image_tokens();
+    if targets.len() != pixels.len() {
         return Err(Error::Shape {
-            name: "patch labels".into(),
-            expected: vec![rows],
-            got: vec![labels.len()],
+            name: "shape targets".into(),
+            expected: vec![pixels.len()],
+            got: vec![targets.len()],
         });
     }
+    if let Some(&(p, _)) = targets
+        .iter()
+        .flatten()
+        .flat_map(|t| &t.patches)
+        .find(|(p, _)| *p >= tokens)
+    {
+        return Err(Error::arg(
+            "shape targets",
+            format!("patch {p} is outside the {tokens} image tokens"),
+        ));
+    }
+    let feats = model.vision_forward(pixels)?;
+    let width = model.feature_width();
+    let pooled = pool(&feats, width, tokens, targets);
     let out: usize = CLASSES.iter().sum();
-    let z = head_logits(head, &feats, width);
+    let z = head_logits(head, &pooled, width);
     let mut dz = vec![0.0f32; z.len()];
     let mut loss = 0.0;
     let mut off = 0;
@@ -175,7 +211,7 @@ pub fn patch_loss(
             .chunks(out)
             .flat_map(|r| r[off..off + k].to_vec())
             .collect();
-        let yt: Vec<i64> = labels.iter().map(|l| l[t]).collect();
+        let yt: Vec<i64> = targets.iter().flatten().map(|s| s.classes[t]).collect();
         let (l, g) = cross_entropy(&zt, k, &yt, -100)?;
         loss += l;
         for (dr, gr) in dz.chunks_mut(out).zip(g.chunks(k)) {
@@ -188,62 +224,68 @@ pub fn patch_loss(
             std::mem::take(&mut head[0].grad),
             std::mem::take(&mut head[1].grad),
         );
-        let dfeats = linear_backward(&feats, &head[0].value, width, &dz, &mut dw, Some(&mut db));
+        let dpooled = linear_backward(&pooled, &head[0].value, width, &dz, &mut dw, Some(&mut db));
         head[0].grad = dw;
         head[1].grad = db;
-        model.vision_backward(&dfeats?)?;
+        let dpooled = dpooled?;
+        let mut dfeats = vec![0.0f32; feats.len()];
+        let mut rows = dpooled.chunks(width);
+        for (i, shapes) in targets.iter().enumerate() {
+            for (t, d) in shapes.iter().zip(&mut rows) {
+                for &(p, w) in &t.patches {
+                    let row = &mut dfeats[(i * tokens + p) * width..(i * tokens + p + 1) * width];
+                    row.iter_mut().zip(d).for_each(|(a, &g)| *a += w * g);
+                }
+            }
+        }
+        model.vision_backward(&dfeats)?;
     }
     Ok(loss)
 }
 
-/// Held-out per-task accuracy on the patches that show a shape.
+/// Held-out per-task accuracy over every shape.
 fn accuracy(
     model: &mut TrainModel,
     head: &[Param],
     pixels: &[Vec<f32>],
-    labels: &[PatchTargets],
-) -> Result<PatchAccuracy> {
+    targets: &[Vec<ShapeTarget>],
+) -> Result<ShapeAccuracy> {
     let out: usize = CLASSES.iter().sum();
     let width = model.feature_width();
+    let tokens = model.config.image_tokens();
     let (mut right, mut n) = ([0usize; 3], 0usize);
-    for (px, lab) in pixels.chunks(16).zip(labels.chunks(16)) {
+    for (px, tg) in pixels.chunks(16).zip(targets.chunks(16)) {
         let refs: Vec<&[f32]> = px.iter().map(|p| p.as_slice()).collect();
         let feats = model.vision_forward(&refs)?;
-        let z = head_logits(head, &feats, width);
-        for (row, l) in z.chunks(out).zip(lab.iter().flatten()) {
-            if l[0] == CLASSES[0] as i64 - 1 {
-                continue;
-            }
+        let z = head_logits(head, &pool(&feats, width, tokens, tg), width);
+        for (row, t) in z.chunks(out).zip(tg.iter().flatten()) {
             n += 1;
             let mut off = 0;
-            for (t, &k) in CLASSES.iter().enumerate() {
+            for (task, &k) in CLASSES.iter().enumerate() {
                 let zt = &row[off..off + k];
                 let best = (0..k).max_by(|&a, &b| zt[a].total_cmp(&zt[b])).unwrap_or(0);
-                right[t] += usize::from(best as i64 == l[t]);
+                right[task] += usize::from(best as i64 == t.classes[task]);
                 off += k;
             }
         }
     }
     let frac = |r: usize| if n == 0 { 0.0 } else { r as f64 / n as f64 };
-    Ok(PatchAccuracy {
+    Ok(ShapeAccuracy {
         shape: frac(right[0]),
         color: frac(right[1]),
         size: frac(right[2]),
-        patches: n,
+        shapes: n,
     })
 }
 
-/// Class indices per task ([`CLASSES`] order) of every patch of one image.
-type PatchTargets = Vec<[i64; 3]>;
-
-/// Pixel values and patch labels of scenes, rendered and preprocessed in parallel.
+/// Pixel values and labelled shapes of scenes, rendered and preprocessed in parallel.
 fn render(
     scenes: &[&Scene],
     proc: &ImageProcessorConfig,
     image_size: u32,
     patch_size: u32,
-) -> Result<(Vec<Vec<f32>>, Vec<PatchTargets>)> {
-    let done: Vec<Result<(Vec<f32>, PatchTargets)>> = scenes
+) -> Result<(Vec<Vec<f32>>, Vec<Vec<ShapeTarget>>)> {
+    let done: Vec<Result<(Vec<f32>, Vec<ShapeTarget>)>> = scenes
         .par_iter()
         .map(|s| {
             let px = proc.preprocess(&s.render(image_size))?.into_f32_vec();
@@ -347,10 +389,9 @@ pub fn pretrain_vision(
     for step in 0..cfg.steps {
         let (_, idx) = loader.next_batch();
         let scenes: Vec<&Scene> = idx.iter().map(|&i| &train[i]).collect();
-        let (px, labels) = render(&scenes, &proc, image_size, patch_size)?;
+        let (px, targets) = render(&scenes, &proc, image_size, patch_size)?;
         let refs: Vec<&[f32]> = px.iter().map(|p| p.as_slice()).collect();
-        let flat: Vec<[i64; 3]> = labels.into_iter().flatten().collect();
-        let loss = patch_loss(&mut model, &mut head, &refs, &flat, true)?;
+        let loss = shape_loss(&mut model, &mut head, &refs, &targets, true)?;
         if !loss.is_finite() {
             return Err(Error::arg(
                 "pretrain-vision",
