@@ -278,13 +278,16 @@ fn accuracy(
     })
 }
 
+/// Pixel values and labelled shapes of a list of scenes.
+type Rendered = (Vec<Vec<f32>>, Vec<Vec<ShapeTarget>>);
+
 /// Pixel values and labelled shapes of scenes, rendered and preprocessed in parallel.
 fn render(
     scenes: &[&Scene],
     proc: &ImageProcessorConfig,
     image_size: u32,
     patch_size: u32,
-) -> Result<(Vec<Vec<f32>>, Vec<Vec<ShapeTarget>>)> {
+) -> Result<Rendered> {
     let done: Vec<Result<(Vec<f32>, Vec<ShapeTarget>)>> = scenes
         .par_iter()
         .map(|s| {
