@@ -184,7 +184,11 @@ fn a_short_run_lowers_the_loss_and_moves_only_the_vision_tower() {
     );
     assert!(last < 0.75 * first, "loss {first} -> {last}");
     // Colour is the quickest attribute to learn: far above chance (1/8) on held-out shapes.
-    assert!(s.after.color >= 0.5, "held-out colour accuracy {}", s.after.color);
+    assert!(
+        s.after.color >= 0.5,
+        "held-out colour accuracy {}",
+        s.after.color
+    );
     for f in [
         "model.safetensors",
         "config.json",

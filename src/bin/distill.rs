@@ -109,8 +109,9 @@ enum Command {
     /// projector and language model unchanged, plus losses.csv and vision_pretrain.json
     /// (held-out accuracy before and after). Start `distill train` from OUT (`model = "OUT"`).
     PretrainVision {
-        /// LLaVA checkpoint folder (e.g. the OUTPUT/base a `[new_model]` run creates; `distill
-        /// train --stop-after 0` creates it and stops).
+        /// LLaVA checkpoint folder, e.g. the `base` folder a `[new_model]` run writes before its
+        /// first step (OUTPUT/base, or OUTPUT/stage1-NAME/base with stages; `distill train
+        /// --stop-after 1` is enough to create it).
         #[arg(long)]
         model: PathBuf,
         /// Output checkpoint folder.
