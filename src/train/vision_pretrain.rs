@@ -19,7 +19,7 @@
 
 use super::checkpoint::save_checkpoint;
 use super::data::Loader;
-use super::model::TrainModel;
+use super::model::{TrainModel, init_values};
 use super::optim::{AdamW, GroupConfig, Param, Schedule, decay_group, zero_grads};
 use crate::bench::shapes::{self, Color, Scene, Shape, ShapesConfig, Size, Split};
 use crate::error::{Error, Result};
@@ -113,15 +113,7 @@ pub fn targets(scene: &Scene, image_size: u32, patch_size: u32) -> Vec<ShapeTarg
 pub fn new_head(width: usize, seed: u64) -> Vec<Param> {
     let out: usize = CLASSES.iter().sum();
     let mut state = seed ^ 0x5eed_7a11_c0ff_ee00;
-    let w = (0..out * width)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            // uniform in [-√3, √3) σ has standard deviation σ
-            ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * 3f32.sqrt() * 0.02
-        })
-        .collect();
+    let w = init_values("head.weight", &[out, width], 0.02, &mut state);
     vec![
         Param::new("head.weight", decay_group("head", "head.weight"), w),
         Param::new(
