@@ -450,6 +450,17 @@ fn trained_tokenizer_round_trips_and_serves_the_data_path() {
     let e = tok.encode(odd, true).unwrap();
     assert!(!e.ids.contains(&0));
     assert_eq!(tok.decode(&e.ids, true).unwrap(), odd);
+    // A shape named at the end of a question is the same token as that shape as an answer.
+    let circle = tok.token_to_id("▁circle").unwrap();
+    let q = tok
+        .encode("Is there a red circle?\nAnswer the question.", false)
+        .unwrap();
+    let pieces: Vec<String> = q.ids.iter().filter_map(|&i| tok.id_to_token(i)).collect();
+    assert!(q.ids.contains(&circle), "{pieces:?}");
+    assert!(
+        pieces.iter().all(|t| !t.contains('?') || t == "?"),
+        "{pieces:?}"
+    );
     // `<image>` is one token.
     let e = tok.encode("a <image> b", false).unwrap();
     assert_eq!(e.ids.iter().filter(|&&i| i == image).count(), 1);

@@ -7,15 +7,24 @@
 //!
 //! Training runs the `tokenizers` crate's `BpeTrainer` (it works with the crate's `onig` feature
 //! alone) with a word-splitting Metaspace so merges never cross a word boundary, as
-//! SentencePiece's `split_by_whitespace` does.
+//! SentencePiece's `split_by_whitespace` does, and with every punctuation mark and newline a piece
+//! of its own: on template-heavy text like LLaVA's (`What shape is the circle?\nAnswer the
+//! question ...`) BPE otherwise learns `▁circle?\nAnswer` as one token, so a shape named at the
+//! end of a question shares no token with the same shape as an answer.
 
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use serde_json::{Value, json};
 use std::path::Path;
 use tokenizers::models::bpe::{BPE, BpeTrainer};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
-use tokenizers::{DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, TokenizerImpl};
+use tokenizers::pre_tokenizers::punctuation::Punctuation;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::Split;
+use tokenizers::{
+    DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, SplitDelimiterBehavior, TokenizerImpl,
+};
 
 /// Special tokens in the model vocabulary, in id order.
 pub const BASE_SPECIALS: [&str; 3] = ["<unk>", "<s>", "</s>"];
@@ -72,11 +81,17 @@ pub fn train_tokenizer_json(texts: &[String], cfg: &TokenizerTrainConfig) -> Res
     let mut tk: TokenizerImpl<
         BPE,
         NormalizerWrapper,
-        Metaspace,
+        PreTokenizerWrapper,
         PostProcessorWrapper,
         DecoderWrapper,
     > = TokenizerImpl::new(BPE::default());
-    tk.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, true)));
+    let newline = Split::new("\n", SplitDelimiterBehavior::Isolated, false)
+        .map_err(|e| terr(format!("newline splitter: {e}")))?;
+    tk.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
+        Metaspace::new('▁', PrependScheme::First, true).into(),
+        Punctuation::new(SplitDelimiterBehavior::Isolated).into(),
+        newline.into(),
+    ]))));
     tk.train(&mut trainer, texts.iter())
         .map_err(|e| terr(format!("BPE training failed: {e}")))?;
     let model = serde_json::to_value(tk.get_model())
