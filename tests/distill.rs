@@ -29,6 +29,7 @@ fn config(data: &Path, out: &Path) -> TrainConfig {
     TrainConfig {
         model: Some(fixture()),
         new_model: None,
+        pretrain_vision: None,
         data: data.join("train.json"),
         image_folder: data.join("images"),
         output: out.to_path_buf(),
@@ -787,4 +788,106 @@ fn bundled_teacher_recipe_parses() {
     assert_eq!(bench["vision_config"]["patch_size"], shape.patch_size);
     assert_eq!(bench["text_config"]["hidden_size"], shape.hidden_size);
     assert_eq!(bench["text_config"]["num_hidden_layers"], shape.layers);
+}
+
+/// `[pretrain_vision]` pretrains a new model's tower into `{output}/vision` before the first
+/// stage, which starts from it: with the tower frozen, the stage's checkpoint carries exactly the
+/// pretrained tower (not the freshly initialised one of `{output}/base`). Resuming keeps the
+/// pretraining; a fresh run into the same folder is refused, and so is the table without
+/// `[new_model]`, before any compute.
+#[test]
+fn pretrain_vision_table_runs_before_the_first_stage() {
+    let exe = env!("CARGO_BIN_EXE_distill");
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new(exe)
+        .args([
+            "shapes",
+            "--train",
+            "6",
+            "--image-size",
+            "32",
+            "--patch-size",
+            "8",
+        ])
+        .arg("--out")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let head = "data = \"data/train.json\"\nimage_folder = \"data/images\"\noutput = \"run\"\n\
+                batch_size = 2\n";
+    let tables = "[pretrain_vision]\nsteps = 3\nbatch_size = 2\nscenes = 8\neval_scenes = 2\n\
+                  lr = 1e-2\n\n[[stage]]\nname = \"a\"\nsteps = 2\nlr = 1e-3\nfrozen = [\"vision\"]\n";
+    std::fs::write(
+        dir.path().join("run.toml"),
+        format!("{head}{NEW_MODEL}\n{tables}"),
+    )
+    .unwrap();
+    let train = |resume: bool| {
+        let mut c = Command::new(exe);
+        c.args(["train", "--quiet", "--config"])
+            .arg(dir.path().join("run.toml"));
+        if resume {
+            c.arg("--resume");
+        }
+        c.output().unwrap()
+    };
+    let o = train(false);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let run = dir.path().join("run");
+    let summary = run.join("vision/vision_pretrain.json");
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    assert_eq!(
+        (s["steps"].as_u64(), s["scenes"].as_u64()),
+        (Some(3), Some(8))
+    );
+    let tensor = |ckpt: &str, key: &str| -> Vec<u8> {
+        let bytes = std::fs::read(run.join(ckpt).join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensor(key).unwrap().data().to_vec()
+    };
+    let q = "model.vision_tower.encoder.layers.0.self_attn.q_proj.weight";
+    let stage = "stage1-a/checkpoint-000002";
+    assert_eq!(tensor(stage, q), tensor("vision", q));
+    assert_ne!(tensor("vision", q), tensor("base", q));
+    // The language model did train.
+    let lm = "model.language_model.layers.0.mlp.down_proj.weight";
+    assert_ne!(tensor(stage, lm), tensor("vision", lm));
+
+    // Resuming a finished run keeps the pretraining; a fresh run is refused.
+    let before = std::fs::metadata(&summary).unwrap().modified().unwrap();
+    let o = train(true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::metadata(&summary).unwrap().modified().unwrap(),
+        before
+    );
+    let o = train(false);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already holds"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // Without [new_model] there is no new tower to pretrain.
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        format!("model = \"run/vision\"\n{head}{tables}")
+            .replace("output = \"run\"", "output = \"run2\""),
+    )
+    .unwrap();
+    let o = Command::new(exe)
+        .args(["train", "--quiet", "--config"])
+        .arg(dir.path().join("bad.toml"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("pretrain_vision") && err.contains("[new_model]"),
+        "{err}"
+    );
+    assert!(!dir.path().join("run2").exists());
 }

@@ -16,7 +16,7 @@ use fineprune::bench::shapes::{
     export_llava_train,
 };
 use fineprune::bench::sweep::{self, SweepConfig, SweepOptions};
-use fineprune::train::run::{TrainConfig, TrainOptions, train_stages};
+use fineprune::train::run::{TrainConfig, TrainOptions, progress_bar, train_stages};
 use fineprune::train::vision_pretrain::{PretrainConfig, pretrain_vision};
 use fineprune::{Engine, Error, Model};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -122,28 +122,28 @@ enum Command {
         #[arg(long, value_name = "FILE.json")]
         shapes_config: Option<PathBuf>,
         /// Optimizer steps.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = PretrainConfig::default().steps)]
         steps: u64,
         /// Images per step.
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = PretrainConfig::default().batch_size)]
         batch_size: usize,
         /// Peak learning rate (AdamW; linear warm-up, then cosine to 0).
-        #[arg(long, default_value_t = 1e-3)]
+        #[arg(long, default_value_t = PretrainConfig::default().lr)]
         lr: f64,
         /// Warm-up steps.
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = PretrainConfig::default().warmup)]
         warmup: u64,
         /// Decoupled weight decay of weight matrices.
-        #[arg(long, default_value_t = 0.05)]
+        #[arg(long, default_value_t = PretrainConfig::default().weight_decay)]
         weight_decay: f64,
         /// Seed of the scenes, their order and the head.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = PretrainConfig::default().seed)]
         seed: u64,
         /// Distinct training scenes.
-        #[arg(long, default_value_t = 20000)]
+        #[arg(long, default_value_t = PretrainConfig::default().scenes)]
         scenes: usize,
         /// Held-out scenes for the accuracy report.
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = PretrainConfig::default().eval_scenes)]
         eval_scenes: usize,
         /// No progress bar.
         #[arg(long)]
@@ -419,18 +419,7 @@ fn main() -> ExitCode {
                 eval_scenes,
                 shapes,
             };
-            let bar = if quiet {
-                ProgressBar::hidden()
-            } else {
-                ProgressBar::new(steps)
-            };
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
+            let bar = progress_bar(steps, !quiet);
             let s = pretrain_vision(&model, &out, &cfg, &|step, loss| {
                 bar.set_position(step);
                 bar.set_message(format!("loss {loss:.4}"));

@@ -28,8 +28,9 @@ use super::data::{Dataset, Encoder, Loader, LoaderState};
 use super::model::{TrainModel, TrainSeq};
 use super::new_model::{NewModel, create_model};
 use super::optim::{AdamW, GroupConfig, Schedule, zero_grads};
+use super::vision_pretrain::{self, PretrainConfig, pretrain_vision};
 use crate::bench::report::{Series, line_plot};
-use crate::bench::shapes::MODEL_SHAPES_CONFIG;
+use crate::bench::shapes::{MODEL_SHAPES_CONFIG, ShapesConfig};
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::model::config::ModelConfig;
@@ -67,6 +68,11 @@ fn default_betas() -> [f64; 2] {
 /// # frozen = [] (any of "vision", "projector", "lm" or a full group like "lm.no_decay"),
 /// # lr_scale = {} (peak-rate multiplier per group, named as for `frozen`: { vision = 2.0 }),
 /// # checkpoint_every = 0 (only at the end), max_len = 2048
+///
+/// # with [new_model], optionally: pretrain the vision tower first (see [`PretrainConfig`])
+/// [pretrain_vision]
+/// steps = 7000
+/// scenes = 100000
 /// ```
 ///
 /// Stages (LLaVA's projector pre-training, then instruction tuning) replace the top-level `steps`
@@ -80,6 +86,11 @@ pub struct TrainConfig {
     /// Shape of a model trained from scratch.
     #[serde(default)]
     pub new_model: Option<NewModel>,
+    /// With `[new_model]`: pretrain the new model's vision tower on ShapesVQA's shapes
+    /// ([`pretrain_vision`]) into `{output}/vision` before the first step, which starts from
+    /// there. The scenes follow the generator settings beside `data` (its `shapes_config.json`).
+    #[serde(default)]
+    pub pretrain_vision: Option<PretrainConfig>,
     pub data: PathBuf,
     pub image_folder: PathBuf,
     pub output: PathBuf,
@@ -200,6 +211,18 @@ impl TrainConfig {
     /// The single-stage runs this config describes: itself, or one per `[[stage]]` (see
     /// [`StageConfig`]), each with its own output folder and starting point.
     pub fn stages(&self) -> Result<Vec<TrainConfig>> {
+        let mut out = self.stage_list()?;
+        if self.pretrain_vision.is_some() {
+            out[0].model = Some(self.vision_dir());
+            out[0].new_model = None;
+        }
+        for c in &mut out {
+            c.pretrain_vision = None;
+        }
+        Ok(out)
+    }
+
+    fn stage_list(&self) -> Result<Vec<TrainConfig>> {
         if self.stage.is_empty() {
             return Ok(vec![self.clone()]);
         }
@@ -270,17 +293,35 @@ impl TrainConfig {
     /// the offending field or file (and stage). [`train`] calls this before any compute. With
     /// stages, every stage is checked; a later stage's starting checkpoint need not exist yet.
     pub fn validate(&self) -> Result<()> {
+        if let Some(pv) = &self.pretrain_vision {
+            let Some(shape) = &self.new_model else {
+                return Err(Error::arg(
+                    "pretrain_vision",
+                    "pretrains a new model's vision tower: it needs a `[new_model]` table",
+                ));
+            };
+            shape.validate()?;
+            PretrainConfig {
+                shapes: self.shapes_settings()?,
+                ..pv.clone()
+            }
+            .validate()?;
+        }
         if self.stage.is_empty() {
             return self.validate_stage(true);
         }
+        // The first stage's model (a new one, or the pretrained tower's folder) does not exist
+        // before the run.
+        let first_ready = self.pretrain_vision.is_none();
         for (i, s) in self.stages()?.iter().enumerate() {
-            s.validate_stage(i == 0).map_err(|e| match e {
-                Error::Arg { name, msg } => Error::Arg {
-                    name,
-                    msg: format!("{msg} (stage {} `{}`)", i + 1, self.stage[i].name),
-                },
-                e => e,
-            })?;
+            s.validate_stage(i == 0 && first_ready)
+                .map_err(|e| match e {
+                    Error::Arg { name, msg } => Error::Arg {
+                        name,
+                        msg: format!("{msg} (stage {} `{}`)", i + 1, self.stage[i].name),
+                    },
+                    e => e,
+                })?;
         }
         Ok(())
     }
@@ -415,6 +456,20 @@ impl TrainConfig {
         std::fs::File::create(&probe).map_err(unwritable)?;
         let _ = std::fs::remove_file(&probe);
         Ok(())
+    }
+
+    /// Where `[pretrain_vision]` writes the new model with its pretrained tower.
+    pub fn vision_dir(&self) -> PathBuf {
+        self.output.join("vision")
+    }
+
+    /// The ShapesVQA settings beside `data` (`shapes_config.json`, written by `distill shapes`),
+    /// else the generator's defaults.
+    fn shapes_settings(&self) -> Result<ShapesConfig> {
+        match self.data.parent().map(|d| d.join(MODEL_SHAPES_CONFIG)) {
+            Some(p) if p.is_file() => ShapesConfig::from_file(&p),
+            _ => Ok(ShapesConfig::default()),
+        }
     }
 
     /// The folder the run starts from: `model`, or `{output}/base` for a new model.
@@ -686,6 +741,7 @@ pub fn train_stages(cfg: &TrainConfig, opts: &TrainOptions) -> Result<Vec<TrainS
             texts.push(&s.data);
         }
     }
+    pretrain_new_vision(cfg, &texts, opts)?;
     let mut out = Vec::new();
     let mut offset = 0u64;
     for s in &stages {
@@ -723,7 +779,67 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         ));
     }
     cfg.validate()?;
-    run(cfg, opts, &[&cfg.data])
+    pretrain_new_vision(cfg, &[&cfg.data], opts)?;
+    run(&cfg.stages()?[0], opts, &[&cfg.data])
+}
+
+/// With `[pretrain_vision]`: creates the new model in `{output}/base` (its tokenizer trained on
+/// `texts`) and pretrains its vision tower into [`TrainConfig::vision_dir`], where the first
+/// stage starts. A finished pretraining is kept when resuming.
+fn pretrain_new_vision(cfg: &TrainConfig, texts: &[&Path], opts: &TrainOptions) -> Result<()> {
+    let (Some(pv), Some(shape)) = (&cfg.pretrain_vision, &cfg.new_model) else {
+        return Ok(());
+    };
+    let out = cfg.vision_dir();
+    if out.join(vision_pretrain::SUMMARY_FILE).is_file() {
+        if opts.resume {
+            return Ok(());
+        }
+        return Err(Error::arg(
+            "output",
+            format!(
+                "{} already holds a pretrained vision tower; resume the run or choose another folder",
+                out.display()
+            ),
+        ));
+    }
+    let base = cfg.output.join("base");
+    create_model(shape, texts, &base)?;
+    let pv = PretrainConfig {
+        shapes: cfg.shapes_settings()?,
+        ..pv.clone()
+    };
+    let bar = progress_bar(pv.steps, opts.progress);
+    bar.set_prefix("vision pretraining");
+    let s = pretrain_vision(&base, &out, &pv, &|step, loss| {
+        bar.set_position(step);
+        bar.set_message(format!("loss {loss:.4}"));
+    })?;
+    bar.finish_and_clear();
+    if opts.progress {
+        eprintln!(
+            "vision pretraining: held-out shape {:.3} colour {:.3} size {:.3} ({} shapes)",
+            s.after.shape, s.after.color, s.after.size, s.after.shapes
+        );
+    }
+    Ok(())
+}
+
+/// A step counter on stderr (hidden unless `show`): elapsed time, bar, step, message, eta.
+pub fn progress_bar(steps: u64, show: bool) -> indicatif::ProgressBar {
+    let bar = if show {
+        indicatif::ProgressBar::new(steps)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} {elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
 }
 
 /// [`train`] after validation: one single-stage run; a new model's tokenizer is trained on the
@@ -860,18 +976,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
         .unwrap_or(cfg.steps)
         .min(cfg.steps)
         .max(start);
-    let bar = if opts.progress {
-        indicatif::ProgressBar::new(end - start)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    let bar = progress_bar(end - start, opts.progress);
 
     let t0 = Instant::now();
     let mut run_tokens = 0u64;

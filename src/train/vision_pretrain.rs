@@ -28,7 +28,7 @@ use crate::model::image::ImageProcessorConfig;
 use crate::ops::loss::cross_entropy;
 use crate::ops::matmul::{linear_backward, matmul_nt};
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Classes per task (the last one of each is "none"): shape, colour, size.
@@ -37,11 +37,16 @@ pub const CLASSES: [usize; 3] = [
     Color::ALL.len() + 1,
     Size::ALL.len() + 1,
 ];
+/// The summary file a finished run writes last (settings and accuracy before and after).
+pub const SUMMARY_FILE: &str = "vision_pretrain.json";
+
 /// Task names, in [`CLASSES`] order.
 pub const TASKS: [&str; 3] = ["shape", "color", "size"];
 
-/// Settings of a pretraining run.
-#[derive(Debug, Clone)]
+/// Settings of a pretraining run (also the `[pretrain_vision]` table of a training config, where
+/// `shapes` comes from the settings beside the data).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PretrainConfig {
     /// Optimizer steps.
     pub steps: u64,
@@ -59,7 +64,43 @@ pub struct PretrainConfig {
     /// Held-out test-split scenes for the accuracy report.
     pub eval_scenes: usize,
     /// ShapesVQA settings of the scenes.
+    #[serde(skip)]
     pub shapes: ShapesConfig,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        PretrainConfig {
+            steps: 1000,
+            batch_size: 16,
+            lr: 1e-3,
+            warmup: 50,
+            weight_decay: 0.05,
+            seed: 0,
+            scenes: 20000,
+            eval_scenes: 200,
+            shapes: ShapesConfig::default(),
+        }
+    }
+}
+
+impl PretrainConfig {
+    /// Checks the settings, naming the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 || self.batch_size == 0 || self.scenes == 0 {
+            return Err(Error::arg(
+                "pretrain-vision",
+                "steps, batch size and scenes must be at least 1",
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::arg(
+                "lr",
+                format!("must be finite and > 0, got {}", self.lr),
+            ));
+        }
+        self.shapes.validate()
+    }
 }
 
 /// Per-task accuracy over held-out shapes.
@@ -302,18 +343,7 @@ pub fn pretrain_vision(
     cfg: &PretrainConfig,
     on_step: &dyn Fn(u64, f32),
 ) -> Result<PretrainSummary> {
-    if cfg.steps == 0 || cfg.batch_size == 0 || cfg.scenes == 0 {
-        return Err(Error::arg(
-            "pretrain-vision",
-            "steps, batch size and scenes must be at least 1",
-        ));
-    }
-    if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
-        return Err(Error::arg(
-            "lr",
-            format!("must be finite and > 0, got {}", cfg.lr),
-        ));
-    }
+    cfg.validate()?;
     let mut model = TrainModel::from_dir(model_dir)?;
     let vc = model.config.vision.clone();
     let (image_size, patch_size) = (vc.image_size as u32, vc.patch_size as u32);
@@ -413,13 +443,11 @@ pub fn pretrain_vision(
         after,
         losses,
     };
-    let json = serde_json::json!({
-        "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "warmup": cfg.warmup,
-        "weight_decay": cfg.weight_decay, "seed": cfg.seed, "scenes": cfg.scenes,
-        "eval_scenes": cfg.eval_scenes, "before": before, "after": after,
-    });
+    let mut json = serde_json::to_value(cfg).expect("settings serialize");
+    json["before"] = serde_json::json!(before);
+    json["after"] = serde_json::json!(after);
     let text =
         serde_json::to_string_pretty(&json).map_err(|e| Error::arg("summary", e.to_string()))?;
-    write_atomic(&out.join("vision_pretrain.json"), text.as_bytes())?;
+    write_atomic(&out.join(SUMMARY_FILE), text.as_bytes())?;
     Ok(summary)
 }
