@@ -4,9 +4,10 @@
 
 use fineprune::Error;
 use fineprune::bench::shapes::{
-    Background, Color, DESCRIBE, Family, Object, ObjectKind, PopeKind, SHORT_ANSWER, SIGN_CHARSET,
-    SIGN_INK, SIGN_PAD, Sample, Scene, Shape, ShapesConfig, Size, Split, Texture, TrainTurns,
-    export_llava_eval, export_llava_train, generate, generate_one, glyph, read_llava_eval,
+    Background, Color, DESCRIBE, Family, Object, ObjectKind, PopeKind, SHAPE_COLORS, SHORT_ANSWER,
+    SIGN_CHARSET, SIGN_INK, SIGN_PAD, Sample, Scene, Shape, ShapesConfig, Size, Split, Texture,
+    TrainTurns, export_llava_eval, export_llava_train, generate, generate_one, glyph,
+    read_llava_eval,
 };
 use std::collections::HashSet;
 use std::path::Path;
@@ -552,6 +553,22 @@ fn eval_export_round_trips_and_train_export_is_llava_json() {
         assert_eq!(conv[2]["value"], DESCRIBE);
         assert_eq!(conv[3]["value"], s.scene.caption().as_str());
     }
+    // With shape colours too: the caption turn, then the shape-by-shape colours.
+    let sdir = tmp.path().join("shape-colors");
+    let listed = TrainTurns {
+        shape_colors: true,
+        ..described
+    };
+    export_llava_train(&samples, &sdir, &at32, listed).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sdir.join("train.json")).unwrap()).unwrap();
+    for (r, s) in v.as_array().unwrap().iter().zip(&samples) {
+        let conv = r["conversations"].as_array().unwrap();
+        assert_eq!(conv.len(), 6);
+        assert_eq!(conv[3]["value"], s.scene.caption().as_str());
+        assert_eq!(conv[4]["value"], SHAPE_COLORS);
+        assert_eq!(conv[5]["value"], s.scene.shape_colors().as_str());
+    }
 
     // All families: the same first turn, then one question of every other family the scene
     // allows, each answered correctly; the file is the same on every export.
@@ -674,11 +691,14 @@ fn caption_lists_every_shape_left_to_right_and_the_sign() {
         scene.caption(),
         "small blue circle, large red star. The sign says P2H."
     );
+    assert_eq!(scene.shape_colors(), "circle blue, star red.");
     let no_sign = Scene {
         objects: scene.objects[..2].to_vec(),
         ..scene
     };
     assert_eq!(no_sign.caption(), "small blue circle, large red star.");
+    // The reverse lookup, shape name first; signs are not shapes.
+    assert_eq!(no_sign.shape_colors(), "circle blue, star red.");
 }
 
 /// Exports a few samples, applies `damage` to the directory and returns the read error's message.

@@ -694,17 +694,28 @@ impl Scene {
     /// {shape}` and the sign's text, e.g. `small red star, large blue circle. The sign says P2H.`
     /// Dense, fully image-dependent supervision: LLaVA's caption stage in miniature.
     pub fn caption(&self) -> String {
-        let mut shapes = self.shapes();
-        shapes.sort_by(|a, b| self.objects[a.0].cx.total_cmp(&self.objects[b.0].cx));
-        let list: Vec<String> = shapes
-            .iter()
-            .map(|&(_, s, c, z)| format!("{} {} {}", z.name(), c.name(), s.name()))
-            .collect();
-        let mut text = format!("{}.", list.join(", "));
+        let mut text =
+            self.list_shapes(|s, c, z| format!("{} {} {}", z.name(), c.name(), s.name()));
         if let Some(t) = self.objects.iter().find_map(|o| o.sign_text()) {
             text.push_str(&format!(" The sign says {t}."));
         }
         text
+    }
+
+    /// Every shape's colour after its name, left to right (by centre), e.g. `circle blue, star
+    /// red.`: the answer to [`SHAPE_COLORS`]. Each colour is predicted right after its shape's
+    /// name, so the name itself must find the shape in the image: dense supervision of the
+    /// colour-of-a-shape lookup, the reverse of [`Scene::caption`]'s colour-then-shape order.
+    pub fn shape_colors(&self) -> String {
+        self.list_shapes(|s, c, _| format!("{} {}", s.name(), c.name()))
+    }
+
+    /// `item` of every shape, left to right (by centre), joined by commas, with a full stop.
+    fn list_shapes(&self, item: impl Fn(Shape, Color, Size) -> String) -> String {
+        let mut shapes = self.shapes();
+        shapes.sort_by(|a, b| self.objects[a.0].cx.total_cmp(&self.objects[b.0].cx));
+        let list: Vec<String> = shapes.iter().map(|&(_, s, c, z)| item(s, c, z)).collect();
+        format!("{}.", list.join(", "))
     }
 
     /// Where each shape lies on the `(image_size / patch_size)²` patch grid (row-major): for
@@ -1746,6 +1757,9 @@ pub const SHORT_ANSWER: &str = "\nAnswer the question using a single word or phr
 /// The second turn of a described sample: [`DESCRIBE`] answered with [`Scene::caption`].
 pub const DESCRIBE: &str = "Describe the image briefly.";
 
+/// The turn answered with [`Scene::shape_colors`].
+pub const SHAPE_COLORS: &str = "What color is each shape?";
+
 /// What an exported training conversation holds beyond its first turn, which is always the
 /// sample's own question exactly as evaluation asks it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -1757,6 +1771,8 @@ pub struct TrainTurns {
     /// Then [`DESCRIBE`], answered with the scene's [`Scene::caption`]: dense supervision of every
     /// object.
     pub describe: bool,
+    /// Then [`SHAPE_COLORS`], answered with [`Scene::shape_colors`].
+    pub shape_colors: bool,
 }
 
 /// Whether `word` occurs in `text` as a whole word, singular or plural ("stars" has "star").
@@ -1852,6 +1868,10 @@ pub fn export_llava_train(
             if turns.describe {
                 conversations.push(turn("human", DESCRIBE.into()));
                 conversations.push(turn("gpt", s.scene.caption()));
+            }
+            if turns.shape_colors {
+                conversations.push(turn("human", SHAPE_COLORS.into()));
+                conversations.push(turn("gpt", s.scene.shape_colors()));
             }
             TrainRecord {
                 id: s.id.clone(),

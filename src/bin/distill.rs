@@ -97,6 +97,11 @@ enum Command {
         /// (the first turn stays the evaluated question).
         #[arg(long)]
         describe: bool,
+        /// Then "What color is each shape?", answered shape by shape, left to right ("circle
+        /// blue, star red."): dense supervision of finding a shape by its name and reading its
+        /// colour (the caption of --describe names the colour first).
+        #[arg(long)]
+        shape_colors: bool,
         /// Follow each conversation's question with one question of every other family the scene
         /// allows (multi-turn, as LLaVA-1.5's VQA data): about five supervised answers per image
         /// instead of one.
@@ -376,6 +381,7 @@ fn main() -> ExitCode {
             config,
             seed,
             describe,
+            shape_colors,
             all_families,
         } => finish(export_shapes(&ShapesExport {
             out: &out,
@@ -388,6 +394,7 @@ fn main() -> ExitCode {
             turns: TrainTurns {
                 all_families,
                 describe,
+                shape_colors,
             },
         })),
         Command::PretrainVision {
