@@ -1,6 +1,6 @@
 //! Training throughput: one optimizer step (forward, backward, AdamW) of the bundled ShapesVQA
-//! teacher's shape (`benches/teacher_config.json`: CLIP 4x128 at 128 px / patch 16, LLaMA 4x192,
-//! vocabulary 512) on a batch of 8 sequences of 115 tokens (BOS, 30 text, 64 image, 20 text; the
+//! teacher's shape (`benches/teacher_config.json`: CLIP 4x128 at 192 px / patch 16, LLaMA 4x192,
+//! vocabulary 512) on a batch of 8 sequences of 195 tokens (BOS, 30 text, 144 image, 20 text; the
 //! last 4 positions trained), in tokens per second.
 //!
 //! `tests/reference/bench_train.py` runs the same step in PyTorch (HF transformers'

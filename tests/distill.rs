@@ -776,8 +776,15 @@ fn bundled_teacher_recipe_parses() {
     shape.validate().unwrap();
     assert!(cfg.model.is_none());
     let names: Vec<String> = cfg.stage.iter().map(|s| s.name.clone()).collect();
-    assert_eq!(names, ["colour", "single", "few", "full"]);
-    assert_eq!(cfg.stages().unwrap().len(), 4);
+    assert_eq!(
+        names,
+        ["colour", "shape", "single", "pairs", "pairs2", "full"]
+    );
+    let stages = cfg.stages().unwrap();
+    assert_eq!(stages.len(), 6);
+    // The tower is pretrained first, and the first stage starts from it.
+    assert_eq!(cfg.pretrain_vision.as_ref().unwrap().steps, 7000);
+    assert_eq!(stages[0].model.as_ref(), Some(&cfg.vision_dir()));
     // The shape the train bench measures.
     let bench: serde_json::Value = serde_json::from_slice(
         &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/teacher_config.json"))

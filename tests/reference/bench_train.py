@@ -3,7 +3,7 @@
 
 One optimizer step = forward (loss over the last 4 positions), backward and torch.optim.AdamW on
 HF transformers' LlavaForConditionalGeneration built from benches/teacher_config.json (f32,
-default attention implementation), batch 8 x 115 tokens (BOS, 30 text, 64 image, 20 text), the
+default attention implementation), batch 8 x 195 tokens (BOS, 30 text, 144 image, 20 text), the
 same ids and pixels as the Rust bench. Prints tokens per second (median of --iters steps after
 --warmup).
 
