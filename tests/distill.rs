@@ -69,6 +69,7 @@ fn plain_stage(name: &str, steps: u64, lr: f64) -> StageConfig {
         betas: None,
         max_grad_norm: None,
         checkpoint_every: None,
+        seed: None,
     }
 }
 
@@ -778,10 +779,15 @@ fn bundled_teacher_recipe_parses() {
     let names: Vec<String> = cfg.stage.iter().map(|s| s.name.clone()).collect();
     assert_eq!(
         names,
-        ["colour", "shape", "single", "pairs", "pairs2", "full"]
+        [
+            "colour", "shape", "single", "pairs", "pairs2", "full", "full2"
+        ]
     );
     let stages = cfg.stages().unwrap();
-    assert_eq!(stages.len(), 6);
+    assert_eq!(stages.len(), 7);
+    // The second pass over the full data takes a fresh order.
+    let seeds: Vec<u64> = stages.iter().map(|s| s.seed).collect();
+    assert_eq!(seeds, [0, 0, 0, 0, 0, 0, 1]);
     // The tower is pretrained first, and the first stage starts from it.
     assert_eq!(cfg.pretrain_vision.as_ref().unwrap().steps, 7000);
     assert_eq!(stages[0].model.as_ref(), Some(&cfg.vision_dir()));

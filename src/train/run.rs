@@ -165,6 +165,10 @@ pub struct StageConfig {
     pub data: Option<PathBuf>,
     #[serde(default)]
     pub image_folder: Option<PathBuf>,
+    /// Seed of the stage's data order (a stage that passes over data an earlier one used gets
+    /// a fresh order).
+    #[serde(default)]
+    pub seed: Option<u64>,
     #[serde(default)]
     pub batch_size: Option<usize>,
     #[serde(default)]
@@ -276,6 +280,7 @@ impl TrainConfig {
             if let Some(v) = &st.image_folder {
                 c.image_folder = v.clone();
             }
+            c.seed = st.seed.unwrap_or(c.seed);
             c.batch_size = st.batch_size.unwrap_or(c.batch_size);
             c.grad_accum = st.grad_accum.unwrap_or(c.grad_accum);
             c.warmup = st.warmup.unwrap_or(c.warmup);
