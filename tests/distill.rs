@@ -433,6 +433,17 @@ fn cli_trains_from_toml() {
     assert!(err.contains("`steps`"), "{err}");
 }
 
+/// `distill shapes` at 32 px in 8-pixel patches into `out`, with `args` added.
+fn export_cli(out: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_distill"))
+        .args(["shapes", "--image-size", "32", "--patch-size", "8"])
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
 /// A tiny `[new_model]`: 32-pixel images in 8-pixel patches (16 image tokens).
 const NEW_MODEL: &str = "[new_model]\nimage_size = 32\npatch_size = 8\nvision_hidden_size = 16\n\
 vision_intermediate_size = 32\nvision_layers = 2\nvision_heads = 2\nhidden_size = 32\n\
@@ -443,20 +454,10 @@ fn new_model_from_scratch_via_cli_then_eval() {
     let exe = env!("CARGO_BIN_EXE_distill");
     let dir = tempfile::tempdir().unwrap();
     // Export: train.json, images at 32 px, and the generator settings.
-    let o = Command::new(exe)
-        .args([
-            "shapes",
-            "--train",
-            "12",
-            "--test",
-            "3",
-            "--image-size",
-            "32",
-        ])
-        .args(["--patch-size", "8", "--seed", "5", "--out"])
-        .arg(dir.path().join("data"))
-        .output()
-        .unwrap();
+    let o = export_cli(
+        &dir.path().join("data"),
+        &["--train", "12", "--test", "3", "--seed", "5"],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for f in ["train.json", "shapes_config.json", "test/questions.jsonl"] {
         assert!(dir.path().join("data").join(f).is_file(), "missing {f}");
@@ -812,20 +813,7 @@ fn bundled_teacher_recipe_parses() {
 fn pretrain_vision_table_runs_before_the_first_stage() {
     let exe = env!("CARGO_BIN_EXE_distill");
     let dir = tempfile::tempdir().unwrap();
-    let o = Command::new(exe)
-        .args([
-            "shapes",
-            "--train",
-            "6",
-            "--image-size",
-            "32",
-            "--patch-size",
-            "8",
-        ])
-        .arg("--out")
-        .arg(dir.path().join("data"))
-        .output()
-        .unwrap();
+    let o = export_cli(&dir.path().join("data"), &["--train", "6"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let head = "data = \"data/train.json\"\nimage_folder = \"data/images\"\noutput = \"run\"\n\
                 batch_size = 2\n";

@@ -471,10 +471,16 @@ impl TrainConfig {
     /// The ShapesVQA settings beside `data` (`shapes_config.json`, written by `distill shapes`),
     /// else the generator's defaults.
     fn shapes_settings(&self) -> Result<ShapesConfig> {
-        match self.data.parent().map(|d| d.join(MODEL_SHAPES_CONFIG)) {
-            Some(p) if p.is_file() => ShapesConfig::from_file(&p),
-            _ => Ok(ShapesConfig::default()),
+        match self.data_shapes_config() {
+            Some(p) => ShapesConfig::from_file(&p),
+            None => Ok(ShapesConfig::default()),
         }
+    }
+
+    /// `shapes_config.json` beside `data`, if there is one.
+    fn data_shapes_config(&self) -> Option<PathBuf> {
+        let p = self.data.parent()?.join(MODEL_SHAPES_CONFIG);
+        p.is_file().then_some(p)
     }
 
     /// The folder the run starts from: `model`, or `{output}/base` for a new model.
@@ -681,9 +687,7 @@ fn save_all(
     save_checkpoint(m, &cfg.base_dir(), &dir)?;
     // The ShapesVQA settings of the data trained on (written by `distill shapes` beside the
     // json) replace the starting model's: evaluation then asks the distribution it learned.
-    if let Some(src) = cfg.data.parent().map(|d| d.join(MODEL_SHAPES_CONFIG))
-        && src.is_file()
-    {
+    if let Some(src) = cfg.data_shapes_config() {
         let bytes = std::fs::read(&src).map_err(|e| Error::io(&src, e))?;
         write_atomic(&dir.join(MODEL_SHAPES_CONFIG), &bytes)?;
     }
