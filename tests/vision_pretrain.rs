@@ -12,7 +12,8 @@ use fineprune::bench::shapes::{
 use fineprune::train::model::TrainModel;
 use fineprune::train::optim::zero_grads;
 use fineprune::train::vision_pretrain::{
-    PretrainConfig, ShapeTarget, new_head, pretrain_vision, shape_loss,
+    CLASSES, ImageTargets, PretrainConfig, ShapeTarget, new_head, patch_labels, pretrain_vision,
+    shape_loss,
 };
 
 fn square(color: Color, size: Size, (x0, x1): (f32, f32), (y0, y1): (f32, f32)) -> Object {
@@ -61,9 +62,24 @@ fn shape_patches_follow_the_painted_pixels() {
         assert_eq!(g.patches, patches, "{color:?}");
     }
     assert!(scene.shape_patches(40, 0).is_empty());
+
+    // Per-patch labels: green covers 60% of patch 5 (blue the other 40%), red only 15% of
+    // patches 2 and 3 (under the 25% needed), so patch 5 alone names a shape.
+    let none = CLASSES.map(|k| k as i64 - 1);
+    let labels = patch_labels(&got, 40, 10);
+    let class = |all: &[Color], c| all.iter().position(|&x| x == c).unwrap() as i64;
+    let green = [
+        Shape::ALL.iter().position(|&s| s == Shape::Square).unwrap() as i64,
+        class(&Color::ALL, Color::Green),
+        Size::ALL.iter().position(|&s| s == Size::Medium).unwrap() as i64,
+    ];
+    assert_eq!(labels.len(), 16);
+    for (p, l) in labels.iter().enumerate() {
+        assert_eq!(*l, if p == 5 { green } else { none }, "patch {p}");
+    }
 }
 
-fn fixture_batch() -> (TrainModel, Vec<Vec<f32>>, Vec<Vec<ShapeTarget>>) {
+fn fixture_batch() -> (TrainModel, Vec<Vec<f32>>, Vec<ImageTargets>) {
     let m = TrainModel::from_dir(&reference_dir().join("llava_gqa")).unwrap();
     let vc = &m.config.vision;
     let n = 3 * vc.image_size * vc.image_size;
@@ -75,17 +91,29 @@ fn fixture_batch() -> (TrainModel, Vec<Vec<f32>>, Vec<Vec<ShapeTarget>>) {
         })
         .collect();
     let target = |classes, patches| ShapeTarget { classes, patches };
+    // Per-patch labels on the first image only (every class, "none" included, appears).
+    let tokens = m.config.image_tokens();
+    let patches = (0..tokens)
+        .map(|p| [0, 1, 2].map(|t| ((p * (t + 2)) % CLASSES[t]) as i64))
+        .collect();
     let targets = vec![
-        vec![
-            target([0, 3, 1], vec![(0, 0.25), (1, 0.75)]),
-            target([6, 7, 2], vec![(12, 1.0)]),
-        ],
-        vec![target([2, 0, 0], vec![(7, 0.5), (8, 0.3), (24, 0.2)])],
+        ImageTargets {
+            shapes: vec![
+                target([0, 3, 1], vec![(0, 0.25), (1, 0.75)]),
+                target([6, 7, 2], vec![(12, 1.0)]),
+            ],
+            patches,
+        },
+        ImageTargets {
+            shapes: vec![target([2, 0, 0], vec![(7, 0.5), (8, 0.3), (24, 0.2)])],
+            patches: vec![],
+        },
     ];
     (m, pixels, targets)
 }
 
-/// The loss's gradient with respect to head and vision parameters against central differences
+/// The loss's gradient (pooled plus half the per-patch loss) with respect to head and vision
+/// parameters against central differences
 /// in f32 (step 1e-2 on entries of the largest gradient). Tolerance: 2% of the gradient plus
 /// 1e-3 absolute, the f32 rounding of a loss near 5 divided by the step; a wrong term or index
 /// is off by O(1).
@@ -99,7 +127,7 @@ fn shape_loss_gradient_matches_finite_differences() {
             p.grad = Vec::new();
         }
     }
-    shape_loss(&mut m, &mut head, &refs, &targets, true).unwrap();
+    shape_loss(&mut m, &mut head, &refs, &targets, 0.5, true).unwrap();
     let h = 1e-2f32;
     let mut checked = 0;
     for name in [
@@ -133,9 +161,9 @@ fn shape_loss_gradient_matches_finite_differences() {
                 value[idx] += delta;
             };
         at(h, &mut m, &mut head);
-        let up = shape_loss(&mut m, &mut head, &refs, &targets, false).unwrap();
+        let up = shape_loss(&mut m, &mut head, &refs, &targets, 0.5, false).unwrap();
         at(-2.0 * h, &mut m, &mut head);
-        let down = shape_loss(&mut m, &mut head, &refs, &targets, false).unwrap();
+        let down = shape_loss(&mut m, &mut head, &refs, &targets, 0.5, false).unwrap();
         at(h, &mut m, &mut head);
         let fd = (up - down) / (2.0 * h);
         println!("{name}[{idx}]: analytic {grad:e} finite difference {fd:e}");
@@ -167,6 +195,8 @@ fn a_short_run_lowers_the_loss_and_moves_only_the_vision_tower() {
         seed: 1,
         scenes: 64,
         eval_scenes: 16,
+        patch_weight: 1.0,
+        probe: false,
         shapes: ShapesConfig {
             clutter: false,
             textures: false,
@@ -183,12 +213,14 @@ fn a_short_run_lowers_the_loss_and_moves_only_the_vision_tower() {
         s.before, s.after
     );
     assert!(last < 0.75 * first, "loss {first} -> {last}");
-    // Colour is the quickest attribute to learn: far above chance (1/8) on held-out shapes.
+    // Colour is the quickest attribute to learn: far above chance (1/8) on held-out shapes,
+    // pooled and patch by patch.
     assert!(
-        s.after.color >= 0.5,
-        "held-out colour accuracy {}",
-        s.after.color
+        s.after.color >= 0.5 && s.after.patch_color >= 0.5,
+        "held-out colour accuracy {:?}",
+        s.after
     );
+    assert!(s.after.patches > 0, "{:?}", s.after);
     for f in [
         "model.safetensors",
         "config.json",
@@ -226,6 +258,8 @@ fn bad_settings_are_refused_before_training() {
         seed: 0,
         scenes: 1,
         eval_scenes: 1,
+        patch_weight: 0.0,
+        probe: false,
         shapes: ShapesConfig::default(),
     };
     for (cfg, needle) in [
@@ -243,6 +277,13 @@ fn bad_settings_are_refused_before_training() {
             },
             "lr",
         ),
+        (
+            PretrainConfig {
+                patch_weight: -1.0,
+                ..base.clone()
+            },
+            "patch_weight",
+        ),
     ] {
         let e = pretrain_vision(&src, &tmp.path().join("o"), &cfg, &|_, _| {}).unwrap_err();
         assert!(e.to_string().contains(needle), "{e}");
@@ -256,4 +297,38 @@ fn bad_settings_are_refused_before_training() {
     .unwrap_err();
     assert!(e.to_string().contains("missing"), "{e}");
     assert!(!tmp.path().join("o").exists());
+}
+
+/// A probe trains the head alone: the tower (and everything else) is written back unchanged,
+/// while the head learns to read colour off the frozen random tower's features.
+#[test]
+fn a_probe_leaves_the_tower_unchanged() {
+    let src = reference_dir().join("llava_gqa");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("probe");
+    let cfg = PretrainConfig {
+        steps: 40,
+        batch_size: 8,
+        lr: 1e-2,
+        warmup: 2,
+        weight_decay: 0.0,
+        seed: 2,
+        scenes: 32,
+        eval_scenes: 16,
+        patch_weight: 1.0,
+        probe: true,
+        shapes: ShapesConfig::default(),
+    };
+    let s = pretrain_vision(&src, &out, &cfg, &|_, _| {}).unwrap();
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    assert!(
+        mean(&s.losses[35..]) < mean(&s.losses[..5]),
+        "{:?}",
+        s.losses
+    );
+    let before = TrainModel::from_dir(&src).unwrap();
+    let after = TrainModel::from_dir(&out).unwrap();
+    for (a, b) in before.params.iter().zip(&after.params) {
+        assert_eq!(a.value, b.value, "{} changed", a.name);
+    }
 }

@@ -642,6 +642,8 @@ pub struct ShapePatches {
     pub size: Size,
     /// `(patch index, fraction of the shape's pixels in that patch)`, by patch index.
     pub patches: Vec<(usize, f32)>,
+    /// The shape's visible pixels (so `fraction * pixels` of them lie in a patch).
+    pub pixels: usize,
 }
 
 /// A synthetic scene in normalised coordinates.
@@ -754,6 +756,7 @@ impl Scene {
                         .into_iter()
                         .map(|(p, n)| (p, n as f32 / total as f32))
                         .collect(),
+                    pixels: total,
                 })
             })
             .collect()

@@ -150,6 +150,15 @@ enum Command {
         /// Held-out scenes for the accuracy report.
         #[arg(long, default_value_t = PretrainConfig::default().eval_scenes)]
         eval_scenes: usize,
+        /// Weight of the per-patch loss beside the pooled one: every patch also predicts the
+        /// classes of the shape covering most of it (at least a quarter), or "none" (0: pooled
+        /// only).
+        #[arg(long, default_value_t = PretrainConfig::default().patch_weight)]
+        patch_weight: f64,
+        /// Train the head alone with the tower frozen: a linear probe of what the tower's
+        /// features already encode (the model written to OUT is the input one).
+        #[arg(long)]
+        probe: bool,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -409,6 +418,8 @@ fn main() -> ExitCode {
             seed,
             scenes,
             eval_scenes,
+            patch_weight,
+            probe,
             quiet,
         } => finish((|| {
             let shapes = match &shapes_config {
@@ -424,6 +435,8 @@ fn main() -> ExitCode {
                 seed,
                 scenes,
                 eval_scenes,
+                patch_weight,
+                probe,
                 shapes,
             };
             let bar = progress_bar(steps, !quiet);
@@ -432,11 +445,12 @@ fn main() -> ExitCode {
                 bar.set_message(format!("loss {loss:.4}"));
             })?;
             bar.finish_and_clear();
-            println!("held-out accuracy of the head on pooled shape features:");
+            println!("held-out accuracy of the head on pooled shape features (and on patches):");
             for (name, a) in [("before", s.before), ("after", s.after)] {
                 println!(
-                    "  {name:6}  shape {:.3}  color {:.3}  size {:.3}  ({} shapes)",
-                    a.shape, a.color, a.size, a.shapes
+                    "  {name:6}  shape {:.3}  color {:.3}  size {:.3}  ({} shapes)  \
+                     patch shape {:.3}  colour {:.3}  ({} patches)",
+                    a.shape, a.color, a.size, a.shapes, a.patch_shape, a.patch_color, a.patches
                 );
             }
             println!("model: {}", out.display());

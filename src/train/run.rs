@@ -306,6 +306,12 @@ impl TrainConfig {
                 ));
             };
             shape.validate()?;
+            if pv.probe {
+                return Err(Error::arg(
+                    "pretrain_vision.probe",
+                    "a probe trains no tower; pretraining before the stages needs probe = false",
+                ));
+            }
             PretrainConfig {
                 shapes: self.shapes_settings()?,
                 ..pv.clone()
@@ -827,8 +833,15 @@ fn pretrain_new_vision(cfg: &TrainConfig, texts: &[&Path], opts: &TrainOptions) 
     bar.finish_and_clear();
     if opts.progress {
         eprintln!(
-            "vision pretraining: held-out shape {:.3} colour {:.3} size {:.3} ({} shapes)",
-            s.after.shape, s.after.color, s.after.size, s.after.shapes
+            "vision pretraining: held-out shape {:.3} colour {:.3} size {:.3} ({} shapes), \
+             per patch shape {:.3} colour {:.3} ({} patches)",
+            s.after.shape,
+            s.after.color,
+            s.after.size,
+            s.after.shapes,
+            s.after.patch_shape,
+            s.after.patch_color,
+            s.after.patches
         );
     }
     Ok(())

@@ -12,6 +12,11 @@
 //! f_o = Σ_p w_op · f_p,   z = W·f_o + b,   L = Σ_task (1/O) Σ_o (logsumexp(z_task) − z_task[y_o])
 //! ```
 //!
+//! With `patch_weight` λ > 0 the same head also reads every patch on its own, labelled with the
+//! shape covering most of it ([`patch_labels`], "none" for background): `L += λ Σ_task (1/P)
+//! Σ_p CE(W·f_p + b, y_p)`. The pooled loss asks only that a shape's patches name it together;
+//! the question's attention has to find "the circle" patch by patch.
+//!
 //! Only the vision tower (and the head, dropped at export) trains; the projector and language
 //! model are written back unchanged. Scenes come from the ShapesVQA generator (train split,
 //! seeded) and are rendered at the model's resolution and preprocessed as its processor says;
@@ -21,7 +26,7 @@ use super::checkpoint::save_checkpoint;
 use super::data::Loader;
 use super::model::{TrainModel, init_values};
 use super::optim::{AdamW, GroupConfig, Param, Schedule, decay_group, zero_grads};
-use crate::bench::shapes::{self, Color, Scene, Shape, ShapesConfig, Size, Split};
+use crate::bench::shapes::{self, Color, Scene, Shape, ShapePatches, ShapesConfig, Size, Split};
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::model::image::ImageProcessorConfig;
@@ -63,6 +68,11 @@ pub struct PretrainConfig {
     pub scenes: usize,
     /// Held-out test-split scenes for the accuracy report.
     pub eval_scenes: usize,
+    /// Weight of the per-patch loss ([`patch_labels`]) beside the pooled one (0: pooled only).
+    pub patch_weight: f64,
+    /// Train the head alone, the tower frozen: a linear probe of what the tower's features
+    /// already say (the written checkpoint is the input one).
+    pub probe: bool,
     /// ShapesVQA settings of the scenes.
     #[serde(skip)]
     pub shapes: ShapesConfig,
@@ -79,6 +89,8 @@ impl Default for PretrainConfig {
             seed: 0,
             scenes: 20000,
             eval_scenes: 200,
+            patch_weight: 0.0,
+            probe: false,
             shapes: ShapesConfig::default(),
         }
     }
@@ -93,6 +105,12 @@ impl PretrainConfig {
                 "steps, batch size and scenes must be at least 1",
             ));
         }
+        if !(self.patch_weight.is_finite() && self.patch_weight >= 0.0) {
+            return Err(Error::arg(
+                "patch_weight",
+                format!("must be finite and >= 0, got {}", self.patch_weight),
+            ));
+        }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(Error::arg(
                 "lr",
@@ -103,7 +121,8 @@ impl PretrainConfig {
     }
 }
 
-/// Per-task accuracy over held-out shapes.
+/// Per-task accuracy over held-out shapes, and of the per-patch labels over patches a shape
+/// covers (see [`patch_labels`]; the head predicting from each patch's own features).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct ShapeAccuracy {
     pub shape: f64,
@@ -111,6 +130,10 @@ pub struct ShapeAccuracy {
     pub size: f64,
     /// Shapes scored.
     pub shapes: usize,
+    pub patch_shape: f64,
+    pub patch_color: f64,
+    /// Patches scored (those labelled with a shape).
+    pub patches: usize,
 }
 
 /// One labelled shape of an image: class indices per task ([`CLASSES`] order) and its patches
@@ -119,6 +142,14 @@ pub struct ShapeAccuracy {
 pub struct ShapeTarget {
     pub classes: [i64; 3],
     pub patches: Vec<(usize, f32)>,
+}
+
+/// The labels of one image: its shapes, pooled over their patches, and every patch's own classes
+/// ([`CLASSES`] order, row-major over the patch grid; empty for none).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ImageTargets {
+    pub shapes: Vec<ShapeTarget>,
+    pub patches: Vec<[i64; 3]>,
 }
 
 /// What a run measured.
@@ -133,21 +164,60 @@ pub struct PretrainSummary {
     pub losses: Vec<f32>,
 }
 
-/// The labelled shapes of one scene.
-pub fn targets(scene: &Scene, image_size: u32, patch_size: u32) -> Vec<ShapeTarget> {
+/// Share of a patch's area a shape must cover for the patch to take its classes in
+/// [`patch_labels`].
+pub const PATCH_COVER: f32 = 0.25;
+
+/// The "none" class of every task (the last one).
+const NONE: [i64; 3] = [
+    CLASSES[0] as i64 - 1,
+    CLASSES[1] as i64 - 1,
+    CLASSES[2] as i64 - 1,
+];
+
+/// Class indices of a shape, [`CLASSES`] order.
+fn classes(o: &ShapePatches) -> [i64; 3] {
     let idx = |i: Option<usize>| i.unwrap_or(0) as i64;
-    scene
-        .shape_patches(image_size, patch_size)
-        .into_iter()
-        .map(|o| ShapeTarget {
-            classes: [
-                idx(Shape::ALL.iter().position(|&x| x == o.shape)),
-                idx(Color::ALL.iter().position(|&x| x == o.color)),
-                idx(Size::ALL.iter().position(|&x| x == o.size)),
-            ],
-            patches: o.patches,
-        })
-        .collect()
+    [
+        idx(Shape::ALL.iter().position(|&x| x == o.shape)),
+        idx(Color::ALL.iter().position(|&x| x == o.color)),
+        idx(Size::ALL.iter().position(|&x| x == o.size)),
+    ]
+}
+
+/// Every patch's own classes over the `(image_size / patch_size)²` grid: those of the shape
+/// covering the largest share of the patch when that share is at least [`PATCH_COVER`], else
+/// "none". Trained on them, each patch's features say which shape it is part of, which is what a
+/// question's attention has to match ("What color is the circle?"); the pooled loss alone only
+/// asks that a shape's patches say it together.
+pub fn patch_labels(shapes: &[ShapePatches], image_size: u32, patch_size: u32) -> Vec<[i64; 3]> {
+    let g = (image_size / patch_size.max(1)) as usize;
+    let area = (patch_size * patch_size) as f32;
+    let mut best = vec![(PATCH_COVER, NONE); g * g];
+    for o in shapes {
+        for &(p, w) in &o.patches {
+            let cover = w * o.pixels as f32 / area;
+            if p < best.len() && cover >= best[p].0 {
+                best[p] = (cover, classes(o));
+            }
+        }
+    }
+    best.into_iter().map(|(_, c)| c).collect()
+}
+
+/// The labels of one scene: its shapes and its patches.
+pub fn targets(scene: &Scene, image_size: u32, patch_size: u32) -> ImageTargets {
+    let shapes = scene.shape_patches(image_size, patch_size);
+    ImageTargets {
+        patches: patch_labels(&shapes, image_size, patch_size),
+        shapes: shapes
+            .iter()
+            .map(|o| ShapeTarget {
+                classes: classes(o),
+                patches: o.patches.clone(),
+            })
+            .collect(),
+    }
 }
 
 /// The linear head: `W` `[Σ CLASSES, width]` and `b`, initialised `N(0, 0.02)`-like from `seed`.
@@ -187,11 +257,56 @@ fn head_logits(head: &[Param], feats: &[f32], width: usize) -> Vec<f32> {
     z
 }
 
+/// The head's loss over features `[rows, width]` with one label triple per row, summed over the
+/// tasks (each a mean over rows), scaled by `weight`; with `backward`, accumulates the head's
+/// gradient and returns the features' (else an empty vector).
+fn head_loss(
+    head: &mut [Param],
+    feats: &[f32],
+    width: usize,
+    labels: &[[i64; 3]],
+    weight: f32,
+    backward: bool,
+) -> Result<(f32, Vec<f32>)> {
+    let out: usize = CLASSES.iter().sum();
+    let z = head_logits(head, feats, width);
+    let mut dz = vec![0.0f32; z.len()];
+    let mut loss = 0.0;
+    let mut off = 0;
+    for (t, &k) in CLASSES.iter().enumerate() {
+        let zt: Vec<f32> = z
+            .chunks(out)
+            .flat_map(|r| r[off..off + k].to_vec())
+            .collect();
+        let yt: Vec<i64> = labels.iter().map(|c| c[t]).collect();
+        let (l, g) = cross_entropy(&zt, k, &yt, -100)?;
+        loss += weight * l;
+        for (dr, gr) in dz.chunks_mut(out).zip(g.chunks(k)) {
+            dr.iter_mut()
+                .skip(off)
+                .zip(gr)
+                .for_each(|(d, &x)| *d = weight * x);
+        }
+        off += k;
+    }
+    if !backward {
+        return Ok((loss, Vec::new()));
+    }
+    let (mut dw, mut db) = (
+        std::mem::take(&mut head[0].grad),
+        std::mem::take(&mut head[1].grad),
+    );
+    let dfeats = linear_backward(feats, &head[0].value, width, &dz, &mut dw, Some(&mut db));
+    head[0].grad = dw;
+    head[1].grad = db;
+    Ok((loss, dfeats?))
+}
+
 /// Pooled features `[shapes, width]` of every image's shapes, in order.
-fn pool(feats: &[f32], width: usize, tokens: usize, targets: &[Vec<ShapeTarget>]) -> Vec<f32> {
+fn pool(feats: &[f32], width: usize, tokens: usize, targets: &[ImageTargets]) -> Vec<f32> {
     let mut pooled = Vec::new();
-    for (i, shapes) in targets.iter().enumerate() {
-        for t in shapes {
+    for (i, img) in targets.iter().enumerate() {
+        for t in &img.shapes {
             let mut f = vec![0.0f32; width];
             for &(p, w) in &t.patches {
                 let row = &feats[(i * tokens + p) * width..(i * tokens + p + 1) * width];
@@ -203,13 +318,15 @@ fn pool(feats: &[f32], width: usize, tokens: usize, targets: &[Vec<ShapeTarget>]
     pooled
 }
 
-/// Runs the batch (`targets[i]`: the shapes of image `i`) and returns its loss; with
+/// Runs the batch (`targets[i]`: the labels of image `i`) and returns its loss, the pooled
+/// shapes' plus `patch_weight` times the patches' (images with per-patch labels only); with
 /// `backward`, accumulates its gradient into the head's and the vision tower's `grad`.
 pub fn shape_loss(
     model: &mut TrainModel,
     head: &mut [Param],
     pixels: &[&[f32]],
-    targets: &[Vec<ShapeTarget>],
+    targets: &[ImageTargets],
+    patch_weight: f32,
     backward: bool,
 ) -> Result<f32> {
     let tokens = model.config.image_tokens();
@@ -222,7 +339,7 @@ pub fn shape_loss(
     }
     if let Some(&(p, _)) = targets
         .iter()
-        .flatten()
+        .flat_map(|t| &t.shapes)
         .flat_map(|t| &t.patches)
         .find(|(p, _)| *p >= tokens)
     {
@@ -231,40 +348,48 @@ pub fn shape_loss(
             format!("patch {p} is outside the {tokens} image tokens"),
         ));
     }
+    if let Some(t) = targets
+        .iter()
+        .find(|t| !t.patches.is_empty() && t.patches.len() != tokens)
+    {
+        return Err(Error::Shape {
+            name: "patch labels".into(),
+            expected: vec![tokens],
+            got: vec![t.patches.len()],
+        });
+    }
     let feats = model.vision_forward(pixels)?;
     let width = model.feature_width();
     let pooled = pool(&feats, width, tokens, targets);
-    let out: usize = CLASSES.iter().sum();
-    let z = head_logits(head, &pooled, width);
-    let mut dz = vec![0.0f32; z.len()];
-    let mut loss = 0.0;
-    let mut off = 0;
-    for (t, &k) in CLASSES.iter().enumerate() {
-        let zt: Vec<f32> = z
-            .chunks(out)
-            .flat_map(|r| r[off..off + k].to_vec())
+    let labels: Vec<[i64; 3]> = targets
+        .iter()
+        .flat_map(|t| t.shapes.iter().map(|s| s.classes))
+        .collect();
+    let (mut loss, dpooled) = head_loss(head, &pooled, width, &labels, 1.0, backward)?;
+    let mut dfeats = vec![0.0f32; if backward { feats.len() } else { 0 }];
+    let labelled: Vec<usize> = (0..targets.len())
+        .filter(|&i| !targets[i].patches.is_empty())
+        .collect();
+    if patch_weight > 0.0 && !labelled.is_empty() {
+        let rows: Vec<f32> = labelled
+            .iter()
+            .flat_map(|&i| &feats[i * tokens * width..(i + 1) * tokens * width])
+            .copied()
             .collect();
-        let yt: Vec<i64> = targets.iter().flatten().map(|s| s.classes[t]).collect();
-        let (l, g) = cross_entropy(&zt, k, &yt, -100)?;
+        let labels: Vec<[i64; 3]> = labelled
+            .iter()
+            .flat_map(|&i| targets[i].patches.iter().copied())
+            .collect();
+        let (l, drows) = head_loss(head, &rows, width, &labels, patch_weight, backward)?;
         loss += l;
-        for (dr, gr) in dz.chunks_mut(out).zip(g.chunks(k)) {
-            dr[off..off + k].copy_from_slice(gr);
+        for (&i, d) in labelled.iter().zip(drows.chunks(tokens * width)) {
+            dfeats[i * tokens * width..(i + 1) * tokens * width].copy_from_slice(d);
         }
-        off += k;
     }
     if backward {
-        let (mut dw, mut db) = (
-            std::mem::take(&mut head[0].grad),
-            std::mem::take(&mut head[1].grad),
-        );
-        let dpooled = linear_backward(&pooled, &head[0].value, width, &dz, &mut dw, Some(&mut db));
-        head[0].grad = dw;
-        head[1].grad = db;
-        let dpooled = dpooled?;
-        let mut dfeats = vec![0.0f32; feats.len()];
         let mut rows = dpooled.chunks(width);
-        for (i, shapes) in targets.iter().enumerate() {
-            for (t, d) in shapes.iter().zip(&mut rows) {
+        for (i, img) in targets.iter().enumerate() {
+            for (t, d) in img.shapes.iter().zip(&mut rows) {
                 for &(p, w) in &t.patches {
                     let row = &mut dfeats[(i * tokens + p) * width..(i * tokens + p + 1) * width];
                     row.iter_mut().zip(d).for_each(|(a, &g)| *a += w * g);
@@ -276,43 +401,61 @@ pub fn shape_loss(
     Ok(loss)
 }
 
-/// Held-out per-task accuracy over every shape.
+/// Index of the largest of `z`.
+fn argmax(z: &[f32]) -> i64 {
+    (0..z.len())
+        .max_by(|&a, &b| z[a].total_cmp(&z[b]))
+        .unwrap_or(0) as i64
+}
+
+/// Held-out per-task accuracy over every shape, and per-patch shape and colour accuracy over the
+/// patches labelled with a shape.
 fn accuracy(
     model: &mut TrainModel,
     head: &[Param],
     pixels: &[Vec<f32>],
-    targets: &[Vec<ShapeTarget>],
+    targets: &[ImageTargets],
 ) -> Result<ShapeAccuracy> {
     let out: usize = CLASSES.iter().sum();
     let width = model.feature_width();
     let tokens = model.config.image_tokens();
     let (mut right, mut n) = ([0usize; 3], 0usize);
+    let (mut patch_right, mut patches) = ([0usize; 2], 0usize);
     for (px, tg) in pixels.chunks(16).zip(targets.chunks(16)) {
         let refs: Vec<&[f32]> = px.iter().map(|p| p.as_slice()).collect();
         let feats = model.vision_forward(&refs)?;
         let z = head_logits(head, &pool(&feats, width, tokens, tg), width);
-        for (row, t) in z.chunks(out).zip(tg.iter().flatten()) {
+        for (row, t) in z.chunks(out).zip(tg.iter().flat_map(|t| &t.shapes)) {
             n += 1;
             let mut off = 0;
             for (task, &k) in CLASSES.iter().enumerate() {
-                let zt = &row[off..off + k];
-                let best = (0..k).max_by(|&a, &b| zt[a].total_cmp(&zt[b])).unwrap_or(0);
-                right[task] += usize::from(best as i64 == t.classes[task]);
+                right[task] += usize::from(argmax(&row[off..off + k]) == t.classes[task]);
                 off += k;
             }
         }
+        let z = head_logits(head, &feats, width);
+        let labels = tg.iter().flat_map(|t| &t.patches);
+        for (row, c) in z.chunks(out).zip(labels).filter(|(_, c)| c[0] != NONE[0]) {
+            patches += 1;
+            patch_right[0] += usize::from(argmax(&row[..CLASSES[0]]) == c[0]);
+            let colors = &row[CLASSES[0]..CLASSES[0] + CLASSES[1]];
+            patch_right[1] += usize::from(argmax(colors) == c[1]);
+        }
     }
-    let frac = |r: usize| if n == 0 { 0.0 } else { r as f64 / n as f64 };
+    let frac = |r: usize, n: usize| if n == 0 { 0.0 } else { r as f64 / n as f64 };
     Ok(ShapeAccuracy {
-        shape: frac(right[0]),
-        color: frac(right[1]),
-        size: frac(right[2]),
+        shape: frac(right[0], n),
+        color: frac(right[1], n),
+        size: frac(right[2], n),
         shapes: n,
+        patch_shape: frac(patch_right[0], patches),
+        patch_color: frac(patch_right[1], patches),
+        patches,
     })
 }
 
 /// Pixel values and labelled shapes of a list of scenes.
-type Rendered = (Vec<Vec<f32>>, Vec<Vec<ShapeTarget>>);
+type Rendered = (Vec<Vec<f32>>, Vec<ImageTargets>);
 
 /// Pixel values and labelled shapes of scenes, rendered and preprocessed in parallel.
 fn render(
@@ -321,7 +464,7 @@ fn render(
     image_size: u32,
     patch_size: u32,
 ) -> Result<Rendered> {
-    let done: Vec<Result<(Vec<f32>, Vec<ShapeTarget>)>> = scenes
+    let done: Vec<Result<(Vec<f32>, ImageTargets)>> = scenes
         .par_iter()
         .map(|s| {
             let px = proc.preprocess(&s.render(image_size))?.into_f32_vec();
@@ -402,7 +545,14 @@ pub fn pretrain_vision(
     let schedule = Schedule::new(cfg.warmup, cfg.steps, 0.0)?;
     let mut opt = AdamW::new(
         cfg.lr,
-        groups(&["vision", "projector", "lm"], &["projector", "lm"]),
+        groups(
+            &["vision", "projector", "lm"],
+            if cfg.probe {
+                &["vision", "projector", "lm"]
+            } else {
+                &["projector", "lm"]
+            },
+        ),
     )?
     .with_schedule(schedule);
     let mut head = new_head(model.feature_width(), cfg.seed);
@@ -416,7 +566,14 @@ pub fn pretrain_vision(
         let scenes: Vec<&Scene> = idx.iter().map(|&i| &train[i]).collect();
         let (px, targets) = render(&scenes, &proc, image_size, patch_size)?;
         let refs: Vec<&[f32]> = px.iter().map(|p| p.as_slice()).collect();
-        let loss = shape_loss(&mut model, &mut head, &refs, &targets, true)?;
+        let loss = shape_loss(
+            &mut model,
+            &mut head,
+            &refs,
+            &targets,
+            cfg.patch_weight as f32,
+            true,
+        )?;
         if !loss.is_finite() {
             return Err(Error::arg(
                 "pretrain-vision",
