@@ -316,6 +316,15 @@ fn families_are_balanced_and_every_answer_matches_the_scene() {
         }
     }
     assert_eq!(rel.len(), 4, "all four directions appear: {rel:?}");
+    // count answers cycle through 1..=max_count (3) in generation order
+    let counts: Vec<&str> = samples
+        .iter()
+        .filter(|s| s.family == Family::Count)
+        .map(|s| s.answers[0].as_str())
+        .collect();
+    for (i, a) in counts.iter().enumerate() {
+        assert_eq!(*a, ["1", "2", "3"][i % 3], "count sample {i}");
+    }
     // the size word appears when the shape alone is ambiguous
     assert!(
         samples
@@ -339,6 +348,39 @@ fn families_are_balanced_and_every_answer_matches_the_scene() {
         "{with_sign} of {} scenes carry a sign",
         others.len()
     );
+}
+
+/// `max_count = 0` asks about whatever the scene holds: mostly one of a kind, and never a count
+/// capped by a plan (`max_count` is also capped by `max_objects`).
+#[test]
+fn count_plans_follow_max_count() {
+    let only_count = ShapesConfig {
+        family_weights: [0.0, 0.0, 1.0, 0.0, 0.0, 0.0],
+        ..cfg()
+    };
+    let free = generate(
+        Split::Train,
+        60,
+        4,
+        &ShapesConfig {
+            max_count: 0,
+            ..only_count.clone()
+        },
+    )
+    .unwrap();
+    let ones = free.iter().filter(|s| s.answers[0] == "1").count();
+    assert!(ones > 30, "{ones} of 60 free counts are one");
+    let capped = ShapesConfig {
+        max_count: 5,
+        max_objects: 2,
+        ..only_count
+    };
+    let s = generate(Split::Train, 6, 4, &capped).unwrap();
+    let got: Vec<&str> = s.iter().map(|s| s.answers[0].as_str()).collect();
+    assert_eq!(got, ["1", "2", "1", "2", "1", "2"]);
+    for x in free.iter().chain(&s) {
+        check_answer(x, false);
+    }
 }
 
 #[test]

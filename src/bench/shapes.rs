@@ -33,11 +33,13 @@
 //! ambiguous; relative-position objects are "the {color} {shape}", with the size word when needed, and
 //! their bounding boxes are disjoint along the asked axis by at least [`ShapesConfig::min_gap`]);
 //! when a scene allows no unambiguous question of the wanted family, the scene is regenerated. Counts
-//! are at least 1 (only present attributes are counted). Existence questions alternate yes/no; the
-//! negatives follow POPE with three [`PopeKind`]s: *random* (any absent colour/shape combination),
-//! *popular* (the dataset's most frequent shape, i.e. the mode of [`ShapesConfig::shape_weights`],
-//! with the most frequent colour absent from the scene, or the same with the roles swapped), and
-//! *adversarial* (a colour and a shape that are both present, on different objects, but not together).
+//! are at least 1 (only present attributes are counted) and cycle through
+//! `1..=`[`ShapesConfig::max_count`], so answering "1" is no better than any other guess.
+//! Existence questions alternate yes/no; the negatives follow POPE with three [`PopeKind`]s:
+//! *random* (any absent colour/shape combination), *popular* (the dataset's most frequent shape,
+//! i.e. the mode of [`ShapesConfig::shape_weights`], with the most frequent colour absent from the
+//! scene, or the same with the roles swapped), and *adversarial* (a colour and a shape that are
+//! both present, on different objects, but not together).
 //!
 //! # Relevance
 //! [`Sample::relevance_mask`] marks, row-major over the `(image_size/patch_size)²` patch grid, the
@@ -1001,6 +1003,10 @@ pub struct ShapesConfig {
     /// Smallest gap between the bounding boxes of the two objects of a relative-position question,
     /// along the asked axis.
     pub min_gap: f32,
+    /// Count questions' answers cycle through `1..=max_count` (capped at `max_objects`; scenes
+    /// are redrawn until one colour or shape occurs exactly that often), so the most common
+    /// answer scores `1/max_count`; 0 asks about whatever the scene holds, which is mostly one.
+    pub max_count: usize,
 }
 
 impl Default for ShapesConfig {
@@ -1023,6 +1029,7 @@ impl Default for ShapesConfig {
             shape_weights: [2.0, 1.5, 1.5, 1.0, 1.0, 1.0, 1.0],
             color_weights: [2.0, 1.0, 1.5, 1.0, 1.0, 1.0, 1.0, 1.0],
             min_gap: 0.02,
+            max_count: 3,
         }
     }
 }
@@ -1374,6 +1381,13 @@ enum ExistencePlan {
     No(PopeKind),
 }
 
+/// What a sample's question must be beyond its family: an existence answer, or a count.
+#[derive(Clone, Copy)]
+enum Plan {
+    Exist(ExistencePlan),
+    Count(usize),
+}
+
 fn q_color(scene: &Scene, rng: &mut StdRng) -> Option<Question> {
     let objs = scene.shapes();
     let mut cands = Vec::new();
@@ -1400,26 +1414,38 @@ fn q_shape(scene: &Scene, rng: &mut StdRng) -> Option<Question> {
     Some(Question::new(text, sh.name(), vec![i]))
 }
 
-fn q_count(scene: &Scene, rng: &mut StdRng) -> Option<Question> {
+/// A count question; with `want`, about a colour or shape occurring exactly `want` times (none
+/// when the scene has no such attribute), else about a present colour or shape at even odds.
+fn q_count(scene: &Scene, rng: &mut StdRng, want: Option<usize>) -> Option<Question> {
     let objs = scene.shapes();
-    let (text, referenced): (String, Vec<usize>) = if rng.random::<bool>() {
-        let mut colors: Vec<Color> = objs.iter().map(|o| o.2).collect();
-        colors.sort();
-        colors.dedup();
-        let c = *pick(rng, &colors)?;
+    let by_color = |c: Color| -> (String, Vec<usize>) {
         (
             format!("How many {} objects are there?", c.name()),
             objs.iter().filter(|o| o.2 == c).map(|o| o.0).collect(),
         )
-    } else {
-        let mut shapes: Vec<Shape> = objs.iter().map(|o| o.1).collect();
-        shapes.sort();
-        shapes.dedup();
-        let s = *pick(rng, &shapes)?;
+    };
+    let by_shape = |s: Shape| -> (String, Vec<usize>) {
         (
             format!("How many {}s are there?", s.name()),
             objs.iter().filter(|o| o.1 == s).map(|o| o.0).collect(),
         )
+    };
+    let mut colors: Vec<Color> = objs.iter().map(|o| o.2).collect();
+    colors.sort();
+    colors.dedup();
+    let mut shapes: Vec<Shape> = objs.iter().map(|o| o.1).collect();
+    shapes.sort();
+    shapes.dedup();
+    let (text, referenced) = match want {
+        Some(k) => {
+            let cands: Vec<(String, Vec<usize>)> = (colors.into_iter().map(by_color))
+                .chain(shapes.into_iter().map(by_shape))
+                .filter(|(_, r)| r.len() == k)
+                .collect();
+            pick(rng, &cands)?.clone()
+        }
+        None if rng.random::<bool>() => by_color(*pick(rng, &colors)?),
+        None => by_shape(*pick(rng, &shapes)?),
     };
     let n = referenced.len();
     Some(Question {
@@ -1578,44 +1604,55 @@ fn q_read(scene: &Scene) -> Option<Question> {
     ))
 }
 
-/// Family of every sample up to `n`, and the existence plan of each existence sample.
-fn plans(cfg: &ShapesConfig, n: usize) -> Vec<(Family, Option<ExistencePlan>)> {
+/// Family of every sample up to `n`, with the plan of each existence sample (yes and POPE
+/// negatives alternate) and count sample (`1..=max_count` in turn).
+fn plans(cfg: &ShapesConfig, n: usize) -> Vec<(Family, Option<Plan>)> {
     let fams = round_robin(&cfg.family_weights, n);
     let n_exist = fams.iter().filter(|&&f| f == 3).count();
     let pope = round_robin(&cfg.pope_weights, n_exist.div_ceil(2));
-    let mut k = 0;
+    let (mut exist, mut count) = (0, 0);
     fams.into_iter()
         .map(|f| {
             let family = Family::ALL[f];
-            let plan = (family == Family::Existence).then(|| {
-                k += 1;
-                if (k - 1) % 2 == 0 {
-                    ExistencePlan::Yes
-                } else {
-                    ExistencePlan::No(PopeKind::ALL[pope[(k - 1) / 2]])
+            let plan = match family {
+                Family::Existence => {
+                    exist += 1;
+                    Some(Plan::Exist(if (exist - 1) % 2 == 0 {
+                        ExistencePlan::Yes
+                    } else {
+                        ExistencePlan::No(PopeKind::ALL[pope[(exist - 1) / 2]])
+                    }))
                 }
-            });
+                Family::Count if cfg.max_count > 0 => {
+                    count += 1;
+                    let cycle = cfg.max_count.min(cfg.max_objects).max(1);
+                    Some(Plan::Count((count - 1) % cycle + 1))
+                }
+                _ => None,
+            };
             (family, plan)
         })
         .collect()
 }
 
-/// A question of `family` about `scene` (existence questions follow `plan`), if the scene allows
-/// an unambiguous one.
+/// A question of `family` about `scene` following `plan`, if the scene allows an unambiguous
+/// one.
 fn ask(
     scene: &Scene,
     family: Family,
-    plan: Option<ExistencePlan>,
+    plan: Option<Plan>,
     rng: &mut StdRng,
     cfg: &ShapesConfig,
 ) -> Option<Question> {
-    match family {
-        Family::Color => q_color(scene, rng),
-        Family::Shape => q_shape(scene, rng),
-        Family::Count => q_count(scene, rng),
-        Family::Existence => plan.and_then(|p| q_exist(scene, rng, p, cfg)),
-        Family::RelativePosition => q_relpos(scene, rng, cfg),
-        Family::ReadText => q_read(scene),
+    match (family, plan) {
+        (Family::Color, _) => q_color(scene, rng),
+        (Family::Shape, _) => q_shape(scene, rng),
+        (Family::Count, Some(Plan::Count(k))) => q_count(scene, rng, Some(k)),
+        (Family::Count, _) => q_count(scene, rng, None),
+        (Family::Existence, Some(Plan::Exist(p))) => q_exist(scene, rng, p, cfg),
+        (Family::Existence, _) => None,
+        (Family::RelativePosition, _) => q_relpos(scene, rng, cfg),
+        (Family::ReadText, _) => q_read(scene),
     }
 }
 
@@ -1625,7 +1662,7 @@ fn make_sample(
     seed: u64,
     cfg: &ShapesConfig,
     family: Family,
-    plan: Option<ExistencePlan>,
+    plan: Option<Plan>,
 ) -> Result<Sample> {
     let id = format!("{split}-{seed}-{index:06}");
     for attempt in 0..MAX_ATTEMPTS {
@@ -1805,11 +1842,11 @@ fn other_questions(
     let mut out = Vec::new();
     for f in fams {
         let plan = (f == Family::Existence).then(|| {
-            if rng.random::<bool>() {
+            Plan::Exist(if rng.random::<bool>() {
                 ExistencePlan::Yes
             } else {
                 ExistencePlan::No(PopeKind::ALL[pick_weighted(rng, &cfg.pope_weights)])
-            }
+            })
         });
         let Some(q) = ask(scene, f, plan, rng, cfg) else {
             continue;
@@ -2128,8 +2165,9 @@ mod tests {
             .map(|(f, plan)| {
                 assert_eq!(*f, Family::Existence);
                 match plan.unwrap() {
-                    ExistencePlan::Yes => None,
-                    ExistencePlan::No(k) => Some(k),
+                    Plan::Exist(ExistencePlan::Yes) => None,
+                    Plan::Exist(ExistencePlan::No(k)) => Some(k),
+                    Plan::Count(_) => panic!("a count plan for an existence sample"),
                 }
             })
             .collect();
