@@ -155,6 +155,10 @@ enum Command {
         /// only).
         #[arg(long, default_value_t = PretrainConfig::default().patch_weight)]
         patch_weight: f64,
+        /// Weight of the per-patch position loss: a second head reads each patch's row and
+        /// column off its features (0: none).
+        #[arg(long, default_value_t = PretrainConfig::default().position_weight)]
+        position_weight: f64,
         /// Train the head alone with the tower frozen: a linear probe of what the tower's
         /// features already encode (the model written to OUT is the input one).
         #[arg(long)]
@@ -419,6 +423,7 @@ fn main() -> ExitCode {
             scenes,
             eval_scenes,
             patch_weight,
+            position_weight,
             probe,
             quiet,
         } => finish((|| {
@@ -436,6 +441,7 @@ fn main() -> ExitCode {
                 scenes,
                 eval_scenes,
                 patch_weight,
+                position_weight,
                 probe,
                 shapes,
             };
@@ -449,8 +455,15 @@ fn main() -> ExitCode {
             for (name, a) in [("before", s.before), ("after", s.after)] {
                 println!(
                     "  {name:6}  shape {:.3}  color {:.3}  size {:.3}  ({} shapes)  \
-                     patch shape {:.3}  colour {:.3}  ({} patches)",
-                    a.shape, a.color, a.size, a.shapes, a.patch_shape, a.patch_color, a.patches
+                     patch shape {:.3}  colour {:.3}  ({} patches)  position {:.3}",
+                    a.shape,
+                    a.color,
+                    a.size,
+                    a.shapes,
+                    a.patch_shape,
+                    a.patch_color,
+                    a.patches,
+                    a.patch_position
                 );
             }
             println!("model: {}", out.display());

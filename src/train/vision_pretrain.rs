@@ -15,7 +15,10 @@
 //! With `patch_weight` λ > 0 the same head also reads every patch on its own, labelled with the
 //! shape covering most of it ([`patch_labels`], "none" for background): `L += λ Σ_task (1/P)
 //! Σ_p CE(W·f_p + b, y_p)`. The pooled loss asks only that a shape's patches name it together;
-//! the question's attention has to find "the circle" patch by patch.
+//! the question's attention has to find "the circle" patch by patch. With `position_weight` μ > 0
+//! a second linear head reads every patch's row and column (`grid` classes each) off its
+//! features, `L += μ (CE_row + CE_col)`, so they also say where the patch lies ("Is the circle to
+//! the left of the star?").
 //!
 //! Only the vision tower (and the head, dropped at export) trains; the projector and language
 //! model are written back unchanged. Scenes come from the ShapesVQA generator (train split,
@@ -70,6 +73,9 @@ pub struct PretrainConfig {
     pub eval_scenes: usize,
     /// Weight of the per-patch loss ([`patch_labels`]) beside the pooled one (0: pooled only).
     pub patch_weight: f64,
+    /// Weight of the per-patch position loss: a second linear head reads each patch's row and
+    /// column off its features, so they say where in the image the patch is (0: none).
+    pub position_weight: f64,
     /// Train the head alone, the tower frozen: a linear probe of what the tower's features
     /// already say (the written checkpoint is the input one).
     pub probe: bool,
@@ -90,6 +96,7 @@ impl Default for PretrainConfig {
             scenes: 20000,
             eval_scenes: 200,
             patch_weight: 0.0,
+            position_weight: 0.0,
             probe: false,
             shapes: ShapesConfig::default(),
         }
@@ -105,11 +112,16 @@ impl PretrainConfig {
                 "steps, batch size and scenes must be at least 1",
             ));
         }
-        if !(self.patch_weight.is_finite() && self.patch_weight >= 0.0) {
-            return Err(Error::arg(
-                "patch_weight",
-                format!("must be finite and >= 0, got {}", self.patch_weight),
-            ));
+        for (name, w) in [
+            ("patch_weight", self.patch_weight),
+            ("position_weight", self.position_weight),
+        ] {
+            if !(w.is_finite() && w >= 0.0) {
+                return Err(Error::arg(
+                    name,
+                    format!("must be finite and >= 0, got {w}"),
+                ));
+            }
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(Error::arg(
@@ -134,6 +146,8 @@ pub struct ShapeAccuracy {
     pub patch_color: f64,
     /// Patches scored (those labelled with a shape).
     pub patches: usize,
+    /// Share of all patches whose row and column the position head reads right.
+    pub patch_position: f64,
 }
 
 /// One labelled shape of an image: class indices per task ([`CLASSES`] order) and its patches
@@ -220,24 +234,28 @@ pub fn targets(scene: &Scene, image_size: u32, patch_size: u32) -> ImageTargets 
     }
 }
 
-/// The linear head: `W` `[Σ CLASSES, width]` and `b`, initialised `N(0, 0.02)`-like from `seed`.
-pub fn new_head(width: usize, seed: u64) -> Vec<Param> {
-    let out: usize = CLASSES.iter().sum();
+/// The linear heads, initialised `N(0, 0.02)`-like from `seed`: the class head `W` `[Σ CLASSES,
+/// width]`, `b` (`head.*`), then the position head `[2 · grid, width]` (`position.*`) that reads
+/// each patch's row and column off its own features.
+pub fn new_head(width: usize, grid: usize, seed: u64) -> Vec<Param> {
     let mut state = seed ^ 0x5eed_7a11_c0ff_ee00;
-    let w = init_values("head.weight", &[out, width], 0.02, &mut state);
-    vec![
-        Param::new("head.weight", decay_group("head", "head.weight"), w),
-        Param::new(
-            "head.bias",
-            decay_group("head", "head.bias"),
-            vec![0.0; out],
-        ),
-    ]
+    let mut linear = |name: &str, out: usize| {
+        let w = format!("{name}.weight");
+        let b = format!("{name}.bias");
+        let values = init_values(&w, &[out, width], 0.02, &mut state);
+        [
+            Param::new(&w, decay_group(name, &w), values),
+            Param::new(&b, decay_group(name, &b), vec![0.0; out]),
+        ]
+    };
+    let mut head = Vec::from(linear("head", CLASSES.iter().sum()));
+    head.extend(linear("position", 2 * grid));
+    head
 }
 
-/// Logits `[rows, Σ CLASSES]` of the head over features `[rows, width]`.
+/// Logits `[rows, out]` of the linear layer `head[0..2]` over features `[rows, width]`.
 fn head_logits(head: &[Param], feats: &[f32], width: usize) -> Vec<f32> {
-    let out: usize = CLASSES.iter().sum();
+    let out = head[1].value.len();
     let rows = feats.len() / width;
     let mut z = vec![0.0f32; rows * out];
     matmul_nt(
@@ -257,29 +275,30 @@ fn head_logits(head: &[Param], feats: &[f32], width: usize) -> Vec<f32> {
     z
 }
 
-/// The head's loss over features `[rows, width]` with one label triple per row, summed over the
-/// tasks (each a mean over rows), scaled by `weight`; with `backward`, accumulates the head's
-/// gradient and returns the features' (else an empty vector).
+/// The loss of the linear layer `head[0..2]` over features `[rows, width]`: its outputs split
+/// into tasks of `classes[t]` classes, `labels[t]` one per row, each task's mean cross-entropy
+/// summed and scaled by `weight`; with `backward`, accumulates the layer's gradient and returns
+/// the features' (else an empty vector).
 fn head_loss(
     head: &mut [Param],
     feats: &[f32],
     width: usize,
-    labels: &[[i64; 3]],
+    classes: &[usize],
+    labels: &[Vec<i64>],
     weight: f32,
     backward: bool,
 ) -> Result<(f32, Vec<f32>)> {
-    let out: usize = CLASSES.iter().sum();
+    let out = head[1].value.len();
     let z = head_logits(head, feats, width);
     let mut dz = vec![0.0f32; z.len()];
     let mut loss = 0.0;
     let mut off = 0;
-    for (t, &k) in CLASSES.iter().enumerate() {
+    for (&k, yt) in classes.iter().zip(labels) {
         let zt: Vec<f32> = z
             .chunks(out)
             .flat_map(|r| r[off..off + k].to_vec())
             .collect();
-        let yt: Vec<i64> = labels.iter().map(|c| c[t]).collect();
-        let (l, g) = cross_entropy(&zt, k, &yt, -100)?;
+        let (l, g) = cross_entropy(&zt, k, yt, -100)?;
         loss += weight * l;
         for (dr, gr) in dz.chunks_mut(out).zip(g.chunks(k)) {
             dr.iter_mut()
@@ -302,6 +321,18 @@ fn head_loss(
     Ok((loss, dfeats?))
 }
 
+/// Per-task label vectors of rows of class triples.
+fn by_task(rows: &[[i64; 3]]) -> Vec<Vec<i64>> {
+    (0..3)
+        .map(|t| rows.iter().map(|c| c[t]).collect())
+        .collect()
+}
+
+/// Adds `d` into `acc` elementwise.
+fn accumulate(acc: &mut [f32], d: &[f32]) {
+    acc.iter_mut().zip(d).for_each(|(a, &x)| *a += x);
+}
+
 /// Pooled features `[shapes, width]` of every image's shapes, in order.
 fn pool(feats: &[f32], width: usize, tokens: usize, targets: &[ImageTargets]) -> Vec<f32> {
     let mut pooled = Vec::new();
@@ -318,15 +349,18 @@ fn pool(feats: &[f32], width: usize, tokens: usize, targets: &[ImageTargets]) ->
     pooled
 }
 
-/// Runs the batch (`targets[i]`: the labels of image `i`) and returns its loss, the pooled
-/// shapes' plus `patch_weight` times the patches' (images with per-patch labels only); with
-/// `backward`, accumulates its gradient into the head's and the vision tower's `grad`.
+/// Runs the batch (`targets[i]`: the labels of image `i`) and returns its loss: the pooled
+/// shapes', plus `patch_weight` times the patches' classes (images with per-patch labels only),
+/// plus `position_weight` times every patch's row and column (the position head,
+/// `head[2..]`); with `backward`, accumulates its gradient into the heads' and the vision
+/// tower's `grad`.
 pub fn shape_loss(
     model: &mut TrainModel,
     head: &mut [Param],
     pixels: &[&[f32]],
     targets: &[ImageTargets],
     patch_weight: f32,
+    position_weight: f32,
     backward: bool,
 ) -> Result<f32> {
     let tokens = model.config.image_tokens();
@@ -365,7 +399,15 @@ pub fn shape_loss(
         .iter()
         .flat_map(|t| t.shapes.iter().map(|s| s.classes))
         .collect();
-    let (mut loss, dpooled) = head_loss(head, &pooled, width, &labels, 1.0, backward)?;
+    let (mut loss, dpooled) = head_loss(
+        &mut head[..2],
+        &pooled,
+        width,
+        &CLASSES,
+        &by_task(&labels),
+        1.0,
+        backward,
+    )?;
     let mut dfeats = vec![0.0f32; if backward { feats.len() } else { 0 }];
     let labelled: Vec<usize> = (0..targets.len())
         .filter(|&i| !targets[i].patches.is_empty())
@@ -380,11 +422,39 @@ pub fn shape_loss(
             .iter()
             .flat_map(|&i| targets[i].patches.iter().copied())
             .collect();
-        let (l, drows) = head_loss(head, &rows, width, &labels, patch_weight, backward)?;
+        let (l, drows) = head_loss(
+            &mut head[..2],
+            &rows,
+            width,
+            &CLASSES,
+            &by_task(&labels),
+            patch_weight,
+            backward,
+        )?;
         loss += l;
         for (&i, d) in labelled.iter().zip(drows.chunks(tokens * width)) {
-            dfeats[i * tokens * width..(i + 1) * tokens * width].copy_from_slice(d);
+            accumulate(&mut dfeats[i * tokens * width..(i + 1) * tokens * width], d);
         }
+    }
+    if position_weight > 0.0 {
+        let grid = model.config.vision.grid();
+        let rows: Vec<i64> = (0..pixels.len() * tokens)
+            .map(|r| ((r % tokens) / grid) as i64)
+            .collect();
+        let cols: Vec<i64> = (0..pixels.len() * tokens)
+            .map(|r| ((r % tokens) % grid) as i64)
+            .collect();
+        let (l, d) = head_loss(
+            &mut head[2..],
+            &feats,
+            width,
+            &[grid, grid],
+            &[rows, cols],
+            position_weight,
+            backward,
+        )?;
+        loss += l;
+        accumulate(&mut dfeats, &d);
     }
     if backward {
         let mut rows = dpooled.chunks(width);
@@ -408,8 +478,8 @@ fn argmax(z: &[f32]) -> i64 {
         .unwrap_or(0) as i64
 }
 
-/// Held-out per-task accuracy over every shape, and per-patch shape and colour accuracy over the
-/// patches labelled with a shape.
+/// Held-out per-task accuracy over every shape, per-patch shape and colour accuracy over the
+/// patches labelled with a shape, and the position head's over every patch.
 fn accuracy(
     model: &mut TrainModel,
     head: &[Param],
@@ -421,6 +491,8 @@ fn accuracy(
     let tokens = model.config.image_tokens();
     let (mut right, mut n) = ([0usize; 3], 0usize);
     let (mut patch_right, mut patches) = ([0usize; 2], 0usize);
+    let grid = model.config.vision.grid();
+    let mut placed = 0usize;
     for (px, tg) in pixels.chunks(16).zip(targets.chunks(16)) {
         let refs: Vec<&[f32]> = px.iter().map(|p| p.as_slice()).collect();
         let feats = model.vision_forward(&refs)?;
@@ -441,6 +513,12 @@ fn accuracy(
             let colors = &row[CLASSES[0]..CLASSES[0] + CLASSES[1]];
             patch_right[1] += usize::from(argmax(colors) == c[1]);
         }
+        let z = head_logits(&head[2..], &feats, width);
+        for (r, row) in z.chunks(2 * grid).enumerate() {
+            let p = r % tokens;
+            let at = (argmax(&row[..grid]), argmax(&row[grid..]));
+            placed += usize::from(at == ((p / grid) as i64, (p % grid) as i64));
+        }
     }
     let frac = |r: usize, n: usize| if n == 0 { 0.0 } else { r as f64 / n as f64 };
     Ok(ShapeAccuracy {
@@ -451,6 +529,7 @@ fn accuracy(
         patch_shape: frac(patch_right[0], patches),
         patch_color: frac(patch_right[1], patches),
         patches,
+        patch_position: frac(placed, pixels.len() * tokens),
     })
 }
 
@@ -555,8 +634,9 @@ pub fn pretrain_vision(
         ),
     )?
     .with_schedule(schedule);
-    let mut head = new_head(model.feature_width(), cfg.seed);
-    let mut head_opt = AdamW::new(cfg.lr, groups(&["head"], &[]))?.with_schedule(schedule);
+    let mut head = new_head(model.feature_width(), vc.grid(), cfg.seed);
+    let mut head_opt =
+        AdamW::new(cfg.lr, groups(&["head", "position"], &[]))?.with_schedule(schedule);
 
     let before = accuracy(&mut model, &head, &eval_px, &eval_labels)?;
     let mut loader = Loader::new(train.len(), cfg.batch_size, cfg.seed)?;
@@ -572,6 +652,7 @@ pub fn pretrain_vision(
             &refs,
             &targets,
             cfg.patch_weight as f32,
+            cfg.position_weight as f32,
             true,
         )?;
         if !loss.is_finite() {
