@@ -804,6 +804,31 @@ fn bundled_teacher_recipe_parses() {
     assert_eq!(bench["text_config"]["num_hidden_layers"], shape.layers);
 }
 
+/// The second round's configs parse and chain: each starts from a retrained tower of the run
+/// folder, the projector alone first, then the whole language model on the full data.
+#[test]
+fn second_round_recipe_parses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (file, tower, steps) in [
+        ("shapes-teacher-adapt.toml", "vision1", 2250),
+        ("shapes-teacher-2.toml", "vision2", 2800),
+    ] {
+        let cfg = TrainConfig::from_file(&root.join("configs").join(file)).unwrap();
+        assert!(cfg.new_model.is_none(), "{file}");
+        let model = cfg.model.as_ref().unwrap();
+        assert!(
+            model.ends_with(Path::new("runs/shapes-teacher-2").join(tower)),
+            "{file}: {model:?}"
+        );
+        let names: Vec<&str> = cfg.stage.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["proj", "full"], "{file}");
+        let stages = cfg.stages().unwrap();
+        assert_eq!(stages.iter().map(|s| s.steps).sum::<u64>(), steps, "{file}");
+        assert!(stages[0].frozen.iter().any(|g| g == "lm"), "{file}");
+        assert!(!stages[1].frozen.iter().any(|g| g == "lm"), "{file}");
+    }
+}
+
 /// `[pretrain_vision]` pretrains a new model's tower into `{output}/vision` before the first
 /// stage, which starts from it: with the tower frozen, the stage's checkpoint carries exactly the
 /// pretrained tower (not the freshly initialised one of `{output}/base`). Resuming keeps the
