@@ -832,8 +832,8 @@ fn second_round_recipe_parses() {
 /// `[pretrain_vision]` pretrains a new model's tower into `{output}/vision` before the first
 /// stage, which starts from it: with the tower frozen, the stage's checkpoint carries exactly the
 /// pretrained tower (not the freshly initialised one of `{output}/base`). Resuming keeps the
-/// pretraining; a fresh run into the same folder is refused, and so is the table without
-/// `[new_model]`, before any compute.
+/// pretraining; a fresh run into the same folder is refused, and so are the table without
+/// `[new_model]` and a probe table, before any compute.
 #[test]
 fn pretrain_vision_table_runs_before_the_first_stage() {
     let exe = env!("CARGO_BIN_EXE_distill");
@@ -897,23 +897,35 @@ fn pretrain_vision_table_runs_before_the_first_stage() {
         String::from_utf8_lossy(&o.stderr)
     );
 
-    // Without [new_model] there is no new tower to pretrain.
-    std::fs::write(
-        dir.path().join("bad.toml"),
-        format!("model = \"run/vision\"\n{head}{tables}")
-            .replace("output = \"run\"", "output = \"run2\""),
-    )
-    .unwrap();
-    let o = Command::new(exe)
-        .args(["train", "--quiet", "--config"])
-        .arg(dir.path().join("bad.toml"))
-        .output()
+    // Without [new_model] there is no new tower to pretrain, and a probe trains none.
+    let bad = [
+        (
+            format!("model = \"run/vision\"\n{head}{tables}"),
+            "[new_model]",
+        ),
+        (
+            format!("{head}{NEW_MODEL}\n{tables}")
+                .replace("lr = 1e-2\n", "lr = 1e-2\nprobe = true\n"),
+            "probe",
+        ),
+    ];
+    for (text, needle) in bad {
+        std::fs::write(
+            dir.path().join("bad.toml"),
+            text.replace("output = \"run\"", "output = \"run2\""),
+        )
         .unwrap();
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        err.contains("pretrain_vision") && err.contains("[new_model]"),
-        "{err}"
-    );
-    assert!(!dir.path().join("run2").exists());
+        let o = Command::new(exe)
+            .args(["train", "--quiet", "--config"])
+            .arg(dir.path().join("bad.toml"))
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("pretrain_vision") && err.contains(needle),
+            "{err}"
+        );
+        assert!(!dir.path().join("run2").exists());
+    }
 }
