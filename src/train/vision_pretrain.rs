@@ -328,11 +328,6 @@ fn by_task(rows: &[[i64; 3]]) -> Vec<Vec<i64>> {
         .collect()
 }
 
-/// Adds `d` into `acc` elementwise.
-fn accumulate(acc: &mut [f32], d: &[f32]) {
-    acc.iter_mut().zip(d).for_each(|(a, &x)| *a += x);
-}
-
 /// Pooled features `[shapes, width]` of every image's shapes, in order.
 fn pool(feats: &[f32], width: usize, tokens: usize, targets: &[ImageTargets]) -> Vec<f32> {
     let mut pooled = Vec::new();
@@ -352,8 +347,8 @@ fn pool(feats: &[f32], width: usize, tokens: usize, targets: &[ImageTargets]) ->
 /// Runs the batch (`targets[i]`: the labels of image `i`) and returns its loss: the pooled
 /// shapes', plus `patch_weight` times the patches' classes (images with per-patch labels only),
 /// plus `position_weight` times every patch's row and column (the position head,
-/// `head[2..]`); with `backward`, accumulates its gradient into the heads' and the vision
-/// tower's `grad`.
+/// `head[2..]`); with `backward`, accumulates its gradient into the heads' and (unless the
+/// tower holds no gradient buffers) the vision tower's `grad`.
 pub fn shape_loss(
     model: &mut TrainModel,
     head: &mut [Param],
@@ -433,7 +428,7 @@ pub fn shape_loss(
         )?;
         loss += l;
         for (&i, d) in labelled.iter().zip(drows.chunks(tokens * width)) {
-            accumulate(&mut dfeats[i * tokens * width..(i + 1) * tokens * width], d);
+            crate::ops::add(&mut dfeats[i * tokens * width..(i + 1) * tokens * width], d);
         }
     }
     if position_weight > 0.0 {
@@ -454,9 +449,14 @@ pub fn shape_loss(
             backward,
         )?;
         loss += l;
-        accumulate(&mut dfeats, &d);
+        crate::ops::add(&mut dfeats, &d);
     }
-    if backward {
+    // A frozen tower (a probe) holds no gradient buffers: the heads' gradient is all there is.
+    let tower = model
+        .params
+        .iter()
+        .any(|p| p.group.starts_with("vision") && !p.grad.is_empty());
+    if backward && tower {
         let mut rows = dpooled.chunks(width);
         for (i, img) in targets.iter().enumerate() {
             for (t, d) in img.shapes.iter().zip(&mut rows) {
@@ -597,9 +597,10 @@ pub fn pretrain_vision(
         patch_size,
     )?;
 
-    // Only the vision tower trains: the other parameters hold no gradient buffer.
+    // Only the vision tower trains (nothing, for a probe): the other parameters hold no
+    // gradient buffer.
     for p in model.params.iter_mut() {
-        if !p.group.starts_with("vision") {
+        if cfg.probe || !p.group.starts_with("vision") {
             p.grad = Vec::new();
         }
     }
