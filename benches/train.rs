@@ -59,6 +59,7 @@ fn batch(c: &LlavaConfig) -> Vec<TrainSeq> {
                     ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
                 })
                 .collect(),
+            grounding: Vec::new(),
         })
         .collect()
 }

@@ -7,6 +7,7 @@ mod common;
 use common::reference_dir;
 use fineprune::bench::shapes::{ShapesConfig, Split, TrainTurns, export_llava_train, generate};
 use fineprune::model::template::LLAVA_SYSTEM;
+use fineprune::train::model::GroundingLoss;
 use fineprune::train::run::{StageConfig, TrainConfig, TrainOptions, train, train_stages};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,6 +24,23 @@ fn export(dir: &Path, n: usize) {
     };
     let samples = generate(Split::Train, n, 3, &cfg).unwrap();
     export_llava_train(&samples, dir, &cfg, TrainTurns::default()).unwrap();
+}
+
+/// [`export`] with every answer about some objects naming their patches (`--grounding`) on the
+/// fixture's 6-pixel patches, and the extra questions of every family.
+fn export_grounded(dir: &Path, n: usize) {
+    let cfg = ShapesConfig {
+        image_size: 30,
+        patch_size: 6,
+        ..ShapesConfig::default()
+    };
+    let samples = generate(Split::Train, n, 3, &cfg).unwrap();
+    let turns = TrainTurns {
+        all_families: true,
+        grounding: true,
+        ..TrainTurns::default()
+    };
+    export_llava_train(&samples, dir, &cfg, turns).unwrap();
 }
 
 fn config(data: &Path, out: &Path) -> TrainConfig {
@@ -47,6 +65,7 @@ fn config(data: &Path, out: &Path) -> TrainConfig {
         lr_scale: Default::default(),
         checkpoint_every: 3,
         max_len: 2048,
+        grounding: None,
         stage: vec![],
     }
 }
@@ -211,6 +230,50 @@ fn loss_decreases_and_checkpoint_loads() {
     assert!(e.contains("already holds a training run"), "{e}");
 }
 
+/// The grounding loss (logged beside the cross-entropy) falls as the language model learns to
+/// look at the named patches, and the csv keeps it across a resume.
+#[test]
+fn grounding_loss_falls_and_is_logged() {
+    let data = tempfile::tempdir().unwrap();
+    export_grounded(data.path(), 16);
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path(), out.path());
+    cfg.frozen = vec!["vision".into()];
+    cfg.grad_accum = 1;
+    cfg.batch_size = 4;
+    cfg.steps = 12;
+    cfg.grounding = Some(GroundingLoss {
+        layer: 1,
+        weight: 1.0,
+    });
+    let s = train(
+        &cfg,
+        &TrainOptions {
+            stop_after: Some(6),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    assert_eq!(s.history.len(), 6);
+    let s = train(
+        &cfg,
+        &TrainOptions {
+            resume: true,
+            ..quiet()
+        },
+    )
+    .unwrap();
+    let g: Vec<f32> = s.history.iter().map(|r| r.grounding.unwrap()).collect();
+    println!("grounding: {g:?}");
+    assert_eq!(g.len(), 12);
+    let (first, last) = ((g[0] + g[1]) / 2.0, (g[10] + g[11]) / 2.0);
+    assert!(last < 0.7 * first, "grounding loss did not fall: {g:?}");
+    let csv = std::fs::read_to_string(out.path().join("losses.csv")).unwrap();
+    assert!(csv.starts_with("step,loss,grad_norm,lr,tokens,grounding\n"));
+    assert_eq!(csv.lines().count(), 13);
+    assert!(csv.lines().skip(1).all(|l| !l.ends_with(',')), "{csv}");
+}
+
 #[test]
 fn interrupted_and_resumed_equals_uninterrupted() {
     let data = tempfile::tempdir().unwrap();
@@ -370,6 +433,35 @@ fn bad_configs_fail_before_any_step() {
             ..quiet()
         },
         "no checkpoint to resume",
+    );
+    // Grounding: data without `patches`, a weight that is not positive, a layer the model lacks.
+    let ground = |layer: usize, weight: f64| Some(GroundingLoss { layer, weight });
+    check(
+        with(&|c| c.grounding = ground(1, 0.5)),
+        quiet(),
+        "`grounding`: is set but no answer",
+    );
+    let grounded = tempfile::tempdir().unwrap();
+    export_grounded(grounded.path(), 2);
+    let on_grounded = |c: &mut TrainConfig| {
+        c.data = grounded.path().join("train.json");
+        c.image_folder = grounded.path().join("images");
+    };
+    check(
+        with(&|c| {
+            on_grounded(c);
+            c.grounding = ground(1, 0.0)
+        }),
+        quiet(),
+        "`grounding.weight`",
+    );
+    check(
+        with(&|c| {
+            on_grounded(c);
+            c.grounding = ground(3, 0.5)
+        }),
+        quiet(),
+        "`grounding.layer`: is 3 but the language model has 3 layers",
     );
 
     // TOML: unknown keys and wrong types name the key and the file.

@@ -38,6 +38,7 @@ fn conv(turns: &[(&str, &str)]) -> Conversation {
             .map(|(q, a)| Turn {
                 question: q.to_string(),
                 answer: a.to_string(),
+                patches: Vec::new(),
             })
             .collect(),
     }
@@ -64,7 +65,7 @@ fn trained_runs(labels: &[i64]) -> Vec<(usize, usize)> {
 fn check_masking(tok: &Tokenizer, turns: &[(&str, &str)]) {
     let enc = Encoder::new(tok, slot(), 4096);
     let c = conv(turns);
-    let (ids, labels) = enc.encode_text(&c).unwrap();
+    let (ids, labels, _) = enc.encode_text(&c).unwrap();
     assert_eq!(ids.len(), labels.len());
     assert_eq!(ids[0], 1, "BOS first");
     assert_eq!(labels[0], IGNORE);
@@ -162,7 +163,7 @@ fn truncation_keeps_the_first_tokens() {
     let full = Encoder::new(&tok, slot(), 4096).encode_text(&c).unwrap();
     let prompt_len = trained_runs(&full.1)[0].0;
     let cut = prompt_len + 2;
-    let (ids, labels) = Encoder::new(&tok, slot(), cut).encode_text(&c).unwrap();
+    let (ids, labels, _) = Encoder::new(&tok, slot(), cut).encode_text(&c).unwrap();
     assert_eq!(ids.len(), cut);
     assert_eq!(&ids[..], &full.0[..cut]);
     assert_eq!(&labels[..], &full.1[..cut]);
@@ -516,4 +517,86 @@ fn text_only_samples_and_leading_gpt_turns() {
         .decode(&s.input_ids[runs[0].0..runs[0].1 - 1], false)
         .unwrap();
     assert_eq!(ans.trim_start(), "hi");
+}
+
+#[test]
+fn grounded_answers_name_the_row_before_them_and_their_patches() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ShapesConfig {
+        image_size: 30,
+        patch_size: 6,
+        ..ShapesConfig::default()
+    };
+    let samples = generate(Split::Train, 8, 5, &cfg).unwrap();
+    let turns = TrainTurns {
+        all_families: true,
+        grounding: true,
+        ..TrainTurns::default()
+    };
+    export_llava_train(&samples, dir.path(), &cfg, turns).unwrap();
+    let ds = Dataset::open(&dir.path().join("train.json"), &dir.path().join("images")).unwrap();
+    let tok = fixture_tok();
+    let enc = Encoder::new(&tok, slot(), 4096);
+    let mut rows = 0;
+    for (i, s) in samples.iter().enumerate() {
+        let conv = &ds.conversations[i];
+        // The sample's own answer carries exactly its relevance mask (none for an existence "no").
+        let mask = s.relevance_mask(30, 6);
+        let want: Vec<usize> = (0..mask.len()).filter(|&j| mask[j]).collect();
+        assert_eq!(conv.turns[0].patches, want, "{}", s.id);
+        assert_eq!(want.is_empty(), s.referenced.is_empty(), "{}", s.id);
+        let (ids, labels, grounding) = enc.encode_text(conv).unwrap();
+        let grounded: Vec<&Turn> = conv
+            .turns
+            .iter()
+            .filter(|t| !t.patches.is_empty())
+            .collect();
+        assert_eq!(grounding.len(), grounded.len(), "{}", s.id);
+        for (g, t) in grounding.iter().zip(grounded) {
+            // The row is the prompt's last token (`ASSISTANT:`'s colon), the next one is trained.
+            assert_eq!(labels[g.position], IGNORE);
+            assert_ne!(labels[g.position + 1], IGNORE);
+            let text = tok.decode(&ids[..=g.position], false).unwrap();
+            assert!(text.ends_with("ASSISTANT:"), "{}: {text:?}", s.id);
+            let answer = tok.decode(&ids[g.position + 1..], false).unwrap();
+            assert!(answer.trim_start().starts_with(&t.answer), "{answer:?}");
+            assert_eq!(g.patches, t.patches);
+            assert!(g.patches.iter().all(|&j| j < N_IMG));
+            rows += 1;
+        }
+    }
+    assert!(rows > 8, "extra turns are grounded too ({rows} rows)");
+    // Without the flag nothing is written.
+    let plain = tempfile::tempdir().unwrap();
+    export_llava_train(&samples, plain.path(), &cfg, TrainTurns::default()).unwrap();
+    let text = std::fs::read_to_string(plain.path().join("train.json")).unwrap();
+    assert!(!text.contains("patches"));
+}
+
+#[test]
+fn bad_patches_name_the_sample_and_field() {
+    let p = Path::new("t.json");
+    let msg = |json: &str| parse_conversations(json, p).unwrap_err().to_string();
+    let human = r#"[{"id": "a", "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ?", "patches": [1]},
+        {"from": "gpt", "value": "A"}]}]"#;
+    let e = msg(human);
+    assert!(
+        e.contains("conversations[0]") && e.contains("only gpt"),
+        "{e}"
+    );
+    let floats = r#"[{"id": "a", "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ?"},
+        {"from": "gpt", "value": "A", "patches": [1.5]}]}]"#;
+    let e = msg(floats);
+    assert!(
+        e.contains("conversations[1]") && e.contains("patch indices"),
+        "{e}"
+    );
+    // Repeats and order do not matter.
+    let ok = r#"[{"id": "a", "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ?"},
+        {"from": "gpt", "value": "A", "patches": [7, 2, 7]}]}]"#;
+    let c = parse_conversations(ok, p).unwrap();
+    assert_eq!(c[0].turns[0].patches, vec![2, 7]);
 }

@@ -764,6 +764,31 @@ impl Scene {
             .collect()
     }
 
+    /// Which patches of the `(image_size / patch_size)²` grid (row-major) hold a pixel of one of
+    /// the objects `referenced` (indices into `objects`, others ignored) rendered at `image_size`;
+    /// see [`Sample::relevance_mask`].
+    pub fn relevance_mask(
+        &self,
+        referenced: &[usize],
+        image_size: u32,
+        patch_size: u32,
+    ) -> Vec<bool> {
+        if patch_size == 0 {
+            return Vec::new();
+        }
+        let g = (image_size / patch_size) as usize;
+        let mut m = vec![false; g * g];
+        for o in referenced.iter().filter_map(|&i| self.objects.get(i)) {
+            o.for_each_pixel(image_size, |x, y| {
+                let (px, py) = ((x / patch_size) as usize, (y / patch_size) as usize);
+                if px < g && py < g {
+                    m[py * g + px] = true;
+                }
+            });
+        }
+        m
+    }
+
     /// Index of the sign, if any.
     pub fn sign(&self) -> Option<usize> {
         self.objects.iter().position(|o| o.sign_text().is_some())
@@ -907,24 +932,8 @@ impl Sample {
     /// patch (when `patch_size` does not divide `image_size`) are ignored; `patch_size == 0` gives an
     /// empty grid. All false when nothing is referenced (see [`Sample::relevance`]).
     pub fn relevance_mask(&self, image_size: u32, patch_size: u32) -> Vec<bool> {
-        if patch_size == 0 {
-            return Vec::new();
-        }
-        let g = (image_size / patch_size) as usize;
-        let mut m = vec![false; g * g];
-        for o in self
-            .referenced
-            .iter()
-            .filter_map(|&i| self.scene.objects.get(i))
-        {
-            o.for_each_pixel(image_size, |x, y| {
-                let (px, py) = ((x / patch_size) as usize, (y / patch_size) as usize);
-                if px < g && py < g {
-                    m[py * g + px] = true;
-                }
-            });
-        }
-        m
+        self.scene
+            .relevance_mask(&self.referenced, image_size, patch_size)
     }
 
     /// [`Sample::relevance_mask`], or `None` when the question references no object (an existence
@@ -1722,6 +1731,9 @@ pub fn generate_one(split: Split, index: usize, seed: u64, cfg: &ShapesConfig) -
 struct Turn {
     from: String,
     value: String,
+    /// With [`TrainTurns::grounding`]: on an answer about some objects, the patches holding them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    patches: Vec<usize>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1813,6 +1825,11 @@ pub struct TrainTurns {
     pub describe: bool,
     /// Then [`SHAPE_COLORS`], answered with [`Scene::shape_colors`].
     pub shape_colors: bool,
+    /// Every answer to a question about some objects (the sample's own and the extra ones of
+    /// `all_families`; not an existence "no") carries `"patches"`: the patches holding those
+    /// objects ([`Scene::relevance_mask`] at `cfg.patch_size`), the target of the trainer's
+    /// attention-grounding loss ([`crate::train::model::GroundingLoss`]).
+    pub grounding: bool,
 }
 
 /// Whether `word` occurs in `text` as a whole word, singular or plural ("stars" has "star").
@@ -1888,13 +1905,31 @@ pub fn export_llava_train(
     let turn = |from: &str, value: String| Turn {
         from: from.into(),
         value,
+        patches: Vec::new(),
+    };
+    let grounded = |s: &Sample, value: String, referenced: &[usize]| {
+        let mask = s
+            .scene
+            .relevance_mask(referenced, cfg.image_size, cfg.patch_size);
+        Turn {
+            patches: if turns.grounding {
+                (0..mask.len()).filter(|&j| mask[j]).collect()
+            } else {
+                Vec::new()
+            },
+            ..turn("gpt", value)
+        }
     };
     let records: Vec<TrainRecord> = samples
         .iter()
         .map(|s| {
             let mut conversations = vec![
                 turn("human", format!("<image>\n{}{SHORT_ANSWER}", s.question)),
-                turn("gpt", s.answers.first().cloned().unwrap_or_default()),
+                grounded(
+                    s,
+                    s.answers.first().cloned().unwrap_or_default(),
+                    &s.referenced,
+                ),
             ];
             if turns.all_families {
                 let mut rng = StdRng::seed_from_u64(turns_seed(&s.id));
@@ -1902,7 +1937,7 @@ pub fn export_llava_train(
                 let first = (s.question.as_str(), answer);
                 for q in other_questions(&s.scene, first, s.family, &mut rng, cfg) {
                     conversations.push(turn("human", format!("{}{SHORT_ANSWER}", q.text)));
-                    conversations.push(turn("gpt", q.answers[0].clone()));
+                    conversations.push(grounded(s, q.answers[0].clone(), &q.referenced));
                 }
             }
             if turns.describe {

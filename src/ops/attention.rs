@@ -1,6 +1,7 @@
 //! Scaled dot-product attention with grouped-query heads, causal (LM) or bidirectional (vision).
 
 use super::matmul::{matmul_nn, matmul_nt, matmul_tn_acc};
+use crate::ops;
 use rayon::prelude::*;
 
 /// Shapes of one attention call.
@@ -93,15 +94,18 @@ fn attend(
 
 /// Backward of [`attention`] for `dout: [t, heads, d]`, returning `(dq, dk, dv)` shaped as
 /// `q`, `k`, `v`. `probs` are those of [`attention_with_probs`] (`[heads, t, s]`); with `None`
-/// they are recomputed. Per query head `h` reading key/value head `g = h / (heads / kv_heads)`,
-/// with `P` its probabilities and `σ = 1/√d`:
-/// `dV_g += Pᵀ·dO_h`, `dP = dO_h·V_gᵀ`, `dS = σ·P ⊙ (dP − rowsum(P ⊙ dP))`, `dQ_h = dS·K_g`,
-/// `dK_g += dSᵀ·Q_h` (masked entries have `P = 0`, hence no gradient).
+/// they are recomputed. `dprobs` (`[heads, t, s]`) is a loss's own gradient on the
+/// probabilities (an attention-grounding or attention-alignment loss), added to the one through
+/// the output. Per query head `h` reading key/value head `g = h / (heads / kv_heads)`, with `P`
+/// its probabilities and `σ = 1/√d`:
+/// `dV_g += Pᵀ·dO_h`, `dP = dO_h·V_gᵀ (+ dprobs_h)`, `dS = σ·P ⊙ (dP − rowsum(P ⊙ dP))`,
+/// `dQ_h = dS·K_g`, `dK_g += dSᵀ·Q_h` (masked entries have `P = 0`, hence no gradient).
 pub fn attention_backward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
     probs: Option<&[f32]>,
+    dprobs: Option<&[f32]>,
     dout: &[f32],
     sh: AttnShape,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -123,6 +127,9 @@ pub fn attention_backward(
         }
     };
     assert_eq!(probs.len(), heads * t * s);
+    if let Some(dp) = dprobs {
+        assert_eq!(dp.len(), heads * t * s);
+    }
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     // One task per key/value head, so its dk/dv accumulate without sharing.
@@ -148,6 +155,9 @@ pub fn attention_backward(
                     &mut ds,
                     false,
                 );
+                if let Some(dp) = dprobs {
+                    ops::add(&mut ds, &dp[h * t * s..][..t * s]);
+                }
                 for (dsr, pr) in ds.chunks_mut(s).zip(p.chunks(s)) {
                     let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
                     for (x, &pv) in dsr.iter_mut().zip(pr) {
@@ -227,8 +237,14 @@ mod tests {
 
     /// Direct f64 transcription of the definition (GQA, causal or not).
     fn attn64(q: &[f64], k: &[f64], v: &[f64], sh: AttnShape) -> Vec<f64> {
+        attn64_with_probs(q, k, v, sh).0
+    }
+
+    /// [`attn64`] and its probabilities `[heads, t, s]` (0 where masked).
+    fn attn64_with_probs(q: &[f64], k: &[f64], v: &[f64], sh: AttnShape) -> (Vec<f64>, Vec<f64>) {
         let (d, g) = (sh.head_dim, sh.heads / sh.kv_heads);
         let mut out = vec![0.0; sh.t * sh.heads * d];
+        let mut probs = vec![0.0; sh.heads * sh.t * sh.s];
         for h in 0..sh.heads {
             for i in 0..sh.t {
                 let lim = if sh.causal { sh.s - sh.t + i + 1 } else { sh.s };
@@ -246,13 +262,14 @@ mod tests {
                 let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
                 for (j, x) in sc.iter().enumerate() {
                     let p = (x - m).exp() / z;
+                    probs[(h * sh.t + i) * sh.s + j] = p;
                     for e in 0..d {
                         out[(i * sh.heads + h) * d + e] += p * v[(j * sh.kv_heads + h / g) * d + e];
                     }
                 }
             }
         }
-        out
+        (out, probs)
     }
 
     #[test]
@@ -284,9 +301,15 @@ mod tests {
                 &attn64(&qd, &kd, &vd, sh),
                 1e-5,
             );
-            let (dq, dk, dv) = attention_backward(&q, &k, &v, Some(&probs), &r, sh);
+            // The objective `out·r + probs·w`: the output's gradient and a loss's own on the
+            // probabilities (as an attention-grounding loss gives), checked together.
+            let w = rng.vec(6 * t * s);
+            let (dq, dk, dv) = attention_backward(&q, &k, &v, Some(&probs), Some(&w), &r, sh);
             let h = 1e-6;
-            let f = |q: &[f64], k: &[f64], v: &[f64]| dot(&attn64(q, k, v, sh), &r);
+            let f = |q: &[f64], k: &[f64], v: &[f64]| {
+                let (o, p) = attn64_with_probs(q, k, v, sh);
+                dot(&o, &r) + dot(&p, &w)
+            };
             check(
                 &format!("{tag} dq"),
                 &dq,
@@ -305,7 +328,7 @@ mod tests {
                 &fd(|x| f(&qd, &kd, x), &vd, h),
                 1e-5,
             );
-            let again = attention_backward(&q, &k, &v, None, &r, sh);
+            let again = attention_backward(&q, &k, &v, None, Some(&w), &r, sh);
             assert!(again.0 == dq && again.1 == dk && again.2 == dv);
         }
     }

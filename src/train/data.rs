@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::model::image::{ImageProcessorConfig, load_image};
 use crate::model::template::{IMAGE_PLACEHOLDER, ImageSlot, LLAVA_SYSTEM};
 use crate::model::tokenizer::Tokenizer;
+use crate::train::model::Grounding;
 use std::path::{Path, PathBuf};
 
 /// Label value of positions that are not trained (PyTorch's `ignore_index`).
@@ -36,6 +37,10 @@ pub const EOS: &str = "</s>";
 pub struct Turn {
     pub question: String,
     pub answer: String,
+    /// The image patches (row-major indices among the image tokens) the answer is about: the
+    /// gpt message's optional `patches` list (a ShapesVQA extension; LLaVA ignores the field),
+    /// the target of an attention-grounding loss. Empty when the message has none.
+    pub patches: Vec<usize>,
 }
 
 /// One conversation of a LLaVA training file.
@@ -57,6 +62,9 @@ pub struct TrainSample {
     pub labels: Vec<i64>,
     /// `[3, H, W]` preprocessed image, row-major; empty for text-only samples.
     pub pixel_values: Vec<f32>,
+    /// One row per turn with [`Turn::patches`] (within `max_len`): the position that predicts
+    /// the answer's first token, and those patches.
+    pub grounding: Vec<Grounding>,
 }
 
 impl TrainSample {
@@ -73,7 +81,8 @@ fn cfg_err(path: &Path, msg: String) -> Error {
     }
 }
 
-/// Parses LLaVA's training json (a list of `{"id", "image"?, "conversations": [{"from", "value"}]}`).
+/// Parses LLaVA's training json (a list of `{"id", "image"?, "conversations": [{"from", "value"}]}`;
+/// a gpt message may carry `"patches": [index, ...]`, see [`Turn::patches`]).
 /// Turns must alternate `human`/`gpt` starting with `human` (a leading `gpt` turn is dropped as
 /// LLaVA does); `<image>` may only appear, once, in the first human turn, and must when `image` is
 /// set. Errors name the file, the sample index and id, and the field.
@@ -133,7 +142,26 @@ pub fn parse_conversations(text: &str, path: &Path) -> Result<Vec<Conversation>>
                     ));
                 }
             };
-            msgs.push((j, human, value));
+            let patches = match m.get("patches") {
+                None => Vec::new(),
+                Some(v) => {
+                    let list = v.as_array().and_then(|a| {
+                        a.iter()
+                            .map(|x| x.as_u64().map(|x| x as usize))
+                            .collect::<Option<Vec<usize>>>()
+                    });
+                    let mut list = list.ok_or_else(|| {
+                        at(&field, "has `patches` that is not a list of patch indices")
+                    })?;
+                    if human {
+                        return Err(at(&field, "has `patches`; only gpt messages may"));
+                    }
+                    list.sort_unstable();
+                    list.dedup();
+                    list
+                }
+            };
+            msgs.push((j, human, value, patches));
         }
         if msgs.first().is_some_and(|m| !m.1) {
             msgs.remove(0);
@@ -149,8 +177,9 @@ pub fn parse_conversations(text: &str, path: &Path) -> Result<Vec<Conversation>>
         }
         let mut turns = Vec::with_capacity(msgs.len() / 2);
         for pair in msgs.chunks(2) {
-            let (jq, hq, q) = pair[0];
-            let (ja, ha, a) = pair[1];
+            let (jq, hq, q, _) = &pair[0];
+            let (ja, ha, a, patches) = &pair[1];
+            let (jq, hq, q, ja, ha, a) = (*jq, *hq, *q, *ja, *ha, *a);
             if !hq {
                 return Err(at(&format!("conversations[{jq}]"), "must be a human turn"));
             }
@@ -191,6 +220,7 @@ pub fn parse_conversations(text: &str, path: &Path) -> Result<Vec<Conversation>>
             turns.push(Turn {
                 question,
                 answer: a.to_string(),
+                patches: patches.clone(),
             });
         }
         out.push(Conversation { id, image, turns });
@@ -252,11 +282,13 @@ impl<'a> Encoder<'a> {
         (text, spans)
     }
 
-    /// Token ids and labels of `conv`. A token is trained iff its first byte lies in an answer
-    /// span of [`Encoder::render`]; its label is its own id. Longer than `max_len`: the first
-    /// `max_len` tokens are kept (as HF's `truncation=True` and LLaVA's `[:model_max_length]`);
-    /// it is an error when that would cut into the image tokens or leaves nothing to train.
-    pub fn encode_text(&self, conv: &Conversation) -> Result<(Vec<u32>, Vec<i64>)> {
+    /// Token ids, labels and grounded rows of `conv`. A token is trained iff its first byte lies
+    /// in an answer span of [`Encoder::render`]; its label is its own id. A turn with
+    /// [`Turn::patches`] grounds the row before its answer's first token. Longer than `max_len`:
+    /// the first `max_len` tokens are kept (as HF's `truncation=True` and LLaVA's
+    /// `[:model_max_length]`), with the grounded rows whose answer starts within them; it is an
+    /// error when that would cut into the image tokens or leaves nothing to train.
+    pub fn encode_text(&self, conv: &Conversation) -> Result<(Vec<u32>, Vec<i64>, Vec<Grounding>)> {
         let (text, spans) = self.render(conv);
         let enc = self.tokenizer.encode(&text, true)?;
         let mut labels: Vec<i64> = enc
@@ -274,6 +306,24 @@ impl<'a> Encoder<'a> {
             .collect();
         let mut ids = enc.ids;
         let sample = |msg: String| Error::Prompt(format!("sample {}: {msg}", conv.id));
+        let mut grounding = Vec::new();
+        for (turn, &(a, _)) in conv.turns.iter().zip(&spans) {
+            if turn.patches.is_empty() {
+                continue;
+            }
+            if conv.image.is_none() {
+                return Err(sample(
+                    "a turn has `patches` but the sample has no image".into(),
+                ));
+            }
+            let first = enc.offsets.iter().position(|&(s, e)| e > 0 && s >= a);
+            if let Some(i) = first.filter(|&i| i > 0 && i < self.max_len) {
+                grounding.push(Grounding {
+                    position: i - 1,
+                    patches: turn.patches.clone(),
+                });
+            }
+        }
         if conv.image.is_some() {
             let image_id = self
                 .tokenizer
@@ -310,13 +360,13 @@ impl<'a> Encoder<'a> {
                 enc.offsets.len()
             )));
         }
-        Ok((ids, labels))
+        Ok((ids, labels, grounding))
     }
 
     /// Tokenizes `conv` and, when it has an image and a processor is set, loads
     /// `image_folder/{image}` and preprocesses it.
     pub fn encode(&self, conv: &Conversation, image_folder: &Path) -> Result<TrainSample> {
-        let (input_ids, labels) = self.encode_text(conv)?;
+        let (input_ids, labels, grounding) = self.encode_text(conv)?;
         let pixel_values = match (&conv.image, &self.image_processor) {
             (Some(file), Some(proc)) => {
                 let path = image_folder.join(file);
@@ -333,6 +383,7 @@ impl<'a> Encoder<'a> {
             input_ids,
             labels,
             pixel_values,
+            grounding,
         })
     }
 }

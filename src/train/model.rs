@@ -29,6 +29,7 @@ use crate::ops::loss::{IGNORE_INDEX, cross_entropy};
 use crate::ops::matmul::{linear_backward, matmul_nt};
 use crate::ops::{self, act, embed, norm, rope};
 use crate::tensor::Tensor;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// One training sequence with its image.
@@ -41,6 +42,40 @@ pub struct TrainSeq {
     pub labels: Vec<i64>,
     /// `[channels, size, size]`, preprocessed.
     pub pixel_values: Vec<f32>,
+    /// Rows whose attention a [`GroundingLoss`] supervises (none: the sequence adds nothing to it).
+    pub grounding: Vec<Grounding>,
+}
+
+/// A row of a sequence whose attention should fall on some of the sequence's image tokens: the
+/// target of a [`GroundingLoss`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grounding {
+    /// Row of the sequence, after the image: the position whose logits predict an answer's first
+    /// token.
+    pub position: usize,
+    /// The image tokens the answer is about, as indices among the sequence's image tokens
+    /// (row-major patches), increasing, without repeats.
+    pub patches: Vec<usize>,
+}
+
+/// Attention grounding, an auxiliary loss on where the language model looks: at decoder layer
+/// `layer`, the head-averaged attention of every grounded row `t` should fall on its relevant
+/// image tokens `R`,
+///
+/// `L_ground = −mean_rows ln( (1/H) Σ_h Σ_{j∈R} P_h[t, j] )`,
+///
+/// and training minimises `cross-entropy + weight · L_ground`. The mass is averaged over heads
+/// inside the logarithm, so a few heads may carry it while the others attend elsewhere. This is
+/// attention supervision as in VQA with human attention maps (Qiao et al., AAAI 2018) and
+/// grounding losses of visual-grounding models; it trains the very quantity FastV ranks by at
+/// layer `layer + 1`, so pruning studies on such a model say so.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroundingLoss {
+    /// Decoder layer (0-based) whose attention probabilities are supervised.
+    pub layer: usize,
+    /// Weight of `L_ground` next to the cross-entropy (positive).
+    pub weight: f64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -372,6 +407,7 @@ impl EncoderLayer {
                 &cache.k[r.clone()],
                 &cache.v[r.clone()],
                 Some(pr),
+                None,
                 &d_o[r.clone()],
                 vision_attn_shape(c, t),
             );
@@ -591,6 +627,7 @@ impl DecoderLayer {
         inv_freq: &[f32],
         lens: &[usize],
         cache: &DecoderCache,
+        dprobs: &[Vec<f32>],
         dx: &mut [f32],
     ) -> Result<()> {
         let tc = &c.text;
@@ -613,8 +650,9 @@ impl DecoderLayer {
         let mut dk = vec![0.0f32; cache.k.len()];
         let mut dv = vec![0.0f32; cache.v.len()];
         let mut r0 = 0;
-        for (&t, probs) in lens.iter().zip(&cache.probs) {
+        for (i, (&t, probs)) in lens.iter().zip(&cache.probs).enumerate() {
             let pos: Vec<usize> = (0..t).collect();
+            let dp = dprobs.get(i).filter(|d| !d.is_empty());
             let (qr, kr) = (
                 r0 * nh * hd..(r0 + t) * nh * hd,
                 r0 * nkv * hd..(r0 + t) * nkv * hd,
@@ -624,6 +662,7 @@ impl DecoderLayer {
                 &cache.k[kr.clone()],
                 &cache.v[kr.clone()],
                 Some(probs),
+                dp.map(Vec::as_slice),
                 &d_o[qr.clone()],
                 attn_shape(c, t),
             );
@@ -645,6 +684,78 @@ impl DecoderLayer {
     }
 }
 
+/// [`GroundingLoss`] of a batch from its layer's probabilities (`probs[i]`: sequence `i`'s
+/// `[heads, t, t]`): `L_ground` (`None` when no row is grounded) and `weight · ∂L_ground/∂P` per
+/// sequence (empty where it has no grounded row). With `m = (1/H) Σ_h Σ_{j∈R} P_h[t, j]` of one of
+/// `n` rows, `∂L/∂P_h[t, j] = −1 / (n · H · m)` for `j ∈ R`, zero elsewhere.
+fn grounding_loss(
+    batch: &[TrainSeq],
+    probs: &[Vec<f32>],
+    heads: usize,
+    image_token: u32,
+    weight: f64,
+) -> Result<(Option<f32>, Vec<Vec<f32>>)> {
+    let n: usize = batch.iter().map(|s| s.grounding.len()).sum();
+    if n == 0 {
+        return Ok((None, Vec::new()));
+    }
+    let mut loss = 0.0f64;
+    let mut dprobs = Vec::with_capacity(batch.len());
+    for (i, (s, pr)) in batch.iter().zip(probs).enumerate() {
+        if s.grounding.is_empty() {
+            dprobs.push(Vec::new());
+            continue;
+        }
+        let t = s.input_ids.len();
+        let slots: Vec<usize> = (0..t).filter(|&j| s.input_ids[j] == image_token).collect();
+        let mut dp = vec![0.0f32; heads * t * t];
+        for g in &s.grounding {
+            let bad = |msg: String| {
+                Error::arg(
+                    "grounding",
+                    format!("sequence {i}, row {}: {msg}", g.position),
+                )
+            };
+            if g.position >= t {
+                return Err(bad(format!("the sequence has {t} rows")));
+            }
+            if g.patches.is_empty() || g.patches.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(bad("patches must be non-empty and increasing".into()));
+            }
+            let cols: Vec<usize> = g
+                .patches
+                .iter()
+                .map(|&j| match slots.get(j) {
+                    Some(&c) if c < g.position => Ok(c),
+                    Some(_) => Err(bad(format!("image token {j} does not precede the row"))),
+                    None => Err(bad(format!(
+                        "patch {j} is out of range for {} image tokens",
+                        slots.len()
+                    ))),
+                })
+                .collect::<Result<_>>()?;
+            let mass = (0..heads)
+                .map(|h| {
+                    let row = &pr[(h * t + g.position) * t..][..t];
+                    cols.iter().map(|&c| row[c] as f64).sum::<f64>()
+                })
+                .sum::<f64>()
+                / heads as f64;
+            let mass = mass.max(f64::MIN_POSITIVE);
+            loss -= mass.ln();
+            let coef = (-weight / (n as f64 * heads as f64 * mass)) as f32;
+            for h in 0..heads {
+                let row = &mut dp[(h * t + g.position) * t..][..t];
+                for &c in &cols {
+                    row[c] += coef;
+                }
+            }
+        }
+        dprobs.push(dp);
+    }
+    Ok((Some((loss / n as f64) as f32), dprobs))
+}
+
 // ---------------------------------------------------------------------------------------------
 // LLaVA
 // ---------------------------------------------------------------------------------------------
@@ -664,6 +775,9 @@ struct Cache {
     final_in: Vec<f32>,
     final_out: Vec<f32>,
     dlogits: Vec<f32>,
+    /// The grounding loss's gradient on its layer's probabilities, per sequence (`[heads, t, t]`,
+    /// empty for sequences without grounded rows).
+    dprobs: Vec<Vec<f32>>,
 }
 
 /// LLaVA with trainable f32 parameters.
@@ -687,6 +801,9 @@ pub struct TrainModel {
     cache: Option<Cache>,
     /// Activations of the last [`TrainModel::vision_forward`] and its image count.
     vision_cache: Option<(VisionCache, usize)>,
+    grounding: Option<GroundingLoss>,
+    /// `L_ground` of the last forward (`None` without a grounding loss or grounded rows).
+    last_grounding: Option<f32>,
 }
 
 impl TrainModel {
@@ -825,6 +942,8 @@ impl TrainModel {
             feature_layers,
             cache: None,
             vision_cache: None,
+            grounding: None,
+            last_grounding: None,
         })
     }
 
@@ -843,12 +962,43 @@ impl TrainModel {
         self.lm_head.is_none()
     }
 
+    /// Adds (or with `None` removes) the [`GroundingLoss`] to what [`TrainModel::backward`]
+    /// differentiates. Errors on a layer the model lacks or a weight that is not positive.
+    pub fn set_grounding(&mut self, g: Option<GroundingLoss>) -> Result<()> {
+        if let Some(g) = g {
+            let layers = self.layers.len();
+            if g.layer >= layers {
+                return Err(Error::arg(
+                    "grounding.layer",
+                    format!("is {} but the language model has {layers} layers", g.layer),
+                ));
+            }
+            if !(g.weight.is_finite() && g.weight > 0.0) {
+                return Err(Error::arg(
+                    "grounding.weight",
+                    format!("must be a positive number, got {}", g.weight),
+                ));
+            }
+        }
+        self.grounding = g;
+        Ok(())
+    }
+
+    /// `L_ground` (unweighted) of the last [`TrainModel::forward`]: `None` without a grounding
+    /// loss or when no sequence of the batch had a grounded row.
+    pub fn grounding_loss(&self) -> Option<f32> {
+        self.last_grounding
+    }
+
     /// Runs the batch and returns the mean cross-entropy over its counted (answer) tokens, as
     /// torch's `F.cross_entropy` on the concatenation of the shifted logits/labels of every
     /// sequence with `ignore_index = -100`; keeps the activations for [`TrainModel::backward`].
+    /// With a [`GroundingLoss`] set, the objective differentiated is this plus `weight ·`
+    /// [`TrainModel::grounding_loss`].
     pub fn forward(&mut self, batch: &[TrainSeq]) -> Result<f32> {
         self.cache = None;
         self.vision_cache = None;
+        self.last_grounding = None;
         let c = &self.config;
         let p = &self.params;
         let (th, vocab) = (c.text.hidden_size, c.text.vocab_size);
@@ -919,6 +1069,16 @@ impl TrainModel {
         }
         .forward(p, &final_out);
         let (loss, dlogits) = cross_entropy(&logits, vocab, &targets, IGNORE_INDEX)?;
+        let dprobs = match self.grounding {
+            Some(g) => {
+                let heads = c.text.num_attention_heads;
+                let probs = &decoder[g.layer].probs;
+                let (l, dp) = grounding_loss(batch, probs, heads, c.image_token_id, g.weight)?;
+                self.last_grounding = l;
+                dp
+            }
+            None => Vec::new(),
+        };
         self.cache = Some(Cache {
             ids,
             lens,
@@ -931,6 +1091,7 @@ impl TrainModel {
             final_in: x,
             final_out,
             dlogits,
+            dprobs,
         });
         Ok(loss)
     }
@@ -954,8 +1115,14 @@ impl TrainModel {
         }
         .backward(p, &cache.final_out, &cache.dlogits)?;
         let mut dx = rms_backward(p, self.norm, &cache.final_in, c.text.rms_norm_eps, &dxn);
-        for (layer, lc) in self.layers.iter().zip(&cache.decoder).rev() {
-            layer.backward(p, c, &self.inv_freq, &cache.lens, lc, &mut dx)?;
+        let grounded = self.grounding.map(|g| g.layer);
+        for (i, (layer, lc)) in self.layers.iter().zip(&cache.decoder).enumerate().rev() {
+            let dprobs: &[Vec<f32>] = if grounded == Some(i) {
+                &cache.dprobs
+            } else {
+                &[]
+            };
+            layer.backward(p, c, &self.inv_freq, &cache.lens, lc, dprobs, &mut dx)?;
         }
         // Split the embedding gradient: image rows go to the projector, the rest to the table.
         let mut dimg = vec![0.0f32; cache.image_rows.len() * th];

@@ -1,9 +1,10 @@
 //! The training loop: a [`TrainConfig`] (TOML) in, losses, plots and resumable checkpoints out.
 //!
 //! Output directory layout:
-//! - `losses.csv`: `step,loss,grad_norm,lr,tokens`, one row per optimizer step (`step` counts from
-//!   1; `loss` is the mean of the micro-batch losses before the update; `grad_norm` before
-//!   clipping, empty without clipping; `lr` the peak-group rate used).
+//! - `losses.csv`: `step,loss,grad_norm,lr,tokens,grounding`, one row per optimizer step (`step`
+//!   counts from 1; `loss` is the mean of the micro-batch cross-entropies before the update;
+//!   `grad_norm` before clipping, empty without clipping; `lr` the peak-group rate used;
+//!   `grounding` the mean attention-grounding loss, empty without one).
 //! - `loss.svg` / `loss.png`: the loss curve, rewritten at the end of each run.
 //! - `checkpoint-NNNNNN/`: a transformers-loadable checkpoint ([`save_checkpoint`]) plus
 //!   `optimizer.safetensors` ([`AdamW::save`]) and `trainer_state.json` (step, loader position),
@@ -25,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::save_checkpoint;
 use super::data::{Dataset, Encoder, Loader, LoaderState};
-use super::model::{TrainModel, TrainSeq};
+use super::model::{GroundingLoss, TrainModel, TrainSeq};
 use super::new_model::{NewModel, create_model};
 use super::optim::{AdamW, GroupConfig, Schedule, zero_grads};
 use super::vision_pretrain::{self, PretrainConfig, pretrain_vision};
@@ -127,6 +128,11 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     #[serde(default = "default_max_len")]
     pub max_len: usize,
+    /// Attention grounding ([`GroundingLoss`], every stage): `[grounding]` with `layer` (0-based
+    /// decoder layer) and `weight`; the data's gpt messages name their patches (`distill shapes
+    /// --grounding`). Off when absent.
+    #[serde(default)]
+    pub grounding: Option<GroundingLoss>,
     /// Stages run in order, each from the previous one's final checkpoint.
     #[serde(default)]
     pub stage: Vec<StageConfig>,
@@ -451,6 +457,22 @@ impl TrainConfig {
                 format!("{} holds no conversations", self.data.display()),
             );
         }
+        if let Some(g) = self.grounding {
+            if !(g.weight.is_finite() && g.weight > 0.0) {
+                return bad("grounding.weight", format!("{} must be > 0", g.weight));
+            }
+            let grounded = ds.conversations.iter().flat_map(|c| &c.turns);
+            if grounded.clone().all(|t| t.patches.is_empty()) {
+                return bad(
+                    "grounding",
+                    format!(
+                        "is set but no answer of {} names its `patches` (export the data with \
+                         `distill shapes --grounding`)",
+                        self.data.display()
+                    ),
+                );
+            }
+        }
 
         // Output.
         let unwritable = |e: std::io::Error| Error::Io {
@@ -582,6 +604,9 @@ pub struct StepRecord {
     pub grad_norm: Option<f32>,
     pub lr: f64,
     pub tokens: u64,
+    /// Mean [`TrainModel::grounding_loss`] of the step's micro-batches that had one (unweighted;
+    /// `loss` is the cross-entropy alone).
+    pub grounding: Option<f32>,
 }
 
 /// What a [`train`] call did.
@@ -616,11 +641,12 @@ struct Latest {
     step: u64,
 }
 
-const LOSS_HEADER: &str = "step,loss,grad_norm,lr,tokens";
+const LOSS_HEADER: &str = "step,loss,grad_norm,lr,tokens,grounding";
 
 fn csv_row(r: &StepRecord) -> String {
-    let gn = r.grad_norm.map(|g| g.to_string()).unwrap_or_default();
-    format!("{},{},{},{},{}\n", r.step, r.loss, gn, r.lr, r.tokens)
+    let opt = |x: Option<f32>| x.map(|g| g.to_string()).unwrap_or_default();
+    let (gn, gl) = (opt(r.grad_norm), opt(r.grounding));
+    format!("{},{},{gn},{},{},{gl}\n", r.step, r.loss, r.lr, r.tokens)
 }
 
 fn read_losses(path: &Path) -> Result<Vec<StepRecord>> {
@@ -637,20 +663,24 @@ fn read_losses(path: &Path) -> Result<Vec<StepRecord>> {
         if line.is_empty() {
             continue;
         }
+        // Files written before the grounding column have five fields.
         let f: Vec<&str> = line.split(',').collect();
-        if f.len() != 5 {
+        if f.len() != 5 && f.len() != 6 {
             return Err(parse_err(i + 1));
         }
+        let optional = |x: Option<&&str>| -> Result<Option<f32>> {
+            match x {
+                None | Some(&"") => Ok(None),
+                Some(v) => v.parse().map(Some).map_err(|_| parse_err(i + 1)),
+            }
+        };
         out.push(StepRecord {
             step: f[0].parse().map_err(|_| parse_err(i + 1))?,
             loss: f[1].parse().map_err(|_| parse_err(i + 1))?,
-            grad_norm: if f[2].is_empty() {
-                None
-            } else {
-                Some(f[2].parse().map_err(|_| parse_err(i + 1))?)
-            },
+            grad_norm: optional(f.get(2))?,
             lr: f[3].parse().map_err(|_| parse_err(i + 1))?,
             tokens: f[4].parse().map_err(|_| parse_err(i + 1))?,
+            grounding: optional(f.get(5))?,
         });
     }
     Ok(out)
@@ -966,6 +996,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
         }
     };
     set_frozen_grads(cfg, &mut m);
+    m.set_grounding(cfg.grounding)?;
 
     let image_slot = {
         let id = m.config.image_token_id;
@@ -1007,6 +1038,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
     for step in start..end {
         let lr = opt.schedule.lr(cfg.lr, opt.steps_taken());
         let mut loss_sum = 0.0f64;
+        let mut grounding = (0.0f64, 0usize);
         let mut tokens = 0u64;
         for micro in 0..cfg.grad_accum {
             let (_, idx) = loader.next_batch();
@@ -1017,6 +1049,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
                     input_ids: s.input_ids,
                     labels: s.labels,
                     pixel_values: s.pixel_values,
+                    grounding: s.grounding,
                 })
                 .collect();
             tokens += seqs.iter().map(|s| s.input_ids.len() as u64).sum::<u64>();
@@ -1024,6 +1057,9 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
             let loss = m.forward(&seqs)?;
             m.backward()?;
             loss_sum += loss as f64;
+            if let Some(g) = m.grounding_loss() {
+                grounding = (grounding.0 + g as f64, grounding.1 + 1);
+            }
             if cfg.grad_accum > 1 {
                 if micro == 0 {
                     sums = m.params.iter().map(|p| p.grad.clone()).collect();
@@ -1053,15 +1089,18 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
             grad_norm,
             lr,
             tokens,
+            grounding: (grounding.1 > 0).then(|| (grounding.0 / grounding.1 as f64) as f32),
         };
         csv.write_all(csv_row(&rec).as_bytes())
             .and_then(|_| csv.flush())
             .map_err(|e| Error::io(&csv_path, e))?;
+        let ground = rec.grounding.map(|g| format!(" ground {g:.3}"));
         history.push(rec);
         run_tokens += tokens;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!(
-            "loss {loss:.4} lr {lr:.2e} {:.0} tok/s",
+            "loss {loss:.4}{} lr {lr:.2e} {:.0} tok/s",
+            ground.unwrap_or_default(),
             run_tokens as f64 / secs
         ));
         bar.inc(1);
