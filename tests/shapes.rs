@@ -62,6 +62,36 @@ fn resolve(scene: &Scene, phrase: &str) -> Vec<usize> {
         .collect()
 }
 
+/// A sample's phrases occur in its question and name its referenced objects: all of them in one
+/// phrase, except relative position's two phrases, one object each in question order, each
+/// resolving to its object from the scene alone; none for an existence "no".
+fn check_refs(s: &Sample) {
+    for r in &s.refs {
+        assert!(
+            s.question.contains(&r.phrase),
+            "{}: {:?}",
+            s.question,
+            r.phrase
+        );
+    }
+    if s.referenced.is_empty() {
+        assert!(s.refs.is_empty(), "{}", s.question);
+        return;
+    }
+    if s.family == Family::RelativePosition {
+        assert_eq!(s.refs.len(), 2, "{}", s.question);
+        let (a, b) = (&s.refs[0], &s.refs[1]);
+        assert!(s.question.find(&a.phrase) < s.question.find(&b.phrase));
+        assert_eq!(a.objects, vec![s.referenced[0]]);
+        assert_eq!(b.objects, vec![s.referenced[1]]);
+        assert_eq!(resolve(&s.scene, &a.phrase), a.objects, "{}", s.question);
+        assert_eq!(resolve(&s.scene, &b.phrase), b.objects, "{}", s.question);
+    } else {
+        assert_eq!(s.refs.len(), 1, "{}", s.question);
+        assert_eq!(s.refs[0].objects, s.referenced, "{}", s.question);
+    }
+}
+
 /// Checks a sample's answers and (unless `answer_only`) its referenced objects and POPE kind by
 /// reading its question afresh.
 fn check_answer(s: &Sample, answer_only: bool) {
@@ -311,6 +341,7 @@ fn families_are_balanced_and_every_answer_matches_the_scene() {
     for s in &samples {
         check_scene(s);
         check_answer(s, false);
+        check_refs(s);
         if s.family == Family::RelativePosition {
             rel.insert(s.answers[0].clone());
         }

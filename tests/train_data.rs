@@ -39,6 +39,7 @@ fn conv(turns: &[(&str, &str)]) -> Conversation {
                 question: q.to_string(),
                 answer: a.to_string(),
                 patches: Vec::new(),
+                refs: Vec::new(),
             })
             .collect(),
     }
@@ -520,7 +521,7 @@ fn text_only_samples_and_leading_gpt_turns() {
 }
 
 #[test]
-fn grounded_answers_name_the_row_before_them_and_their_patches() {
+fn grounded_phrases_and_answers_name_their_rows_and_patches() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ShapesConfig {
         image_size: 30,
@@ -545,14 +546,33 @@ fn grounded_answers_name_the_row_before_them_and_their_patches() {
         let want: Vec<usize> = (0..mask.len()).filter(|&j| mask[j]).collect();
         assert_eq!(conv.turns[0].patches, want, "{}", s.id);
         assert_eq!(want.is_empty(), s.referenced.is_empty(), "{}", s.id);
-        let (ids, labels, grounding) = enc.encode_text(conv).unwrap();
-        let grounded: Vec<&Turn> = conv
-            .turns
+        // The sample's question names its objects phrase by phrase.
+        let phrases: Vec<&str> = conv.turns[0]
+            .refs
             .iter()
-            .filter(|t| !t.patches.is_empty())
+            .map(|r| r.phrase.as_str())
             .collect();
-        assert_eq!(grounding.len(), grounded.len(), "{}", s.id);
-        for (g, t) in grounding.iter().zip(grounded) {
+        let want: Vec<&str> = s.refs.iter().map(|r| r.phrase.as_str()).collect();
+        assert_eq!(phrases, want, "{}", s.id);
+        let (ids, labels, grounding) = enc.encode_text(conv).unwrap();
+        // Each turn grounds its phrases' last tokens, then the row before its answer.
+        let mut all_rows = grounding.iter();
+        let mut answer_rows = Vec::new();
+        for t in &conv.turns {
+            for r in &t.refs {
+                let g = all_rows.next().unwrap();
+                let text = tok.decode(&ids[..=g.position], false).unwrap();
+                assert!(text.ends_with(&r.phrase), "{}: {text:?}", s.id);
+                assert_eq!(g.patches, r.patches);
+                assert!(r.patches.iter().all(|j| t.patches.contains(j)), "{}", s.id);
+                rows += 1;
+            }
+            if !t.patches.is_empty() {
+                answer_rows.push((all_rows.next().unwrap(), t));
+            }
+        }
+        assert!(all_rows.next().is_none());
+        for (g, t) in answer_rows {
             // The row is the prompt's last token (`ASSISTANT:`'s colon), the next one is trained.
             assert_eq!(labels[g.position], IGNORE);
             assert_ne!(labels[g.position + 1], IGNORE);
@@ -591,6 +611,31 @@ fn bad_patches_name_the_sample_and_field() {
     let e = msg(floats);
     assert!(
         e.contains("conversations[1]") && e.contains("patch indices"),
+        "{e}"
+    );
+    let gpt_refs = r#"[{"id": "a", "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ?"},
+        {"from": "gpt", "value": "A", "refs": [{"phrase": "Q", "patches": [1]}]}]}]"#;
+    let e = msg(gpt_refs);
+    assert!(
+        e.contains("conversations[1]") && e.contains("only human"),
+        "{e}"
+    );
+    let missing = r#"[{"id": "a", "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nIs the red star left?",
+         "refs": [{"phrase": "the blue star", "patches": [1]}]},
+        {"from": "gpt", "value": "A"}]}]"#;
+    let e = msg(missing);
+    assert!(
+        e.contains("conversations[0]") && e.contains("the blue star"),
+        "{e}"
+    );
+    let empty = r#"[{"id": "a", "image": "x.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ?", "refs": [{"phrase": "Q", "patches": []}]},
+        {"from": "gpt", "value": "A"}]}]"#;
+    let e = msg(empty);
+    assert!(
+        e.contains("conversations[0]") && e.contains("`refs`"),
         "{e}"
     );
     // Repeats and order do not matter.

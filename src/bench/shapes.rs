@@ -919,6 +919,10 @@ pub struct Sample {
     /// Indices into `scene.objects` of the objects the question is about (see the module docs);
     /// empty for existence questions answered "no".
     pub referenced: Vec<usize>,
+    /// The question's phrases that name objects, each with its objects: one phrase for every
+    /// family but relative position, which names its two objects apart ("the red circle", "the
+    /// blue star"); none for an existence "no".
+    pub refs: Vec<Reference>,
 }
 
 impl Sample {
@@ -1354,16 +1358,40 @@ struct Question {
     answers: Vec<String>,
     pope_kind: Option<PopeKind>,
     referenced: Vec<usize>,
+    refs: Vec<Reference>,
 }
 
 impl Question {
-    fn new(text: String, answer: &str, referenced: Vec<usize>) -> Question {
+    /// A question whose `phrase` (a substring of `text`) names the `referenced` objects.
+    fn new(text: String, answer: &str, phrase: &str, referenced: Vec<usize>) -> Question {
         Question {
-            text,
             answers: vec![answer.to_string()],
             pope_kind: None,
+            refs: Reference::one(phrase, &referenced),
             referenced,
+            text,
         }
+    }
+}
+
+/// A phrase of a question and the objects it names ("the red circle", "blue objects").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reference {
+    pub phrase: String,
+    /// Indices into `scene.objects`.
+    pub objects: Vec<usize>,
+}
+
+impl Reference {
+    /// `[phrase → objects]`, or none when the phrase names no object (an existence "no").
+    fn one(phrase: &str, objects: &[usize]) -> Vec<Reference> {
+        if objects.is_empty() {
+            return Vec::new();
+        }
+        vec![Reference {
+            phrase: phrase.to_string(),
+            objects: objects.to_vec(),
+        }]
     }
 }
 
@@ -1402,14 +1430,14 @@ fn q_color(scene: &Scene, rng: &mut StdRng) -> Option<Question> {
     let mut cands = Vec::new();
     for &(i, sh, co, sz) in &objs {
         if objs.iter().filter(|o| o.1 == sh).count() == 1 {
-            cands.push((i, format!("What color is the {}?", sh.name()), co));
+            cands.push((i, format!("the {}", sh.name()), co));
         } else if objs.iter().filter(|o| o.1 == sh && o.3 == sz).count() == 1 {
-            let text = format!("What color is the {} {}?", sz.name(), sh.name());
-            cands.push((i, text, co));
+            cands.push((i, format!("the {} {}", sz.name(), sh.name()), co));
         }
     }
-    let (i, text, co) = pick(rng, &cands)?.clone();
-    Some(Question::new(text, co.name(), vec![i]))
+    let (i, phrase, co) = pick(rng, &cands)?.clone();
+    let text = format!("What color is {phrase}?");
+    Some(Question::new(text, co.name(), &phrase, vec![i]))
 }
 
 fn q_shape(scene: &Scene, rng: &mut StdRng) -> Option<Question> {
@@ -1419,8 +1447,9 @@ fn q_shape(scene: &Scene, rng: &mut StdRng) -> Option<Question> {
         .filter(|o| objs.iter().filter(|p| p.2 == o.2).count() == 1)
         .collect();
     let &&(i, sh, co, _) = pick(rng, &cands)?;
-    let text = format!("What shape is the {} object?", co.name());
-    Some(Question::new(text, sh.name(), vec![i]))
+    let phrase = format!("the {} object", co.name());
+    let text = format!("What shape is {phrase}?");
+    Some(Question::new(text, sh.name(), &phrase, vec![i]))
 }
 
 /// A count question; with `want`, about a colour or shape occurring exactly `want` times (none
@@ -1429,13 +1458,13 @@ fn q_count(scene: &Scene, rng: &mut StdRng, want: Option<usize>) -> Option<Quest
     let objs = scene.shapes();
     let by_color = |c: Color| -> (String, Vec<usize>) {
         (
-            format!("How many {} objects are there?", c.name()),
+            format!("{} objects", c.name()),
             objs.iter().filter(|o| o.2 == c).map(|o| o.0).collect(),
         )
     };
     let by_shape = |s: Shape| -> (String, Vec<usize>) {
         (
-            format!("How many {}s are there?", s.name()),
+            format!("{}s", s.name()),
             objs.iter().filter(|o| o.1 == s).map(|o| o.0).collect(),
         )
     };
@@ -1445,7 +1474,7 @@ fn q_count(scene: &Scene, rng: &mut StdRng, want: Option<usize>) -> Option<Quest
     let mut shapes: Vec<Shape> = objs.iter().map(|o| o.1).collect();
     shapes.sort();
     shapes.dedup();
-    let (text, referenced) = match want {
+    let (phrase, referenced) = match want {
         Some(k) => {
             let cands: Vec<(String, Vec<usize>)> = (colors.into_iter().map(by_color))
                 .chain(shapes.into_iter().map(by_shape))
@@ -1458,9 +1487,10 @@ fn q_count(scene: &Scene, rng: &mut StdRng, want: Option<usize>) -> Option<Quest
     };
     let n = referenced.len();
     Some(Question {
-        text,
+        text: format!("How many {phrase} are there?"),
         answers: vec![n.to_string(), number_word(n).to_string()],
         pope_kind: None,
+        refs: Reference::one(&phrase, &referenced),
         referenced,
     })
 }
@@ -1539,13 +1569,9 @@ fn q_exist(
         .map(|o| o.0)
         .collect();
     let answer = if referenced.is_empty() { "no" } else { "yes" };
-    let text = format!(
-        "Is there {} {} {} in the image?",
-        article(c.name()),
-        c.name(),
-        s.name()
-    );
-    let mut q = Question::new(text, answer, referenced);
+    let phrase = format!("{} {} {}", article(c.name()), c.name(), s.name());
+    let text = format!("Is there {phrase} in the image?");
+    let mut q = Question::new(text, answer, &phrase, referenced);
     q.pope_kind = kind;
     Some(q)
 }
@@ -1597,7 +1623,12 @@ fn q_relpos(scene: &Scene, rng: &mut StdRng, cfg: &ShapesConfig) -> Option<Quest
                 let t = format!("Is {na} above or below {nb}?");
                 (t, if before { "above" } else { "below" })
             };
-            return Some(Question::new(text, answer, vec![a, b]));
+            let mut q = Question::new(text, answer, na, vec![a, b]);
+            q.refs = [(na, a), (nb, b)]
+                .into_iter()
+                .flat_map(|(p, o)| Reference::one(p, &[o]))
+                .collect();
+            return Some(q);
         }
     }
     None
@@ -1609,6 +1640,7 @@ fn q_read(scene: &Scene) -> Option<Question> {
     Some(Question::new(
         "What does the sign say?".into(),
         text,
+        "the sign",
         vec![i],
     ))
 }
@@ -1689,6 +1721,7 @@ fn make_sample(
                 family,
                 pope_kind: q.pope_kind,
                 referenced: q.referenced,
+                refs: q.refs,
             });
         }
     }
@@ -1734,6 +1767,16 @@ struct Turn {
     /// With [`TrainTurns::grounding`]: on an answer about some objects, the patches holding them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     patches: Vec<usize>,
+    /// With [`TrainTurns::grounding`]: on a question, each phrase naming objects and their
+    /// patches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    refs: Vec<PhrasePatches>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PhrasePatches {
+    phrase: String,
+    patches: Vec<usize>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1760,6 +1803,8 @@ struct AnswerRecord {
     pope_kind: Option<PopeKind>,
     #[serde(default)]
     referenced: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    refs: Vec<Reference>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1827,8 +1872,9 @@ pub struct TrainTurns {
     pub shape_colors: bool,
     /// Every answer to a question about some objects (the sample's own and the extra ones of
     /// `all_families`; not an existence "no") carries `"patches"`: the patches holding those
-    /// objects ([`Scene::relevance_mask`] at `cfg.patch_size`), the target of the trainer's
-    /// attention-grounding loss ([`crate::train::model::GroundingLoss`]).
+    /// objects ([`Scene::relevance_mask`] at `cfg.patch_size`); its question carries `"refs"`,
+    /// `[{"phrase", "patches"}]` for each phrase naming objects ([`Sample::refs`]). The targets
+    /// of the trainer's attention-grounding loss ([`crate::train::model::GroundingLoss`]).
     pub grounding: bool,
 }
 
@@ -1906,25 +1952,40 @@ pub fn export_llava_train(
         from: from.into(),
         value,
         patches: Vec::new(),
+        refs: Vec::new(),
     };
-    let grounded = |s: &Sample, value: String, referenced: &[usize]| {
+    let patches = |s: &Sample, objects: &[usize]| -> Vec<usize> {
         let mask = s
             .scene
-            .relevance_mask(referenced, cfg.image_size, cfg.patch_size);
-        Turn {
-            patches: if turns.grounding {
-                (0..mask.len()).filter(|&j| mask[j]).collect()
-            } else {
-                Vec::new()
-            },
-            ..turn("gpt", value)
-        }
+            .relevance_mask(objects, cfg.image_size, cfg.patch_size);
+        (0..mask.len()).filter(|&j| mask[j]).collect()
+    };
+    let asked = |s: &Sample, value: String, refs: &[Reference]| Turn {
+        refs: if turns.grounding {
+            refs.iter()
+                .map(|r| PhrasePatches {
+                    phrase: r.phrase.clone(),
+                    patches: patches(s, &r.objects),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+        ..turn("human", value)
+    };
+    let grounded = |s: &Sample, value: String, referenced: &[usize]| Turn {
+        patches: if turns.grounding {
+            patches(s, referenced)
+        } else {
+            Vec::new()
+        },
+        ..turn("gpt", value)
     };
     let records: Vec<TrainRecord> = samples
         .iter()
         .map(|s| {
             let mut conversations = vec![
-                turn("human", format!("<image>\n{}{SHORT_ANSWER}", s.question)),
+                asked(s, format!("<image>\n{}{SHORT_ANSWER}", s.question), &s.refs),
                 grounded(
                     s,
                     s.answers.first().cloned().unwrap_or_default(),
@@ -1936,7 +1997,8 @@ pub fn export_llava_train(
                 let answer = s.answers.first().map_or("", String::as_str);
                 let first = (s.question.as_str(), answer);
                 for q in other_questions(&s.scene, first, s.family, &mut rng, cfg) {
-                    conversations.push(turn("human", format!("{}{SHORT_ANSWER}", q.text)));
+                    let text = format!("{}{SHORT_ANSWER}", q.text);
+                    conversations.push(asked(s, text, &q.refs));
                     conversations.push(grounded(s, q.answers[0].clone(), &q.referenced));
                 }
             }
@@ -1981,6 +2043,7 @@ pub fn export_llava_eval(samples: &[Sample], dir: &Path, image_size: u32) -> Res
             family: s.family,
             pope_kind: s.pope_kind,
             referenced: s.referenced.clone(),
+            refs: s.refs.clone(),
         };
         let sr = SceneRecord {
             question_id: s.id.clone(),
@@ -2128,6 +2191,7 @@ pub fn read_llava_eval(dir: &Path) -> Result<Vec<Sample>> {
             family: a.family,
             pope_kind: a.pope_kind,
             referenced: a.referenced,
+            refs: a.refs,
         });
     }
     if let Some((id, (line, _))) = answers.iter().min_by_key(|(_, (l, _))| *l) {

@@ -41,6 +41,30 @@ pub struct Turn {
     /// gpt message's optional `patches` list (a ShapesVQA extension; LLaVA ignores the field),
     /// the target of an attention-grounding loss. Empty when the message has none.
     pub patches: Vec<usize>,
+    /// Phrases of the question naming objects, each with their patches: the human message's
+    /// optional `refs` list (`[{"phrase", "patches"}]`, the same extension). Each grounds the row
+    /// of the phrase's last token.
+    pub refs: Vec<PhraseRef>,
+}
+
+/// A phrase of a question and the image patches of what it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PhraseRef {
+    pub phrase: String,
+    /// Row-major patch indices, increasing, without repeats.
+    pub patches: Vec<usize>,
+}
+
+/// A json list of patch indices, sorted and without repeats; `None` if `v` is not one.
+fn patch_list(v: &serde_json::Value) -> Option<Vec<usize>> {
+    let mut list = v
+        .as_array()?
+        .iter()
+        .map(|x| x.as_u64().map(|x| x as usize))
+        .collect::<Option<Vec<usize>>>()?;
+    list.sort_unstable();
+    list.dedup();
+    Some(list)
 }
 
 /// One conversation of a LLaVA training file.
@@ -144,24 +168,44 @@ pub fn parse_conversations(text: &str, path: &Path) -> Result<Vec<Conversation>>
             };
             let patches = match m.get("patches") {
                 None => Vec::new(),
-                Some(v) => {
-                    let list = v.as_array().and_then(|a| {
-                        a.iter()
-                            .map(|x| x.as_u64().map(|x| x as usize))
-                            .collect::<Option<Vec<usize>>>()
-                    });
-                    let mut list = list.ok_or_else(|| {
-                        at(&field, "has `patches` that is not a list of patch indices")
-                    })?;
-                    if human {
-                        return Err(at(&field, "has `patches`; only gpt messages may"));
-                    }
-                    list.sort_unstable();
-                    list.dedup();
-                    list
+                Some(_) if human => {
+                    return Err(at(&field, "has `patches`; only gpt messages may"));
                 }
+                Some(v) => patch_list(v).ok_or_else(|| {
+                    at(&field, "has `patches` that is not a list of patch indices")
+                })?,
             };
-            msgs.push((j, human, value, patches));
+            let refs = match m.get("refs") {
+                None => Vec::new(),
+                Some(_) if !human => {
+                    return Err(at(&field, "has `refs`; only human messages may"));
+                }
+                Some(v) => v
+                    .as_array()
+                    .and_then(|a| {
+                        a.iter()
+                            .map(|r| {
+                                let phrase = r.get("phrase")?.as_str()?;
+                                Some(PhraseRef {
+                                    phrase: phrase.to_string(),
+                                    patches: patch_list(r.get("patches")?)?,
+                                })
+                            })
+                            .collect::<Option<Vec<_>>>()
+                    })
+                    .filter(|r| {
+                        r.iter()
+                            .all(|r| !r.phrase.is_empty() && !r.patches.is_empty())
+                    })
+                    .ok_or_else(|| {
+                        at(
+                            &field,
+                            "has `refs` that is not a list of {\"phrase\", \"patches\"} with \
+                             a non-empty phrase and patch indices",
+                        )
+                    })?,
+            };
+            msgs.push((j, human, value, patches, refs));
         }
         if msgs.first().is_some_and(|m| !m.1) {
             msgs.remove(0);
@@ -177,8 +221,8 @@ pub fn parse_conversations(text: &str, path: &Path) -> Result<Vec<Conversation>>
         }
         let mut turns = Vec::with_capacity(msgs.len() / 2);
         for pair in msgs.chunks(2) {
-            let (jq, hq, q, _) = &pair[0];
-            let (ja, ha, a, patches) = &pair[1];
+            let (jq, hq, q, _, refs) = &pair[0];
+            let (ja, ha, a, patches, _) = &pair[1];
             let (jq, hq, q, ja, ha, a) = (*jq, *hq, *q, *ja, *ha, *a);
             if !hq {
                 return Err(at(&format!("conversations[{jq}]"), "must be a human turn"));
@@ -221,7 +265,17 @@ pub fn parse_conversations(text: &str, path: &Path) -> Result<Vec<Conversation>>
                 question,
                 answer: a.to_string(),
                 patches: patches.clone(),
+                refs: refs.clone(),
             });
+            if let Some(r) = refs.iter().find(|r| !q.contains(&r.phrase)) {
+                return Err(at(
+                    &format!("conversations[{jq}]"),
+                    &format!(
+                        "has a ref whose phrase {:?} is not in the question",
+                        r.phrase
+                    ),
+                ));
+            }
         }
         out.push(Conversation { id, image, turns });
     }
@@ -262,6 +316,15 @@ impl<'a> Encoder<'a> {
     /// The conversation as text (with `<image>` expanded) and the byte spans that are trained:
     /// each ` {answer}</s>`, from the space after `ASSISTANT:` through `</s>`.
     pub fn render(&self, conv: &Conversation) -> (String, Vec<(usize, usize)>) {
+        let (text, spans, _) = self.render_with_questions(conv);
+        (text, spans)
+    }
+
+    /// [`Encoder::render`] and the byte offset where each turn's (expanded) question starts.
+    fn render_with_questions(
+        &self,
+        conv: &Conversation,
+    ) -> (String, Vec<(usize, usize)>, Vec<usize>) {
         let expanded = self.image_slot.token.repeat(self.image_slot.count);
         let mut text = String::new();
         if !self.system.is_empty() {
@@ -269,8 +332,10 @@ impl<'a> Encoder<'a> {
             text.push(' ');
         }
         let mut spans = Vec::with_capacity(conv.turns.len());
+        let mut questions = Vec::with_capacity(conv.turns.len());
         for t in &conv.turns {
             text.push_str("USER: ");
+            questions.push(text.len());
             text.push_str(&t.question.replace(IMAGE_PLACEHOLDER, &expanded));
             text.push_str(" ASSISTANT:");
             let start = text.len();
@@ -279,17 +344,18 @@ impl<'a> Encoder<'a> {
             text.push_str(EOS);
             spans.push((start, text.len()));
         }
-        (text, spans)
+        (text, spans, questions)
     }
 
     /// Token ids, labels and grounded rows of `conv`. A token is trained iff its first byte lies
     /// in an answer span of [`Encoder::render`]; its label is its own id. A turn with
-    /// [`Turn::patches`] grounds the row before its answer's first token. Longer than `max_len`:
+    /// [`Turn::patches`] grounds the row before its answer's first token, each of its
+    /// [`Turn::refs`] the row of its phrase's last token. Longer than `max_len`:
     /// the first `max_len` tokens are kept (as HF's `truncation=True` and LLaVA's
     /// `[:model_max_length]`), with the grounded rows whose answer starts within them; it is an
     /// error when that would cut into the image tokens or leaves nothing to train.
     pub fn encode_text(&self, conv: &Conversation) -> Result<(Vec<u32>, Vec<i64>, Vec<Grounding>)> {
-        let (text, spans) = self.render(conv);
+        let (text, spans, questions) = self.render_with_questions(conv);
         let enc = self.tokenizer.encode(&text, true)?;
         let mut labels: Vec<i64> = enc
             .ids
@@ -307,21 +373,36 @@ impl<'a> Encoder<'a> {
         let mut ids = enc.ids;
         let sample = |msg: String| Error::Prompt(format!("sample {}: {msg}", conv.id));
         let mut grounding = Vec::new();
-        for (turn, &(a, _)) in conv.turns.iter().zip(&spans) {
-            if turn.patches.is_empty() {
+        let mut ground = |row: Option<usize>, patches: &[usize]| {
+            if let Some(position) = row.filter(|&r| r < self.max_len) {
+                grounding.push(Grounding {
+                    position,
+                    patches: patches.to_vec(),
+                });
+            }
+        };
+        let expanded = self.image_slot.token.repeat(self.image_slot.count);
+        for ((turn, &(a, _)), &q) in conv.turns.iter().zip(&spans).zip(&questions) {
+            if turn.patches.is_empty() && turn.refs.is_empty() {
                 continue;
             }
             if conv.image.is_none() {
                 return Err(sample(
-                    "a turn has `patches` but the sample has no image".into(),
+                    "a turn has `patches` or `refs` but the sample has no image".into(),
                 ));
             }
-            let first = enc.offsets.iter().position(|&(s, e)| e > 0 && s >= a);
-            if let Some(i) = first.filter(|&i| i > 0 && i < self.max_len) {
-                grounding.push(Grounding {
-                    position: i - 1,
-                    patches: turn.patches.clone(),
-                });
+            let question = turn.question.replace(IMAGE_PLACEHOLDER, &expanded);
+            for r in &turn.refs {
+                let at = question.find(&r.phrase).ok_or_else(|| {
+                    sample(format!("phrase {:?} is not in its question", r.phrase))
+                })?;
+                let end = q + at + r.phrase.len();
+                let last = enc.offsets.iter().rposition(|&(s, e)| e > 0 && s < end);
+                ground(last, &r.patches);
+            }
+            if !turn.patches.is_empty() {
+                let first = enc.offsets.iter().position(|&(s, e)| e > 0 && s >= a);
+                ground(first.filter(|&i| i > 0).map(|i| i - 1), &turn.patches);
             }
         }
         if conv.image.is_some() {
