@@ -50,8 +50,8 @@ pub struct TrainSeq {
 /// target of a [`GroundingLoss`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grounding {
-    /// Row of the sequence, after the image: the position whose logits predict an answer's first
-    /// token.
+    /// Row of the sequence, after the image: the one predicting an answer's first token, or a
+    /// referring phrase's last token.
     pub position: usize,
     /// The image tokens the answer is about, as indices among the sequence's image tokens
     /// (row-major patches), increasing, without repeats.
@@ -59,8 +59,9 @@ pub struct Grounding {
 }
 
 /// Attention grounding, an auxiliary loss on where the language model looks: at decoder layer
-/// `layer`, the head-averaged attention of every grounded row `t` should fall on its relevant
-/// image tokens `R`,
+/// `layer`, the head-averaged attention of every grounded row `t` (the row predicting an answer
+/// about some objects, the last token of a phrase naming some) should fall on its relevant image
+/// tokens `R`,
 ///
 /// `L_ground = −mean_rows ln( (1/H) Σ_h Σ_{j∈R} P_h[t, j] )`,
 ///
