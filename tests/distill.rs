@@ -439,7 +439,7 @@ fn bad_configs_fail_before_any_step() {
     check(
         with(&|c| c.grounding = ground(1, 0.5)),
         quiet(),
-        "`grounding`: is set but no answer",
+        "`grounding`: is set but no turn",
     );
     let grounded = tempfile::tempdir().unwrap();
     export_grounded(grounded.path(), 2);

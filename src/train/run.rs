@@ -462,12 +462,12 @@ impl TrainConfig {
                 return bad("grounding.weight", format!("{} must be > 0", g.weight));
             }
             let grounded = ds.conversations.iter().flat_map(|c| &c.turns);
-            if grounded.clone().all(|t| t.patches.is_empty()) {
+            if grounded.clone().all(|t| t.patches.is_empty() && t.refs.is_empty()) {
                 return bad(
                     "grounding",
                     format!(
-                        "is set but no answer of {} names its `patches` (export the data with \
-                         `distill shapes --grounding`)",
+                        "is set but no turn of {} names its `patches` or `refs` (export the data \
+                         with `distill shapes --grounding`)",
                         self.data.display()
                     ),
                 );
