@@ -26,7 +26,8 @@ fn export(dir: &Path, n: usize) {
     export_llava_train(&samples, dir, &cfg, TrainTurns::default()).unwrap();
 }
 
-/// [`export`] with every answer about some objects naming their patches (`--grounding`) on the
+/// [`export`] with every phrase and answer about some objects naming their patches
+/// (`--ground-phrases --ground-answers`) on the
 /// fixture's 6-pixel patches, and the extra questions of every family.
 fn export_grounded(dir: &Path, n: usize) {
     let cfg = ShapesConfig {
@@ -37,7 +38,8 @@ fn export_grounded(dir: &Path, n: usize) {
     let samples = generate(Split::Train, n, 3, &cfg).unwrap();
     let turns = TrainTurns {
         all_families: true,
-        grounding: true,
+        ground_phrases: true,
+        ground_answers: true,
         ..TrainTurns::default()
     };
     export_llava_train(&samples, dir, &cfg, turns).unwrap();

@@ -531,7 +531,8 @@ fn grounded_phrases_and_answers_name_their_rows_and_patches() {
     let samples = generate(Split::Train, 8, 5, &cfg).unwrap();
     let turns = TrainTurns {
         all_families: true,
-        grounding: true,
+        ground_phrases: true,
+        ground_answers: true,
         ..TrainTurns::default()
     };
     export_llava_train(&samples, dir.path(), &cfg, turns).unwrap();

@@ -1764,10 +1764,11 @@ pub fn generate_one(split: Split, index: usize, seed: u64, cfg: &ShapesConfig) -
 struct Turn {
     from: String,
     value: String,
-    /// With [`TrainTurns::grounding`]: on an answer about some objects, the patches holding them.
+    /// With [`TrainTurns::ground_answers`]: on an answer about some objects, the patches holding
+    /// them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     patches: Vec<usize>,
-    /// With [`TrainTurns::grounding`]: on a question, each phrase naming objects and their
+    /// With [`TrainTurns::ground_phrases`]: on a question, each phrase naming objects and their
     /// patches.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     refs: Vec<PhrasePatches>,
@@ -1870,12 +1871,15 @@ pub struct TrainTurns {
     pub describe: bool,
     /// Then [`SHAPE_COLORS`], answered with [`Scene::shape_colors`].
     pub shape_colors: bool,
-    /// Every answer to a question about some objects (the sample's own and the extra ones of
-    /// `all_families`; not an existence "no") carries `"patches"`: the patches holding those
-    /// objects ([`Scene::relevance_mask`] at `cfg.patch_size`); its question carries `"refs"`,
-    /// `[{"phrase", "patches"}]` for each phrase naming objects ([`Sample::refs`]). The targets
-    /// of the trainer's attention-grounding loss ([`crate::train::model::GroundingLoss`]).
-    pub grounding: bool,
+    /// Every question about some objects (the sample's own and the extra ones of `all_families`;
+    /// not an existence "no") carries `"refs"`, `[{"phrase", "patches"}]` for each phrase naming
+    /// objects ([`Sample::refs`]; the patches holding them, [`Scene::relevance_mask`] at
+    /// `cfg.patch_size`): targets of the trainer's attention-grounding loss
+    /// ([`crate::train::model::GroundingLoss`]) on the phrase's last token.
+    pub ground_phrases: bool,
+    /// Every answer to such a question carries `"patches"`, those of all its objects: targets of
+    /// the same loss on the row that predicts the answer.
+    pub ground_answers: bool,
 }
 
 /// Whether `word` occurs in `text` as a whole word, singular or plural ("stars" has "star").
@@ -1961,7 +1965,7 @@ pub fn export_llava_train(
         (0..mask.len()).filter(|&j| mask[j]).collect()
     };
     let asked = |s: &Sample, value: String, refs: &[Reference]| Turn {
-        refs: if turns.grounding {
+        refs: if turns.ground_phrases {
             refs.iter()
                 .map(|r| PhrasePatches {
                     phrase: r.phrase.clone(),
@@ -1974,7 +1978,7 @@ pub fn export_llava_train(
         ..turn("human", value)
     };
     let grounded = |s: &Sample, value: String, referenced: &[usize]| Turn {
-        patches: if turns.grounding {
+        patches: if turns.ground_answers {
             patches(s, referenced)
         } else {
             Vec::new()

@@ -49,7 +49,7 @@ enum Command {
     /// `frozen`) run LLaVA-style stages in order, each into OUTPUT/stageN-NAME from the previous
     /// stage's final checkpoint. Relative paths are relative to the config file.
     #[command(
-        after_help = "Example config (fine-tuning):\n\n  model = \"llava-base\"\n  data = \"data/train.json\"\n  image_folder = \"data/images\"\n  output = \"runs/r1\"\n  steps = 1000\n  lr = 2e-5\n  warmup = 30\n  batch_size = 4\n  grad_accum = 4\n  max_grad_norm = 1.0\n  frozen = [\"vision\"]\n  checkpoint_every = 100\n\nFrom scratch, replace `model` with:\n\n  [new_model]\n  image_size = 112\n  patch_size = 8\n  vision_hidden_size = 128\n  vision_intermediate_size = 512\n  vision_layers = 4\n  vision_heads = 4\n  hidden_size = 192\n  intermediate_size = 512\n  layers = 4\n  heads = 6\n  kv_heads = 2\n  vocab_size = 512\n  # optional: vision_feature_layer = -1, init_std = 0.02, init_seed = 0,\n  # max_position_embeddings = 1024, rope_theta = 10000.0, tie_word_embeddings = false\n\nTwo stages (replace the top-level steps and lr):\n\n  [[stage]]\n  name = \"pretrain\"\n  steps = 500\n  lr = 1e-3\n  frozen = [\"vision\", \"lm\"]\n\n  [[stage]]\n  name = \"finetune\"\n  steps = 2000\n  lr = 2e-5\n  frozen = [\"vision\"]\n\nAttention grounding (data from `distill shapes --grounding`): the row predicting each\ngrounded answer should attend, at this decoder layer, to the answer's patches:\n\n  [grounding]\n  layer = 1\n  weight = 0.5"
+        after_help = "Example config (fine-tuning):\n\n  model = \"llava-base\"\n  data = \"data/train.json\"\n  image_folder = \"data/images\"\n  output = \"runs/r1\"\n  steps = 1000\n  lr = 2e-5\n  warmup = 30\n  batch_size = 4\n  grad_accum = 4\n  max_grad_norm = 1.0\n  frozen = [\"vision\"]\n  checkpoint_every = 100\n\nFrom scratch, replace `model` with:\n\n  [new_model]\n  image_size = 112\n  patch_size = 8\n  vision_hidden_size = 128\n  vision_intermediate_size = 512\n  vision_layers = 4\n  vision_heads = 4\n  hidden_size = 192\n  intermediate_size = 512\n  layers = 4\n  heads = 6\n  kv_heads = 2\n  vocab_size = 512\n  # optional: vision_feature_layer = -1, init_std = 0.02, init_seed = 0,\n  # max_position_embeddings = 1024, rope_theta = 10000.0, tie_word_embeddings = false\n\nTwo stages (replace the top-level steps and lr):\n\n  [[stage]]\n  name = \"pretrain\"\n  steps = 500\n  lr = 1e-3\n  frozen = [\"vision\", \"lm\"]\n\n  [[stage]]\n  name = \"finetune\"\n  steps = 2000\n  lr = 2e-5\n  frozen = [\"vision\"]\n\nAttention grounding (data from `distill shapes --ground-phrases`): at this decoder layer,\nthe last token of each phrase naming objects should attend to their patches:\n\n  [grounding]\n  layer = 1\n  weight = 0.5"
     )]
     Train {
         /// TOML file describing the run.
@@ -107,11 +107,16 @@ enum Command {
         /// instead of one.
         #[arg(long)]
         all_families: bool,
-        /// Give every answer about some objects a "patches" list (the patches holding them, on
-        /// the --patch-size grid): the target of `distill train`'s `[grounding]` loss, which
-        /// teaches the language model to look at what it is asked about.
+        /// Give every question about some objects a "refs" list: each phrase naming objects ("the
+        /// red circle") with the patches holding them (on the --patch-size grid), the target of
+        /// `distill train`'s `[grounding]` loss on the phrase's last token, which teaches the
+        /// language model to look at what a question names.
         #[arg(long)]
-        grounding: bool,
+        ground_phrases: bool,
+        /// Give every answer about some objects a "patches" list, the target of the same loss on
+        /// the row that predicts the answer.
+        #[arg(long)]
+        ground_answers: bool,
     },
     /// Pretrain a from-scratch model's vision tower on ShapesVQA's shapes (a linear head predicts
     /// each shape's kind, colour and size class from its patches' pooled features), the stand-in
@@ -401,7 +406,8 @@ fn main() -> ExitCode {
             describe,
             shape_colors,
             all_families,
-            grounding,
+            ground_phrases,
+            ground_answers,
         } => finish(export_shapes(&ShapesExport {
             out: &out,
             train,
@@ -414,7 +420,8 @@ fn main() -> ExitCode {
                 all_families,
                 describe,
                 shape_colors,
-                grounding,
+                ground_phrases,
+                ground_answers,
             },
         })),
         Command::PretrainVision {

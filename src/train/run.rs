@@ -130,7 +130,7 @@ pub struct TrainConfig {
     pub max_len: usize,
     /// Attention grounding ([`GroundingLoss`], every stage): `[grounding]` with `layer` (0-based
     /// decoder layer) and `weight`; the data's gpt messages name their patches (`distill shapes
-    /// --grounding`). Off when absent.
+    /// --ground-phrases` or `--ground-answers`). Off when absent.
     #[serde(default)]
     pub grounding: Option<GroundingLoss>,
     /// Stages run in order, each from the previous one's final checkpoint.
@@ -462,12 +462,15 @@ impl TrainConfig {
                 return bad("grounding.weight", format!("{} must be > 0", g.weight));
             }
             let grounded = ds.conversations.iter().flat_map(|c| &c.turns);
-            if grounded.clone().all(|t| t.patches.is_empty() && t.refs.is_empty()) {
+            if grounded
+                .clone()
+                .all(|t| t.patches.is_empty() && t.refs.is_empty())
+            {
                 return bad(
                     "grounding",
                     format!(
                         "is set but no turn of {} names its `patches` or `refs` (export the data \
-                         with `distill shapes --grounding`)",
+                         with `distill shapes --ground-phrases`)",
                         self.data.display()
                     ),
                 );
