@@ -928,6 +928,48 @@ fn second_round_recipe_parses() {
 /// pretrained tower (not the freshly initialised one of `{output}/base`). Resuming keeps the
 /// pretraining; a fresh run into the same folder is refused, and so are the table without
 /// `[new_model]` and a probe table, before any compute.
+/// The third round's three configs chain (each from the checkpoint where the previous one was
+/// stopped) and ground layer 1 of a language model whose tower stays frozen.
+#[test]
+fn third_round_recipe_parses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (file, from, data, steps) in [
+        (
+            "shapes-teacher-3a.toml",
+            "runs/shapes-teacher-2/final/stage2-full/checkpoint-002700",
+            "shapes-teacher-ground-answers",
+            2400,
+        ),
+        (
+            "shapes-teacher-3b.toml",
+            "runs/shapes-teacher-3/answers/checkpoint-001200",
+            "shapes-teacher-ground-both",
+            2400,
+        ),
+        (
+            "shapes-teacher-3.toml",
+            "runs/shapes-teacher-3/both/checkpoint-000900",
+            "shapes-teacher-ground-phrases",
+            1800,
+        ),
+    ] {
+        let cfg = TrainConfig::from_file(&root.join("configs").join(file)).unwrap();
+        let model = cfg.model.as_ref().unwrap();
+        assert!(model.ends_with(from), "{file}: {model:?}");
+        assert!(cfg.data.ends_with(Path::new(data).join("train.json")), "{file}");
+        assert_eq!(cfg.steps, steps, "{file}");
+        assert_eq!(cfg.frozen, ["vision"], "{file}");
+        assert_eq!(
+            cfg.grounding,
+            Some(GroundingLoss {
+                layer: 1,
+                weight: 0.5
+            }),
+            "{file}"
+        );
+    }
+}
+
 #[test]
 fn pretrain_vision_table_runs_before_the_first_stage() {
     let exe = env!("CARGO_BIN_EXE_distill");

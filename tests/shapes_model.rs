@@ -1,13 +1,15 @@
 //! The bundled ShapesVQA teacher (`models/shapes-llava`, trained by `distill` from
-//! `configs/shapes-teacher.toml` then `configs/shapes-teacher-2.toml`), on held-out questions:
+//! `configs/shapes-teacher.toml`, `configs/shapes-teacher-2.toml`, then the attention-grounding
+//! round of `configs/shapes-teacher-3.toml`), on held-out questions:
 //! every family learned beats the best blind answer ([`blind_share`]) and stays within [`SLACK`]
 //! of the accuracy measured when the model was bundled, and FastV's attention ranking (`sum`
 //! heads, `last_token` query) keeps the patches the question is about far more often than chance.
 //!
-//! The ranking is taken after layer 1 (K = 1): this model routes the question to the object in
-//! its first layer (relevant-patch recall 0.74 at keep 0.25, against 0.25 for a random keep, on
-//! `prune-bench`'s 200 default questions), while its second layer's last-token attention is
-//! closer to chance (0.46 at K = 2) and its third in between (0.54).
+//! The ranking is taken after layer 1 (K = 1), which no grounding loss supervised: this model
+//! routes the question to the object in its first layer (relevant-patch recall 0.89 at keep 0.25,
+//! against 0.25 for a random keep, on `prune-bench`'s 200 default questions). Layer 1 (K = 2,
+//! recall 0.95) is the layer its training grounded, so it is not the test of routing learned
+//! from the answers alone.
 //!
 //! The model is still short of the trainer issue's goal (90% overall, every family far above
 //! chance); this test guards what it does reach, and its numbers rise with the model.
@@ -26,16 +28,17 @@ const N: usize = 300;
 
 /// Accuracy per family on these `N` questions, unpruned, measured when the model was bundled.
 /// Every family must also beat the best blind answer, except relative position, which this model
-/// has not learned: 0.45, where always naming the question's first option scores 0.55.
+/// has only begun to learn: 0.60, where always naming the question's first option scores 0.55,
+/// a margin of three of its 60 questions.
 const MEASURED: [(&str, f64); 5] = [
-    ("color", 0.450),
-    ("count", 0.633),
+    ("color", 0.633),
+    ("count", 0.650),
     ("existence", 1.000),
-    ("relative_position", 0.450),
-    ("shape", 0.950),
+    ("relative_position", 0.600),
+    ("shape", 1.000),
 ];
 /// Overall accuracy measured with them.
-const MEASURED_OVERALL: f64 = 0.697;
+const MEASURED_OVERALL: f64 = 0.777;
 /// Allowed drop of a family below its measured accuracy: greedy decoding is deterministic, but
 /// another CPU's summation order can flip a near-tie answer or two of a family's ~60.
 const SLACK: f64 = 0.1;
