@@ -38,16 +38,13 @@ fn batch(
     (seqs, r)
 }
 
-fn check(name: &str, tied: bool) {
-    let (seqs, r) = batch(name);
-    let mut m = TrainModel::from_dir(&reference_dir().join(name)).unwrap();
-    assert_eq!(m.tied(), tied);
-    let loss = m.forward(&seqs).unwrap();
-    let want = r["loss"].f[0];
-    let rel = ((loss - want) / want).abs();
-    println!("{name}: loss {loss} torch {want} rel {rel:.2e}");
-    assert!(rel <= 1e-5, "{name}: loss {loss} vs torch {want}");
-    m.backward().unwrap();
+/// Every parameter's gradient against torch's `grad.{name}` in `r` (within [`GRAD_TOL`] of the
+/// tensor's scale), and every torch parameter we do not hold has none there.
+fn compare_grads(
+    name: &str,
+    m: &TrainModel,
+    r: &std::collections::HashMap<String, common::RefTensor>,
+) {
     let mut worst = (0.0f32, String::new());
     for p in &m.params {
         let g = r
@@ -75,7 +72,7 @@ fn check(name: &str, tied: bool) {
         );
     }
     // Every torch parameter that we do not hold must have had no gradient in torch either.
-    for (k, g) in &r {
+    for (k, g) in r {
         if let Some(n) = k.strip_prefix("grad.")
             && m.param(n).is_none()
         {
@@ -88,6 +85,19 @@ fn check(name: &str, tied: bool) {
         worst.0,
         worst.1
     );
+}
+
+fn check(name: &str, tied: bool) {
+    let (seqs, r) = batch(name);
+    let mut m = TrainModel::from_dir(&reference_dir().join(name)).unwrap();
+    assert_eq!(m.tied(), tied);
+    let loss = m.forward(&seqs).unwrap();
+    let want = r["loss"].f[0];
+    let rel = ((loss - want) / want).abs();
+    println!("{name}: loss {loss} torch {want} rel {rel:.2e}");
+    assert!(rel <= 1e-5, "{name}: loss {loss} vs torch {want}");
+    m.backward().unwrap();
+    compare_grads(name, &m, &r);
 
     // One AdamW step lowers the loss.
     let groups = ["vision", "projector", "lm"]
@@ -343,4 +353,32 @@ fn grounding_refuses_bad_layers_weights_and_rows() {
         let e = m.forward(&bad).unwrap_err().to_string();
         assert!(e.contains("sequence 0") && e.contains(want), "{e}");
     }
+}
+
+/// The cross-entropy plus the attention-grounding loss against PyTorch autograd on HF's eager
+/// attention (tests/reference/gen_grounding_grads.py: the rows and patches of [`grounded`],
+/// layer 1, weight 0.7): both losses, and the gradient of every parameter within [`GRAD_TOL`].
+#[test]
+fn grounding_loss_and_gradients_match_pytorch() {
+    let (mut seqs, _) = batch("llava_gqa");
+    let r = load_ref(&reference_dir().join("llava_gqa_ground_grads.safetensors"));
+    let mut m = TrainModel::from_dir(&reference_dir().join("llava_gqa")).unwrap();
+    grounded(&mut seqs, m.config.image_token_id);
+    m.set_grounding(Some(GroundingLoss {
+        layer: 1,
+        weight: 0.7,
+    }))
+    .unwrap();
+    let ce = m.forward(&seqs).unwrap();
+    let ground = m.grounding_loss().unwrap();
+    for (what, got, want) in [
+        ("ce", ce, r["ce"].f[0]),
+        ("ground", ground, r["ground"].f[0]),
+    ] {
+        let rel = ((got - want) / want).abs();
+        println!("{what}: {got} torch {want} rel {rel:.2e}");
+        assert!(rel <= 1e-5, "{what}: {got} vs torch {want}");
+    }
+    m.backward().unwrap();
+    compare_grads("llava_gqa grounded", &m, &r);
 }
