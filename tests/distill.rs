@@ -956,7 +956,10 @@ fn third_round_recipe_parses() {
         let cfg = TrainConfig::from_file(&root.join("configs").join(file)).unwrap();
         let model = cfg.model.as_ref().unwrap();
         assert!(model.ends_with(from), "{file}: {model:?}");
-        assert!(cfg.data.ends_with(Path::new(data).join("train.json")), "{file}");
+        assert!(
+            cfg.data.ends_with(Path::new(data).join("train.json")),
+            "{file}"
+        );
         assert_eq!(cfg.steps, steps, "{file}");
         assert_eq!(cfg.frozen, ["vision"], "{file}");
         assert_eq!(
