@@ -32,7 +32,9 @@
 //! Referring expressions pick exactly one object (the size word is added only when the shape alone is
 //! ambiguous; relative-position objects are "the {color} {shape}", with the size word when needed, and
 //! their bounding boxes are disjoint along the asked axis by at least [`ShapesConfig::min_gap`]);
-//! when a scene allows no unambiguous question of the wanted family, the scene is regenerated. Counts
+//! when a scene allows no unambiguous question of the wanted family, the scene is regenerated. Each
+//! sample also records its question's phrases that name objects ([`Sample::refs`]: "the circle",
+//! "red objects", relative position's two phrases apart), the targets of phrase grounding. Counts
 //! are at least 1 (only present attributes are counted) and cycle through
 //! `1..=`[`ShapesConfig::max_count`], so answering "1" is no better than any other guess.
 //! Existence questions alternate yes/no; the negatives follow POPE with three [`PopeKind`]s:
@@ -2028,7 +2030,7 @@ pub fn export_llava_train(
 
 /// Writes LLaVA's evaluation format: `dir/images/{id}.png` rendered at `image_size`,
 /// `questions.jsonl` (`{"question_id", "image", "text", "category"}` per line, category = family
-/// name), `answers.jsonl` (`{"question_id", "answers", "family", "pope_kind"?, "referenced"}`) and
+/// name), `answers.jsonl` (`{"question_id", "answers", "family", "pope_kind"?, "referenced", "refs"?}`) and
 /// `scenes.jsonl` (`{"question_id", "split", "scene"}`), from which [`read_llava_eval`] rebuilds the
 /// samples and so their relevance masks at any resolution.
 pub fn export_llava_eval(samples: &[Sample], dir: &Path, image_size: u32) -> Result<()> {
