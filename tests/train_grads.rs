@@ -314,20 +314,12 @@ fn grounding_gradient_matches_finite_differences() {
 fn grounding_refuses_bad_layers_weights_and_rows() {
     let dir = reference_dir().join("llava_gqa");
     let mut m = TrainModel::from_dir(&dir).unwrap();
-    let e = m
-        .set_grounding(Some(GroundingLoss {
-            layer: 3,
-            weight: 1.0,
-        }))
-        .unwrap_err();
-    assert!(e.to_string().contains("grounding.layer"), "{e}");
-    let e = m
-        .set_grounding(Some(GroundingLoss {
-            layer: 0,
-            weight: 0.0,
-        }))
-        .unwrap_err();
-    assert!(e.to_string().contains("grounding.weight"), "{e}");
+    for (layer, weight, field) in [(3, 1.0, "grounding.layer"), (0, 0.0, "grounding.weight")] {
+        let e = m
+            .set_grounding(Some(GroundingLoss { layer, weight }))
+            .unwrap_err();
+        assert!(e.to_string().contains(field), "{e}");
+    }
     m.set_grounding(Some(GroundingLoss {
         layer: 0,
         weight: 1.0,

@@ -381,7 +381,6 @@ impl<'a> Encoder<'a> {
                 });
             }
         };
-        let expanded = self.image_slot.token.repeat(self.image_slot.count);
         for ((turn, &(a, _)), &q) in conv.turns.iter().zip(&spans).zip(&questions) {
             if turn.patches.is_empty() && turn.refs.is_empty() {
                 continue;
@@ -391,7 +390,13 @@ impl<'a> Encoder<'a> {
                     "a turn has `patches` or `refs` but the sample has no image".into(),
                 ));
             }
-            let question = turn.question.replace(IMAGE_PLACEHOLDER, &expanded);
+            // The rendered question: a phrase's offset counts the expanded image tokens before it.
+            let question = if turn.refs.is_empty() {
+                String::new()
+            } else {
+                let expanded = self.image_slot.token.repeat(self.image_slot.count);
+                turn.question.replace(IMAGE_PLACEHOLDER, &expanded)
+            };
             for r in &turn.refs {
                 let at = question.find(&r.phrase).ok_or_else(|| {
                     sample(format!("phrase {:?} is not in its question", r.phrase))
