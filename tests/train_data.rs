@@ -597,52 +597,62 @@ fn grounded_phrases_and_answers_name_their_rows_and_patches() {
 #[test]
 fn bad_patches_name_the_sample_and_field() {
     let p = Path::new("t.json");
-    let msg = |json: &str| parse_conversations(json, p).unwrap_err().to_string();
-    let human = r#"[{"id": "a", "image": "x.png", "conversations": [
-        {"from": "human", "value": "<image>\nQ?", "patches": [1]},
-        {"from": "gpt", "value": "A"}]}]"#;
-    let e = msg(human);
-    assert!(
-        e.contains("conversations[0]") && e.contains("only gpt"),
-        "{e}"
-    );
-    let floats = r#"[{"id": "a", "image": "x.png", "conversations": [
-        {"from": "human", "value": "<image>\nQ?"},
-        {"from": "gpt", "value": "A", "patches": [1.5]}]}]"#;
-    let e = msg(floats);
-    assert!(
-        e.contains("conversations[1]") && e.contains("patch indices"),
-        "{e}"
-    );
-    let gpt_refs = r#"[{"id": "a", "image": "x.png", "conversations": [
-        {"from": "human", "value": "<image>\nQ?"},
-        {"from": "gpt", "value": "A", "refs": [{"phrase": "Q", "patches": [1]}]}]}]"#;
-    let e = msg(gpt_refs);
-    assert!(
-        e.contains("conversations[1]") && e.contains("only human"),
-        "{e}"
-    );
-    let missing = r#"[{"id": "a", "image": "x.png", "conversations": [
-        {"from": "human", "value": "<image>\nIs the red star left?",
-         "refs": [{"phrase": "the blue star", "patches": [1]}]},
-        {"from": "gpt", "value": "A"}]}]"#;
-    let e = msg(missing);
-    assert!(
-        e.contains("conversations[0]") && e.contains("the blue star"),
-        "{e}"
-    );
-    let empty = r#"[{"id": "a", "image": "x.png", "conversations": [
-        {"from": "human", "value": "<image>\nQ?", "refs": [{"phrase": "Q", "patches": []}]},
-        {"from": "gpt", "value": "A"}]}]"#;
-    let e = msg(empty);
-    assert!(
-        e.contains("conversations[0]") && e.contains("`refs`"),
-        "{e}"
-    );
+    // One sample: question `q`, then `human` and `gpt` appended to the two messages' objects.
+    let json = |q: &str, human: &str, gpt: &str| {
+        format!(
+            r#"[{{"id": "a", "image": "x.png", "conversations": [
+            {{"from": "human", "value": "<image>\n{q}"{human}}},
+            {{"from": "gpt", "value": "A"{gpt}}}]}}]"#
+        )
+    };
+    let refs = |phrase: &str, patches: &str| {
+        format!(r#", "refs": [{{"phrase": "{phrase}", "patches": [{patches}]}}]"#)
+    };
+    let cases = [
+        (
+            "Q?",
+            r#", "patches": [1]"#.to_string(),
+            String::new(),
+            "conversations[0]",
+            "only gpt",
+        ),
+        (
+            "Q?",
+            String::new(),
+            r#", "patches": [1.5]"#.to_string(),
+            "conversations[1]",
+            "patch indices",
+        ),
+        (
+            "Q?",
+            String::new(),
+            refs("Q", "1"),
+            "conversations[1]",
+            "only human",
+        ),
+        (
+            "Is the red star left?",
+            refs("the blue star", "1"),
+            String::new(),
+            "conversations[0]",
+            "the blue star",
+        ),
+        (
+            "Q?",
+            refs("Q", ""),
+            String::new(),
+            "conversations[0]",
+            "`refs`",
+        ),
+    ];
+    for (q, human, gpt, field, word) in cases {
+        let e = parse_conversations(&json(q, &human, &gpt), p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(field) && e.contains(word), "{e}");
+    }
     // Repeats and order do not matter.
-    let ok = r#"[{"id": "a", "image": "x.png", "conversations": [
-        {"from": "human", "value": "<image>\nQ?"},
-        {"from": "gpt", "value": "A", "patches": [7, 2, 7]}]}]"#;
-    let c = parse_conversations(ok, p).unwrap();
+    let ok = json("Q?", "", r#", "patches": [7, 2, 7]"#);
+    let c = parse_conversations(&ok, p).unwrap();
     assert_eq!(c[0].turns[0].patches, vec![2, 7]);
 }

@@ -86,8 +86,8 @@ pub struct TrainSample {
     pub labels: Vec<i64>,
     /// `[3, H, W]` preprocessed image, row-major; empty for text-only samples.
     pub pixel_values: Vec<f32>,
-    /// One row per turn with [`Turn::patches`] (within `max_len`): the position that predicts
-    /// the answer's first token, and those patches.
+    /// The grounded rows within `max_len`: each [`Turn::refs`] phrase's last token and each
+    /// [`Turn::patches`] answer's preceding row, with their patches (see [`Encoder::encode_text`]).
     pub grounding: Vec<Grounding>,
 }
 
@@ -106,7 +106,8 @@ fn cfg_err(path: &Path, msg: String) -> Error {
 }
 
 /// Parses LLaVA's training json (a list of `{"id", "image"?, "conversations": [{"from", "value"}]}`;
-/// a gpt message may carry `"patches": [index, ...]`, see [`Turn::patches`]).
+/// a gpt message may carry `"patches": [index, ...]`, a human one `"refs"`, see [`Turn::patches`]
+/// and [`Turn::refs`]).
 /// Turns must alternate `human`/`gpt` starting with `human` (a leading `gpt` turn is dropped as
 /// LLaVA does); `<image>` may only appear, once, in the first human turn, and must when `image` is
 /// set. Errors name the file, the sample index and id, and the field.
@@ -221,9 +222,8 @@ pub fn parse_conversations(text: &str, path: &Path) -> Result<Vec<Conversation>>
         }
         let mut turns = Vec::with_capacity(msgs.len() / 2);
         for pair in msgs.chunks(2) {
-            let (jq, hq, q, _, refs) = &pair[0];
-            let (ja, ha, a, patches, _) = &pair[1];
-            let (jq, hq, q, ja, ha, a) = (*jq, *hq, *q, *ja, *ha, *a);
+            let (jq, hq, q, _, ref refs) = pair[0];
+            let (ja, ha, a, ref patches, _) = pair[1];
             if !hq {
                 return Err(at(&format!("conversations[{jq}]"), "must be a human turn"));
             }
