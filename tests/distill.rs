@@ -5,7 +5,9 @@
 mod common;
 
 use common::reference_dir;
-use fineprune::bench::shapes::{ShapesConfig, Split, TrainTurns, export_llava_train, generate};
+use fineprune::bench::shapes::{
+    Family, ShapesConfig, Split, TrainTurns, export_llava_train, generate,
+};
 use fineprune::model::template::LLAVA_SYSTEM;
 use fineprune::train::model::GroundingLoss;
 use fineprune::train::run::{StageConfig, TrainConfig, TrainOptions, train, train_stages};
@@ -23,7 +25,7 @@ fn export(dir: &Path, n: usize) {
         ..ShapesConfig::default()
     };
     let samples = generate(Split::Train, n, 3, &cfg).unwrap();
-    export_llava_train(&samples, dir, &cfg, TrainTurns::default()).unwrap();
+    export_llava_train(&samples, dir, &cfg, &TrainTurns::default()).unwrap();
 }
 
 /// [`export`] with every phrase and answer about some objects naming their patches
@@ -39,10 +41,10 @@ fn export_grounded(dir: &Path, n: usize) {
     let turns = TrainTurns {
         all_families: true,
         ground_phrases: true,
-        ground_answers: true,
+        ground_answers: Family::ALL.to_vec(),
         ..TrainTurns::default()
     };
-    export_llava_train(&samples, dir, &cfg, turns).unwrap();
+    export_llava_train(&samples, dir, &cfg, &turns).unwrap();
 }
 
 fn config(data: &Path, out: &Path) -> TrainConfig {
@@ -232,8 +234,9 @@ fn loss_decreases_and_checkpoint_loads() {
     assert!(e.contains("already holds a training run"), "{e}");
 }
 
-/// The grounding loss (logged beside the cross-entropy) falls as the language model learns to
-/// look at the named patches, and the csv keeps it across a resume.
+/// The grounding loss (logged beside the cross-entropy; phrases at layer 1, answers at layer 2)
+/// falls as the language model learns to look at the named patches, and the csv keeps it across a
+/// resume.
 #[test]
 fn grounding_loss_falls_and_is_logged() {
     let data = tempfile::tempdir().unwrap();
@@ -247,6 +250,7 @@ fn grounding_loss_falls_and_is_logged() {
     cfg.grounding = Some(GroundingLoss {
         layer: 1,
         weight: 1.0,
+        answer_layer: Some(2),
     });
     let s = train(
         &cfg,
@@ -437,7 +441,13 @@ fn bad_configs_fail_before_any_step() {
         "no checkpoint to resume",
     );
     // Grounding: data without `patches`, a weight that is not positive, a layer the model lacks.
-    let ground = |layer: usize, weight: f64| Some(GroundingLoss { layer, weight });
+    let ground = |layer: usize, weight: f64| {
+        Some(GroundingLoss {
+            layer,
+            weight,
+            answer_layer: None,
+        })
+    };
     check(
         with(&|c| c.grounding = ground(1, 0.5)),
         quiet(),
@@ -464,6 +474,17 @@ fn bad_configs_fail_before_any_step() {
         }),
         quiet(),
         "`grounding.layer`: is 3 but the language model has 3 layers",
+    );
+    check(
+        with(&|c| {
+            on_grounded(c);
+            c.grounding = ground(1, 0.5).map(|g| GroundingLoss {
+                answer_layer: Some(5),
+                ..g
+            })
+        }),
+        quiet(),
+        "`grounding.answer_layer`: is 5 but the language model has 3 layers",
     );
 
     // TOML: unknown keys and wrong types name the key and the file.
@@ -966,7 +987,8 @@ fn third_round_recipe_parses() {
             cfg.grounding,
             Some(GroundingLoss {
                 layer: 1,
-                weight: 0.5
+                weight: 0.5,
+                answer_layer: None,
             }),
             "{file}"
         );

@@ -591,7 +591,7 @@ fn eval_export_round_trips_and_train_export_is_llava_json() {
         image_size: 32,
         ..cfg()
     };
-    export_llava_train(&samples, &tdir, &at32, TrainTurns::default()).unwrap();
+    export_llava_train(&samples, &tdir, &at32, &TrainTurns::default()).unwrap();
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tdir.join("train.json")).unwrap()).unwrap();
     let recs = v.as_array().unwrap();
@@ -617,7 +617,7 @@ fn eval_export_round_trips_and_train_export_is_llava_json() {
         describe: true,
         ..TrainTurns::default()
     };
-    export_llava_train(&samples, &ddir, &at32, described).unwrap();
+    export_llava_train(&samples, &ddir, &at32, &described).unwrap();
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(ddir.join("train.json")).unwrap()).unwrap();
     for (r, (plain, s)) in v.as_array().unwrap().iter().zip(recs.iter().zip(&samples)) {
@@ -632,7 +632,7 @@ fn eval_export_round_trips_and_train_export_is_llava_json() {
         shape_colors: true,
         ..described
     };
-    export_llava_train(&samples, &sdir, &at32, listed).unwrap();
+    export_llava_train(&samples, &sdir, &at32, &listed).unwrap();
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(sdir.join("train.json")).unwrap()).unwrap();
     for (r, s) in v.as_array().unwrap().iter().zip(&samples) {
@@ -650,9 +650,9 @@ fn eval_export_round_trips_and_train_export_is_llava_json() {
         ..TrainTurns::default()
     };
     let adir = tmp.path().join("all");
-    export_llava_train(&samples, &adir, &at32, all).unwrap();
+    export_llava_train(&samples, &adir, &at32, &all).unwrap();
     let bytes = std::fs::read(adir.join("train.json")).unwrap();
-    export_llava_train(&samples, &adir, &at32, all).unwrap();
+    export_llava_train(&samples, &adir, &at32, &all).unwrap();
     assert_eq!(std::fs::read(adir.join("train.json")).unwrap(), bytes);
     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
     let (mut orders, mut turns) = (HashSet::new(), 0);
@@ -917,7 +917,7 @@ fn export_rejects_duplicate_ids_and_zero_size() {
         image_size: 16,
         ..cfg()
     };
-    let e = export_llava_train(&samples, tmp.path(), &at16, TrainTurns::default())
+    let e = export_llava_train(&samples, tmp.path(), &at16, &TrainTurns::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("duplicate id"), "{e}");

@@ -1,7 +1,9 @@
 //! Training data: LLaVA conversations -> ids + answer-only labels, the seeded loader, the
 //! tokenizer trainer.
 
-use fineprune::bench::shapes::{ShapesConfig, Split, TrainTurns, export_llava_train, generate};
+use fineprune::bench::shapes::{
+    Family, ShapesConfig, Split, TrainTurns, export_llava_train, generate,
+};
 use fineprune::error::Error;
 use fineprune::model::image::ImageProcessorConfig;
 use fineprune::model::template::{ImageSlot, LLAVA_SYSTEM, PromptOptions, build_prompt};
@@ -10,6 +12,7 @@ use fineprune::train::data::{
     Conversation, Dataset, Encoder, IGNORE, Loader, LoaderState, Turn, epoch_order, pad_batch,
     parse_conversations, read_conversations,
 };
+use fineprune::train::model::GroundedRow;
 use fineprune::train::tokenizer_train::{
     TokenizerTrainConfig, conversation_texts, train_tokenizer,
 };
@@ -263,7 +266,7 @@ fn shapes_export(dir: &Path, n: usize) -> Vec<fineprune::bench::shapes::Sample> 
         ..ShapesConfig::default()
     };
     let samples = generate(Split::Train, n, 3, &cfg).unwrap();
-    export_llava_train(&samples, dir, &cfg, TrainTurns::default()).unwrap();
+    export_llava_train(&samples, dir, &cfg, &TrainTurns::default()).unwrap();
     samples
 }
 
@@ -532,10 +535,10 @@ fn grounded_phrases_and_answers_name_their_rows_and_patches() {
     let turns = TrainTurns {
         all_families: true,
         ground_phrases: true,
-        ground_answers: true,
+        ground_answers: Family::ALL.to_vec(),
         ..TrainTurns::default()
     };
-    export_llava_train(&samples, dir.path(), &cfg, turns).unwrap();
+    export_llava_train(&samples, dir.path(), &cfg, &turns).unwrap();
     let ds = Dataset::open(&dir.path().join("train.json"), &dir.path().join("images")).unwrap();
     let tok = fixture_tok();
     let enc = Encoder::new(&tok, slot(), 4096);
@@ -565,6 +568,7 @@ fn grounded_phrases_and_answers_name_their_rows_and_patches() {
                 let text = tok.decode(&ids[..=g.position], false).unwrap();
                 assert!(text.ends_with(&r.phrase), "{}: {text:?}", s.id);
                 assert_eq!(g.patches, r.patches);
+                assert_eq!(g.row, GroundedRow::Phrase);
                 assert!(r.patches.iter().all(|j| t.patches.contains(j)), "{}", s.id);
                 rows += 1;
             }
@@ -582,14 +586,33 @@ fn grounded_phrases_and_answers_name_their_rows_and_patches() {
             let answer = tok.decode(&ids[g.position + 1..], false).unwrap();
             assert!(answer.trim_start().starts_with(&t.answer), "{answer:?}");
             assert_eq!(g.patches, t.patches);
+            assert_eq!(g.row, GroundedRow::Answer);
             assert!(g.patches.iter().all(|&j| j < N_IMG));
             rows += 1;
         }
     }
     assert!(rows > 8, "extra turns are grounded too ({rows} rows)");
+    // Answers of the listed families only.
+    let colour = tempfile::tempdir().unwrap();
+    let only_colour = TrainTurns {
+        all_families: true,
+        ground_answers: vec![Family::Color],
+        ..TrainTurns::default()
+    };
+    export_llava_train(&samples, colour.path(), &cfg, &only_colour).unwrap();
+    let ds = Dataset::open(
+        &colour.path().join("train.json"),
+        &colour.path().join("images"),
+    )
+    .unwrap();
+    let turns: Vec<&Turn> = ds.conversations.iter().flat_map(|c| &c.turns).collect();
+    let asks_colour = |t: &Turn| t.question.contains("What color is");
+    assert!(turns.iter().all(|t| t.refs.is_empty()));
+    assert!(turns.iter().all(|t| t.patches.is_empty() != asks_colour(t)));
+    assert!(turns.iter().any(|t| asks_colour(t)));
     // Without the flag nothing is written.
     let plain = tempfile::tempdir().unwrap();
-    export_llava_train(&samples, plain.path(), &cfg, TrainTurns::default()).unwrap();
+    export_llava_train(&samples, plain.path(), &cfg, &TrainTurns::default()).unwrap();
     let text = std::fs::read_to_string(plain.path().join("train.json")).unwrap();
     assert!(!text.contains("patches"));
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{load_ref, reference_dir};
-use fineprune::train::model::{Grounding, GroundingLoss, TrainModel, TrainSeq};
+use fineprune::train::model::{GroundedRow, Grounding, GroundingLoss, TrainModel, TrainSeq};
 use fineprune::train::optim::{AdamW, GroupConfig, zero_grads};
 
 /// Gradient tolerance, relative to the largest |gradient| of each tensor. Both sides compute in
@@ -220,6 +220,7 @@ fn grounded(seqs: &mut [TrainSeq], image_token: u32) {
         s.grounding = vec![Grounding {
             position: t - 2,
             patches: vec![0, 3, 4, 10],
+            row: GroundedRow::Answer,
         }];
     }
 }
@@ -227,17 +228,26 @@ fn grounded(seqs: &mut [TrainSeq], image_token: u32) {
 /// The attention-grounding loss's gradient (the difference of the gradients with and without it,
 /// over its weight) against central finite differences of the loss itself, on the entries where
 /// it is largest of every tensor it reaches: the first two LM layers, the projector, the
-/// embedding table and the vision tower. f32 forward passes with `h = 1e-3` carry ~1e-4
-/// absolute noise on an O(1) loss; the tolerance, 1e-2 of the entry's gradient plus 2e-4, is at
-/// least twice the worst error measured (0.45 of it, on the projector's `linear_2.bias`, 5.7e-4
-/// on a gradient of 0.106) and still fails on a wrong sign, scale or missing term. Parameters
-/// after the grounded layer's attention must get no gradient from it.
+/// embedding table and the vision tower. Two rows per sequence at two layers: [`grounded`]'s
+/// answer row at layer 0 and a phrase row before it at layer 1. f32 forward passes with
+/// `h = 1e-3` carry ~1e-4 absolute noise on an O(1) loss; the tolerance, 1e-2 of the entry's
+/// gradient plus 2e-4, is at least three times the worst error measured (0.27 of it, on the
+/// tower's layer-1 `q_proj.bias`, 1.9e-4 on a gradient of 0.051) and still fails on a wrong sign,
+/// scale or missing term. Parameters after layer 1's attention must get no gradient from it.
 #[test]
 fn grounding_gradient_matches_finite_differences() {
     let dir = reference_dir().join("llava_gqa");
     let (mut seqs, _) = batch("llava_gqa");
     let mut m = TrainModel::from_dir(&dir).unwrap();
     grounded(&mut seqs, m.config.image_token_id);
+    for s in &mut seqs {
+        let t = s.input_ids.len();
+        s.grounding.push(Grounding {
+            position: t - 3,
+            patches: vec![1, 2, 7],
+            row: GroundedRow::Phrase,
+        });
+    }
     let weight = 0.7;
     let grads = |m: &mut TrainModel| {
         zero_grads(&mut m.params);
@@ -247,8 +257,12 @@ fn grounding_gradient_matches_finite_differences() {
     };
     let plain = grads(&mut m);
     assert_eq!(m.grounding_loss(), None);
-    m.set_grounding(Some(GroundingLoss { layer: 1, weight }))
-        .unwrap();
+    m.set_grounding(Some(GroundingLoss {
+        layer: 1,
+        weight,
+        answer_layer: Some(0),
+    }))
+    .unwrap();
     let with = grads(&mut m);
     let g0 = m.grounding_loss().unwrap();
     assert!(g0.is_finite() && g0 > 0.0, "{g0}");
@@ -314,15 +328,24 @@ fn grounding_gradient_matches_finite_differences() {
 fn grounding_refuses_bad_layers_weights_and_rows() {
     let dir = reference_dir().join("llava_gqa");
     let mut m = TrainModel::from_dir(&dir).unwrap();
-    for (layer, weight, field) in [(3, 1.0, "grounding.layer"), (0, 0.0, "grounding.weight")] {
+    for (layer, weight, answer_layer, field) in [
+        (3, 1.0, None, "grounding.layer"),
+        (0, 0.0, None, "grounding.weight"),
+        (0, 1.0, Some(3), "grounding.answer_layer"),
+    ] {
         let e = m
-            .set_grounding(Some(GroundingLoss { layer, weight }))
+            .set_grounding(Some(GroundingLoss {
+                layer,
+                weight,
+                answer_layer,
+            }))
             .unwrap_err();
         assert!(e.to_string().contains(field), "{e}");
     }
     m.set_grounding(Some(GroundingLoss {
         layer: 0,
         weight: 1.0,
+        answer_layer: None,
     }))
     .unwrap();
     let image_token = m.config.image_token_id;
@@ -341,7 +364,11 @@ fn grounding_refuses_bad_layers_weights_and_rows() {
     ];
     for (position, patches, want) in cases {
         let mut bad = seqs.clone();
-        bad[0].grounding = vec![Grounding { position, patches }];
+        bad[0].grounding = vec![Grounding {
+            position,
+            patches,
+            row: GroundedRow::Phrase,
+        }];
         let e = m.forward(&bad).unwrap_err().to_string();
         assert!(e.contains("sequence 0") && e.contains(want), "{e}");
     }
@@ -359,6 +386,7 @@ fn grounding_loss_and_gradients_match_pytorch() {
     m.set_grounding(Some(GroundingLoss {
         layer: 1,
         weight: 0.7,
+        answer_layer: None,
     }))
     .unwrap();
     let ce = m.forward(&seqs).unwrap();

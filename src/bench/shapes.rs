@@ -887,6 +887,21 @@ impl fmt::Display for Family {
     }
 }
 
+impl std::str::FromStr for Family {
+    type Err = String;
+
+    /// A family by its [`Family::name`].
+    fn from_str(s: &str) -> std::result::Result<Family, String> {
+        Family::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Family::ALL.iter().map(|f| f.name()).collect();
+                format!("unknown family `{s}` (one of {})", names.join(", "))
+            })
+    }
+}
+
 /// How the negative of an existence question was chosen (POPE's three settings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -1862,7 +1877,7 @@ pub const SHAPE_COLORS: &str = "What color is each shape?";
 
 /// What an exported training conversation holds beyond its first turn, which is always the
 /// sample's own question exactly as evaluation asks it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TrainTurns {
     /// Then one more question of every other family the scene allows, in a seeded random order,
     /// leaving out any that would give another's answer away: multi-turn VQA as in LLaVA-1.5's
@@ -1879,9 +1894,11 @@ pub struct TrainTurns {
     /// `cfg.patch_size`): targets of the trainer's attention-grounding loss
     /// ([`crate::train::model::GroundingLoss`]) on the phrase's last token.
     pub ground_phrases: bool,
-    /// Every answer to such a question carries `"patches"`, those of all its objects: targets of
-    /// the same loss on the row that predicts the answer.
-    pub ground_answers: bool,
+    /// Every answer to such a question of these families carries `"patches"`, those of all its
+    /// objects: targets of the same loss on the row that predicts the answer. Grounding a lookup
+    /// ("What color is the circle?") helps it; an answer that weighs what it sees against what
+    /// it does not (count, existence) may be better left free.
+    pub ground_answers: Vec<Family>,
 }
 
 /// Whether `word` occurs in `text` as a whole word, singular or plural ("stars" has "star").
@@ -1904,7 +1921,7 @@ fn other_questions(
     family: Family,
     rng: &mut StdRng,
     cfg: &ShapesConfig,
-) -> Vec<Question> {
+) -> Vec<(Family, Question)> {
     let mut fams: Vec<Family> = Family::ALL.into_iter().filter(|&f| f != family).collect();
     fams.shuffle(rng);
     let mut asked: Vec<(String, String)> = vec![(first.0.to_string(), first.1.to_string())];
@@ -1926,7 +1943,7 @@ fn other_questions(
             .any(|(text, ans)| has_word(text, answer) || has_word(&q.text, ans));
         if !leaks {
             asked.push((q.text.clone(), answer.clone()));
-            out.push(q);
+            out.push((f, q));
         }
     }
     out
@@ -1951,7 +1968,7 @@ pub fn export_llava_train(
     samples: &[Sample],
     dir: &Path,
     cfg: &ShapesConfig,
-    turns: TrainTurns,
+    turns: &TrainTurns,
 ) -> Result<()> {
     write_images(samples, dir, cfg.image_size)?;
     let turn = |from: &str, value: String| Turn {
@@ -1979,8 +1996,8 @@ pub fn export_llava_train(
         },
         ..turn("human", value)
     };
-    let grounded = |s: &Sample, value: String, referenced: &[usize]| Turn {
-        patches: if turns.ground_answers {
+    let grounded = |s: &Sample, family: Family, value: String, referenced: &[usize]| Turn {
+        patches: if turns.ground_answers.contains(&family) {
             patches(s, referenced)
         } else {
             Vec::new()
@@ -1994,6 +2011,7 @@ pub fn export_llava_train(
                 asked(s, format!("<image>\n{}{SHORT_ANSWER}", s.question), &s.refs),
                 grounded(
                     s,
+                    s.family,
                     s.answers.first().cloned().unwrap_or_default(),
                     &s.referenced,
                 ),
@@ -2002,10 +2020,10 @@ pub fn export_llava_train(
                 let mut rng = StdRng::seed_from_u64(turns_seed(&s.id));
                 let answer = s.answers.first().map_or("", String::as_str);
                 let first = (s.question.as_str(), answer);
-                for q in other_questions(&s.scene, first, s.family, &mut rng, cfg) {
+                for (f, q) in other_questions(&s.scene, first, s.family, &mut rng, cfg) {
                     let text = format!("{}{SHORT_ANSWER}", q.text);
                     conversations.push(asked(s, text, &q.refs));
-                    conversations.push(grounded(s, q.answers[0].clone(), &q.referenced));
+                    conversations.push(grounded(s, f, q.answers[0].clone(), &q.referenced));
                 }
             }
             if turns.describe {

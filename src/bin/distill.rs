@@ -12,7 +12,7 @@
 use clap::{Parser, Subcommand};
 use fineprune::bench::report;
 use fineprune::bench::shapes::{
-    self, MODEL_SHAPES_CONFIG, ShapesConfig, Split, TrainTurns, export_llava_eval,
+    self, Family, MODEL_SHAPES_CONFIG, ShapesConfig, Split, TrainTurns, export_llava_eval,
     export_llava_train,
 };
 use fineprune::bench::sweep::{self, SweepConfig, SweepOptions};
@@ -114,9 +114,11 @@ enum Command {
         #[arg(long)]
         ground_phrases: bool,
         /// Give every answer about some objects a "patches" list, the target of the same loss on
-        /// the row that predicts the answer.
-        #[arg(long)]
-        ground_answers: bool,
+        /// the row that predicts the answer (`[grounding] answer_layer`); with a list of
+        /// families (`--ground-answers color,shape`), only their answers.
+        #[arg(long, num_args = 0.., value_delimiter = ',', value_name = "FAMILY",
+              value_parser = str::parse::<Family>)]
+        ground_answers: Option<Vec<Family>>,
     },
     /// Pretrain a from-scratch model's vision tower on ShapesVQA's shapes (a linear head predicts
     /// each shape's kind, colour and size class from its patches' pooled features), the stand-in
@@ -226,7 +228,7 @@ fn export_shapes(a: &ShapesExport<'_>) -> fineprune::Result<()> {
         patch_size,
         config,
         seed,
-        turns,
+        ref turns,
     } = *a;
     let mut cfg = match config {
         Some(p) => ShapesConfig::from_file(p)?,
@@ -421,7 +423,10 @@ fn main() -> ExitCode {
                 describe,
                 shape_colors,
                 ground_phrases,
-                ground_answers,
+                ground_answers: match ground_answers {
+                    Some(f) if f.is_empty() => Family::ALL.to_vec(),
+                    f => f.unwrap_or_default(),
+                },
             },
         })),
         Command::PretrainVision {

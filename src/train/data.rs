@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::model::image::{ImageProcessorConfig, load_image};
 use crate::model::template::{IMAGE_PLACEHOLDER, ImageSlot, LLAVA_SYSTEM};
 use crate::model::tokenizer::Tokenizer;
-use crate::train::model::Grounding;
+use crate::train::model::{GroundedRow, Grounding};
 use std::path::{Path, PathBuf};
 
 /// Label value of positions that are not trained (PyTorch's `ignore_index`).
@@ -373,11 +373,12 @@ impl<'a> Encoder<'a> {
         let mut ids = enc.ids;
         let sample = |msg: String| Error::Prompt(format!("sample {}: {msg}", conv.id));
         let mut grounding = Vec::new();
-        let mut ground = |row: Option<usize>, patches: &[usize]| {
+        let mut ground = |row: Option<usize>, patches: &[usize], kind: GroundedRow| {
             if let Some(position) = row.filter(|&r| r < self.max_len) {
                 grounding.push(Grounding {
                     position,
                     patches: patches.to_vec(),
+                    row: kind,
                 });
             }
         };
@@ -403,11 +404,12 @@ impl<'a> Encoder<'a> {
                 })?;
                 let end = q + at + r.phrase.len();
                 let last = enc.offsets.iter().rposition(|&(s, e)| e > 0 && s < end);
-                ground(last, &r.patches);
+                ground(last, &r.patches, GroundedRow::Phrase);
             }
             if !turn.patches.is_empty() {
                 let first = enc.offsets.iter().position(|&(s, e)| e > 0 && s >= a);
-                ground(first.filter(|&i| i > 0).map(|i| i - 1), &turn.patches);
+                let row = first.filter(|&i| i > 0).map(|i| i - 1);
+                ground(row, &turn.patches, GroundedRow::Answer);
             }
         }
         if conv.image.is_some() {

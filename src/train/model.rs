@@ -56,16 +56,29 @@ pub struct Grounding {
     /// The image tokens the answer is about, as indices among the sequence's image tokens
     /// (row-major patches), increasing, without repeats.
     pub patches: Vec<usize>,
+    /// Which of the two the row is; [`GroundingLoss`] may supervise them at different layers.
+    pub row: GroundedRow,
+}
+
+/// What a [`Grounding`] row is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroundedRow {
+    /// The last token of a phrase naming objects ("the red circle").
+    Phrase,
+    /// The row predicting an answer's first token.
+    Answer,
 }
 
 /// Attention grounding, an auxiliary loss on where the language model looks: at decoder layer
-/// `layer`, the head-averaged attention of every grounded row `t` (the row predicting an answer
-/// about some objects, the last token of a phrase naming some) should fall on its relevant image
-/// tokens `R`,
+/// `layer` (answer rows: `answer_layer`, when set), the head-averaged attention `P_h` of every
+/// grounded row `t` (the row predicting an answer about some objects, the last token of a phrase
+/// naming some) should fall on its relevant image tokens `R`,
 ///
 /// `L_ground = −mean_rows ln( (1/H) Σ_h Σ_{j∈R} P_h[t, j] )`,
 ///
-/// and training minimises `cross-entropy + weight · L_ground`. The mass is averaged over heads
+/// and training minimises `cross-entropy + weight · L_ground`. The two layers make a two-hop
+/// lookup: a phrase's own token finds its object early, while the answer row, which knows what
+/// the question names only after attending to the question, looks at a later layer. The mass is averaged over heads
 /// inside the logarithm, so a few heads may carry it while the others attend elsewhere. This is
 /// attention supervision as in VQA with human attention maps (Qiao et al., AAAI 2018) and
 /// grounding losses of visual-grounding models; it trains the very quantity FastV ranks by at
@@ -77,6 +90,19 @@ pub struct GroundingLoss {
     pub layer: usize,
     /// Weight of `L_ground` next to the cross-entropy (positive).
     pub weight: f64,
+    /// Decoder layer (0-based) of the answer rows ([`GroundedRow::Answer`]); `None`: `layer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_layer: Option<usize>,
+}
+
+impl GroundingLoss {
+    /// The decoder layer whose attention a row of kind `row` is supervised at.
+    pub fn layer_of(&self, row: GroundedRow) -> usize {
+        match row {
+            GroundedRow::Phrase => self.layer,
+            GroundedRow::Answer => self.answer_layer.unwrap_or(self.layer),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -685,49 +711,45 @@ impl DecoderLayer {
     }
 }
 
-/// [`GroundingLoss`] of a batch from its layer's probabilities (`probs[i]`: sequence `i`'s
-/// `[heads, t, t]`): `L_ground` (`None` when no row is grounded) and `weight · ∂L_ground/∂P` per
-/// sequence (empty where it has no grounded row). With `m = (1/H) Σ_h Σ_{j∈R} P_h[t, j]` of one of
-/// `n` rows, `∂L/∂P_h[t, j] = −1 / (n · H · m)` for `j ∈ R`, zero elsewhere.
-fn grounding_loss(
+/// [`GroundingLoss`] of a batch from its decoder layers' probabilities (`probs(l)[i]`: layer `l`'s
+/// `[heads, t, t]` of sequence `i`): `L_ground` (`None` when no row is grounded) and, for each
+/// layer a row is supervised at, `weight · ∂L_ground/∂P` per sequence (empty where it has no row
+/// at that layer). With `m = (1/H) Σ_h Σ_{j∈R} P_h[t, j]` of one of `n` rows,
+/// `∂L/∂P_h[t, j] = −1 / (n · H · m)` for `j ∈ R`, zero elsewhere.
+fn grounding_loss<'a>(
     batch: &[TrainSeq],
-    probs: &[Vec<f32>],
+    probs: impl Fn(usize) -> &'a [Vec<f32>],
     heads: usize,
     image_token: u32,
-    weight: f64,
-) -> Result<(Option<f32>, Vec<Vec<f32>>)> {
+    g: &GroundingLoss,
+) -> Result<(Option<f32>, LayerDprobs)> {
     let n: usize = batch.iter().map(|s| s.grounding.len()).sum();
     if n == 0 {
         return Ok((None, Vec::new()));
     }
     let mut loss = 0.0f64;
-    let mut dprobs = Vec::with_capacity(batch.len());
-    for (i, (s, pr)) in batch.iter().zip(probs).enumerate() {
-        if s.grounding.is_empty() {
-            dprobs.push(Vec::new());
-            continue;
-        }
+    let mut dprobs: LayerDprobs = Vec::new();
+    for (i, s) in batch.iter().enumerate() {
         let t = s.input_ids.len();
         let slots: Vec<usize> = (0..t).filter(|&j| s.input_ids[j] == image_token).collect();
-        let mut dp = vec![0.0f32; heads * t * t];
-        for g in &s.grounding {
+        for r in &s.grounding {
             let bad = |msg: String| {
                 Error::arg(
                     "grounding",
-                    format!("sequence {i}, row {}: {msg}", g.position),
+                    format!("sequence {i}, row {}: {msg}", r.position),
                 )
             };
-            if g.position >= t {
+            if r.position >= t {
                 return Err(bad(format!("the sequence has {t} rows")));
             }
-            if g.patches.is_empty() || g.patches.windows(2).any(|w| w[0] >= w[1]) {
+            if r.patches.is_empty() || r.patches.windows(2).any(|w| w[0] >= w[1]) {
                 return Err(bad("patches must be non-empty and increasing".into()));
             }
-            let cols: Vec<usize> = g
+            let cols: Vec<usize> = r
                 .patches
                 .iter()
                 .map(|&j| match slots.get(j) {
-                    Some(&c) if c < g.position => Ok(c),
+                    Some(&c) if c < r.position => Ok(c),
                     Some(_) => Err(bad(format!("image token {j} does not precede the row"))),
                     None => Err(bad(format!(
                         "patch {j} is out of range for {} image tokens",
@@ -735,27 +757,43 @@ fn grounding_loss(
                     ))),
                 })
                 .collect::<Result<_>>()?;
+            let layer = g.layer_of(r.row);
+            let pr = &probs(layer)[i];
             let mass = (0..heads)
                 .map(|h| {
-                    let row = &pr[(h * t + g.position) * t..][..t];
+                    let row = &pr[(h * t + r.position) * t..][..t];
                     cols.iter().map(|&c| row[c] as f64).sum::<f64>()
                 })
                 .sum::<f64>()
                 / heads as f64;
             let mass = mass.max(f64::MIN_POSITIVE);
             loss -= mass.ln();
-            let coef = (-weight / (n as f64 * heads as f64 * mass)) as f32;
+            let coef = (-g.weight / (n as f64 * heads as f64 * mass)) as f32;
+            let at = match dprobs.iter().position(|(l, _)| *l == layer) {
+                Some(k) => k,
+                None => {
+                    dprobs.push((layer, vec![Vec::new(); batch.len()]));
+                    dprobs.len() - 1
+                }
+            };
+            let dp = &mut dprobs[at].1[i];
+            if dp.is_empty() {
+                *dp = vec![0.0f32; heads * t * t];
+            }
             for h in 0..heads {
-                let row = &mut dp[(h * t + g.position) * t..][..t];
+                let row = &mut dp[(h * t + r.position) * t..][..t];
                 for &c in &cols {
                     row[c] += coef;
                 }
             }
         }
-        dprobs.push(dp);
     }
     Ok((Some((loss / n as f64) as f32), dprobs))
 }
+
+/// The grounding loss's gradient on attention probabilities: for each supervised decoder layer,
+/// one `[heads, t, t]` per sequence (empty for sequences without a row at that layer).
+type LayerDprobs = Vec<(usize, Vec<Vec<f32>>)>;
 
 // ---------------------------------------------------------------------------------------------
 // LLaVA
@@ -776,9 +814,8 @@ struct Cache {
     final_in: Vec<f32>,
     final_out: Vec<f32>,
     dlogits: Vec<f32>,
-    /// The grounding loss's gradient on its layer's probabilities, per sequence (`[heads, t, t]`,
-    /// empty for sequences without grounded rows).
-    dprobs: Vec<Vec<f32>>,
+    /// The grounding loss's gradient on its layers' probabilities.
+    dprobs: LayerDprobs,
 }
 
 /// LLaVA with trainable f32 parameters.
@@ -968,11 +1005,13 @@ impl TrainModel {
     pub fn set_grounding(&mut self, g: Option<GroundingLoss>) -> Result<()> {
         if let Some(g) = g {
             let layers = self.layers.len();
-            if g.layer >= layers {
-                return Err(Error::arg(
-                    "grounding.layer",
-                    format!("is {} but the language model has {layers} layers", g.layer),
-                ));
+            for (key, l) in [("layer", Some(g.layer)), ("answer_layer", g.answer_layer)] {
+                if let Some(l) = l.filter(|&l| l >= layers) {
+                    return Err(Error::arg(
+                        format!("grounding.{key}"),
+                        format!("is {l} but the language model has {layers} layers"),
+                    ));
+                }
             }
             if !(g.weight.is_finite() && g.weight > 0.0) {
                 return Err(Error::arg(
@@ -1073,8 +1112,8 @@ impl TrainModel {
         let dprobs = match self.grounding {
             Some(g) => {
                 let heads = c.text.num_attention_heads;
-                let probs = &decoder[g.layer].probs;
-                let (l, dp) = grounding_loss(batch, probs, heads, c.image_token_id, g.weight)?;
+                let probs = |l: usize| decoder[l].probs.as_slice();
+                let (l, dp) = grounding_loss(batch, probs, heads, c.image_token_id, &g)?;
                 self.last_grounding = l;
                 dp
             }
@@ -1116,13 +1155,12 @@ impl TrainModel {
         }
         .backward(p, &cache.final_out, &cache.dlogits)?;
         let mut dx = rms_backward(p, self.norm, &cache.final_in, c.text.rms_norm_eps, &dxn);
-        let grounded = self.grounding.map(|g| g.layer);
         for (i, (layer, lc)) in self.layers.iter().zip(&cache.decoder).enumerate().rev() {
-            let dprobs: &[Vec<f32>] = if grounded == Some(i) {
-                &cache.dprobs
-            } else {
-                &[]
-            };
+            let dprobs = cache
+                .dprobs
+                .iter()
+                .find(|(l, _)| *l == i)
+                .map_or(&[][..], |(_, d)| d.as_slice());
             layer.backward(p, c, &self.inv_freq, &cache.lens, lc, dprobs, &mut dx)?;
         }
         // Split the embedding gradient: image rows go to the projector, the rest to the table.

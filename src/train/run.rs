@@ -129,8 +129,9 @@ pub struct TrainConfig {
     #[serde(default = "default_max_len")]
     pub max_len: usize,
     /// Attention grounding ([`GroundingLoss`], every stage): `[grounding]` with `layer` (0-based
-    /// decoder layer) and `weight`; the data's gpt messages name their patches (`distill shapes
-    /// --ground-phrases` or `--ground-answers`). Off when absent.
+    /// decoder layer), `weight` and optionally `answer_layer` (the answer rows' layer, if not
+    /// `layer`); the data name the patches of their phrases and answers (`distill shapes
+    /// --ground-phrases`, `--ground-answers`). Off when absent.
     #[serde(default)]
     pub grounding: Option<GroundingLoss>,
     /// Stages run in order, each from the previous one's final checkpoint.
