@@ -4,10 +4,10 @@
 
 use fineprune::Error;
 use fineprune::bench::shapes::{
-    Background, Color, DESCRIBE, Family, Object, ObjectKind, PopeKind, SHAPE_COLORS, SHORT_ANSWER,
-    SIGN_CHARSET, SIGN_INK, SIGN_PAD, Sample, Scene, Shape, ShapesConfig, Size, Split, Texture,
-    TrainTurns, export_llava_eval, export_llava_train, generate, generate_one, glyph,
-    read_llava_eval,
+    Background, Color, DESCRIBE, Family, Object, ObjectKind, PopeKind, SHAPE_COLORS,
+    SHAPE_POSITIONS, SHORT_ANSWER, SIGN_CHARSET, SIGN_INK, SIGN_PAD, Sample, Scene, Shape,
+    ShapesConfig, Size, Split, Texture, TrainTurns, export_llava_eval, export_llava_train,
+    generate, generate_one, glyph, read_llava_eval,
 };
 use std::collections::HashSet;
 use std::path::Path;
@@ -642,6 +642,22 @@ fn eval_export_round_trips_and_train_export_is_llava_json() {
         assert_eq!(conv[4]["value"], SHAPE_COLORS);
         assert_eq!(conv[5]["value"], s.scene.shape_colors().as_str());
     }
+    // And positions: after the colours.
+    let pdir = tmp.path().join("shape-positions");
+    let placed = TrainTurns {
+        shape_positions: true,
+        ..listed
+    };
+    export_llava_train(&samples, &pdir, &at32, &placed).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pdir.join("train.json")).unwrap()).unwrap();
+    for (r, s) in v.as_array().unwrap().iter().zip(&samples) {
+        let conv = r["conversations"].as_array().unwrap();
+        assert_eq!(conv.len(), 8);
+        assert_eq!(conv[5]["value"], s.scene.shape_colors().as_str());
+        assert_eq!(conv[6]["value"], SHAPE_POSITIONS);
+        assert_eq!(conv[7]["value"], s.scene.shape_positions().as_str());
+    }
 
     // All families: the same first turn, then one question of every other family the scene
     // allows, each answered correctly; the file is the same on every export.
@@ -741,10 +757,10 @@ fn family_of(q: &str) -> Family {
 
 #[test]
 fn caption_lists_every_shape_left_to_right_and_the_sign() {
-    let shape = |shape, color, size, cx: f32| Object {
+    let shape = |shape, color, size, cx: f32, cy: f32| Object {
         kind: ObjectKind::Shape { shape, color, size },
         cx,
-        cy: 0.5,
+        cy,
         hw: 0.05,
         hh: 0.05,
     };
@@ -755,23 +771,35 @@ fn caption_lists_every_shape_left_to_right_and_the_sign() {
         },
         clutter: vec![],
         objects: vec![
-            shape(Shape::Star, Color::Red, Size::Large, 0.7),
-            shape(Shape::Circle, Color::Blue, Size::Small, 0.2),
+            shape(Shape::Star, Color::Red, Size::Large, 0.7, 0.5),
+            shape(Shape::Circle, Color::Blue, Size::Small, 0.2, 0.1),
+            shape(Shape::Square, Color::Green, Size::Medium, 0.34, 0.99),
             Object::sign("P2H", 0.01, 0.5, 0.1),
         ],
     };
     assert_eq!(
         scene.caption(),
-        "small blue circle, large red star. The sign says P2H."
+        "small blue circle, medium green square, large red star. The sign says P2H."
     );
-    assert_eq!(scene.shape_colors(), "circle blue, star red.");
+    assert_eq!(scene.shape_colors(), "circle blue, square green, star red.");
+    // Centres in thirds of the image: row, then column.
+    assert_eq!(
+        scene.shape_positions(),
+        "circle top left, square bottom center, star middle right."
+    );
     let no_sign = Scene {
-        objects: scene.objects[..2].to_vec(),
+        objects: scene.objects[..3].to_vec(),
         ..scene
     };
-    assert_eq!(no_sign.caption(), "small blue circle, large red star.");
+    assert_eq!(
+        no_sign.caption(),
+        "small blue circle, medium green square, large red star."
+    );
     // The reverse lookup, shape name first; signs are not shapes.
-    assert_eq!(no_sign.shape_colors(), "circle blue, star red.");
+    assert_eq!(
+        no_sign.shape_colors(),
+        "circle blue, square green, star red."
+    );
 }
 
 /// Exports a few samples, applies `damage` to the directory and returns the read error's message.

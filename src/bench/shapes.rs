@@ -701,7 +701,7 @@ impl Scene {
     /// Dense, fully image-dependent supervision: LLaVA's caption stage in miniature.
     pub fn caption(&self) -> String {
         let mut text =
-            self.list_shapes(|s, c, z| format!("{} {} {}", z.name(), c.name(), s.name()));
+            self.list_shapes(|_, s, c, z| format!("{} {} {}", z.name(), c.name(), s.name()));
         if let Some(t) = self.objects.iter().find_map(|o| o.sign_text()) {
             text.push_str(&format!(" The sign says {t}."));
         }
@@ -713,14 +713,32 @@ impl Scene {
     /// name, so the name itself must find the shape in the image: dense supervision of the
     /// colour-of-a-shape lookup, the reverse of [`Scene::caption`]'s colour-then-shape order.
     pub fn shape_colors(&self) -> String {
-        self.list_shapes(|s, c, _| format!("{} {}", s.name(), c.name()))
+        self.list_shapes(|_, s, c, _| format!("{} {}", s.name(), c.name()))
+    }
+
+    /// Every shape's place in the image after its name, left to right (by centre), e.g. `circle
+    /// top left, star middle right.`: the answer to [`SHAPE_POSITIONS`]. The place is the cell
+    /// of a 3×3 grid holding the shape's centre, row (`top`, `middle`, `bottom`) then column
+    /// (`left`, `center`, `right`). As [`Scene::shape_colors`] does for colour, it asks the name
+    /// to find its shape and say where it is: dense supervision of the positions that relative
+    /// position questions compare.
+    pub fn shape_positions(&self) -> String {
+        let third = |v: f32| ((v * 3.0).floor().max(0.0) as usize).min(2);
+        self.list_shapes(|o, s, _, _| {
+            let row = ["top", "middle", "bottom"][third(o.cy)];
+            let col = ["left", "center", "right"][third(o.cx)];
+            format!("{} {row} {col}", s.name())
+        })
     }
 
     /// `item` of every shape, left to right (by centre), joined by commas, with a full stop.
-    fn list_shapes(&self, item: impl Fn(Shape, Color, Size) -> String) -> String {
+    fn list_shapes(&self, item: impl Fn(&Object, Shape, Color, Size) -> String) -> String {
         let mut shapes = self.shapes();
         shapes.sort_by(|a, b| self.objects[a.0].cx.total_cmp(&self.objects[b.0].cx));
-        let list: Vec<String> = shapes.iter().map(|&(_, s, c, z)| item(s, c, z)).collect();
+        let list: Vec<String> = shapes
+            .iter()
+            .map(|&(i, s, c, z)| item(&self.objects[i], s, c, z))
+            .collect();
         format!("{}.", list.join(", "))
     }
 
@@ -1875,6 +1893,9 @@ pub const DESCRIBE: &str = "Describe the image briefly.";
 /// The turn answered with [`Scene::shape_colors`].
 pub const SHAPE_COLORS: &str = "What color is each shape?";
 
+/// The turn answered with [`Scene::shape_positions`].
+pub const SHAPE_POSITIONS: &str = "Where is each shape?";
+
 /// What an exported training conversation holds beyond its first turn, which is always the
 /// sample's own question exactly as evaluation asks it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -1888,6 +1909,8 @@ pub struct TrainTurns {
     pub describe: bool,
     /// Then [`SHAPE_COLORS`], answered with [`Scene::shape_colors`].
     pub shape_colors: bool,
+    /// Then [`SHAPE_POSITIONS`], answered with [`Scene::shape_positions`].
+    pub shape_positions: bool,
     /// Every question about some objects (the sample's own and the extra ones of `all_families`;
     /// not an existence "no") carries `"refs"`, `[{"phrase", "patches"}]` for each phrase naming
     /// objects ([`Sample::refs`]; the patches holding them, [`Scene::relevance_mask`] at
@@ -2033,6 +2056,10 @@ pub fn export_llava_train(
             if turns.shape_colors {
                 conversations.push(turn("human", SHAPE_COLORS.into()));
                 conversations.push(turn("gpt", s.scene.shape_colors()));
+            }
+            if turns.shape_positions {
+                conversations.push(turn("human", SHAPE_POSITIONS.into()));
+                conversations.push(turn("gpt", s.scene.shape_positions()));
             }
             TrainRecord {
                 id: s.id.clone(),

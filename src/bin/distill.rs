@@ -102,6 +102,11 @@ enum Command {
         /// colour (the caption of --describe names the colour first).
         #[arg(long)]
         shape_colors: bool,
+        /// Then "Where is each shape?", answered shape by shape, left to right, with the cell of
+        /// a 3x3 grid holding its centre ("circle top left, star middle right."): dense
+        /// supervision of the positions that relative position questions compare.
+        #[arg(long)]
+        shape_positions: bool,
         /// Follow each conversation's question with one question of every other family the scene
         /// allows (multi-turn, as LLaVA-1.5's VQA data): about five supervised answers per image
         /// instead of one.
@@ -407,6 +412,7 @@ fn main() -> ExitCode {
             seed,
             describe,
             shape_colors,
+            shape_positions,
             all_families,
             ground_phrases,
             ground_answers,
@@ -422,6 +428,7 @@ fn main() -> ExitCode {
                 all_families,
                 describe,
                 shape_colors,
+                shape_positions,
                 ground_phrases,
                 ground_answers: match ground_answers {
                     Some(f) if f.is_empty() => Family::ALL.to_vec(),
