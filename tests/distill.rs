@@ -944,34 +944,54 @@ fn second_round_recipe_parses() {
     }
 }
 
-/// `[pretrain_vision]` pretrains a new model's tower into `{output}/vision` before the first
-/// stage, which starts from it: with the tower frozen, the stage's checkpoint carries exactly the
-/// pretrained tower (not the freshly initialised one of `{output}/base`). Resuming keeps the
-/// pretraining; a fresh run into the same folder is refused, and so are the table without
-/// `[new_model]` and a probe table, before any compute.
-/// The third round's three configs chain (each from the checkpoint where the previous one was
-/// stopped) and ground layer 1 of a language model whose tower stays frozen.
+/// The third and fourth rounds' configs chain (each from the checkpoint where the previous one
+/// was stopped or ended) and ground a language model whose tower stays frozen: the third at layer
+/// 1, the fourth's lookup answers at layer 2, then phrases at 1 and answers at 2.
 #[test]
-fn third_round_recipe_parses() {
+fn grounding_rounds_recipe_parses() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for (file, from, data, steps) in [
+    let ground = |layer, answer_layer| {
+        Some(GroundingLoss {
+            layer,
+            weight: 0.5,
+            answer_layer,
+        })
+    };
+    for (file, from, data, steps, grounding) in [
         (
             "shapes-teacher-3a.toml",
             "runs/shapes-teacher-2/final/stage2-full/checkpoint-002700",
             "shapes-teacher-ground-answers",
             2400,
+            ground(1, None),
         ),
         (
             "shapes-teacher-3b.toml",
             "runs/shapes-teacher-3/answers/checkpoint-001200",
             "shapes-teacher-ground-both",
             2400,
+            ground(1, None),
         ),
         (
             "shapes-teacher-3.toml",
             "runs/shapes-teacher-3/both/checkpoint-000900",
             "shapes-teacher-ground-phrases",
             1800,
+            ground(1, None),
+        ),
+        (
+            "shapes-teacher-4a.toml",
+            "runs/shapes-teacher-3/final/checkpoint-001800",
+            "shapes-teacher-ground-lookups",
+            900,
+            ground(2, None),
+        ),
+        (
+            "shapes-teacher-4.toml",
+            "runs/shapes-teacher-4/lookups/checkpoint-000900",
+            "shapes-teacher-ground-positions",
+            1500,
+            ground(1, Some(2)),
         ),
     ] {
         let cfg = TrainConfig::from_file(&root.join("configs").join(file)).unwrap();
@@ -983,18 +1003,15 @@ fn third_round_recipe_parses() {
         );
         assert_eq!(cfg.steps, steps, "{file}");
         assert_eq!(cfg.frozen, ["vision"], "{file}");
-        assert_eq!(
-            cfg.grounding,
-            Some(GroundingLoss {
-                layer: 1,
-                weight: 0.5,
-                answer_layer: None,
-            }),
-            "{file}"
-        );
+        assert_eq!(cfg.grounding, grounding, "{file}");
     }
 }
 
+/// `[pretrain_vision]` pretrains a new model's tower into `{output}/vision` before the first
+/// stage, which starts from it: with the tower frozen, the stage's checkpoint carries exactly the
+/// pretrained tower (not the freshly initialised one of `{output}/base`). Resuming keeps the
+/// pretraining; a fresh run into the same folder is refused, and so are the table without
+/// `[new_model]` and a probe table, before any compute.
 #[test]
 fn pretrain_vision_table_runs_before_the_first_stage() {
     let exe = env!("CARGO_BIN_EXE_distill");
