@@ -1,18 +1,20 @@
 //! The bundled ShapesVQA teacher (`models/shapes-llava`, trained by `distill` from
-//! `configs/shapes-teacher.toml`, `configs/shapes-teacher-2.toml`, then the attention-grounding
-//! round of `configs/shapes-teacher-3.toml`), on held-out questions:
-//! every family learned beats the best blind answer ([`blind_share`]) and stays within [`SLACK`]
-//! of the accuracy measured when the model was bundled, and FastV's attention ranking (`sum`
-//! heads, `last_token` query) keeps the patches the question is about far more often than chance.
+//! `configs/shapes-teacher.toml`, `configs/shapes-teacher-2.toml`, the attention-grounding round
+//! of `configs/shapes-teacher-3.toml`, then the two-hop round of `configs/shapes-teacher-4.toml`),
+//! on held-out questions: every family learned beats the best blind answer ([`blind_share`]) and
+//! stays within [`SLACK`] of the accuracy measured when the model was bundled, and FastV's
+//! attention ranking (`sum` heads, `last_token` query) keeps the patches the question is about
+//! far more often than chance.
 //!
 //! The ranking is taken after layer 1 (K = 1), which no grounding loss supervised: this model
-//! routes the question to the object in its first layer (relevant-patch recall 0.89 at keep 0.25,
-//! against 0.25 for a random keep, on `prune-bench`'s 200 default questions). Layer 1 (K = 2,
-//! recall 0.95) is the layer its training grounded, so it is not the test of routing learned
-//! from the answers alone.
+//! routes the question to the object in its first layer (relevant-patch recall 0.70 at keep 0.25,
+//! against 0.25 for a random keep, on `prune-bench`'s 200 default questions). Layers 1 and 2
+//! (K = 2 and 3) are the layers its training grounded, so they are not the test of routing
+//! learned from the answers alone.
 //!
 //! The model is still short of the trainer issue's goal (90% overall, every family far above
-//! chance); this test guards what it does reach, and its numbers rise with the model.
+//! chance): relative position is at chance. This test guards what it does reach, and its numbers
+//! rise with the model.
 
 use fineprune::bench::shapes::ShapesConfig;
 use fineprune::bench::sweep::{self, BenchItem, SweepConfig, SweepOptions};
@@ -28,17 +30,16 @@ const N: usize = 300;
 
 /// Accuracy per family on these `N` questions, unpruned, measured when the model was bundled.
 /// Every family must also beat the best blind answer, except relative position, which this model
-/// has only begun to learn: 0.60, where always naming the question's first option scores 0.55,
-/// a margin of three of its 60 questions.
+/// has not learned: 0.55, what always naming the question's first option scores.
 const MEASURED: [(&str, f64); 5] = [
-    ("color", 0.633),
-    ("count", 0.650),
+    ("color", 0.933),
+    ("count", 0.700),
     ("existence", 1.000),
-    ("relative_position", 0.600),
-    ("shape", 1.000),
+    ("relative_position", 0.550),
+    ("shape", 0.983),
 ];
 /// Overall accuracy measured with them.
-const MEASURED_OVERALL: f64 = 0.777;
+const MEASURED_OVERALL: f64 = 0.833;
 /// Allowed drop of a family below its measured accuracy: greedy decoding is deterministic, but
 /// another CPU's summation order can flip a near-tie answer or two of a family's ~60.
 const SLACK: f64 = 0.1;
