@@ -414,6 +414,20 @@ fn count_plans_follow_max_count() {
     }
 }
 
+/// Families parse from the names the exported files use (`distill shapes --ground-answers`); an
+/// unknown one names every valid choice.
+#[test]
+fn families_parse_from_their_names() {
+    for f in Family::ALL {
+        assert_eq!(f.name().parse::<Family>(), Ok(f));
+    }
+    let e = "colour".parse::<Family>().unwrap_err();
+    assert!(
+        e.contains("`colour`") && e.contains("color, shape, count"),
+        "{e}"
+    );
+}
+
 #[test]
 fn family_weights_select_families() {
     let c = ShapesConfig {
