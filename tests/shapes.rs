@@ -640,10 +640,12 @@ fn eval_export_round_trips_and_train_export_is_llava_json() {
         assert_eq!(conv[2]["value"], DESCRIBE);
         assert_eq!(conv[3]["value"], s.scene.caption().as_str());
     }
-    // With shape colours too: the caption turn, then the shape-by-shape colours.
-    let sdir = tmp.path().join("shape-colors");
+    // With shape colours and positions too: the caption turn, then the shape-by-shape colours,
+    // then the shape-by-shape places.
+    let sdir = tmp.path().join("shape-lists");
     let listed = TrainTurns {
         shape_colors: true,
+        shape_positions: true,
         ..described
     };
     export_llava_train(&samples, &sdir, &at32, &listed).unwrap();
@@ -651,23 +653,9 @@ fn eval_export_round_trips_and_train_export_is_llava_json() {
         serde_json::from_slice(&std::fs::read(sdir.join("train.json")).unwrap()).unwrap();
     for (r, s) in v.as_array().unwrap().iter().zip(&samples) {
         let conv = r["conversations"].as_array().unwrap();
-        assert_eq!(conv.len(), 6);
+        assert_eq!(conv.len(), 8);
         assert_eq!(conv[3]["value"], s.scene.caption().as_str());
         assert_eq!(conv[4]["value"], SHAPE_COLORS);
-        assert_eq!(conv[5]["value"], s.scene.shape_colors().as_str());
-    }
-    // And positions: after the colours.
-    let pdir = tmp.path().join("shape-positions");
-    let placed = TrainTurns {
-        shape_positions: true,
-        ..listed
-    };
-    export_llava_train(&samples, &pdir, &at32, &placed).unwrap();
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(pdir.join("train.json")).unwrap()).unwrap();
-    for (r, s) in v.as_array().unwrap().iter().zip(&samples) {
-        let conv = r["conversations"].as_array().unwrap();
-        assert_eq!(conv.len(), 8);
         assert_eq!(conv[5]["value"], s.scene.shape_colors().as_str());
         assert_eq!(conv[6]["value"], SHAPE_POSITIONS);
         assert_eq!(conv[7]["value"], s.scene.shape_positions().as_str());
