@@ -30,6 +30,7 @@ use crate::ops::matmul::{linear_backward, matmul_nt};
 use crate::ops::{self, act, embed, norm, rope};
 use crate::tensor::Tensor;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// One training sequence with its image.
@@ -78,11 +79,12 @@ pub enum GroundedRow {
 ///
 /// and training minimises `cross-entropy + weight · L_ground`. The two layers make a two-hop
 /// lookup: a phrase's own token finds its object early, while the answer row, which knows what
-/// the question names only after attending to the question, looks at a later layer. The mass is averaged over heads
-/// inside the logarithm, so a few heads may carry it while the others attend elsewhere. This is
-/// attention supervision as in VQA with human attention maps (Qiao et al., AAAI 2018) and
-/// grounding losses of visual-grounding models; it trains the very quantity FastV ranks by at
-/// layer `layer + 1`, so pruning studies on such a model say so.
+/// the question names only after attending to the question, looks at a later layer. The mass is
+/// averaged over heads inside the logarithm, so a few heads may carry it while the others attend
+/// elsewhere. This is attention supervision as in VQA with human attention maps (Qiao et al.,
+/// AAAI 2018) and grounding losses of visual-grounding models; it trains the very quantity FastV
+/// ranks by at `K = layer + 1` (and `answer_layer + 1`), so pruning studies on such a model say
+/// so.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroundingLoss {
@@ -725,10 +727,10 @@ fn grounding_loss<'a>(
 ) -> Result<(Option<f32>, LayerDprobs)> {
     let n: usize = batch.iter().map(|s| s.grounding.len()).sum();
     if n == 0 {
-        return Ok((None, Vec::new()));
+        return Ok((None, LayerDprobs::new()));
     }
     let mut loss = 0.0f64;
-    let mut dprobs: LayerDprobs = Vec::new();
+    let mut dprobs = LayerDprobs::new();
     for (i, s) in batch.iter().enumerate() {
         let t = s.input_ids.len();
         let slots: Vec<usize> = (0..t).filter(|&j| s.input_ids[j] == image_token).collect();
@@ -769,14 +771,9 @@ fn grounding_loss<'a>(
             let mass = mass.max(f64::MIN_POSITIVE);
             loss -= mass.ln();
             let coef = (-g.weight / (n as f64 * heads as f64 * mass)) as f32;
-            let at = match dprobs.iter().position(|(l, _)| *l == layer) {
-                Some(k) => k,
-                None => {
-                    dprobs.push((layer, vec![Vec::new(); batch.len()]));
-                    dprobs.len() - 1
-                }
-            };
-            let dp = &mut dprobs[at].1[i];
+            let dp = &mut dprobs
+                .entry(layer)
+                .or_insert_with(|| vec![Vec::new(); batch.len()])[i];
             if dp.is_empty() {
                 *dp = vec![0.0f32; heads * t * t];
             }
@@ -793,7 +790,7 @@ fn grounding_loss<'a>(
 
 /// The grounding loss's gradient on attention probabilities: for each supervised decoder layer,
 /// one `[heads, t, t]` per sequence (empty for sequences without a row at that layer).
-type LayerDprobs = Vec<(usize, Vec<Vec<f32>>)>;
+type LayerDprobs = BTreeMap<usize, Vec<Vec<f32>>>;
 
 // ---------------------------------------------------------------------------------------------
 // LLaVA
@@ -1117,7 +1114,7 @@ impl TrainModel {
                 self.last_grounding = l;
                 dp
             }
-            None => Vec::new(),
+            None => LayerDprobs::new(),
         };
         self.cache = Some(Cache {
             ids,
@@ -1156,11 +1153,7 @@ impl TrainModel {
         .backward(p, &cache.final_out, &cache.dlogits)?;
         let mut dx = rms_backward(p, self.norm, &cache.final_in, c.text.rms_norm_eps, &dxn);
         for (i, (layer, lc)) in self.layers.iter().zip(&cache.decoder).enumerate().rev() {
-            let dprobs = cache
-                .dprobs
-                .iter()
-                .find(|(l, _)| *l == i)
-                .map_or(&[][..], |(_, d)| d.as_slice());
+            let dprobs = cache.dprobs.get(&i).map_or(&[][..], Vec::as_slice);
             layer.backward(p, c, &self.inv_freq, &cache.lens, lc, dprobs, &mut dx)?;
         }
         // Split the embedding gradient: image rows go to the projector, the rest to the table.
