@@ -12,8 +12,8 @@ use fineprune::bench::shapes::{
 use fineprune::train::model::TrainModel;
 use fineprune::train::optim::zero_grads;
 use fineprune::train::vision_pretrain::{
-    CLASSES, ImageTargets, PretrainConfig, ShapeTarget, new_head, patch_labels, pretrain_vision,
-    shape_loss,
+    CLASSES, ImageTargets, LossWeights, PretrainConfig, ShapeTarget, new_head, patch_labels,
+    pretrain_vision, shape_loss,
 };
 
 fn square(color: Color, size: Size, (x0, x1): (f32, f32), (y0, y1): (f32, f32)) -> Object {
@@ -79,6 +79,20 @@ fn shape_patches_follow_the_painted_pixels() {
     }
 }
 
+/// A shape's centre cell is its pooling-weighted mean row and column, rounded (by hand on a
+/// 12-wide grid: patch 13 is row 1 column 1, 14 is row 1 column 2, 37 is row 3 column 1).
+#[test]
+fn a_shape_cell_is_its_weighted_centre() {
+    let t = |patches| ShapeTarget {
+        classes: [0, 0, 0],
+        patches,
+    };
+    assert_eq!(t(vec![(13, 0.25), (14, 0.75)]).cell(12), [1, 2]); // column 1.75
+    assert_eq!(t(vec![(13, 0.6), (14, 0.4)]).cell(12), [1, 1]); // column 1.4
+    assert_eq!(t(vec![(13, 0.3), (37, 0.7)]).cell(12), [2, 1]); // row 2.4
+    assert_eq!(t(vec![(143, 1.0)]).cell(12), [11, 11]);
+}
+
 fn fixture_batch() -> (TrainModel, Vec<Vec<f32>>, Vec<ImageTargets>) {
     let m = TrainModel::from_dir(&reference_dir().join("llava_gqa")).unwrap();
     let vc = &m.config.vision;
@@ -112,11 +126,17 @@ fn fixture_batch() -> (TrainModel, Vec<Vec<f32>>, Vec<ImageTargets>) {
     (m, pixels, targets)
 }
 
-/// The loss's gradient (pooled, plus half the per-patch loss, plus 0.3 times the position loss)
-/// with respect to head and vision parameters against central differences
+/// The loss's gradient (pooled, plus half the per-patch loss, plus 0.3 times the per-patch
+/// position loss, plus 0.4 times the pooled shapes' centre-cell loss) with respect to head and vision parameters against central differences
 /// in f32 (step 1e-2 on entries of the largest gradient). Tolerance: 2% of the gradient plus
 /// 1e-3 absolute, the f32 rounding of a loss near 5 divided by the step; a wrong term or index
 /// is off by O(1).
+const WEIGHTS: LossWeights = LossWeights {
+    patch: 0.5,
+    position: 0.3,
+    shape_position: 0.4,
+};
+
 #[test]
 fn shape_loss_gradient_matches_finite_differences() {
     let (mut m, pixels, targets) = fixture_batch();
@@ -127,7 +147,7 @@ fn shape_loss_gradient_matches_finite_differences() {
             p.grad = Vec::new();
         }
     }
-    shape_loss(&mut m, &mut head, &refs, &targets, 0.5, 0.3, true).unwrap();
+    shape_loss(&mut m, &mut head, &refs, &targets, WEIGHTS, true).unwrap();
     let h = 1e-2f32;
     let mut checked = 0;
     for name in [
@@ -162,9 +182,9 @@ fn shape_loss_gradient_matches_finite_differences() {
                 value[idx] += delta;
             };
         at(h, &mut m, &mut head);
-        let up = shape_loss(&mut m, &mut head, &refs, &targets, 0.5, 0.3, false).unwrap();
+        let up = shape_loss(&mut m, &mut head, &refs, &targets, WEIGHTS, false).unwrap();
         at(-2.0 * h, &mut m, &mut head);
-        let down = shape_loss(&mut m, &mut head, &refs, &targets, 0.5, 0.3, false).unwrap();
+        let down = shape_loss(&mut m, &mut head, &refs, &targets, WEIGHTS, false).unwrap();
         at(h, &mut m, &mut head);
         let fd = (up - down) / (2.0 * h);
         println!("{name}[{idx}]: analytic {grad:e} finite difference {fd:e}");
@@ -198,6 +218,8 @@ fn a_short_run_lowers_the_loss_and_moves_only_the_vision_tower() {
         eval_scenes: 16,
         patch_weight: 1.0,
         position_weight: 0.0,
+        shape_position_weight: 0.0,
+        position_scale: 1.0,
         probe: false,
         shapes: ShapesConfig {
             clutter: false,
@@ -262,6 +284,8 @@ fn bad_settings_are_refused_before_training() {
         eval_scenes: 1,
         patch_weight: 0.0,
         position_weight: 0.0,
+        shape_position_weight: 0.0,
+        position_scale: 1.0,
         probe: false,
         shapes: ShapesConfig::default(),
     };
@@ -293,6 +317,28 @@ fn bad_settings_are_refused_before_training() {
                 ..base.clone()
             },
             "position_weight",
+        ),
+        (
+            PretrainConfig {
+                shape_position_weight: -0.5,
+                ..base.clone()
+            },
+            "shape_position_weight",
+        ),
+        (
+            PretrainConfig {
+                position_scale: 0.0,
+                ..base.clone()
+            },
+            "position_scale",
+        ),
+        (
+            PretrainConfig {
+                position_scale: 2.0,
+                probe: true,
+                ..base.clone()
+            },
+            "probe",
         ),
     ] {
         let e = pretrain_vision(&src, &tmp.path().join("o"), &cfg, &|_, _| {}).unwrap_err();
@@ -329,6 +375,8 @@ fn a_probe_leaves_the_tower_unchanged() {
         eval_scenes: 16,
         patch_weight: 1.0,
         position_weight: 1.0,
+        shape_position_weight: 1.0,
+        position_scale: 1.0,
         probe: true,
         shapes: ShapesConfig::default(),
     };
@@ -351,4 +399,41 @@ fn a_probe_leaves_the_tower_unchanged() {
     for (a, b) in before.params.iter().zip(&after.params) {
         assert_eq!(a.value, b.value, "{} changed", a.name);
     }
+}
+
+/// `position_scale` multiplies the tower's position embeddings and nothing else: one step at a
+/// learning rate of 1e-12 moves no weight by more than ~1e-12, so the written checkpoint holds
+/// exactly 3x the source's position embeddings (within 1e-6) and its other weights unchanged.
+#[test]
+fn position_scale_multiplies_the_position_embeddings() {
+    let src = reference_dir().join("llava_gqa");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("scaled");
+    let cfg = PretrainConfig {
+        steps: 1,
+        batch_size: 2,
+        lr: 1e-12,
+        warmup: 0,
+        scenes: 2,
+        eval_scenes: 2,
+        position_weight: 1.0,
+        position_scale: 3.0,
+        ..PretrainConfig::default()
+    };
+    pretrain_vision(&src, &out, &cfg, &|_, _| {}).unwrap();
+    let before = TrainModel::from_dir(&src).unwrap();
+    let after = TrainModel::from_dir(&out).unwrap();
+    let mut scaled = 0;
+    for (a, b) in before.params.iter().zip(&after.params) {
+        let k = if a.name.ends_with("embeddings.position_embedding.weight") {
+            scaled += 1;
+            3.0
+        } else {
+            1.0
+        };
+        for (x, y) in a.value.iter().zip(&b.value) {
+            assert!((k * x - y).abs() <= 1e-6, "{}: {x} -> {y}", a.name);
+        }
+    }
+    assert_eq!(scaled, 1);
 }

@@ -176,6 +176,17 @@ enum Command {
         /// column off its features (0: none).
         #[arg(long, default_value_t = PretrainConfig::default().position_weight)]
         position_weight: f64,
+        /// Weight of the pooled position loss: the same head reads each shape's pooled
+        /// features and names the row and column of its centre, so a shape's own patches say
+        /// where it is, as "Is the circle left of the star?" needs (0: none).
+        #[arg(long, default_value_t = PretrainConfig::default().shape_position_weight)]
+        shape_position_weight: f64,
+        /// Multiply the tower's position embeddings by this before training (1: as loaded). A
+        /// from-scratch tower's patch embeddings drown its position embeddings (~40x their
+        /// norm), so its shapes' patches forget where they are; 30 lets the position losses
+        /// above put it back.
+        #[arg(long, default_value_t = PretrainConfig::default().position_scale)]
+        position_scale: f64,
         /// Train the head alone with the tower frozen: a linear probe of what the tower's
         /// features already encode (the model written to OUT is the input one).
         #[arg(long)]
@@ -450,6 +461,8 @@ fn main() -> ExitCode {
             eval_scenes,
             patch_weight,
             position_weight,
+            shape_position_weight,
+            position_scale,
             probe,
             quiet,
         } => finish((|| {
@@ -468,6 +481,8 @@ fn main() -> ExitCode {
                 eval_scenes,
                 patch_weight,
                 position_weight,
+                shape_position_weight,
+                position_scale,
                 probe,
                 shapes,
             };
@@ -481,7 +496,8 @@ fn main() -> ExitCode {
             for (name, a) in [("before", s.before), ("after", s.after)] {
                 println!(
                     "  {name:6}  shape {:.3}  color {:.3}  size {:.3}  ({} shapes)  \
-                     patch shape {:.3}  colour {:.3}  ({} patches)  position {:.3}",
+                     patch shape {:.3}  colour {:.3}  ({} patches)  position: patch {:.3}  \
+                     shape centre {:.3}",
                     a.shape,
                     a.color,
                     a.size,
@@ -489,7 +505,8 @@ fn main() -> ExitCode {
                     a.patch_shape,
                     a.patch_color,
                     a.patches,
-                    a.patch_position
+                    a.patch_position,
+                    a.shape_position
                 );
             }
             println!("model: {}", out.display());
