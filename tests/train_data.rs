@@ -12,7 +12,7 @@ use fineprune::train::data::{
     Conversation, Dataset, Encoder, IGNORE, Loader, LoaderState, Turn, epoch_order, pad_batch,
     parse_conversations, read_conversations,
 };
-use fineprune::train::model::GroundedRow;
+use fineprune::train::model::{GroundedRow, HeadShare};
 use fineprune::train::tokenizer_train::{
     TokenizerTrainConfig, conversation_texts, train_tokenizer,
 };
@@ -42,6 +42,7 @@ fn conv(turns: &[(&str, &str)]) -> Conversation {
                 question: q.to_string(),
                 answer: a.to_string(),
                 patches: Vec::new(),
+                parts: Vec::new(),
                 refs: Vec::new(),
             })
             .collect(),
@@ -545,11 +546,23 @@ fn grounded_phrases_and_answers_name_their_rows_and_patches() {
     let mut rows = 0;
     for (i, s) in samples.iter().enumerate() {
         let conv = &ds.conversations[i];
-        // The sample's own answer carries exactly its relevance mask (none for an existence "no").
-        let mask = s.relevance_mask(30, 6);
-        let want: Vec<usize> = (0..mask.len()).filter(|&j| mask[j]).collect();
-        assert_eq!(conv.turns[0].patches, want, "{}", s.id);
-        assert_eq!(want.is_empty(), s.referenced.is_empty(), "{}", s.id);
+        // The sample's own answer carries exactly its relevance mask (none for an existence
+        // "no"); a relative-position answer carries each object's mask apart, A's then B's.
+        let mask = |objects: &[usize]| {
+            let m = s.scene.relevance_mask(objects, 30, 6);
+            (0..m.len()).filter(|&j| m[j]).collect::<Vec<usize>>()
+        };
+        let own = &conv.turns[0];
+        if s.family == Family::RelativePosition {
+            let want: Vec<Vec<usize>> = s.refs.iter().map(|r| mask(&r.objects)).collect();
+            assert_eq!(own.parts, want, "{}", s.id);
+            assert_eq!(own.parts.len(), 2, "{}", s.id);
+            assert!(own.patches.is_empty(), "{}", s.id);
+        } else {
+            assert_eq!(own.patches, mask(&s.referenced), "{}", s.id);
+            assert_eq!(own.patches.is_empty(), s.referenced.is_empty(), "{}", s.id);
+            assert!(own.parts.is_empty(), "{}", s.id);
+        }
         // The sample's question names its objects phrase by phrase.
         let phrases: Vec<&str> = conv.turns[0]
             .refs
@@ -569,15 +582,25 @@ fn grounded_phrases_and_answers_name_their_rows_and_patches() {
                 assert!(text.ends_with(&r.phrase), "{}: {text:?}", s.id);
                 assert_eq!(g.patches, r.patches);
                 assert_eq!(g.row, GroundedRow::Phrase);
-                assert!(r.patches.iter().all(|j| t.patches.contains(j)), "{}", s.id);
+                assert_eq!(g.heads, HeadShare::ALL);
+                let answered = t.patches.iter().chain(t.parts.iter().flatten());
+                let answered: Vec<usize> = answered.copied().collect();
+                assert!(r.patches.iter().all(|j| answered.contains(j)), "{}", s.id);
                 rows += 1;
             }
             if !t.patches.is_empty() {
-                answer_rows.push((all_rows.next().unwrap(), t));
+                answer_rows.push((all_rows.next().unwrap(), t, &t.patches, HeadShare::ALL));
+            }
+            for (index, part) in t.parts.iter().enumerate() {
+                let share = HeadShare {
+                    index,
+                    count: t.parts.len(),
+                };
+                answer_rows.push((all_rows.next().unwrap(), t, part, share));
             }
         }
         assert!(all_rows.next().is_none());
-        for (g, t) in answer_rows {
+        for (g, t, patches, share) in answer_rows {
             // The row is the prompt's last token (`ASSISTANT:`'s colon), the next one is trained.
             assert_eq!(labels[g.position], IGNORE);
             assert_ne!(labels[g.position + 1], IGNORE);
@@ -585,13 +608,16 @@ fn grounded_phrases_and_answers_name_their_rows_and_patches() {
             assert!(text.ends_with("ASSISTANT:"), "{}: {text:?}", s.id);
             let answer = tok.decode(&ids[g.position + 1..], false).unwrap();
             assert!(answer.trim_start().starts_with(&t.answer), "{answer:?}");
-            assert_eq!(g.patches, t.patches);
+            assert_eq!(&g.patches, patches);
+            assert_eq!(g.heads, share);
             assert_eq!(g.row, GroundedRow::Answer);
             assert!(g.patches.iter().all(|&j| j < N_IMG));
             rows += 1;
         }
     }
     assert!(rows > 8, "extra turns are grounded too ({rows} rows)");
+    let compared = ds.conversations.iter().flat_map(|c| &c.turns);
+    assert!(compared.filter(|t| !t.parts.is_empty()).count() > 0);
     // Answers of the listed families only.
     let colour = tempfile::tempdir().unwrap();
     let only_colour = TrainTurns {
@@ -667,6 +693,34 @@ fn bad_patches_name_the_sample_and_field() {
             "conversations[0]",
             "`refs`",
         ),
+        (
+            "Q?",
+            r#", "parts": [[1], [2]]"#.to_string(),
+            String::new(),
+            "conversations[0]",
+            "`parts`; only gpt",
+        ),
+        (
+            "Q?",
+            String::new(),
+            r#", "patches": [1], "parts": [[1], [2]]"#.to_string(),
+            "conversations[1]",
+            "both `patches` and `parts`",
+        ),
+        (
+            "Q?",
+            String::new(),
+            r#", "parts": [[1], []]"#.to_string(),
+            "conversations[1]",
+            "`parts`",
+        ),
+        (
+            "Q?",
+            String::new(),
+            r#", "parts": []"#.to_string(),
+            "conversations[1]",
+            "`parts`",
+        ),
     ];
     for (q, human, gpt, field, word) in cases {
         let e = parse_conversations(&json(q, &human, &gpt), p)
@@ -678,4 +732,7 @@ fn bad_patches_name_the_sample_and_field() {
     let ok = json("Q?", "", r#", "patches": [7, 2, 7]"#);
     let c = parse_conversations(&ok, p).unwrap();
     assert_eq!(c[0].turns[0].patches, vec![2, 7]);
+    let ok = json("Q?", "", r#", "parts": [[4, 3], [9]]"#);
+    let c = parse_conversations(&ok, p).unwrap();
+    assert_eq!(c[0].turns[0].parts, vec![vec![3, 4], vec![9]]);
 }

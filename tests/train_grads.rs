@@ -6,7 +6,9 @@
 mod common;
 
 use common::{load_ref, reference_dir};
-use fineprune::train::model::{GroundedRow, Grounding, GroundingLoss, TrainModel, TrainSeq};
+use fineprune::train::model::{
+    GroundedRow, Grounding, GroundingLoss, HeadShare, TrainModel, TrainSeq,
+};
 use fineprune::train::optim::{AdamW, GroupConfig, zero_grads};
 
 /// Gradient tolerance, relative to the largest |gradient| of each tensor. Both sides compute in
@@ -221,6 +223,7 @@ fn grounded(seqs: &mut [TrainSeq], image_token: u32) {
             position: t - 2,
             patches: vec![0, 3, 4, 10],
             row: GroundedRow::Answer,
+            heads: HeadShare::ALL,
         }];
     }
 }
@@ -228,8 +231,10 @@ fn grounded(seqs: &mut [TrainSeq], image_token: u32) {
 /// The attention-grounding loss's gradient (the difference of the gradients with and without it,
 /// over its weight) against central finite differences of the loss itself, on the entries where
 /// it is largest of every tensor it reaches: the first two LM layers, the projector, the
-/// embedding table and the vision tower. Two rows per sequence at two layers: [`grounded`]'s
-/// answer row at layer 0 and a phrase row before it at layer 1. f32 forward passes with
+/// embedding table and the vision tower. Rows at two layers: [`grounded`]'s answer row at layer
+/// 0, the same row again on other patches with the second half of the heads only (a
+/// [`HeadShare`], as a compared object's part), and a phrase row before it at layer 1. f32
+/// forward passes with
 /// `h = 1e-3` carry ~1e-4 absolute noise on an O(1) loss; the tolerance, 1e-2 of the entry's
 /// gradient plus 2e-4, is at least three times the worst error measured (0.27 of it, on the
 /// tower's layer-1 `q_proj.bias`, 1.9e-4 on a gradient of 0.051) and still fails on a wrong sign,
@@ -243,9 +248,16 @@ fn grounding_gradient_matches_finite_differences() {
     for s in &mut seqs {
         let t = s.input_ids.len();
         s.grounding.push(Grounding {
+            position: t - 2,
+            patches: vec![5, 6, 9],
+            row: GroundedRow::Answer,
+            heads: HeadShare { index: 1, count: 2 },
+        });
+        s.grounding.push(Grounding {
             position: t - 3,
             patches: vec![1, 2, 7],
             row: GroundedRow::Phrase,
+            heads: HeadShare::ALL,
         });
     }
     let weight = 0.7;
@@ -356,18 +368,33 @@ fn grounding_refuses_bad_layers_weights_and_rows() {
         .iter()
         .position(|&t| t == image_token)
         .unwrap();
+    let t = seqs[0].input_ids.len();
+    let all = HeadShare::ALL;
     let cases = [
-        (seqs[0].input_ids.len(), vec![0], "rows"),
-        (first + 2, vec![5], "does not precede"),
-        (seqs[0].input_ids.len() - 2, vec![999], "out of range"),
-        (seqs[0].input_ids.len() - 2, vec![3, 1], "increasing"),
+        (t, vec![0], all, "rows"),
+        (first + 2, vec![5], all, "does not precede"),
+        (t - 2, vec![999], all, "out of range"),
+        (t - 2, vec![3, 1], all, "increasing"),
+        (
+            t - 2,
+            vec![3],
+            HeadShare { index: 0, count: 5 },
+            "share 0 of 5",
+        ),
+        (
+            t - 2,
+            vec![3],
+            HeadShare { index: 2, count: 2 },
+            "share 2 of 2",
+        ),
     ];
-    for (position, patches, want) in cases {
+    for (position, patches, heads, want) in cases {
         let mut bad = seqs.clone();
         bad[0].grounding = vec![Grounding {
             position,
             patches,
             row: GroundedRow::Phrase,
+            heads,
         }];
         let e = m.forward(&bad).unwrap_err().to_string();
         assert!(e.contains("sequence 0") && e.contains(want), "{e}");

@@ -1803,6 +1803,10 @@ struct Turn {
     /// them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     patches: Vec<usize>,
+    /// With [`TrainTurns::ground_answers`]: on an answer comparing objects (relative position),
+    /// the patches of each, in the question's order, instead of `patches`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    parts: Vec<Vec<usize>>,
     /// With [`TrainTurns::ground_phrases`]: on a question, each phrase naming objects and their
     /// patches.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -1918,7 +1922,9 @@ pub struct TrainTurns {
     /// ([`crate::train::model::GroundingLoss`]) on the phrase's last token.
     pub ground_phrases: bool,
     /// Every answer to such a question of these families carries `"patches"`, those of all its
-    /// objects: targets of the same loss on the row that predicts the answer. Grounding a lookup
+    /// objects: targets of the same loss on the row that predicts the answer; a relative-position
+    /// answer carries `"parts"` instead, the patches of each object in the question's order, so
+    /// one share of the heads grounds on each (`crate::train::model::HeadShare`). Grounding a lookup
     /// ("What color is the circle?") helps it; an answer that weighs what it sees against what
     /// it does not (count, existence) may be better left free.
     pub ground_answers: Vec<Family>,
@@ -1998,6 +2004,7 @@ pub fn export_llava_train(
         from: from.into(),
         value,
         patches: Vec::new(),
+        parts: Vec::new(),
         refs: Vec::new(),
     };
     let patches = |s: &Sample, objects: &[usize]| -> Vec<usize> {
@@ -2019,13 +2026,18 @@ pub fn export_llava_train(
         },
         ..turn("human", value)
     };
-    let grounded = |s: &Sample, family: Family, value: String, referenced: &[usize]| Turn {
-        patches: if turns.ground_answers.contains(&family) {
-            patches(s, referenced)
+    let grounded = |s: &Sample, family: Family, value: String, q: (&[usize], &[Reference])| {
+        let (referenced, refs) = q;
+        let answer = turn("gpt", value);
+        if !turns.ground_answers.contains(&family) {
+            answer
+        } else if family == Family::RelativePosition {
+            let parts = refs.iter().map(|r| patches(s, &r.objects)).collect();
+            Turn { parts, ..answer }
         } else {
-            Vec::new()
-        },
-        ..turn("gpt", value)
+            let patches = patches(s, referenced);
+            Turn { patches, ..answer }
+        }
     };
     let records: Vec<TrainRecord> = samples
         .iter()
@@ -2036,7 +2048,7 @@ pub fn export_llava_train(
                     s,
                     s.family,
                     s.answers.first().cloned().unwrap_or_default(),
-                    &s.referenced,
+                    (&s.referenced, &s.refs),
                 ),
             ];
             if turns.all_families {
@@ -2046,7 +2058,8 @@ pub fn export_llava_train(
                 for (f, q) in other_questions(&s.scene, first, s.family, &mut rng, cfg) {
                     let text = format!("{}{SHORT_ANSWER}", q.text);
                     conversations.push(asked(s, text, &q.refs));
-                    conversations.push(grounded(s, f, q.answers[0].clone(), &q.referenced));
+                    let answer = q.answers[0].clone();
+                    conversations.push(grounded(s, f, answer, (&q.referenced, &q.refs)));
                 }
             }
             if turns.describe {

@@ -119,8 +119,10 @@ enum Command {
         #[arg(long)]
         ground_phrases: bool,
         /// Give every answer about some objects a "patches" list, the target of the same loss on
-        /// the row that predicts the answer (`[grounding] answer_layer`); with a list of
-        /// families (`--ground-answers color,shape`), only their answers.
+        /// the row that predicts the answer (`[grounding] answer_layer`); a relative-position
+        /// answer gets "parts" instead, one patch list per object, each grounding its own share
+        /// of the heads; with a list of families (`--ground-answers color,shape`), only their
+        /// answers.
         #[arg(long, num_args = 0.., value_delimiter = ',', value_name = "FAMILY",
               value_parser = str::parse::<Family>)]
         ground_answers: Option<Vec<Family>>,

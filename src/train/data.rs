@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::model::image::{ImageProcessorConfig, load_image};
 use crate::model::template::{IMAGE_PLACEHOLDER, ImageSlot, LLAVA_SYSTEM};
 use crate::model::tokenizer::Tokenizer;
-use crate::train::model::{GroundedRow, Grounding};
+use crate::train::model::{GroundedRow, Grounding, HeadShare};
 use std::path::{Path, PathBuf};
 
 /// Label value of positions that are not trained (PyTorch's `ignore_index`).
@@ -41,6 +41,11 @@ pub struct Turn {
     /// gpt message's optional `patches` list (a ShapesVQA extension; LLaVA ignores the field),
     /// the target of an attention-grounding loss. Empty when the message has none.
     pub patches: Vec<usize>,
+    /// For an answer comparing objects ("left"), the patches of each, in the question's order:
+    /// the gpt message's optional `parts` list of patch lists (the same extension). Part `i` of
+    /// `k` grounds share `i` of `k` of the answer row's heads ([`HeadShare`]). A message has
+    /// `patches` or `parts`, not both.
+    pub parts: Vec<Vec<usize>>,
     /// Phrases of the question naming objects, each with their patches: the human message's
     /// optional `refs` list (`[{"phrase", "patches"}]`, the same extension). Each grounds the row
     /// of the phrase's last token.
@@ -86,8 +91,9 @@ pub struct TrainSample {
     pub labels: Vec<i64>,
     /// `[3, H, W]` preprocessed image, row-major; empty for text-only samples.
     pub pixel_values: Vec<f32>,
-    /// The grounded rows within `max_len`: each [`Turn::refs`] phrase's last token and each
-    /// [`Turn::patches`] answer's preceding row, with their patches (see [`Encoder::encode_text`]).
+    /// The grounded rows within `max_len`: each [`Turn::refs`] phrase's last token and the row
+    /// before each [`Turn::patches`] (or [`Turn::parts`]) answer, with their patches (see
+    /// [`Encoder::encode_text`]).
     pub grounding: Vec<Grounding>,
 }
 
@@ -106,8 +112,8 @@ fn cfg_err(path: &Path, msg: String) -> Error {
 }
 
 /// Parses LLaVA's training json (a list of `{"id", "image"?, "conversations": [{"from", "value"}]}`;
-/// a gpt message may carry `"patches": [index, ...]`, a human one `"refs"`, see [`Turn::patches`]
-/// and [`Turn::refs`]).
+/// a gpt message may carry `"patches": [index, ...]` or `"parts"`, a human one `"refs"`, see
+/// [`Turn::patches`], [`Turn::parts`] and [`Turn::refs`]).
 /// Turns must alternate `human`/`gpt` starting with `human` (a leading `gpt` turn is dropped as
 /// LLaVA does); `<image>` may only appear, once, in the first human turn, and must when `image` is
 /// set. Errors name the file, the sample index and id, and the field.
@@ -176,6 +182,23 @@ pub fn parse_conversations(text: &str, path: &Path) -> Result<Vec<Conversation>>
                     at(&field, "has `patches` that is not a list of patch indices")
                 })?,
             };
+            let parts = match m.get("parts") {
+                None => Vec::new(),
+                Some(_) if human => return Err(at(&field, "has `parts`; only gpt messages may")),
+                Some(_) if !patches.is_empty() => {
+                    return Err(at(&field, "has both `patches` and `parts`; give one"));
+                }
+                Some(v) => v
+                    .as_array()
+                    .and_then(|a| a.iter().map(patch_list).collect::<Option<Vec<_>>>())
+                    .filter(|p| !p.is_empty() && p.iter().all(|p| !p.is_empty()))
+                    .ok_or_else(|| {
+                        at(
+                            &field,
+                            "has `parts` that is not a non-empty list of non-empty patch lists",
+                        )
+                    })?,
+            };
             let refs = match m.get("refs") {
                 None => Vec::new(),
                 Some(_) if !human => {
@@ -206,7 +229,7 @@ pub fn parse_conversations(text: &str, path: &Path) -> Result<Vec<Conversation>>
                         )
                     })?,
             };
-            msgs.push((j, human, value, patches, refs));
+            msgs.push((j, human, value, patches, parts, refs));
         }
         if msgs.first().is_some_and(|m| !m.1) {
             msgs.remove(0);
@@ -222,8 +245,8 @@ pub fn parse_conversations(text: &str, path: &Path) -> Result<Vec<Conversation>>
         }
         let mut turns = Vec::with_capacity(msgs.len() / 2);
         for pair in msgs.chunks(2) {
-            let (jq, hq, q, _, ref refs) = pair[0];
-            let (ja, ha, a, ref patches, _) = pair[1];
+            let (jq, hq, q, _, _, ref refs) = pair[0];
+            let (ja, ha, a, ref patches, ref parts, _) = pair[1];
             if !hq {
                 return Err(at(&format!("conversations[{jq}]"), "must be a human turn"));
             }
@@ -265,6 +288,7 @@ pub fn parse_conversations(text: &str, path: &Path) -> Result<Vec<Conversation>>
                 question,
                 answer: a.to_string(),
                 patches: patches.clone(),
+                parts: parts.clone(),
                 refs: refs.clone(),
             });
             if let Some(r) = refs.iter().find(|r| !q.contains(&r.phrase)) {
@@ -349,8 +373,9 @@ impl<'a> Encoder<'a> {
 
     /// Token ids, labels and grounded rows of `conv`. A token is trained iff its first byte lies
     /// in an answer span of [`Encoder::render`]; its label is its own id. A turn with
-    /// [`Turn::patches`] grounds the row before its answer's first token, each of its
-    /// [`Turn::refs`] the row of its phrase's last token. Longer than `max_len`:
+    /// [`Turn::patches`] grounds the row before its answer's first token (with [`Turn::parts`],
+    /// that row once per part, each on its share of the heads), each of its [`Turn::refs`] the
+    /// row of its phrase's last token. Longer than `max_len`:
     /// the first `max_len` tokens are kept (as HF's `truncation=True` and LLaVA's
     /// `[:model_max_length]`), with the grounded rows whose answer starts within them; it is an
     /// error when that would cut into the image tokens or leaves nothing to train.
@@ -373,22 +398,24 @@ impl<'a> Encoder<'a> {
         let mut ids = enc.ids;
         let sample = |msg: String| Error::Prompt(format!("sample {}: {msg}", conv.id));
         let mut grounding = Vec::new();
-        let mut ground = |row: Option<usize>, patches: &[usize], kind: GroundedRow| {
-            if let Some(position) = row.filter(|&r| r < self.max_len) {
-                grounding.push(Grounding {
-                    position,
-                    patches: patches.to_vec(),
-                    row: kind,
-                });
-            }
-        };
+        let mut ground =
+            |row: Option<usize>, patches: &[usize], kind: GroundedRow, heads: HeadShare| {
+                if let Some(position) = row.filter(|&r| r < self.max_len) {
+                    grounding.push(Grounding {
+                        position,
+                        patches: patches.to_vec(),
+                        row: kind,
+                        heads,
+                    });
+                }
+            };
         for ((turn, &(a, _)), &q) in conv.turns.iter().zip(&spans).zip(&questions) {
-            if turn.patches.is_empty() && turn.refs.is_empty() {
+            if turn.patches.is_empty() && turn.parts.is_empty() && turn.refs.is_empty() {
                 continue;
             }
             if conv.image.is_none() {
                 return Err(sample(
-                    "a turn has `patches` or `refs` but the sample has no image".into(),
+                    "a turn has `patches`, `parts` or `refs` but the sample has no image".into(),
                 ));
             }
             // The rendered question: a phrase's offset counts the expanded image tokens before it.
@@ -404,12 +431,16 @@ impl<'a> Encoder<'a> {
                 })?;
                 let end = q + at + r.phrase.len();
                 let last = enc.offsets.iter().rposition(|&(s, e)| e > 0 && s < end);
-                ground(last, &r.patches, GroundedRow::Phrase);
+                ground(last, &r.patches, GroundedRow::Phrase, HeadShare::ALL);
             }
+            let first = enc.offsets.iter().position(|&(s, e)| e > 0 && s >= a);
+            let row = first.filter(|&i| i > 0).map(|i| i - 1);
             if !turn.patches.is_empty() {
-                let first = enc.offsets.iter().position(|&(s, e)| e > 0 && s >= a);
-                let row = first.filter(|&i| i > 0).map(|i| i - 1);
-                ground(row, &turn.patches, GroundedRow::Answer);
+                ground(row, &turn.patches, GroundedRow::Answer, HeadShare::ALL);
+            }
+            let count = turn.parts.len();
+            for (index, part) in turn.parts.iter().enumerate() {
+                ground(row, part, GroundedRow::Answer, HeadShare { index, count });
             }
         }
         if conv.image.is_some() {

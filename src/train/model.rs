@@ -59,6 +59,31 @@ pub struct Grounding {
     pub patches: Vec<usize>,
     /// Which of the two the row is; [`GroundingLoss`] may supervise them at different layers.
     pub row: GroundedRow,
+    /// The heads whose attention is supervised: all of them, or one share of them when an
+    /// answer compares several objects and each share should look at one.
+    pub heads: HeadShare,
+}
+
+/// Share `index` of `count` equal shares of a layer's attention heads: with `H` heads, heads
+/// `index·H/count .. (index+1)·H/count`. An answer comparing objects ("Is the circle left of the
+/// square?") grounds one share on each, so different heads bring each object's features to the
+/// answer row and the layers above see both side by side instead of their average.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadShare {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl HeadShare {
+    /// Every head.
+    pub const ALL: HeadShare = HeadShare { index: 0, count: 1 };
+
+    /// The heads of this share among `heads`; `None` when there are fewer heads than shares or
+    /// `index` is not below `count`.
+    pub fn range(&self, heads: usize) -> Option<std::ops::Range<usize>> {
+        (self.index < self.count && self.count <= heads)
+            .then(|| self.index * heads / self.count..(self.index + 1) * heads / self.count)
+    }
 }
 
 /// What a [`Grounding`] row is.
@@ -75,8 +100,10 @@ pub enum GroundedRow {
 /// grounded row `t` (the row predicting an answer about some objects, the last token of a phrase
 /// naming some) should fall on its relevant image tokens `R`,
 ///
-/// `L_ground = −mean_rows ln( (1/H) Σ_h Σ_{j∈R} P_h[t, j] )`,
+/// `L_ground = −mean_rows ln( (1/|H_t|) Σ_{h∈H_t} Σ_{j∈R} P_h[t, j] )`,
 ///
+/// where `H_t` is every head, or the row's [`HeadShare`] when an answer compares objects (one
+/// share per object, each a row of its own here).
 /// and training minimises `cross-entropy + weight · L_ground`. The two layers make a two-hop
 /// lookup: a phrase's own token finds its object early, while the answer row, which knows what
 /// the question names only after attending to the question, looks at a later layer. The mass is
@@ -759,25 +786,33 @@ fn grounding_loss<'a>(
                     ))),
                 })
                 .collect::<Result<_>>()?;
+            let share = r.heads.range(heads).ok_or_else(|| {
+                bad(format!(
+                    "head share {} of {} does not exist among {heads} heads",
+                    r.heads.index, r.heads.count
+                ))
+            })?;
+            let nh = share.len();
             let layer = g.layer_of(r.row);
             let pr = &probs(layer)[i];
-            let mass = (0..heads)
+            let mass = share
+                .clone()
                 .map(|h| {
                     let row = &pr[(h * t + r.position) * t..][..t];
                     cols.iter().map(|&c| row[c] as f64).sum::<f64>()
                 })
                 .sum::<f64>()
-                / heads as f64;
+                / nh as f64;
             let mass = mass.max(f64::MIN_POSITIVE);
             loss -= mass.ln();
-            let coef = (-g.weight / (n as f64 * heads as f64 * mass)) as f32;
+            let coef = (-g.weight / (n as f64 * nh as f64 * mass)) as f32;
             let dp = &mut dprobs
                 .entry(layer)
                 .or_insert_with(|| vec![Vec::new(); batch.len()])[i];
             if dp.is_empty() {
                 *dp = vec![0.0f32; heads * t * t];
             }
-            for h in 0..heads {
+            for h in share {
                 let row = &mut dp[(h * t + r.position) * t..][..t];
                 for &c in &cols {
                     row[c] += coef;
