@@ -1007,6 +1007,101 @@ fn grounding_rounds_recipe_parses() {
     }
 }
 
+/// The fifth round's configs chain (5a from the retrained tower, stopped at 1050 steps; 5b from
+/// its 900th full step; 5c from 5b's 600th; 5 from 5c's last stage) and say what each stage
+/// trains: the tower frozen until 5c's second stage, then along at half the rate (the whole rate
+/// in the second relative-position stage); the relative-position stages on their own data; the
+/// answers grounded at layer 2, phrases at 1.
+#[test]
+fn fifth_round_recipe_parses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let cfg = |f: &str| TrainConfig::from_file(&root.join(f)).unwrap();
+    let r = Path::new("runs/shapes-teacher-5");
+    let ground = |weight| {
+        Some(GroundingLoss {
+            layer: 1,
+            weight,
+            answer_layer: Some(2),
+        })
+    };
+    // (file, starts from, stages: (name, steps, frozen, vision lr scale, data folder), weight)
+    type Stage<'a> = (&'a str, u64, &'a [&'a str], Option<f64>, &'a str);
+    let runs: [(&str, PathBuf, Vec<Stage>, f64); 4] = [
+        (
+            "shapes-teacher-5a.toml",
+            r.join("tower"),
+            vec![
+                (
+                    "proj",
+                    150,
+                    &["vision", "lm"],
+                    None,
+                    "shapes-teacher-ground-positions",
+                ),
+                (
+                    "full",
+                    1800,
+                    &["vision"],
+                    None,
+                    "shapes-teacher-ground-positions",
+                ),
+            ],
+            0.5,
+        ),
+        (
+            "shapes-teacher-5b.toml",
+            r.join("fit/stage2-full/checkpoint-000900"),
+            vec![("", 1200, &["vision"], None, "shapes-teacher-positions")],
+            0.5,
+        ),
+        (
+            "shapes-teacher-5c.toml",
+            r.join("positions/checkpoint-000600"),
+            vec![
+                (
+                    "frozen",
+                    1200,
+                    &["vision"],
+                    None,
+                    "shapes-teacher-positions",
+                ),
+                ("along", 600, &[], Some(0.5), "shapes-teacher-positions"),
+                ("along2", 900, &[], Some(0.5), "shapes-teacher-positions"),
+                ("along3", 900, &[], Some(0.5), "shapes-teacher-positions"),
+            ],
+            0.5,
+        ),
+        (
+            "shapes-teacher-5.toml",
+            r.join("along/stage4-along3/checkpoint-000900"),
+            vec![
+                ("relpos", 600, &[], Some(0.5), "shapes-teacher-relpos"),
+                ("relpos2", 1200, &[], Some(1.0), "shapes-teacher-relpos"),
+                ("mixed", 1500, &[], Some(0.5), "shapes-teacher-mixed"),
+            ],
+            1.0,
+        ),
+    ];
+    for (file, from, want, weight) in runs {
+        let c = cfg(file);
+        let model = c.model.as_ref().unwrap();
+        assert!(model.ends_with(&from), "{file}: {model:?}");
+        assert_eq!(c.grounding, ground(weight), "{file}");
+        assert_eq!(c.max_len, 640, "{file}");
+        let stages = c.stages().unwrap();
+        assert_eq!(stages.len(), want.len(), "{file}");
+        for (s, (name, steps, frozen, vision, data)) in stages.iter().zip(want) {
+            let folder = s.output.file_name().unwrap().to_string_lossy();
+            assert!(folder.ends_with(name), "{file}: {:?}", s.output);
+            assert_eq!(s.steps, steps, "{file} {name}");
+            assert_eq!(s.frozen, frozen, "{file} {name}");
+            assert_eq!(s.lr_scale.get("vision").copied(), vision, "{file} {name}");
+            let json = Path::new(data).join("train.json");
+            assert!(s.data.ends_with(&json), "{file} {name}: {:?}", s.data);
+        }
+    }
+}
+
 /// `[pretrain_vision]` pretrains a new model's tower into `{output}/vision` before the first
 /// stage, which starts from it: with the tower frozen, the stage's checkpoint carries exactly the
 /// pretrained tower (not the freshly initialised one of `{output}/base`). Resuming keeps the
