@@ -2026,19 +2026,19 @@ pub fn export_llava_train(
         },
         ..turn("human", value)
     };
-    let grounded = |s: &Sample, family: Family, value: String, q: (&[usize], &[Reference])| {
-        let (referenced, refs) = q;
-        let answer = turn("gpt", value);
-        if !turns.ground_answers.contains(&family) {
-            answer
-        } else if family == Family::RelativePosition {
-            let parts = refs.iter().map(|r| patches(s, &r.objects)).collect();
-            Turn { parts, ..answer }
-        } else {
-            let patches = patches(s, referenced);
-            Turn { patches, ..answer }
-        }
-    };
+    let grounded =
+        |s: &Sample, family: Family, value: String, objects: &[usize], refs: &[Reference]| {
+            let answer = turn("gpt", value);
+            if !turns.ground_answers.contains(&family) {
+                answer
+            } else if family == Family::RelativePosition {
+                let parts = refs.iter().map(|r| patches(s, &r.objects)).collect();
+                Turn { parts, ..answer }
+            } else {
+                let patches = patches(s, objects);
+                Turn { patches, ..answer }
+            }
+        };
     let records: Vec<TrainRecord> = samples
         .iter()
         .map(|s| {
@@ -2048,7 +2048,8 @@ pub fn export_llava_train(
                     s,
                     s.family,
                     s.answers.first().cloned().unwrap_or_default(),
-                    (&s.referenced, &s.refs),
+                    &s.referenced,
+                    &s.refs,
                 ),
             ];
             if turns.all_families {
@@ -2059,7 +2060,7 @@ pub fn export_llava_train(
                     let text = format!("{}{SHORT_ANSWER}", q.text);
                     conversations.push(asked(s, text, &q.refs));
                     let answer = q.answers[0].clone();
-                    conversations.push(grounded(s, f, answer, (&q.referenced, &q.refs)));
+                    conversations.push(grounded(s, f, answer, &q.referenced, &q.refs));
                 }
             }
             if turns.describe {
