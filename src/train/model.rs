@@ -827,6 +827,98 @@ fn grounding_loss<'a>(
 /// one `[heads, t, t]` per sequence (empty for sequences without a row at that layer).
 type LayerDprobs = BTreeMap<usize, Vec<Vec<f32>>>;
 
+/// Rows of the LM head evaluated together: a loss never sees logits for more than this many
+/// rows × the vocabulary at once (a 7B model's 2k-token batch would otherwise hold 2k × 32k
+/// floats per model, teacher and student).
+pub const HEAD_CHUNK: usize = 256;
+
+/// A loss on the LM head's logits. The forward evaluates the head only on the rows some loss
+/// reads, [`HEAD_CHUNK`] rows at a time, hands each chunk's logits to every loss and folds the
+/// gradients they add into the head's and the final norm's gradients right away, so neither the
+/// logits nor their gradient are kept for the backward. Rows are indices into the batch's
+/// sequences laid end to end (sequence `i`'s row `t` is `offset_i + t`, see [`row_offsets`]);
+/// row `r` predicts the token at `r + 1` of its sequence.
+pub trait HeadLoss {
+    /// Whether the loss reads row `row`.
+    fn reads(&self, row: usize) -> bool;
+    /// Adds the loss of the rows it reads among `rows` (increasing) to its running total and
+    /// `∂(weight · loss)/∂logits` into `dlogits`; `logits` and `dlogits` are `[rows, vocab]`.
+    fn chunk(&mut self, rows: &[usize], logits: &[f32], dlogits: &mut [f32]) -> Result<()>;
+}
+
+/// Where each sequence's rows start when a batch's sequences are laid end to end.
+pub fn row_offsets(batch: &[TrainSeq]) -> Vec<usize> {
+    batch
+        .iter()
+        .scan(0, |acc, s| {
+            let o = *acc;
+            *acc += s.input_ids.len();
+            Some(o)
+        })
+        .collect()
+}
+
+/// LLaVA's loss as a [`HeadLoss`]: cross-entropy of every answer token given the rows before it
+/// (row `t` predicts `labels[t + 1]` where that is not [`IGNORE_INDEX`]), the mean over the batch's
+/// answer tokens, as `F.cross_entropy` on HF's shifted logits and labels. `weight` scales its
+/// gradient (0 keeps the value for the log and trains nothing).
+pub struct AnswerCe {
+    /// Target of each row of the batch ([`IGNORE_INDEX`] where it predicts no answer token).
+    targets: Vec<i64>,
+    counted: usize,
+    weight: f32,
+    sum: f64,
+}
+
+impl AnswerCe {
+    /// The loss of `batch`'s answer tokens.
+    pub fn new(batch: &[TrainSeq], weight: f32) -> Self {
+        let targets: Vec<i64> = batch
+            .iter()
+            .flat_map(|s| {
+                (0..s.input_ids.len())
+                    .map(|t| s.labels.get(t + 1).copied().unwrap_or(IGNORE_INDEX))
+            })
+            .collect();
+        let counted = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
+        AnswerCe {
+            targets,
+            counted,
+            weight,
+            sum: 0.0,
+        }
+    }
+
+    /// The mean cross-entropy over the rows seen so far (0 without answer tokens).
+    pub fn loss(&self) -> f32 {
+        if self.counted == 0 {
+            0.0
+        } else {
+            (self.sum / self.counted as f64) as f32
+        }
+    }
+}
+
+impl HeadLoss for AnswerCe {
+    fn reads(&self, row: usize) -> bool {
+        self.targets.get(row).is_some_and(|&t| t != IGNORE_INDEX)
+    }
+
+    fn chunk(&mut self, rows: &[usize], logits: &[f32], dlogits: &mut [f32]) -> Result<()> {
+        let vocab = logits.len() / rows.len().max(1);
+        let targets: Vec<i64> = rows.iter().map(|&r| self.targets[r]).collect();
+        let here = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
+        if here == 0 {
+            return Ok(());
+        }
+        let (mean, g) = cross_entropy(logits, vocab, &targets, IGNORE_INDEX)?;
+        self.sum += mean as f64 * here as f64;
+        let scale = self.weight * here as f32 / self.counted as f32;
+        dlogits.iter_mut().zip(&g).for_each(|(d, g)| *d += scale * g);
+        Ok(())
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // LLaVA
 // ---------------------------------------------------------------------------------------------
@@ -844,10 +936,23 @@ struct Cache {
     g: Vec<f32>,
     decoder: Vec<DecoderCache>,
     final_in: Vec<f32>,
-    final_out: Vec<f32>,
-    dlogits: Vec<f32>,
+    /// Gradient of the head losses on `final_out` (zero on rows no head loss reads) and on the
+    /// LM head's weight (`None` when it is frozen), computed chunk by chunk in the forward.
+    dfinal: Vec<f32>,
+    dhead: Option<Vec<f32>>,
     /// The grounding loss's gradient on its layers' probabilities.
     dprobs: LayerDprobs,
+    /// [`TrainModel::add_hidden_grad`]'s gradients on decoder layers' outputs.
+    dhidden: BTreeMap<usize, Vec<f32>>,
+}
+
+/// What [`TrainModel::trace`] keeps of a forward pass.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    /// The final norm's output, `[rows, hidden]`, the batch's rows end to end.
+    pub final_out: Vec<f32>,
+    /// Outputs of the decoder layers asked for, by layer.
+    pub hidden: BTreeMap<usize, Vec<f32>>,
 }
 
 /// LLaVA with trainable f32 parameters.
@@ -1068,6 +1173,20 @@ impl TrainModel {
     /// With a [`GroundingLoss`] set, the objective differentiated is this plus `weight ·`
     /// [`TrainModel::grounding_loss`].
     pub fn forward(&mut self, batch: &[TrainSeq]) -> Result<f32> {
+        let mut ce = AnswerCe::new(batch, 1.0);
+        self.forward_with(batch, &mut [&mut ce])?;
+        Ok(ce.loss())
+    }
+
+    /// Runs the batch with `losses` on the LM head (each keeps its own value; see [`HeadLoss`])
+    /// and keeps the activations for [`TrainModel::backward`], which differentiates the sum of
+    /// the losses' weighted values, the [`GroundingLoss`] if set, and whatever
+    /// [`TrainModel::add_hidden_grad`] adds in between.
+    pub fn forward_with(
+        &mut self,
+        batch: &[TrainSeq],
+        losses: &mut [&mut dyn HeadLoss],
+    ) -> Result<()> {
         self.cache = None;
         self.vision_cache = None;
         self.last_grounding = None;
@@ -1085,7 +1204,6 @@ impl TrainModel {
         let img = self.linear_2.forward(p, &g);
         // Token embeddings with the image features merged in.
         let mut ids = Vec::new();
-        let mut targets = Vec::new();
         let mut lens = Vec::with_capacity(batch.len());
         let mut image_rows = Vec::with_capacity(batch.len() * ntok);
         for (i, s) in batch.iter().enumerate() {
@@ -1112,8 +1230,6 @@ impl TrainModel {
             }
             image_rows.extend(slots);
             ids.extend_from_slice(&s.input_ids);
-            targets.extend(s.labels[1..].iter().copied());
-            targets.push(IGNORE_INDEX);
             lens.push(s.input_ids.len());
         }
         let table = Tensor::from_f32(&[vocab, th], p[self.embed_tokens].value.clone())?;
@@ -1132,15 +1248,36 @@ impl TrainModel {
             decoder.push(layer.forward(p, c, &self.inv_freq, &lens, &mut x)?);
         }
         let final_out = rms_forward(p, self.norm, &x, c.text.rms_norm_eps)?;
+        // The LM head and its losses, chunk by chunk of the rows they read.
         let head = self.lm_head.unwrap_or(self.embed_tokens);
-        let logits = Lin {
+        let lin = Lin {
             w: head,
             b: None,
             out: vocab,
             inp: th,
+        };
+        let read: Vec<usize> = (0..ids.len())
+            .filter(|&r| losses.iter().any(|l| l.reads(r)))
+            .collect();
+        let mut dfinal = vec![0.0f32; final_out.len()];
+        let mut dhead = vec![0.0f32; if read.is_empty() { 0 } else { vocab * th }];
+        for rows in read.chunks(HEAD_CHUNK) {
+            let xr: Vec<f32> = rows
+                .iter()
+                .flat_map(|&r| &final_out[r * th..(r + 1) * th])
+                .copied()
+                .collect();
+            let logits = lin.forward(p, &xr);
+            let mut dlogits = vec![0.0f32; logits.len()];
+            for l in losses.iter_mut() {
+                l.chunk(rows, &logits, &mut dlogits)?;
+            }
+            let dxr = linear_backward(&xr, &p[head].value, th, &dlogits, &mut dhead, None)?;
+            for (k, &r) in rows.iter().enumerate() {
+                dfinal[r * th..(r + 1) * th].copy_from_slice(&dxr[k * th..(k + 1) * th]);
+            }
         }
-        .forward(p, &final_out);
-        let (loss, dlogits) = cross_entropy(&logits, vocab, &targets, IGNORE_INDEX)?;
+        let dhead = (!frozen(p, head) && !dhead.is_empty()).then_some(dhead);
         let dprobs = match self.grounding {
             Some(g) => {
                 let heads = c.text.num_attention_heads;
@@ -1161,11 +1298,89 @@ impl TrainModel {
             g,
             decoder,
             final_in: x,
-            final_out,
-            dlogits,
+            dfinal,
+            dhead,
             dprobs,
+            dhidden: BTreeMap::new(),
         });
-        Ok(loss)
+        Ok(())
+    }
+
+    /// A forward pass that keeps nothing for a backward, for a distillation teacher: the final
+    /// norm's output of every row (`[rows, hidden]`, what [`TrainModel::head_logits`] reads) and
+    /// the outputs of decoder layers `layers` (as [`TrainModel::hidden_state`]).
+    pub fn trace(&mut self, batch: &[TrainSeq], layers: &[usize]) -> Result<Trace> {
+        self.forward_with(batch, &mut [])?;
+        let mut hidden = BTreeMap::new();
+        for &l in layers {
+            hidden.insert(l, self.hidden_state(l)?.to_vec());
+        }
+        let last = self.hidden_state(self.layers.len() - 1)?;
+        let final_out = rms_forward(&self.params, self.norm, last, self.config.text.rms_norm_eps)?;
+        self.cache = None;
+        Ok(Trace { final_out, hidden })
+    }
+
+    /// The LM head's logits `[rows, vocab]` of final-norm outputs `x` (`[rows, hidden]`).
+    pub fn head_logits(&self, x: &[f32]) -> Vec<f32> {
+        let c = &self.config.text;
+        Lin {
+            w: self.lm_head.unwrap_or(self.embed_tokens),
+            b: None,
+            out: c.vocab_size,
+            inp: c.hidden_size,
+        }
+        .forward(&self.params, x)
+    }
+
+    /// Freezes every parameter (drops their gradient buffers): a teacher.
+    pub fn freeze(&mut self) {
+        for p in &mut self.params {
+            p.grad = Vec::new();
+        }
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The output of decoder layer `layer` (the residual stream after it, before the final
+    /// norm) in the last forward, `[rows, hidden]` with the batch's rows end to end.
+    pub fn hidden_state(&self, layer: usize) -> Result<&[f32]> {
+        let c = self.cache.as_ref().ok_or_else(|| {
+            Error::arg("hidden_state", "no forward pass whose states to read")
+        })?;
+        match layer.cmp(&(c.decoder.len().saturating_sub(1))) {
+            std::cmp::Ordering::Less => Ok(&c.decoder[layer + 1].x),
+            std::cmp::Ordering::Equal => Ok(&c.final_in),
+            std::cmp::Ordering::Greater => Err(Error::arg(
+                "layer",
+                format!("is {layer} but the model has {} decoder layers", c.decoder.len()),
+            )),
+        }
+    }
+
+    /// Adds `grad` (same layout as [`TrainModel::hidden_state`]) to the gradient the next
+    /// [`TrainModel::backward`] sends into the output of decoder layer `layer`: the way an
+    /// objective on hidden states (distillation's alignment losses) joins the backward.
+    pub fn add_hidden_grad(&mut self, layer: usize, grad: &[f32]) -> Result<()> {
+        let want = self.hidden_state(layer)?.len();
+        if grad.len() != want {
+            return Err(Error::Shape {
+                name: format!("gradient of layer {layer}'s output"),
+                expected: vec![want],
+                got: vec![grad.len()],
+            });
+        }
+        let c = self.cache.as_mut().expect("checked by hidden_state");
+        match c.dhidden.get_mut(&layer) {
+            Some(d) => ops::add(d, grad),
+            None => {
+                c.dhidden.insert(layer, grad.to_vec());
+            }
+        }
+        Ok(())
     }
 
     /// Accumulates the gradient of the last forward's loss into every non-frozen parameter's
@@ -1177,17 +1392,22 @@ impl TrainModel {
             .ok_or_else(|| Error::arg("backward", "no forward pass to differentiate"))?;
         let c = &self.config;
         let p = &mut self.params;
-        let (th, vocab) = (c.text.hidden_size, c.text.vocab_size);
+        let th = c.text.hidden_size;
         let head = self.lm_head.unwrap_or(self.embed_tokens);
-        let dxn = Lin {
-            w: head,
-            b: None,
-            out: vocab,
-            inp: th,
+        if let Some(dh) = &cache.dhead {
+            ops::add(&mut p[head].grad, dh);
         }
-        .backward(p, &cache.final_out, &cache.dlogits)?;
-        let mut dx = rms_backward(p, self.norm, &cache.final_in, c.text.rms_norm_eps, &dxn);
+        let mut dx = rms_backward(
+            p,
+            self.norm,
+            &cache.final_in,
+            c.text.rms_norm_eps,
+            &cache.dfinal,
+        );
         for (i, (layer, lc)) in self.layers.iter().zip(&cache.decoder).enumerate().rev() {
+            if let Some(d) = cache.dhidden.get(&i) {
+                ops::add(&mut dx, d);
+            }
             let dprobs = cache.dprobs.get(&i).map_or(&[][..], Vec::as_slice);
             layer.backward(p, c, &self.inv_freq, &cache.lens, lc, dprobs, &mut dx)?;
         }
