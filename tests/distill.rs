@@ -9,6 +9,9 @@ use fineprune::bench::shapes::{
     Family, ShapesConfig, Split, TrainTurns, export_llava_train, generate,
 };
 use fineprune::model::template::LLAVA_SYSTEM;
+use fineprune::train::distill::{
+    DistillConfig, DivergenceName, HiddenConfig, HiddenLoss, LogitsConfig, Pairs, Tokens,
+};
 use fineprune::train::model::GroundingLoss;
 use fineprune::train::run::{StageConfig, TrainConfig, TrainOptions, train, train_stages};
 use std::path::{Path, PathBuf};
@@ -70,6 +73,7 @@ fn config(data: &Path, out: &Path) -> TrainConfig {
         checkpoint_every: 3,
         max_len: 2048,
         grounding: None,
+        distill: None,
         stage: vec![],
     }
 }
@@ -1201,4 +1205,171 @@ fn pretrain_vision_table_runs_before_the_first_stage() {
         );
         assert!(!dir.path().join("run2").exists());
     }
+}
+
+/// The fixture with its weights moved by up to ±0.02 (a seeded pattern), saved in `dir`: a
+/// student that shares the fixture's tokenizer and image tokens but not its outputs.
+fn perturbed_fixture(dir: &Path) {
+    let mut m = fineprune::train::model::TrainModel::from_dir(&fixture()).unwrap();
+    let mut state = 99u64;
+    for p in &mut m.params {
+        for v in &mut p.value {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            *v += 0.02 * ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0);
+        }
+    }
+    fineprune::train::checkpoint::save_checkpoint(&m, &fixture(), dir).unwrap();
+}
+
+fn distill_table(teacher: &Path) -> DistillConfig {
+    DistillConfig {
+        teacher: teacher.to_path_buf(),
+        ce_weight: 1.0,
+        logits: Some(LogitsConfig {
+            divergence: DivergenceName::ForwardKl,
+            beta: 0.5,
+            temperature: 0.7,
+            weight: 5.0,
+            tokens: Tokens::Answer,
+            standardize: false,
+        }),
+        hidden: Some(HiddenConfig {
+            pairs: Pairs::Named("last".into()),
+            loss: HiddenLoss::Mse,
+            tokens: Tokens::All,
+            weight: 1.0,
+            shared: false,
+        }),
+    }
+}
+
+#[test]
+fn distillation_resumes_bit_for_bit_and_exports_no_projector() {
+    let data = tempfile::tempdir().unwrap();
+    export(data.path(), 5);
+    let student = tempfile::tempdir().unwrap();
+    perturbed_fixture(student.path());
+    let cfg = |out: &Path| TrainConfig {
+        model: Some(student.path().to_path_buf()),
+        distill: Some(distill_table(&fixture())),
+        ..config(data.path(), out)
+    };
+    let full_dir = tempfile::tempdir().unwrap();
+    let full = train(&cfg(full_dir.path()), &quiet()).unwrap();
+    let part_dir = tempfile::tempdir().unwrap();
+    let stop = |n| TrainOptions {
+        stop_after: Some(n),
+        ..quiet()
+    };
+    train(&cfg(part_dir.path()), &stop(5)).unwrap();
+    let resumed = TrainOptions {
+        resume: true,
+        ..quiet()
+    };
+    let second = train(&cfg(part_dir.path()), &resumed).unwrap();
+    let csv = |d: &Path| std::fs::read_to_string(d.join("losses.csv")).unwrap();
+    assert_eq!(csv(full_dir.path()), csv(part_dir.path()));
+    let text = csv(full_dir.path());
+    println!("{text}");
+    assert!(text.starts_with("step,loss,grad_norm,lr,tokens,grounding,kd,hidden\n"));
+    for r in &full.history {
+        assert!(r.kd.is_some_and(|k| k > 0.0) && r.hidden.is_some_and(|h| h > 0.0));
+    }
+    // Trained on the teacher alone, the student learns it back: the logit loss falls.
+    let alone_dir = tempfile::tempdir().unwrap();
+    let mut alone = cfg(alone_dir.path());
+    let d = alone.distill.as_mut().unwrap();
+    (d.ce_weight, d.hidden) = (0.0, None);
+    alone.steps = 20;
+    let h = train(&alone, &quiet()).unwrap().history;
+    let mean = |r: &[fineprune::train::run::StepRecord]| {
+        r.iter().map(|r| r.kd.unwrap()).sum::<f32>() / r.len() as f32
+    };
+    let (first, last) = (mean(&h[..5]), mean(&h[15..]));
+    println!("teacher alone: kd {first:.4} -> {last:.4}");
+    assert!(last < 0.5 * first, "{first} -> {last}");
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "align.safetensors",
+    ] {
+        let a = std::fs::read(full.checkpoint.join(f)).unwrap();
+        let b = std::fs::read(second.checkpoint.join(f)).unwrap();
+        assert!(a == b, "{f} differs between the runs");
+    }
+    // The exported model holds no projector and loads in the engine.
+    let w = fineprune::model::weights::Weights::from_dir(&full.checkpoint).unwrap();
+    let names: Vec<String> = w.summary().into_iter().map(|(n, _, _)| n).collect();
+    assert!(names.iter().all(|n| !n.contains("align")), "{names:?}");
+    let (_, a) = fineprune::io::read_f32_tensor(
+        &full.checkpoint.join("align.safetensors"),
+        "align.0.linear_1.weight",
+    )
+    .unwrap();
+    assert_eq!(a.len(), 64 * 64);
+    fineprune::Model::load(&full.checkpoint).unwrap();
+}
+
+#[test]
+fn bad_distill_configs_fail_before_any_step() {
+    let data = tempfile::tempdir().unwrap();
+    export(data.path(), 2);
+    let out = tempfile::tempdir().unwrap();
+    let base = TrainConfig {
+        distill: Some(distill_table(&fixture())),
+        ..config(data.path(), &out.path().join("run"))
+    };
+    // A teacher whose tokenizer differs from the student's (one merge less).
+    let other = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors.index.json"] {
+        std::fs::copy(fixture().join(f), other.path().join(f)).unwrap();
+    }
+    for e in std::fs::read_dir(fixture()).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.starts_with("model-") {
+            std::fs::copy(e.path(), other.path().join(&n)).unwrap();
+        }
+    }
+    let tok = std::fs::read_to_string(fixture().join("tokenizer.json")).unwrap();
+    std::fs::write(
+        other.path().join("tokenizer.json"),
+        tok.replacen("\"merges\": [", "\"merges\": [ ", 1).replace("  ", " "),
+    )
+    .unwrap();
+    let check = |f: &dyn Fn(&mut DistillConfig), want: &str| {
+        let mut c = base.clone();
+        f(c.distill.as_mut().unwrap());
+        let e = train(&c, &quiet()).unwrap_err().to_string();
+        assert!(e.contains(want), "expected `{want}` in: {e}");
+        assert!(!c.output.join("losses.csv").exists(), "{want}: a step ran");
+    };
+    check(&|d: &mut DistillConfig| d.teacher = data.path().into(), "config.json of the teacher");
+    check(
+        &|d: &mut DistillConfig| d.teacher = reference_dir().join("llava_tied"),
+        "image token (id, count) (510, 26) but the student has (510, 25)",
+    );
+    check(&|d: &mut DistillConfig| d.teacher = other.path().into(), "different tokenizer.json");
+    check(&|d: &mut DistillConfig| d.ce_weight = -1.0, "`distill.ce_weight`");
+    check(
+        &|d: &mut DistillConfig| d.logits.as_mut().unwrap().temperature = 0.0,
+        "distill.logits.temperature",
+    );
+    check(
+        &|d: &mut DistillConfig| {
+            d.ce_weight = 0.0;
+            d.logits.as_mut().unwrap().weight = 0.0;
+            d.hidden = None;
+        },
+        "nothing to train",
+    );
+    check(
+        &|d: &mut DistillConfig| d.hidden.as_mut().unwrap().pairs = Pairs::List(vec![[3, 0]]),
+        "pair [3, 0] is out of range: the student has 3 layers, the teacher 3",
+    );
+    check(
+        &|d: &mut DistillConfig| d.hidden.as_mut().unwrap().pairs = Pairs::Named("evenly:9".into()),
+        "evenly:9 needs 1..=3",
+    );
 }

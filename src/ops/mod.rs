@@ -5,7 +5,8 @@ pub mod act;
 pub mod attention;
 pub mod embed;
 #[cfg(test)]
-mod gradcheck;
+pub(crate) mod gradcheck;
+pub mod kd;
 pub mod loss;
 pub mod matmul;
 pub mod norm;

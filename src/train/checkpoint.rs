@@ -87,10 +87,12 @@ pub fn save_checkpoint(model: &TrainModel, src_dir: &Path, out_dir: &Path) -> Re
         }
     }
 
+    // Distillation's alignment projectors (group `align.*`) are not part of the model.
     let mut tensors: Vec<OutTensor> = model
         .params
         .iter()
         .enumerate()
+        .filter(|(_, p)| !p.group.starts_with("align."))
         .map(|(i, p)| OutTensor::F32(&p.name, model.param_shape(i).to_vec(), &p.value))
         .collect();
     tensors.extend(

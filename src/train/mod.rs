@@ -12,10 +12,13 @@
 //! - [`new_model`]: the shape of a model trained from scratch, and its creation (tokenizer, config, init).
 //! - [`checkpoint`]: writes a model as a transformers 5.x-loadable checkpoint directory.
 //! - [`vision_pretrain`]: pretrains a from-scratch vision tower on ShapesVQA's per-patch labels.
+//! - [`distill`]: knowledge distillation from a frozen teacher (logit losses, hidden-state
+//!   alignment through dropped projectors), the `[distill]` table of a training config.
 //! - [`run`]: the training loop behind `distill train`: TOML config, losses, resumable checkpoints.
 
 pub mod checkpoint;
 pub mod data;
+pub mod distill;
 pub mod model;
 pub mod new_model;
 pub mod optim;

@@ -4,7 +4,8 @@
 //! - `losses.csv`: `step,loss,grad_norm,lr,tokens,grounding`, one row per optimizer step (`step`
 //!   counts from 1; `loss` is the mean of the micro-batch cross-entropies before the update;
 //!   `grad_norm` before clipping, empty without clipping; `lr` the peak-group rate used;
-//!   `grounding` the mean attention-grounding loss, empty without one).
+//!   `grounding` the mean attention-grounding loss, empty without one; `kd` and `hidden` the
+//!   distillation losses of a `[distill]` run, empty otherwise, see [`super::distill`]).
 //! - `loss.svg` / `loss.png`: the loss curve, rewritten at the end of each run.
 //! - `checkpoint-NNNNNN/`: a transformers-loadable checkpoint ([`save_checkpoint`]) plus
 //!   `optimizer.safetensors` ([`AdamW::save`]) and `trainer_state.json` (step, loader position),
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::save_checkpoint;
 use super::data::{Dataset, Encoder, Loader, LoaderState};
+use super::distill::{ALIGN_FILE, DistillConfig, Distiller};
 use super::model::{GroundingLoss, TrainModel, TrainSeq};
 use super::new_model::{NewModel, create_model};
 use super::optim::{AdamW, GroupConfig, Schedule, zero_grads};
@@ -134,6 +136,12 @@ pub struct TrainConfig {
     /// --ground-phrases`, `--ground-answers`). Off when absent.
     #[serde(default)]
     pub grounding: Option<GroundingLoss>,
+    /// Knowledge distillation from a frozen teacher (every stage): `[distill]` with `teacher`,
+    /// `ce_weight`, and `[distill.logits]` / `[distill.hidden]` tables, see
+    /// [`super::distill`]. The student is `model` (made from the teacher by `distill
+    /// init-student`, so tokenizer and image tokens agree).
+    #[serde(default)]
+    pub distill: Option<DistillConfig>,
     /// Stages run in order, each from the previous one's final checkpoint.
     #[serde(default)]
     pub stage: Vec<StageConfig>,
@@ -203,6 +211,9 @@ impl TrainConfig {
             msg: e.to_string(),
         })?;
         let base = path.parent().unwrap_or(Path::new(""));
+        if let Some(d) = cfg.distill.as_mut() {
+            d.resolve_paths(base);
+        }
         let stage_paths = cfg
             .stage
             .iter_mut()
@@ -458,6 +469,17 @@ impl TrainConfig {
                 format!("{} holds no conversations", self.data.display()),
             );
         }
+        if let Some(d) = &self.distill {
+            if self.new_model.is_some() {
+                return bad(
+                    "distill",
+                    "distils into `model` (a student made by `distill init-student`), not a \
+                     `[new_model]`, whose own tokenizer would not match the teacher's"
+                        .into(),
+                );
+            }
+            d.validate(&self.base_dir())?;
+        }
         if let Some(g) = self.grounding {
             if !(g.weight.is_finite() && g.weight > 0.0) {
                 return bad("grounding.weight", format!("{} must be > 0", g.weight));
@@ -532,6 +554,7 @@ impl TrainConfig {
     fn optimizer(&self) -> Result<AdamW> {
         let groups = GROUP_PREFIXES
             .iter()
+            .chain(self.distill.is_some().then_some(&"align"))
             .flat_map(|g| {
                 [
                     (format!("{g}.decay"), self.weight_decay),
@@ -611,6 +634,10 @@ pub struct StepRecord {
     /// Mean [`TrainModel::grounding_loss`] of the step's micro-batches that had one (unweighted;
     /// `loss` is the cross-entropy alone).
     pub grounding: Option<f32>,
+    /// Mean logit-distillation loss (unweighted), with `[distill.logits]`.
+    pub kd: Option<f32>,
+    /// Mean hidden-alignment loss (unweighted), with `[distill.hidden]`.
+    pub hidden: Option<f32>,
 }
 
 /// What a [`train`] call did.
@@ -645,12 +672,15 @@ struct Latest {
     step: u64,
 }
 
-const LOSS_HEADER: &str = "step,loss,grad_norm,lr,tokens,grounding";
+const LOSS_HEADER: &str = "step,loss,grad_norm,lr,tokens,grounding,kd,hidden";
 
 fn csv_row(r: &StepRecord) -> String {
     let opt = |x: Option<f32>| x.map(|g| g.to_string()).unwrap_or_default();
-    let (gn, gl) = (opt(r.grad_norm), opt(r.grounding));
-    format!("{},{},{gn},{},{},{gl}\n", r.step, r.loss, r.lr, r.tokens)
+    let (gn, gl, kd, hd) = (opt(r.grad_norm), opt(r.grounding), opt(r.kd), opt(r.hidden));
+    format!(
+        "{},{},{gn},{},{},{gl},{kd},{hd}\n",
+        r.step, r.loss, r.lr, r.tokens
+    )
 }
 
 fn read_losses(path: &Path) -> Result<Vec<StepRecord>> {
@@ -667,9 +697,9 @@ fn read_losses(path: &Path) -> Result<Vec<StepRecord>> {
         if line.is_empty() {
             continue;
         }
-        // Files written before the grounding column have five fields.
+        // Files written before the grounding column have five fields, before distillation's six.
         let f: Vec<&str> = line.split(',').collect();
-        if f.len() != 5 && f.len() != 6 {
+        if ![5, 6, 8].contains(&f.len()) {
             return Err(parse_err(i + 1));
         }
         let optional = |x: Option<&&str>| -> Result<Option<f32>> {
@@ -685,6 +715,8 @@ fn read_losses(path: &Path) -> Result<Vec<StepRecord>> {
             lr: f[3].parse().map_err(|_| parse_err(i + 1))?,
             tokens: f[4].parse().map_err(|_| parse_err(i + 1))?,
             grounding: optional(f.get(5))?,
+            kd: optional(f.get(6))?,
+            hidden: optional(f.get(7))?,
         });
     }
     Ok(out)
@@ -732,6 +764,7 @@ fn save_all(
         write_atomic(&dir.join(MODEL_SHAPES_CONFIG), &bytes)?;
     }
     opt.save(&dir.join("optimizer.safetensors"))?;
+    Distiller::save_projectors(&m.params, &dir.join(ALIGN_FILE))?;
     let st = loader.state();
     let state = TrainerState {
         step,
@@ -944,11 +977,18 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
         ImageProcessorConfig::default()
     };
 
-    let (mut m, mut opt, mut loader, start, mut history) = match &resume_from {
+    let distiller = |m: &mut TrainModel| -> Result<Option<Distiller>> {
+        cfg.distill
+            .as_ref()
+            .map(|d| Distiller::new(d, m, cfg.seed))
+            .transpose()
+    };
+    let (mut m, mut opt, mut loader, start, mut history, mut distill) = match &resume_from {
         None => {
-            let m = TrainModel::from_dir(&base)?;
+            let mut m = TrainModel::from_dir(&base)?;
+            let d = distiller(&mut m)?;
             let loader = Loader::new(ds.len(), cfg.batch_size, cfg.seed)?;
-            (m, cfg.optimizer()?, loader, 0, Vec::new())
+            (m, cfg.optimizer()?, loader, 0, Vec::new(), d)
         }
         Some((dir, step)) => {
             let sp = dir.join("trainer_state.json");
@@ -982,6 +1022,10 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
                 ));
             }
             let mut m = TrainModel::from_dir(dir)?;
+            let d = distiller(&mut m)?;
+            if d.is_some() {
+                Distiller::load_projectors(&mut m.params, &dir.join(ALIGN_FILE))?;
+            }
             set_frozen_grads(cfg, &mut m);
             let mut opt = cfg.optimizer()?;
             opt.load(&dir.join("optimizer.safetensors"), &m.params)?;
@@ -996,7 +1040,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
             )?;
             let mut hist = read_losses(&cfg.output.join("losses.csv"))?;
             hist.retain(|r| r.step <= st.step);
-            (m, opt, loader, st.step, hist)
+            (m, opt, loader, st.step, hist, d)
         }
     };
     set_frozen_grads(cfg, &mut m);
@@ -1043,6 +1087,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
         let lr = opt.schedule.lr(cfg.lr, opt.steps_taken());
         let mut loss_sum = 0.0f64;
         let mut grounding = (0.0f64, 0usize);
+        let (mut kd, mut hidden) = ((0.0f64, 0usize), (0.0f64, 0usize));
         let mut tokens = 0u64;
         for micro in 0..cfg.grad_accum {
             let (_, idx) = loader.next_batch();
@@ -1058,7 +1103,18 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
                 .collect();
             tokens += seqs.iter().map(|s| s.input_ids.len() as u64).sum::<u64>();
             zero_grads(&mut m.params);
-            let loss = m.forward(&seqs)?;
+            let loss = match distill.as_mut() {
+                Some(d) => {
+                    let l = d.forward(&mut m, &seqs)?;
+                    for (acc, v) in [(&mut kd, l.kd), (&mut hidden, l.hidden)] {
+                        if let Some(v) = v {
+                            *acc = (acc.0 + v as f64, acc.1 + 1);
+                        }
+                    }
+                    l.ce
+                }
+                None => m.forward(&seqs)?,
+            };
             m.backward()?;
             loss_sum += loss as f64;
             if let Some(g) = m.grounding_loss() {
@@ -1094,17 +1150,22 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
             lr,
             tokens,
             grounding: (grounding.1 > 0).then(|| (grounding.0 / grounding.1 as f64) as f32),
+            kd: (kd.1 > 0).then(|| (kd.0 / kd.1 as f64) as f32),
+            hidden: (hidden.1 > 0).then(|| (hidden.0 / hidden.1 as f64) as f32),
         };
         csv.write_all(csv_row(&rec).as_bytes())
             .and_then(|_| csv.flush())
             .map_err(|e| Error::io(&csv_path, e))?;
-        let ground = rec.grounding.map(|g| format!(" ground {g:.3}"));
+        let ground = [("ground", rec.grounding), ("kd", rec.kd), ("hidden", rec.hidden)]
+            .iter()
+            .filter_map(|(n, v)| v.map(|v| format!(" {n} {v:.3}")))
+            .collect::<String>();
         history.push(rec);
         run_tokens += tokens;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(format!(
             "loss {loss:.4}{} lr {lr:.2e} {:.0} tok/s",
-            ground.unwrap_or_default(),
+            ground,
             run_tokens as f64 / secs
         ));
         bar.inc(1);

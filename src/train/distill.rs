@@ -1,0 +1,767 @@
+//! Knowledge distillation: a `[distill]` table in a training config trains the model (the
+//! student) against a frozen teacher as well as, or instead of, against the data's answers.
+//!
+//! ```toml
+//! [distill]
+//! teacher = "../models/shapes-llava"   # LLaVA checkpoint, same tokenizer and image tokens
+//! ce_weight = 1.0                      # the answers' cross-entropy (0: distillation alone)
+//!
+//! [distill.logits]                     # logit distillation (see `crate::ops::kd`)
+//! divergence = "forward_kl"            # forward_kl, reverse_kl, jsd, mse
+//! beta = 0.5                           # jsd's mixture (0: forward KL, 1: reverse KL)
+//! temperature = 0.7
+//! weight = 5.0
+//! tokens = "answer"                    # or "all": every row that predicts a text token
+//! standardize = false                  # z-score both sides' logits first
+//!
+//! [distill.hidden]                     # hidden-state alignment through a learnable projector
+//! pairs = "last"                       # "last", "evenly:K", or [[student, teacher], ...]
+//! loss = "mse"                         # or "cosine"
+//! tokens = "all"                       # or "answer"
+//! weight = 1.0
+//! shared = false                       # one projector for every pair
+//! ```
+//!
+//! The objective is `ce_weight · CE + Σ weight_i · L_i`. Both models read the same rows: row `t`
+//! of a sequence is the state after token `t`, which predicts token `t + 1` (HF's shifted
+//! logits). "answer" rows are those predicting an answer token (the rows LLaVA's cross-entropy
+//! counts), "all" rows every row whose next token is a text token of the sequence (not an image
+//! placeholder, not past the end); hidden alignment's "all" is every row, image rows included.
+//! Teacher logits exist only chunk by chunk ([`HEAD_CHUNK`](super::model::HEAD_CHUNK) rows), as the student's.
+//!
+//! The alignment projectors (`Linear(d_s, d_t)`, GELU, `Linear(d_t, d_t)`, torch's default
+//! init) are parameters of groups `align.decay` / `align.no_decay`, trained with the student;
+//! checkpoints keep them in `align.safetensors` for resuming and the exported model has none.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::model::{AnswerCe, HeadLoss, TrainModel, TrainSeq};
+use super::optim::{Param, decay_group};
+use crate::error::{Error, Result};
+use crate::io::{OutTensor, read_f32_tensor, write_safetensors};
+use crate::model::config::{LlavaConfig, ModelConfig};
+use crate::ops::kd::{Divergence, LogitKd, mse_row};
+use crate::ops::matmul::{linear_backward, matmul_nt};
+use crate::ops::{self, act};
+
+/// File of a checkpoint folder holding the alignment projectors (not part of the model).
+pub const ALIGN_FILE: &str = "align.safetensors";
+
+fn one() -> f64 {
+    1.0
+}
+fn default_temperature() -> f32 {
+    1.0
+}
+fn default_beta() -> f64 {
+    0.5
+}
+
+/// The `[distill]` table of a training config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    /// The teacher checkpoint (relative paths: to the config file's folder).
+    pub teacher: PathBuf,
+    /// Weight of the answers' cross-entropy; 0 trains on the teacher alone (it is still logged).
+    #[serde(default = "one")]
+    pub ce_weight: f64,
+    #[serde(default)]
+    pub logits: Option<LogitsConfig>,
+    #[serde(default)]
+    pub hidden: Option<HiddenConfig>,
+}
+
+/// Which rows a loss reads.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Tokens {
+    /// Rows predicting an answer token.
+    Answer,
+    /// Logits: rows predicting any text token; hidden states: every row.
+    All,
+}
+
+/// The divergence's name in a config.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DivergenceName {
+    ForwardKl,
+    ReverseKl,
+    Jsd,
+    Mse,
+}
+
+/// `[distill.logits]`: logit distillation ([`crate::ops::kd`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogitsConfig {
+    pub divergence: DivergenceName,
+    /// JSD's `β` (only read for `jsd`).
+    #[serde(default = "default_beta")]
+    pub beta: f64,
+    #[serde(default = "default_temperature")]
+    pub temperature: f32,
+    #[serde(default = "one")]
+    pub weight: f64,
+    pub tokens: Tokens,
+    #[serde(default)]
+    pub standardize: bool,
+}
+
+impl LogitsConfig {
+    /// The loss these settings describe.
+    pub fn kd(&self) -> LogitKd {
+        LogitKd {
+            divergence: match self.divergence {
+                DivergenceName::ForwardKl => Divergence::ForwardKl,
+                DivergenceName::ReverseKl => Divergence::ReverseKl,
+                DivergenceName::Jsd => Divergence::Jsd { beta: self.beta },
+                DivergenceName::Mse => Divergence::Mse,
+            },
+            temperature: self.temperature,
+            standardize: self.standardize,
+        }
+    }
+}
+
+/// Which (student layer, teacher layer) pairs hidden alignment compares.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Pairs {
+    /// `"last"` (the last layers; LLaVADI's finding: only this one helps) or `"evenly:K"`: `K`
+    /// pairs, student layer `⌈(i+1)·L_s/K⌉ − 1` with teacher layer `⌈(i+1)·L_t/K⌉ − 1`.
+    Named(String),
+    /// Explicit `[[student, teacher], ...]` (0-based decoder layers).
+    List(Vec<[usize; 2]>),
+}
+
+impl Pairs {
+    /// The pairs for a student of `ls` and a teacher of `lt` decoder layers.
+    pub fn resolve(&self, ls: usize, lt: usize) -> Result<Vec<(usize, usize)>> {
+        let bad = |m: String| Err(Error::arg("distill.hidden.pairs", m));
+        let pairs: Vec<(usize, usize)> = match self {
+            Pairs::Named(n) if n == "last" => vec![(ls - 1, lt - 1)],
+            Pairs::Named(n) => {
+                let Some(k) = n.strip_prefix("evenly:").and_then(|k| k.parse::<usize>().ok())
+                else {
+                    return bad(format!(
+                        "`{n}` is not \"last\", \"evenly:K\" or a list of [student, teacher] layers"
+                    ));
+                };
+                if k == 0 || k > ls.min(lt) {
+                    return bad(format!(
+                        "evenly:{k} needs 1..={} pairs (student {ls} layers, teacher {lt})",
+                        ls.min(lt)
+                    ));
+                }
+                (0..k)
+                    .map(|i| ((i + 1) * ls).div_ceil(k) - 1)
+                    .zip((0..k).map(|i| ((i + 1) * lt).div_ceil(k) - 1))
+                    .collect()
+            }
+            Pairs::List(v) => v.iter().map(|p| (p[0], p[1])).collect(),
+        };
+        if pairs.is_empty() {
+            return bad("names no pair".into());
+        }
+        for &(s, t) in &pairs {
+            if s >= ls || t >= lt {
+                return bad(format!(
+                    "pair [{s}, {t}] is out of range: the student has {ls} layers, the teacher {lt}"
+                ));
+            }
+        }
+        if (1..pairs.len()).any(|i| pairs[..i].contains(&pairs[i])) {
+            return bad("lists a pair twice".into());
+        }
+        Ok(pairs)
+    }
+}
+
+/// How hidden states are compared.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HiddenLoss {
+    /// `mean over rows and dims (P(h_s) − h_t)²`.
+    Mse,
+    /// `mean over rows (1 − cos(P(h_s), h_t))`.
+    Cosine,
+}
+
+/// `[distill.hidden]`: hidden-state alignment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HiddenConfig {
+    pub pairs: Pairs,
+    pub loss: HiddenLoss,
+    pub tokens: Tokens,
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// One projector for every pair instead of one each.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+fn weight_ok(name: &str, w: f64) -> Result<()> {
+    if w.is_finite() && w >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::arg(name, format!("{w} must be a finite number >= 0")))
+    }
+}
+
+fn llava_config(dir: &Path, what: &str) -> Result<LlavaConfig> {
+    match ModelConfig::from_file(&dir.join("config.json"))? {
+        ModelConfig::Llava(c) => Ok(c),
+        ModelConfig::Llama(_) => Err(Error::arg(
+            what,
+            format!("{} is a LLaMA checkpoint, not LLaVA", dir.display()),
+        )),
+    }
+}
+
+impl DistillConfig {
+    /// Resolves `teacher` against the config file's folder.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        if self.teacher.is_relative() {
+            self.teacher = base.join(&self.teacher);
+        }
+    }
+
+    /// Checks the settings and that the teacher fits the student in `student_dir` (same
+    /// tokenizer file, vocabulary, image token and image-token count; pairs in range), reading
+    /// only configs and tokenizers.
+    pub fn validate(&self, student_dir: &Path) -> Result<()> {
+        weight_ok("distill.ce_weight", self.ce_weight)?;
+        if let Some(l) = &self.logits {
+            weight_ok("distill.logits.weight", l.weight)?;
+            l.kd().validate()?;
+        }
+        if let Some(h) = &self.hidden {
+            weight_ok("distill.hidden.weight", h.weight)?;
+        }
+        let total = self.ce_weight
+            + self.logits.as_ref().map_or(0.0, |l| l.weight)
+            + self.hidden.as_ref().map_or(0.0, |h| h.weight);
+        if total == 0.0 {
+            return Err(Error::arg(
+                "distill",
+                "every weight is 0 (ce_weight, logits.weight, hidden.weight): nothing to train",
+            ));
+        }
+        for (what, p) in [
+            ("config.json of the teacher", self.teacher.join("config.json")),
+            ("tokenizer.json of the teacher", self.teacher.join("tokenizer.json")),
+        ] {
+            if !p.is_file() {
+                return Err(Error::MissingFile { what, path: p });
+            }
+        }
+        let t = llava_config(&self.teacher, "distill.teacher")?;
+        if !student_dir.join("config.json").is_file() {
+            // A stage's student is made by the stage before; checked when it starts.
+            return Ok(());
+        }
+        let s = llava_config(student_dir, "model")?;
+        let mismatch = |what: &str, a: String, b: String| {
+            Err(Error::arg(
+                "distill.teacher",
+                format!(
+                    "the teacher {} has {what} {b} but the student has {a}: logits and rows must \
+                     correspond (make the student with `distill init-student`)",
+                    self.teacher.display()
+                ),
+            ))
+        };
+        if s.text.vocab_size != t.text.vocab_size {
+            return mismatch(
+                "vocabulary",
+                s.text.vocab_size.to_string(),
+                t.text.vocab_size.to_string(),
+            );
+        }
+        if s.image_token_id != t.image_token_id || s.image_tokens() != t.image_tokens() {
+            return mismatch(
+                "image token (id, count)",
+                format!("({}, {})", s.image_token_id, s.image_tokens()),
+                format!("({}, {})", t.image_token_id, t.image_tokens()),
+            );
+        }
+        if s.vision.image_size != t.vision.image_size {
+            return mismatch(
+                "image size",
+                s.vision.image_size.to_string(),
+                t.vision.image_size.to_string(),
+            );
+        }
+        let read = |p: PathBuf| std::fs::read(&p).map_err(|e| Error::io(&p, e));
+        if read(student_dir.join("tokenizer.json"))? != read(self.teacher.join("tokenizer.json"))? {
+            return Err(Error::arg(
+                "distill.teacher",
+                format!(
+                    "{} and the student {} have different tokenizer.json files: the logits would \
+                     not name the same tokens",
+                    self.teacher.display(),
+                    student_dir.display()
+                ),
+            ));
+        }
+        if let Some(h) = &self.hidden {
+            h.pairs
+                .resolve(s.text.num_hidden_layers, t.text.num_hidden_layers)?;
+        }
+        Ok(())
+    }
+}
+
+/// `Linear(inp, out)`, GELU, `Linear(out, out)`: parameter indices into the student's list.
+#[derive(Debug, Clone, Copy)]
+struct Projector {
+    w1: usize,
+    b1: usize,
+    w2: usize,
+    b2: usize,
+    inp: usize,
+    out: usize,
+}
+
+/// What [`Projector::forward`] keeps for its backward.
+struct ProjectorCache {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    g: Vec<f32>,
+}
+
+fn affine(p: &[Param], w: usize, b: usize, x: &[f32], inp: usize, out: usize) -> Vec<f32> {
+    let m = x.len() / inp;
+    let mut y = vec![0.0f32; m * out];
+    matmul_nt(m, out, inp, x, inp, &p[w].value, inp, &mut y, true);
+    for row in y.chunks_mut(out) {
+        ops::add(row, &p[b].value);
+    }
+    y
+}
+
+fn affine_backward(
+    p: &mut [Param],
+    w: usize,
+    b: usize,
+    x: &[f32],
+    inp: usize,
+    dy: &[f32],
+) -> Result<Vec<f32>> {
+    let (mut dw, mut db) = (std::mem::take(&mut p[w].grad), std::mem::take(&mut p[b].grad));
+    let frozen = dw.is_empty();
+    if frozen {
+        dw = vec![0.0; p[w].value.len()];
+        db = vec![0.0; p[b].value.len()];
+    }
+    let r = linear_backward(x, &p[w].value, inp, dy, &mut dw, Some(&mut db));
+    if !frozen {
+        p[w].grad = dw;
+        p[b].grad = db;
+    }
+    r
+}
+
+impl Projector {
+    fn forward(&self, p: &[Param], x: &[f32]) -> (Vec<f32>, ProjectorCache) {
+        let h = affine(p, self.w1, self.b1, x, self.inp, self.out);
+        let mut g = h.clone();
+        act::gelu(&mut g);
+        let y = affine(p, self.w2, self.b2, &g, self.out, self.out);
+        let cache = ProjectorCache {
+            x: x.to_vec(),
+            h,
+            g,
+        };
+        (y, cache)
+    }
+
+    /// Accumulates the weights' gradients; returns `dx`.
+    fn backward(&self, p: &mut [Param], c: &ProjectorCache, dy: &[f32]) -> Result<Vec<f32>> {
+        let dg = affine_backward(p, self.w2, self.b2, &c.g, self.out, dy)?;
+        let dh = act::gelu_backward(&c.h, &dg);
+        affine_backward(p, self.w1, self.b1, &c.x, self.inp, &dh)
+    }
+}
+
+/// torch's `nn.Linear` default init: weight and bias uniform in `±1/√inp` (from an LCG).
+fn linear_init(n: usize, inp: usize, state: &mut u64) -> Vec<f32> {
+    let bound = 1.0 / (inp as f32).sqrt();
+    (0..n)
+        .map(|_| {
+            *state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let u = (*state >> 40) as f32 / (1u64 << 24) as f32;
+            (u * 2.0 - 1.0) * bound
+        })
+        .collect()
+}
+
+/// The rows each setting reads, as a mask over the batch's rows end to end.
+fn row_mask(batch: &[TrainSeq], tokens: Tokens, image_token: u32, logits: bool) -> Vec<bool> {
+    batch
+        .iter()
+        .flat_map(|s| {
+            let n = s.input_ids.len();
+            (0..n).map(move |t| match (tokens, logits) {
+                (Tokens::Answer, _) => s.labels.get(t + 1).is_some_and(|&l| l >= 0),
+                (Tokens::All, true) => t + 1 < n && s.input_ids[t + 1] != image_token,
+                (Tokens::All, false) => true,
+            })
+        })
+        .collect()
+}
+
+/// Logit distillation as a [`HeadLoss`]: the teacher's logits of the same rows come from its
+/// traced final states, a chunk at a time.
+struct LogitLoss<'a> {
+    kd: LogitKd,
+    reads: Vec<bool>,
+    counted: usize,
+    weight: f32,
+    sum: f64,
+    teacher: &'a TrainModel,
+    teacher_final: &'a [f32],
+}
+
+impl HeadLoss for LogitLoss<'_> {
+    fn reads(&self, row: usize) -> bool {
+        self.reads.get(row).copied().unwrap_or(false)
+    }
+
+    fn chunk(&mut self, rows: &[usize], logits: &[f32], dlogits: &mut [f32]) -> Result<()> {
+        let vocab = logits.len() / rows.len();
+        let th = self.teacher.config.text.hidden_size;
+        let mine: Vec<(usize, usize)> = rows
+            .iter()
+            .enumerate()
+            .filter(|&(_, &r)| self.reads[r])
+            .map(|(k, &r)| (k, r))
+            .collect();
+        if mine.is_empty() {
+            return Ok(());
+        }
+        let x: Vec<f32> = mine
+            .iter()
+            .flat_map(|&(_, r)| &self.teacher_final[r * th..(r + 1) * th])
+            .copied()
+            .collect();
+        let tl = self.teacher.head_logits(&x);
+        let scale = self.weight / self.counted as f32;
+        for (j, &(k, _)) in mine.iter().enumerate() {
+            let z = &logits[k * vocab..(k + 1) * vocab];
+            let tz = &tl[j * vocab..(j + 1) * vocab];
+            let dz = &mut dlogits[k * vocab..(k + 1) * vocab];
+            self.sum += match self.kd.divergence {
+                Divergence::Mse => mse_row(z, tz, self.kd.standardize, scale, dz),
+                _ => self.kd.row(z, &self.kd.teacher_log_probs(tz), scale, dz)?,
+            };
+        }
+        Ok(())
+    }
+}
+
+/// The losses of one distillation forward (unweighted).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DistillLosses {
+    /// The answers' cross-entropy (logged even when its weight is 0).
+    pub ce: f32,
+    /// Logit distillation's mean over the rows it reads.
+    pub kd: Option<f32>,
+    /// Hidden alignment's mean over its pairs.
+    pub hidden: Option<f32>,
+}
+
+/// A teacher and the alignment projectors: turns a training forward into a distillation one.
+pub struct Distiller {
+    cfg: DistillConfig,
+    teacher: TrainModel,
+    pairs: Vec<(usize, usize)>,
+    /// One per pair (the same one repeated when shared).
+    projectors: Vec<Projector>,
+}
+
+impl Distiller {
+    /// Loads the teacher (frozen) and appends fresh alignment projectors to `student.params`
+    /// (seeded by `seed`; [`Distiller::load_projectors`] replaces them when resuming).
+    pub fn new(cfg: &DistillConfig, student: &mut TrainModel, seed: u64) -> Result<Self> {
+        let mut teacher = TrainModel::from_dir(&cfg.teacher)?;
+        teacher.freeze();
+        let (ls, lt) = (student.num_layers(), teacher.num_layers());
+        let pairs = match &cfg.hidden {
+            Some(h) => h.pairs.resolve(ls, lt)?,
+            None => Vec::new(),
+        };
+        let (ds, dt) = (
+            student.config.text.hidden_size,
+            teacher.config.text.hidden_size,
+        );
+        let mut state = seed ^ 0x5eed_a11_9e37_79b9;
+        let count = match &cfg.hidden {
+            Some(h) if h.shared => 1,
+            _ => pairs.len(),
+        };
+        let mut made = Vec::new();
+        for i in 0..count {
+            let mut add = |name: &str, n: usize, inp: usize| {
+                let full = format!("align.{i}.{name}");
+                let group = decay_group("align", &full);
+                student
+                    .params
+                    .push(Param::new(full, group, linear_init(n, inp, &mut state)));
+                student.params.len() - 1
+            };
+            made.push(Projector {
+                w1: add("linear_1.weight", dt * ds, ds),
+                b1: add("linear_1.bias", dt, ds),
+                w2: add("linear_2.weight", dt * dt, dt),
+                b2: add("linear_2.bias", dt, dt),
+                inp: ds,
+                out: dt,
+            });
+        }
+        let projectors = (0..pairs.len()).map(|i| made[i.min(count - 1)]).collect();
+        Ok(Distiller {
+            cfg: cfg.clone(),
+            teacher,
+            pairs,
+            projectors,
+        })
+    }
+
+    /// The (student, teacher) layer pairs hidden alignment compares.
+    pub fn pairs(&self) -> &[(usize, usize)] {
+        &self.pairs
+    }
+
+    /// Writes the projectors' parameters (from `params`, the student's list) to `path`.
+    pub fn save_projectors(params: &[Param], path: &Path) -> Result<()> {
+        let t: Vec<OutTensor> = params
+            .iter()
+            .filter(|p| p.group.starts_with("align."))
+            .map(|p| OutTensor::F32(&p.name, vec![p.value.len()], &p.value))
+            .collect();
+        if t.is_empty() {
+            return Ok(());
+        }
+        write_safetensors(path, &t)
+    }
+
+    /// Replaces the projectors' values in `params` with those saved in `path`.
+    pub fn load_projectors(params: &mut [Param], path: &Path) -> Result<()> {
+        for p in params.iter_mut().filter(|p| p.group.starts_with("align.")) {
+            let (_, v) = read_f32_tensor(path, &p.name)?;
+            if v.len() != p.value.len() {
+                return Err(Error::Shape {
+                    name: format!("{} in {}", p.name, path.display()),
+                    expected: vec![p.value.len()],
+                    got: vec![v.len()],
+                });
+            }
+            p.value = v;
+        }
+        Ok(())
+    }
+
+    /// Runs the teacher and the student on `batch` and leaves the student ready for
+    /// [`TrainModel::backward`], which then differentiates `ce_weight · CE + Σ weight · loss`
+    /// (the projectors' gradients are already accumulated).
+    pub fn forward(&mut self, student: &mut TrainModel, batch: &[TrainSeq]) -> Result<DistillLosses> {
+        let layers: Vec<usize> = self.pairs.iter().map(|p| p.1).collect();
+        let trace = self.teacher.trace(batch, &layers)?;
+        let image_token = student.config.image_token_id;
+        let mut ce = AnswerCe::new(batch, self.cfg.ce_weight as f32);
+        let mut kd = self.cfg.logits.as_ref().map(|l| {
+            let reads = row_mask(batch, l.tokens, image_token, true);
+            LogitLoss {
+                kd: l.kd(),
+                counted: reads.iter().filter(|&&r| r).count(),
+                reads,
+                weight: l.weight as f32,
+                sum: 0.0,
+                teacher: &self.teacher,
+                teacher_final: &trace.final_out,
+            }
+        });
+        {
+            let mut losses: Vec<&mut dyn HeadLoss> = vec![&mut ce];
+            if let Some(k) = kd.as_mut().filter(|k| k.counted > 0) {
+                losses.push(k);
+            }
+            student.forward_with(batch, &mut losses)?;
+        }
+        let kd = kd.map(|k| (k.sum / k.counted.max(1) as f64) as f32);
+        let hidden = match &self.cfg.hidden {
+            Some(h) => Some(self.align(student, batch, h, &trace.hidden)?),
+            None => None,
+        };
+        Ok(DistillLosses {
+            ce: ce.loss(),
+            kd,
+            hidden,
+        })
+    }
+
+    /// Hidden alignment's loss (mean over pairs); adds its gradients into the student's
+    /// backward and the projectors.
+    fn align(
+        &self,
+        student: &mut TrainModel,
+        batch: &[TrainSeq],
+        h: &HiddenConfig,
+        teacher_hidden: &BTreeMap<usize, Vec<f32>>,
+    ) -> Result<f32> {
+        let rows: Vec<usize> = row_mask(batch, h.tokens, student.config.image_token_id, false)
+            .iter()
+            .enumerate()
+            .filter(|&(_, &r)| r)
+            .map(|(i, _)| i)
+            .collect();
+        if rows.is_empty() {
+            return Ok(0.0);
+        }
+        let (ds, dt) = (
+            student.config.text.hidden_size,
+            self.teacher.config.text.hidden_size,
+        );
+        let pair_scale = h.weight as f32 / self.pairs.len() as f32;
+        let mut total = 0.0f64;
+        for (&(ls, lt), proj) in self.pairs.iter().zip(&self.projectors) {
+            let hs = student.hidden_state(ls)?;
+            let states = hs.len();
+            let x: Vec<f32> = rows
+                .iter()
+                .flat_map(|&r| &hs[r * ds..(r + 1) * ds])
+                .copied()
+                .collect();
+            let ht = &teacher_hidden[&lt];
+            let target: Vec<f32> = rows
+                .iter()
+                .flat_map(|&r| &ht[r * dt..(r + 1) * dt])
+                .copied()
+                .collect();
+            let (y, cache) = proj.forward(&student.params, &x);
+            let (loss, mut dy) = match h.loss {
+                HiddenLoss::Mse => mse(&y, &target),
+                HiddenLoss::Cosine => cosine(&y, &target, dt),
+            };
+            total += loss;
+            dy.iter_mut().for_each(|d| *d *= pair_scale);
+            let dx = proj.backward(&mut student.params, &cache, &dy)?;
+            let mut full = vec![0.0f32; states];
+            for (k, &r) in rows.iter().enumerate() {
+                full[r * ds..(r + 1) * ds].copy_from_slice(&dx[k * ds..(k + 1) * ds]);
+            }
+            student.add_hidden_grad(ls, &full)?;
+        }
+        Ok((total / self.pairs.len() as f64) as f32)
+    }
+}
+
+/// `mean((y − t)²)` and its gradient in `y`.
+fn mse(y: &[f32], t: &[f32]) -> (f64, Vec<f32>) {
+    let n = y.len() as f64;
+    let loss = y
+        .iter()
+        .zip(t)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        / n;
+    let g = y
+        .iter()
+        .zip(t)
+        .map(|(a, b)| (2.0 * (a - b) as f64 / n) as f32)
+        .collect();
+    (loss, g)
+}
+
+/// `mean over rows (1 − cos(y_r, t_r))` (rows of width `d`) and its gradient in `y`:
+/// `−(1/n) (t/(|y||t|) − cos · y/|y|²)` per row. Norms are floored at 1e-8, as torch's
+/// `F.cosine_similarity`.
+fn cosine(y: &[f32], t: &[f32], d: usize) -> (f64, Vec<f32>) {
+    let n = (y.len() / d) as f64;
+    let mut loss = 0.0;
+    let mut g = vec![0.0f32; y.len()];
+    for ((yr, tr), gr) in y.chunks(d).zip(t.chunks(d)).zip(g.chunks_mut(d)) {
+        let dot: f64 = yr.iter().zip(tr).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let ny = yr.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt().max(1e-8);
+        let nt = tr.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt().max(1e-8);
+        let cos = dot / (ny * nt);
+        loss += 1.0 - cos;
+        for ((g, a), b) in gr.iter_mut().zip(yr).zip(tr) {
+            *g = (-(*b as f64 / (ny * nt) - cos * *a as f64 / (ny * ny)) / n) as f32;
+        }
+    }
+    (loss / n, g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::*;
+
+    #[test]
+    fn alignment_losses_match_finite_differences() {
+        let d = 5;
+        let mut rng = Rng::new(3);
+        let (y, t) = (rng.vec(4 * d), rng.vec(4 * d));
+        let yd = f64s(&y);
+        let td = f64s(&t);
+        let mse64 = |y: &[f64]| {
+            y.iter().zip(&td).map(|(a, b)| (a - b).powi(2)).sum::<f64>() / y.len() as f64
+        };
+        let (l, g) = mse(&y, &t);
+        assert!((l - mse64(&yd)).abs() < 1e-6 * l.abs());
+        check("hidden mse", &g, &fd(mse64, &yd, 1e-6), 1e-5);
+        let cos64 = |y: &[f64]| {
+            let mut s = 0.0;
+            for (a, b) in y.chunks(d).zip(td.chunks(d)) {
+                let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+                let na = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let nb = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+                s += 1.0 - dot / (na * nb);
+            }
+            s / (y.len() / d) as f64
+        };
+        let (l, g) = cosine(&y, &t, d);
+        assert!((l - cos64(&yd)).abs() < 1e-6 * l.abs().max(1.0));
+        check("hidden cosine", &g, &fd(cos64, &yd, 1e-6), 1e-5);
+    }
+
+    #[test]
+    fn pairs_resolve_and_refuse() {
+        let named = |s: &str| Pairs::Named(s.into());
+        assert_eq!(named("last").resolve(2, 4).unwrap(), vec![(1, 3)]);
+        assert_eq!(
+            named("evenly:2").resolve(2, 4).unwrap(),
+            vec![(0, 1), (1, 3)]
+        );
+        assert_eq!(
+            named("evenly:3").resolve(3, 6).unwrap(),
+            vec![(0, 1), (1, 3), (2, 5)]
+        );
+        assert_eq!(
+            Pairs::List(vec![[0, 2], [1, 3]]).resolve(2, 4).unwrap(),
+            vec![(0, 2), (1, 3)]
+        );
+        for (p, msg) in [
+            (named("first"), "is not \"last\""),
+            (named("evenly:0"), "needs 1..=2"),
+            (named("evenly:3"), "needs 1..=2"),
+            (Pairs::List(vec![[2, 0]]), "out of range"),
+            (Pairs::List(vec![[0, 4]]), "out of range"),
+            (Pairs::List(vec![]), "names no pair"),
+            (Pairs::List(vec![[0, 1], [0, 1]]), "twice"),
+        ] {
+            let e = p.resolve(2, 4).unwrap_err().to_string();
+            assert!(e.contains(msg) && e.contains("distill.hidden.pairs"), "{e}");
+        }
+    }
+}
