@@ -1335,7 +1335,8 @@ fn bad_distill_configs_fail_before_any_step() {
     let tok = std::fs::read_to_string(fixture().join("tokenizer.json")).unwrap();
     std::fs::write(
         other.path().join("tokenizer.json"),
-        tok.replacen("\"merges\": [", "\"merges\": [ ", 1).replace("  ", " "),
+        tok.replacen("\"merges\": [", "\"merges\": [ ", 1)
+            .replace("  ", " "),
     )
     .unwrap();
     let check = |f: &dyn Fn(&mut DistillConfig), want: &str| {
@@ -1345,13 +1346,22 @@ fn bad_distill_configs_fail_before_any_step() {
         assert!(e.contains(want), "expected `{want}` in: {e}");
         assert!(!c.output.join("losses.csv").exists(), "{want}: a step ran");
     };
-    check(&|d: &mut DistillConfig| d.teacher = data.path().into(), "config.json of the teacher");
+    check(
+        &|d: &mut DistillConfig| d.teacher = data.path().into(),
+        "config.json of the teacher",
+    );
     check(
         &|d: &mut DistillConfig| d.teacher = reference_dir().join("llava_tied"),
         "image token (id, count) (510, 26) but the student has (510, 25)",
     );
-    check(&|d: &mut DistillConfig| d.teacher = other.path().into(), "different tokenizer.json");
-    check(&|d: &mut DistillConfig| d.ce_weight = -1.0, "`distill.ce_weight`");
+    check(
+        &|d: &mut DistillConfig| d.teacher = other.path().into(),
+        "different tokenizer.json",
+    );
+    check(
+        &|d: &mut DistillConfig| d.ce_weight = -1.0,
+        "`distill.ce_weight`",
+    );
     check(
         &|d: &mut DistillConfig| d.logits.as_mut().unwrap().temperature = 0.0,
         "distill.logits.temperature",

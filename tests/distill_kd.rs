@@ -9,8 +9,7 @@ mod common;
 use common::{load_ref, reference_dir};
 use fineprune::train::checkpoint::save_checkpoint;
 use fineprune::train::distill::{
-    DistillConfig, Distiller, DivergenceName, HiddenConfig, HiddenLoss, LogitsConfig, Pairs,
-    Tokens,
+    DistillConfig, Distiller, DivergenceName, HiddenConfig, HiddenLoss, LogitsConfig, Pairs, Tokens,
 };
 use fineprune::train::model::{TrainModel, TrainSeq};
 use fineprune::train::optim::zero_grads;
@@ -82,7 +81,11 @@ fn fkl(zs: &[f64], zt: &[f64], t: f64) -> f64 {
         z.iter().map(|v| v / t - lse).collect::<Vec<f64>>()
     };
     let (lq, lp) = (lsm(zs), lsm(zt));
-    t * t * lp.iter().zip(&lq).map(|(p, q)| p.exp() * (p - q)).sum::<f64>()
+    t * t
+        * lp.iter()
+            .zip(&lq)
+            .map(|(p, q)| p.exp() * (p - q))
+            .sum::<f64>()
 }
 
 /// Mean forward KL over the rows `pick(seq, t)` selects.
@@ -149,7 +152,10 @@ fn logit_kd_reads_the_rows_that_predict_answers() {
         let got = d.forward(&mut student, &seqs).unwrap();
         let kd = got.kd.unwrap() as f64;
         println!("{tokens:?}: distiller {kd:.6} manual {want:.6}");
-        assert!((kd - want).abs() < 1e-5 * want, "{tokens:?}: {kd} vs {want}");
+        assert!(
+            (kd - want).abs() < 1e-5 * want,
+            "{tokens:?}: {kd} vs {want}"
+        );
         // The cross-entropy beside it is the plain training loss.
         let ce = student.forward(&seqs).unwrap();
         assert_eq!(got.ce, ce);
@@ -188,8 +194,8 @@ fn distillation_gradient_matches_finite_differences() {
     println!("losses {l0:?}");
     let grads: Vec<Vec<f32>> = m.params.iter().map(|p| p.grad.clone()).collect();
     let mut checked = 0;
-    for i in 0..m.params.len() {
-        let Some((j, &want)) = grads[i]
+    for (i, g) in grads.iter().enumerate() {
+        let Some((j, &want)) = g
             .iter()
             .enumerate()
             .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
@@ -197,7 +203,11 @@ fn distillation_gradient_matches_finite_differences() {
             continue;
         };
         // The projectors' gradients are small (their loss is one term of three, ~0.7/rows).
-        let floor = if m.params[i].name.starts_with("align.") { 2e-3 } else { 0.02 };
+        let floor = if m.params[i].name.starts_with("align.") {
+            2e-3
+        } else {
+            0.02
+        };
         if want.abs() < floor {
             continue;
         }
@@ -212,8 +222,14 @@ fn distillation_gradient_matches_finite_differences() {
         let err = (fd - want).abs();
         let tol = 1e-2 * want.abs() + 2e-4;
         let name = &m.params[i].name;
-        println!("{name} [{j}]: analytic {want:.5} fd {fd:.5} err/tol {:.2}", err / tol);
-        assert!(err <= tol, "{name} [{j}]: analytic {want} vs finite difference {fd}");
+        println!(
+            "{name} [{j}]: analytic {want:.5} fd {fd:.5} err/tol {:.2}",
+            err / tol
+        );
+        assert!(
+            err <= tol,
+            "{name} [{j}]: analytic {want} vs finite difference {fd}"
+        );
         checked += 1;
     }
     // Every block: vision, projector, each decoder layer, head, and the alignment projectors.

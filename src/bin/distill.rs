@@ -8,6 +8,8 @@
 //!   folder; `--resume` continues an interrupted run from its newest checkpoint with the same
 //!   results as an uninterrupted one.
 //! - `distill eval --model DIR`: greedy accuracy on ShapesVQA's test split, per question family.
+//! - `distill init-student --teacher DIR --out DIR [--layers first:N] ...`: a distillation
+//!   student made from a teacher checkpoint (see `fineprune::train::student`).
 
 use clap::{Parser, Subcommand};
 use fineprune::bench::report;
@@ -17,6 +19,7 @@ use fineprune::bench::shapes::{
 };
 use fineprune::bench::sweep::{self, SweepConfig, SweepOptions};
 use fineprune::train::run::{TrainConfig, TrainOptions, progress_bar, train_stages};
+use fineprune::train::student::{FreshLm, LayerPick, StudentSpec, init_student};
 use fineprune::train::vision_pretrain::{PretrainConfig, pretrain_vision};
 use fineprune::{Engine, Error, Model};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -223,6 +226,68 @@ enum Command {
         #[arg(long)]
         llava_system: bool,
     },
+    /// Make a distillation student from a teacher checkpoint and write it as a checkpoint folder.
+    ///
+    /// The student keeps some of the teacher's decoder layers (--layers; default all), some of its
+    /// CLIP encoder layers (--vision-layers; default all: the teacher's tower, shared), and its
+    /// projector (unless --fresh-projector); or replaces the language model with a fresh, smaller
+    /// one (--fresh-hidden, --fresh-intermediate, --fresh-layers, --fresh-heads, --fresh-kv-heads,
+    /// all five) with the teacher's vocabulary, tokenizer, image token, RoPE and norms. Kept layers
+    /// are renumbered 0..n in the teacher's order. OUT gets model.safetensors (f32, transformers
+    /// 5.x keys), config.json with the new layer counts and sizes, the teacher's tokenizer,
+    /// processor, chat template and shapes_config.json, and student.json (teacher, spec, and the
+    /// teacher layer of every student layer). OUT must be a new folder or one without weights.
+    ///
+    /// What the research found (LLaVADI, Xu et al. 2024, and our experiment log): a student made
+    /// of the teacher's first N layers distils best; every other layer is worse; the last N
+    /// layers failed. Reusing the teacher's projector and sharing its frozen vision tower are the
+    /// usual starting points; a fresh smaller language model with the teacher's tokenizer needs a
+    /// fresh projector when its hidden size differs.
+    #[command(
+        after_help = "Layer picks (--layers, --vision-layers):\n  first:N       the first N layers (recommended)\n  last:N        the last N layers (failed as a student in the research)\n  every-other   layers 0, 2, 4, ... (worse than first:N)\n  I,J,...       these 0-based layers, increasing, e.g. 0,2,3\n\nvision_feature_layer keeps the teacher's value and counts in the student's tower (-1: its\nlast layer); a vision pick under which it selects no layer output is refused.\n\nExamples:\n  distill init-student --teacher models/shapes-llava --out students/first2 --layers first:2\n  distill init-student --teacher models/shapes-llava --out students/vit3 --vision-layers first:3\n  distill init-student --teacher models/shapes-llava --out students/fresh64 \\\n      --fresh-hidden 64 --fresh-intermediate 128 --fresh-layers 2 --fresh-heads 2 \\\n      --fresh-kv-heads 1 --fresh-projector"
+    )]
+    InitStudent {
+        /// Teacher checkpoint folder (LLaVA).
+        #[arg(long)]
+        teacher: PathBuf,
+        /// Output folder for the student checkpoint (created; never the teacher's, never one
+        /// holding weights).
+        #[arg(long)]
+        out: PathBuf,
+        /// Teacher decoder layers to keep: first:N, last:N, every-other or I,J,.. (default: all).
+        #[arg(long, value_name = "PICK", value_parser = str::parse::<LayerPick>,
+              conflicts_with = "fresh_hidden")]
+        layers: Option<LayerPick>,
+        /// Teacher CLIP encoder layers to keep, same forms (default: the teacher's tower as is).
+        #[arg(long, value_name = "PICK", value_parser = str::parse::<LayerPick>)]
+        vision_layers: Option<LayerPick>,
+        /// Fresh language model: hidden size.
+        #[arg(long, value_name = "H")]
+        fresh_hidden: Option<usize>,
+        /// Fresh language model: MLP intermediate size.
+        #[arg(long, value_name = "I")]
+        fresh_intermediate: Option<usize>,
+        /// Fresh language model: decoder layers.
+        #[arg(long, value_name = "L")]
+        fresh_layers: Option<usize>,
+        /// Fresh language model: attention heads (must divide the hidden size into an even
+        /// head size).
+        #[arg(long, value_name = "N")]
+        fresh_heads: Option<usize>,
+        /// Fresh language model: key/value heads (must divide the attention heads).
+        #[arg(long, value_name = "N")]
+        fresh_kv_heads: Option<usize>,
+        /// Re-initialise the projector instead of reusing the teacher's (required for a fresh
+        /// language model of another hidden size).
+        #[arg(long)]
+        fresh_projector: bool,
+        /// Seed of freshly initialised weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Standard deviation of freshly initialised weights.
+        #[arg(long, default_value_t = 0.02)]
+        init_std: f32,
+    },
 }
 
 /// `distill shapes` arguments.
@@ -358,6 +423,116 @@ fn eval(
     let text = serde_json::to_string_pretty(&json).expect("eval json serializes");
     fineprune::io::write_atomic(&out.join("eval.json"), text.as_bytes())?;
     eprintln!("wrote {}", out.join("eval.json").display());
+    Ok(())
+}
+
+/// `distill init-student`'s `--fresh-*` sizes.
+struct FreshArgs {
+    hidden: Option<usize>,
+    intermediate: Option<usize>,
+    layers: Option<usize>,
+    heads: Option<usize>,
+    kv_heads: Option<usize>,
+}
+
+impl FreshArgs {
+    /// `None` without any `--fresh-*` size; all five with any of them.
+    fn fresh(&self) -> fineprune::Result<Option<FreshLm>> {
+        let all = [
+            ("--fresh-hidden", self.hidden),
+            ("--fresh-intermediate", self.intermediate),
+            ("--fresh-layers", self.layers),
+            ("--fresh-heads", self.heads),
+            ("--fresh-kv-heads", self.kv_heads),
+        ];
+        let missing: Vec<&str> = all.iter().filter(|a| a.1.is_none()).map(|a| a.0).collect();
+        if missing.len() == all.len() {
+            return Ok(None);
+        }
+        if let Some(given) = all.iter().find(|a| a.1.is_some())
+            && !missing.is_empty()
+        {
+            return Err(Error::arg(
+                given.0,
+                format!(
+                    "a fresh language model needs all five --fresh-* sizes; missing {}",
+                    missing.join(", ")
+                ),
+            ));
+        }
+        Ok(Some(FreshLm {
+            hidden_size: self.hidden.unwrap_or_default(),
+            intermediate_size: self.intermediate.unwrap_or_default(),
+            num_hidden_layers: self.layers.unwrap_or_default(),
+            num_attention_heads: self.heads.unwrap_or_default(),
+            num_key_value_heads: self.kv_heads.unwrap_or_default(),
+        }))
+    }
+}
+
+/// A parameter count in millions (or thousands).
+fn param_count(n: usize) -> String {
+    if n >= 1_000_000 {
+        format!("{:.2}M", n as f64 / 1e6)
+    } else {
+        format!("{:.1}K", n as f64 / 1e3)
+    }
+}
+
+fn init_student_cmd(
+    teacher: &Path,
+    out: &Path,
+    spec: StudentSpec,
+    fresh: &FreshArgs,
+) -> fineprune::Result<()> {
+    let spec = StudentSpec {
+        fresh: fresh.fresh()?,
+        ..spec
+    };
+    let r = init_student(teacher, &spec, out)?;
+    let pick = |p: &Option<LayerPick>| p.as_ref().map_or("all".to_string(), ToString::to_string);
+    let lm = match (&r.lm_layers, &spec.fresh) {
+        (Some(l), _) => format!(
+            "teacher layers {l:?} of {} ({})",
+            r.teacher_lm_layers,
+            pick(&spec.lm_layers)
+        ),
+        (None, Some(f)) => format!(
+            "fresh: hidden {}, intermediate {}, {} layers, {} heads, {} kv heads (seed {}, std {})",
+            f.hidden_size,
+            f.intermediate_size,
+            f.num_hidden_layers,
+            f.num_attention_heads,
+            f.num_key_value_heads,
+            spec.seed,
+            spec.init_std
+        ),
+        (None, None) => "fresh".to_string(),
+    };
+    println!("student written to {}", out.display());
+    println!("  language model: {lm}");
+    println!(
+        "  vision tower:   teacher layers {:?} of {} ({}), vision_feature_layer {:?}",
+        r.vision_layers,
+        r.teacher_vision_layers,
+        pick(&spec.vision_layers),
+        r.vision_feature_layer
+    );
+    println!(
+        "  projector:      {}",
+        if r.projector_from_teacher {
+            "the teacher's"
+        } else {
+            "fresh"
+        }
+    );
+    println!(
+        "  parameters:     teacher {} -> student {} ({:.1}%)",
+        param_count(r.teacher_params),
+        param_count(r.student_params),
+        100.0 * r.student_params as f64 / r.teacher_params.max(1) as f64
+    );
+    println!("  record:         {}", out.join("student.json").display());
     Ok(())
 }
 
@@ -522,5 +697,37 @@ fn main() -> ExitCode {
             out,
             llava_system,
         } => finish(eval(&model, n, seed, max_new_tokens, &out, llava_system)),
+        Command::InitStudent {
+            teacher,
+            out,
+            layers,
+            vision_layers,
+            fresh_hidden,
+            fresh_intermediate,
+            fresh_layers,
+            fresh_heads,
+            fresh_kv_heads,
+            fresh_projector,
+            seed,
+            init_std,
+        } => finish(init_student_cmd(
+            &teacher,
+            &out,
+            StudentSpec {
+                lm_layers: layers,
+                vision_layers,
+                fresh: None,
+                fresh_projector,
+                seed,
+                init_std,
+            },
+            &FreshArgs {
+                hidden: fresh_hidden,
+                intermediate: fresh_intermediate,
+                layers: fresh_layers,
+                heads: fresh_heads,
+                kv_heads: fresh_kv_heads,
+            },
+        )),
     }
 }

@@ -11,6 +11,8 @@
 //! - [`model`]: LLaVA with f32 parameters, training forward with caches and the full backward.
 //! - [`new_model`]: the shape of a model trained from scratch, and its creation (tokenizer, config, init).
 //! - [`checkpoint`]: writes a model as a transformers 5.x-loadable checkpoint directory.
+//! - [`student`]: distillation students made from a teacher checkpoint (truncated or fresh
+//!   language model, picked vision layers, reused or fresh projector): `distill init-student`.
 //! - [`vision_pretrain`]: pretrains a from-scratch vision tower on ShapesVQA's per-patch labels.
 //! - [`distill`]: knowledge distillation from a frozen teacher (logit losses, hidden-state
 //!   alignment through dropped projectors), the `[distill]` table of a training config.
@@ -23,5 +25,6 @@ pub mod model;
 pub mod new_model;
 pub mod optim;
 pub mod run;
+pub mod student;
 pub mod tokenizer_train;
 pub mod vision_pretrain;

@@ -876,8 +876,7 @@ impl AnswerCe {
         let targets: Vec<i64> = batch
             .iter()
             .flat_map(|s| {
-                (0..s.input_ids.len())
-                    .map(|t| s.labels.get(t + 1).copied().unwrap_or(IGNORE_INDEX))
+                (0..s.input_ids.len()).map(|t| s.labels.get(t + 1).copied().unwrap_or(IGNORE_INDEX))
             })
             .collect();
         let counted = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
@@ -914,7 +913,10 @@ impl HeadLoss for AnswerCe {
         let (mean, g) = cross_entropy(logits, vocab, &targets, IGNORE_INDEX)?;
         self.sum += mean as f64 * here as f64;
         let scale = self.weight * here as f32 / self.counted as f32;
-        dlogits.iter_mut().zip(&g).for_each(|(d, g)| *d += scale * g);
+        dlogits
+            .iter_mut()
+            .zip(&g)
+            .for_each(|(d, g)| *d += scale * g);
         Ok(())
     }
 }
@@ -1348,15 +1350,19 @@ impl TrainModel {
     /// The output of decoder layer `layer` (the residual stream after it, before the final
     /// norm) in the last forward, `[rows, hidden]` with the batch's rows end to end.
     pub fn hidden_state(&self, layer: usize) -> Result<&[f32]> {
-        let c = self.cache.as_ref().ok_or_else(|| {
-            Error::arg("hidden_state", "no forward pass whose states to read")
-        })?;
+        let c = self
+            .cache
+            .as_ref()
+            .ok_or_else(|| Error::arg("hidden_state", "no forward pass whose states to read"))?;
         match layer.cmp(&(c.decoder.len().saturating_sub(1))) {
             std::cmp::Ordering::Less => Ok(&c.decoder[layer + 1].x),
             std::cmp::Ordering::Equal => Ok(&c.final_in),
             std::cmp::Ordering::Greater => Err(Error::arg(
                 "layer",
-                format!("is {layer} but the model has {} decoder layers", c.decoder.len()),
+                format!(
+                    "is {layer} but the model has {} decoder layers",
+                    c.decoder.len()
+                ),
             )),
         }
     }

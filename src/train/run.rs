@@ -1156,10 +1156,14 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
         csv.write_all(csv_row(&rec).as_bytes())
             .and_then(|_| csv.flush())
             .map_err(|e| Error::io(&csv_path, e))?;
-        let ground = [("ground", rec.grounding), ("kd", rec.kd), ("hidden", rec.hidden)]
-            .iter()
-            .filter_map(|(n, v)| v.map(|v| format!(" {n} {v:.3}")))
-            .collect::<String>();
+        let ground = [
+            ("ground", rec.grounding),
+            ("kd", rec.kd),
+            ("hidden", rec.hidden),
+        ]
+        .iter()
+        .filter_map(|(n, v)| v.map(|v| format!(" {n} {v:.3}")))
+        .collect::<String>();
         history.push(rec);
         run_tokens += tokens;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
