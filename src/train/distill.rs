@@ -418,17 +418,24 @@ fn linear_init(n: usize, inp: usize, state: &mut u64) -> Vec<f32> {
         .collect()
 }
 
-/// The rows each setting reads, as a mask over the batch's rows end to end.
+/// Whether a loss with `tokens` reads row `t` of `seq` (the state after token `t`): for a
+/// logit loss (`logits`), "answer" rows predict an answer token and "all" rows predict any text
+/// token of the sequence; for hidden alignment, "all" is every row.
+pub fn reads_row(seq: &TrainSeq, t: usize, tokens: Tokens, image_token: u32, logits: bool) -> bool {
+    let n = seq.input_ids.len();
+    match (tokens, logits) {
+        (Tokens::Answer, _) => seq.labels.get(t + 1).is_some_and(|&l| l >= 0),
+        (Tokens::All, true) => t + 1 < n && seq.input_ids[t + 1] != image_token,
+        (Tokens::All, false) => t < n,
+    }
+}
+
+/// [`reads_row`] over a batch's rows end to end.
 fn row_mask(batch: &[TrainSeq], tokens: Tokens, image_token: u32, logits: bool) -> Vec<bool> {
     batch
         .iter()
         .flat_map(|s| {
-            let n = s.input_ids.len();
-            (0..n).map(move |t| match (tokens, logits) {
-                (Tokens::Answer, _) => s.labels.get(t + 1).is_some_and(|&l| l >= 0),
-                (Tokens::All, true) => t + 1 < n && s.input_ids[t + 1] != image_token,
-                (Tokens::All, false) => true,
-            })
+            (0..s.input_ids.len()).map(move |t| reads_row(s, t, tokens, image_token, logits))
         })
         .collect()
 }
