@@ -10,7 +10,8 @@ use fineprune::bench::shapes::{
 };
 use fineprune::model::template::LLAVA_SYSTEM;
 use fineprune::train::distill::{
-    DistillConfig, DivergenceName, HiddenConfig, HiddenLoss, LogitsConfig, Pairs, Tokens,
+    AttentionConfig, DistillConfig, DivergenceName, HiddenConfig, HiddenLoss, LogitsConfig, Pairs,
+    Tokens,
 };
 use fineprune::train::model::GroundingLoss;
 use fineprune::train::run::{StageConfig, TrainConfig, TrainOptions, train, train_stages};
@@ -279,9 +280,13 @@ fn grounding_loss_falls_and_is_logged() {
     let (first, last) = ((g[0] + g[1]) / 2.0, (g[10] + g[11]) / 2.0);
     assert!(last < 0.7 * first, "grounding loss did not fall: {g:?}");
     let csv = std::fs::read_to_string(out.path().join("losses.csv")).unwrap();
-    assert!(csv.starts_with("step,loss,grad_norm,lr,tokens,grounding\n"));
+    assert!(csv.starts_with("step,loss,grad_norm,lr,tokens,grounding,kd,hidden,attention\n"));
     assert_eq!(csv.lines().count(), 13);
-    assert!(csv.lines().skip(1).all(|l| !l.ends_with(',')), "{csv}");
+    let grounding = |l: &str| l.split(',').nth(5).map(str::to_owned);
+    assert!(
+        csv.lines().skip(1).all(|l| grounding(l).is_some_and(|g| !g.is_empty())),
+        "{csv}"
+    );
 }
 
 #[test]
@@ -1242,6 +1247,7 @@ fn distill_table(teacher: &Path) -> DistillConfig {
             weight: 1.0,
             shared: false,
         }),
+        attention: None,
     }
 }
 
@@ -1273,7 +1279,7 @@ fn distillation_resumes_bit_for_bit_and_exports_no_projector() {
     assert_eq!(csv(full_dir.path()), csv(part_dir.path()));
     let text = csv(full_dir.path());
     println!("{text}");
-    assert!(text.starts_with("step,loss,grad_norm,lr,tokens,grounding,kd,hidden\n"));
+    assert!(text.starts_with("step,loss,grad_norm,lr,tokens,grounding,kd,hidden,attention\n"));
     for r in &full.history {
         assert!(r.kd.is_some_and(|k| k > 0.0) && r.hidden.is_some_and(|h| h > 0.0));
     }
@@ -1381,5 +1387,32 @@ fn bad_distill_configs_fail_before_any_step() {
     check(
         &|d: &mut DistillConfig| d.hidden.as_mut().unwrap().pairs = Pairs::Named("evenly:9".into()),
         "evenly:9 needs 1..=3",
+    );
+    let attention = |blocks: &[&str]| AttentionConfig {
+        blocks: blocks.iter().map(|b| b.to_string()).collect(),
+        pairs: Pairs::Named("last".into()),
+        weight: 1.0,
+    };
+    // The published mistake: image queries over answer keys, all masked by causality.
+    check(
+        &|d: &mut DistillConfig| d.attention = Some(attention(&["answer->image", "image->answer"])),
+        "`image->answer` is zero under the causal mask",
+    );
+    check(
+        &|d: &mut DistillConfig| d.attention = Some(attention(&["answer->pixels"])),
+        "`answer->pixels` is not `query->key`",
+    );
+    check(
+        &|d: &mut DistillConfig| d.attention = Some(attention(&[])),
+        "distill.attention.blocks",
+    );
+    check(
+        &|d: &mut DistillConfig| {
+            d.attention = Some(AttentionConfig {
+                pairs: Pairs::List(vec![[0, 5]]),
+                ..attention(&["answer->image"])
+            })
+        },
+        "`distill.attention.pairs`: pair [0, 5] is out of range",
     );
 }

@@ -9,10 +9,12 @@ mod common;
 use common::{load_ref, reference_dir};
 use fineprune::train::checkpoint::save_checkpoint;
 use fineprune::train::distill::{
-    DistillConfig, Distiller, DivergenceName, HiddenConfig, HiddenLoss, LogitsConfig, Pairs, Tokens,
+    AttentionConfig, DistillConfig, DistillLosses, Distiller, DivergenceName, HiddenConfig,
+    HiddenLoss, LogitsConfig, Pairs, Tokens,
 };
 use fineprune::train::model::{TrainModel, TrainSeq};
 use fineprune::train::optim::zero_grads;
+use fineprune::train::student::{FreshLm, StudentSpec, init_student};
 use std::path::{Path, PathBuf};
 
 fn teacher_dir() -> PathBuf {
@@ -65,7 +67,7 @@ fn logits_cfg(divergence: DivergenceName, tokens: Tokens, t: f32) -> LogitsConfi
 
 /// Every row's logits (the batch's rows end to end) from a model's traced final states.
 fn all_logits(m: &mut TrainModel, seqs: &[TrainSeq]) -> Vec<f64> {
-    let tr = m.trace(seqs, &[]).unwrap();
+    let tr = m.trace(seqs, &Default::default()).unwrap();
     m.head_logits(&tr.final_out)
         .iter()
         .map(|&v| v as f64)
@@ -147,6 +149,7 @@ fn logit_kd_reads_the_rows_that_predict_answers() {
             ce_weight: 1.0,
             logits: Some(logits_cfg(DivergenceName::ForwardKl, tokens, t as f32)),
             hidden: None,
+            attention: None,
         };
         let mut d = Distiller::new(&cfg, &mut student, 0).unwrap();
         let got = d.forward(&mut student, &seqs).unwrap();
@@ -162,31 +165,21 @@ fn logit_kd_reads_the_rows_that_predict_answers() {
     }
 }
 
-#[test]
-fn distillation_gradient_matches_finite_differences() {
+/// The gradient of the whole objective `w_ce·CE + w_kd·KD + w_h·hidden + w_a·attention` of
+/// `cfg` at student `m`: analytic (forward + backward) against central finite differences of the
+/// objective, at the largest-gradient entry of every tensor. Returns how many were checked.
+fn check_objective_gradient(mut m: TrainModel, cfg: &DistillConfig, seed: u64) -> usize {
     let seqs = batch();
-    let dir = tempfile::tempdir().unwrap();
-    let mut m = perturbed_student(dir.path(), 0.05);
-    let (wce, wkd, wh) = (0.5f64, 2.0f64, 0.7f64);
-    let cfg = DistillConfig {
-        teacher: teacher_dir(),
-        ce_weight: wce,
-        logits: Some(LogitsConfig {
-            beta: 0.3,
-            weight: wkd,
-            ..logits_cfg(DivergenceName::Jsd, Tokens::All, 1.5)
-        }),
-        hidden: Some(HiddenConfig {
-            pairs: Pairs::List(vec![[1, 2], [2, 2]]),
-            loss: HiddenLoss::Cosine,
-            tokens: Tokens::All,
-            weight: wh,
-            shared: false,
-        }),
-    };
-    let mut d = Distiller::new(&cfg, &mut m, 3).unwrap();
-    let objective = |l: fineprune::train::distill::DistillLosses| {
-        wce * l.ce as f64 + wkd * l.kd.unwrap() as f64 + wh * l.hidden.unwrap() as f64
+    let mut d = Distiller::new(cfg, &mut m, seed).unwrap();
+    let w = |x: Option<f64>| x.unwrap_or(0.0);
+    let (wkd, wh, wa) = (
+        w(cfg.logits.as_ref().map(|l| l.weight)),
+        w(cfg.hidden.as_ref().map(|h| h.weight)),
+        w(cfg.attention.as_ref().map(|a| a.weight)),
+    );
+    let objective = |l: DistillLosses| {
+        let v = |x: Option<f32>| x.unwrap_or(0.0) as f64;
+        cfg.ce_weight * l.ce as f64 + wkd * v(l.kd) + wh * v(l.hidden) + wa * v(l.attention)
     };
     zero_grads(&mut m.params);
     let l0 = d.forward(&mut m, &seqs).unwrap();
@@ -202,7 +195,7 @@ fn distillation_gradient_matches_finite_differences() {
         else {
             continue;
         };
-        // The projectors' gradients are small (their loss is one term of three, ~0.7/rows).
+        // The projectors' gradients are small (their loss is one term of several).
         let floor = if m.params[i].name.starts_with("align.") {
             2e-3
         } else {
@@ -232,9 +225,129 @@ fn distillation_gradient_matches_finite_differences() {
         );
         checked += 1;
     }
+    println!("checked {checked} of {} tensors", m.params.len());
+    checked
+}
+
+fn attention_cfg(blocks: &[&str], pairs: Pairs, weight: f64) -> AttentionConfig {
+    AttentionConfig {
+        blocks: blocks.iter().map(|b| b.to_string()).collect(),
+        pairs,
+        weight,
+    }
+}
+
+#[test]
+fn distillation_gradient_matches_finite_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = perturbed_student(dir.path(), 0.05);
+    let cfg = DistillConfig {
+        teacher: teacher_dir(),
+        ce_weight: 0.5,
+        logits: Some(LogitsConfig {
+            beta: 0.3,
+            weight: 2.0,
+            ..logits_cfg(DivergenceName::Jsd, Tokens::All, 1.5)
+        }),
+        hidden: Some(HiddenConfig {
+            pairs: Pairs::List(vec![[1, 2], [2, 2]]),
+            loss: HiddenLoss::Cosine,
+            tokens: Tokens::All,
+            weight: 0.7,
+            shared: false,
+        }),
+        // Attention's squared differences of probabilities are small: a large weight makes
+        // its share of the gradient measurable.
+        attention: Some(attention_cfg(
+            &["answer->image", "text->image", "answer->answer"],
+            Pairs::List(vec![[0, 1], [2, 2]]),
+            300.0,
+        )),
+    };
+    let checked = check_objective_gradient(m, &cfg, 3);
     // Every block: vision, projector, each decoder layer, head, and the alignment projectors.
-    let names: Vec<&str> = m.params.iter().map(|p| p.name.as_str()).collect();
-    println!("checked {checked} of {} tensors", names.len());
-    assert!(checked > 30, "{checked}");
-    assert_eq!(names.iter().filter(|n| n.starts_with("align.")).count(), 8);
+    assert!(checked >= 75, "{checked}");
+}
+
+/// A student of another shape (2 decoder layers of 2 heads, fresh) against the 4-head teacher:
+/// attention alignment maps each student head to the mean of two teacher heads.
+#[test]
+fn attention_alignment_maps_heads_and_matches_finite_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = StudentSpec {
+        fresh: Some(FreshLm {
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+        }),
+        init_std: 0.15,
+        seed: 4,
+        ..StudentSpec::default()
+    };
+    init_student(&teacher_dir(), &spec, &dir.path().join("s")).unwrap();
+    let m = TrainModel::from_dir(&dir.path().join("s")).unwrap();
+    assert_eq!(m.config.text.num_attention_heads, 2);
+    let cfg = DistillConfig {
+        teacher: teacher_dir(),
+        ce_weight: 0.0,
+        logits: Some(logits_cfg(DivergenceName::ReverseKl, Tokens::Answer, 1.0)),
+        hidden: None,
+        attention: Some(attention_cfg(
+            &["answer->image", "text->text"],
+            Pairs::Named("evenly:2".into()),
+            300.0,
+        )),
+    };
+    let checked = check_objective_gradient(m, &cfg, 5);
+    assert!(checked >= 20, "{checked}");
+}
+
+#[test]
+fn attention_alignment_is_the_mse_of_the_blocks_probabilities() {
+    // Student = teacher: zero loss. A perturbed student: the loss equals a hand computation
+    // over the answer rows' image columns of the last layer, every head.
+    let seqs = batch();
+    let dir = tempfile::tempdir().unwrap();
+    let mut student = perturbed_student(dir.path(), 0.05);
+    let cfg = DistillConfig {
+        teacher: teacher_dir(),
+        ce_weight: 1.0,
+        logits: None,
+        hidden: None,
+        attention: Some(attention_cfg(
+            &["answer->image"],
+            Pairs::Named("last".into()),
+            1.0,
+        )),
+    };
+    let mut same = TrainModel::from_dir(&teacher_dir()).unwrap();
+    let mut d = Distiller::new(&cfg, &mut same, 0).unwrap();
+    assert_eq!(d.forward(&mut same, &seqs).unwrap().attention, Some(0.0));
+    let mut d = Distiller::new(&cfg, &mut student, 0).unwrap();
+    let got = d.forward(&mut student, &seqs).unwrap().attention.unwrap() as f64;
+    let ps: Vec<Vec<f32>> = (0..2)
+        .map(|i| student.attention_probs(2, i).unwrap().to_vec())
+        .collect();
+    let mut teacher = TrainModel::from_dir(&teacher_dir()).unwrap();
+    teacher.forward(&seqs).unwrap();
+    let image = teacher.config.image_token_id;
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for (i, s) in seqs.iter().enumerate() {
+        let pt = teacher.attention_probs(2, i).unwrap();
+        let t = s.input_ids.len();
+        for q in (0..t).filter(|&q| s.labels[q] >= 0) {
+            for k in (0..q).filter(|&k| s.input_ids[k] == image) {
+                for h in 0..4 {
+                    let e = (h * t + q) * t + k;
+                    sum += (ps[i][e] as f64 - pt[e] as f64).powi(2);
+                    n += 1;
+                }
+            }
+        }
+    }
+    let want = sum / n as f64;
+    println!("answer->image attention mse {got:.6e} (hand {want:.6e}, {n} entries)");
+    assert!(n > 0 && (got - want).abs() < 1e-5 * want, "{got} vs {want}");
 }

@@ -20,6 +20,11 @@
 //! tokens = "all"                       # or "answer"
 //! weight = 1.0
 //! shared = false                       # one projector for every pair
+//!
+//! [distill.attention]                  # attention alignment between token groups
+//! blocks = ["answer->image"]           # query group -> key group: image, text, answer
+//! pairs = "last"                       # as for hidden
+//! weight = 1.0
 //! ```
 //!
 //! The objective is `ce_weight · CE + Σ weight_i · L_i`. Both models read the same rows: row `t`
@@ -28,6 +33,12 @@
 //! counts), "all" rows every row whose next token is a text token of the sequence (not an image
 //! placeholder, not past the end); hidden alignment's "all" is every row, image rows included.
 //! Teacher logits exist only chunk by chunk ([`HEAD_CHUNK`](super::model::HEAD_CHUNK) rows), as the student's.
+//!
+//! Attention alignment compares attention probabilities of one token group's queries over
+//! another group's keys (see [`AttentionConfig`]); only those query rows of the teacher's maps
+//! are kept. A block that the causal mask makes identically zero (image queries over answer keys:
+//! every answer follows the image) is refused rather than trained as a silent zero, the mistake
+//! of the published code this replaces.
 //!
 //! The alignment projectors (`Linear(d_s, d_t)`, GELU, `Linear(d_t, d_t)`, torch's default
 //! init) are parameters of groups `align.decay` / `align.no_decay`, trained with the student;
@@ -38,7 +49,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{AnswerCe, HeadLoss, TrainModel, TrainSeq};
+use super::model::{AnswerCe, HeadLoss, Trace, TraceRequest, TrainModel, TrainSeq};
 use super::optim::{Param, decay_group};
 use crate::error::{Error, Result};
 use crate::io::{OutTensor, read_f32_tensor, write_safetensors};
@@ -73,6 +84,8 @@ pub struct DistillConfig {
     pub logits: Option<LogitsConfig>,
     #[serde(default)]
     pub hidden: Option<HiddenConfig>,
+    #[serde(default)]
+    pub attention: Option<AttentionConfig>,
 }
 
 /// Which rows a loss reads.
@@ -208,6 +221,86 @@ pub struct HiddenConfig {
     pub shared: bool,
 }
 
+/// A token group of a sequence: image placeholders, answer tokens (labelled), and the rest
+/// (system prompt, role tags, questions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    Image,
+    Text,
+    Answer,
+}
+
+impl Group {
+    /// The group of position `t` of `seq`.
+    pub fn of(seq: &TrainSeq, t: usize, image_token: u32) -> Group {
+        if seq.input_ids[t] == image_token {
+            Group::Image
+        } else if seq.labels.get(t).is_some_and(|&l| l >= 0) {
+            Group::Answer
+        } else {
+            Group::Text
+        }
+    }
+
+    fn parse(s: &str) -> Option<Group> {
+        match s.trim() {
+            "image" => Some(Group::Image),
+            "text" => Some(Group::Text),
+            "answer" => Some(Group::Answer),
+            _ => None,
+        }
+    }
+}
+
+/// `[distill.attention]`: attention alignment. For each block `"q->k"` and layer pair, the
+/// student's attention probabilities `P_s[h, i, j]` of the queries `i` of group `q` over the
+/// keys `j ≤ i` of group `k` are pulled toward the teacher's,
+/// `L = mean over (h, i, j) (P_s[h, i, j] − P̄_t[h, i, j])²`, averaged over blocks and pairs.
+/// Heads are mapped when the counts differ: with `H_t = m·H_s`, student head `h` matches the mean
+/// of teacher heads `h·m .. (h+1)·m`; with `H_s = m·H_t`, teacher head `⌊h/m⌋`; otherwise both
+/// sides' head means are compared.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionConfig {
+    /// `"query->key"` group pairs, groups `image`, `text`, `answer`.
+    pub blocks: Vec<String>,
+    pub pairs: Pairs,
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+impl AttentionConfig {
+    /// The blocks as group pairs; refuses unknown groups and blocks the causal mask zeroes.
+    pub fn blocks(&self) -> Result<Vec<(Group, Group)>> {
+        let bad = |m: String| Err(Error::arg("distill.attention.blocks", m));
+        if self.blocks.is_empty() {
+            return bad("names no block (e.g. \"answer->image\")".into());
+        }
+        let mut out = Vec::new();
+        for b in &self.blocks {
+            let Some((q, k)) = b
+                .split_once("->")
+                .and_then(|(q, k)| Some((Group::parse(q)?, Group::parse(k)?)))
+            else {
+                return bad(format!(
+                    "`{b}` is not `query->key` with groups image, text, answer"
+                ));
+            };
+            if (q, k) == (Group::Image, Group::Answer) {
+                return bad(format!(
+                    "`{b}` is zero under the causal mask: every answer token follows the image, \
+                     so no image query sees an answer key (the block would train nothing)"
+                ));
+            }
+            if out.contains(&(q, k)) {
+                return bad(format!("`{b}` is listed twice"));
+            }
+            out.push((q, k));
+        }
+        Ok(out)
+    }
+}
+
 fn weight_ok(name: &str, w: f64) -> Result<()> {
     if w.is_finite() && w >= 0.0 {
         Ok(())
@@ -249,13 +342,19 @@ impl DistillConfig {
         if let Some(h) = &self.hidden {
             weight_ok("distill.hidden.weight", h.weight)?;
         }
+        if let Some(a) = &self.attention {
+            weight_ok("distill.attention.weight", a.weight)?;
+            a.blocks()?;
+        }
         let total = self.ce_weight
             + self.logits.as_ref().map_or(0.0, |l| l.weight)
-            + self.hidden.as_ref().map_or(0.0, |h| h.weight);
+            + self.hidden.as_ref().map_or(0.0, |h| h.weight)
+            + self.attention.as_ref().map_or(0.0, |a| a.weight);
         if total == 0.0 {
             return Err(Error::arg(
                 "distill",
-                "every weight is 0 (ce_weight, logits.weight, hidden.weight): nothing to train",
+                "every weight is 0 (ce_weight and the weights of logits, hidden, attention): \
+                 nothing to train",
             ));
         }
         for (what, p) in [
@@ -325,7 +424,20 @@ impl DistillConfig {
             h.pairs
                 .resolve(s.text.num_hidden_layers, t.text.num_hidden_layers)?;
         }
+        if let Some(a) = &self.attention {
+            a.pairs
+                .resolve(s.text.num_hidden_layers, t.text.num_hidden_layers)
+                .map_err(|e| rename_field(e, "distill.attention.pairs"))?;
+        }
         Ok(())
+    }
+}
+
+/// The same error about another field (pairs are parsed for hidden and attention alike).
+fn rename_field(e: Error, field: &str) -> Error {
+    match e {
+        Error::Arg { msg, .. } => Error::arg(field, msg),
+        e => e,
     }
 }
 
@@ -498,6 +610,8 @@ pub struct DistillLosses {
     pub kd: Option<f32>,
     /// Hidden alignment's mean over its pairs.
     pub hidden: Option<f32>,
+    /// Attention alignment's mean over its blocks and pairs.
+    pub attention: Option<f32>,
 }
 
 /// A teacher and the alignment projectors: turns a training forward into a distillation one.
@@ -507,6 +621,9 @@ pub struct Distiller {
     pairs: Vec<(usize, usize)>,
     /// One per pair (the same one repeated when shared).
     projectors: Vec<Projector>,
+    /// Attention alignment's blocks and layer pairs.
+    blocks: Vec<(Group, Group)>,
+    attn_pairs: Vec<(usize, usize)>,
 }
 
 impl Distiller {
@@ -549,11 +666,22 @@ impl Distiller {
             });
         }
         let projectors = (0..pairs.len()).map(|i| made[i.min(count - 1)]).collect();
+        let (blocks, attn_pairs) = match &cfg.attention {
+            Some(a) => (
+                a.blocks()?,
+                a.pairs
+                    .resolve(ls, lt)
+                    .map_err(|e| rename_field(e, "distill.attention.pairs"))?,
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
         Ok(Distiller {
             cfg: cfg.clone(),
             teacher,
             pairs,
             projectors,
+            blocks,
+            attn_pairs,
         })
     }
 
@@ -599,9 +727,25 @@ impl Distiller {
         student: &mut TrainModel,
         batch: &[TrainSeq],
     ) -> Result<DistillLosses> {
-        let layers: Vec<usize> = self.pairs.iter().map(|p| p.1).collect();
-        let trace = self.teacher.trace(batch, &layers)?;
         let image_token = student.config.image_token_id;
+        let query_rows: Vec<Vec<usize>> = batch
+            .iter()
+            .map(|s| {
+                (0..s.input_ids.len())
+                    .filter(|&t| {
+                        self.blocks
+                            .iter()
+                            .any(|b| Group::of(s, t, image_token) == b.0)
+                    })
+                    .collect()
+            })
+            .collect();
+        let req = TraceRequest {
+            hidden: self.pairs.iter().map(|p| p.1).collect(),
+            attention: self.attn_pairs.iter().map(|p| p.1).collect(),
+            query_rows,
+        };
+        let trace = self.teacher.trace(batch, &req)?;
         let mut ce = AnswerCe::new(batch, self.cfg.ce_weight as f32);
         let mut kd = self.cfg.logits.as_ref().map(|l| {
             let reads = row_mask(batch, l.tokens, image_token, true);
@@ -627,10 +771,15 @@ impl Distiller {
             Some(h) => Some(self.align(student, batch, h, &trace.hidden)?),
             None => None,
         };
+        let attention = match &self.cfg.attention {
+            Some(a) => Some(self.align_attention(student, batch, a.weight, &req, &trace)?),
+            None => None,
+        };
         Ok(DistillLosses {
             ce: ce.loss(),
             kd,
             hidden,
+            attention,
         })
     }
 
@@ -687,6 +836,109 @@ impl Distiller {
             student.add_hidden_grad(ls, &full)?;
         }
         Ok((total / self.pairs.len() as f64) as f32)
+    }
+}
+
+impl Distiller {
+    /// Attention alignment's loss (mean over blocks and pairs, see [`AttentionConfig`]); adds
+    /// its gradient to the student's attention probabilities.
+    fn align_attention(
+        &self,
+        student: &mut TrainModel,
+        batch: &[TrainSeq],
+        weight: f64,
+        req: &TraceRequest,
+        trace: &Trace,
+    ) -> Result<f32> {
+        let image_token = student.config.image_token_id;
+        let hs = student.config.text.num_attention_heads;
+        let ht = self.teacher.config.text.num_attention_heads;
+        // Teacher heads averaged for student head h (or all heads on both sides: `None`).
+        let map: Option<Vec<std::ops::Range<usize>>> = if ht.is_multiple_of(hs) {
+            let m = ht / hs;
+            Some((0..hs).map(|h| h * m..(h + 1) * m).collect())
+        } else if hs.is_multiple_of(ht) {
+            let m = hs / ht;
+            Some((0..hs).map(|h| h / m..h / m + 1).collect())
+        } else {
+            None
+        };
+        let terms = (self.blocks.len() * self.attn_pairs.len()) as f64;
+        let mut total = 0.0f64;
+        for &(ls, lt) in &self.attn_pairs {
+            let mut grads: Vec<Vec<f32>> = batch
+                .iter()
+                .map(|s| vec![0.0f32; hs * s.input_ids.len().pow(2)])
+                .collect();
+            for &(gq, gk) in &self.blocks {
+                // Visible entries of the block, over the batch.
+                let entries: usize = batch
+                    .iter()
+                    .map(|s| {
+                        let t = s.input_ids.len();
+                        (0..t)
+                            .filter(|&i| Group::of(s, i, image_token) == gq)
+                            .map(|i| {
+                                (0..=i)
+                                    .filter(|&j| Group::of(s, j, image_token) == gk)
+                                    .count()
+                            })
+                            .sum::<usize>()
+                    })
+                    .sum();
+                if entries == 0 {
+                    continue;
+                }
+                let n = (entries * map.as_ref().map_or(1, |_| hs)) as f64;
+                let scale = weight / terms;
+                let mut sum = 0.0f64;
+                for (si, s) in batch.iter().enumerate() {
+                    let t = s.input_ids.len();
+                    let ps = student.attention_probs(ls, si)?;
+                    let pt = &trace.attention[&lt][si];
+                    let rows = &req.query_rows[si];
+                    let g = &mut grads[si];
+                    for (ri, &i) in rows.iter().enumerate() {
+                        if Group::of(s, i, image_token) != gq {
+                            continue;
+                        }
+                        let teacher = |h: usize, j: usize| pt[(h * rows.len() + ri) * t + j] as f64;
+                        for j in (0..=i).filter(|&j| Group::of(s, j, image_token) == gk) {
+                            match &map {
+                                Some(map) => {
+                                    for (h, hr) in map.iter().enumerate() {
+                                        let want = hr.clone().map(|g| teacher(g, j)).sum::<f64>()
+                                            / hr.len() as f64;
+                                        let d = ps[(h * t + i) * t + j] as f64 - want;
+                                        sum += d * d;
+                                        g[(h * t + i) * t + j] += (scale * 2.0 * d / n) as f32;
+                                    }
+                                }
+                                None => {
+                                    let mean_s = (0..hs)
+                                        .map(|h| ps[(h * t + i) * t + j] as f64)
+                                        .sum::<f64>()
+                                        / hs as f64;
+                                    let mean_t =
+                                        (0..ht).map(|h| teacher(h, j)).sum::<f64>() / ht as f64;
+                                    let d = mean_s - mean_t;
+                                    sum += d * d;
+                                    for h in 0..hs {
+                                        g[(h * t + i) * t + j] +=
+                                            (scale * 2.0 * d / (n * hs as f64)) as f32;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                total += sum / n;
+            }
+            for (si, g) in grads.iter().enumerate() {
+                student.add_probs_grad(ls, si, g)?;
+            }
+        }
+        Ok((total / terms) as f32)
     }
 }
 

@@ -955,6 +955,20 @@ pub struct Trace {
     pub final_out: Vec<f32>,
     /// Outputs of the decoder layers asked for, by layer.
     pub hidden: BTreeMap<usize, Vec<f32>>,
+    /// Attention probabilities of the query rows asked for, by layer, then sequence:
+    /// `[heads, rows, t]`.
+    pub attention: BTreeMap<usize, Vec<Vec<f32>>>,
+}
+
+/// What [`TrainModel::trace`] keeps.
+#[derive(Debug, Clone, Default)]
+pub struct TraceRequest {
+    /// Decoder layers whose outputs to keep.
+    pub hidden: Vec<usize>,
+    /// Decoder layers whose attention probabilities to keep, for the rows `query_rows`.
+    pub attention: Vec<usize>,
+    /// Query rows of each sequence (increasing).
+    pub query_rows: Vec<Vec<usize>>,
 }
 
 /// LLaVA with trainable f32 parameters.
@@ -1309,18 +1323,91 @@ impl TrainModel {
     }
 
     /// A forward pass that keeps nothing for a backward, for a distillation teacher: the final
-    /// norm's output of every row (`[rows, hidden]`, what [`TrainModel::head_logits`] reads) and
-    /// the outputs of decoder layers `layers` (as [`TrainModel::hidden_state`]).
-    pub fn trace(&mut self, batch: &[TrainSeq], layers: &[usize]) -> Result<Trace> {
+    /// norm's output of every row (`[rows, hidden]`, what [`TrainModel::head_logits`] reads),
+    /// the outputs of the decoder layers `req.hidden` (as [`TrainModel::hidden_state`]) and, at
+    /// the layers `req.attention`, the attention probabilities of the query rows
+    /// `req.query_rows[i]` of each sequence `i` only (`[heads, rows, t]`).
+    pub fn trace(&mut self, batch: &[TrainSeq], req: &TraceRequest) -> Result<Trace> {
         self.forward_with(batch, &mut [])?;
         let mut hidden = BTreeMap::new();
-        for &l in layers {
+        for &l in &req.hidden {
             hidden.insert(l, self.hidden_state(l)?.to_vec());
+        }
+        let mut attention = BTreeMap::new();
+        let heads = self.config.text.num_attention_heads;
+        for &l in &req.attention {
+            let mut per_seq = Vec::with_capacity(batch.len());
+            for (i, s) in batch.iter().enumerate() {
+                let rows = req.query_rows.get(i).map_or(&[][..], Vec::as_slice);
+                let t = s.input_ids.len();
+                let pr = self.attention_probs(l, i)?;
+                let mut out = Vec::with_capacity(heads * rows.len() * t);
+                for h in 0..heads {
+                    for &r in rows {
+                        out.extend_from_slice(&pr[(h * t + r) * t..(h * t + r + 1) * t]);
+                    }
+                }
+                per_seq.push(out);
+            }
+            attention.insert(l, per_seq);
         }
         let last = self.hidden_state(self.layers.len() - 1)?;
         let final_out = rms_forward(&self.params, self.norm, last, self.config.text.rms_norm_eps)?;
         self.cache = None;
-        Ok(Trace { final_out, hidden })
+        Ok(Trace {
+            final_out,
+            hidden,
+            attention,
+        })
+    }
+
+    /// The attention probabilities `[heads, t, t]` (query row, then key) of decoder layer
+    /// `layer` for sequence `seq` of the last forward.
+    pub fn attention_probs(&self, layer: usize, seq: usize) -> Result<&[f32]> {
+        let c = self.cache.as_ref().ok_or_else(|| {
+            Error::arg("attention_probs", "no forward pass whose attention to read")
+        })?;
+        let lc = c.decoder.get(layer).ok_or_else(|| {
+            Error::arg(
+                "layer",
+                format!(
+                    "is {layer} but the model has {} decoder layers",
+                    c.decoder.len()
+                ),
+            )
+        })?;
+        lc.probs.get(seq).map(Vec::as_slice).ok_or_else(|| {
+            Error::arg(
+                "sequence",
+                format!("is {seq} but the batch has {}", lc.probs.len()),
+            )
+        })
+    }
+
+    /// Adds `grad` (the layout of [`TrainModel::attention_probs`]) to the gradient the next
+    /// [`TrainModel::backward`] sends into those probabilities: the way an objective on
+    /// attention maps (distillation's attention alignment) joins the backward.
+    pub fn add_probs_grad(&mut self, layer: usize, seq: usize, grad: &[f32]) -> Result<()> {
+        let want = self.attention_probs(layer, seq)?.len();
+        if grad.len() != want {
+            return Err(Error::Shape {
+                name: format!("gradient of layer {layer}'s attention, sequence {seq}"),
+                expected: vec![want],
+                got: vec![grad.len()],
+            });
+        }
+        let c = self.cache.as_mut().expect("checked by attention_probs");
+        let seqs = c.lens.len();
+        let d = &mut c
+            .dprobs
+            .entry(layer)
+            .or_insert_with(|| vec![Vec::new(); seqs])[seq];
+        if d.is_empty() {
+            *d = grad.to_vec();
+        } else {
+            ops::add(d, grad);
+        }
+        Ok(())
     }
 
     /// The LM head's logits `[rows, vocab]` of final-norm outputs `x` (`[rows, hidden]`).

@@ -4,8 +4,9 @@
 //! - `losses.csv`: `step,loss,grad_norm,lr,tokens,grounding`, one row per optimizer step (`step`
 //!   counts from 1; `loss` is the mean of the micro-batch cross-entropies before the update;
 //!   `grad_norm` before clipping, empty without clipping; `lr` the peak-group rate used;
-//!   `grounding` the mean attention-grounding loss, empty without one; `kd` and `hidden` the
-//!   distillation losses of a `[distill]` run, empty otherwise, see [`super::distill`]).
+//!   `grounding` the mean attention-grounding loss, empty without one; `kd`, `hidden` and
+//!   `attention` the distillation losses of a `[distill]` run, empty otherwise, see
+//!   [`super::distill`]).
 //! - `loss.svg` / `loss.png`: the loss curve, rewritten at the end of each run.
 //! - `checkpoint-NNNNNN/`: a transformers-loadable checkpoint ([`save_checkpoint`]) plus
 //!   `optimizer.safetensors` ([`AdamW::save`]) and `trainer_state.json` (step, loader position),
@@ -638,6 +639,8 @@ pub struct StepRecord {
     pub kd: Option<f32>,
     /// Mean hidden-alignment loss (unweighted), with `[distill.hidden]`.
     pub hidden: Option<f32>,
+    /// Mean attention-alignment loss (unweighted), with `[distill.attention]`.
+    pub attention: Option<f32>,
 }
 
 /// What a [`train`] call did.
@@ -672,13 +675,14 @@ struct Latest {
     step: u64,
 }
 
-const LOSS_HEADER: &str = "step,loss,grad_norm,lr,tokens,grounding,kd,hidden";
+const LOSS_HEADER: &str = "step,loss,grad_norm,lr,tokens,grounding,kd,hidden,attention";
 
 fn csv_row(r: &StepRecord) -> String {
     let opt = |x: Option<f32>| x.map(|g| g.to_string()).unwrap_or_default();
     let (gn, gl, kd, hd) = (opt(r.grad_norm), opt(r.grounding), opt(r.kd), opt(r.hidden));
+    let at = opt(r.attention);
     format!(
-        "{},{},{gn},{},{},{gl},{kd},{hd}\n",
+        "{},{},{gn},{},{},{gl},{kd},{hd},{at}\n",
         r.step, r.loss, r.lr, r.tokens
     )
 }
@@ -699,7 +703,7 @@ fn read_losses(path: &Path) -> Result<Vec<StepRecord>> {
         }
         // Files written before the grounding column have five fields, before distillation's six.
         let f: Vec<&str> = line.split(',').collect();
-        if ![5, 6, 8].contains(&f.len()) {
+        if ![5, 6, 9].contains(&f.len()) {
             return Err(parse_err(i + 1));
         }
         let optional = |x: Option<&&str>| -> Result<Option<f32>> {
@@ -717,6 +721,7 @@ fn read_losses(path: &Path) -> Result<Vec<StepRecord>> {
             grounding: optional(f.get(5))?,
             kd: optional(f.get(6))?,
             hidden: optional(f.get(7))?,
+            attention: optional(f.get(8))?,
         });
     }
     Ok(out)
@@ -1087,7 +1092,8 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
         let lr = opt.schedule.lr(cfg.lr, opt.steps_taken());
         let mut loss_sum = 0.0f64;
         let mut grounding = (0.0f64, 0usize);
-        let (mut kd, mut hidden) = ((0.0f64, 0usize), (0.0f64, 0usize));
+        let mut kd = (0.0f64, 0usize);
+        let (mut hidden, mut attention) = (kd, kd);
         let mut tokens = 0u64;
         for micro in 0..cfg.grad_accum {
             let (_, idx) = loader.next_batch();
@@ -1106,7 +1112,12 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
             let loss = match distill.as_mut() {
                 Some(d) => {
                     let l = d.forward(&mut m, &seqs)?;
-                    for (acc, v) in [(&mut kd, l.kd), (&mut hidden, l.hidden)] {
+                    let parts = [
+                        (&mut kd, l.kd),
+                        (&mut hidden, l.hidden),
+                        (&mut attention, l.attention),
+                    ];
+                    for (acc, v) in parts {
                         if let Some(v) = v {
                             *acc = (acc.0 + v as f64, acc.1 + 1);
                         }
@@ -1152,6 +1163,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
             grounding: (grounding.1 > 0).then(|| (grounding.0 / grounding.1 as f64) as f32),
             kd: (kd.1 > 0).then(|| (kd.0 / kd.1 as f64) as f32),
             hidden: (hidden.1 > 0).then(|| (hidden.0 / hidden.1 as f64) as f32),
+            attention: (attention.1 > 0).then(|| (attention.0 / attention.1 as f64) as f32),
         };
         csv.write_all(csv_row(&rec).as_bytes())
             .and_then(|_| csv.flush())
@@ -1160,6 +1172,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
             ("ground", rec.grounding),
             ("kd", rec.kd),
             ("hidden", rec.hidden),
+            ("attn", rec.attention),
         ]
         .iter()
         .filter_map(|(n, v)| v.map(|v| format!(" {n} {v:.3}")))
