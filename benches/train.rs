@@ -60,6 +60,7 @@ fn batch(c: &LlavaConfig) -> Vec<TrainSeq> {
                 })
                 .collect(),
             grounding: Vec::new(),
+            prompt: Vec::new(),
         })
         .collect()
 }

@@ -284,7 +284,9 @@ fn grounding_loss_falls_and_is_logged() {
     assert_eq!(csv.lines().count(), 13);
     let grounding = |l: &str| l.split(',').nth(5).map(str::to_owned);
     assert!(
-        csv.lines().skip(1).all(|l| grounding(l).is_some_and(|g| !g.is_empty())),
+        csv.lines()
+            .skip(1)
+            .all(|l| grounding(l).is_some_and(|g| !g.is_empty())),
         "{csv}"
     );
 }
@@ -1248,6 +1250,7 @@ fn distill_table(teacher: &Path) -> DistillConfig {
             shared: false,
         }),
         attention: None,
+        prune: None,
     }
 }
 

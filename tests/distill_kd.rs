@@ -6,14 +6,13 @@
 
 mod common;
 
-use common::{load_ref, reference_dir};
+use common::{check_objective_gradient, load_ref, reference_dir};
 use fineprune::train::checkpoint::save_checkpoint;
 use fineprune::train::distill::{
-    AttentionConfig, DistillConfig, DistillLosses, Distiller, DivergenceName, HiddenConfig,
-    HiddenLoss, LogitsConfig, Pairs, Tokens,
+    AttentionConfig, DistillConfig, Distiller, DivergenceName, HiddenConfig, HiddenLoss,
+    LogitsConfig, Pairs, Tokens,
 };
 use fineprune::train::model::{TrainModel, TrainSeq};
-use fineprune::train::optim::zero_grads;
 use fineprune::train::student::{FreshLm, StudentSpec, init_student};
 use std::path::{Path, PathBuf};
 
@@ -34,6 +33,7 @@ fn batch() -> Vec<TrainSeq> {
             labels: r[&format!("labels.{i}")].i.clone(),
             pixel_values: r[&format!("pixel_values.{i}")].f.clone(),
             grounding: Vec::new(),
+            prompt: Vec::new(),
         })
         .collect()
 }
@@ -150,6 +150,7 @@ fn logit_kd_reads_the_rows_that_predict_answers() {
             logits: Some(logits_cfg(DivergenceName::ForwardKl, tokens, t as f32)),
             hidden: None,
             attention: None,
+            prune: None,
         };
         let mut d = Distiller::new(&cfg, &mut student, 0).unwrap();
         let got = d.forward(&mut student, &seqs).unwrap();
@@ -163,70 +164,6 @@ fn logit_kd_reads_the_rows_that_predict_answers() {
         let ce = student.forward(&seqs).unwrap();
         assert_eq!(got.ce, ce);
     }
-}
-
-/// The gradient of the whole objective `w_ce·CE + w_kd·KD + w_h·hidden + w_a·attention` of
-/// `cfg` at student `m`: analytic (forward + backward) against central finite differences of the
-/// objective, at the largest-gradient entry of every tensor. Returns how many were checked.
-fn check_objective_gradient(mut m: TrainModel, cfg: &DistillConfig, seed: u64) -> usize {
-    let seqs = batch();
-    let mut d = Distiller::new(cfg, &mut m, seed).unwrap();
-    let w = |x: Option<f64>| x.unwrap_or(0.0);
-    let (wkd, wh, wa) = (
-        w(cfg.logits.as_ref().map(|l| l.weight)),
-        w(cfg.hidden.as_ref().map(|h| h.weight)),
-        w(cfg.attention.as_ref().map(|a| a.weight)),
-    );
-    let objective = |l: DistillLosses| {
-        let v = |x: Option<f32>| x.unwrap_or(0.0) as f64;
-        cfg.ce_weight * l.ce as f64 + wkd * v(l.kd) + wh * v(l.hidden) + wa * v(l.attention)
-    };
-    zero_grads(&mut m.params);
-    let l0 = d.forward(&mut m, &seqs).unwrap();
-    m.backward().unwrap();
-    println!("losses {l0:?}");
-    let grads: Vec<Vec<f32>> = m.params.iter().map(|p| p.grad.clone()).collect();
-    let mut checked = 0;
-    for (i, g) in grads.iter().enumerate() {
-        let Some((j, &want)) = g
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
-        else {
-            continue;
-        };
-        // The projectors' gradients are small (their loss is one term of several).
-        let floor = if m.params[i].name.starts_with("align.") {
-            2e-3
-        } else {
-            0.02
-        };
-        if want.abs() < floor {
-            continue;
-        }
-        let h = 1e-3f32;
-        let x0 = m.params[i].value[j];
-        let mut at = |x: f32| {
-            m.params[i].value[j] = x;
-            objective(d.forward(&mut m, &seqs).unwrap())
-        };
-        let fd = ((at(x0 + h) - at(x0 - h)) / (2.0 * h as f64)) as f32;
-        at(x0);
-        let err = (fd - want).abs();
-        let tol = 1e-2 * want.abs() + 2e-4;
-        let name = &m.params[i].name;
-        println!(
-            "{name} [{j}]: analytic {want:.5} fd {fd:.5} err/tol {:.2}",
-            err / tol
-        );
-        assert!(
-            err <= tol,
-            "{name} [{j}]: analytic {want} vs finite difference {fd}"
-        );
-        checked += 1;
-    }
-    println!("checked {checked} of {} tensors", m.params.len());
-    checked
 }
 
 fn attention_cfg(blocks: &[&str], pairs: Pairs, weight: f64) -> AttentionConfig {
@@ -263,8 +200,9 @@ fn distillation_gradient_matches_finite_differences() {
             Pairs::List(vec![[0, 1], [2, 2]]),
             300.0,
         )),
+        prune: None,
     };
-    let checked = check_objective_gradient(m, &cfg, 3);
+    let checked = check_objective_gradient(m, &cfg, 3, &batch(), 1e-3);
     // Every block: vision, projector, each decoder layer, head, and the alignment projectors.
     assert!(checked >= 75, "{checked}");
 }
@@ -299,8 +237,9 @@ fn attention_alignment_maps_heads_and_matches_finite_differences() {
             Pairs::Named("evenly:2".into()),
             300.0,
         )),
+        prune: None,
     };
-    let checked = check_objective_gradient(m, &cfg, 5);
+    let checked = check_objective_gradient(m, &cfg, 5, &batch(), 1e-3);
     assert!(checked >= 20, "{checked}");
 }
 
@@ -321,6 +260,7 @@ fn attention_alignment_is_the_mse_of_the_blocks_probabilities() {
             Pairs::Named("last".into()),
             1.0,
         )),
+        prune: None,
     };
     let mut same = TrainModel::from_dir(&teacher_dir()).unwrap();
     let mut d = Distiller::new(&cfg, &mut same, 0).unwrap();

@@ -35,6 +35,7 @@ fn batch(
             labels: r[&format!("labels.{i}")].i.clone(),
             pixel_values: r[&format!("pixel_values.{i}")].f.clone(),
             grounding: Vec::new(),
+            prompt: Vec::new(),
         })
         .collect();
     (seqs, r)

@@ -53,6 +53,7 @@ fn ten_adamw_steps_match_torch() {
             labels: r[&format!("labels.{i}")].i.clone(),
             pixel_values: r[&format!("pixel_values.{i}")].f.clone(),
             grounding: Vec::new(),
+            prompt: Vec::new(),
         })
         .collect();
     let mut m = TrainModel::from_dir(&dir.join(name)).unwrap();

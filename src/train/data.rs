@@ -21,7 +21,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::image::{ImageProcessorConfig, load_image};
-use crate::model::template::{IMAGE_PLACEHOLDER, ImageSlot, LLAVA_SYSTEM};
+use crate::model::template::{IMAGE_PLACEHOLDER, ImageSlot, LLAVA_SYSTEM, Segment};
 use crate::model::tokenizer::Tokenizer;
 use crate::train::model::{GroundedRow, Grounding, HeadShare};
 use std::path::{Path, PathBuf};
@@ -95,6 +95,10 @@ pub struct TrainSample {
     /// before each [`Turn::patches`] (or [`Turn::parts`]) answer, with their patches (see
     /// [`Encoder::encode_text`]).
     pub grounding: Vec<Grounding>,
+    /// Segments of the first turn's prompt, one per position before its answer (see
+    /// [`crate::model::template::Segment`]): how a pruned training forward ranks image tokens as
+    /// the engine would for that question.
+    pub prompt: Vec<Segment>,
 }
 
 impl TrainSample {
@@ -312,6 +316,9 @@ pub fn read_conversations(path: &Path) -> Result<Vec<Conversation>> {
     parse_conversations(&text, path)
 }
 
+/// Token ids, labels, grounded rows and the first prompt's segments of one conversation.
+type Encoded = (Vec<u32>, Vec<i64>, Vec<Grounding>, Vec<Segment>);
+
 /// Turns conversations into [`TrainSample`]s.
 pub struct Encoder<'a> {
     pub tokenizer: &'a Tokenizer,
@@ -380,6 +387,14 @@ impl<'a> Encoder<'a> {
     /// `[:model_max_length]`), with the grounded rows whose answer starts within them; it is an
     /// error when that would cut into the image tokens or leaves nothing to train.
     pub fn encode_text(&self, conv: &Conversation) -> Result<(Vec<u32>, Vec<i64>, Vec<Grounding>)> {
+        self.encode_all(conv)
+            .map(|(ids, labels, grounding, _)| (ids, labels, grounding))
+    }
+
+    /// [`Encoder::encode_text`] and the segments of the first turn's prompt (every position
+    /// before its answer), labelled as the engine's `build_prompt` labels an inference prompt:
+    /// what a pruned training forward ranks with.
+    fn encode_all(&self, conv: &Conversation) -> Result<Encoded> {
         let (text, spans, questions) = self.render_with_questions(conv);
         let enc = self.tokenizer.encode(&text, true)?;
         let mut labels: Vec<i64> = enc
@@ -470,6 +485,7 @@ impl<'a> Encoder<'a> {
                 )));
             }
         }
+        let prompt = self.first_prompt(conv, &ids, &enc.offsets, &spans, &questions);
         ids.truncate(self.max_len);
         labels.truncate(self.max_len);
         if labels.iter().all(|&l| l == IGNORE) {
@@ -479,13 +495,57 @@ impl<'a> Encoder<'a> {
                 enc.offsets.len()
             )));
         }
-        Ok((ids, labels, grounding))
+        Ok((ids, labels, grounding, prompt))
+    }
+
+    /// Segments of the first turn's prompt: BOS, system prompt, `USER:` and any question text
+    /// before the image are [`Segment::System`], image tokens [`Segment::Image`], the question
+    /// after the image [`Segment::Text`], the rest (` ASSISTANT:`) [`Segment::Template`].
+    fn first_prompt(
+        &self,
+        conv: &Conversation,
+        ids: &[u32],
+        offsets: &[(usize, usize)],
+        spans: &[(usize, usize)],
+        questions: &[usize],
+    ) -> Vec<Segment> {
+        let (Some(turn), Some(&(answer, _)), Some(&q)) =
+            (conv.turns.first(), spans.first(), questions.first())
+        else {
+            return Vec::new();
+        };
+        let image_id = self.tokenizer.token_to_id(&self.image_slot.token);
+        let expanded = self.image_slot.token.len() * self.image_slot.count;
+        let (image_start, q_start) = match turn.question.find(IMAGE_PLACEHOLDER) {
+            Some(p) if conv.image.is_some() => (q + p, q + p + expanded),
+            _ => (q, q),
+        };
+        let rendered = turn.question.replace(
+            IMAGE_PLACEHOLDER,
+            &self.image_slot.token.repeat(self.image_slot.count),
+        );
+        let q_end = q + rendered.len();
+        ids.iter()
+            .zip(offsets)
+            .take_while(|&(_, &(s, e))| (s == 0 && e == 0) || s < answer)
+            .map(|(&id, &(s, e))| {
+                if Some(id) == image_id && conv.image.is_some() {
+                    Segment::Image
+                } else if s < image_start || (s == 0 && e == 0) {
+                    Segment::System
+                } else if s >= q_start && s < q_end {
+                    Segment::Text
+                } else {
+                    Segment::Template
+                }
+            })
+            .collect()
     }
 
     /// Tokenizes `conv` and, when it has an image and a processor is set, loads
     /// `image_folder/{image}` and preprocesses it.
     pub fn encode(&self, conv: &Conversation, image_folder: &Path) -> Result<TrainSample> {
-        let (input_ids, labels, grounding) = self.encode_text(conv)?;
+        let (input_ids, labels, grounding, prompt) = self.encode_all(conv)?;
         let pixel_values = match (&conv.image, &self.image_processor) {
             (Some(file), Some(proc)) => {
                 let path = image_folder.join(file);
@@ -503,6 +563,7 @@ impl<'a> Encoder<'a> {
             labels,
             pixel_values,
             grounding,
+            prompt,
         })
     }
 }

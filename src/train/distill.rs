@@ -25,6 +25,12 @@
 //! blocks = ["answer->image"]           # query group -> key group: image, text, answer
 //! pairs = "last"                       # as for hidden
 //! weight = 1.0
+//!
+//! [distill.prune]                      # pruning-aware: the student runs pruned, the teacher not
+//! layers = [1]                         # FastV's K of each stage
+//! keep = [0.25]                        # fraction (or count, >= 1) of image tokens kept
+//! head = "sum"                         # head strategy (PRUNING.md)
+//! query = "last_token"                 # query strategy
 //! ```
 //!
 //! The objective is `ce_weight · CE + Σ weight_i · L_i`. Both models read the same rows: row `t`
@@ -57,6 +63,7 @@ use crate::model::config::{LlavaConfig, ModelConfig};
 use crate::ops::kd::{Divergence, LogitKd, mse_row};
 use crate::ops::matmul::{linear_backward, matmul_nt};
 use crate::ops::{self, act};
+use crate::prune::{Keep, PrunePlan, Stage, StrategyParams, head_strategy, query_strategy};
 
 /// File of a checkpoint folder holding the alignment projectors (not part of the model).
 pub const ALIGN_FILE: &str = "align.safetensors";
@@ -86,6 +93,88 @@ pub struct DistillConfig {
     pub hidden: Option<HiddenConfig>,
     #[serde(default)]
     pub attention: Option<AttentionConfig>,
+    #[serde(default)]
+    pub prune: Option<PruneConfig>,
+}
+
+fn default_head() -> String {
+    "sum".into()
+}
+fn default_query() -> String {
+    "last_token".into()
+}
+fn default_head_keep() -> f64 {
+    0.5
+}
+
+/// `[distill.prune]`: pruning-aware distillation. The student's forward prunes image tokens as
+/// this plan says ([`TrainModel::set_prune`], exactly as the engine prunes at inference), the
+/// teacher's does not, so the student learns to answer from the kept tokens what the teacher
+/// answers from all of them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PruneConfig {
+    /// `K` of each stage (the first layer without the dropped tokens), increasing.
+    pub layers: Vec<usize>,
+    /// Kept image tokens per stage: a fraction in (0, 1], or a count (> 1).
+    pub keep: Vec<f64>,
+    #[serde(default = "default_head")]
+    pub head: String,
+    #[serde(default = "default_query")]
+    pub query: String,
+    #[serde(default = "default_head_keep")]
+    pub head_keep: f64,
+    #[serde(default)]
+    pub query_n: Option<usize>,
+    #[serde(default)]
+    pub top_k: Option<usize>,
+    #[serde(default)]
+    pub tau: Option<usize>,
+    #[serde(default)]
+    pub renumber: bool,
+}
+
+impl PruneConfig {
+    /// The plan these settings describe (strategies looked up by name).
+    pub fn plan(&self) -> Result<PrunePlan> {
+        let bad = |m: String| Err(Error::arg("distill.prune", m));
+        if self.layers.is_empty() || self.layers.len() != self.keep.len() {
+            return bad(format!(
+                "needs one `keep` per entry of `layers` (got {} layers, {} keeps)",
+                self.layers.len(),
+                self.keep.len()
+            ));
+        }
+        let mut p = StrategyParams::default();
+        p.query_n = self.query_n.unwrap_or(p.query_n);
+        p.top_k = self.top_k.or(p.top_k);
+        p.tau = self.tau.unwrap_or(p.tau);
+        let mut stages = Vec::new();
+        for (&layer, &k) in self.layers.iter().zip(&self.keep) {
+            let keep = if k > 0.0 && k <= 1.0 {
+                Keep::Fraction(k)
+            } else if k > 1.0 && k.fract() == 0.0 {
+                Keep::Count(k as usize)
+            } else {
+                return bad(format!(
+                    "keep {k} must be a fraction in (0, 1] or a whole count"
+                ));
+            };
+            stages.push(Stage { layer, keep });
+        }
+        if stages.windows(2).any(|w| w[0].layer >= w[1].layer) || stages[0].layer == 0 {
+            return bad(format!(
+                "layers {:?} must increase and start at 1 or later",
+                self.layers
+            ));
+        }
+        let mut plan = PrunePlan::new(stages);
+        plan.head = head_strategy(&self.head, &p)?;
+        plan.query = query_strategy(&self.query, &p)?;
+        plan.head_keep = self.head_keep;
+        plan.renumber = self.renumber;
+        Ok(plan)
+    }
 }
 
 /// Which rows a loss reads.
@@ -346,6 +435,9 @@ impl DistillConfig {
             weight_ok("distill.attention.weight", a.weight)?;
             a.blocks()?;
         }
+        if let Some(p) = &self.prune {
+            p.plan()?;
+        }
         let total = self.ce_weight
             + self.logits.as_ref().map_or(0.0, |l| l.weight)
             + self.hidden.as_ref().map_or(0.0, |h| h.weight)
@@ -425,11 +517,40 @@ impl DistillConfig {
                 .resolve(s.text.num_hidden_layers, t.text.num_hidden_layers)?;
         }
         if let Some(a) = &self.attention {
-            a.pairs
+            let pairs = a
+                .pairs
                 .resolve(s.text.num_hidden_layers, t.text.num_hidden_layers)
                 .map_err(|e| rename_field(e, "distill.attention.pairs"))?;
+            check_attention_before_pruning(&pairs, self.prune.as_ref())?;
+        }
+        if let Some(p) = &self.prune {
+            p.plan()?
+                .kept_counts(s.text.num_hidden_layers, s.image_tokens())
+                .map_err(|e| rename_field(e, "distill.prune"))?;
         }
         Ok(())
+    }
+}
+
+/// Attention alignment reads the student's maps as the batch has them: refuses a student layer
+/// at or after the first pruning stage, whose rows are fewer.
+fn check_attention_before_pruning(
+    pairs: &[(usize, usize)],
+    prune: Option<&PruneConfig>,
+) -> Result<()> {
+    let Some(first) = prune.and_then(|p| p.layers.first()) else {
+        return Ok(());
+    };
+    match pairs.iter().find(|p| p.0 >= *first) {
+        Some(p) => Err(Error::arg(
+            "distill.attention.pairs",
+            format!(
+                "student layer {} is at or after the first pruning stage (layer {first}): its \
+                 attention covers the kept tokens only; align layers before it",
+                p.0
+            ),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -675,6 +796,8 @@ impl Distiller {
             ),
             None => (Vec::new(), Vec::new()),
         };
+        check_attention_before_pruning(&attn_pairs, cfg.prune.as_ref())?;
+        student.set_prune(cfg.prune.as_ref().map(PruneConfig::plan).transpose()?)?;
         Ok(Distiller {
             cfg: cfg.clone(),
             teacher,
@@ -808,17 +931,26 @@ impl Distiller {
         let pair_scale = h.weight as f32 / self.pairs.len() as f32;
         let mut total = 0.0f64;
         for (&(ls, lt), proj) in self.pairs.iter().zip(&self.projectors) {
+            // (student row, batch row) of the rows present in the student's layer (a pruned
+            // student has dropped some image rows).
+            let present: Vec<(usize, usize)> = student
+                .hidden_rows(ls)?
+                .iter()
+                .enumerate()
+                .filter(|&(_, r)| rows.binary_search(r).is_ok())
+                .map(|(k, &r)| (k, r))
+                .collect();
             let hs = student.hidden_state(ls)?;
             let states = hs.len();
-            let x: Vec<f32> = rows
+            let x: Vec<f32> = present
                 .iter()
-                .flat_map(|&r| &hs[r * ds..(r + 1) * ds])
+                .flat_map(|&(k, _)| &hs[k * ds..(k + 1) * ds])
                 .copied()
                 .collect();
             let ht = &teacher_hidden[&lt];
-            let target: Vec<f32> = rows
+            let target: Vec<f32> = present
                 .iter()
-                .flat_map(|&r| &ht[r * dt..(r + 1) * dt])
+                .flat_map(|&(_, r)| &ht[r * dt..(r + 1) * dt])
                 .copied()
                 .collect();
             let (y, cache) = proj.forward(&student.params, &x);
@@ -830,8 +962,8 @@ impl Distiller {
             dy.iter_mut().for_each(|d| *d *= pair_scale);
             let dx = proj.backward(&mut student.params, &cache, &dy)?;
             let mut full = vec![0.0f32; states];
-            for (k, &r) in rows.iter().enumerate() {
-                full[r * ds..(r + 1) * ds].copy_from_slice(&dx[k * ds..(k + 1) * ds]);
+            for (j, &(k, _)) in present.iter().enumerate() {
+                full[k * ds..(k + 1) * ds].copy_from_slice(&dx[j * ds..(j + 1) * ds]);
             }
             student.add_hidden_grad(ls, &full)?;
         }

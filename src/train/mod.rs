@@ -17,6 +17,8 @@
 //! - [`distill`]: knowledge distillation from a frozen teacher (logit losses, hidden-state
 //!   alignment through dropped projectors), the `[distill]` table of a training config.
 //! - [`run`]: the training loop behind `distill train`: TOML config, losses, resumable checkpoints.
+//! - [`regenerate`]: `distill regenerate`, the teacher re-answers a training set (LLaVADI).
+//! - [`teacher_cache`]: `distill cache-teacher`, the teacher's top-k logit-KD targets, written once.
 
 pub mod checkpoint;
 pub mod data;
@@ -24,7 +26,9 @@ pub mod distill;
 pub mod model;
 pub mod new_model;
 pub mod optim;
+pub mod regenerate;
 pub mod run;
 pub mod student;
+pub mod teacher_cache;
 pub mod tokenizer_train;
 pub mod vision_pretrain;

@@ -23,11 +23,13 @@
 use super::optim::{Param, decay_group};
 use crate::error::{Error, Result};
 use crate::model::config::{LlavaConfig, ModelConfig, SelectStrategy};
+use crate::model::template::Segment;
 use crate::model::weights::Weights;
 use crate::ops::attention::{AttnShape, attention_backward, attention_with_probs};
 use crate::ops::loss::{IGNORE_INDEX, cross_entropy};
 use crate::ops::matmul::{linear_backward, matmul_nt};
 use crate::ops::{self, act, embed, norm, rope};
+use crate::prune::{PrunePlan, score};
 use crate::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -45,6 +47,10 @@ pub struct TrainSeq {
     pub pixel_values: Vec<f32>,
     /// Rows whose attention a [`GroundingLoss`] supervises (none: the sequence adds nothing to it).
     pub grounding: Vec<Grounding>,
+    /// Segments of the first turn's prompt (its positions before the answer), as the engine
+    /// labels an inference prompt; a pruned forward ([`TrainModel::set_prune`]) ranks the image
+    /// tokens from them exactly as the engine would for that question. May be empty otherwise.
+    pub prompt: Vec<Segment>,
 }
 
 /// A row of a sequence whose attention should fall on some of the sequence's image tokens: the
@@ -593,6 +599,10 @@ struct DecoderLayer {
 
 /// What one decoder layer's backward needs (rows of every sequence, concatenated).
 struct DecoderCache {
+    /// RoPE positions of each sequence's rows entering the layer, and the batch row (before any
+    /// pruning) each of those rows is.
+    pos: Vec<Vec<usize>>,
+    origin: Vec<usize>,
     x: Vec<f32>,
     xn1: Vec<f32>,
     q: Vec<f32>,
@@ -626,7 +636,7 @@ impl DecoderLayer {
         p: &[Param],
         c: &LlavaConfig,
         inv_freq: &[f32],
-        lens: &[usize],
+        positions: &[Vec<usize>],
         x: &mut [f32],
     ) -> Result<DecoderCache> {
         let tc = &c.text;
@@ -637,14 +647,14 @@ impl DecoderLayer {
         let mut k = self.k_proj.forward(p, &xn1);
         let v = self.v_proj.forward(p, &xn1);
         let mut o = vec![0.0f32; q.len()];
-        let mut probs = Vec::with_capacity(lens.len());
+        let mut probs = Vec::with_capacity(positions.len());
         let mut r0 = 0;
-        for &t in lens {
-            let pos: Vec<usize> = (0..t).collect();
+        for pos in positions {
+            let t = pos.len();
             let qs = &mut q[r0 * nh * hd..(r0 + t) * nh * hd];
             let ks = &mut k[r0 * nkv * hd..(r0 + t) * nkv * hd];
-            rope::apply_rope(qs, nh, hd, &pos, inv_freq);
-            rope::apply_rope(ks, nkv, hd, &pos, inv_freq);
+            rope::apply_rope(qs, nh, hd, pos, inv_freq);
+            rope::apply_rope(ks, nkv, hd, pos, inv_freq);
             let vs = &v[r0 * nkv * hd..(r0 + t) * nkv * hd];
             let (out, pr) = attention_with_probs(qs, ks, vs, attn_shape(c, t));
             o[r0 * nh * hd..(r0 + t) * nh * hd].copy_from_slice(&out);
@@ -660,6 +670,8 @@ impl DecoderLayer {
         act::silu_mul(&mut a, &up);
         ops::add(x, &self.down_proj.forward(p, &a));
         Ok(DecoderCache {
+            pos: positions.to_vec(),
+            origin: Vec::new(),
             x: x_in,
             xn1,
             q,
@@ -681,7 +693,6 @@ impl DecoderLayer {
         p: &mut [Param],
         c: &LlavaConfig,
         inv_freq: &[f32],
-        lens: &[usize],
         cache: &DecoderCache,
         dprobs: &[Vec<f32>],
         dx: &mut [f32],
@@ -706,8 +717,8 @@ impl DecoderLayer {
         let mut dk = vec![0.0f32; cache.k.len()];
         let mut dv = vec![0.0f32; cache.v.len()];
         let mut r0 = 0;
-        for (i, (&t, probs)) in lens.iter().zip(&cache.probs).enumerate() {
-            let pos: Vec<usize> = (0..t).collect();
+        for (i, (pos, probs)) in cache.pos.iter().zip(&cache.probs).enumerate() {
+            let t = pos.len();
             let dp = dprobs.get(i).filter(|d| !d.is_empty());
             let (qr, kr) = (
                 r0 * nh * hd..(r0 + t) * nh * hd,
@@ -722,8 +733,8 @@ impl DecoderLayer {
                 &d_o[qr.clone()],
                 attn_shape(c, t),
             );
-            rope::apply_rope_backward(&mut gq, nh, hd, &pos, inv_freq);
-            rope::apply_rope_backward(&mut gk, nkv, hd, &pos, inv_freq);
+            rope::apply_rope_backward(&mut gq, nh, hd, pos, inv_freq);
+            rope::apply_rope_backward(&mut gk, nkv, hd, pos, inv_freq);
             dq[qr].copy_from_slice(&gq);
             dk[kr.clone()].copy_from_slice(&gk);
             dv[kr].copy_from_slice(&gv);
@@ -826,6 +837,105 @@ fn grounding_loss<'a>(
 /// The grounding loss's gradient on attention probabilities: for each supervised decoder layer,
 /// one `[heads, t, t]` per sequence (empty for sequences without a row at that layer).
 type LayerDprobs = BTreeMap<usize, Vec<Vec<f32>>>;
+
+/// The pruning of one forward: which stage prunes at which layer, each sequence's prompt
+/// segments and the kept image tokens so far.
+struct Pruner<'a> {
+    plan: &'a PrunePlan,
+    counts: Vec<usize>,
+    /// Segment of each current row of each sequence that is part of its first prompt.
+    prompts: Vec<Vec<Segment>>,
+    /// Original image-token index of each current image row of each sequence.
+    images: Vec<Vec<usize>>,
+    /// `[sequence][stage]` kept image tokens (original indices).
+    kept: Vec<Vec<Vec<usize>>>,
+}
+
+impl<'a> Pruner<'a> {
+    fn new(plan: &'a PrunePlan, batch: &[TrainSeq], layers: usize, ntok: usize) -> Result<Self> {
+        let counts = plan.kept_counts(layers, ntok)?;
+        for (i, s) in batch.iter().enumerate() {
+            let images = s.prompt.iter().filter(|&&g| g == Segment::Image).count();
+            if images != ntok || s.prompt.len() > s.input_ids.len() {
+                return Err(Error::Prompt(format!(
+                    "sequence {i}: a pruned forward needs the first prompt's segments with its \
+                     {ntok} image tokens (got {} segments, {images} image)",
+                    s.prompt.len()
+                )));
+            }
+        }
+        Ok(Pruner {
+            plan,
+            counts,
+            prompts: batch.iter().map(|s| s.prompt.clone()).collect(),
+            images: batch.iter().map(|_| (0..ntok).collect()).collect(),
+            kept: vec![Vec::new(); batch.len()],
+        })
+    }
+
+    /// The number of image tokens to keep when a stage prunes before layer `layer`.
+    fn prunes_at(&self, layer: usize) -> Option<usize> {
+        let i = self.plan.stages.iter().position(|s| s.layer == layer)?;
+        Some(self.counts[i])
+    }
+
+    /// Ranks every sequence's image tokens from the probabilities `probs[i]` (`[heads, t, t]`)
+    /// of the layer before the stage, keeps `keep`, updates `pos`, and returns the surviving
+    /// rows of the batch (indices into the current rows, end to end).
+    fn prune(
+        &mut self,
+        keep: usize,
+        probs: &[Vec<f32>],
+        heads: usize,
+        pos: &mut [Vec<usize>],
+    ) -> Result<Vec<usize>> {
+        let mut rows = Vec::new();
+        let mut r0 = 0;
+        for (i, pr) in probs.iter().enumerate() {
+            let t = pos[i].len();
+            let prompt = &self.prompts[i];
+            let q_rows = self.plan.query.candidates(prompt);
+            let image_cols: Vec<usize> = (0..prompt.len())
+                .filter(|&j| prompt[j] == Segment::Image)
+                .collect();
+            let mut sel = Vec::with_capacity(heads * q_rows.len() * image_cols.len());
+            for h in 0..heads {
+                for &q in &q_rows {
+                    sel.extend(image_cols.iter().map(|&j| pr[(h * t + q) * t + j]));
+                }
+            }
+            let att = score::SelectedAttention {
+                heads,
+                rows: q_rows.clone(),
+                image_cols: image_cols.clone(),
+                probs: sel,
+                positions: t,
+            };
+            let w = self.plan.query.weights(prompt, &q_rows, &att.image_mass());
+            let ranking = score::rank(&att, w, self.plan.head.as_ref(), self.plan.head_keep, keep);
+            let dropped: std::collections::HashSet<usize> = (0..image_cols.len())
+                .filter(|k| ranking.kept.binary_search(k).is_err())
+                .map(|k| image_cols[k])
+                .collect();
+            let survivors: Vec<usize> = (0..t).filter(|j| !dropped.contains(j)).collect();
+            self.kept[i].push(ranking.kept.iter().map(|&k| self.images[i][k]).collect());
+            self.images[i] = ranking.kept.iter().map(|&k| self.images[i][k]).collect();
+            self.prompts[i] = survivors
+                .iter()
+                .filter(|&&j| j < prompt.len())
+                .map(|&j| prompt[j])
+                .collect();
+            pos[i] = if self.plan.renumber {
+                (0..survivors.len()).collect()
+            } else {
+                survivors.iter().map(|&j| pos[i][j]).collect()
+            };
+            rows.extend(survivors.iter().map(|&j| r0 + j));
+            r0 += t;
+        }
+        Ok(rows)
+    }
+}
 
 /// Rows of the LM head evaluated together: a loss never sees logits for more than this many
 /// rows × the vocabulary at once (a 7B model's 2k-token batch would otherwise hold 2k × 32k
@@ -937,7 +1047,12 @@ struct Cache {
     h1: Vec<f32>,
     g: Vec<f32>,
     decoder: Vec<DecoderCache>,
+    /// With a prune plan: after which decoder layer rows were dropped, and the rows (of that
+    /// layer's output) that went on.
+    pruned_after: BTreeMap<usize, Vec<usize>>,
     final_in: Vec<f32>,
+    /// The batch row (before any pruning) of each row of `final_in`.
+    final_origin: Vec<usize>,
     /// Gradient of the head losses on `final_out` (zero on rows no head loss reads) and on the
     /// LM head's weight (`None` when it is frozen), computed chunk by chunk in the forward.
     dfinal: Vec<f32>,
@@ -993,6 +1108,10 @@ pub struct TrainModel {
     /// Activations of the last [`TrainModel::vision_forward`] and its image count.
     vision_cache: Option<(VisionCache, usize)>,
     grounding: Option<GroundingLoss>,
+    /// Pruning during the forward ([`TrainModel::set_prune`]).
+    prune: Option<PrunePlan>,
+    /// Image tokens each sequence kept at each stage of the last pruned forward.
+    last_kept: Vec<Vec<Vec<usize>>>,
     /// `L_ground` of the last forward (`None` without a grounding loss or grounded rows).
     last_grounding: Option<f32>,
 }
@@ -1135,6 +1254,8 @@ impl TrainModel {
             vision_cache: None,
             grounding: None,
             last_grounding: None,
+            prune: None,
+            last_kept: Vec::new(),
         })
     }
 
@@ -1258,11 +1379,33 @@ impl TrainModel {
         for (k, &r) in image_rows.iter().enumerate() {
             x[r * th..(r + 1) * th].copy_from_slice(&img[k * th..(k + 1) * th]);
         }
-        // Decoder layers.
+        // Decoder layers, pruning image tokens where the plan says.
+        let mut pos: Vec<Vec<usize>> = lens.iter().map(|&t| (0..t).collect()).collect();
+        let mut origin: Vec<usize> = (0..ids.len()).collect();
         let mut decoder = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            decoder.push(layer.forward(p, c, &self.inv_freq, &lens, &mut x)?);
+        let mut pruner = match &self.prune {
+            Some(plan) => Some(Pruner::new(plan, batch, self.layers.len(), ntok)?),
+            None => None,
+        };
+        let mut pruned_after = BTreeMap::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut dc = layer.forward(p, c, &self.inv_freq, &pos, &mut x)?;
+            dc.origin = origin.clone();
+            if let Some(pr) = pruner.as_mut()
+                && let Some(keep) = pr.prunes_at(l + 1)
+            {
+                let rows = pr.prune(keep, &dc.probs, c.text.num_attention_heads, &mut pos)?;
+                x = rows
+                    .iter()
+                    .flat_map(|&r| &x[r * th..(r + 1) * th])
+                    .copied()
+                    .collect();
+                origin = rows.iter().map(|&r| origin[r]).collect();
+                pruned_after.insert(l, rows);
+            }
+            decoder.push(dc);
         }
+        self.last_kept = pruner.map(|p| p.kept).unwrap_or_default();
         let final_out = rms_forward(p, self.norm, &x, c.text.rms_norm_eps)?;
         // The LM head and its losses, chunk by chunk of the rows they read.
         let head = self.lm_head.unwrap_or(self.embed_tokens);
@@ -1272,8 +1415,9 @@ impl TrainModel {
             out: vocab,
             inp: th,
         };
-        let read: Vec<usize> = (0..ids.len())
-            .filter(|&r| losses.iter().any(|l| l.reads(r)))
+        // Current rows read by some loss; the losses name rows as the batch had them.
+        let read: Vec<usize> = (0..origin.len())
+            .filter(|&r| losses.iter().any(|l| l.reads(origin[r])))
             .collect();
         let mut dfinal = vec![0.0f32; final_out.len()];
         let mut dhead = vec![0.0f32; if read.is_empty() { 0 } else { vocab * th }];
@@ -1285,8 +1429,9 @@ impl TrainModel {
                 .collect();
             let logits = lin.forward(p, &xr);
             let mut dlogits = vec![0.0f32; logits.len()];
+            let named: Vec<usize> = rows.iter().map(|&r| origin[r]).collect();
             for l in losses.iter_mut() {
-                l.chunk(rows, &logits, &mut dlogits)?;
+                l.chunk(&named, &logits, &mut dlogits)?;
             }
             let dxr = linear_backward(&xr, &p[head].value, th, &dlogits, &mut dhead, None)?;
             for (k, &r) in rows.iter().enumerate() {
@@ -1296,6 +1441,21 @@ impl TrainModel {
         let dhead = (!frozen(p, head) && !dhead.is_empty()).then_some(dhead);
         let dprobs = match self.grounding {
             Some(g) => {
+                if let Some(first) = self.prune.as_ref().and_then(|p| p.stages.first())
+                    && [Some(g.layer), g.answer_layer]
+                        .iter()
+                        .flatten()
+                        .any(|&l| l >= first.layer)
+                {
+                    return Err(Error::arg(
+                        "grounding",
+                        format!(
+                            "supervises a layer at or after the first pruning stage (layer {}): \
+                             its rows are no longer the batch's",
+                            first.layer
+                        ),
+                    ));
+                }
                 let heads = c.text.num_attention_heads;
                 let probs = |l: usize| decoder[l].probs.as_slice();
                 let (l, dp) = grounding_loss(batch, probs, heads, c.image_token_id, &g)?;
@@ -1313,7 +1473,9 @@ impl TrainModel {
             h1,
             g,
             decoder,
+            pruned_after,
             final_in: x,
+            final_origin: origin,
             dfinal,
             dhead,
             dprobs,
@@ -1435,7 +1597,8 @@ impl TrainModel {
     }
 
     /// The output of decoder layer `layer` (the residual stream after it, before the final
-    /// norm) in the last forward, `[rows, hidden]` with the batch's rows end to end.
+    /// norm) in the last forward, `[rows, hidden]` with the batch's rows end to end (with a
+    /// prune plan, the rows that go on to the next layer: see [`TrainModel::hidden_rows`]).
     pub fn hidden_state(&self, layer: usize) -> Result<&[f32]> {
         let c = self
             .cache
@@ -1452,6 +1615,37 @@ impl TrainModel {
                 ),
             )),
         }
+    }
+
+    /// The batch row (before any pruning) of each row of [`TrainModel::hidden_state`]`(layer)`.
+    pub fn hidden_rows(&self, layer: usize) -> Result<&[usize]> {
+        self.hidden_state(layer)?;
+        let c = self.cache.as_ref().expect("checked by hidden_state");
+        Ok(match c.decoder.get(layer + 1) {
+            Some(d) => &d.origin,
+            None => &c.final_origin,
+        })
+    }
+
+    /// Prunes image tokens in every following forward as `plan` says (`None`: no pruning), as
+    /// the engine does at inference: after layer `K - 1`, the image tokens are ranked by the
+    /// attention of the query rows the plan's query strategy picks from each sequence's first
+    /// prompt ([`TrainSeq::prompt`]), weighted by its head strategy, and only the kept ones go on
+    /// (RoPE positions kept, or renumbered with `plan.renumber`). Rows that read nothing after
+    /// layer `K - 1` get no gradient from the layers above; the choice itself is not
+    /// differentiated. Errors when a stage lies outside the model.
+    pub fn set_prune(&mut self, plan: Option<PrunePlan>) -> Result<()> {
+        if let Some(p) = &plan {
+            p.kept_counts(self.layers.len(), self.config.image_tokens())?;
+        }
+        self.prune = plan;
+        Ok(())
+    }
+
+    /// The image tokens (indices among the sequence's image tokens, ascending) each sequence
+    /// kept at each stage of the last forward with a prune plan: `[sequence][stage]`.
+    pub fn pruned_kept(&self) -> &[Vec<Vec<usize>>] {
+        &self.last_kept
     }
 
     /// Adds `grad` (same layout as [`TrainModel::hidden_state`]) to the gradient the next
@@ -1501,8 +1695,16 @@ impl TrainModel {
             if let Some(d) = cache.dhidden.get(&i) {
                 ops::add(&mut dx, d);
             }
+            // Rows dropped after this layer get no gradient from above.
+            if let Some(rows) = cache.pruned_after.get(&i) {
+                let mut full = vec![0.0f32; lc.x.len()];
+                for (k, &r) in rows.iter().enumerate() {
+                    full[r * th..(r + 1) * th].copy_from_slice(&dx[k * th..(k + 1) * th]);
+                }
+                dx = full;
+            }
             let dprobs = cache.dprobs.get(&i).map_or(&[][..], Vec::as_slice);
-            layer.backward(p, c, &self.inv_freq, &cache.lens, lc, dprobs, &mut dx)?;
+            layer.backward(p, c, &self.inv_freq, lc, dprobs, &mut dx)?;
         }
         // Split the embedding gradient: image rows go to the projector, the rest to the table.
         let mut dimg = vec![0.0f32; cache.image_rows.len() * th];

@@ -1105,6 +1105,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
                     labels: s.labels,
                     pixel_values: s.pixel_values,
                     grounding: s.grounding,
+                    prompt: s.prompt,
                 })
                 .collect();
             tokens += seqs.iter().map(|s| s.input_ids.len() as u64).sum::<u64>();

@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests: reading reference dumps and comparing tensors.
 #![allow(dead_code)]
 
+use fineprune::train::distill::{DistillConfig, DistillLosses, Distiller};
+use fineprune::train::model::{TrainModel, TrainSeq};
+use fineprune::train::optim::zero_grads;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -89,4 +92,82 @@ pub fn smollm2_path() -> Option<PathBuf> {
         p.display()
     );
     None
+}
+
+/// The gradient of the whole objective `w_ce·CE + w_kd·KD + w_h·hidden + w_a·attention` of
+/// `cfg` at student `m`: analytic (forward + backward) against central finite differences of the
+/// objective with step `h`, at the largest-gradient entry of every tensor. Returns how many were
+/// checked.
+pub fn check_objective_gradient(
+    mut m: TrainModel,
+    cfg: &DistillConfig,
+    seed: u64,
+    seqs: &[TrainSeq],
+    h: f32,
+) -> usize {
+    let mut d = Distiller::new(cfg, &mut m, seed).unwrap();
+    let w = |x: Option<f64>| x.unwrap_or(0.0);
+    let (wkd, wh, wa) = (
+        w(cfg.logits.as_ref().map(|l| l.weight)),
+        w(cfg.hidden.as_ref().map(|h| h.weight)),
+        w(cfg.attention.as_ref().map(|a| a.weight)),
+    );
+    let objective = |l: DistillLosses| {
+        let v = |x: Option<f32>| x.unwrap_or(0.0) as f64;
+        cfg.ce_weight * l.ce as f64 + wkd * v(l.kd) + wh * v(l.hidden) + wa * v(l.attention)
+    };
+    zero_grads(&mut m.params);
+    let l0 = d.forward(&mut m, seqs).unwrap();
+    let kept = m.pruned_kept().to_vec();
+    m.backward().unwrap();
+    println!("losses {l0:?}");
+    let grads: Vec<Vec<f32>> = m.params.iter().map(|p| p.grad.clone()).collect();
+    let mut checked = 0;
+    for (i, g) in grads.iter().enumerate() {
+        let Some((j, &want)) = g
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+        else {
+            continue;
+        };
+        // The projectors' gradients are small (their loss is one term of several).
+        let floor = if m.params[i].name.starts_with("align.") {
+            2e-3
+        } else {
+            0.02
+        };
+        if want.abs() < floor {
+            continue;
+        }
+        let x0 = m.params[i].value[j];
+        let mut at = |x: f32| {
+            m.params[i].value[j] = x;
+            let o = objective(d.forward(&mut m, seqs).unwrap());
+            // A pruned student's kept set is piecewise constant: the step must not cross an edge.
+            assert_eq!(
+                m.pruned_kept(),
+                &kept[..],
+                "{}: the kept tokens changed",
+                m.params[i].name
+            );
+            o
+        };
+        let fd = ((at(x0 + h) - at(x0 - h)) / (2.0 * h as f64)) as f32;
+        at(x0);
+        let err = (fd - want).abs();
+        let tol = 1e-2 * want.abs() + 2e-4;
+        let name = &m.params[i].name;
+        println!(
+            "{name} [{j}]: analytic {want:.5} fd {fd:.5} err/tol {:.2}",
+            err / tol
+        );
+        assert!(
+            err <= tol,
+            "{name} [{j}]: analytic {want} vs finite difference {fd}"
+        );
+        checked += 1;
+    }
+    println!("checked {checked} of {} tensors", m.params.len());
+    checked
 }
