@@ -1241,6 +1241,7 @@ fn distill_table(teacher: &Path) -> DistillConfig {
             weight: 5.0,
             tokens: Tokens::Answer,
             standardize: false,
+            cache: None,
         }),
         hidden: Some(HiddenConfig {
             pairs: Pairs::Named("last".into()),
@@ -1418,4 +1419,68 @@ fn bad_distill_configs_fail_before_any_step() {
         },
         "`distill.attention.pairs`: pair [0, 5] is out of range",
     );
+}
+
+/// A run whose logit targets come from a full-vocabulary teacher cache (`distill cache-teacher`)
+/// matches the online teacher step by step (the teacher's rows differ only by f32 grouping), and
+/// a cache made for other data is refused before any step.
+#[test]
+fn cached_teacher_matches_the_online_one() {
+    let data = tempfile::tempdir().unwrap();
+    export(data.path(), 6);
+    let student = tempfile::tempdir().unwrap();
+    perturbed_fixture(student.path());
+    let table = DistillConfig {
+        hidden: None,
+        ..distill_table(&fixture())
+    };
+    let logits = table.logits.clone().unwrap();
+    let cache = data.path().join("teacher.fptc");
+    fineprune::train::teacher_cache::write_cache(
+        &fixture(),
+        &data.path().join("train.json"),
+        &data.path().join("images"),
+        &logits,
+        512,
+        2048,
+        &cache,
+        false,
+    )
+    .unwrap();
+    let cfg = |out: &Path, cache: Option<PathBuf>| {
+        let mut d = table.clone();
+        d.logits.as_mut().unwrap().cache = cache;
+        TrainConfig {
+            model: Some(student.path().to_path_buf()),
+            distill: Some(d),
+            steps: 6,
+            ..config(data.path(), out)
+        }
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let online = train(&cfg(a.path(), None), &quiet()).unwrap().history;
+    let cached = train(&cfg(b.path(), Some(cache.clone())), &quiet())
+        .unwrap()
+        .history;
+    for (o, c) in online.iter().zip(&cached) {
+        let (ko, kc) = (o.kd.unwrap(), c.kd.unwrap());
+        println!("step {}: kd online {ko:.6} cached {kc:.6}", o.step);
+        assert!(
+            (ko - kc).abs() <= 1e-4 * ko.abs(),
+            "step {}: {ko} vs {kc}",
+            o.step
+        );
+    }
+    // The cache was made from another json: refused, naming the setting, before any step.
+    let other = tempfile::tempdir().unwrap();
+    export(other.path(), 3);
+    let mut c = cfg(&other.path().join("run"), Some(cache));
+    c.data = other.path().join("train.json");
+    c.image_folder = other.path().join("images");
+    let e = train(&c, &quiet()).unwrap_err().to_string();
+    assert!(
+        e.contains("distill.logits.cache") && e.contains("data"),
+        "{e}"
+    );
+    assert!(!other.path().join("run/losses.csv").exists());
 }

@@ -62,6 +62,7 @@ fn logits_cfg(divergence: DivergenceName, tokens: Tokens, t: f32) -> LogitsConfi
         weight: 1.0,
         tokens,
         standardize: false,
+        cache: None,
     }
 }
 

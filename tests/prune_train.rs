@@ -246,6 +246,7 @@ fn pruning_aware_distillation_gradient_matches_finite_differences() {
             weight: 2.0,
             tokens: Tokens::Answer,
             standardize: false,
+            cache: None,
         }),
         hidden: Some(HiddenConfig {
             pairs: Pairs::Named("last".into()),

@@ -42,6 +42,7 @@ fn logits(tokens: Tokens, temperature: f32, standardize: bool) -> LogitsConfig {
         weight: 1.0,
         tokens,
         standardize,
+        cache: None,
     }
 }
 

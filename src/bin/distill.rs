@@ -852,6 +852,7 @@ fn main() -> ExitCode {
                     weight: 1.0,
                     tokens,
                     standardize,
+                    cache: None,
                 },
                 top_k,
                 max_len,

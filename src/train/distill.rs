@@ -13,6 +13,7 @@
 //! weight = 5.0
 //! tokens = "answer"                    # or "all": every row that predicts a text token
 //! standardize = false                  # z-score both sides' logits first
+//! # cache = "teacher.fptc"             # the teacher's top-k rows from `distill cache-teacher`
 //!
 //! [distill.hidden]                     # hidden-state alignment through a learnable projector
 //! pairs = "last"                       # "last", "evenly:K", or [[student, teacher], ...]
@@ -57,6 +58,7 @@ use serde::{Deserialize, Serialize};
 
 use super::model::{AnswerCe, HeadLoss, Trace, TraceRequest, TrainModel, TrainSeq};
 use super::optim::{Param, decay_group};
+use super::teacher_cache::{SparseRow, TeacherCache};
 use crate::error::{Error, Result};
 use crate::io::{OutTensor, read_f32_tensor, write_safetensors};
 use crate::model::config::{LlavaConfig, ModelConfig};
@@ -212,6 +214,11 @@ pub struct LogitsConfig {
     pub tokens: Tokens,
     #[serde(default)]
     pub standardize: bool,
+    /// The teacher's top-k distributions written by `distill cache-teacher` for this data and
+    /// these settings ([`TeacherCache`]): read instead of running the teacher, whose forward is
+    /// then skipped unless hidden or attention alignment needs it.
+    #[serde(default)]
+    pub cache: Option<PathBuf>,
 }
 
 impl LogitsConfig {
@@ -417,12 +424,18 @@ impl DistillConfig {
         if self.teacher.is_relative() {
             self.teacher = base.join(&self.teacher);
         }
+        if let Some(c) = self.logits.as_mut().and_then(|l| l.cache.as_mut())
+            && c.is_relative()
+        {
+            *c = base.join(&*c);
+        }
     }
 
     /// Checks the settings and that the teacher fits the student in `student_dir` (same
-    /// tokenizer file, vocabulary, image token and image-token count; pairs in range), reading
-    /// only configs and tokenizers.
-    pub fn validate(&self, student_dir: &Path) -> Result<()> {
+    /// tokenizer file, vocabulary, image token and image-token count; pairs in range), and that
+    /// a teacher cache was made for the training json `data` and these settings, reading only
+    /// configs, tokenizers and the cache's header.
+    pub fn validate(&self, student_dir: &Path, data: &Path) -> Result<()> {
         weight_ok("distill.ce_weight", self.ce_weight)?;
         if let Some(l) = &self.logits {
             weight_ok("distill.logits.weight", l.weight)?;
@@ -464,6 +477,11 @@ impl DistillConfig {
             }
         }
         let t = llava_config(&self.teacher, "distill.teacher")?;
+        if let Some(l) = &self.logits
+            && let Some(c) = &l.cache
+        {
+            TeacherCache::open(c)?.check(data, l, t.text.vocab_size)?;
+        }
         if !student_dir.join("config.json").is_file() {
             // A stage's student is made by the stage before; checked when it starts.
             return Ok(());
@@ -681,8 +699,18 @@ struct LogitLoss<'a> {
     counted: usize,
     weight: f32,
     sum: f64,
-    teacher: &'a TrainModel,
-    teacher_final: &'a [f32],
+    teacher: TeacherRows<'a>,
+}
+
+/// Where a logit loss gets the teacher's rows.
+enum TeacherRows<'a> {
+    /// Logits from the teacher's traced final states.
+    Online {
+        model: &'a TrainModel,
+        final_out: &'a [f32],
+    },
+    /// A [`TeacherCache`]'s top-k rows, by batch row (`None` where the loss reads nothing).
+    Cached(Vec<Option<SparseRow>>),
 }
 
 impl HeadLoss for LogitLoss<'_> {
@@ -692,7 +720,6 @@ impl HeadLoss for LogitLoss<'_> {
 
     fn chunk(&mut self, rows: &[usize], logits: &[f32], dlogits: &mut [f32]) -> Result<()> {
         let vocab = logits.len() / rows.len();
-        let th = self.teacher.config.text.hidden_size;
         let mine: Vec<(usize, usize)> = rows
             .iter()
             .enumerate()
@@ -702,24 +729,85 @@ impl HeadLoss for LogitLoss<'_> {
         if mine.is_empty() {
             return Ok(());
         }
-        let x: Vec<f32> = mine
-            .iter()
-            .flat_map(|&(_, r)| &self.teacher_final[r * th..(r + 1) * th])
-            .copied()
-            .collect();
-        let tl = self.teacher.head_logits(&x);
         let scale = self.weight / self.counted as f32;
-        for (j, &(k, _)) in mine.iter().enumerate() {
+        let online = match &self.teacher {
+            TeacherRows::Online { model, final_out } => {
+                let th = model.config.text.hidden_size;
+                let x: Vec<f32> = mine
+                    .iter()
+                    .flat_map(|&(_, r)| &final_out[r * th..(r + 1) * th])
+                    .copied()
+                    .collect();
+                Some(model.head_logits(&x))
+            }
+            TeacherRows::Cached(_) => None,
+        };
+        for (j, &(k, r)) in mine.iter().enumerate() {
             let z = &logits[k * vocab..(k + 1) * vocab];
-            let tz = &tl[j * vocab..(j + 1) * vocab];
             let dz = &mut dlogits[k * vocab..(k + 1) * vocab];
-            self.sum += match self.kd.divergence {
-                Divergence::Mse => mse_row(z, tz, self.kd.standardize, scale, dz),
-                _ => self.kd.row(z, &self.kd.teacher_log_probs(tz), scale, dz)?,
+            self.sum += match (&online, &self.teacher) {
+                (Some(tl), _) => {
+                    let tz = &tl[j * vocab..(j + 1) * vocab];
+                    match self.kd.divergence {
+                        Divergence::Mse => mse_row(z, tz, self.kd.standardize, scale, dz),
+                        _ => self.kd.row(z, &self.kd.teacher_log_probs(tz), scale, dz)?,
+                    }
+                }
+                (None, TeacherRows::Cached(rows)) => {
+                    let row = rows[r].as_ref().ok_or_else(|| {
+                        Error::arg("distill.logits.cache", format!("holds no row for row {r}"))
+                    })?;
+                    self.kd.row(z, &row.dense(vocab), scale, dz)?
+                }
+                (None, TeacherRows::Online { .. }) => unreachable!("online rows computed above"),
             };
         }
         Ok(())
     }
+}
+
+/// The cached teacher rows of a batch, by batch row: sample `samples[i]`'s rows go to the rows
+/// of sequence `i` the loss reads, in order. Errors when the cache was made from another
+/// encoding of a sample (length or read rows differ) or no sample indices are given.
+fn cached_rows(
+    cache: &TeacherCache,
+    l: &LogitsConfig,
+    batch: &[TrainSeq],
+    samples: Option<&[usize]>,
+    image_token: u32,
+) -> Result<Vec<Option<SparseRow>>> {
+    let samples = samples.filter(|s| s.len() == batch.len()).ok_or_else(|| {
+        Error::arg(
+            "distill.logits.cache",
+            "a cached teacher needs the batch's sample indices (Distiller::forward_samples)",
+        )
+    })?;
+    let mut out = Vec::new();
+    for (s, &i) in batch.iter().zip(samples) {
+        let t = s.input_ids.len();
+        let rows = cache.rows(i)?;
+        let read: Vec<usize> = (0..t)
+            .filter(|&r| reads_row(s, r, l.tokens, image_token, true))
+            .collect();
+        if cache.seq_len(i)? != t || rows.len() != read.len() {
+            return Err(Error::arg(
+                "distill.logits.cache",
+                format!(
+                    "sample {i} is {t} tokens with {} rows read, but the cache holds {} tokens and \
+                     {} rows: it was made from another encoding (max_len, tokenizer or data)",
+                    read.len(),
+                    cache.seq_len(i)?,
+                    rows.len()
+                ),
+            ));
+        }
+        let mut per = vec![None; t];
+        for (r, row) in read.into_iter().zip(rows) {
+            per[r] = Some(row);
+        }
+        out.extend(per);
+    }
+    Ok(out)
 }
 
 /// The losses of one distillation forward (unweighted).
@@ -739,6 +827,8 @@ pub struct DistillLosses {
 pub struct Distiller {
     cfg: DistillConfig,
     teacher: TrainModel,
+    /// The teacher's cached top-k rows, when `[distill.logits]` names a cache.
+    cache: Option<TeacherCache>,
     pairs: Vec<(usize, usize)>,
     /// One per pair (the same one repeated when shared).
     projectors: Vec<Projector>,
@@ -798,9 +888,14 @@ impl Distiller {
         };
         check_attention_before_pruning(&attn_pairs, cfg.prune.as_ref())?;
         student.set_prune(cfg.prune.as_ref().map(PruneConfig::plan).transpose()?)?;
+        let cache = match cfg.logits.as_ref().and_then(|l| l.cache.as_ref()) {
+            Some(c) => Some(TeacherCache::open(c)?),
+            None => None,
+        };
         Ok(Distiller {
             cfg: cfg.clone(),
             teacher,
+            cache,
             pairs,
             projectors,
             blocks,
@@ -844,11 +939,23 @@ impl Distiller {
 
     /// Runs the teacher and the student on `batch` and leaves the student ready for
     /// [`TrainModel::backward`], which then differentiates `ce_weight · CE + Σ weight · loss`
-    /// (the projectors' gradients are already accumulated).
+    /// (the projectors' gradients are already accumulated). With a teacher cache, use
+    /// [`Distiller::forward_samples`].
     pub fn forward(
         &mut self,
         student: &mut TrainModel,
         batch: &[TrainSeq],
+    ) -> Result<DistillLosses> {
+        self.forward_samples(student, batch, None)
+    }
+
+    /// [`Distiller::forward`] for a batch of the training data's samples `samples` (indices in
+    /// the json), whose logit targets a teacher cache holds.
+    pub fn forward_samples(
+        &mut self,
+        student: &mut TrainModel,
+        batch: &[TrainSeq],
+        samples: Option<&[usize]>,
     ) -> Result<DistillLosses> {
         let image_token = student.config.image_token_id;
         let query_rows: Vec<Vec<usize>> = batch
@@ -868,20 +975,38 @@ impl Distiller {
             attention: self.attn_pairs.iter().map(|p| p.1).collect(),
             query_rows,
         };
-        let trace = self.teacher.trace(batch, &req)?;
+        let cached = match (&self.cache, &self.cfg.logits) {
+            (Some(cache), Some(l)) => Some(cached_rows(cache, l, batch, samples, image_token)?),
+            _ => None,
+        };
+        // The teacher runs unless the cache gives everything the losses read.
+        let online = cached.is_none() || self.cfg.hidden.is_some() || !self.blocks.is_empty();
+        let trace = if online {
+            self.teacher.trace(batch, &req)?
+        } else {
+            Trace::default()
+        };
         let mut ce = AnswerCe::new(batch, self.cfg.ce_weight as f32);
-        let mut kd = self.cfg.logits.as_ref().map(|l| {
-            let reads = row_mask(batch, l.tokens, image_token, true);
-            LogitLoss {
-                kd: l.kd(),
-                counted: reads.iter().filter(|&&r| r).count(),
-                reads,
-                weight: l.weight as f32,
-                sum: 0.0,
-                teacher: &self.teacher,
-                teacher_final: &trace.final_out,
+        let mut kd = match &self.cfg.logits {
+            Some(l) => {
+                let reads = row_mask(batch, l.tokens, image_token, true);
+                Some(LogitLoss {
+                    kd: l.kd(),
+                    counted: reads.iter().filter(|&&r| r).count(),
+                    reads,
+                    weight: l.weight as f32,
+                    sum: 0.0,
+                    teacher: match cached {
+                        Some(rows) => TeacherRows::Cached(rows),
+                        None => TeacherRows::Online {
+                            model: &self.teacher,
+                            final_out: &trace.final_out,
+                        },
+                    },
+                })
             }
-        });
+            None => None,
+        };
         {
             let mut losses: Vec<&mut dyn HeadLoss> = vec![&mut ce];
             if let Some(k) = kd.as_mut().filter(|k| k.counted > 0) {

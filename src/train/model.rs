@@ -1064,7 +1064,7 @@ struct Cache {
 }
 
 /// What [`TrainModel::trace`] keeps of a forward pass.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Trace {
     /// The final norm's output, `[rows, hidden]`, the batch's rows end to end.
     pub final_out: Vec<f32>,

@@ -479,7 +479,7 @@ impl TrainConfig {
                         .into(),
                 );
             }
-            d.validate(&self.base_dir())?;
+            d.validate(&self.base_dir(), &self.data)?;
         }
         if let Some(g) = self.grounding {
             if !(g.weight.is_finite() && g.weight > 0.0) {
@@ -1112,7 +1112,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
             zero_grads(&mut m.params);
             let loss = match distill.as_mut() {
                 Some(d) => {
-                    let l = d.forward(&mut m, &seqs)?;
+                    let l = d.forward_samples(&mut m, &seqs, Some(&idx))?;
                     let parts = [
                         (&mut kd, l.kd),
                         (&mut hidden, l.hidden),
