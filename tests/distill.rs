@@ -10,8 +10,8 @@ use fineprune::bench::shapes::{
 };
 use fineprune::model::template::LLAVA_SYSTEM;
 use fineprune::train::distill::{
-    AttentionConfig, DistillConfig, DivergenceName, HiddenConfig, HiddenLoss, LogitsConfig, Pairs,
-    Tokens,
+    AttentionConfig, DistillConfig, DivergenceName, Gating, HiddenConfig, HiddenLoss, LogitsConfig,
+    Pairs, Tokens,
 };
 use fineprune::train::model::GroundingLoss;
 use fineprune::train::run::{StageConfig, TrainConfig, TrainOptions, train, train_stages};
@@ -280,7 +280,9 @@ fn grounding_loss_falls_and_is_logged() {
     let (first, last) = ((g[0] + g[1]) / 2.0, (g[10] + g[11]) / 2.0);
     assert!(last < 0.7 * first, "grounding loss did not fall: {g:?}");
     let csv = std::fs::read_to_string(out.path().join("losses.csv")).unwrap();
-    assert!(csv.starts_with("step,loss,grad_norm,lr,tokens,grounding,kd,hidden,attention\n"));
+    assert!(csv.starts_with(
+        "step,loss,grad_norm,lr,tokens,grounding,kd,hidden,attention,affinity,relational\n"
+    ));
     assert_eq!(csv.lines().count(), 13);
     let grounding = |l: &str| l.split(',').nth(5).map(str::to_owned);
     assert!(
@@ -1249,8 +1251,13 @@ fn distill_table(teacher: &Path) -> DistillConfig {
             tokens: Tokens::All,
             weight: 1.0,
             shared: false,
+            gate: Gating::None,
+            deep_first_steps: 0,
         }),
         attention: None,
+        affinity: None,
+        relational: None,
+        on_policy: None,
         prune: None,
     }
 }
@@ -1283,7 +1290,9 @@ fn distillation_resumes_bit_for_bit_and_exports_no_projector() {
     assert_eq!(csv(full_dir.path()), csv(part_dir.path()));
     let text = csv(full_dir.path());
     println!("{text}");
-    assert!(text.starts_with("step,loss,grad_norm,lr,tokens,grounding,kd,hidden,attention\n"));
+    assert!(text.starts_with(
+        "step,loss,grad_norm,lr,tokens,grounding,kd,hidden,attention,affinity,relational\n"
+    ));
     for r in &full.history {
         assert!(r.kd.is_some_and(|k| k > 0.0) && r.hidden.is_some_and(|h| h > 0.0));
     }

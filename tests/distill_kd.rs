@@ -9,8 +9,8 @@ mod common;
 use common::{check_objective_gradient, load_ref, reference_dir};
 use fineprune::train::checkpoint::save_checkpoint;
 use fineprune::train::distill::{
-    AttentionConfig, DistillConfig, Distiller, DivergenceName, HiddenConfig, HiddenLoss,
-    LogitsConfig, Pairs, Tokens,
+    AffinityConfig, AttentionConfig, DistillConfig, Distiller, DivergenceName, Gating,
+    HiddenConfig, HiddenLoss, LogitsConfig, Pairs, RelationalConfig, Tokens,
 };
 use fineprune::train::model::{TrainModel, TrainSeq};
 use fineprune::train::student::{FreshLm, StudentSpec, init_student};
@@ -151,6 +151,9 @@ fn logit_kd_reads_the_rows_that_predict_answers() {
             logits: Some(logits_cfg(DivergenceName::ForwardKl, tokens, t as f32)),
             hidden: None,
             attention: None,
+            affinity: None,
+            relational: None,
+            on_policy: None,
             prune: None,
         };
         let mut d = Distiller::new(&cfg, &mut student, 0).unwrap();
@@ -193,6 +196,8 @@ fn distillation_gradient_matches_finite_differences() {
             tokens: Tokens::All,
             weight: 0.7,
             shared: false,
+            gate: Gating::None,
+            deep_first_steps: 0,
         }),
         // Attention's squared differences of probabilities are small: a large weight makes
         // its share of the gradient measurable.
@@ -201,6 +206,9 @@ fn distillation_gradient_matches_finite_differences() {
             Pairs::List(vec![[0, 1], [2, 2]]),
             300.0,
         )),
+        affinity: None,
+        relational: None,
+        on_policy: None,
         prune: None,
     };
     let checked = check_objective_gradient(m, &cfg, 3, &batch(), 1e-3);
@@ -238,6 +246,9 @@ fn attention_alignment_maps_heads_and_matches_finite_differences() {
             Pairs::Named("evenly:2".into()),
             300.0,
         )),
+        affinity: None,
+        relational: None,
+        on_policy: None,
         prune: None,
     };
     let checked = check_objective_gradient(m, &cfg, 5, &batch(), 1e-3);
@@ -261,6 +272,9 @@ fn attention_alignment_is_the_mse_of_the_blocks_probabilities() {
             Pairs::Named("last".into()),
             1.0,
         )),
+        affinity: None,
+        relational: None,
+        on_policy: None,
         prune: None,
     };
     let mut same = TrainModel::from_dir(&teacher_dir()).unwrap();
@@ -291,4 +305,73 @@ fn attention_alignment_is_the_mse_of_the_blocks_probabilities() {
     let want = sum / n as f64;
     println!("answer->image attention mse {got:.6e} (hand {want:.6e}, {n} entries)");
     assert!(n > 0 && (got - want).abs() < 1e-5 * want, "{got} vs {want}");
+}
+
+/// The adaptive gate over three hidden pairs, affinity and relational distillation together:
+/// the whole objective's gradient (student, projectors, gate) matches finite differences; the
+/// coarse-to-fine schedule aligns the deepest pair alone at first.
+#[test]
+fn gate_affinity_and_relational_match_finite_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = perturbed_student(dir.path(), 0.05);
+    let hidden = HiddenConfig {
+        pairs: Pairs::List(vec![[0, 0], [1, 2], [2, 2]]),
+        loss: HiddenLoss::Cosine,
+        tokens: Tokens::All,
+        weight: 2.0,
+        shared: false,
+        gate: Gating::Adaptive,
+        deep_first_steps: 0,
+    };
+    let cfg = DistillConfig {
+        teacher: teacher_dir(),
+        ce_weight: 0.5,
+        logits: None,
+        hidden: Some(hidden.clone()),
+        attention: None,
+        affinity: Some(AffinityConfig {
+            pairs: Pairs::List(vec![[1, 2]]),
+            text: Tokens::All,
+            weight: 20.0,
+        }),
+        relational: Some(RelationalConfig {
+            pairs: Pairs::Named("last".into()),
+            tokens: Tokens::All,
+            weight: 20.0,
+        }),
+        prune: None,
+        on_policy: None,
+    };
+    let checked = check_objective_gradient(m, &cfg, 2, &batch(), 1e-3);
+    assert!(checked >= 70, "{checked}");
+
+    // Coarse to fine: during the first steps only the deepest pair (student layer 2) trains.
+    let mut m = perturbed_student(dir.path(), 0.05);
+    let cfg = DistillConfig {
+        hidden: Some(HiddenConfig {
+            deep_first_steps: 5,
+            ..hidden
+        }),
+        affinity: None,
+        relational: None,
+        on_policy: None,
+        ..cfg
+    };
+    let mut d = Distiller::new(&cfg, &mut m, 2).unwrap();
+    let projector_grad = |m: &TrainModel, i: usize| {
+        m.params
+            .iter()
+            .filter(|p| p.name.starts_with(&format!("align.{i}.")))
+            .map(|p| p.grad.iter().map(|g| g.abs()).sum::<f32>())
+            .sum::<f32>()
+    };
+    for (step, active) in [(0, [false, false, true]), (5, [true, true, true])] {
+        fineprune::train::optim::zero_grads(&mut m.params);
+        d.set_step(step);
+        d.forward(&mut m, &batch()).unwrap();
+        m.backward().unwrap();
+        for (i, a) in active.iter().enumerate() {
+            assert_eq!(projector_grad(&m, i) > 0.0, *a, "step {step}, pair {i}");
+        }
+    }
 }

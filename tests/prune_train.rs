@@ -13,8 +13,8 @@ use fineprune::model::tokenizer::Tokenizer;
 use fineprune::prune::{Keep, PrunePlan, Stage, StrategyParams, head_strategy, query_strategy};
 use fineprune::train::data::{Conversation, Encoder, Turn};
 use fineprune::train::distill::{
-    DistillConfig, DivergenceName, HiddenConfig, HiddenLoss, LogitsConfig, Pairs, PruneConfig,
-    Tokens,
+    DistillConfig, DivergenceName, Gating, HiddenConfig, HiddenLoss, LogitsConfig, OnPolicyConfig,
+    Pairs, PruneConfig, Tokens,
 };
 use fineprune::train::model::{HeadLoss, TrainModel, TrainSeq};
 use fineprune::train::optim::zero_grads;
@@ -256,8 +256,13 @@ fn pruning_aware_distillation_gradient_matches_finite_differences() {
             tokens: Tokens::All,
             weight: 1.0,
             shared: false,
+            gate: Gating::None,
+            deep_first_steps: 0,
         }),
         attention: None,
+        affinity: None,
+        relational: None,
+        on_policy: None,
         prune: Some(PruneConfig {
             layers: vec![1],
             keep: vec![0.25],
@@ -277,4 +282,94 @@ fn pruning_aware_distillation_gradient_matches_finite_differences() {
     // the curvature's reach and above the noise.
     let checked = check_objective_gradient(m, &cfg, 1, &batch, 1e-2);
     assert!(checked >= 20, "{checked}");
+}
+
+/// On-policy distillation with lambda = 1: every sequence becomes its question answered by the
+/// student itself. The answer is the engine's greedy answer for the student checkpoint (the
+/// logit loss equals the one computed on a batch built from the engine's tokens), the
+/// cross-entropy skips it, and lambda = 0 changes nothing.
+#[test]
+fn on_policy_samples_are_the_students_greedy_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let student_dir = dir.path().join("s");
+    let spec = StudentSpec {
+        lm_layers: Some(LayerPick::First(2)),
+        ..StudentSpec::default()
+    };
+    init_student(&model_dir(), &spec, &student_dir).unwrap();
+    let base = DistillConfig {
+        teacher: model_dir(),
+        ce_weight: 1.0,
+        logits: Some(LogitsConfig {
+            divergence: DivergenceName::ForwardKl,
+            beta: 0.5,
+            temperature: 1.0,
+            weight: 1.0,
+            tokens: Tokens::Answer,
+            standardize: false,
+            cache: None,
+        }),
+        hidden: None,
+        attention: None,
+        affinity: None,
+        relational: None,
+        prune: None,
+        on_policy: None,
+    };
+    let seq = train_seq("red");
+    let run = |cfg: &DistillConfig, batch: &[TrainSeq]| {
+        let mut m = TrainModel::from_dir(&student_dir).unwrap();
+        let mut d = fineprune::train::distill::Distiller::new(cfg, &mut m, 7).unwrap();
+        d.forward(&mut m, batch).unwrap()
+    };
+    let max_new = 4;
+    let on = DistillConfig {
+        on_policy: Some(OnPolicyConfig {
+            lambda: 1.0,
+            max_new_tokens: max_new,
+        }),
+        ..base.clone()
+    };
+    let got = run(&on, std::slice::from_ref(&seq));
+    // The engine's greedy answer for the student, as a training sequence.
+    let engine = Engine::new(Arc::new(Model::load(&student_dir).unwrap()));
+    let mut req = Request::new(
+        QUESTION,
+        Some(ImageInput::Path(model_dir().join("example.png"))),
+    );
+    req.options = PromptOptions {
+        system: fineprune::model::template::system_of_model(&student_dir).unwrap(),
+        ..PromptOptions::default()
+    };
+    req.max_new_tokens = max_new;
+    let answer = engine.generate(&[req]).unwrap().remove(0);
+    let p = seq.prompt.len();
+    let mut ids = seq.input_ids[..p].to_vec();
+    ids.extend(&answer.tokens);
+    let labels = (0..ids.len())
+        .map(|t| if t < p { -100 } else { ids[t] as i64 })
+        .collect();
+    let by_hand = TrainSeq {
+        input_ids: ids,
+        labels,
+        ..seq.clone()
+    };
+    let want = run(&base, &[by_hand]);
+    println!(
+        "student answer {:?} ({:?}): kd {:?} vs {:?}, ce {}",
+        answer.text, answer.tokens, got.kd, want.kd, got.ce
+    );
+    assert_eq!(got.kd, want.kd);
+    assert_eq!(got.ce, 0.0);
+    let off = DistillConfig {
+        on_policy: Some(OnPolicyConfig {
+            lambda: 0.0,
+            max_new_tokens: max_new,
+        }),
+        ..base.clone()
+    };
+    assert_eq!(
+        run(&off, std::slice::from_ref(&seq)),
+        run(&base, std::slice::from_ref(&seq))
+    );
 }

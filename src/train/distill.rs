@@ -21,11 +21,27 @@
 //! tokens = "all"                       # or "answer"
 //! weight = 1.0
 //! shared = false                       # one projector for every pair
+//! gate = "none"                        # or "adaptive": per-sample weights over the pairs
+//! deep_first_steps = 0                 # coarse to fine: only the deepest pair for N steps
+//!
+//! [distill.affinity]                   # image-text cosine similarities (no projector)
+//! pairs = "last"
+//! text = "answer"                      # or "all": every non-image token
+//! weight = 1.0
+//!
+//! [distill.relational]                 # sample-similarity Gram matrices (no projector)
+//! pairs = "last"
+//! tokens = "all"                       # rows pooled per sample
+//! weight = 1.0
 //!
 //! [distill.attention]                  # attention alignment between token groups
 //! blocks = ["answer->image"]           # query group -> key group: image, text, answer
 //! pairs = "last"                       # as for hidden
 //! weight = 1.0
+//!
+//! [distill.on_policy]                  # the student's own answers, with probability lambda
+//! lambda = 0.25
+//! max_new_tokens = 16
 //!
 //! [distill.prune]                      # pruning-aware: the student runs pruned, the teacher not
 //! layers = [1]                         # FastV's K of each stage
@@ -56,7 +72,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{AnswerCe, HeadLoss, Trace, TraceRequest, TrainModel, TrainSeq};
+use super::model::{AnswerCe, HeadLoss, Trace, TraceRequest, TrainModel, TrainSeq, row_offsets};
 use super::optim::{Param, decay_group};
 use super::teacher_cache::{SparseRow, TeacherCache};
 use crate::error::{Error, Result};
@@ -96,7 +112,33 @@ pub struct DistillConfig {
     #[serde(default)]
     pub attention: Option<AttentionConfig>,
     #[serde(default)]
+    pub affinity: Option<AffinityConfig>,
+    #[serde(default)]
+    pub relational: Option<RelationalConfig>,
+    #[serde(default)]
     pub prune: Option<PruneConfig>,
+    #[serde(default)]
+    pub on_policy: Option<OnPolicyConfig>,
+}
+
+fn default_max_new() -> usize {
+    16
+}
+
+/// `[distill.on_policy]`: on-policy distillation (GKD, Agarwal et al. 2024). Each sequence of a
+/// batch is, with probability `lambda`, replaced by its first question answered greedily by
+/// the student itself (its current weights, pruned as `[distill.prune]` says): the teacher's
+/// losses then grade the student's own answer tokens, and the cross-entropy skips the sequence
+/// (its labels are the student's). The draw is seeded by the run's seed, the step and the
+/// sequence's place in the batch, so a resumed run draws the same. Decoding re-runs the
+/// student's forward once per new token (no KV cache in the trainer): each on-policy sample
+/// costs up to `max_new_tokens` forwards.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OnPolicyConfig {
+    pub lambda: f64,
+    #[serde(default = "default_max_new")]
+    pub max_new_tokens: usize,
 }
 
 fn default_head() -> String {
@@ -315,6 +357,56 @@ pub struct HiddenConfig {
     /// One projector for every pair instead of one each.
     #[serde(default)]
     pub shared: bool,
+    /// How the pairs' losses are weighted per sample.
+    #[serde(default)]
+    pub gate: Gating,
+    /// Coarse to fine (SEEDS.md section 4): for this many steps only the deepest pair (largest
+    /// student layer) is aligned, then all of them.
+    #[serde(default)]
+    pub deep_first_steps: u64,
+}
+
+/// Weights of the hidden-alignment pairs, per sample.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Gating {
+    /// Every pair `1/P`.
+    #[default]
+    None,
+    /// A learned gate (adaptive layer selection, SEEDS.md section 4): from the sample's mean
+    /// teacher state `x` (final norm, not differentiated), `w = softmax(σ(W x + b) / τ)` over
+    /// the pairs with a learnable temperature `τ = exp(θ)`; trained with the student on the
+    /// same weighted loss. Its parameters (`align.gate.*`) are dropped at export like the
+    /// projectors.
+    Adaptive,
+}
+
+/// `[distill.affinity]`: affinity distillation. At each layer pair, the cosine similarities
+/// `A[i, j] = cos(h_i, h_j)` of every image row `i` with every text row `j` of a sequence (the
+/// answer rows, or every non-image row) are pulled toward the teacher's,
+/// `L = mean over (i, j) (A_s − A_t)²` over the batch, averaged over pairs. Cosines compare
+/// states of any width: no projector.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AffinityConfig {
+    pub pairs: Pairs,
+    /// The text side: rows predicting answer tokens (`answer`) or every non-image row (`all`).
+    pub text: Tokens,
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+/// `[distill.relational]`: relational distillation. At each layer pair, each sample's states
+/// over its rows are mean-pooled and normalised, `ê_b`, and the batch's Gram matrix
+/// `G[a, b] = ê_a · ê_b` is pulled toward the teacher's, `L = mean over (a, b) (G_s − G_t)²`,
+/// averaged over pairs. No projector.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelationalConfig {
+    pub pairs: Pairs,
+    pub tokens: Tokens,
+    #[serde(default = "one")]
+    pub weight: f64,
 }
 
 /// A token group of a sequence: image placeholders, answer tokens (labelled), and the rest
@@ -451,10 +543,36 @@ impl DistillConfig {
         if let Some(p) = &self.prune {
             p.plan()?;
         }
+        if let Some(o) = &self.on_policy {
+            if !(0.0..=1.0).contains(&o.lambda) || o.max_new_tokens == 0 {
+                return Err(Error::arg(
+                    "distill.on_policy",
+                    format!(
+                        "lambda {} must be in [0, 1] and max_new_tokens {} at least 1",
+                        o.lambda, o.max_new_tokens
+                    ),
+                ));
+            }
+            if self.logits.as_ref().is_some_and(|l| l.cache.is_some()) {
+                return Err(Error::arg(
+                    "distill.on_policy",
+                    "a teacher cache holds the data's answers, not the student's: on-policy \
+                     samples need the online teacher (drop `cache`)",
+                ));
+            }
+        }
+        if let Some(a) = &self.affinity {
+            weight_ok("distill.affinity.weight", a.weight)?;
+        }
+        if let Some(r) = &self.relational {
+            weight_ok("distill.relational.weight", r.weight)?;
+        }
         let total = self.ce_weight
             + self.logits.as_ref().map_or(0.0, |l| l.weight)
             + self.hidden.as_ref().map_or(0.0, |h| h.weight)
-            + self.attention.as_ref().map_or(0.0, |a| a.weight);
+            + self.attention.as_ref().map_or(0.0, |a| a.weight)
+            + self.affinity.as_ref().map_or(0.0, |a| a.weight)
+            + self.relational.as_ref().map_or(0.0, |r| r.weight);
         if total == 0.0 {
             return Err(Error::arg(
                 "distill",
@@ -533,6 +651,17 @@ impl DistillConfig {
         if let Some(h) = &self.hidden {
             h.pairs
                 .resolve(s.text.num_hidden_layers, t.text.num_hidden_layers)?;
+        }
+        let (ls, lt) = (s.text.num_hidden_layers, t.text.num_hidden_layers);
+        if let Some(a) = &self.affinity {
+            a.pairs
+                .resolve(ls, lt)
+                .map_err(|e| rename_field(e, "distill.affinity.pairs"))?;
+        }
+        if let Some(r) = &self.relational {
+            r.pairs
+                .resolve(ls, lt)
+                .map_err(|e| rename_field(e, "distill.relational.pairs"))?;
         }
         if let Some(a) = &self.attention {
             let pairs = a
@@ -766,6 +895,73 @@ impl HeadLoss for LogitLoss<'_> {
     }
 }
 
+/// `seq`'s first question answered greedily by `student`: the prompt, then up to `max_new`
+/// tokens (through the first end-of-sequence token), labelled as answer tokens.
+fn student_answer(
+    student: &mut TrainModel,
+    seq: &TrainSeq,
+    max_new: usize,
+    eos: &[u32],
+) -> Result<TrainSeq> {
+    let p = seq.prompt.len();
+    if p == 0 || p > seq.input_ids.len() {
+        return Err(Error::arg(
+            "distill.on_policy",
+            "an on-policy sample needs its first prompt's segments (TrainSeq::prompt)",
+        ));
+    }
+    let mut ids = seq.input_ids[..p].to_vec();
+    for _ in 0..max_new {
+        let s = TrainSeq {
+            input_ids: ids.clone(),
+            labels: vec![-100; ids.len()],
+            pixel_values: seq.pixel_values.clone(),
+            grounding: Vec::new(),
+            prompt: seq.prompt.clone(),
+        };
+        let mut last = LastRow {
+            row: ids.len() - 1,
+            next: 0,
+        };
+        student.forward_with(std::slice::from_ref(&s), &mut [&mut last])?;
+        ids.push(last.next);
+        if eos.contains(&last.next) {
+            break;
+        }
+    }
+    let labels = (0..ids.len())
+        .map(|t| if t < p { -100 } else { ids[t] as i64 })
+        .collect();
+    Ok(TrainSeq {
+        input_ids: ids,
+        labels,
+        pixel_values: seq.pixel_values.clone(),
+        grounding: Vec::new(),
+        prompt: seq.prompt.clone(),
+    })
+}
+
+/// The greedy next token of one row (a [`HeadLoss`] that trains nothing).
+struct LastRow {
+    row: usize,
+    next: u32,
+}
+
+impl HeadLoss for LastRow {
+    fn reads(&self, row: usize) -> bool {
+        row == self.row
+    }
+
+    fn chunk(&mut self, rows: &[usize], logits: &[f32], _: &mut [f32]) -> Result<()> {
+        let v = logits.len() / rows.len();
+        if let Some(k) = rows.iter().position(|&r| r == self.row) {
+            let z = &logits[k * v..(k + 1) * v];
+            self.next = (0..v).fold(0, |b, i| if z[i] > z[b] { i } else { b }) as u32;
+        }
+        Ok(())
+    }
+}
+
 /// The cached teacher rows of a batch, by batch row: sample `samples[i]`'s rows go to the rows
 /// of sequence `i` the loss reads, in order. Errors when the cache was made from another
 /// encoding of a sample (length or read rows differ) or no sample indices are given.
@@ -821,6 +1017,10 @@ pub struct DistillLosses {
     pub hidden: Option<f32>,
     /// Attention alignment's mean over its blocks and pairs.
     pub attention: Option<f32>,
+    /// Affinity distillation's mean over its pairs.
+    pub affinity: Option<f32>,
+    /// Relational distillation's mean over its pairs.
+    pub relational: Option<f32>,
 }
 
 /// A teacher and the alignment projectors: turns a training forward into a distillation one.
@@ -835,6 +1035,25 @@ pub struct Distiller {
     /// Attention alignment's blocks and layer pairs.
     blocks: Vec<(Group, Group)>,
     attn_pairs: Vec<(usize, usize)>,
+    /// The adaptive gate over the hidden pairs.
+    gate: Option<GateParams>,
+    /// Layer pairs of affinity and relational distillation.
+    affinity_pairs: Vec<(usize, usize)>,
+    relational_pairs: Vec<(usize, usize)>,
+    /// Optimizer steps taken before this forward (coarse-to-fine schedule, on-policy draws).
+    step: u64,
+    seed: u64,
+}
+
+/// The adaptive gate's parameters (indices into the student's list): `W [P, d_t]`, `b [P]`,
+/// `θ [1]` with `τ = exp(θ)`.
+#[derive(Debug, Clone, Copy)]
+struct GateParams {
+    w: usize,
+    b: usize,
+    theta: usize,
+    inp: usize,
+    pairs: usize,
 }
 
 impl Distiller {
@@ -888,6 +1107,39 @@ impl Distiller {
         };
         check_attention_before_pruning(&attn_pairs, cfg.prune.as_ref())?;
         student.set_prune(cfg.prune.as_ref().map(PruneConfig::plan).transpose()?)?;
+        let gate = match &cfg.hidden {
+            Some(h) if h.gate == Gating::Adaptive => {
+                let np = pairs.len();
+                let mut add = |name: &str, v: Vec<f32>| {
+                    let full = format!("align.gate.{name}");
+                    let group = decay_group("align", &full);
+                    student.params.push(Param::new(full, group, v));
+                    student.params.len() - 1
+                };
+                Some(GateParams {
+                    w: add("weight", linear_init(np * dt, dt, &mut state)),
+                    b: add("bias", vec![0.0; np]),
+                    theta: add("log_temperature", vec![0.0]),
+                    inp: dt,
+                    pairs: np,
+                })
+            }
+            _ => None,
+        };
+        let resolve = |p: Option<&Pairs>, field: &str| -> Result<Vec<(usize, usize)>> {
+            match p {
+                Some(p) => p.resolve(ls, lt).map_err(|e| rename_field(e, field)),
+                None => Ok(Vec::new()),
+            }
+        };
+        let affinity_pairs = resolve(
+            cfg.affinity.as_ref().map(|a| &a.pairs),
+            "distill.affinity.pairs",
+        )?;
+        let relational_pairs = resolve(
+            cfg.relational.as_ref().map(|r| &r.pairs),
+            "distill.relational.pairs",
+        )?;
         let cache = match cfg.logits.as_ref().and_then(|l| l.cache.as_ref()) {
             Some(c) => Some(TeacherCache::open(c)?),
             None => None,
@@ -900,7 +1152,47 @@ impl Distiller {
             projectors,
             blocks,
             attn_pairs,
+            gate,
+            affinity_pairs,
+            relational_pairs,
+            step: 0,
+            seed,
         })
+    }
+
+    /// With `[distill.on_policy]`: the batch with the drawn sequences replaced by the student's
+    /// own answers (`None`: nothing drawn) and which were replaced.
+    fn on_policy_batch(
+        &self,
+        student: &mut TrainModel,
+        batch: &[TrainSeq],
+    ) -> Result<(Option<Vec<TrainSeq>>, Vec<bool>)> {
+        let mut drawn = vec![false; batch.len()];
+        let Some(o) = &self.cfg.on_policy else {
+            return Ok((None, drawn));
+        };
+        for (i, d) in drawn.iter_mut().enumerate() {
+            let mut h =
+                self.seed ^ self.step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ((i as u64) << 48);
+            h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            h ^= h >> 31;
+            *d = ((h >> 11) as f64 / (1u64 << 53) as f64) < o.lambda;
+        }
+        if !drawn.iter().any(|&d| d) {
+            return Ok((None, drawn));
+        }
+        let eos = student.config.text.eos_token_ids.clone();
+        let mut out = batch.to_vec();
+        for (s, _) in out.iter_mut().zip(&drawn).filter(|(_, d)| **d) {
+            *s = student_answer(student, s, o.max_new_tokens, &eos)?;
+        }
+        Ok((Some(out), drawn))
+    }
+
+    /// Tells the coarse-to-fine schedule how many optimizer steps were taken.
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
     }
 
     /// The (student, teacher) layer pairs hidden alignment compares.
@@ -957,6 +1249,8 @@ impl Distiller {
         batch: &[TrainSeq],
         samples: Option<&[usize]>,
     ) -> Result<DistillLosses> {
+        let (owned, on_policy) = self.on_policy_batch(student, batch)?;
+        let batch = owned.as_deref().unwrap_or(batch);
         let image_token = student.config.image_token_id;
         let query_rows: Vec<Vec<usize>> = batch
             .iter()
@@ -970,8 +1264,17 @@ impl Distiller {
                     .collect()
             })
             .collect();
+        let mut hidden_layers: Vec<usize> = self
+            .pairs
+            .iter()
+            .chain(&self.affinity_pairs)
+            .chain(&self.relational_pairs)
+            .map(|p| p.1)
+            .collect();
+        hidden_layers.sort_unstable();
+        hidden_layers.dedup();
         let req = TraceRequest {
-            hidden: self.pairs.iter().map(|p| p.1).collect(),
+            hidden: hidden_layers,
             attention: self.attn_pairs.iter().map(|p| p.1).collect(),
             query_rows,
         };
@@ -980,13 +1283,13 @@ impl Distiller {
             _ => None,
         };
         // The teacher runs unless the cache gives everything the losses read.
-        let online = cached.is_none() || self.cfg.hidden.is_some() || !self.blocks.is_empty();
+        let online = cached.is_none() || !req.hidden.is_empty() || !self.blocks.is_empty();
         let trace = if online {
             self.teacher.trace(batch, &req)?
         } else {
             Trace::default()
         };
-        let mut ce = AnswerCe::new(batch, self.cfg.ce_weight as f32);
+        let mut ce = AnswerCe::new_masked(batch, self.cfg.ce_weight as f32, &on_policy);
         let mut kd = match &self.cfg.logits {
             Some(l) => {
                 let reads = row_mask(batch, l.tokens, image_token, true);
@@ -1016,7 +1319,15 @@ impl Distiller {
         }
         let kd = kd.map(|k| (k.sum / k.counted.max(1) as f64) as f32);
         let hidden = match &self.cfg.hidden {
-            Some(h) => Some(self.align(student, batch, h, &trace.hidden)?),
+            Some(h) => Some(self.align(student, batch, h, &trace)?),
+            None => None,
+        };
+        let affinity = match &self.cfg.affinity {
+            Some(a) => Some(self.affinity(student, batch, a, &trace.hidden)?),
+            None => None,
+        };
+        let relational = match &self.cfg.relational {
+            Some(r) => Some(self.relational(student, batch, r, &trace.hidden)?),
             None => None,
         };
         let attention = match &self.cfg.attention {
@@ -1028,36 +1339,41 @@ impl Distiller {
             kd,
             hidden,
             attention,
+            affinity,
+            relational,
         })
     }
 
-    /// Hidden alignment's loss (mean over pairs); adds its gradients into the student's
-    /// backward and the projectors.
+    /// Hidden alignment's loss, `mean_b Σ_p w_bp L_bp` over the samples `b` with rows to align
+    /// (`L_bp`: the pair's loss on sample `b`'s rows; `w_bp`: `1/P`, the adaptive gate's weights,
+    /// or the deepest pair alone during `deep_first_steps`); adds its gradients into the
+    /// student's backward, the projectors and the gate.
     fn align(
         &self,
         student: &mut TrainModel,
         batch: &[TrainSeq],
         h: &HiddenConfig,
-        teacher_hidden: &BTreeMap<usize, Vec<f32>>,
+        trace: &Trace,
     ) -> Result<f32> {
-        let rows: Vec<usize> = row_mask(batch, h.tokens, student.config.image_token_id, false)
+        let image_token = student.config.image_token_id;
+        let offsets = row_offsets(batch);
+        let sample_of = |r: usize| offsets.partition_point(|&o| o <= r) - 1;
+        let rows: Vec<usize> = row_mask(batch, h.tokens, image_token, false)
             .iter()
             .enumerate()
             .filter(|&(_, &r)| r)
             .map(|(i, _)| i)
             .collect();
-        if rows.is_empty() {
-            return Ok(0.0);
-        }
         let (ds, dt) = (
             student.config.text.hidden_size,
             self.teacher.config.text.hidden_size,
         );
-        let pair_scale = h.weight as f32 / self.pairs.len() as f32;
-        let mut total = 0.0f64;
-        for (&(ls, lt), proj) in self.pairs.iter().zip(&self.projectors) {
-            // (student row, batch row) of the rows present in the student's layer (a pruned
-            // student has dropped some image rows).
+        let (nb, np) = (batch.len(), self.pairs.len());
+        // Per pair: the present rows grouped by sample, the projector's output and cache.
+        let mut per_pair = Vec::with_capacity(np);
+        let mut losses = vec![vec![0.0f64; np]; nb];
+        let mut has_rows = vec![false; nb];
+        for (p, (&(ls, lt), proj)) in self.pairs.iter().zip(&self.projectors).enumerate() {
             let present: Vec<(usize, usize)> = student
                 .hidden_rows(ls)?
                 .iter()
@@ -1066,34 +1382,344 @@ impl Distiller {
                 .map(|(k, &r)| (k, r))
                 .collect();
             let hs = student.hidden_state(ls)?;
-            let states = hs.len();
             let x: Vec<f32> = present
                 .iter()
                 .flat_map(|&(k, _)| &hs[k * ds..(k + 1) * ds])
                 .copied()
                 .collect();
-            let ht = &teacher_hidden[&lt];
+            let ht = &trace.hidden[&lt];
             let target: Vec<f32> = present
                 .iter()
                 .flat_map(|&(_, r)| &ht[r * dt..(r + 1) * dt])
                 .copied()
                 .collect();
             let (y, cache) = proj.forward(&student.params, &x);
-            let (loss, mut dy) = match h.loss {
-                HiddenLoss::Mse => mse(&y, &target),
-                HiddenLoss::Cosine => cosine(&y, &target, dt),
-            };
-            total += loss;
-            dy.iter_mut().for_each(|d| *d *= pair_scale);
+            // The loss and its gradient on each sample's slice of rows.
+            let mut dy = vec![0.0f32; y.len()];
+            let mut start = 0;
+            while start < present.len() {
+                let b = sample_of(present[start].1);
+                let end = start + present[start..].partition_point(|&(_, r)| sample_of(r) == b);
+                let sl = start * dt..end * dt;
+                let (l, g) = match h.loss {
+                    HiddenLoss::Mse => mse(&y[sl.clone()], &target[sl.clone()]),
+                    HiddenLoss::Cosine => cosine(&y[sl.clone()], &target[sl.clone()], dt),
+                };
+                losses[b][p] = l;
+                has_rows[b] = true;
+                dy[sl].copy_from_slice(&g);
+                start = end;
+            }
+            per_pair.push((present, cache, dy, ls));
+        }
+        let counted: Vec<usize> = (0..nb).filter(|&b| has_rows[b]).collect();
+        if counted.is_empty() {
+            return Ok(0.0);
+        }
+        let n = counted.len() as f64;
+        // Weights over the pairs, per sample.
+        let deepest = (0..np).max_by_key(|&p| self.pairs[p].0).unwrap_or(0);
+        let coarse = self.step < h.deep_first_steps;
+        let gate_in: Vec<Vec<f32>> = match (&self.gate, coarse) {
+            (Some(_), false) => (0..nb)
+                .map(|b| mean_rows(&trace.final_out, dt, offsets[b], batch[b].input_ids.len()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let weights: Vec<Vec<f64>> = (0..nb)
+            .map(|b| match (&self.gate, coarse) {
+                (_, true) => (0..np).map(|p| f64::from(u8::from(p == deepest))).collect(),
+                (Some(g), false) => g.weights(&student.params, &gate_in[b]),
+                (None, false) => vec![1.0 / np as f64; np],
+            })
+            .collect();
+        let total: f64 = counted
+            .iter()
+            .map(|&b| (0..np).map(|p| weights[b][p] * losses[b][p]).sum::<f64>())
+            .sum::<f64>()
+            / n;
+        // Gate backward: dL/dw_bp = weight · L_bp / n.
+        if let (Some(g), false) = (&self.gate, coarse) {
+            for &b in &counted {
+                let dw: Vec<f64> = (0..np).map(|p| h.weight * losses[b][p] / n).collect();
+                g.backward(&mut student.params, &gate_in[b], &dw);
+            }
+        }
+        for (p, (present, cache, mut dy, ls)) in per_pair.into_iter().enumerate() {
+            for (k, &(_, r)) in present.iter().enumerate() {
+                let scale = (h.weight * weights[sample_of(r)][p] / n) as f32;
+                dy[k * dt..(k + 1) * dt]
+                    .iter_mut()
+                    .for_each(|d| *d *= scale);
+            }
+            let proj = &self.projectors[p];
             let dx = proj.backward(&mut student.params, &cache, &dy)?;
-            let mut full = vec![0.0f32; states];
+            let mut full = vec![0.0f32; student.hidden_state(ls)?.len()];
             for (j, &(k, _)) in present.iter().enumerate() {
                 full[k * ds..(k + 1) * ds].copy_from_slice(&dx[j * ds..(j + 1) * ds]);
             }
             student.add_hidden_grad(ls, &full)?;
         }
-        Ok((total / self.pairs.len() as f64) as f32)
+        Ok(total as f32)
     }
+}
+
+/// The mean of rows `start..start + n` of `x` (rows of width `d`).
+fn mean_rows(x: &[f32], d: usize, start: usize, n: usize) -> Vec<f32> {
+    let mut m = vec![0.0f32; d];
+    for r in start..start + n {
+        ops::add(&mut m, &x[r * d..(r + 1) * d]);
+    }
+    m.iter_mut().for_each(|v| *v /= n as f32);
+    m
+}
+
+impl GateParams {
+    /// `softmax(σ(W x + b) / τ)` over the pairs.
+    fn weights(&self, p: &[Param], x: &[f32]) -> Vec<f64> {
+        let (s, tau) = self.sigmoids(p, x);
+        let a: Vec<f64> = s.iter().map(|v| v / tau).collect();
+        let m = a.iter().cloned().fold(f64::MIN, f64::max);
+        let e: Vec<f64> = a.iter().map(|v| (v - m).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        e.iter().map(|v| v / sum).collect()
+    }
+
+    fn sigmoids(&self, p: &[Param], x: &[f32]) -> (Vec<f64>, f64) {
+        let s = (0..self.pairs)
+            .map(|k| {
+                let row = &p[self.w].value[k * self.inp..(k + 1) * self.inp];
+                let z = p[self.b].value[k] as f64
+                    + row
+                        .iter()
+                        .zip(x)
+                        .map(|(w, x)| *w as f64 * *x as f64)
+                        .sum::<f64>();
+                1.0 / (1.0 + (-z).exp())
+            })
+            .collect();
+        (s, (p[self.theta].value[0] as f64).exp())
+    }
+
+    /// Accumulates the gate's gradients given `dw = ∂L/∂w` at input `x`.
+    fn backward(&self, p: &mut [Param], x: &[f32], dw: &[f64]) {
+        if p[self.w].grad.is_empty() {
+            return;
+        }
+        let (s, tau) = self.sigmoids(p, x);
+        let w = self.weights(p, x);
+        let dot: f64 = w.iter().zip(dw).map(|(a, b)| a * b).sum();
+        let da: Vec<f64> = w.iter().zip(dw).map(|(w, d)| w * (d - dot)).collect();
+        // a = s / τ, τ = exp(θ): ∂a/∂θ = −a.
+        let dtheta: f64 = da.iter().zip(&s).map(|(d, s)| -d * s / tau).sum();
+        p[self.theta].grad[0] += dtheta as f32;
+        for k in 0..self.pairs {
+            let dz = da[k] / tau * s[k] * (1.0 - s[k]);
+            p[self.b].grad[k] += dz as f32;
+            let g = &mut p[self.w].grad[k * self.inp..(k + 1) * self.inp];
+            for (g, x) in g.iter_mut().zip(x) {
+                *g += (dz * *x as f64) as f32;
+            }
+        }
+    }
+}
+
+impl Distiller {
+    /// Affinity distillation's loss (mean over pairs, see [`AffinityConfig`]); adds its
+    /// gradient into the student's backward.
+    fn affinity(
+        &self,
+        student: &mut TrainModel,
+        batch: &[TrainSeq],
+        a: &AffinityConfig,
+        teacher_hidden: &BTreeMap<usize, Vec<f32>>,
+    ) -> Result<f32> {
+        let image_token = student.config.image_token_id;
+        let offsets = row_offsets(batch);
+        let (ds, dt) = (
+            student.config.text.hidden_size,
+            self.teacher.config.text.hidden_size,
+        );
+        // Per sequence: its image rows and text rows (batch rows).
+        let groups: Vec<(Vec<usize>, Vec<usize>)> = batch
+            .iter()
+            .zip(&offsets)
+            .map(|(s, &o)| {
+                let n = s.input_ids.len();
+                let img = (0..n).filter(|&t| s.input_ids[t] == image_token);
+                let txt = (0..n).filter(|&t| match a.text {
+                    Tokens::Answer => reads_row(s, t, Tokens::Answer, image_token, false),
+                    Tokens::All => s.input_ids[t] != image_token,
+                });
+                (img.map(|t| o + t).collect(), txt.map(|t| o + t).collect())
+            })
+            .collect();
+        let np = self.affinity_pairs.len() as f64;
+        let mut total = 0.0;
+        for &(ls, lt) in &self.affinity_pairs {
+            let rows = student.hidden_rows(ls)?.to_vec();
+            let at = |r: usize| rows.binary_search(&r).ok();
+            let hs = student.hidden_state(ls)?.to_vec();
+            let ht = &teacher_hidden[&lt];
+            let entries: usize = groups
+                .iter()
+                .map(|(i, t)| i.iter().filter(|&&r| at(r).is_some()).count() * t.len())
+                .sum();
+            if entries == 0 {
+                continue;
+            }
+            let scale = a.weight / (np * entries as f64);
+            let mut grad = vec![0.0f32; hs.len()];
+            let mut sum = 0.0f64;
+            for (img, txt) in &groups {
+                for &i in img {
+                    let Some(ki) = at(i) else { continue };
+                    for &j in txt {
+                        let Some(kj) = at(j) else { continue };
+                        let (si, sj) = (&hs[ki * ds..(ki + 1) * ds], &hs[kj * ds..(kj + 1) * ds]);
+                        let (cs, gi, gj) = cos_grad(si, sj);
+                        let (ct, _, _) =
+                            cos_grad(&ht[i * dt..(i + 1) * dt], &ht[j * dt..(j + 1) * dt]);
+                        let d = cs - ct;
+                        sum += d * d;
+                        let c = (2.0 * d * scale) as f32;
+                        for (g, v) in grad[ki * ds..(ki + 1) * ds].iter_mut().zip(&gi) {
+                            *g += c * v;
+                        }
+                        for (g, v) in grad[kj * ds..(kj + 1) * ds].iter_mut().zip(&gj) {
+                            *g += c * v;
+                        }
+                    }
+                }
+            }
+            total += sum / entries as f64;
+            student.add_hidden_grad(ls, &grad)?;
+        }
+        Ok((total / np) as f32)
+    }
+
+    /// Relational distillation's loss (mean over pairs, see [`RelationalConfig`]); adds its
+    /// gradient into the student's backward.
+    fn relational(
+        &self,
+        student: &mut TrainModel,
+        batch: &[TrainSeq],
+        r: &RelationalConfig,
+        teacher_hidden: &BTreeMap<usize, Vec<f32>>,
+    ) -> Result<f32> {
+        let image_token = student.config.image_token_id;
+        let offsets = row_offsets(batch);
+        let (ds, dt) = (
+            student.config.text.hidden_size,
+            self.teacher.config.text.hidden_size,
+        );
+        let nb = batch.len();
+        let picked: Vec<Vec<usize>> = batch
+            .iter()
+            .zip(&offsets)
+            .map(|(s, &o)| {
+                (0..s.input_ids.len())
+                    .filter(|&t| reads_row(s, t, r.tokens, image_token, false))
+                    .map(|t| o + t)
+                    .collect()
+            })
+            .collect();
+        let np = self.relational_pairs.len() as f64;
+        let mut total = 0.0;
+        for &(ls, lt) in &self.relational_pairs {
+            let rows = student.hidden_rows(ls)?.to_vec();
+            let hs = student.hidden_state(ls)?.to_vec();
+            let ht = &teacher_hidden[&lt];
+            // Pooled, normalised states: the student's over its present rows.
+            let pool = |x: &[f32], d: usize, idx: &[usize]| {
+                let mut m = vec![0.0f64; d];
+                for &k in idx {
+                    for (a, v) in m.iter_mut().zip(&x[k * d..(k + 1) * d]) {
+                        *a += *v as f64;
+                    }
+                }
+                m.iter_mut().for_each(|v| *v /= idx.len().max(1) as f64);
+                m
+            };
+            let present: Vec<Vec<usize>> = picked
+                .iter()
+                .map(|p| {
+                    p.iter()
+                        .filter_map(|r| rows.binary_search(r).ok())
+                        .collect()
+                })
+                .collect();
+            let es: Vec<Vec<f64>> = present.iter().map(|k| pool(&hs, ds, k)).collect();
+            let et: Vec<Vec<f64>> = picked.iter().map(|k| pool(ht, dt, k)).collect();
+            let unit = |e: &[f64]| {
+                let n = e.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-8);
+                (e.iter().map(|v| v / n).collect::<Vec<f64>>(), n)
+            };
+            let us: Vec<(Vec<f64>, f64)> = es.iter().map(|e| unit(e)).collect();
+            let ut: Vec<Vec<f64>> = et.iter().map(|e| unit(e).0).collect();
+            let dotf = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+            let mut sum = 0.0;
+            let mut du = vec![vec![0.0f64; ds]; nb];
+            let scale = r.weight / (np * (nb * nb) as f64);
+            for a in 0..nb {
+                for b in 0..nb {
+                    let d = dotf(&us[a].0, &us[b].0) - dotf(&ut[a], &ut[b]);
+                    sum += d * d;
+                    let c = 2.0 * d * scale;
+                    for (x, v) in du[a].iter_mut().zip(&us[b].0) {
+                        *x += c * v;
+                    }
+                    for (x, v) in du[b].iter_mut().zip(&us[a].0) {
+                        *x += c * v;
+                    }
+                }
+            }
+            total += sum / (nb * nb) as f64;
+            let mut grad = vec![0.0f32; hs.len()];
+            for a in 0..nb {
+                let (u, norm) = &us[a];
+                let proj = dotf(u, &du[a]);
+                let de: Vec<f64> = (0..ds).map(|k| (du[a][k] - u[k] * proj) / norm).collect();
+                let n = present[a].len().max(1) as f64;
+                for &k in &present[a] {
+                    for (g, v) in grad[k * ds..(k + 1) * ds].iter_mut().zip(&de) {
+                        *g += (v / n) as f32;
+                    }
+                }
+            }
+            student.add_hidden_grad(ls, &grad)?;
+        }
+        Ok((total / np) as f32)
+    }
+}
+
+/// `cos(a, b)` and its gradients in `a` and `b` (norms floored at 1e-8).
+fn cos_grad(a: &[f32], b: &[f32]) -> (f64, Vec<f32>, Vec<f32>) {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na = a
+        .iter()
+        .map(|x| (*x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
+        .max(1e-8);
+    let nb = b
+        .iter()
+        .map(|x| (*x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
+        .max(1e-8);
+    let c = dot / (na * nb);
+    let ga = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*y as f64 / (na * nb) - c * *x as f64 / (na * na)) as f32)
+        .collect();
+    let gb = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 / (na * nb) - c * *y as f64 / (nb * nb)) as f32)
+        .collect();
+    (c, ga, gb)
 }
 
 impl Distiller {

@@ -998,6 +998,21 @@ impl AnswerCe {
         }
     }
 
+    /// [`AnswerCe::new`] without the sequences `skip` marks (their rows count for nothing).
+    pub fn new_masked(batch: &[TrainSeq], weight: f32, skip: &[bool]) -> Self {
+        let mut ce = Self::new(batch, weight);
+        let mut r0 = 0;
+        for (s, &k) in batch.iter().zip(skip) {
+            let n = s.input_ids.len();
+            if k {
+                ce.targets[r0..r0 + n].fill(IGNORE_INDEX);
+            }
+            r0 += n;
+        }
+        ce.counted = ce.targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
+        ce
+    }
+
     /// The mean cross-entropy over the rows seen so far (0 without answer tokens).
     pub fn loss(&self) -> f32 {
         if self.counted == 0 {

@@ -641,6 +641,9 @@ pub struct StepRecord {
     pub hidden: Option<f32>,
     /// Mean attention-alignment loss (unweighted), with `[distill.attention]`.
     pub attention: Option<f32>,
+    /// Mean affinity and relational losses (unweighted), with their tables.
+    pub affinity: Option<f32>,
+    pub relational: Option<f32>,
 }
 
 /// What a [`train`] call did.
@@ -675,14 +678,15 @@ struct Latest {
     step: u64,
 }
 
-const LOSS_HEADER: &str = "step,loss,grad_norm,lr,tokens,grounding,kd,hidden,attention";
+const LOSS_HEADER: &str =
+    "step,loss,grad_norm,lr,tokens,grounding,kd,hidden,attention,affinity,relational";
 
 fn csv_row(r: &StepRecord) -> String {
     let opt = |x: Option<f32>| x.map(|g| g.to_string()).unwrap_or_default();
     let (gn, gl, kd, hd) = (opt(r.grad_norm), opt(r.grounding), opt(r.kd), opt(r.hidden));
-    let at = opt(r.attention);
+    let (at, af, rl) = (opt(r.attention), opt(r.affinity), opt(r.relational));
     format!(
-        "{},{},{gn},{},{},{gl},{kd},{hd},{at}\n",
+        "{},{},{gn},{},{},{gl},{kd},{hd},{at},{af},{rl}\n",
         r.step, r.loss, r.lr, r.tokens
     )
 }
@@ -703,7 +707,7 @@ fn read_losses(path: &Path) -> Result<Vec<StepRecord>> {
         }
         // Files written before the grounding column have five fields, before distillation's six.
         let f: Vec<&str> = line.split(',').collect();
-        if ![5, 6, 9].contains(&f.len()) {
+        if ![5, 6, 11].contains(&f.len()) {
             return Err(parse_err(i + 1));
         }
         let optional = |x: Option<&&str>| -> Result<Option<f32>> {
@@ -722,6 +726,8 @@ fn read_losses(path: &Path) -> Result<Vec<StepRecord>> {
             kd: optional(f.get(6))?,
             hidden: optional(f.get(7))?,
             attention: optional(f.get(8))?,
+            affinity: optional(f.get(9))?,
+            relational: optional(f.get(10))?,
         });
     }
     Ok(out)
@@ -1093,7 +1099,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
         let mut loss_sum = 0.0f64;
         let mut grounding = (0.0f64, 0usize);
         let mut kd = (0.0f64, 0usize);
-        let (mut hidden, mut attention) = (kd, kd);
+        let (mut hidden, mut attention, mut affinity, mut relational) = (kd, kd, kd, kd);
         let mut tokens = 0u64;
         for micro in 0..cfg.grad_accum {
             let (_, idx) = loader.next_batch();
@@ -1112,11 +1118,14 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
             zero_grads(&mut m.params);
             let loss = match distill.as_mut() {
                 Some(d) => {
+                    d.set_step(step);
                     let l = d.forward_samples(&mut m, &seqs, Some(&idx))?;
                     let parts = [
                         (&mut kd, l.kd),
                         (&mut hidden, l.hidden),
                         (&mut attention, l.attention),
+                        (&mut affinity, l.affinity),
+                        (&mut relational, l.relational),
                     ];
                     for (acc, v) in parts {
                         if let Some(v) = v {
@@ -1165,6 +1174,8 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
             kd: (kd.1 > 0).then(|| (kd.0 / kd.1 as f64) as f32),
             hidden: (hidden.1 > 0).then(|| (hidden.0 / hidden.1 as f64) as f32),
             attention: (attention.1 > 0).then(|| (attention.0 / attention.1 as f64) as f32),
+            affinity: (affinity.1 > 0).then(|| (affinity.0 / affinity.1 as f64) as f32),
+            relational: (relational.1 > 0).then(|| (relational.0 / relational.1 as f64) as f32),
         };
         csv.write_all(csv_row(&rec).as_bytes())
             .and_then(|_| csv.flush())
@@ -1174,6 +1185,8 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
             ("kd", rec.kd),
             ("hidden", rec.hidden),
             ("attn", rec.attention),
+            ("affinity", rec.affinity),
+            ("relational", rec.relational),
         ]
         .iter()
         .filter_map(|(n, v)| v.map(|v| format!(" {n} {v:.3}")))

@@ -94,7 +94,7 @@ pub fn smollm2_path() -> Option<PathBuf> {
     None
 }
 
-/// The gradient of the whole objective `w_ce·CE + w_kd·KD + w_h·hidden + w_a·attention` of
+/// The gradient of the whole objective (`w_ce·CE` plus each distillation loss times its weight) of
 /// `cfg` at student `m`: analytic (forward + backward) against central finite differences of the
 /// objective with step `h`, at the largest-gradient entry of every tensor. Returns how many were
 /// checked.
@@ -112,9 +112,18 @@ pub fn check_objective_gradient(
         w(cfg.hidden.as_ref().map(|h| h.weight)),
         w(cfg.attention.as_ref().map(|a| a.weight)),
     );
+    let (waf, wr) = (
+        w(cfg.affinity.as_ref().map(|a| a.weight)),
+        w(cfg.relational.as_ref().map(|r| r.weight)),
+    );
     let objective = |l: DistillLosses| {
         let v = |x: Option<f32>| x.unwrap_or(0.0) as f64;
-        cfg.ce_weight * l.ce as f64 + wkd * v(l.kd) + wh * v(l.hidden) + wa * v(l.attention)
+        cfg.ce_weight * l.ce as f64
+            + wkd * v(l.kd)
+            + wh * v(l.hidden)
+            + wa * v(l.attention)
+            + waf * v(l.affinity)
+            + wr * v(l.relational)
     };
     zero_grads(&mut m.params);
     let l0 = d.forward(&mut m, seqs).unwrap();
