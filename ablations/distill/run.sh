@@ -93,7 +93,8 @@ train_eval() { # row seed
   fi
   local r; r=$(recipe "$row")
   local student=${r%%|*} body=${r#*|}
-  if [ ! -f "$run/eval/results.csv" ]; then
+  local ckpt; ckpt="$run/train/checkpoint-$(printf %06d "$STEPS")"
+  if [ ! -f "$ckpt/model.safetensors" ]; then
     mkdir -p "$run"
     {
       echo "model = \"$OUT/students/$student\""
@@ -121,12 +122,12 @@ train_eval() { # row seed
       $BIN/distill train --config "$run/config.toml" --quiet
     fi
     echo $(( $(date +%s) - t0 )) > "$run/train_seconds"
-    eval_model "$run/train/checkpoint-$(printf %06d "$STEPS")" "$run/eval"
   fi
+  [ -f "$run/eval/results.csv" ] || eval_model "$ckpt" "$run/eval"
 }
 eval_model() { # checkpoint out
-  $BIN/prune-bench --model "$1" --head sum --query last_token --keep 0.25 --prune-layer 1 \
-    --limit "$LIMIT" --seed 0 --out "$2" > /dev/null
+  $BIN/prune-bench --model "$1" --data "shapes:$LIMIT" --head sum --query last_token --keep 0.25 \
+    --prune-layer 1 --seed 0 --out "$2" > /dev/null
 }
 
 [ -f "$OUT/teacher/results.csv" ] || eval_model "$TEACHER" "$OUT/teacher"
