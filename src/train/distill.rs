@@ -1850,23 +1850,10 @@ fn cosine(y: &[f32], t: &[f32], d: usize) -> (f64, Vec<f32>) {
     let mut loss = 0.0;
     let mut g = vec![0.0f32; y.len()];
     for ((yr, tr), gr) in y.chunks(d).zip(t.chunks(d)).zip(g.chunks_mut(d)) {
-        let dot: f64 = yr.iter().zip(tr).map(|(a, b)| *a as f64 * *b as f64).sum();
-        let ny = yr
-            .iter()
-            .map(|a| (*a as f64).powi(2))
-            .sum::<f64>()
-            .sqrt()
-            .max(1e-8);
-        let nt = tr
-            .iter()
-            .map(|a| (*a as f64).powi(2))
-            .sum::<f64>()
-            .sqrt()
-            .max(1e-8);
-        let cos = dot / (ny * nt);
+        let (cos, gy, _) = cos_grad(yr, tr);
         loss += 1.0 - cos;
-        for ((g, a), b) in gr.iter_mut().zip(yr).zip(tr) {
-            *g = (-(*b as f64 / (ny * nt) - cos * *a as f64 / (ny * ny)) / n) as f32;
+        for (g, v) in gr.iter_mut().zip(&gy) {
+            *g = (-(*v as f64) / n) as f32;
         }
     }
     (loss / n, g)
