@@ -50,8 +50,6 @@ fn run() -> Result<(), fineprune::Error> {
     let batch = train_seqs(&ds, &parts.encoder(640), &[0, 1])?;
 
     let cfg = DistillConfig {
-        teacher: teacher.clone(),
-        ce_weight: 1.0,
         logits: Some(LogitsConfig {
             divergence: DivergenceName::ForwardKl,
             beta: 0.5,
@@ -70,9 +68,6 @@ fn run() -> Result<(), fineprune::Error> {
             gate: Gating::None,
             deep_first_steps: 0,
         }),
-        attention: None,
-        affinity: None,
-        relational: None,
         prune: Some(PruneConfig {
             layers: vec![1],
             keep: vec![0.25],
@@ -84,7 +79,7 @@ fn run() -> Result<(), fineprune::Error> {
             tau: None,
             renumber: false,
         }),
-        on_policy: None,
+        ..DistillConfig::new(teacher.clone())
     };
     let mut student = TrainModel::from_dir(&work.join("student"))?;
     let mut d = Distiller::new(&cfg, &mut student, 0)?;

@@ -11,7 +11,7 @@ use fineprune::bench::shapes::{
 use fineprune::model::template::LLAVA_SYSTEM;
 use fineprune::train::distill::{
     AttentionConfig, DistillConfig, DivergenceName, Gating, HiddenConfig, HiddenLoss, LogitsConfig,
-    Pairs, Tokens,
+    Pairs, Tokens, VisionAlignConfig,
 };
 use fineprune::train::model::GroundingLoss;
 use fineprune::train::run::{StageConfig, TrainConfig, TrainOptions, train, train_stages};
@@ -70,6 +70,7 @@ fn config(data: &Path, out: &Path) -> TrainConfig {
         betas: [0.9, 0.999],
         max_grad_norm: Some(1.0),
         frozen: vec![],
+        vision_trainable_layers: None,
         lr_scale: Default::default(),
         checkpoint_every: 3,
         max_len: 2048,
@@ -281,7 +282,7 @@ fn grounding_loss_falls_and_is_logged() {
     assert!(last < 0.7 * first, "grounding loss did not fall: {g:?}");
     let csv = std::fs::read_to_string(out.path().join("losses.csv")).unwrap();
     assert!(csv.starts_with(
-        "step,loss,grad_norm,lr,tokens,grounding,kd,hidden,attention,affinity,relational\n"
+        "step,loss,grad_norm,lr,tokens,grounding,kd,hidden,attention,affinity,relational,vision\n"
     ));
     assert_eq!(csv.lines().count(), 13);
     let grounding = |l: &str| l.split(',').nth(5).map(str::to_owned);
@@ -1234,8 +1235,6 @@ fn perturbed_fixture(dir: &Path) {
 
 fn distill_table(teacher: &Path) -> DistillConfig {
     DistillConfig {
-        teacher: teacher.to_path_buf(),
-        ce_weight: 1.0,
         logits: Some(LogitsConfig {
             divergence: DivergenceName::ForwardKl,
             beta: 0.5,
@@ -1254,11 +1253,7 @@ fn distill_table(teacher: &Path) -> DistillConfig {
             gate: Gating::None,
             deep_first_steps: 0,
         }),
-        attention: None,
-        affinity: None,
-        relational: None,
-        on_policy: None,
-        prune: None,
+        ..DistillConfig::new(teacher.to_path_buf())
     }
 }
 
@@ -1291,7 +1286,7 @@ fn distillation_resumes_bit_for_bit_and_exports_no_projector() {
     let text = csv(full_dir.path());
     println!("{text}");
     assert!(text.starts_with(
-        "step,loss,grad_norm,lr,tokens,grounding,kd,hidden,attention,affinity,relational\n"
+        "step,loss,grad_norm,lr,tokens,grounding,kd,hidden,attention,affinity,relational,vision\n"
     ));
     for r in &full.history {
         assert!(r.kd.is_some_and(|k| k > 0.0) && r.hidden.is_some_and(|h| h > 0.0));
@@ -1331,6 +1326,74 @@ fn distillation_resumes_bit_for_bit_and_exports_no_projector() {
     fineprune::Model::load(&full.checkpoint).unwrap();
 }
 
+/// Vision feature alignment with only the last vision layer trainable, through `train`: the
+/// frozen part of the tower (embeddings, `pre_layrnorm`, layer 0) leaves the run bit for bit as
+/// it came, the trainable layer and the projector move, the `vision` column is logged and the
+/// alignment loss falls; a resumed run equals an uninterrupted one.
+#[test]
+fn partial_vision_training_with_feature_alignment() {
+    let data = tempfile::tempdir().unwrap();
+    export(data.path(), 6);
+    let student = tempfile::tempdir().unwrap();
+    perturbed_fixture(student.path());
+    let cfg = |out: &Path| TrainConfig {
+        model: Some(student.path().to_path_buf()),
+        vision_trainable_layers: Some(1),
+        steps: 12,
+        distill: Some(DistillConfig {
+            hidden: None,
+            vision: Some(VisionAlignConfig {
+                loss: HiddenLoss::Mse,
+                weight: 20.0,
+            }),
+            ..distill_table(&fixture())
+        }),
+        ..config(data.path(), out)
+    };
+    let full_dir = tempfile::tempdir().unwrap();
+    let full = train(&cfg(full_dir.path()), &quiet()).unwrap();
+    let v: Vec<f32> = full.history.iter().map(|r| r.vision.unwrap()).collect();
+    println!("vision: {v:?}");
+    assert!(v[10] + v[11] < 0.8 * (v[0] + v[1]), "{v:?}");
+    let before = fineprune::train::model::TrainModel::from_dir(student.path()).unwrap();
+    let after = fineprune::train::model::TrainModel::from_dir(&full.checkpoint).unwrap();
+    let mut moved = Vec::new();
+    for (a, b) in before.params.iter().zip(&after.params) {
+        let frozen = a.name.starts_with("model.vision_tower.")
+            && !a.name.starts_with("model.vision_tower.encoder.layers.1.");
+        if frozen {
+            assert!(a.value == b.value, "{} moved", a.name);
+        } else if a.value != b.value {
+            moved.push(a.name.clone());
+        }
+    }
+    let layer1 = moved
+        .iter()
+        .filter(|n| n.starts_with("model.vision_tower.encoder.layers.1."))
+        .count();
+    assert_eq!(layer1, 16, "{moved:?}");
+    assert!(moved.iter().any(|n| n.contains("multi_modal_projector")));
+    let text = std::fs::read_to_string(full_dir.path().join("losses.csv")).unwrap();
+    assert!(text.lines().skip(1).all(|l| !l.ends_with(',')), "{text}");
+    // Interrupted after 5 steps and resumed: the same run.
+    let part_dir = tempfile::tempdir().unwrap();
+    let stop = TrainOptions {
+        stop_after: Some(5),
+        ..quiet()
+    };
+    train(&cfg(part_dir.path()), &stop).unwrap();
+    let resumed = TrainOptions {
+        resume: true,
+        ..quiet()
+    };
+    let second = train(&cfg(part_dir.path()), &resumed).unwrap();
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(full.checkpoint.join(f)).unwrap();
+        let b = std::fs::read(second.checkpoint.join(f)).unwrap();
+        assert!(a == b, "{f} differs between the runs");
+    }
+}
+
 #[test]
 fn bad_distill_configs_fail_before_any_step() {
     let data = tempfile::tempdir().unwrap();
@@ -1358,13 +1421,52 @@ fn bad_distill_configs_fail_before_any_step() {
             .replace("  ", " "),
     )
     .unwrap();
-    let check = |f: &dyn Fn(&mut DistillConfig), want: &str| {
+    let check_run = |f: &dyn Fn(&mut TrainConfig), want: &str| {
         let mut c = base.clone();
-        f(c.distill.as_mut().unwrap());
+        f(&mut c);
         let e = train(&c, &quiet()).unwrap_err().to_string();
         assert!(e.contains(want), "expected `{want}` in: {e}");
         assert!(!c.output.join("losses.csv").exists(), "{want}: a step ran");
     };
+    let check = |f: &dyn Fn(&mut DistillConfig), want: &str| {
+        check_run(&|c: &mut TrainConfig| f(c.distill.as_mut().unwrap()), want)
+    };
+    let vision = Some(VisionAlignConfig {
+        loss: HiddenLoss::Mse,
+        weight: 1.0,
+    });
+    check_run(
+        &|c: &mut TrainConfig| {
+            c.frozen = vec!["vision".into(), "projector".into()];
+            c.distill.as_mut().unwrap().vision = vision.clone();
+        },
+        "`distill.vision`: aligns the student's image features, but its vision tower and \
+         projector are both frozen",
+    );
+    check_run(
+        &|c: &mut TrainConfig| c.vision_trainable_layers = Some(0),
+        "`vision_trainable_layers`: must be at least 1",
+    );
+    check_run(
+        &|c: &mut TrainConfig| {
+            c.vision_trainable_layers = Some(1);
+            c.frozen = vec!["vision.decay".into()];
+        },
+        "`vision_trainable_layers`: trains vision layers, but frozen names `vision.decay`",
+    );
+    check_run(
+        &|c: &mut TrainConfig| c.vision_trainable_layers = Some(3),
+        "`vision_trainable_layers`: is 3 but the vision tower has 2 encoder layers in use",
+    );
+    check(
+        &|d: &mut DistillConfig| {
+            d.vision = Some(VisionAlignConfig {
+                loss: HiddenLoss::Cosine,
+                weight: -2.0,
+            })
+        },
+        "distill.vision.weight",
+    );
     check(
         &|d: &mut DistillConfig| d.teacher = data.path().into(),
         "config.json of the teacher",

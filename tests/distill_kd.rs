@@ -7,13 +7,14 @@
 mod common;
 
 use common::{check_objective_gradient, load_ref, reference_dir};
+use fineprune::Model;
 use fineprune::train::checkpoint::save_checkpoint;
 use fineprune::train::distill::{
     AffinityConfig, AttentionConfig, DistillConfig, Distiller, DivergenceName, Gating,
-    HiddenConfig, HiddenLoss, LogitsConfig, Pairs, RelationalConfig, Tokens,
+    HiddenConfig, HiddenLoss, LogitsConfig, Pairs, RelationalConfig, Tokens, VisionAlignConfig,
 };
-use fineprune::train::model::{TrainModel, TrainSeq};
-use fineprune::train::student::{FreshLm, StudentSpec, init_student};
+use fineprune::train::model::{TrainModel, TrainSeq, VISION_FROZEN_GROUP};
+use fineprune::train::student::{FreshLm, LayerPick, StudentSpec, init_student};
 use std::path::{Path, PathBuf};
 
 fn teacher_dir() -> PathBuf {
@@ -146,15 +147,8 @@ fn logit_kd_reads_the_rows_that_predict_answers() {
 
     for (tokens, want) in [(Tokens::Answer, want), (Tokens::All, want_all)] {
         let cfg = DistillConfig {
-            teacher: teacher_dir(),
-            ce_weight: 1.0,
             logits: Some(logits_cfg(DivergenceName::ForwardKl, tokens, t as f32)),
-            hidden: None,
-            attention: None,
-            affinity: None,
-            relational: None,
-            on_policy: None,
-            prune: None,
+            ..DistillConfig::new(teacher_dir())
         };
         let mut d = Distiller::new(&cfg, &mut student, 0).unwrap();
         let got = d.forward(&mut student, &seqs).unwrap();
@@ -183,7 +177,6 @@ fn distillation_gradient_matches_finite_differences() {
     let dir = tempfile::tempdir().unwrap();
     let m = perturbed_student(dir.path(), 0.05);
     let cfg = DistillConfig {
-        teacher: teacher_dir(),
         ce_weight: 0.5,
         logits: Some(LogitsConfig {
             beta: 0.3,
@@ -206,12 +199,9 @@ fn distillation_gradient_matches_finite_differences() {
             Pairs::List(vec![[0, 1], [2, 2]]),
             300.0,
         )),
-        affinity: None,
-        relational: None,
-        on_policy: None,
-        prune: None,
+        ..DistillConfig::new(teacher_dir())
     };
-    let checked = check_objective_gradient(m, &cfg, 3, &batch(), 1e-3);
+    let checked = check_objective_gradient(m, &cfg, 3, &batch(), 1e-3).len();
     // Every block: vision, projector, each decoder layer, head, and the alignment projectors.
     assert!(checked >= 75, "{checked}");
 }
@@ -237,21 +227,16 @@ fn attention_alignment_maps_heads_and_matches_finite_differences() {
     let m = TrainModel::from_dir(&dir.path().join("s")).unwrap();
     assert_eq!(m.config.text.num_attention_heads, 2);
     let cfg = DistillConfig {
-        teacher: teacher_dir(),
         ce_weight: 0.0,
         logits: Some(logits_cfg(DivergenceName::ReverseKl, Tokens::Answer, 1.0)),
-        hidden: None,
         attention: Some(attention_cfg(
             &["answer->image", "text->text"],
             Pairs::Named("evenly:2".into()),
             300.0,
         )),
-        affinity: None,
-        relational: None,
-        on_policy: None,
-        prune: None,
+        ..DistillConfig::new(teacher_dir())
     };
-    let checked = check_objective_gradient(m, &cfg, 5, &batch(), 1e-3);
+    let checked = check_objective_gradient(m, &cfg, 5, &batch(), 1e-3).len();
     assert!(checked >= 20, "{checked}");
 }
 
@@ -263,19 +248,12 @@ fn attention_alignment_is_the_mse_of_the_blocks_probabilities() {
     let dir = tempfile::tempdir().unwrap();
     let mut student = perturbed_student(dir.path(), 0.05);
     let cfg = DistillConfig {
-        teacher: teacher_dir(),
-        ce_weight: 1.0,
-        logits: None,
-        hidden: None,
         attention: Some(attention_cfg(
             &["answer->image"],
             Pairs::Named("last".into()),
             1.0,
         )),
-        affinity: None,
-        relational: None,
-        on_policy: None,
-        prune: None,
+        ..DistillConfig::new(teacher_dir())
     };
     let mut same = TrainModel::from_dir(&teacher_dir()).unwrap();
     let mut d = Distiller::new(&cfg, &mut same, 0).unwrap();
@@ -324,11 +302,8 @@ fn gate_affinity_and_relational_match_finite_differences() {
         deep_first_steps: 0,
     };
     let cfg = DistillConfig {
-        teacher: teacher_dir(),
         ce_weight: 0.5,
-        logits: None,
         hidden: Some(hidden.clone()),
-        attention: None,
         affinity: Some(AffinityConfig {
             pairs: Pairs::List(vec![[1, 2]]),
             text: Tokens::All,
@@ -339,10 +314,9 @@ fn gate_affinity_and_relational_match_finite_differences() {
             tokens: Tokens::All,
             weight: 20.0,
         }),
-        prune: None,
-        on_policy: None,
+        ..DistillConfig::new(teacher_dir())
     };
-    let checked = check_objective_gradient(m, &cfg, 2, &batch(), 1e-3);
+    let checked = check_objective_gradient(m, &cfg, 2, &batch(), 1e-3).len();
     assert!(checked >= 70, "{checked}");
 
     // Coarse to fine: during the first steps only the deepest pair (student layer 2) trains.
@@ -373,5 +347,149 @@ fn gate_affinity_and_relational_match_finite_differences() {
         for (i, a) in active.iter().enumerate() {
             assert_eq!(projector_grad(&m, i) > 0.0, *a, "step {step}, pair {i}");
         }
+    }
+}
+
+/// Vision feature alignment against the engine's own projected features (the inference path,
+/// HF-checked in `tests/llava.rs`): `mean (f_s − f_t)²` over every element, and
+/// `mean over rows (1 − cos)`, of both images' features, within 1e-5 relative.
+#[test]
+fn vision_alignment_is_the_loss_of_the_engines_projected_features() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut student = perturbed_student(dir.path(), 0.05);
+    let seqs = batch();
+    let features = |d: &Path| -> Vec<f64> {
+        let m = Model::load(d).unwrap();
+        let v = m.vision.as_ref().unwrap();
+        seqs.iter()
+            .flat_map(|s| v.forward(&s.pixel_values).unwrap())
+            .map(f64::from)
+            .collect()
+    };
+    let (fs, ft) = (features(dir.path()), features(&teacher_dir()));
+    let d = student.config.text.hidden_size;
+    assert_eq!(fs.len(), 2 * student.config.image_tokens() * d);
+    let mse = fs
+        .iter()
+        .zip(&ft)
+        .map(|(a, b)| (a - b).powi(2))
+        .sum::<f64>()
+        / fs.len() as f64;
+    let rows = fs.len() / d;
+    let cos = (0..rows)
+        .map(|r| {
+            let (a, b) = (&fs[r * d..(r + 1) * d], &ft[r * d..(r + 1) * d]);
+            let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+            let n = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            1.0 - dot / (n(a) * n(b))
+        })
+        .sum::<f64>()
+        / rows as f64;
+    for (loss, want) in [(HiddenLoss::Mse, mse), (HiddenLoss::Cosine, cos)] {
+        let cfg = DistillConfig {
+            vision: Some(VisionAlignConfig { loss, weight: 1.0 }),
+            ..DistillConfig::new(teacher_dir())
+        };
+        let mut dist = Distiller::new(&cfg, &mut student, 0).unwrap();
+        let got = dist.forward(&mut student, &seqs).unwrap().vision.unwrap() as f64;
+        println!("{loss:?}: distiller {got:.7} engine {want:.7}");
+        assert!(want > 1e-4, "{want}");
+        assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
+    }
+}
+
+/// The gradient of CE + forward KL + vision alignment against finite differences, with only the
+/// last vision layer trainable: (a) a student as wide as the teacher, features compared as
+/// they are; (b) a smaller ViT student (its tower cut to teacher layers 0 and 2) with a fresh,
+/// narrower LM, aligned through the `align.vision` projector. Every trainable vision tensor is
+/// reached; the frozen ones have no gradient.
+#[test]
+fn vision_alignment_matches_finite_differences() {
+    let vision = |loss| Some(VisionAlignConfig { loss, weight: 3.0 });
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = perturbed_student(dir.path(), 0.05);
+    m.train_last_vision_layers(1).unwrap();
+    let cfg = DistillConfig {
+        ce_weight: 0.5,
+        logits: Some(logits_cfg(DivergenceName::ForwardKl, Tokens::Answer, 1.0)),
+        vision: vision(HiddenLoss::Mse),
+        ..DistillConfig::new(teacher_dir())
+    };
+    let checked = check_objective_gradient(m, &cfg, 3, &batch(), 1e-3);
+    let layer = |l: usize| {
+        let p = format!("model.vision_tower.encoder.layers.{l}.");
+        checked.iter().filter(|n| n.starts_with(&p)).count()
+    };
+    // q/k/v/out, fc1/fc2 (weights and biases) and both layer norms, but for k_proj.bias, whose
+    // gradient is zero (softmax ignores a shift shared by every key).
+    assert_eq!(layer(1), 15, "{checked:?}");
+    assert_eq!(layer(0), 0, "{checked:?}");
+    assert!(!checked.iter().any(|n| n.contains("embeddings")));
+
+    let spec = StudentSpec {
+        fresh: Some(FreshLm {
+            hidden_size: 48,
+            intermediate_size: 96,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+        }),
+        vision_layers: Some(LayerPick::List(vec![0, 2])),
+        fresh_projector: true,
+        init_std: 0.15,
+        seed: 6,
+        ..StudentSpec::default()
+    };
+    init_student(&teacher_dir(), &spec, &dir.path().join("small")).unwrap();
+    let mut m = TrainModel::from_dir(&dir.path().join("small")).unwrap();
+    assert_eq!(m.config.vision.num_hidden_layers, 2);
+    m.train_last_vision_layers(1).unwrap();
+    let cfg = DistillConfig {
+        vision: vision(HiddenLoss::Cosine),
+        ..cfg
+    };
+    let checked = check_objective_gradient(m, &cfg, 4, &batch(), 1e-3);
+    let count = |p: &str| checked.iter().filter(|n| n.starts_with(p)).count();
+    assert_eq!(
+        count("model.vision_tower.encoder.layers.0."),
+        15,
+        "{checked:?}"
+    );
+    assert_eq!(count("align.vision."), 4, "{checked:?}");
+}
+
+/// With only the last vision layer trainable, every trainable tensor's gradient is bit for bit
+/// the fully trainable model's (the backward stops below that layer, nothing else changes), the
+/// rest of the tower moves to the frozen group without gradients, and counts out of range are
+/// refused.
+#[test]
+fn training_the_last_vision_layers_keeps_their_gradients() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut full = perturbed_student(dir.path(), 0.05);
+    let mut part = TrainModel::from_dir(dir.path()).unwrap();
+    part.train_last_vision_layers(1).unwrap();
+    for m in [&mut full, &mut part] {
+        m.forward(&batch()).unwrap();
+        m.backward().unwrap();
+    }
+    let mut trainable = 0;
+    for (a, b) in full.params.iter().zip(&part.params) {
+        if b.name.starts_with("model.vision_tower.")
+            && !b.name.starts_with("model.vision_tower.encoder.layers.1.")
+        {
+            assert!(b.grad.is_empty(), "{}", b.name);
+            assert_eq!(b.group, VISION_FROZEN_GROUP, "{}", b.name);
+        } else {
+            assert!(a.grad == b.grad, "{}", b.name);
+            trainable += usize::from(b.name.starts_with("model.vision_tower."));
+        }
+    }
+    assert_eq!(trainable, 16);
+    for n in [0, 3] {
+        let e = part.train_last_vision_layers(n).unwrap_err().to_string();
+        assert!(
+            e.contains("vision_trainable_layers") && e.contains("2 encoder layers in use"),
+            "{e}"
+        );
     }
 }

@@ -237,8 +237,6 @@ fn pruning_aware_distillation_gradient_matches_finite_differences() {
     init_student(&model_dir(), &spec, &dir.path().join("s")).unwrap();
     let m = TrainModel::from_dir(&dir.path().join("s")).unwrap();
     let cfg = DistillConfig {
-        teacher: model_dir(),
-        ce_weight: 1.0,
         logits: Some(LogitsConfig {
             divergence: DivergenceName::ForwardKl,
             beta: 0.5,
@@ -259,10 +257,6 @@ fn pruning_aware_distillation_gradient_matches_finite_differences() {
             gate: Gating::None,
             deep_first_steps: 0,
         }),
-        attention: None,
-        affinity: None,
-        relational: None,
-        on_policy: None,
         prune: Some(PruneConfig {
             layers: vec![1],
             keep: vec![0.25],
@@ -274,13 +268,14 @@ fn pruning_aware_distillation_gradient_matches_finite_differences() {
             tau: None,
             renumber: false,
         }),
+        ..DistillConfig::new(model_dir())
     };
     let batch = vec![train_seq("red")];
     // The bundled model's 144-token, 768-input patch embedding sums enough f32 terms that
     // central differences at h = 1e-3 drift by ~3% (measured: 0.0248-0.0278 against an analytic
     // 0.0250 as h shrinks from 3e-3 to 3e-4, while h = 1e-2 gives 0.02503); h = 1e-2 is below
     // the curvature's reach and above the noise.
-    let checked = check_objective_gradient(m, &cfg, 1, &batch, 1e-2);
+    let checked = check_objective_gradient(m, &cfg, 1, &batch, 1e-2).len();
     assert!(checked >= 20, "{checked}");
 }
 
@@ -298,8 +293,6 @@ fn on_policy_samples_are_the_students_greedy_answers() {
     };
     init_student(&model_dir(), &spec, &student_dir).unwrap();
     let base = DistillConfig {
-        teacher: model_dir(),
-        ce_weight: 1.0,
         logits: Some(LogitsConfig {
             divergence: DivergenceName::ForwardKl,
             beta: 0.5,
@@ -309,12 +302,7 @@ fn on_policy_samples_are_the_students_greedy_answers() {
             standardize: false,
             cache: None,
         }),
-        hidden: None,
-        attention: None,
-        affinity: None,
-        relational: None,
-        prune: None,
-        on_policy: None,
+        ..DistillConfig::new(model_dir())
     };
     let seq = train_seq("red");
     let run = |cfg: &DistillConfig, batch: &[TrainSeq]| {

@@ -11,11 +11,15 @@
 # --seeds   training seeds of the key rows (ce, fkl, fkl-prune); other rows use the first
 # --only    run only these rows (names below); finished rows are skipped on a re-run
 # --out     work folder (default ablations/distill/work: data, students, runs, evaluations)
+# BIN=DIR   use the `distill` and `prune-bench` binaries in DIR instead of building them (e.g. a
+#           copy, so that rebuilding the tree during a long study does not swap them mid-run)
 #
 # Every run is a `distill train` config written below: the student starts from the teacher's
 # first two decoder layers (`distill init-student --layers first:2`; `every-other` for that row),
 # shares the teacher's vision tower (frozen) and projector, and trains 400 steps at lr 3e-4 on
-# the same ShapesVQA export the teacher's last stage used (a fresh draw of 8000 scenes).
+# the same ShapesVQA export the teacher's last stage used (a fresh draw of 8000 scenes). The
+# vit-* rows give the student a smaller vision tower instead (every other of the teacher's four
+# encoder layers, `--vision-layers every-other`), of which only the last layer trains.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -30,8 +34,10 @@ while [ $# -gt 0 ]; do
     *) echo "unknown flag $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
-cargo build --release --bin distill --bin prune-bench
-BIN=target/release
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --bin distill --bin prune-bench
+  BIN=target/release
+fi
 TEACHER=models/shapes-llava
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -47,6 +53,8 @@ for pick in first:2 every-other; do
   d="$OUT/students/${pick/:/}"
   [ -f "$d/model.safetensors" ] || $BIN/distill init-student --teacher "$TEACHER" --out "$d" --layers "$pick"
 done
+[ -f "$OUT/students/vit2/model.safetensors" ] || $BIN/distill init-student --teacher "$TEACHER" \
+  --out "$OUT/students/vit2" --layers first:2 --vision-layers every-other
 logits() { # divergence [extra lines]
   printf '\n[distill.logits]\ndivergence = "%s"\ntemperature = 0.7\nweight = 5.0\ntokens = "answer"\n%s\n' "$1" "${2:-}"
 }
@@ -70,6 +78,11 @@ blocks = [\"answer->image\"]
 pairs = [[1, 3]]
 weight = 100.0" ;;
     every-fkl) echo "everyother|$fkl" ;;
+    vit-fkl) echo "vit2|$fkl" ;;
+    vit-fkl-align) echo "vit2|$fkl
+[distill.vision]
+loss = \"mse\"
+weight = 1.0" ;;
     fkl-cache) echo "first2|$(logits forward_kl "cache = \"$OUT/teacher-top32.fptc\"")" ;;
     fkl-prune) echo "first2|$fkl
 [distill.prune]
@@ -80,7 +93,7 @@ query = \"last_token\"" ;;
     *) echo "unknown row $1" >&2; exit 2 ;;
   esac
 }
-ROWS="ce fkl fkl-prune rkl jsd fkl-hidden fkl-attn every-fkl fkl-cache"
+ROWS="ce fkl fkl-prune rkl jsd fkl-hidden fkl-attn every-fkl fkl-cache vit-fkl vit-fkl-align"
 KEY="ce fkl fkl-prune"
 
 train_eval() { # row seed
@@ -110,7 +123,11 @@ train_eval() { # row seed
       echo "weight_decay = 0.05"
       echo "max_grad_norm = 1.0"
       echo "max_len = 640"
-      echo "frozen = [\"vision\"]"
+      if [ "$student" = vit2 ]; then
+        echo "vision_trainable_layers = 1"
+      else
+        echo "frozen = [\"vision\"]"
+      fi
       if [ -n "$body" ]; then
         printf '\n[distill]\nteacher = "%s"\nce_weight = 1.0\n%s\n' "$TEACHER" "$body"
       fi

@@ -13,7 +13,8 @@ from collections import defaultdict
 
 FAMILIES = ["color", "count", "existence", "relative_position", "shape"]
 SHORT = {"color": "col", "count": "cnt", "existence": "exi", "relative_position": "rel", "shape": "shp"}
-ORDER = ["teacher", "ce", "fkl", "rkl", "jsd", "fkl-hidden", "fkl-attn", "every-fkl", "fkl-cache", "fkl-prune"]
+ORDER = ["teacher", "ce", "fkl", "rkl", "jsd", "fkl-hidden", "fkl-attn", "every-fkl", "fkl-cache", "fkl-prune",
+         "vit-fkl", "vit-fkl-align"]
 WHAT = {
     "teacher": "teacher (4 layers, not distilled)",
     "ce": "CE only (first 2 layers)",
@@ -25,6 +26,8 @@ WHAT = {
     "every-fkl": "FKL, every-other-layer init",
     "fkl-cache": "FKL from the top-32 cache",
     "fkl-prune": "FKL, pruning-aware (K 1, keep 0.25)",
+    "vit-fkl": "FKL, smaller ViT (2 of 4 layers, last one trained)",
+    "vit-fkl-align": "FKL, smaller ViT + feature alignment (MSE)",
 }
 
 

@@ -34,6 +34,10 @@
 //! tokens = "all"                       # rows pooled per sample
 //! weight = 1.0
 //!
+//! [distill.vision]                     # a smaller ViT student's projected image features
+//! loss = "mse"                         # or "cosine"; with vision_trainable_layers = N
+//! weight = 1.0
+//!
 //! [distill.attention]                  # attention alignment between token groups
 //! blocks = ["answer->image"]           # query group -> key group: image, text, answer
 //! pairs = "last"                       # as for hidden
@@ -115,6 +119,8 @@ pub struct DistillConfig {
     pub affinity: Option<AffinityConfig>,
     #[serde(default)]
     pub relational: Option<RelationalConfig>,
+    #[serde(default)]
+    pub vision: Option<VisionAlignConfig>,
     #[serde(default)]
     pub prune: Option<PruneConfig>,
     #[serde(default)]
@@ -409,6 +415,27 @@ pub struct RelationalConfig {
     pub weight: f64,
 }
 
+/// `[distill.vision]`: vision feature alignment, for a student with its own (smaller) vision
+/// tower (`distill init-student --vision-layers`). The student's projected image features (the
+/// projector's output, which its LM reads as the image tokens) are pulled toward the teacher's
+/// for the same image: `L = mean over rows and dims (P(f_s) − f_t)²`, or `mean over rows
+/// (1 − cos(P(f_s), f_t))`, over every image row of the batch. `P` is the identity when the two
+/// language models have the same width (a student LM cut from the teacher's reads the teacher's
+/// feature space as it is) and a learnable projector (`align.vision.*`) otherwise. Which vision
+/// layers train is the training config's `vision_trainable_layers`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VisionAlignConfig {
+    #[serde(default = "default_vision_loss")]
+    pub loss: HiddenLoss,
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn default_vision_loss() -> HiddenLoss {
+    HiddenLoss::Mse
+}
+
 /// A token group of a sequence: image placeholders, answer tokens (labelled), and the rest
 /// (system prompt, role tags, questions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -511,6 +538,24 @@ fn llava_config(dir: &Path, what: &str) -> Result<LlavaConfig> {
 }
 
 impl DistillConfig {
+    /// Distillation from `teacher` with the answers' cross-entropy at weight 1 and no other
+    /// loss yet: set the tables wanted, e.g.
+    /// `DistillConfig { logits: Some(..), ..DistillConfig::new(teacher) }`.
+    pub fn new(teacher: impl Into<PathBuf>) -> Self {
+        DistillConfig {
+            teacher: teacher.into(),
+            ce_weight: 1.0,
+            logits: None,
+            hidden: None,
+            attention: None,
+            affinity: None,
+            relational: None,
+            vision: None,
+            prune: None,
+            on_policy: None,
+        }
+    }
+
     /// Resolves `teacher` against the config file's folder.
     pub fn resolve_paths(&mut self, base: &Path) {
         if self.teacher.is_relative() {
@@ -567,17 +612,21 @@ impl DistillConfig {
         if let Some(r) = &self.relational {
             weight_ok("distill.relational.weight", r.weight)?;
         }
+        if let Some(v) = &self.vision {
+            weight_ok("distill.vision.weight", v.weight)?;
+        }
         let total = self.ce_weight
             + self.logits.as_ref().map_or(0.0, |l| l.weight)
             + self.hidden.as_ref().map_or(0.0, |h| h.weight)
             + self.attention.as_ref().map_or(0.0, |a| a.weight)
             + self.affinity.as_ref().map_or(0.0, |a| a.weight)
-            + self.relational.as_ref().map_or(0.0, |r| r.weight);
+            + self.relational.as_ref().map_or(0.0, |r| r.weight)
+            + self.vision.as_ref().map_or(0.0, |v| v.weight);
         if total == 0.0 {
             return Err(Error::arg(
                 "distill",
-                "every weight is 0 (ce_weight and the weights of logits, hidden, attention): \
-                 nothing to train",
+                "every weight is 0 (ce_weight and the weights of logits, hidden, attention, \
+                 affinity, relational, vision): nothing to train",
             ));
         }
         for (what, p) in [
@@ -763,6 +812,25 @@ fn affine_backward(
 }
 
 impl Projector {
+    /// A fresh `Linear(inp, out)`, GELU, `Linear(out, out)` appended to `params` as
+    /// `{prefix}.linear_{1,2}.{weight,bias}` in the `align` groups.
+    fn new(params: &mut Vec<Param>, prefix: &str, inp: usize, out: usize, state: &mut u64) -> Self {
+        let mut add = |name: &str, n: usize, fan_in: usize| {
+            let full = format!("{prefix}.{name}");
+            let group = decay_group("align", &full);
+            params.push(Param::new(full, group, linear_init(n, fan_in, state)));
+            params.len() - 1
+        };
+        Projector {
+            w1: add("linear_1.weight", out * inp, inp),
+            b1: add("linear_1.bias", out, inp),
+            w2: add("linear_2.weight", out * out, out),
+            b2: add("linear_2.bias", out, out),
+            inp,
+            out,
+        }
+    }
+
     fn forward(&self, p: &[Param], x: &[f32]) -> (Vec<f32>, ProjectorCache) {
         let h = affine(p, self.w1, self.b1, x, self.inp, self.out);
         let mut g = h.clone();
@@ -1021,6 +1089,8 @@ pub struct DistillLosses {
     pub affinity: Option<f32>,
     /// Relational distillation's mean over its pairs.
     pub relational: Option<f32>,
+    /// Vision feature alignment's loss.
+    pub vision: Option<f32>,
 }
 
 /// A teacher and the alignment projectors: turns a training forward into a distillation one.
@@ -1040,6 +1110,8 @@ pub struct Distiller {
     /// Layer pairs of affinity and relational distillation.
     affinity_pairs: Vec<(usize, usize)>,
     relational_pairs: Vec<(usize, usize)>,
+    /// Vision alignment's projector (`None`: the LM widths agree, features compared as they are).
+    vision_projector: Option<Projector>,
     /// Optimizer steps taken before this forward (coarse-to-fine schedule, on-policy draws).
     step: u64,
     seed: u64,
@@ -1076,25 +1148,17 @@ impl Distiller {
             Some(h) if h.shared => 1,
             _ => pairs.len(),
         };
-        let mut made = Vec::new();
-        for i in 0..count {
-            let mut add = |name: &str, n: usize, inp: usize| {
-                let full = format!("align.{i}.{name}");
-                let group = decay_group("align", &full);
-                student
-                    .params
-                    .push(Param::new(full, group, linear_init(n, inp, &mut state)));
-                student.params.len() - 1
-            };
-            made.push(Projector {
-                w1: add("linear_1.weight", dt * ds, ds),
-                b1: add("linear_1.bias", dt, ds),
-                w2: add("linear_2.weight", dt * dt, dt),
-                b2: add("linear_2.bias", dt, dt),
-                inp: ds,
-                out: dt,
-            });
-        }
+        let made: Vec<Projector> = (0..count)
+            .map(|i| {
+                Projector::new(
+                    &mut student.params,
+                    &format!("align.{i}"),
+                    ds,
+                    dt,
+                    &mut state,
+                )
+            })
+            .collect();
         let projectors = (0..pairs.len()).map(|i| made[i.min(count - 1)]).collect();
         let (blocks, attn_pairs) = match &cfg.attention {
             Some(a) => (
@@ -1144,6 +1208,27 @@ impl Distiller {
             Some(c) => Some(TeacherCache::open(c)?),
             None => None,
         };
+        if cfg.vision.is_some() && student.config.image_tokens() != teacher.config.image_tokens() {
+            return Err(Error::arg(
+                "distill.vision",
+                format!(
+                    "the student's images give {} tokens, the teacher's {}: features cannot be \
+                     aligned row by row",
+                    student.config.image_tokens(),
+                    teacher.config.image_tokens()
+                ),
+            ));
+        }
+        let vision_projector = match &cfg.vision {
+            Some(_) if ds != dt => Some(Projector::new(
+                &mut student.params,
+                "align.vision",
+                ds,
+                dt,
+                &mut state,
+            )),
+            _ => None,
+        };
         Ok(Distiller {
             cfg: cfg.clone(),
             teacher,
@@ -1155,6 +1240,7 @@ impl Distiller {
             gate,
             affinity_pairs,
             relational_pairs,
+            vision_projector,
             step: 0,
             seed,
         })
@@ -1277,13 +1363,17 @@ impl Distiller {
             hidden: hidden_layers,
             attention: self.attn_pairs.iter().map(|p| p.1).collect(),
             query_rows,
+            image_features: self.cfg.vision.is_some(),
         };
         let cached = match (&self.cache, &self.cfg.logits) {
             (Some(cache), Some(l)) => Some(cached_rows(cache, l, batch, samples, image_token)?),
             _ => None,
         };
         // The teacher runs unless the cache gives everything the losses read.
-        let online = cached.is_none() || !req.hidden.is_empty() || !self.blocks.is_empty();
+        let online = cached.is_none()
+            || !req.hidden.is_empty()
+            || !self.blocks.is_empty()
+            || req.image_features;
         let trace = if online {
             self.teacher.trace(batch, &req)?
         } else {
@@ -1334,6 +1424,10 @@ impl Distiller {
             Some(a) => Some(self.align_attention(student, batch, a.weight, &req, &trace)?),
             None => None,
         };
+        let vision = match &self.cfg.vision {
+            Some(v) => Some(self.align_vision(student, v, &trace.image_features)?),
+            None => None,
+        };
         Ok(DistillLosses {
             ce: ce.loss(),
             kd,
@@ -1341,7 +1435,45 @@ impl Distiller {
             attention,
             affinity,
             relational,
+            vision,
         })
+    }
+
+    /// Vision feature alignment's loss ([`VisionAlignConfig`]) against the teacher's projected
+    /// features `target`; adds its gradient into the student's features and the projector.
+    fn align_vision(
+        &self,
+        student: &mut TrainModel,
+        v: &VisionAlignConfig,
+        target: &[f32],
+    ) -> Result<f32> {
+        let x = student.image_features()?;
+        let dt = self.teacher.config.text.hidden_size;
+        let (y, cache) = match &self.vision_projector {
+            Some(p) => {
+                let (y, c) = p.forward(&student.params, &x);
+                (y, Some(c))
+            }
+            None => (x, None),
+        };
+        if y.len() != target.len() {
+            return Err(Error::Shape {
+                name: "distill.vision: the teacher's image features".into(),
+                expected: vec![y.len()],
+                got: vec![target.len()],
+            });
+        }
+        let (loss, mut dy) = match v.loss {
+            HiddenLoss::Mse => mse(&y, target),
+            HiddenLoss::Cosine => cosine(&y, target, dt),
+        };
+        dy.iter_mut().for_each(|d| *d *= v.weight as f32);
+        let dx = match (&self.vision_projector, cache) {
+            (Some(p), Some(c)) => p.backward(&mut student.params, &c, &dy)?,
+            _ => dy,
+        };
+        student.add_image_features_grad(&dx)?;
+        Ok(loss as f32)
     }
 
     /// Hidden alignment's loss, `mean_b Σ_p w_bp L_bp` over the samples `b` with rows to align

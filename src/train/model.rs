@@ -18,7 +18,8 @@
 //! Groups: `{vision,projector,lm}.{decay,no_decay}` from [`decay_group`] (biases and norms do not
 //! decay). A group whose parameters have empty gradients (frozen, see [`Param::grad`]) gets no
 //! weight gradient computed; when every vision and projector parameter is frozen the backward stops
-//! at the merged embeddings.
+//! at the merged embeddings, and within the vision tower it stops at the lowest encoder layer
+//! with a trainable parameter ([`TrainModel::train_last_vision_layers`]).
 
 use super::optim::{Param, decay_group};
 use crate::error::{Error, Result};
@@ -34,6 +35,9 @@ use crate::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
+
+/// Group of the vision parameters [`TrainModel::train_last_vision_layers`] freezes.
+pub const VISION_FROZEN_GROUP: &str = "vision.frozen";
 
 /// One training sequence with its image.
 #[derive(Debug, Clone)]
@@ -387,6 +391,22 @@ fn vision_attn_shape(c: &LlavaConfig, t: usize) -> AttnShape {
 }
 
 impl EncoderLayer {
+    /// Indices of the layer's parameters.
+    fn params(&self) -> impl Iterator<Item = usize> {
+        let lins = [
+            self.q_proj,
+            self.k_proj,
+            self.v_proj,
+            self.out_proj,
+            self.fc1,
+            self.fc2,
+        ];
+        let norms = [self.layer_norm1, self.layer_norm2];
+        lins.into_iter()
+            .flat_map(|l| std::iter::once(l.w).chain(l.b))
+            .chain(norms.into_iter().flat_map(|n| [n.w, n.b]))
+    }
+
     /// `x`: the rows of a batch of images, `t` tokens each, concatenated; attention stays
     /// within an image.
     fn forward(
@@ -543,6 +563,8 @@ impl VisionTower {
     }
 
     /// `dstates[i]`: gradient reaching hidden state `i` directly (from the feature selection).
+    /// Stops below the lowest layer with a trainable parameter when the embeddings and
+    /// `pre_layrnorm` are frozen (nothing below would use the gradient).
     fn backward(
         &self,
         p: &mut [Param],
@@ -553,10 +575,28 @@ impl VisionTower {
         let n = self.layers.len();
         let h = c.vision.hidden_size;
         let t = c.vision.grid() * c.vision.grid() + 1;
+        let embeddings = [
+            Some(self.patch_embedding.w),
+            self.patch_embedding.b,
+            Some(self.class_embedding),
+            Some(self.position_embedding),
+            Some(self.pre_layrnorm.w),
+            Some(self.pre_layrnorm.b),
+        ];
+        let embeddings_frozen = embeddings.into_iter().flatten().all(|i| frozen(p, i));
+        let lowest = match embeddings_frozen {
+            true => (0..n)
+                .find(|&i| self.layers[i].params().any(|j| !frozen(p, j)))
+                .unwrap_or(n),
+            false => 0,
+        };
         let mut dx = dstates[n].clone();
-        for i in (0..n).rev() {
+        for i in (lowest..n).rev() {
             self.layers[i].backward(p, c, t, &cache.layers[i], &mut dx)?;
             ops::add(&mut dx, &dstates[i]);
+        }
+        if embeddings_frozen {
+            return Ok(());
         }
         let dx = self
             .pre_layrnorm
@@ -1076,6 +1116,8 @@ struct Cache {
     dprobs: LayerDprobs,
     /// [`TrainModel::add_hidden_grad`]'s gradients on decoder layers' outputs.
     dhidden: BTreeMap<usize, Vec<f32>>,
+    /// [`TrainModel::add_image_features_grad`]'s gradient on the projected image features.
+    dimage: Option<Vec<f32>>,
 }
 
 /// What [`TrainModel::trace`] keeps of a forward pass.
@@ -1088,6 +1130,8 @@ pub struct Trace {
     /// Attention probabilities of the query rows asked for, by layer, then sequence:
     /// `[heads, rows, t]`.
     pub attention: BTreeMap<usize, Vec<Vec<f32>>>,
+    /// The projected image features ([`TrainModel::image_features`]), when asked for.
+    pub image_features: Vec<f32>,
 }
 
 /// What [`TrainModel::trace`] keeps.
@@ -1099,6 +1143,8 @@ pub struct TraceRequest {
     pub attention: Vec<usize>,
     /// Query rows of each sequence (increasing).
     pub query_rows: Vec<Vec<usize>>,
+    /// Keep the projected image features.
+    pub image_features: bool,
 }
 
 /// LLaVA with trainable f32 parameters.
@@ -1495,6 +1541,7 @@ impl TrainModel {
             dhead,
             dprobs,
             dhidden: BTreeMap::new(),
+            dimage: None,
         });
         Ok(())
     }
@@ -1528,6 +1575,10 @@ impl TrainModel {
             }
             attention.insert(l, per_seq);
         }
+        let image_features = match req.image_features {
+            true => self.image_features()?,
+            false => Vec::new(),
+        };
         let last = self.hidden_state(self.layers.len() - 1)?;
         let final_out = rms_forward(&self.params, self.norm, last, self.config.text.rms_norm_eps)?;
         self.cache = None;
@@ -1535,6 +1586,7 @@ impl TrainModel {
             final_out,
             hidden,
             attention,
+            image_features,
         })
     }
 
@@ -1604,6 +1656,36 @@ impl TrainModel {
         for p in &mut self.params {
             p.grad = Vec::new();
         }
+    }
+
+    /// Keeps only the last `n` encoder layers of the vision tower trainable (partial tuning of
+    /// the tower, as TinyLLaVA's `tune_vision_tower_from_layer`): the patch, class and position
+    /// embeddings, `pre_layrnorm` and the layers below move to group [`VISION_FROZEN_GROUP`] and
+    /// lose their gradient buffers, and the vision backward stops at the lowest trainable layer.
+    /// The layers counted are those the model holds (up to the deepest selected feature layer).
+    /// Errors when `n` is 0 or more than that.
+    pub fn train_last_vision_layers(&mut self, n: usize) -> Result<()> {
+        let layers = self.vision.layers.len();
+        if n == 0 || n > layers {
+            return Err(Error::arg(
+                "vision_trainable_layers",
+                format!(
+                    "is {n} but the vision tower has {layers} encoder layers in use (1 to \
+                     {layers}; freeze it whole with frozen = [\"vision\"])"
+                ),
+            ));
+        }
+        let keep: Vec<usize> = self.vision.layers[layers - n..]
+            .iter()
+            .flat_map(|l| l.params())
+            .collect();
+        for (i, p) in self.params.iter_mut().enumerate() {
+            if p.group.starts_with("vision.") && !keep.contains(&i) {
+                p.group = VISION_FROZEN_GROUP.into();
+                p.grad = Vec::new();
+            }
+        }
+        Ok(())
     }
 
     /// Number of decoder layers.
@@ -1685,6 +1767,50 @@ impl TrainModel {
         Ok(())
     }
 
+    /// The projected image features of the last forward: the projector's output, which the LM
+    /// reads as the image tokens' embeddings, `[images·image_tokens, hidden]`, image by image.
+    pub fn image_features(&self) -> Result<Vec<f32>> {
+        let c = self.cache.as_ref().ok_or_else(|| {
+            Error::arg("image_features", "no forward pass whose features to read")
+        })?;
+        let th = self.config.text.hidden_size;
+        let x0 = c
+            .decoder
+            .first()
+            .map(|d| &d.x)
+            .ok_or_else(|| Error::arg("image_features", "the model has no decoder layers"))?;
+        Ok(c.image_rows
+            .iter()
+            .flat_map(|&r| &x0[r * th..(r + 1) * th])
+            .copied()
+            .collect())
+    }
+
+    /// Adds `grad` (the layout of [`TrainModel::image_features`]) to the gradient the next
+    /// [`TrainModel::backward`] sends into the projected image features: how an objective on the
+    /// features (distillation's vision alignment) reaches the projector and the vision tower.
+    pub fn add_image_features_grad(&mut self, grad: &[f32]) -> Result<()> {
+        let c = self.cache.as_mut().ok_or_else(|| {
+            Error::arg(
+                "add_image_features_grad",
+                "no forward pass to differentiate",
+            )
+        })?;
+        let want = c.image_rows.len() * self.config.text.hidden_size;
+        if grad.len() != want {
+            return Err(Error::Shape {
+                name: "gradient of the image features".into(),
+                expected: vec![want],
+                got: vec![grad.len()],
+            });
+        }
+        match c.dimage.as_mut() {
+            Some(d) => ops::add(d, grad),
+            None => c.dimage = Some(grad.to_vec()),
+        }
+        Ok(())
+    }
+
     /// Accumulates the gradient of the last forward's loss into every non-frozen parameter's
     /// `grad` (call [`super::optim::zero_grads`] between steps). Consumes the cache.
     pub fn backward(&mut self) -> Result<()> {
@@ -1726,6 +1852,9 @@ impl TrainModel {
         for (k, &r) in cache.image_rows.iter().enumerate() {
             dimg[k * th..(k + 1) * th].copy_from_slice(&dx[r * th..(r + 1) * th]);
             dx[r * th..(r + 1) * th].fill(0.0);
+        }
+        if let Some(d) = &cache.dimage {
+            ops::add(&mut dimg, d);
         }
         if !frozen(p, self.embed_tokens) {
             let mut dtable = std::mem::take(&mut p[self.embed_tokens].grad);

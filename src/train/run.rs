@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::save_checkpoint;
 use super::data::{Dataset, Encoder, Loader, LoaderState};
 use super::distill::{ALIGN_FILE, DistillConfig, Distiller};
-use super::model::{GroundingLoss, TrainModel, TrainSeq};
+use super::model::{GroundingLoss, TrainModel, TrainSeq, VISION_FROZEN_GROUP};
 use super::new_model::{NewModel, create_model};
 use super::optim::{AdamW, GroupConfig, Schedule, zero_grads};
 use super::vision_pretrain::{self, PretrainConfig, pretrain_vision};
@@ -71,6 +71,7 @@ fn default_betas() -> [f64; 2] {
 /// # often takes beta2 = 0.95), max_grad_norm = (none: no clipping),
 /// # frozen = [] (any of "vision", "projector", "lm" or a full group like "lm.no_decay"),
 /// # lr_scale = {} (peak-rate multiplier per group, named as for `frozen`: { vision = 2.0 }),
+/// # vision_trainable_layers = (none: the whole tower as `frozen` says; N: only its last N layers),
 /// # checkpoint_every = 0 (only at the end), max_len = 2048
 ///
 /// # with [new_model], optionally: pretrain the vision tower first (see [`PretrainConfig`])
@@ -123,6 +124,12 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f64>,
     #[serde(default)]
     pub frozen: Vec<String>,
+    /// Train only the vision tower's last N encoder layers (every stage): the embeddings and the
+    /// layers below are frozen ([`TrainModel::train_last_vision_layers`]), as for a smaller ViT
+    /// student (`distill init-student --vision-layers`) aligned by `[distill.vision]`. Not with
+    /// `frozen` naming the vision tower.
+    #[serde(default)]
+    pub vision_trainable_layers: Option<usize>,
     /// Multiplier on the peak learning rate per group (`vision`, `projector`, `lm`, or a full
     /// group like `lm.no_decay`, which takes precedence); groups left out: 1.0.
     #[serde(default)]
@@ -413,6 +420,32 @@ impl TrainConfig {
         if let Some(f) = self.frozen.iter().find(|f| !known(f)) {
             return bad("frozen", unknown(f));
         }
+        if let Some(n) = self.vision_trainable_layers {
+            if n == 0 {
+                return bad(
+                    "vision_trainable_layers",
+                    "must be at least 1 (freeze the tower with frozen = [\"vision\"])".into(),
+                );
+            }
+            if let Some(f) = self.frozen.iter().find(|f| f.starts_with("vision")) {
+                return bad(
+                    "vision_trainable_layers",
+                    format!("trains vision layers, but frozen names `{f}`"),
+                );
+            }
+        }
+        if self.distill.as_ref().is_some_and(|d| d.vision.is_some())
+            && ["vision", "projector"]
+                .iter()
+                .all(|g| self.group_frozen(&format!("{g}.decay")))
+        {
+            return bad(
+                "distill.vision",
+                "aligns the student's image features, but its vision tower and projector are both \
+                 frozen: nothing it could train"
+                    .into(),
+            );
+        }
         for (g, &x) in &self.lr_scale {
             if !known(g) {
                 return bad("lr_scale", unknown(g));
@@ -562,8 +595,12 @@ impl TrainConfig {
                     (format!("{g}.no_decay"), 0.0),
                 ]
             })
+            .chain(
+                self.vision_trainable_layers
+                    .map(|_| (VISION_FROZEN_GROUP.to_string(), 0.0)),
+            )
             .map(|(name, wd)| {
-                if self.group_frozen(&name) {
+                if name == VISION_FROZEN_GROUP || self.group_frozen(&name) {
                     GroupConfig::frozen(name)
                 } else {
                     let prefix = name.split('.').next().unwrap_or_default();
@@ -644,6 +681,8 @@ pub struct StepRecord {
     /// Mean affinity and relational losses (unweighted), with their tables.
     pub affinity: Option<f32>,
     pub relational: Option<f32>,
+    /// Mean vision feature-alignment loss (unweighted), with `[distill.vision]`.
+    pub vision: Option<f32>,
 }
 
 /// What a [`train`] call did.
@@ -679,14 +718,15 @@ struct Latest {
 }
 
 const LOSS_HEADER: &str =
-    "step,loss,grad_norm,lr,tokens,grounding,kd,hidden,attention,affinity,relational";
+    "step,loss,grad_norm,lr,tokens,grounding,kd,hidden,attention,affinity,relational,vision";
 
 fn csv_row(r: &StepRecord) -> String {
     let opt = |x: Option<f32>| x.map(|g| g.to_string()).unwrap_or_default();
     let (gn, gl, kd, hd) = (opt(r.grad_norm), opt(r.grounding), opt(r.kd), opt(r.hidden));
     let (at, af, rl) = (opt(r.attention), opt(r.affinity), opt(r.relational));
+    let vi = opt(r.vision);
     format!(
-        "{},{},{gn},{},{},{gl},{kd},{hd},{at},{af},{rl}\n",
+        "{},{},{gn},{},{},{gl},{kd},{hd},{at},{af},{rl},{vi}\n",
         r.step, r.loss, r.lr, r.tokens
     )
 }
@@ -705,9 +745,10 @@ fn read_losses(path: &Path) -> Result<Vec<StepRecord>> {
         if line.is_empty() {
             continue;
         }
-        // Files written before the grounding column have five fields, before distillation's six.
+        // Files written before the grounding column have five fields, before distillation's
+        // six, before vision alignment's eleven.
         let f: Vec<&str> = line.split(',').collect();
-        if ![5, 6, 11].contains(&f.len()) {
+        if ![5, 6, 11, 12].contains(&f.len()) {
             return Err(parse_err(i + 1));
         }
         let optional = |x: Option<&&str>| -> Result<Option<f32>> {
@@ -728,6 +769,7 @@ fn read_losses(path: &Path) -> Result<Vec<StepRecord>> {
             attention: optional(f.get(8))?,
             affinity: optional(f.get(9))?,
             relational: optional(f.get(10))?,
+            vision: optional(f.get(11))?,
         });
     }
     Ok(out)
@@ -747,11 +789,15 @@ pub fn latest_checkpoint(output: &Path) -> Result<Option<(PathBuf, u64)>> {
     Ok(Some((output.join(l.checkpoint), l.step)))
 }
 
-fn set_frozen_grads(cfg: &TrainConfig, m: &mut TrainModel) {
+fn set_frozen_grads(cfg: &TrainConfig, m: &mut TrainModel) -> Result<()> {
     for p in &mut m.params {
         if cfg.group_frozen(&p.group) {
             p.grad = Vec::new();
         }
+    }
+    match cfg.vision_trainable_layers {
+        Some(n) => m.train_last_vision_layers(n),
+        None => Ok(()),
     }
 }
 
@@ -1037,7 +1083,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
             if d.is_some() {
                 Distiller::load_projectors(&mut m.params, &dir.join(ALIGN_FILE))?;
             }
-            set_frozen_grads(cfg, &mut m);
+            set_frozen_grads(cfg, &mut m)?;
             let mut opt = cfg.optimizer()?;
             opt.load(&dir.join("optimizer.safetensors"), &m.params)?;
             let loader = Loader::resume(
@@ -1054,7 +1100,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
             (m, opt, loader, st.step, hist, d)
         }
     };
-    set_frozen_grads(cfg, &mut m);
+    set_frozen_grads(cfg, &mut m)?;
     m.set_grounding(cfg.grounding)?;
 
     let image_slot = {
@@ -1100,6 +1146,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
         let mut grounding = (0.0f64, 0usize);
         let mut kd = (0.0f64, 0usize);
         let (mut hidden, mut attention, mut affinity, mut relational) = (kd, kd, kd, kd);
+        let mut vision = kd;
         let mut tokens = 0u64;
         for micro in 0..cfg.grad_accum {
             let (_, idx) = loader.next_batch();
@@ -1126,6 +1173,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
                         (&mut attention, l.attention),
                         (&mut affinity, l.affinity),
                         (&mut relational, l.relational),
+                        (&mut vision, l.vision),
                     ];
                     for (acc, v) in parts {
                         if let Some(v) = v {
@@ -1176,6 +1224,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
             attention: (attention.1 > 0).then(|| (attention.0 / attention.1 as f64) as f32),
             affinity: (affinity.1 > 0).then(|| (affinity.0 / affinity.1 as f64) as f32),
             relational: (relational.1 > 0).then(|| (relational.0 / relational.1 as f64) as f32),
+            vision: (vision.1 > 0).then(|| (vision.0 / vision.1 as f64) as f32),
         };
         csv.write_all(csv_row(&rec).as_bytes())
             .and_then(|_| csv.flush())
@@ -1187,6 +1236,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
             ("attn", rec.attention),
             ("affinity", rec.affinity),
             ("relational", rec.relational),
+            ("vision", rec.vision),
         ]
         .iter()
         .filter_map(|(n, v)| v.map(|v| format!(" {n} {v:.3}")))

@@ -96,15 +96,15 @@ pub fn smollm2_path() -> Option<PathBuf> {
 
 /// The gradient of the whole objective (`w_ce·CE` plus each distillation loss times its weight) of
 /// `cfg` at student `m`: analytic (forward + backward) against central finite differences of the
-/// objective with step `h`, at the largest-gradient entry of every tensor. Returns how many were
-/// checked.
+/// objective with step `h`, at the largest-gradient entry of every tensor. Returns the names of
+/// the tensors checked.
 pub fn check_objective_gradient(
     mut m: TrainModel,
     cfg: &DistillConfig,
     seed: u64,
     seqs: &[TrainSeq],
     h: f32,
-) -> usize {
+) -> Vec<String> {
     let mut d = Distiller::new(cfg, &mut m, seed).unwrap();
     let w = |x: Option<f64>| x.unwrap_or(0.0);
     let (wkd, wh, wa) = (
@@ -112,9 +112,10 @@ pub fn check_objective_gradient(
         w(cfg.hidden.as_ref().map(|h| h.weight)),
         w(cfg.attention.as_ref().map(|a| a.weight)),
     );
-    let (waf, wr) = (
+    let (waf, wr, wv) = (
         w(cfg.affinity.as_ref().map(|a| a.weight)),
         w(cfg.relational.as_ref().map(|r| r.weight)),
+        w(cfg.vision.as_ref().map(|v| v.weight)),
     );
     let objective = |l: DistillLosses| {
         let v = |x: Option<f32>| x.unwrap_or(0.0) as f64;
@@ -124,6 +125,7 @@ pub fn check_objective_gradient(
             + wa * v(l.attention)
             + waf * v(l.affinity)
             + wr * v(l.relational)
+            + wv * v(l.vision)
     };
     zero_grads(&mut m.params);
     let l0 = d.forward(&mut m, seqs).unwrap();
@@ -131,7 +133,7 @@ pub fn check_objective_gradient(
     m.backward().unwrap();
     println!("losses {l0:?}");
     let grads: Vec<Vec<f32>> = m.params.iter().map(|p| p.grad.clone()).collect();
-    let mut checked = 0;
+    let mut checked = Vec::new();
     for (i, g) in grads.iter().enumerate() {
         let Some((j, &want)) = g
             .iter()
@@ -175,8 +177,8 @@ pub fn check_objective_gradient(
             err <= tol,
             "{name} [{j}]: analytic {want} vs finite difference {fd}"
         );
-        checked += 1;
+        checked.push(name.clone());
     }
-    println!("checked {checked} of {} tensors", m.params.len());
+    println!("checked {} of {} tensors", checked.len(), m.params.len());
     checked
 }
