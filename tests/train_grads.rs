@@ -41,55 +41,6 @@ fn batch(
     (seqs, r)
 }
 
-/// Every parameter's gradient against torch's `grad.{name}` in `r` (within [`GRAD_TOL`] of the
-/// tensor's scale), and every torch parameter we do not hold has none there.
-fn compare_grads(
-    name: &str,
-    m: &TrainModel,
-    r: &std::collections::HashMap<String, common::RefTensor>,
-) {
-    let mut worst = (0.0f32, String::new());
-    for p in &m.params {
-        let g = r
-            .get(&format!("grad.{}", p.name))
-            .unwrap_or_else(|| panic!("{name}: torch has no parameter {}", p.name));
-        assert_eq!(g.f.len(), p.grad.len(), "{}", p.name);
-        let amax = |v: &[f32]| v.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        // A key bias adds `q·b` to every score of a query row, which softmax ignores: its true
-        // gradient is 0 and both sides hold rounding noise, so it is measured against the scale
-        // of the same layer's key weight gradient instead.
-        let scale = match p.name.strip_suffix("k_proj.bias") {
-            Some(stem) => amax(&r[&format!("grad.{stem}k_proj.weight")].f),
-            None => amax(&g.f),
-        };
-        assert!(scale > 0.0, "{name}: {} has zero torch gradient", p.name);
-        let diff = common::max_abs_diff(&p.grad, &g.f);
-        let rel = diff / scale;
-        if rel > worst.0 {
-            worst = (rel, p.name.clone());
-        }
-        assert!(
-            rel <= GRAD_TOL,
-            "{name}: {} max diff {diff:e} vs max |grad| {scale:e} (rel {rel:e})",
-            p.name
-        );
-    }
-    // Every torch parameter that we do not hold must have had no gradient in torch either.
-    for (k, g) in r {
-        if let Some(n) = k.strip_prefix("grad.")
-            && m.param(n).is_none()
-        {
-            assert!(g.f.iter().all(|&v| v == 0.0), "{name}: {n} missing here");
-        }
-    }
-    println!(
-        "{name}: {} params, worst grad rel diff {:.2e} ({})",
-        m.params.len(),
-        worst.0,
-        worst.1
-    );
-}
-
 fn check(name: &str, tied: bool) {
     let (seqs, r) = batch(name);
     let mut m = TrainModel::from_dir(&reference_dir().join(name)).unwrap();
@@ -100,7 +51,7 @@ fn check(name: &str, tied: bool) {
     println!("{name}: loss {loss} torch {want} rel {rel:.2e}");
     assert!(rel <= 1e-5, "{name}: loss {loss} vs torch {want}");
     m.backward().unwrap();
-    compare_grads(name, &m, &r);
+    common::compare_grads(name, &m, &r, GRAD_TOL);
 
     // One AdamW step lowers the loss.
     let groups = ["vision", "projector", "lm"]
@@ -428,5 +379,5 @@ fn grounding_loss_and_gradients_match_pytorch() {
         assert!(rel <= 1e-5, "{what}: {got} vs torch {want}");
     }
     m.backward().unwrap();
-    compare_grads("llava_gqa grounded", &m, &r);
+    common::compare_grads("llava_gqa grounded", &m, &r, GRAD_TOL);
 }

@@ -82,7 +82,7 @@ weight = 100.0" ;;
     vit-fkl-align) echo "vit2|$fkl
 [distill.vision]
 loss = \"mse\"
-weight = 1.0" ;;
+weight = 0.1" ;;
     fkl-cache) echo "first2|$(logits forward_kl "cache = \"$OUT/teacher-top32.fptc\"")" ;;
     fkl-prune) echo "first2|$fkl
 [distill.prune]

@@ -27,7 +27,7 @@ WHAT = {
     "fkl-cache": "FKL from the top-32 cache",
     "fkl-prune": "FKL, pruning-aware (K 1, keep 0.25)",
     "vit-fkl": "FKL, smaller ViT (2 of 4 layers, last one trained)",
-    "vit-fkl-align": "FKL, smaller ViT + feature alignment (MSE)",
+    "vit-fkl-align": "FKL, smaller ViT + feature alignment (MSE x0.1)",
 }
 
 

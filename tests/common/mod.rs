@@ -182,3 +182,47 @@ pub fn check_objective_gradient(
     println!("checked {} of {} tensors", checked.len(), m.params.len());
     checked
 }
+/// Every parameter's gradient against torch's `grad.{name}` in `r` (within `tol` of the tensor's
+/// scale), and every torch parameter we do not hold has none there.
+pub fn compare_grads(name: &str, m: &TrainModel, r: &HashMap<String, RefTensor>, tol: f32) {
+    let mut worst = (0.0f32, String::new());
+    for p in &m.params {
+        let g = r
+            .get(&format!("grad.{}", p.name))
+            .unwrap_or_else(|| panic!("{name}: torch has no parameter {}", p.name));
+        assert_eq!(g.f.len(), p.grad.len(), "{}", p.name);
+        let amax = |v: &[f32]| v.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        // A key bias adds `q·b` to every score of a query row, which softmax ignores: its true
+        // gradient is 0 and both sides hold rounding noise, so it is measured against the scale
+        // of the same layer's key weight gradient instead.
+        let scale = match p.name.strip_suffix("k_proj.bias") {
+            Some(stem) => amax(&r[&format!("grad.{stem}k_proj.weight")].f),
+            None => amax(&g.f),
+        };
+        assert!(scale > 0.0, "{name}: {} has zero torch gradient", p.name);
+        let diff = max_abs_diff(&p.grad, &g.f);
+        let rel = diff / scale;
+        if rel > worst.0 {
+            worst = (rel, p.name.clone());
+        }
+        assert!(
+            rel <= tol,
+            "{name}: {} max diff {diff:e} vs max |grad| {scale:e} (rel {rel:e})",
+            p.name
+        );
+    }
+    // Every torch parameter that we do not hold must have had no gradient in torch either.
+    for (k, g) in r {
+        if let Some(n) = k.strip_prefix("grad.")
+            && m.param(n).is_none()
+        {
+            assert!(g.f.iter().all(|&v| v == 0.0), "{name}: {n} missing here");
+        }
+    }
+    println!(
+        "{name}: {} params, worst grad rel diff {:.2e} ({})",
+        m.params.len(),
+        worst.0,
+        worst.1
+    );
+}
