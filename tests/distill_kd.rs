@@ -333,6 +333,10 @@ fn gate_affinity_and_relational_match_finite_differences() {
         ..cfg
     };
     let mut d = Distiller::new(&cfg, &mut m, 2).unwrap();
+    // The gate's temperature is not weight-decayed (decay would pull it toward 1).
+    let group = |n: &str| m.param(n).unwrap().group.clone();
+    assert_eq!(group("align.gate.log_temperature"), "align.no_decay");
+    assert_eq!(group("align.gate.weight"), "align.decay");
     let projector_grad = |m: &TrainModel, i: usize| {
         m.params
             .iter()

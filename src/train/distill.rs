@@ -1176,7 +1176,11 @@ impl Distiller {
                 let np = pairs.len();
                 let mut add = |name: &str, v: Vec<f32>| {
                     let full = format!("align.gate.{name}");
-                    let group = decay_group("align", &full);
+                    // Weight decay would pull the temperature toward 1: it does not decay.
+                    let group = match name {
+                        "log_temperature" => "align.no_decay".to_string(),
+                        _ => decay_group("align", &full),
+                    };
                     student.params.push(Param::new(full, group, v));
                     student.params.len() - 1
                 };
