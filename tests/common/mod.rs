@@ -133,6 +133,33 @@ pub fn check_objective_gradient(
     m.backward().unwrap();
     println!("losses {l0:?}");
     let grads: Vec<Vec<f32>> = m.params.iter().map(|p| p.grad.clone()).collect();
+    // The projectors' gradients are small (their loss is one term of several).
+    let floor = |name: &str| {
+        if name.starts_with("align.") {
+            2e-3
+        } else {
+            0.02
+        }
+    };
+    check_finite_differences(&mut m, &grads, h, floor, |m| {
+        let o = objective(d.forward(m, seqs).unwrap());
+        // A pruned student's kept set is piecewise constant: the step must not cross an edge.
+        assert_eq!(m.pruned_kept(), &kept[..], "the kept tokens changed");
+        o
+    })
+}
+
+/// `grads` (the analytic gradient of `objective` at `m`, one per parameter) against central
+/// finite differences of `objective` with step `h`, at the largest-|gradient| entry of every
+/// tensor whose entry reaches `floor(name)`: within `1e-2·|g| + 2e-4`. Returns the names of the
+/// tensors checked.
+pub fn check_finite_differences(
+    m: &mut TrainModel,
+    grads: &[Vec<f32>],
+    h: f32,
+    floor: impl Fn(&str) -> f32,
+    mut objective: impl FnMut(&mut TrainModel) -> f64,
+) -> Vec<String> {
     let mut checked = Vec::new();
     for (i, g) in grads.iter().enumerate() {
         let Some((j, &want)) = g
@@ -142,33 +169,19 @@ pub fn check_objective_gradient(
         else {
             continue;
         };
-        // The projectors' gradients are small (their loss is one term of several).
-        let floor = if m.params[i].name.starts_with("align.") {
-            2e-3
-        } else {
-            0.02
-        };
-        if want.abs() < floor {
+        let name = m.params[i].name.clone();
+        if want.abs() < floor(&name) {
             continue;
         }
         let x0 = m.params[i].value[j];
         let mut at = |x: f32| {
             m.params[i].value[j] = x;
-            let o = objective(d.forward(&mut m, seqs).unwrap());
-            // A pruned student's kept set is piecewise constant: the step must not cross an edge.
-            assert_eq!(
-                m.pruned_kept(),
-                &kept[..],
-                "{}: the kept tokens changed",
-                m.params[i].name
-            );
-            o
+            objective(m)
         };
         let fd = ((at(x0 + h) - at(x0 - h)) / (2.0 * h as f64)) as f32;
         at(x0);
         let err = (fd - want).abs();
         let tol = 1e-2 * want.abs() + 2e-4;
-        let name = &m.params[i].name;
         println!(
             "{name} [{j}]: analytic {want:.5} fd {fd:.5} err/tol {:.2}",
             err / tol
@@ -177,7 +190,7 @@ pub fn check_objective_gradient(
             err <= tol,
             "{name} [{j}]: analytic {want} vs finite difference {fd}"
         );
-        checked.push(name.clone());
+        checked.push(name);
     }
     println!("checked {} of {} tensors", checked.len(), m.params.len());
     checked
