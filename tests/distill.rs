@@ -1291,6 +1291,9 @@ fn distillation_resumes_bit_for_bit_and_exports_no_projector() {
     for r in &full.history {
         assert!(r.kd.is_some_and(|k| k > 0.0) && r.hidden.is_some_and(|h| h > 0.0));
     }
+    for f in ["loss.svg", "terms.svg", "terms.png"] {
+        assert!(full_dir.path().join(f).is_file(), "{f}");
+    }
     // Trained on the teacher alone, the student learns it back: the logit loss falls.
     let alone_dir = tempfile::tempdir().unwrap();
     let mut alone = cfg(alone_dir.path());

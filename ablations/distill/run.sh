@@ -50,7 +50,7 @@ if [ ! -f "$OUT/data/train.json" ]; then
     --shape-colors --shape-positions
 fi
 for pick in first:2 every-other; do
-  d="$OUT/students/${pick/:/}"
+  d="$OUT/students/${pick//[:-]/}"
   [ -f "$d/model.safetensors" ] || $BIN/distill init-student --teacher "$TEACHER" --out "$d" --layers "$pick"
 done
 [ -f "$OUT/students/vit2/model.safetensors" ] || $BIN/distill init-student --teacher "$TEACHER" \

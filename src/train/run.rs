@@ -7,7 +7,8 @@
 //!   `grounding` the mean attention-grounding loss, empty without one; `kd`, `hidden` and
 //!   `attention` the distillation losses of a `[distill]` run, empty otherwise, see
 //!   [`super::distill`]).
-//! - `loss.svg` / `loss.png`: the loss curve, rewritten at the end of each run.
+//! - `loss.svg` / `loss.png`: the loss curve, rewritten at the end of each run; `terms.svg` /
+//!   `terms.png`: the other terms of the objective (grounding, distillation losses), if any.
 //! - `checkpoint-NNNNNN/`: a transformers-loadable checkpoint ([`save_checkpoint`]) plus
 //!   `optimizer.safetensors` ([`AdamW::save`]) and `trainer_state.json` (step, loader position),
 //!   and the `shapes_config.json` found beside the training json (ShapesVQA's settings), if any.
@@ -685,6 +686,24 @@ pub struct StepRecord {
     pub vision: Option<f32>,
 }
 
+impl StepRecord {
+    /// How many terms [`StepRecord::terms`] lists.
+    pub const TERMS: usize = 7;
+
+    /// The objective's terms besides the cross-entropy, named as `losses.csv`'s columns.
+    pub fn terms(&self) -> [(&'static str, Option<f32>); Self::TERMS] {
+        [
+            ("grounding", self.grounding),
+            ("kd", self.kd),
+            ("hidden", self.hidden),
+            ("attention", self.attention),
+            ("affinity", self.affinity),
+            ("relational", self.relational),
+            ("vision", self.vision),
+        ]
+    }
+}
+
 /// What a [`train`] call did.
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
@@ -722,12 +741,15 @@ const LOSS_HEADER: &str =
 
 fn csv_row(r: &StepRecord) -> String {
     let opt = |x: Option<f32>| x.map(|g| g.to_string()).unwrap_or_default();
-    let (gn, gl, kd, hd) = (opt(r.grad_norm), opt(r.grounding), opt(r.kd), opt(r.hidden));
-    let (at, af, rl) = (opt(r.attention), opt(r.affinity), opt(r.relational));
-    let vi = opt(r.vision);
+    let terms: Vec<String> = r.terms().iter().map(|(_, v)| opt(*v)).collect();
     format!(
-        "{},{},{gn},{},{},{gl},{kd},{hd},{at},{af},{rl},{vi}\n",
-        r.step, r.loss, r.lr, r.tokens
+        "{},{},{},{},{},{}\n",
+        r.step,
+        r.loss,
+        opt(r.grad_norm),
+        r.lr,
+        r.tokens,
+        terms.join(",")
     )
 }
 
@@ -1229,18 +1251,11 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
         csv.write_all(csv_row(&rec).as_bytes())
             .and_then(|_| csv.flush())
             .map_err(|e| Error::io(&csv_path, e))?;
-        let ground = [
-            ("ground", rec.grounding),
-            ("kd", rec.kd),
-            ("hidden", rec.hidden),
-            ("attn", rec.attention),
-            ("affinity", rec.affinity),
-            ("relational", rec.relational),
-            ("vision", rec.vision),
-        ]
-        .iter()
-        .filter_map(|(n, v)| v.map(|v| format!(" {n} {v:.3}")))
-        .collect::<String>();
+        let ground = rec
+            .terms()
+            .iter()
+            .filter_map(|(n, v)| v.map(|v| format!(" {n} {v:.3}")))
+            .collect::<String>();
         history.push(rec);
         run_tokens += tokens;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
@@ -1275,6 +1290,26 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
                 points,
             }],
         )?;
+        // The other terms of the objective, each unweighted, when there are any.
+        let series: Vec<Series> = (0..StepRecord::TERMS)
+            .map(|k| Series {
+                label: history[0].terms()[k].0.to_string(),
+                points: history
+                    .iter()
+                    .filter_map(|r| r.terms()[k].1.map(|v| (r.step as f64, v as f64)))
+                    .collect(),
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect();
+        if !series.is_empty() {
+            line_plot(
+                &cfg.output.join("terms"),
+                "objective terms (unweighted)",
+                "step",
+                "loss",
+                &series,
+            )?;
+        }
     }
     Ok(TrainSummary {
         start_step: start,
