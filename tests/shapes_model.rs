@@ -1,6 +1,7 @@
 //! The bundled ShapesVQA teacher (`models/shapes-llava`, trained by `distill` from
 //! `configs/shapes-teacher.toml` through `configs/shapes-teacher-5.toml`; each header lists the
-//! commands between), on held-out questions: every family beats the best blind answer
+//! commands between) and its distilled student (`models/shapes-llava-student`), on held-out
+//! questions. The teacher: every family beats the best blind answer
 //! ([`blind_share`]) and stays within [`SLACK`] of the accuracy measured when the model was
 //! bundled, and FastV's attention ranking (`sum` heads, `last_token` query) keeps the patches the
 //! question is about far more often than chance.
@@ -17,6 +18,7 @@ use fineprune::prune::{Keep, StrategyParams};
 use fineprune::{Engine, Model};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 
 /// Held-out questions asked (seed 1: other scenes than `prune-bench`'s default seed 0), about 60
@@ -127,4 +129,44 @@ fn the_bundled_teacher_answers_every_family_and_its_attention_finds_the_relevant
         recall >= 2.0 * random,
         "recall {recall:.3} vs random {random:.3}"
     );
+}
+
+/// The bundled distilled student (`models/shapes-llava-student`, `configs/shapes-student.toml`)
+/// served by `prune-bench --model` on the same `N` questions: its accuracy, unpruned and with
+/// FastV (sum/last_token, keep 0.25, K 1), as measured when it was bundled, within
+/// [`SLACK_OVERALL`].
+const STUDENT_MEASURED: [(&str, f64); 2] = [("unpruned", 0.760), ("sum/last_token/0.25/K1", 0.757)];
+
+#[test]
+fn the_bundled_student_serves_in_prune_bench_as_measured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_prune-bench"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["--model", "models/shapes-llava-student", "--data"])
+        .arg(format!("shapes:{N}"))
+        .args(["--seed", "1", "--head", "sum", "--query", "last_token"])
+        .args(["--keep", "0.25", "--prune-layer", "1", "--out"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = std::fs::read_to_string(tmp.path().join("results.csv")).unwrap();
+    let mut lines = csv.lines();
+    let head: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = |name: &str| head.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), STUDENT_MEASURED.len(), "{csv}");
+    for (row, (config, measured)) in rows.iter().zip(STUDENT_MEASURED) {
+        assert_eq!(row[col("config")], config);
+        let acc: f64 = row[col("accuracy")].parse().unwrap();
+        println!("{config}: accuracy {acc:.3} (bundled at {measured:.3})");
+        assert!(
+            acc >= measured - SLACK_OVERALL,
+            "{config}: accuracy {acc:.3}, bundled at {measured:.3}"
+        );
+    }
 }

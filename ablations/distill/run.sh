@@ -8,7 +8,7 @@
 #
 # --steps   optimizer steps per student (default 400; batch 8)
 # --limit   test questions per evaluation (default 600)
-# --seeds   training seeds of the key rows (ce, fkl, fkl-prune); other rows use the first
+# --seeds   training seeds of the key rows (ce, fkl, fkl-prune, every-fkl); other rows the first
 # --only    run only these rows (names below); finished rows are skipped on a re-run
 # --out     work folder (default ablations/distill/work: data, students, runs, evaluations)
 # BIN=DIR   use the `distill` and `prune-bench` binaries in DIR instead of building them (e.g. a
@@ -94,7 +94,7 @@ query = \"last_token\"" ;;
   esac
 }
 ROWS="ce fkl fkl-prune rkl jsd fkl-hidden fkl-attn every-fkl fkl-cache vit-fkl vit-fkl-align"
-KEY="ce fkl fkl-prune"
+KEY="ce fkl fkl-prune every-fkl"
 
 train_eval() { # row seed
   local row=$1 seed=$2 run="$OUT/runs/$1-s$2"

@@ -88,7 +88,7 @@ def main(work):
     if n:
         se = math.sqrt(0.75 * 0.25 / n)
         print(f"\nSampling noise of one accuracy on {n} questions: about ±{se:.3f} (one standard error at 0.75).")
-        key = [(r, k) for r in ["ce", "fkl", "fkl-prune"] for k in ["1.0", "0.25"] if (r, k) in means and len(means[(r, k)][1]) > 1]
+        key = [(r, k) for r in ["ce", "fkl", "fkl-prune", "every-fkl"] for k in ["1.0", "0.25"] if (r, k) in means and len(means[(r, k)][1]) > 1]
         if key:
             print("Seed spread of the key rows (max - min over training seeds): " + ", ".join(
                 f"{r} @{k}: {max(means[(r, k)][1]) - min(means[(r, k)][1]):.3f}" for r, k in key) + ".")

@@ -584,11 +584,12 @@ impl VisionTower {
             Some(self.pre_layrnorm.b),
         ];
         let embeddings_frozen = embeddings.into_iter().flatten().all(|i| frozen(p, i));
-        let lowest = match embeddings_frozen {
-            true => (0..n)
+        let lowest = if embeddings_frozen {
+            (0..n)
                 .find(|&i| self.layers[i].params().any(|j| !frozen(p, j)))
-                .unwrap_or(n),
-            false => 0,
+                .unwrap_or(n)
+        } else {
+            0
         };
         let mut dx = dstates[n].clone();
         for i in (lowest..n).rev() {
@@ -1575,9 +1576,10 @@ impl TrainModel {
             }
             attention.insert(l, per_seq);
         }
-        let image_features = match req.image_features {
-            true => self.image_features()?,
-            false => Vec::new(),
+        let image_features = if req.image_features {
+            self.image_features()?
+        } else {
+            Vec::new()
         };
         let last = self.hidden_state(self.layers.len() - 1)?;
         let final_out = rms_forward(&self.params, self.norm, last, self.config.text.rms_norm_eps)?;
