@@ -8,6 +8,7 @@ ablations/distill/run.sh leaves in its work folder: `teacher/results.csv` and
 import csv
 import math
 import os
+import re
 import sys
 from collections import defaultdict
 
@@ -92,6 +93,16 @@ def main(work):
         if key:
             print("Seed spread of the key rows (max - min over training seeds): " + ", ".join(
                 f"{r} @{k}: {max(means[(r, k)][1]) - min(means[(r, k)][1]):.3f}" for r, k in key) + ".")
+    cache = os.path.join(work, "teacher-top32.txt")
+    if os.path.exists(cache):
+        text = open(cache).read()
+        took = re.search(r"rows of (\d+) samples in ([\d.]+)s", text)
+        size = re.search(r"\((\d+) bytes", text)
+        per = re.search(r"bytes per token \(row\): (\d+) \(top-k\) vs (\d+)", text)
+        if took and size and per:
+            print(f"The top-32 cache row's time leaves out writing the cache, once: {float(took.group(2)):.0f} s "
+                  f"for {took.group(1)} samples, {int(size.group(1)) / 1e6:.0f} MB, {per.group(1)} bytes per "
+                  f"answer row against {per.group(2)} for full rows.")
 
 
 if __name__ == "__main__":
