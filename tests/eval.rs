@@ -341,6 +341,10 @@ fn bootstrap_is_seeded_and_covers_the_estimate() {
         sc.add_score(i.to_string(), "f", "", x).unwrap();
     }
     assert_eq!(sc.bootstrap_ci(1000, 42).unwrap(), a);
+    // The summary carries the seed-0 interval; an empty scorecard has none.
+    let ci = sc.summary().accuracy_ci.unwrap();
+    assert_eq!(ci, sc.bootstrap_ci(1000, 0).unwrap());
+    assert_eq!(Scorecard::new().summary().accuracy_ci, None);
 
     for bad in [
         bootstrap_ci(&[], 10, 0, 0.95),

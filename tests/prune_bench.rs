@@ -88,9 +88,21 @@ fn a_sweep_writes_every_file_and_reproduces_from_its_seed() {
     assert_eq!(json["samples"].as_array().unwrap().len(), 30);
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     assert!(csv.starts_with(
-        "config,head,query,keep,K,n,accuracy,pope_f1,kept_after_K,kept_avg_layers,recall"
+        "config,head,query,keep,K,n,accuracy,acc_lo95,acc_hi95,pope_f1,kept_after_K,\
+         kept_avg_layers,recall"
     ));
     assert_eq!(csv.lines().count(), 6);
+    // Each accuracy lies inside its bootstrap interval, which is as wide as 6 samples make it.
+    for line in csv.lines().skip(1) {
+        let f: Vec<f64> = line
+            .split(',')
+            .skip(6)
+            .take(3)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert!(f[1] <= f[0] && f[0] <= f[2], "{line}");
+        assert!(f[1] < f[2] || f[0] == 0.0 || f[0] == 1.0, "{line}");
+    }
     // Same seed, same samples, answers, kept tokens and recall; another seed, other questions.
     let out2 = tmp.path().join("run2");
     let (ok, _, err) = bench(&[&args[..], &["--out", out2.to_str().unwrap()]].concat());

@@ -634,7 +634,14 @@ pub struct ScoreSummary {
     /// category (random / popular / adversarial): those are in `families`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pope: Option<PopeMetrics>,
+    /// 95% percentile bootstrap interval of `accuracy` ([`SUMMARY_RESAMPLES`] resamples of the
+    /// samples, seed 0); `None` without samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy_ci: Option<ConfidenceInterval>,
 }
+
+/// Bootstrap resamples behind [`ScoreSummary::accuracy_ci`].
+pub const SUMMARY_RESAMPLES: usize = 1000;
 
 /// Per-sample results of a benchmark run, with a family string each.
 ///
@@ -829,6 +836,7 @@ impl Scorecard {
             accuracy: self.accuracy(),
             families,
             pope: self.pope_metrics(),
+            accuracy_ci: self.bootstrap_ci(SUMMARY_RESAMPLES, 0).ok(),
         }
     }
 

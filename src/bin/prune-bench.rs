@@ -2,7 +2,8 @@
 //!
 //! Runs the unpruned model and every combination of `--head`, `--query`, `--keep` and
 //! `--prune-layer` over a data set (ShapesVQA, generated with ground-truth relevance masks, or a
-//! LLaVA eval file), then reports accuracy (overall, per family, POPE F1), kept tokens, recall of
+//! LLaVA eval file), then reports accuracy (overall with its 95% bootstrap interval over the
+//! samples, per family, POPE F1), kept tokens, recall of
 //! the relevant patches, concentration and diversity of the kept tokens, prefill time, decode
 //! speed, peak memory, FLOPs and speedups: an aligned table on stdout, `results.csv`,
 //! `samples.csv`, `results.json`, plots (SVG + PNG) and, with `--visualize N`, overlays.
@@ -259,6 +260,8 @@ fn write_outputs(
         "K",
         "n",
         "accuracy",
+        "acc_lo95",
+        "acc_hi95",
         "pope_f1",
         "kept_after_K",
         "kept_avg_layers",
@@ -287,6 +290,8 @@ fn write_outputs(
             s.layer.map_or("-".into(), |l| l.to_string()),
             s.scores.n.to_string(),
             format!("{:.3}", s.scores.accuracy),
+            opt(s.scores.accuracy_ci.map(|c| c.lower), 3),
+            opt(s.scores.accuracy_ci.map(|c| c.upper), 3),
             opt(s.scores.pope.as_ref().map(|p| p.f1), 3),
             format!("{:.1}", s.kept_after),
             format!("{:.1}", s.avg_kept),
