@@ -1212,17 +1212,6 @@ impl Distiller {
             Some(c) => Some(TeacherCache::open(c)?),
             None => None,
         };
-        if cfg.vision.is_some() && student.config.image_tokens() != teacher.config.image_tokens() {
-            return Err(Error::arg(
-                "distill.vision",
-                format!(
-                    "the student's images give {} tokens, the teacher's {}: features cannot be \
-                     aligned row by row",
-                    student.config.image_tokens(),
-                    teacher.config.image_tokens()
-                ),
-            ));
-        }
         let vision_projector = match &cfg.vision {
             Some(_) if ds != dt => Some(Projector::new(
                 &mut student.params,
