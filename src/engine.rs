@@ -274,7 +274,7 @@ impl Engine {
                     c.head_dim,
                 );
                 let w = plan.query.weights(segs, &q_rows, &att.image_mass());
-                let ranking = score::rank(&att, w, plan.head.as_ref(), plan.head_keep, keep);
+                let ranking = plan.rank(&att, w, keep);
                 let cost = (
                     t_rank.elapsed().as_secs_f64(),
                     att.nbytes() + 4 * (x_sel.len() + q.len()),

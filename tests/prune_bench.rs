@@ -88,7 +88,7 @@ fn a_sweep_writes_every_file_and_reproduces_from_its_seed() {
     assert_eq!(json["samples"].as_array().unwrap().len(), 30);
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     assert!(csv.starts_with(
-        "config,head,query,keep,K,n,accuracy,acc_lo95,acc_hi95,pope_f1,kept_after_K,\
+        "config,head,query,keep,K,stages,n,accuracy,acc_lo95,acc_hi95,pope_f1,kept_after_K,\
          kept_avg_layers,recall"
     ));
     assert_eq!(csv.lines().count(), 6);
@@ -96,7 +96,7 @@ fn a_sweep_writes_every_file_and_reproduces_from_its_seed() {
     for line in csv.lines().skip(1) {
         let f: Vec<f64> = line
             .split(',')
-            .skip(6)
+            .skip(7)
             .take(3)
             .map(|v| v.parse().unwrap())
             .collect();
@@ -114,6 +114,124 @@ fn a_sweep_writes_every_file_and_reproduces_from_its_seed() {
     let (ok, _, err) = bench(&[&other[..], &["--out", out3.to_str().unwrap()]].concat());
     assert!(ok, "{err}");
     assert_ne!(deterministic_samples(&out), deterministic_samples(&out3));
+}
+
+/// results.csv read by column name.
+fn results(dir: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let csv = std::fs::read_to_string(dir.join("results.csv")).unwrap();
+    let mut lines = csv
+        .lines()
+        .map(|l| l.split(',').map(String::from).collect());
+    (lines.next().unwrap(), lines.collect())
+}
+
+#[test]
+fn random_baseline_pyramid_twins_and_flips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let m = model();
+    let args = [
+        "--model",
+        &m,
+        "--data",
+        "shapes:8",
+        "--head",
+        "sum",
+        "--keep",
+        "0.5,0.25",
+        "--prune-layer",
+        "2",
+        "--random-baseline",
+        "--pyramid",
+        "1,2",
+        "--flips",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let (ok, _, err) = bench(&args);
+    assert!(ok, "{err}");
+    let (head, rows) = results(&out);
+    let col = |n: &str| head.iter().position(|h| h == n).unwrap();
+    let labels: Vec<&str> = rows.iter().map(|r| r[col("config")].as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "unpruned",
+            "sum/last_token/0.5/K2",
+            "sum/last_token/0.25/K2",
+            "random/0.5/K2",
+            "random/0.25/K2",
+            "sum/last_token/0.5/K2/pyramid1-2",
+            "sum/last_token/0.25/K2/pyramid1-2",
+            "random/0.5/K2/pyramid1-2",
+            "random/0.25/K2/pyramid1-2",
+        ]
+    );
+    // llava_gqa: 3 decoder layers, 25 image tokens. (2, 0.25) keeps 7: (2*25 + 7) / 3 = 19
+    // image tokens per layer on average; the pyramid over layers 1, 2 solves
+    // 25 + 25 λ + 25 λ² = 57, λ = 0.7369, and keeps round(18.42) = 18, then round(13.58) = 14.
+    let row = |l: &str| &rows[labels.iter().position(|x| *x == l).unwrap()];
+    assert_eq!(row("sum/last_token/0.25/K2")[col("stages")], "2:0.25");
+    assert_eq!(
+        row("sum/last_token/0.25/K2")[col("kept_avg_layers")],
+        "19.0"
+    );
+    let pyr = row("sum/last_token/0.25/K2/pyramid1-2");
+    assert_eq!(pyr[col("stages")], "1:18+2:14");
+    assert_eq!(pyr[col("kept_avg_layers")], "19.0");
+    assert_eq!(pyr[col("kept_after_K")], "14.0");
+    // Random keeps as many tokens as the attention ranking, and its recall is about chance.
+    for keep in ["0.5", "0.25"] {
+        let (a, r) = (
+            row(&format!("sum/last_token/{keep}/K2")),
+            row(&format!("random/{keep}/K2")),
+        );
+        assert_eq!(a[col("kept_after_K")], r[col("kept_after_K")]);
+        assert_eq!(r[col("head")], "random");
+    }
+    // Every flip is a sample whose score differs from the unpruned run's in samples.csv.
+    let samples = std::fs::read_to_string(out.join("samples.csv")).unwrap();
+    let score = |config: &str, id: &str| -> String {
+        samples
+            .lines()
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .find(|f| f[0] == config && f[1] == id)
+            .map(|f| f[4].to_string())
+            .unwrap()
+    };
+    let mut n_flips = 0;
+    let mut expected = 0;
+    for config in &labels[1..] {
+        for i in 0..8 {
+            let id = format!("test-0-{i:06}");
+            expected += usize::from(score(config, &id) != score("unpruned", &id));
+        }
+    }
+    let flips = fineprune::bench::report::CsvTable::read(&out.join("flips.csv")).unwrap();
+    let (c, id, flip, ov) = (
+        flips.col("config").unwrap(),
+        flips.col("id").unwrap(),
+        flips.col("flip").unwrap(),
+        flips.col("overlay").unwrap(),
+    );
+    for f in &flips.rows {
+        let (s, u) = (score(&f[c], &f[id]), score("unpruned", &f[id]));
+        assert_ne!(s, u, "{f:?}");
+        assert_eq!(f[flip], if s < u { "lost" } else { "gained" });
+        if !f[ov].is_empty() {
+            assert!(out.join("flips").join(&f[ov]).is_file(), "{f:?}");
+        }
+        n_flips += 1;
+    }
+    assert_eq!(n_flips, expected);
+    // Reproducible: the random rows keep the same tokens on a re-run.
+    let out2 = tmp.path().join("run2");
+    let mut again = args.to_vec();
+    *again.last_mut().unwrap() = out2.to_str().unwrap();
+    let (ok, _, err) = bench(&again);
+    assert!(ok, "{err}");
+    assert_eq!(deterministic_samples(&out), deterministic_samples(&out2));
 }
 
 #[test]
@@ -181,6 +299,32 @@ fn bad_flags_and_unreadable_data_get_clear_errors() {
         (
             vec!["--model", "/no/such/model", "--out", o],
             "/no/such/model",
+        ),
+        (
+            vec![
+                "--model",
+                &m,
+                "--pyramid",
+                "2,1",
+                "--data",
+                "shapes:2",
+                "--out",
+                o,
+            ],
+            "must increase",
+        ),
+        (
+            vec![
+                "--model",
+                &m,
+                "--pyramid",
+                "1,3",
+                "--data",
+                "shapes:2",
+                "--out",
+                o,
+            ],
+            "outside the model",
         ),
         (vec!["--frobnicate"], "--frobnicate"),
     ];

@@ -226,6 +226,63 @@ fn a_batch_pruned_differently_equals_one_by_one() {
     assert_eq!(batch[3].stats.stages.len(), 2);
 }
 
+/// The random-keep baseline keeps the planned count, ranked by the seeded draws alone: the same
+/// seed keeps the same tokens whatever the image, another seed other tokens, and a later stage
+/// draws afresh among the survivors.
+#[test]
+fn random_baseline_keeps_the_tokens_its_seed_draws() {
+    let e = engine("llava_gqa");
+    let kept = |seed: u64, img: f32, stages: Vec<Stage>| {
+        let mut p = plan(stages, "variance", "text_tokens_only", false);
+        p.random = Some(seed);
+        let mut r = Request::new("What color is the big square?", pixels(img));
+        r.max_new_tokens = 2;
+        r.prune = Some(p);
+        let g = e.generate(&[r]).unwrap().remove(0);
+        g.stats
+            .stages
+            .iter()
+            .map(|s| (s.kept.clone(), s.ranking.importance.clone()))
+            .collect::<Vec<_>>()
+    };
+    let one = vec![stage(2, Keep::Count(8))];
+    let a = kept(7, 0.2, one.clone());
+    // 25 image tokens: the 8 largest of StdRng(7 ^ 25)'s first 25 draws.
+    let draws = fineprune::prune::score::random_importance(7, 25);
+    assert_eq!(a[0].1, draws);
+    assert_eq!(a[0].0, fineprune::prune::score::top_k(&draws, 8));
+    assert_eq!(a[0].0.len(), 8);
+    assert_eq!(
+        kept(7, 1.3, one.clone())[0].0,
+        a[0].0,
+        "another image, same seed"
+    );
+    assert_ne!(kept(8, 0.2, one.clone())[0].0, a[0].0, "another seed");
+    let attention = e
+        .generate(&[{
+            let mut r = Request::new("What color is the big square?", pixels(0.2));
+            r.max_new_tokens = 2;
+            r.prune = Some(plan(one, "variance", "text_tokens_only", false));
+            r
+        }])
+        .unwrap()
+        .remove(0);
+    assert_ne!(attention.stats.stages[0].kept, a[0].0);
+    // Two stages: 12 of 25 at random, then 4 of those 12 from StdRng(7 ^ 12).
+    let two = kept(
+        7,
+        0.2,
+        vec![stage(1, Keep::Count(12)), stage(2, Keep::Count(4))],
+    );
+    let first =
+        fineprune::prune::score::top_k(&fineprune::prune::score::random_importance(7, 25), 12);
+    assert_eq!(two[0].0, first);
+    let second =
+        fineprune::prune::score::top_k(&fineprune::prune::score::random_importance(7, 12), 4);
+    let want: Vec<usize> = second.iter().map(|&i| first[i]).collect();
+    assert_eq!(two[1].0, want);
+}
+
 #[test]
 fn bad_plans_are_refused_with_clear_errors() {
     let e = engine("llava_gqa");

@@ -127,8 +127,16 @@ fn pruned_training_forward_equals_the_engine() {
             "system_and_text",
             false,
         ),
+        // The random-keep baseline (seed 11) draws the same tokens in both.
+        (vec![(1, 0.5), (3, 0.25)], "random", "last_token", false),
     ] {
-        let plan = plan(&stages, head, query, renumber);
+        let plan = match head {
+            "random" => PrunePlan {
+                random: Some(11),
+                ..plan(&stages, "sum", query, renumber)
+            },
+            _ => plan(&stages, head, query, renumber),
+        };
         let mut req = Request::new(QUESTION, Some(ImageInput::Path(dir.join("example.png"))));
         req.options = PromptOptions {
             system: fineprune::model::template::system_of_model(&dir).unwrap(),

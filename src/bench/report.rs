@@ -61,20 +61,71 @@ pub fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// RFC 4180 CSV of `rows` (first row = header), written atomically.
+/// Writes rows (the first is the header) as CSV, atomically; fields with commas, quotes or
+/// newlines are quoted.
 pub fn write_csv(path: &Path, rows: &[Vec<String>]) -> Result<()> {
-    let esc = |s: &String| {
-        if s.contains([',', '"', '\n']) {
-            format!("\"{}\"", s.replace('"', "\"\""))
-        } else {
-            s.clone()
-        }
-    };
-    let text: String = rows
-        .iter()
-        .map(|r| r.iter().map(esc).collect::<Vec<_>>().join(",") + "\n")
-        .collect();
-    write_atomic(path, text.as_bytes())
+    let mut w = csv::WriterBuilder::new().flexible(true).from_writer(vec![]);
+    for r in rows {
+        w.write_record(r).map_err(|e| csv_err(path, e))?;
+    }
+    let bytes = w.into_inner().map_err(|e| csv_err(path, e))?;
+    write_atomic(path, &bytes)
+}
+
+fn csv_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::arg("csv", format!("{}: {e}", path.display()))
+}
+
+/// A CSV file read whole: its header and rows, fields looked up by column name.
+pub struct CsvTable {
+    pub path: std::path::PathBuf,
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl CsvTable {
+    /// Reads `path`; an error names the file and the line that is not CSV.
+    pub fn read(path: &Path) -> Result<CsvTable> {
+        let mut r = csv::ReaderBuilder::new()
+            .from_path(path)
+            .map_err(|e| csv_err(path, e))?;
+        let header = r
+            .headers()
+            .map_err(|e| csv_err(path, e))?
+            .iter()
+            .map(str::to_string)
+            .collect();
+        let rows = r
+            .records()
+            .map(|rec| {
+                rec.map(|rec| rec.iter().map(str::to_string).collect())
+                    .map_err(|e| csv_err(path, e))
+            })
+            .collect::<Result<_>>()?;
+        Ok(CsvTable {
+            path: path.to_path_buf(),
+            header,
+            rows,
+        })
+    }
+
+    /// Index of column `name`; an error names the file and the column.
+    pub fn col(&self, name: &str) -> Result<usize> {
+        self.header
+            .iter()
+            .position(|h| h == name)
+            .ok_or_else(|| csv_err(&self.path, format!("has no column `{name}`")))
+    }
+
+    /// Column `name` of every row as text.
+    pub fn column(&self, name: &str) -> Result<Vec<&str>> {
+        let c = self.col(name)?;
+        Ok(self
+            .rows
+            .iter()
+            .map(|r| r.get(c).map_or("", |s| s.as_str()))
+            .collect())
+    }
 }
 
 /// One line of a plot: its label and points.
@@ -90,6 +141,26 @@ pub fn line_plot(
     x_label: &str,
     y_label: &str,
     series: &[Series],
+) -> Result<()> {
+    plot(stem, (title, x_label, y_label), series, true)
+}
+
+/// A scatter plot (markers only), one colour per series, written as `stem.svg` and `stem.png`.
+pub fn scatter_plot(
+    stem: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<()> {
+    plot(stem, (title, x_label, y_label), series, false)
+}
+
+fn plot(
+    stem: &Path,
+    (title, x_label, y_label): (&str, &str, &str),
+    series: &[Series],
+    lines: bool,
 ) -> Result<()> {
     register_font();
     let all: Vec<(f64, f64)> = series
@@ -117,15 +188,27 @@ pub fn line_plot(
     let mut svg_text = String::new();
     {
         let root = SVGBackend::with_string(&mut svg_text, (800, 560)).into_drawing_area();
-        draw(&root, title, x_label, y_label, series, (x0, x1, y0, y1))
-            .map_err(|e| plot_err(&svg, e))?;
+        draw(
+            &root,
+            (title, x_label, y_label),
+            series,
+            lines,
+            (x0, x1, y0, y1),
+        )
+        .map_err(|e| plot_err(&svg, e))?;
     }
     write_atomic(&svg, svg_text.as_bytes())?;
     let mut buf = vec![0u8; 800 * 560 * 3];
     {
         let root = BitMapBackend::with_buffer(&mut buf, (800, 560)).into_drawing_area();
-        draw(&root, title, x_label, y_label, series, (x0, x1, y0, y1))
-            .map_err(|e| plot_err(&png, e))?;
+        draw(
+            &root,
+            (title, x_label, y_label),
+            series,
+            lines,
+            (x0, x1, y0, y1),
+        )
+        .map_err(|e| plot_err(&png, e))?;
     }
     let img = RgbImage::from_raw(800, 560, buf).ok_or_else(|| plot_err(&png, "buffer size"))?;
     save_png(&img, &png)
@@ -137,10 +220,9 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> Error {
 
 fn draw<DB: DrawingBackend>(
     root: &DrawingArea<DB, plotters::coord::Shift>,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
+    (title, x_label, y_label): (&str, &str, &str),
     series: &[Series],
+    lines: bool,
     (x0, x1, y0, y1): (f64, f64, f64, f64),
 ) -> std::result::Result<(), String> {
     let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
@@ -163,8 +245,9 @@ fn draw<DB: DrawingBackend>(
         let color = Palette99::pick(i).to_rgba();
         let mut pts = s.points.clone();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let line = if lines { pts.clone() } else { vec![] };
         chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(line, color.stroke_width(2)))
             .map_err(e)?
             .label(s.label.clone())
             .legend(move |(x, y)| {

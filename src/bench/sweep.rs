@@ -7,7 +7,10 @@ use super::shapes::{self, Family, SHORT_ANSWER, ShapesConfig, Split};
 use crate::engine::{Engine, ImageInput, Request};
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
-use crate::prune::{Keep, PrunePlan, Stage, StrategyParams, head_strategy, query_strategy};
+use crate::prune::{
+    Keep, PrunePlan, Stage, StrategyParams, head_strategy, pyramid, query_strategy,
+};
+use crate::train::teacher_cache::fnv1a64;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -62,13 +65,27 @@ pub fn shapes_items(
 /// One configuration of a sweep.
 #[derive(Debug, Clone)]
 pub struct SweepConfig {
-    /// `unpruned` or `head/query/keep/Kn`.
+    /// `unpruned`, `head/query/keep/Kn`, `random/keep/Kn` or `head/query/keep/Kn/pyramid1-2-3`.
     pub label: String,
+    /// The line this configuration belongs to in plots: its label without the keep.
+    pub series: String,
     pub head: String,
     pub query: String,
+    /// The single-stage budget (a pyramid: the one it matches on average).
     pub keep: Option<Keep>,
     pub layer: Option<usize>,
+    /// The plan's stages as `K:keep` joined by `+` (`-` when unpruned).
+    pub stages: String,
     pub plan: Option<PrunePlan>,
+}
+
+/// `K:keep` of every stage, joined by `+`.
+fn stages_text(stages: &[Stage]) -> String {
+    let v: Vec<String> = stages
+        .iter()
+        .map(|s| format!("{}:{}", s.layer, s.keep))
+        .collect();
+    v.join("+")
 }
 
 impl SweepConfig {
@@ -76,11 +93,27 @@ impl SweepConfig {
     pub fn unpruned() -> Self {
         SweepConfig {
             label: "unpruned".into(),
+            series: "unpruned".into(),
             head: "-".into(),
             query: "-".into(),
             keep: None,
             layer: None,
+            stages: "-".into(),
             plan: None,
+        }
+    }
+
+    /// One stage `(layer, keep)` ranked by `head` and `query`.
+    fn single(head: &str, query: &str, plan: PrunePlan, layer: usize, keep: Keep) -> Self {
+        SweepConfig {
+            label: format!("{head}/{query}/{keep}/K{layer}"),
+            series: format!("{head}/{query}/K{layer}"),
+            head: head.into(),
+            query: query.into(),
+            keep: Some(keep),
+            layer: Some(layer),
+            stages: stages_text(&plan.stages),
+            plan: Some(plan),
         }
     }
 
@@ -104,19 +137,55 @@ impl SweepConfig {
                         plan.head = head.clone();
                         plan.query = query.clone();
                         plan.head_keep = head_keep;
-                        out.push(SweepConfig {
-                            label: format!("{h}/{q}/{keep}/K{layer}"),
-                            head: h.clone(),
-                            query: q.clone(),
-                            keep: Some(keep),
-                            layer: Some(layer),
-                            plan: Some(plan),
-                        });
+                        out.push(Self::single(h, q, plan, layer, keep));
                     }
                 }
             }
         }
         Ok(out)
+    }
+
+    /// The random-keep baseline at every keep and layer ([`PrunePlan::random`]; [`run`] mixes
+    /// each sample's id into `seed`, so samples draw independently and reproducibly).
+    pub fn random_baseline(keeps: &[Keep], layers: &[usize], seed: u64) -> Vec<SweepConfig> {
+        let mut out = vec![];
+        for &layer in layers {
+            for &keep in keeps {
+                let mut plan = PrunePlan::new(vec![Stage { layer, keep }]);
+                plan.random = Some(seed);
+                let mut c = Self::single("random", "-", plan, layer, keep);
+                c.label = format!("random/{keep}/K{layer}");
+                c.series = format!("random/K{layer}");
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// The PyramidDrop-style twin of this single-stage configuration: stages before `layers`
+    /// at the same image tokens averaged over the `num_layers` layers ([`pyramid`]), the same
+    /// strategies. An error for the unpruned baseline or a plan that does not fit.
+    pub fn pyramid(&self, layers: &[usize], num_layers: usize, n_image: usize) -> Result<Self> {
+        let Some(plan) = &self.plan else {
+            return Err(Error::arg(
+                "pyramid",
+                "the unpruned run has no budget to match",
+            ));
+        };
+        let avg = plan.avg_image_tokens(num_layers, n_image)?;
+        let (_, stages) = pyramid(layers, num_layers, n_image, avg)?;
+        let mut p = plan.clone();
+        p.stages = stages;
+        p.kept_counts(num_layers, n_image)?;
+        let tag: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
+        let tag = format!("pyramid{}", tag.join("-"));
+        Ok(SweepConfig {
+            label: format!("{}/{tag}", self.label),
+            series: format!("{}/{}/{tag}", self.head, self.query),
+            stages: stages_text(&p.stages),
+            plan: Some(p),
+            ..self.clone()
+        })
     }
 }
 
@@ -156,10 +225,14 @@ pub struct SampleRecord {
 #[derive(Debug, Clone, Serialize)]
 pub struct ConfigSummary {
     pub label: String,
+    /// The plot line it belongs to ([`SweepConfig::series`]).
+    pub series: String,
     pub head: String,
     pub query: String,
     pub keep: Option<String>,
     pub layer: Option<usize>,
+    /// The plan's stages ([`SweepConfig::stages`]).
+    pub stages: String,
     /// Accuracy overall and per family, POPE metrics over the yes/no questions.
     pub scores: ScoreSummary,
     pub kept_after: f64,
@@ -221,7 +294,11 @@ pub fn run(
             );
             req.max_new_tokens = opts.max_new_tokens;
             req.options.system = opts.system.clone();
-            req.prune = cfg.plan.clone();
+            req.prune = cfg.plan.clone().map(|mut p| {
+                // The random baseline draws independently per sample.
+                p.random = p.random.map(|seed| seed ^ fnv1a64(it.id.as_bytes()));
+                p
+            });
             let g = engine.generate(&[req])?.remove(0);
             let pred = g.text.trim().to_string();
             let score = match it.yes_no {
@@ -301,10 +378,12 @@ pub fn run(
         let scores = card.summary();
         summaries.push(ConfigSummary {
             label: cfg.label.clone(),
+            series: cfg.series.clone(),
             head: cfg.head.clone(),
             query: cfg.query.clone(),
             keep: cfg.keep.map(|k| k.to_string()),
             layer: cfg.layer,
+            stages: cfg.stages.clone(),
             scores,
             kept_after: mean(recs.iter().map(|r| r.kept_after as f64)),
             avg_kept: mean(recs.iter().map(|r| r.avg_kept)),

@@ -75,6 +75,16 @@ struct Args {
     /// Pruning layers K to sweep (comma list).
     #[arg(long, value_delimiter = ',', default_value = "2")]
     prune_layer: Vec<usize>,
+    /// Also run the random-keep baseline at every --keep and --prune-layer: the image tokens are
+    /// ranked by seeded random draws (seed --seed) instead of attention.
+    #[arg(long)]
+    random_baseline: bool,
+    /// Also run, beside every single-stage configuration, a PyramidDrop-style multi-stage plan
+    /// pruning before each of these layers (comma list, e.g. 1,2,3): lambda^i of the image tokens
+    /// remain after the i-th stage, lambda solved so that the image tokens averaged over the
+    /// layers equal the single-stage plan's (the kept_avg_layers column).
+    #[arg(long, value_delimiter = ',')]
+    pyramid: Vec<usize>,
     #[command(flatten)]
     strategy: StrategyFlags,
     /// Use only the first N questions.
@@ -93,6 +103,11 @@ struct Args {
     /// every pruned configuration.
     #[arg(long, default_value_t = 0)]
     visualize: usize,
+    /// Error analysis: flips.csv always lists every sample whose score under a pruned
+    /// configuration differs from the unpruned run's; with N > 0 the first N flips of each
+    /// configuration also get overlays in flips/.
+    #[arg(long, default_value_t = 0)]
+    flips: usize,
     /// Put LLaVA-1.5's system prompt before `USER:` even if the model's chat template has none
     /// (by default the model's own: LLaVA-1.5's for models trained by `distill`, none for
     /// llava-hf checkpoints).
@@ -113,7 +128,7 @@ fn main() -> ExitCode {
 fn run(a: Args) -> fineprune::Result<()> {
     let params = a.strategy.params();
     // Flags first: a typo fails before any model is loaded.
-    let configs = SweepConfig::grid(
+    let mut configs = SweepConfig::grid(
         &a.head,
         &a.query,
         &a.keep,
@@ -121,6 +136,13 @@ fn run(a: Args) -> fineprune::Result<()> {
         &params,
         a.strategy.head_keep,
     )?;
+    if a.random_baseline {
+        configs.extend(SweepConfig::random_baseline(
+            &a.keep,
+            &a.prune_layer,
+            a.seed,
+        ));
+    }
     let model_dir = match &a.model {
         Some(m) => m.clone(),
         None => default_model().ok_or_else(|| {
@@ -146,6 +168,16 @@ fn run(a: Args) -> fineprune::Result<()> {
         ));
     };
     let vc = vision.config.vision.clone();
+    if !a.pyramid.is_empty() {
+        let layers = vision.config.text.num_hidden_layers;
+        let n_image = vision.image_tokens();
+        let twins = configs
+            .iter()
+            .filter(|c| c.plan.is_some())
+            .map(|c| c.pyramid(&a.pyramid, layers, n_image))
+            .collect::<fineprune::Result<Vec<_>>>()?;
+        configs.extend(twins);
+    }
     let shapes_cfg = ShapesConfig::for_model(&model_dir)?;
     let mut items = load_data(&a, &shapes_cfg, vc.image_size as u32, vc.patch_size as u32)?;
     if let Some(n) = a.limit {
@@ -172,6 +204,7 @@ fn run(a: Args) -> fineprune::Result<()> {
     let (records, summaries) = sweep::run(&engine, &items, &configs, &opts, &|| bar.inc(1))?;
     bar.finish_and_clear();
     write_outputs(&a, &records, &summaries)?;
+    write_flips(&a, &items, &records, vc.grid() as u32)?;
     if a.visualize > 0 {
         visualize(&a, &items, &records, vc.grid() as u32)?;
     }
@@ -258,6 +291,7 @@ fn write_outputs(
         "query",
         "keep",
         "K",
+        "stages",
         "n",
         "accuracy",
         "acc_lo95",
@@ -288,6 +322,7 @@ fn write_outputs(
             s.query.clone(),
             s.keep.clone().unwrap_or("-".into()),
             s.layer.map_or("-".into(), |l| l.to_string()),
+            s.stages.clone(),
             s.scores.n.to_string(),
             format!("{:.3}", s.scores.accuracy),
             opt(s.scores.accuracy_ci.map(|c| c.lower), 3),
@@ -352,10 +387,11 @@ fn write_outputs(
         .map_err(|e| Error::arg("results.json", e.to_string()))?;
     fineprune::io::write_atomic(&a.out.join("results.json"), text.as_bytes())?;
 
-    // One line per strategy (head/query/K) over its keep values; the unpruned run is its own point.
+    // One line per series (head/query/K, random/K, pyramid) over its keep values; the unpruned
+    // run is its own point.
     let mut groups: Vec<(String, Vec<&ConfigSummary>)> = vec![];
     for s in summaries.iter().filter(|s| s.keep.is_some()) {
-        let key = format!("{}/{}/K{}", s.head, s.query, s.layer.unwrap_or(0));
+        let key = s.series.clone();
         match groups.iter_mut().find(|g| g.0 == key) {
             Some(g) => g.1.push(s),
             None => groups.push((key, vec![s])),
@@ -407,6 +443,21 @@ fn write_outputs(
     Ok(())
 }
 
+/// The sample's image, enlarged to about 336 pixels, with its importance heatmap and kept
+/// patches ([`report::overlay`]) written to `path`.
+fn overlay_png(it: &BenchItem, r: &SampleRecord, grid: u32, path: &Path) -> fineprune::Result<()> {
+    let img = fineprune::model::image::load_image(&it.image)?;
+    let scale = (336 / img.width().max(1)).max(1);
+    let big = image::imageops::resize(
+        &img,
+        img.width() * scale,
+        img.height() * scale,
+        image::imageops::FilterType::Nearest,
+    );
+    let o = report::overlay(&big, grid, &r.patch_importance, &r.kept_patches);
+    report::save_png(&o, path)
+}
+
 fn visualize(
     a: &Args,
     items: &[BenchItem],
@@ -416,23 +467,86 @@ fn visualize(
     let dir = a.out.join("visualize");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     for it in items.iter().take(a.visualize) {
-        let img = fineprune::model::image::load_image(&it.image)?;
-        let scale = (336 / img.width().max(1)).max(1);
-        let big = image::imageops::resize(
-            &img,
-            img.width() * scale,
-            img.height() * scale,
-            image::imageops::FilterType::Nearest,
-        );
         for r in records
             .iter()
             .filter(|r| r.id == it.id && !r.patch_importance.is_empty())
         {
-            let o = report::overlay(&big, grid, &r.patch_importance, &r.kept_patches);
             let name = format!("{}__{}.png", it.id, r.config.replace('/', "_"));
-            report::save_png(&o, &dir.join(name))?;
+            overlay_png(it, r, grid, &dir.join(name))?;
         }
     }
     eprintln!("wrote overlays to {}", dir.display());
     Ok(())
+}
+
+/// flips.csv: every (pruned configuration, sample) whose score differs from the unpruned run's,
+/// `lost` (pruning made it worse) or `gained`; overlays of the first `--flips` of each
+/// configuration in flips/ (the file name is in the `overlay` column).
+fn write_flips(
+    a: &Args,
+    items: &[BenchItem],
+    records: &[SampleRecord],
+    grid: u32,
+) -> fineprune::Result<()> {
+    let base: std::collections::HashMap<&str, &SampleRecord> = records
+        .iter()
+        .filter(|r| r.config == "unpruned")
+        .map(|r| (r.id.as_str(), r))
+        .collect();
+    let item: std::collections::HashMap<&str, &BenchItem> =
+        items.iter().map(|it| (it.id.as_str(), it)).collect();
+    let dir = a.out.join("flips");
+    let mut rows = vec![
+        [
+            "config",
+            "id",
+            "family",
+            "flip",
+            "unpruned_score",
+            "score",
+            "unpruned_prediction",
+            "prediction",
+            "answer",
+            "recall",
+            "question",
+            "overlay",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>(),
+    ];
+    let mut drawn: std::collections::HashMap<&str, usize> = Default::default();
+    for r in records.iter().filter(|r| r.config != "unpruned") {
+        let (Some(b), Some(it)) = (base.get(r.id.as_str()), item.get(r.id.as_str())) else {
+            continue;
+        };
+        if (r.score - b.score).abs() < 1e-9 {
+            continue;
+        }
+        let n = drawn.entry(r.config.as_str()).or_default();
+        let overlay = if *n < a.flips && !r.patch_importance.is_empty() {
+            *n += 1;
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            let name = format!("{}__{}.png", r.config.replace('/', "_"), r.id);
+            overlay_png(it, r, grid, &dir.join(&name))?;
+            name
+        } else {
+            String::new()
+        };
+        rows.push(vec![
+            r.config.clone(),
+            r.id.clone(),
+            r.family.clone(),
+            if r.score < b.score { "lost" } else { "gained" }.into(),
+            format!("{}", b.score),
+            format!("{}", r.score),
+            b.prediction.clone(),
+            r.prediction.clone(),
+            it.answers.first().cloned().unwrap_or_default(),
+            opt(r.recall, 4),
+            it.question.clone(),
+            overlay,
+        ]);
+    }
+    report::write_csv(&a.out.join("flips.csv"), &rows)
 }

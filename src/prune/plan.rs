@@ -3,6 +3,7 @@
 
 use super::head::{self, HeadStrategy};
 use super::query::{self, QueryStrategy};
+use super::score::{self, Ranking, SelectedAttention};
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
@@ -68,6 +69,11 @@ pub struct PrunePlan {
     pub head_keep: f64,
     /// Renumber RoPE position ids after each stage (default: keep the original ones, as FastV).
     pub renumber: bool,
+    /// The random-keep baseline: `Some(seed)` ranks the image tokens by seeded random draws
+    /// instead of attention ([`score::random_importance`]); the head and query strategies are
+    /// then only reported. The draws depend on the seed alone: give each request its own seed
+    /// for independent draws.
+    pub random: Option<u64>,
 }
 
 impl PrunePlan {
@@ -89,7 +95,20 @@ impl PrunePlan {
             query: query::query_strategy("last_token", &p).unwrap_or_else(|_| unreachable!()),
             head_keep: 0.5,
             renumber: false,
+            random: None,
         }
+    }
+
+    /// Ranks the image tokens of one stage from the selected attention `att` and the query
+    /// weights, keeping `keep`: by attention ([`score::rank`]), or at random with
+    /// [`PrunePlan::random`].
+    pub fn rank(&self, att: &SelectedAttention, query_weights: Vec<f32>, keep: usize) -> Ranking {
+        let mut r = score::rank(att, query_weights, self.head.as_ref(), self.head_keep, keep);
+        if let Some(seed) = self.random {
+            r.importance = score::random_importance(seed, att.image_cols.len());
+            r.kept = score::top_k(&r.importance, keep);
+        }
+        r
     }
 
     /// Image tokens kept after each stage for a prompt with `n_image` of them; an error when the
@@ -159,6 +178,84 @@ impl PrunePlan {
         }
         Ok(counts)
     }
+
+    /// Image tokens averaged over the `num_layers` decoder layers (as papers report budgets):
+    /// `(K_1 N + Σ_i c_i (K_{i+1} - K_i)) / L` with `c_i` kept after stage i and `K_{m+1} = L`.
+    pub fn avg_image_tokens(&self, num_layers: usize, n_image: usize) -> Result<f64> {
+        let counts = self.kept_counts(num_layers, n_image)?;
+        let mut total = (self.stages[0].layer * n_image) as f64;
+        for (i, c) in counts.iter().enumerate() {
+            let next = self.stages.get(i + 1).map_or(num_layers, |s| s.layer);
+            total += (c * (next - self.stages[i].layer)) as f64;
+        }
+        Ok(total / num_layers as f64)
+    }
+}
+
+/// PyramidDrop-style stages before `layers` (increasing, in `1..num_layers`) at a given average
+/// budget: after the i-th stage (i = 1..m) `c_i = max(1, round(λ^i N))` of the `n_image` image
+/// tokens remain, with the ratio λ in (0, 1] solved (bisection, 60 steps) so that
+/// `(K_1 N + Σ_i λ^i N (K_{i+1} - K_i)) / L` equals `avg`, the image tokens averaged over the
+/// `num_layers` layers. Returns λ and the stages (counts); rounding moves the realised average by
+/// at most half a token per stage. An error names the budget when no λ reaches it: below
+/// `K_1 N / L` the first stage comes too late, above N nothing is pruned.
+pub fn pyramid(
+    layers: &[usize],
+    num_layers: usize,
+    n_image: usize,
+    avg: f64,
+) -> Result<(f64, Vec<Stage>)> {
+    let bad = |m: String| Error::arg("pyramid", m);
+    if layers.is_empty() {
+        return Err(bad("needs at least one stage layer".into()));
+    }
+    if let Some(w) = layers.windows(2).find(|w| w[1] <= w[0]) {
+        return Err(bad(format!(
+            "stage layers must increase, got {} after {}",
+            w[1], w[0]
+        )));
+    }
+    if let Some(&l) = layers.iter().find(|&&l| l == 0 || l >= num_layers) {
+        return Err(bad(format!(
+            "layer {l} is outside the model: a {num_layers}-layer model prunes after layer 1..={}",
+            num_layers.saturating_sub(1)
+        )));
+    }
+    let n = n_image as f64;
+    let lambda_avg = |lam: f64| {
+        let mut total = layers[0] as f64 * n;
+        for (i, &l) in layers.iter().enumerate() {
+            let next = layers.get(i + 1).copied().unwrap_or(num_layers);
+            total += lam.powi(i as i32 + 1) * n * (next - l) as f64;
+        }
+        total / num_layers as f64
+    };
+    let (lo_avg, hi_avg) = (lambda_avg(0.0), lambda_avg(1.0));
+    if !(avg > lo_avg && avg <= hi_avg) {
+        return Err(bad(format!(
+            "an average of {avg:.1} image tokens per layer is out of reach of stages at {layers:?}: \
+             it must lie in ({lo_avg:.1}, {hi_avg:.1}]"
+        )));
+    }
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if lambda_avg(mid) < avg {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let lam = 0.5 * (lo + hi);
+    let stages = layers
+        .iter()
+        .enumerate()
+        .map(|(i, &layer)| Stage {
+            layer,
+            keep: Keep::Count(((lam.powi(i as i32 + 1) * n).round() as usize).max(1)),
+        })
+        .collect();
+    Ok((lam, stages))
 }
 
 #[cfg(test)]
@@ -208,5 +305,35 @@ mod tests {
         assert_eq!("144".parse::<Keep>().unwrap(), Keep::Count(144));
         assert_eq!("1".parse::<Keep>().unwrap(), Keep::Fraction(1.0));
         assert!("half".parse::<Keep>().is_err());
+    }
+
+    #[test]
+    fn pyramid_matches_the_single_stage_budget() {
+        // FastV (2, 0.25) on a 4-layer model with 144 image tokens: (2*144 + 2*36) / 4 = 90.
+        let single = PrunePlan::new(vec![Stage {
+            layer: 2,
+            keep: Keep::Fraction(0.25),
+        }]);
+        let avg = single.avg_image_tokens(4, 144).unwrap();
+        assert_eq!(avg, 90.0);
+        // Stages at 1, 2, 3: 144 + 144 (λ + λ² + λ³) = 360, so λ + λ² + λ³ = 1.5.
+        let (lam, stages) = pyramid(&[1, 2, 3], 4, 144, avg).unwrap();
+        assert!((lam + lam * lam + lam.powi(3) - 1.5).abs() < 1e-9, "{lam}");
+        let counts: Vec<Keep> = stages.iter().map(|s| s.keep).collect();
+        let want = |p: i32| Keep::Count((lam.powi(p) * 144.0).round() as usize);
+        assert_eq!(counts, vec![want(1), want(2), want(3)]);
+        let plan = PrunePlan::new(stages);
+        let realised = plan.avg_image_tokens(4, 144).unwrap();
+        assert!((realised - 90.0).abs() <= 1.5 / 4.0 * 3.0, "{realised}");
+        // One stage is the single-stage plan itself.
+        let (lam1, one) = pyramid(&[2], 4, 144, avg).unwrap();
+        assert!((lam1 - 0.25).abs() < 1e-9);
+        assert_eq!(one[0].keep, Keep::Count(36));
+        let err = |l: &[usize], a| pyramid(l, 4, 144, a).unwrap_err().to_string();
+        assert!(err(&[3], 90.0).contains("out of reach"));
+        assert!(err(&[1, 4], 90.0).contains("outside the model"));
+        assert!(err(&[2, 2], 90.0).contains("must increase"));
+        assert!(err(&[], 90.0).contains("at least one"));
+        assert!(err(&[1], 200.0).contains("out of reach"));
     }
 }

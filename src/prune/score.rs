@@ -8,6 +8,8 @@
 use super::head::HeadStrategy;
 use crate::ops::attention::softmax_scaled;
 use crate::ops::matmul::matmul_nt;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use rayon::prelude::*;
 
 /// Attention of selected query rows to the image columns: `probs[h][r][v]`.
@@ -153,6 +155,15 @@ pub fn rank(
         importance,
         kept,
     }
+}
+
+/// The random-keep baseline's importance: one uniform draw in `[0, 1)` for each of `n` image
+/// tokens from rand's `StdRng` seeded by `seed ^ n`, so each stage of a plan (fewer survivors)
+/// draws afresh. The draws depend on nothing else: engine and trainer keep the same tokens for
+/// the same seed, and a study varies the seed per sample (prune-bench mixes in the sample id).
+pub fn random_importance(seed: u64, n: usize) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed ^ n as u64);
+    (0..n).map(|_| rng.random::<f32>()).collect()
 }
 
 /// Indices of the `k` largest values (ties -> lower index), ascending.

@@ -953,7 +953,7 @@ impl<'a> Pruner<'a> {
                 positions: t,
             };
             let w = self.plan.query.weights(prompt, &q_rows, &att.image_mass());
-            let ranking = score::rank(&att, w, self.plan.head.as_ref(), self.plan.head_keep, keep);
+            let ranking = self.plan.rank(&att, w, keep);
             let dropped: std::collections::HashSet<usize> = (0..image_cols.len())
                 .filter(|k| ranking.kept.binary_search(k).is_err())
                 .map(|k| image_cols[k])
