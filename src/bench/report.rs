@@ -257,8 +257,30 @@ fn draw<DB: DrawingBackend>(
             .draw_series(pts.into_iter().map(|p| Circle::new(p, 4, color.filled())))
             .map_err(e)?;
     }
+    // The legend goes to the corner whose 45% x 45% box holds the fewest points.
+    let in_box = |right: bool, top: bool| {
+        let (fx, fy) = (0.45 * (x1 - x0), 0.45 * (y1 - y0));
+        series
+            .iter()
+            .flat_map(|s| &s.points)
+            .filter(|&&(x, y)| {
+                (if right { x > x1 - fx } else { x < x0 + fx })
+                    && (if top { y > y1 - fy } else { y < y0 + fy })
+            })
+            .count()
+    };
+    let position = [
+        (true, true, SeriesLabelPosition::UpperRight),
+        (true, false, SeriesLabelPosition::LowerRight),
+        (false, false, SeriesLabelPosition::LowerLeft),
+        (false, true, SeriesLabelPosition::UpperLeft),
+    ]
+    .into_iter()
+    .min_by_key(|&(r, t, _)| in_box(r, t))
+    .map_or(SeriesLabelPosition::UpperRight, |c| c.2);
     chart
         .configure_series_labels()
+        .position(position)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 14))

@@ -312,6 +312,30 @@ fn paired(pairs: &[(Row, Row)]) -> Option<ConfidenceInterval> {
     bootstrap_ci(&diffs, RESAMPLES, 0, 0.95).ok()
 }
 
+/// How many grid rows other than `winner` (and `random`) are within noise of it: their paired
+/// difference from it, pooled over the keeps, has a 95% interval that contains 0.
+fn ties(grid: &Grid, winner: &str) -> (usize, usize) {
+    let Some((_, w)) = grid.iter().find(|g| g.0 == winner) else {
+        return (0, 0);
+    };
+    let others: Vec<&(String, Vec<Option<Row>>)> = grid
+        .iter()
+        .filter(|g| g.0 != winner && g.0 != "random")
+        .collect();
+    let tied = others
+        .iter()
+        .filter(|(_, cells)| {
+            let pairs: Vec<(Row, Row)> = cells
+                .iter()
+                .zip(w)
+                .filter_map(|(a, b)| Some(((*a)?, (*b)?)))
+                .collect();
+            paired(&pairs).is_some_and(|c| c.lower <= 0.0 && c.upper >= 0.0)
+        })
+        .count();
+    (tied, others.len())
+}
+
 /// `+0.021 [-0.003, +0.045]`, bold when the interval excludes 0.
 fn delta_text(ci: Option<ConfidenceInterval>) -> String {
     match ci {
@@ -627,10 +651,12 @@ fn model_section(md: &mut String, dir: &Path, base: &Path, plots: &Path) -> Resu
             .position(|x| x.0 == s)
             .map_or("absent".into(), |i| format!("#{} of {}", i + 1, v.len()))
     };
+    let (tied, of) = ties(&grid_a, &best_head);
     let _ = write!(
         md,
-        "Winner: **{best_head}** (mean {:.3}). The design documents expected variance \
-         ({}) and weighted_quality ({}) to be strong; FastV's sum is {}.\n\n",
+        "Winner: **{best_head}** (mean {:.3}); {tied} of the other {of} are within noise of it \
+         (paired difference over all keeps, 95% interval containing 0). The design documents \
+         expected variance ({}) and weighted_quality ({}) to be strong; FastV's sum is {}.\n\n",
         heads[0].1,
         rank_of(&heads, "variance"),
         rank_of(&heads, "weighted_quality"),
@@ -676,10 +702,12 @@ fn model_section(md: &mut String, dir: &Path, base: &Path, plots: &Path) -> Resu
         unp,
     )?;
     md.push_str(&img("B"));
+    let (tied, of) = ties(&grid_b, &best_query);
     let _ = write!(
         md,
-        "Winner: **{best_query}** (mean {:.3}). The design documents expected text_tokens_only \
-         ({}) and attention_weighted ({}) to be strong; last_token is {}.\n\n",
+        "Winner: **{best_query}** (mean {:.3}); {tied} of the other {of} are within noise of it. \
+         The design documents expected text_tokens_only ({}) and attention_weighted ({}) to be \
+         strong; last_token is {}.\n\n",
         queries[0].1,
         rank_of(&queries, "text_tokens_only"),
         rank_of(&queries, "attention_weighted"),
@@ -852,20 +880,29 @@ fn model_section(md: &mut String, dir: &Path, base: &Path, plots: &Path) -> Resu
         "Accuracy per question family (best = {best_head} + {best_query}):\n\n{}",
         md_table(&h, &rows)
     );
-    flips_section(md, &b, &best, &keeps, &name, base, plots)?;
+    let best_label = format!("the best combination ({best_head} + {best_query})");
+    flips_section(md, &b, &best, &keeps, &best_label, (&name, base, plots))?;
+    flips_section(
+        md,
+        &a,
+        &sum,
+        &keeps,
+        "FastV (sum + last_token)",
+        (&name, base, plots),
+    )?;
     recall_section(md, &[&a, &b], &png("recall"), &img("recall"))?;
     Ok(())
 }
 
-/// Flip counts of the best combination per keep and family, and the lost samples' overlays.
+/// Flip counts of one strategy (`rows`, one per keep) per keep and family, and the overlays of
+/// the samples it loses at the smallest keep, copied to `plots` as `MODEL_flip_CONFIG_ID.png`.
 fn flips_section(
     md: &mut String,
     b: &Run,
     best: &[Option<Row>],
     keeps: &[String],
-    name: &str,
-    base: &Path,
-    plots: &Path,
+    label: &str,
+    (name, base, plots): (&str, &Path, &Path),
 ) -> Result<()> {
     let Some(flips) = &b.flips else {
         return Ok(());
@@ -907,7 +944,7 @@ fn flips_section(
     let h = ["keep", "lost", "gained", "per family (-lost/+gained)"].map(String::from);
     let _ = write!(
         md,
-        "Answers that flip against the unpruned run under the best combination (flips.csv):\n\n{}",
+        "Answers that flip against the unpruned run under {label} (flips.csv):\n\n{}",
         md_table(&h, &rows)
     );
     // Overlays of lost samples at the smallest keep.
@@ -934,7 +971,8 @@ fn flips_section(
     }
     let mut rows = vec![];
     for f in shown {
-        let dst = plots.join(format!("{name}_flip_{}.png", f[c_id]));
+        let tag = f[c_cfg].replace(['/', '.'], "_");
+        let dst = plots.join(format!("{name}_flip_{tag}_{}.png", f[c_id]));
         let src = b.dir.join("flips").join(&f[c_ov]);
         std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
         let q = f[c_q].lines().next().unwrap_or("").replace('|', "/");
@@ -958,8 +996,8 @@ fn flips_section(
     .map(String::from);
     let _ = write!(
         md,
-        "Samples the best combination loses at keep {} (overlays: white outlines are the kept \
-         patches, red the most important):\n\n{}",
+        "Samples {label} loses at keep {} (overlays: white outlines are the kept patches, red \
+         the most important):\n\n{}",
         keeps.last().map_or("", |s| s.as_str()),
         md_table(&h, &rows)
     );
@@ -998,7 +1036,11 @@ fn recall_section(md: &mut String, runs: &[&Run], plot: &Path, img: &str) -> Res
     );
     if xy.len() > 3 {
         let (lo, hi) = fisher(r_cfg, xy.len());
-        let _ = write!(md, " (95% Fisher interval [{lo:.3}, {hi:.3}])");
+        let _ = write!(
+            md,
+            " (95% Fisher interval [{lo:.3}, {hi:.3}], optimistic: the configurations share their \
+             samples)"
+        );
     }
     md.push_str(".\n\n");
     // Per sample: pooled over those configurations, resampling whole samples.
@@ -1018,8 +1060,9 @@ fn recall_section(md: &mut String, runs: &[&Run], plot: &Path, img: &str) -> Res
     if let Some((r, lo, hi)) = clustered_pearson(&groups) {
         let _ = write!(
             md,
-            "Per sample (pooled over those configurations, {} samples): r = {r:.3} [{lo:.3}, \
-             {hi:.3}] (bootstrap over samples). Accuracy by the sample's recall:\n\n",
+            "Per sample (pooled over those configurations, the {} samples with relevant \
+             patches): r = {r:.3} [{lo:.3}, {hi:.3}] (bootstrap over samples). Accuracy by the \
+             sample's recall:\n\n",
             groups.len()
         );
         let labels = ["[0, 0.25)", "[0.25, 0.5)", "[0.5, 0.75)", "[0.75, 1]"];
