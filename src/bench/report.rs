@@ -183,32 +183,19 @@ fn plot(
         (a - d, b + d)
     };
     let ((x0, x1), (y0, y1)) = (pad(x0, x1), pad(y0, y1));
+    let (labels, bounds) = ((title, x_label, y_label), (x0, x1, y0, y1));
     let svg = stem.with_extension("svg");
     let png = stem.with_extension("png");
     let mut svg_text = String::new();
     {
         let root = SVGBackend::with_string(&mut svg_text, (800, 560)).into_drawing_area();
-        draw(
-            &root,
-            (title, x_label, y_label),
-            series,
-            lines,
-            (x0, x1, y0, y1),
-        )
-        .map_err(|e| plot_err(&svg, e))?;
+        draw(&root, labels, series, lines, bounds).map_err(|e| plot_err(&svg, e))?;
     }
     write_atomic(&svg, svg_text.as_bytes())?;
     let mut buf = vec![0u8; 800 * 560 * 3];
     {
         let root = BitMapBackend::with_buffer(&mut buf, (800, 560)).into_drawing_area();
-        draw(
-            &root,
-            (title, x_label, y_label),
-            series,
-            lines,
-            (x0, x1, y0, y1),
-        )
-        .map_err(|e| plot_err(&png, e))?;
+        draw(&root, labels, series, lines, bounds).map_err(|e| plot_err(&png, e))?;
     }
     let img = RgbImage::from_raw(800, 560, buf).ok_or_else(|| plot_err(&png, "buffer size"))?;
     save_png(&img, &png)

@@ -324,16 +324,19 @@ fn ties(grid: &Grid, winner: &str) -> (usize, usize) {
         .collect();
     let tied = others
         .iter()
-        .filter(|(_, cells)| {
-            let pairs: Vec<(Row, Row)> = cells
-                .iter()
-                .zip(w)
-                .filter_map(|(a, b)| Some(((*a)?, (*b)?)))
-                .collect();
-            paired(&pairs).is_some_and(|c| c.lower <= 0.0 && c.upper >= 0.0)
-        })
+        .filter(|(_, cells)| pooled(cells, w).is_some_and(|c| c.lower <= 0.0 && c.upper >= 0.0))
         .count();
     (tied, others.len())
+}
+
+/// [`paired`] differences of `cells` from `base`, keep by keep, pooled over the keeps both have.
+fn pooled(cells: &[Option<Row>], base: &[Option<Row>]) -> Option<ConfidenceInterval> {
+    let pairs: Vec<(Row, Row)> = cells
+        .iter()
+        .zip(base)
+        .filter_map(|(a, b)| Some(((*a)?, (*b)?)))
+        .collect();
+    paired(&pairs)
 }
 
 /// `+0.021 [-0.003, +0.045]`, bold when the interval excludes 0.
@@ -407,17 +410,12 @@ fn delta_table(keeps: &[String], grid: &Grid, base: &[Option<Row>], name: &str) 
     let rows: Vec<Vec<String>> = grid
         .iter()
         .map(|(label, cells)| {
-            let pairs: Vec<(Row, Row)> = cells
-                .iter()
-                .zip(base)
-                .filter_map(|(a, b)| Some(((*a)?, (*b)?)))
-                .collect();
             let mut r = vec![label.clone()];
             r.extend(cells.iter().zip(base).map(|(a, b)| match (a, b) {
                 (Some(a), Some(b)) => delta_text(paired(&[(*a, *b)])),
                 _ => "-".into(),
             }));
-            r.push(delta_text(paired(&pairs)));
+            r.push(delta_text(pooled(cells, base)));
             r
         })
         .collect();
