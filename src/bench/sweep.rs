@@ -6,11 +6,10 @@ use super::mem;
 use super::shapes::{self, Family, SHORT_ANSWER, ShapesConfig, Split};
 use crate::engine::{Engine, ImageInput, Request};
 use crate::error::{Error, Result};
-use crate::io::write_atomic;
+use crate::io::{fnv1a64, write_atomic};
 use crate::prune::{
     Keep, PrunePlan, Stage, StrategyParams, head_strategy, pyramid, query_strategy,
 };
-use crate::train::teacher_cache::fnv1a64;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 

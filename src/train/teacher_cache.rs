@@ -49,6 +49,7 @@ use super::distill::{DivergenceName, LogitsConfig, Tokens, reads_row};
 use super::model::{HEAD_CHUNK, TraceRequest, TrainModel, TrainSeq};
 use super::run::progress_bar;
 use crate::error::{Error, Result};
+use crate::io::fnv1a64;
 use crate::model::config::ModelConfig;
 use crate::model::image::ImageProcessorConfig;
 use crate::model::template::ImageSlot;
@@ -186,16 +187,6 @@ impl SparseRow {
         }
         out
     }
-}
-
-/// FNV-1a, 64 bits.
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 /// `"answer"` or `"all"` (a command-line value).
