@@ -47,6 +47,10 @@ pub enum Error {
     /// A prompt the model cannot take (image placeholder count, length, ...).
     #[error("prompt: {0}")]
     Prompt(String),
+
+    /// The CUDA backend: a missing library or device, a kernel that failed to build, a launch.
+    #[error("cuda: {0}")]
+    Cuda(String),
     /// An argument out of range (sampling parameters, batch, flags).
     #[error("invalid argument `{name}`: {msg}")]
     Arg { name: String, msg: String },

@@ -17,6 +17,8 @@
 //! ```
 
 pub mod bench;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod io;

@@ -1,0 +1,38 @@
+// Elementwise activations, f32 math. CPU twins: src/ops/act.rs.
+
+// LLaMA MLP: y = silu(gate) * up, silu(g) = g / (1 + exp(-g)).
+template <typename T>
+__device__ void silu_gate_impl(const T* gate, const T* up, T* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float g = to_f32(gate[i]);
+        y[i] = from_f32<T>(g / (1.0f + expf(-g)) * to_f32(up[i]));
+    }
+}
+
+// Exact GELU (the projector's): x/2 (1 + erf(x / sqrt 2)).
+template <typename T>
+__device__ void gelu_impl(const T* x, T* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = to_f32(x[i]);
+        y[i] = from_f32<T>(0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
+    }
+}
+
+// CLIP's quick_gelu: x * sigmoid(1.702 x).
+template <typename T>
+__device__ void quick_gelu_impl(const T* x, T* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = to_f32(x[i]);
+        y[i] = from_f32<T>(v / (1.0f + expf(-1.702f * v)));
+    }
+}
+
+#define ACT(T, S)                                                                                  \
+    extern "C" __global__ void silu_gate_##S(const T* gate, const T* up, T* y, long n) {           \
+        silu_gate_impl<T>(gate, up, y, n);                                                         \
+    }                                                                                              \
+    extern "C" __global__ void gelu_##S(const T* x, T* y, long n) { gelu_impl<T>(x, y, n); }       \
+    extern "C" __global__ void quick_gelu_##S(const T* x, T* y, long n) {                          \
+        quick_gelu_impl<T>(x, y, n);                                                               \
+    }
+FOR_EACH_DTYPE(ACT)
