@@ -36,3 +36,26 @@ __device__ void quick_gelu_impl(const T* x, T* y, long n) {
         quick_gelu_impl<T>(x, y, n);                                                               \
     }
 FOR_EACH_DTYPE(ACT)
+
+// Residual add y = a + b, and the bias of a Linear added in place to each row of x: [rows, width].
+template <typename T>
+__device__ void add_impl(const T* a, const T* b, T* y, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        y[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]));
+}
+
+template <typename T>
+__device__ void add_bias_impl(T* x, const T* bias, long rows, int width) {
+    long n = rows * width;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        x[i] = from_f32<T>(to_f32(x[i]) + to_f32(bias[i % width]));
+}
+
+#define ADD(T, S)                                                                                  \
+    extern "C" __global__ void add_##S(const T* a, const T* b, T* y, long n) {                     \
+        add_impl<T>(a, b, y, n);                                                                   \
+    }                                                                                              \
+    extern "C" __global__ void add_bias_##S(T* x, const T* bias, long rows, int width) {           \
+        add_bias_impl<T>(x, bias, rows, width);                                                    \
+    }
+FOR_EACH_DTYPE(ADD)

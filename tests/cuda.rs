@@ -46,6 +46,8 @@ fn every_kernel_compiles_to_ptx() {
             "rmsnorm",
             "layernorm",
             "silu_gate",
+            "add",
+            "add_bias",
             "gelu",
             "quick_gelu",
             "rope",
@@ -171,6 +173,24 @@ fn norms_activations_rope_and_gather_match_the_cpu() {
     let mut want = gate.clone();
     act::silu_mul(&mut want, &up);
     assert!(max_diff(&y, &want) < 1e-6);
+    let (ad, bd) = (g.upload(&gate).unwrap(), g.upload(&up).unwrap());
+    let sum = g.download(&g.add(&ad, &bd).unwrap()).unwrap();
+    let want: Vec<f32> = gate.iter().zip(&up).map(|(a, b)| a + b).collect();
+    assert_eq!(sum, want);
+    // 1001 values are 7 rows of 143.
+    let bias = rand(143, 8);
+    let mut xd = g.upload(&gate).unwrap();
+    g.add_bias(&mut xd, &g.upload(&bias).unwrap()).unwrap();
+    let want: Vec<f32> = gate
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x + bias[i % 143])
+        .collect();
+    assert_eq!(g.download(&xd).unwrap(), want);
+    assert!(
+        g.add_bias(&mut xd, &g.upload(&rand(10, 9)).unwrap())
+            .is_err()
+    );
     for (kind, f) in [
         ("gelu", act::gelu as fn(&mut [f32])),
         ("quick_gelu", act::quick_gelu),
@@ -410,5 +430,42 @@ fn scoring_kernels_match_the_cpu() {
     for c in 0..nv {
         let want: f32 = (0..heads).map(|h| beta[h] * a_host[h * nv + c]).sum();
         assert!((imp[c] - want).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn linear_through_cublas_matches_the_cpu() {
+    let Some(g) = gpu() else { return };
+    // Sizes off every tile: 7 x 33 by 65 x 33, and a LLaVA-shaped 616 x 4096 by 128 x 4096.
+    for (m, k, n) in [(7, 33, 65), (616, 4096, 128)] {
+        let (x, w) = (rand(m * k, 31), rand(n * k, 32));
+        let mut want = vec![0.0f32; m * n];
+        fineprune::ops::matmul::matmul_nt(m, n, k, &x, k, &w, k, &mut want, false);
+        let y = g
+            .download(
+                &g.linear(&g.upload(&x).unwrap(), &g.upload(&w).unwrap(), (m, k, n))
+                    .unwrap(),
+            )
+            .unwrap();
+        // f32 through cuBLAS (TF32 stays off by default): k-length sums in another order.
+        let tol = 1e-6 * k as f32;
+        assert!(max_diff(&y, &want) < tol, "f32 {m}x{k}x{n}");
+        let r = |v: &[f32]| from_bf16(&bf16(v));
+        let mut want = vec![0.0f32; m * n];
+        fineprune::ops::matmul::matmul_nt(m, n, k, &r(&x), k, &r(&w), k, &mut want, false);
+        let yb = from_bf16(
+            &g.download(
+                &g.linear(
+                    &g.upload(&bf16(&x)).unwrap(),
+                    &g.upload(&bf16(&w)).unwrap(),
+                    (m, k, n),
+                )
+                .unwrap(),
+            )
+            .unwrap(),
+        );
+        for (a, b) in yb.iter().zip(&want) {
+            assert!((a - b).abs() <= b.abs() / 128.0 + tol, "bf16 {a} {b}");
+        }
     }
 }

@@ -165,6 +165,8 @@ pub struct Device {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
+    /// cuBLAS on `stream`, created on first use ([`Device::blas`]).
+    blas: OnceLock<std::result::Result<cudarc::cublas::CudaBlas, String>>,
 }
 
 impl Device {
@@ -206,7 +208,22 @@ impl Device {
             ctx,
             stream,
             modules,
+            blas: OnceLock::new(),
         })
+    }
+
+    /// cuBLAS bound to this device's stream; an error when libcublas cannot be loaded.
+    pub fn blas(&self) -> Result<&cudarc::cublas::CudaBlas> {
+        self.blas
+            .get_or_init(|| {
+                // SAFETY: only tries to open the library.
+                if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                    return Err("libcublas is not installed".into());
+                }
+                cudarc::cublas::CudaBlas::new(self.stream.clone()).map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| Error::Cuda(format!("cuBLAS: {e}")))
     }
 
     /// Kernel `name` (e.g. `rmsnorm_bf16`) of kernels/`file`.cu.

@@ -4,20 +4,30 @@
 
 use super::{ATT_D_MAX, Device};
 use crate::error::{Error, Result};
+use cudarc::cublas::{Gemm, GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 
-/// A storage type of the kernels: its kernels carry this suffix.
+/// A storage type of the kernels: its kernels carry this suffix; cuBLAS multiplies it with f32
+/// accumulation.
 pub trait Storage: DeviceRepr + ValidAsZeroBits + Copy + Default + 'static {
     const SUFFIX: &'static str;
+    const ONE: Self;
+    const ZERO: Self;
 }
 impl Storage for f32 {
     const SUFFIX: &'static str = "f32";
+    const ONE: Self = 1.0;
+    const ZERO: Self = 0.0;
 }
 impl Storage for half::f16 {
     const SUFFIX: &'static str = "f16";
+    const ONE: Self = half::f16::ONE;
+    const ZERO: Self = half::f16::ZERO;
 }
 impl Storage for half::bf16 {
     const SUFFIX: &'static str = "bf16";
+    const ONE: Self = half::bf16::ONE;
+    const ZERO: Self = half::bf16::ZERO;
 }
 
 /// Threads per block of the elementwise and per-row kernels.
@@ -80,6 +90,40 @@ impl Device {
         self.stream
             .clone_dtoh(v)
             .map_err(|e| Error::Cuda(format!("download {} values: {e}", v.len())))
+    }
+
+    /// `y = x · wᵀ` for `x: [m, k]` and an HF Linear weight `w: [n, k]` (both row-major), `y:
+    /// [m, n]`, through cuBLAS with f32 accumulation (ops::matmul::matmul_nt).
+    pub fn linear<T: Storage>(
+        &self,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        (m, k, n): (usize, usize, usize),
+    ) -> Result<CudaSlice<T>>
+    where
+        cudarc::cublas::CudaBlas: Gemm<T>,
+    {
+        check("linear x", x.len(), m * k)?;
+        check("linear weight", w.len(), n * k)?;
+        let mut y = self.zeros::<T>(m * n)?;
+        // cuBLAS is column-major: y seen column-major is yᵀ [n, m] = op(A) op(B) with A = w read as a
+        // [k, n] matrix and transposed, B = x read as [k, m].
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: T::ONE,
+            lda: k as i32,
+            ldb: k as i32,
+            beta: T::ZERO,
+            ldc: n as i32,
+        };
+        // SAFETY: w holds n * k values, x m * k, y m * n, as the leading dimensions say.
+        unsafe { self.blas()?.gemm(cfg, w, x, &mut y) }
+            .map_err(|e| Error::Cuda(format!("cuBLAS gemm {m}x{k} by {n}x{k}: {e}")))?;
+        Ok(y)
     }
 
     /// RMSNorm of each row of `x: [rows, d]` with weight `w: [d]` (ops::norm::rms_norm).
@@ -150,6 +194,40 @@ impl Device {
         // SAFETY: three slices of n values and n.
         unsafe { b.launch(elementwise(gate.len())) }.map_err(|e| launch_err(&name, e))?;
         Ok(y)
+    }
+
+    /// `a + b` elementwise (the residual stream).
+    pub fn add<T: Storage>(&self, a: &CudaSlice<T>, b: &CudaSlice<T>) -> Result<CudaSlice<T>> {
+        check("add b", b.len(), a.len())?;
+        let name = format!("add_{}", T::SUFFIX);
+        let f = self.function("act", &name)?;
+        let mut y = self.zeros::<T>(a.len())?;
+        let n = a.len() as i64;
+        let mut bld = self.stream.launch_builder(&f);
+        bld.arg(a).arg(b).arg(&mut y).arg(&n);
+        // SAFETY: three slices of n values and n.
+        unsafe { bld.launch(elementwise(a.len())) }.map_err(|e| launch_err(&name, e))?;
+        Ok(y)
+    }
+
+    /// Adds `bias: [width]` to every row of `x: [rows, width]` in place (a Linear's bias).
+    pub fn add_bias<T: Storage>(&self, x: &mut CudaSlice<T>, bias: &CudaSlice<T>) -> Result<()> {
+        let width = bias.len();
+        if width == 0 || !x.len().is_multiple_of(width) {
+            return Err(Error::Cuda(format!(
+                "add_bias: {} values are not rows of a {width}-value bias",
+                x.len()
+            )));
+        }
+        let name = format!("add_bias_{}", T::SUFFIX);
+        let f = self.function("act", &name)?;
+        let (rows, w) = ((x.len() / width) as i64, width as i32);
+        let n = x.len();
+        let mut bld = self.stream.launch_builder(&f);
+        bld.arg(x).arg(bias).arg(&rows).arg(&w);
+        // SAFETY: x holds rows * width values, bias width.
+        unsafe { bld.launch(elementwise(n)) }.map_err(|e| launch_err(&name, e))?;
+        Ok(())
     }
 
     /// An elementwise activation: `gelu` (exact erf) or `quick_gelu`.
