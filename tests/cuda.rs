@@ -71,6 +71,40 @@ fn every_kernel_compiles_to_ptx() {
     }
 }
 
+/// Built PTX is cached per architecture and source hash: a second call reads the files back.
+#[test]
+fn built_ptx_is_cached_on_disk() {
+    if !nvrtc() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let first = cuda::cached_ptx("sm_80", Some(tmp.path())).unwrap();
+    let files: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().collect();
+    assert_eq!(files.len(), cuda::KERNEL_FILES.len());
+    // Mark one cached file: the next call returns the marked text, so it read the cache.
+    let norm = files
+        .iter()
+        .find(|f| f.file_name().to_string_lossy().starts_with("norm-sm_80-"))
+        .unwrap()
+        .path();
+    let marked = format!("// cached\n{}", std::fs::read_to_string(&norm).unwrap());
+    std::fs::write(&norm, &marked).unwrap();
+    let second = cuda::cached_ptx("sm_80", Some(tmp.path())).unwrap();
+    for ((name, a), (_, b)) in first.iter().zip(&second) {
+        if *name == "norm" {
+            assert_eq!(b, &marked);
+        } else {
+            assert_eq!(a, b, "{name}");
+        }
+    }
+    // Another architecture is built afresh beside it.
+    cuda::cached_ptx("sm_90", Some(tmp.path())).unwrap();
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        2 * cuda::KERNEL_FILES.len()
+    );
+}
+
 #[test]
 fn without_a_gpu_opening_a_device_is_an_error_not_a_panic() {
     if cuda::driver_present() {

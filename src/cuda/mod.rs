@@ -122,14 +122,17 @@ fn cache_dir() -> Option<PathBuf> {
         .or_else(|| env("HOME").map(|p| p.join(".cache").join("fineprune")))
 }
 
-/// PTX of every kernel file for `arch`, from the cache when the sources are unchanged (the file
-/// name carries a hash of prelude + source), else built and written there atomically.
-fn cached_ptx(arch: &'static str) -> Result<Vec<(&'static str, String)>> {
-    let dir = cache_dir();
+/// PTX of every kernel file for `arch`, read from the cache folder `dir` when the sources are
+/// unchanged (the file name carries a hash of prelude + source), else built with [`compile_ptx`]
+/// and written there atomically. [`Device::open`] caches under `FINEPRUNE_CACHE`, else
+/// `$XDG_CACHE_HOME/fineprune`, else `~/.cache/fineprune`.
+pub fn cached_ptx(
+    arch: &'static str,
+    dir: Option<&std::path::Path>,
+) -> Result<Vec<(&'static str, String)>> {
     let path = |name: &str, src: &str| {
         let hash = fnv1a64(format!("{PRELUDE}\n{src}").as_bytes());
-        dir.as_ref()
-            .map(|d| d.join(format!("{name}-{arch}-{hash:016x}.ptx")))
+        dir.map(|d| d.join(format!("{name}-{arch}-{hash:016x}.ptx")))
     };
     let cached: Option<Vec<(&'static str, String)>> = KERNEL_FILES
         .iter()
@@ -194,7 +197,7 @@ impl Device {
             .map_err(|e| err("compute capability", e))?;
         let arch = arch_of(major, minor)?;
         let mut modules = HashMap::new();
-        for (file, ptx) in cached_ptx(arch)? {
+        for (file, ptx) in cached_ptx(arch, cache_dir().as_deref())? {
             let m = ctx
                 .load_module(Ptx::from_src(ptx))
                 .map_err(|e| err(&format!("load kernels/{file}.cu"), e))?;
