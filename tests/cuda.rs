@@ -503,3 +503,10 @@ fn linear_through_cublas_matches_the_cpu() {
         }
     }
 }
+
+/// The engine shares one device between threads.
+#[test]
+fn a_device_is_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Device>();
+}
