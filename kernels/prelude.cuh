@@ -43,45 +43,31 @@ template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float x) {
 #define WARP 32
 #define FULL_MASK 0xffffffffu
 
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
-    return v;
-}
-__device__ __forceinline__ float warp_min(float v) {
-    for (int o = WARP / 2; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(FULL_MASK, v, o));
+struct SumOp { __device__ float operator()(float a, float b) const { return a + b; } };
+struct MaxOp { __device__ float operator()(float a, float b) const { return fmaxf(a, b); } };
+struct MinOp { __device__ float operator()(float a, float b) const { return fminf(a, b); } };
+
+// `op` over the 32 lanes of a warp; every lane gets the result.
+template <typename Op> __device__ __forceinline__ float warp_reduce(float v, Op op) {
+    for (int o = WARP / 2; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(FULL_MASK, v, o));
     return v;
 }
 
-// Sum over a block of at most 1024 threads (a multiple of 32); every thread gets the result.
-// `scratch` holds 32 floats of shared memory.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// `op` over a block of at most 1024 threads (a multiple of 32); every thread gets the result.
+// `scratch` holds 32 floats of shared memory; `identity` is op's neutral value.
+template <typename Op>
+__device__ __forceinline__ float block_reduce(float v, float* scratch, float identity, Op op) {
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = (blockDim.x + WARP - 1) / WARP;
-    v = warp_sum(v);
+    v = warp_reduce(v, op);
     __syncthreads();
     if (lane == 0) scratch[w] = v;
     __syncthreads();
-    v = lane < nw ? scratch[lane] : 0.0f;
-    return warp_sum(v);
+    v = lane < nw ? scratch[lane] : identity;
+    return warp_reduce(v, op);
 }
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = (blockDim.x + WARP - 1) / WARP;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[w] = v;
-    __syncthreads();
-    v = lane < nw ? scratch[lane] : -F32_INF;
-    return warp_max(v);
-}
-__device__ __forceinline__ float block_min(float v, float* scratch) {
-    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = (blockDim.x + WARP - 1) / WARP;
-    v = warp_min(v);
-    __syncthreads();
-    if (lane == 0) scratch[w] = v;
-    __syncthreads();
-    v = lane < nw ? scratch[lane] : F32_INF;
-    return warp_min(v);
-}
+
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, SumOp()); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce(v, MaxOp()); }
+__device__ __forceinline__ float block_sum(float v, float* s) { return block_reduce(v, s, 0.0f, SumOp()); }
+__device__ __forceinline__ float block_max(float v, float* s) { return block_reduce(v, s, -F32_INF, MaxOp()); }
+__device__ __forceinline__ float block_min(float v, float* s) { return block_reduce(v, s, F32_INF, MinOp()); }
