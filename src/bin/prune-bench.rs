@@ -443,8 +443,8 @@ fn write_outputs(
     Ok(())
 }
 
-/// The sample's image, enlarged by a whole factor to at least 336 pixels, with its importance heatmap and kept
-/// patches ([`report::overlay`]) written to `path`.
+/// The sample's image, enlarged by a whole factor to at least 336 pixels, with its importance
+/// heatmap and kept patches ([`report::overlay`]) written to `path`.
 fn overlay_png(it: &BenchItem, r: &SampleRecord, grid: u32, path: &Path) -> fineprune::Result<()> {
     let img = fineprune::model::image::load_image(&it.image)?;
     let scale = 336u32.div_ceil(img.width().max(1)).max(1);
