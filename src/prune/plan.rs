@@ -70,8 +70,8 @@ pub struct PrunePlan {
     /// Renumber RoPE position ids after each stage (default: keep the original ones, as FastV).
     pub renumber: bool,
     /// The random-keep baseline: `Some(seed)` ranks the image tokens by seeded random draws
-    /// instead of attention ([`score::random_importance`]); the head and query strategies are
-    /// then only reported. The draws depend on the seed alone: give each request its own seed
+    /// instead of attention ([`score::random_importance`]); the head strategy is not run (its
+    /// scores and weights stay empty in the ranking). The draws depend on the seed alone: give each request its own seed
     /// for independent draws.
     pub random: Option<u64>,
 }
@@ -103,12 +103,18 @@ impl PrunePlan {
     /// weights, keeping `keep`: by attention ([`score::rank`]), or at random with
     /// [`PrunePlan::random`].
     pub fn rank(&self, att: &SelectedAttention, query_weights: Vec<f32>, keep: usize) -> Ranking {
-        let mut r = score::rank(att, query_weights, self.head.as_ref(), self.head_keep, keep);
-        if let Some(seed) = self.random {
-            r.importance = score::random_importance(seed, att.image_cols.len());
-            r.kept = score::top_k(&r.importance, keep);
+        let Some(seed) = self.random else {
+            return score::rank(att, query_weights, self.head.as_ref(), self.head_keep, keep);
+        };
+        let importance = score::random_importance(seed, att.image_cols.len());
+        Ranking {
+            query_weights,
+            query_rows: att.rows.clone(),
+            head_scores: vec![],
+            head_weights: vec![],
+            kept: score::top_k(&importance, keep),
+            importance,
         }
-        r
     }
 
     /// Image tokens kept after each stage for a prompt with `n_image` of them; an error when the
