@@ -6,6 +6,7 @@ use crate::model::Model;
 use crate::model::image::{self, ImageProcessorConfig};
 use crate::model::llama::{KvCache, SeqRows};
 use crate::model::template::{self, ImageSlot, Prompt, PromptOptions};
+use crate::ops::check_finite;
 use crate::prune::metrics::{self, RunStats, StageReport};
 use crate::prune::score::{self, Ranking};
 use crate::prune::{PrunePlan, Segment};
@@ -176,7 +177,13 @@ impl Engine {
         let c = &v.config.vision;
         let want = [c.num_channels, c.image_size, c.image_size];
         let t = match img {
-            ImageInput::Pixels(p) => Tensor::from_f32(&[p.len()], p.clone())?,
+            ImageInput::Pixels(p) => {
+                let s = c.image_size.max(1);
+                check_finite(p, s, |r| {
+                    format!("the given pixel_values (channel {}, row {})", r / s, r % s)
+                })?;
+                Tensor::from_f32(&[p.len()], p.clone())?
+            }
             ImageInput::Path(path) => {
                 let rgb = image::load_image(path)?;
                 let proc = ImageProcessorConfig {
@@ -237,6 +244,12 @@ impl Engine {
                 .collect();
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
             lm.layer_forward(l, &mut x, &seqs, &mut refs)?;
+            check_finite(&x, h, |row| {
+                format!(
+                    "the output of decoder layer {l} (prefill, {})",
+                    row_origin(&states, row)
+                )
+            })?;
             let Some(x_in) = x_in else { continue };
             // Rank and drop image tokens of the sequences with a stage at layer l + 1.
             let mut next = Vec::with_capacity(x.len());
@@ -352,8 +365,12 @@ impl Engine {
         let (x, mut states) =
             self.prefill(std::slice::from_ref(&p), &[req.prune.as_ref()], &mut caches)?;
         let st = states.remove(0);
+        let logits = self.model.lm.logits(&x)?;
+        check_finite(&logits, self.model.lm.config.vocab_size, |r| {
+            format!("the prompt logits at prompt position {}", st.orig[r])
+        })?;
         Ok(PromptLogits {
-            logits: self.model.lm.logits(&x)?,
+            logits,
             prompt: p.prompt,
             positions: st.orig,
             stats: st.stats,
@@ -398,6 +415,9 @@ impl Engine {
             last.extend_from_slice(&x[(end - 1) * h..end * h]);
         }
         let mut logits = lm.logits(&last)?;
+        check_finite(&logits, vocab, |r| {
+            format!("the logits after the prompt of request {r}")
+        })?;
         let prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut rngs: Vec<StdRng> = reqs
@@ -456,8 +476,22 @@ impl Engine {
                     })
                     .collect();
                 lm.layer_forward(l, &mut x, &seqs, &mut refs)?;
+                check_finite(&x, h, |r| {
+                    format!(
+                        "the output of decoder layer {l} (request {}, generated token {})",
+                        active[r],
+                        out[active[r]].len()
+                    )
+                })?;
             }
             logits = lm.logits(&x)?;
+            check_finite(&logits, vocab, |r| {
+                format!(
+                    "the logits of request {} after generated token {}",
+                    active[r],
+                    out[active[r]].len()
+                )
+            })?;
         }
         let decode_secs = t1.elapsed().as_secs_f64();
         prepared
@@ -491,6 +525,17 @@ pub struct PromptLogits {
     /// The prompt position of each row of `logits`.
     pub positions: Vec<usize>,
     pub stats: RunStats,
+}
+
+/// "request i, prompt position p" of row `row` of the prefill's concatenated rows.
+fn row_origin(states: &[SeqState], mut row: usize) -> String {
+    for (i, st) in states.iter().enumerate() {
+        if row < st.orig.len() {
+            return format!("request {i}, prompt position {}", st.orig[row]);
+        }
+        row -= st.orig.len();
+    }
+    format!("row {row} past the batch")
 }
 
 /// One sequence's view of the prefill: which prompt positions are still present, their RoPE ids

@@ -54,6 +54,10 @@ pub enum Error {
     /// An argument out of range (sampling parameters, batch, flags).
     #[error("invalid argument `{name}`: {msg}")]
     Arg { name: String, msg: String },
+    /// A NaN or infinity appeared in a computation; `at` says where it first appeared (the
+    /// layer, the row) so the weight or input at fault can be found.
+    #[error("non-finite value ({value}) in {at}")]
+    NonFinite { at: String, value: f32 },
 }
 
 /// Result with the crate's [`Error`].

@@ -369,3 +369,42 @@ fn bad_pruning_flags_get_clear_errors() {
     ]);
     assert!(!ok && err.contains("no image tokens"), "{err}");
 }
+
+/// `--pixel-values` of the wrong shape names the shape the model wants (a `[2, 3, H, W]` batch
+/// once reported "expected [1, 3, 0, 0]"); NaN pixel values fail instead of answering NaN.
+#[test]
+fn pixel_values_shape_and_finiteness() {
+    use fineprune::io::{OutTensor, write_safetensors};
+    let dir = tempfile::tempdir().unwrap();
+    let m = model();
+    let run = |shape: Vec<usize>, v: Vec<f32>| {
+        let p = dir.path().join("pv.safetensors");
+        write_safetensors(&p, &[OutTensor::F32("pixel_values", shape, &v)]).unwrap();
+        let out = dir.path().join("logits.safetensors");
+        let (ok, _, err) = fineprune(&[
+            "logits",
+            "--model",
+            &m,
+            "--pixel-values",
+            p.to_str().unwrap(),
+            "--prompt",
+            "What?",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(!ok && !out.exists(), "succeeded");
+        err
+    };
+    let err = run(vec![2, 3, 30, 30], vec![0.0; 2 * 3 * 900]);
+    assert!(
+        err.contains("expected [1, 3, 30, 30]") && err.contains("[2, 3, 30, 30]"),
+        "{err}"
+    );
+    let mut v = vec![0.0; 3 * 900];
+    v[100] = f32::NAN;
+    let err = run(vec![1, 3, 30, 30], v);
+    assert!(
+        err.contains("non-finite") && err.contains("pixel_values"),
+        "{err}"
+    );
+}

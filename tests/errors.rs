@@ -216,3 +216,163 @@ fn bad_sampling_parameters() {
     let msg = e.generate(&[r]).unwrap_err().to_string();
     assert!(msg.contains("temperature"), "{msg}");
 }
+
+/// Edits `config.json` of `dir` as JSON: `edit` gets the whole object.
+fn edit_config(dir: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+/// Configs no model can have are refused at load, naming the key, instead of loading and then
+/// panicking (`num_hidden_layers: 0` once passed `inspect` and panicked in `generate`) or
+/// answering NaN (`rope_theta` 0 or negative, a negative `rms_norm_eps`).
+#[test]
+fn impossible_configs_are_refused_with_the_key_named() {
+    use serde_json::json;
+    let cases: Vec<(&str, &str, serde_json::Value, &str)> = vec![
+        ("text_config", "num_hidden_layers", json!(0), "at least 1"),
+        ("text_config", "hidden_size", json!(0), "at least 1"),
+        ("text_config", "intermediate_size", json!(0), "at least 1"),
+        ("text_config", "vocab_size", json!(0), "at least 1"),
+        (
+            "text_config",
+            "max_position_embeddings",
+            json!(0),
+            "at least 1",
+        ),
+        ("text_config", "head_dim", json!(0), "at least 1"),
+        ("text_config", "head_dim", json!(7), "even"),
+        ("text_config", "rms_norm_eps", json!(-1e-5), ">= 0"),
+        (
+            "text_config",
+            "vocab_size",
+            json!(1u64 << 62),
+            "larger than any weight",
+        ),
+        (
+            "vision_config",
+            "image_size",
+            json!(0),
+            "multiple of patch_size",
+        ),
+        ("vision_config", "patch_size", json!(0), "at least 1"),
+        ("vision_config", "hidden_size", json!(0), "at least 1"),
+        ("vision_config", "layer_norm_eps", json!(-0.5), ">= 0"),
+        ("vision_config", "num_channels", json!(0), "at least 1"),
+    ];
+    for (section, key, value, needle) in cases {
+        let (_t, dir) = copy_model("llava_tied");
+        edit_config(&dir, |v| v[section][key] = value.clone());
+        let e = load_err(&dir);
+        assert!(
+            e.contains(&format!("`{section}.{key}`")) && e.contains(needle),
+            "{section}.{key} = {value}: {e}"
+        );
+    }
+    // rope_theta in both spellings: transformers 5's rope_parameters and 4.x's rope_theta.
+    for theta in [0.0, -500000.0] {
+        let (_t, dir) = copy_model("llava_tied");
+        edit_config(&dir, |v| {
+            v["text_config"]["rope_parameters"]["rope_theta"] = theta.into()
+        });
+        let e = load_err(&dir);
+        assert!(
+            e.contains("`text_config.rope_parameters.rope_theta`") && e.contains("> 0"),
+            "{e}"
+        );
+        let (_t, dir) = copy_model("llava_tied");
+        edit_config(&dir, |v| {
+            let t = v["text_config"].as_object_mut().unwrap();
+            t.remove("rope_parameters");
+            t.insert("rope_theta".into(), theta.into());
+        });
+        let e = load_err(&dir);
+        assert!(
+            e.contains("`text_config.rope_theta`") && e.contains("> 0"),
+            "{e}"
+        );
+    }
+}
+
+/// A shard index may only name files inside the model folder.
+#[test]
+fn shard_index_cannot_name_files_outside_the_model() {
+    for bad in ["../model-00001-of-00002.safetensors", "/etc/passwd", ""] {
+        let (_t, dir) = copy_model("llava_gqa");
+        let p = dir.join("model.safetensors.index.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        let map = v["weight_map"].as_object_mut().unwrap();
+        let first = map.keys().next().unwrap().clone();
+        map.insert(first.clone(), bad.into());
+        std::fs::write(&p, v.to_string()).unwrap();
+        let e = load_err(&dir);
+        assert!(
+            e.contains("model.safetensors.index.json")
+                && e.contains(&first)
+                && e.contains("not a file inside the model folder"),
+            "{bad}: {e}"
+        );
+    }
+}
+
+/// A NaN weight or NaN pixel values end in an error that says where the NaN first appeared,
+/// not in an empty answer or NaN logits with success.
+#[test]
+fn non_finite_values_are_reported_where_they_appear() {
+    // One NaN in the gate projection of decoder layer 1.
+    let (_t, dir) = copy_model("llava_tied");
+    rewrite(&dir.join("model.safetensors"), |name, shape, bytes| {
+        let mut b = bytes.to_vec();
+        if name.ends_with("layers.1.mlp.gate_proj.weight") {
+            let nan = match b.len() / shape.iter().product::<usize>() {
+                2 => half::bf16::NAN.to_le_bytes().to_vec(),
+                _ => f32::NAN.to_le_bytes().to_vec(),
+            };
+            b[..nan.len()].copy_from_slice(&nan);
+        }
+        Some((shape.to_vec(), b))
+    });
+    let e = Engine::new(Arc::new(Model::load(&dir).unwrap()));
+    let req = Request::new("what?", Some(ImageInput::Pixels(vec![0.1; 3 * 30 * 30])));
+    for err in [
+        e.generate(std::slice::from_ref(&req)).unwrap_err(),
+        e.prompt_logits(&req).unwrap_err(),
+    ] {
+        let msg = err.to_string();
+        assert!(
+            matches!(err, Error::NonFinite { .. })
+                && msg.contains("decoder layer 1")
+                && msg.contains("request 0, prompt position"),
+            "{msg}"
+        );
+    }
+    // NaN pixel values are refused before the vision tower runs.
+    let e = engine();
+    let mut px = vec![0.0; 3 * 30 * 30];
+    px[2 * 900 + 5 * 30 + 7] = f32::NAN;
+    let err = e
+        .generate(&[Request::new("what?", Some(ImageInput::Pixels(px)))])
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::NonFinite { .. })
+            && msg.contains("pixel_values (channel 2, row 5), column 7"),
+        "{msg}"
+    );
+    // Finite but huge pixel values overflow inside the vision tower: reported there.
+    let err = e
+        .generate(&[Request::new(
+            "what?",
+            Some(ImageInput::Pixels(vec![3e38; 3 * 30 * 30])),
+        )])
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::NonFinite { .. }) && msg.contains("vision"),
+        "{msg}"
+    );
+}

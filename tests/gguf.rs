@@ -999,6 +999,72 @@ fn tiny_llama_errors() {
     );
 }
 
+/// Sizes and numbers the metadata cannot mean are refused at load with the GGUF key named,
+/// before anything is sized by them: a block count of 10^7 once built 90 million tensor names
+/// (gigabytes) and 2^32 - 1 hung.
+#[test]
+fn impossible_metadata_is_refused_with_the_key_named() {
+    let cases: Vec<(&str, MetaValue, &str)> = vec![
+        (
+            "llama.block_count",
+            MetaValue::U32(10_000_000),
+            "at most 1 layers",
+        ),
+        (
+            "llama.block_count",
+            MetaValue::U32(u32::MAX),
+            "at most 1 layers",
+        ),
+        ("llama.block_count", MetaValue::U32(0), "must be at least 1"),
+        ("llama.rope.freq_base", MetaValue::F32(0.0), "> 0"),
+        ("llama.rope.freq_base", MetaValue::F32(-10000.0), "> 0"),
+        ("llama.rope.freq_base", MetaValue::F32(f32::NAN), "> 0"),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(-1e-5),
+            ">= 0",
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            MetaValue::F32(f32::INFINITY),
+            ">= 0",
+        ),
+        (
+            "llama.context_length",
+            MetaValue::U32(0),
+            "must be at least 1",
+        ),
+        (
+            "llama.embedding_length",
+            MetaValue::U32(0),
+            "must be at least 1",
+        ),
+        (
+            "llama.feed_forward_length",
+            MetaValue::U32(0),
+            "must be at least 1",
+        ),
+    ];
+    for (key, value, needle) in cases {
+        let mut w = tiny_llama(1, true).0;
+        for (k, v) in &mut w.kv {
+            if k == key {
+                *v = value.clone();
+            }
+        }
+        let t = write_tmp(&w.bytes());
+        let t0 = std::time::Instant::now();
+        match load_llama(&t.path) {
+            Err(e @ Error::Config { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains(key) && msg.contains(needle), "{key}: {msg}");
+            }
+            other => panic!("{key} = {value:?}: {:?}", other.map(|_| ())),
+        }
+        assert!(t0.elapsed().as_secs() < 5, "{key}: took {:?}", t0.elapsed());
+    }
+}
+
 #[test]
 fn add_bos_token_adds_bos() {
     let w = tiny_llama(1, true)

@@ -245,13 +245,28 @@ fn run(cli: Cli) -> fineprune::Result<()> {
             Ok(())
         }
         Command::Logits(a) => {
+            let plan = a.prune.plan()?;
+            let engine = Engine::new(Arc::new(Model::load(&a.common.model)?));
             let image = match (&a.pixel_values, &a.common.image) {
                 (Some(p), _) => {
                     let (shape, v) = read_f32_tensor(p, "pixel_values")?;
-                    if !(shape.len() == 4 && shape[0] == 1 || shape.len() == 3) {
+                    // One image: [1, C, S, S] or [C, S, S] at the vision tower's size.
+                    let want = match &engine.model().vision {
+                        Some(v) => {
+                            let c = &v.config.vision;
+                            vec![c.num_channels, c.image_size, c.image_size]
+                        }
+                        None => {
+                            return Err(fineprune::Error::arg(
+                                "--pixel-values",
+                                "the model has no vision tower",
+                            ));
+                        }
+                    };
+                    if shape != want && shape[..] != [&[1][..], &want].concat() {
                         return Err(fineprune::Error::Shape {
-                            name: format!("pixel_values in {}", p.display()),
-                            expected: vec![1, 3, 0, 0],
+                            name: format!("pixel_values in {} (one image)", p.display()),
+                            expected: [&[1][..], &want].concat(),
                             got: shape,
                         });
                     }
@@ -260,8 +275,6 @@ fn run(cli: Cli) -> fineprune::Result<()> {
                 (None, Some(p)) => Some(ImageInput::Path(p.clone())),
                 (None, None) => None,
             };
-            let plan = a.prune.plan()?;
-            let engine = Engine::new(Arc::new(Model::load(&a.common.model)?));
             let mut req = Request::new(a.prompt.clone(), image);
             req.options = options(&a.common, engine.model());
             req.prune = plan;

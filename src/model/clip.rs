@@ -107,10 +107,11 @@ impl ClipVision {
             *a += b;
         }
         let mut x = self.pre_layrnorm.forward(&x, c.layer_norm_eps);
+        ops::check_finite(&x, h, |t| format!("the vision embeddings (token {t})"))?;
         let tokens = g * g + 1;
         let (nh, hd) = (c.num_attention_heads, h / c.num_attention_heads);
         let mut states = vec![x.clone()];
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
             let xn = layer.layer_norm1.forward(&x, c.layer_norm_eps);
             let q = layer.q_proj.forward(&xn)?;
             let k = layer.k_proj.forward(&xn)?;
@@ -134,6 +135,9 @@ impl ClipVision {
                 _ => act::quick_gelu(&mut m),
             }
             ops::add(&mut x, &layer.fc2.forward(&m)?);
+            ops::check_finite(&x, h, |t| {
+                format!("the output of vision layer {i} (token {t})")
+            })?;
             states.push(x.clone());
         }
         Ok(states)

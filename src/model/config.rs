@@ -41,7 +41,128 @@ pub struct VisionConfig {
     pub hidden_act: String,
 }
 
+impl TextConfig {
+    /// Refuses values no model can have, before anything is sized from them: zero sizes or layer
+    /// counts, a `head_dim` that is zero or odd, weight matrices whose element count overflows,
+    /// and non-finite or negative `rms_norm_eps` / non-positive `rope_theta`. The error is
+    /// `(field, message)`; the caller names the field the way its source spells it.
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err((field, "must be at least 1, got 0".into()));
+            }
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err((
+                "head_dim",
+                format!("must be even for RoPE, got {}", self.head_dim),
+            ));
+        }
+        let h = self.hidden_size;
+        let matrices = [
+            ("vocab_size", self.vocab_size),
+            ("intermediate_size", self.intermediate_size),
+            (
+                "num_attention_heads",
+                self.num_attention_heads * self.head_dim,
+            ),
+        ];
+        for (field, rows) in matrices {
+            if rows
+                .checked_mul(h)
+                .and_then(|n| n.checked_mul(4))
+                .is_none_or(|b| b > isize::MAX as usize)
+            {
+                return Err((
+                    field,
+                    format!("{rows} x hidden_size {h} is larger than any weight that can exist"),
+                ));
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err((
+                "rms_norm_eps",
+                format!("must be a finite number >= 0, got {}", self.rms_norm_eps),
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err((
+                "rope_theta",
+                format!("must be a finite number > 0, got {}", self.rope_theta),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl VisionConfig {
+    /// Refuses values no vision tower can have (see [`TextConfig::check`]): zero sizes, an image
+    /// smaller than a patch or not a whole number of patches, a hidden size the heads do not
+    /// divide, a non-finite or negative `layer_norm_eps`.
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        let positive = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_channels", self.num_channels),
+            ("patch_size", self.patch_size),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err((field, "must be at least 1, got 0".into()));
+            }
+        }
+        if self.image_size < self.patch_size || !self.image_size.is_multiple_of(self.patch_size) {
+            return Err((
+                "image_size",
+                format!(
+                    "{} is not a positive multiple of patch_size {}",
+                    self.image_size, self.patch_size
+                ),
+            ));
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err((
+                "hidden_size",
+                format!(
+                    "{} is not a multiple of num_attention_heads {}",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            ));
+        }
+        let h = self.hidden_size;
+        let pixels = self.image_size.checked_mul(self.image_size);
+        let patch = self.num_channels * self.patch_size * self.patch_size;
+        for (field, n) in [
+            ("intermediate_size", self.intermediate_size.checked_mul(h)),
+            ("image_size", pixels.and_then(|p| p.checked_mul(h))),
+            ("patch_size", patch.checked_mul(h)),
+        ] {
+            if n.and_then(|n| n.checked_mul(4))
+                .is_none_or(|b| b > isize::MAX as usize)
+            {
+                return Err((field, "is larger than any tensor that can exist".into()));
+            }
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps >= 0.0) {
+            return Err((
+                "layer_norm_eps",
+                format!("must be a finite number >= 0, got {}", self.layer_norm_eps),
+            ));
+        }
+        Ok(())
+    }
+
     /// Patches per side.
     pub fn grid(&self) -> usize {
         self.image_size / self.patch_size
@@ -227,9 +348,6 @@ impl Reader {
             )));
         }
         let head_dim = self.usize(o, "head_dim", Some(hidden_size / heads))?;
-        if head_dim % 2 != 0 {
-            return Err(self.err(format!("head_dim {head_dim} must be even for RoPE")));
-        }
         // 5.x: rope_parameters {rope_type, rope_theta}; 4.x: rope_theta + rope_scaling.
         let (rope_theta, rope_type) = match o.get("rope_parameters").and_then(Value::as_object) {
             Some(p) => (
@@ -270,7 +388,7 @@ impl Reader {
             _ => tie_inner,
         };
         let bos = self.ids(o, "bos_token_id")?;
-        Ok(TextConfig {
+        let c = TextConfig {
             vocab_size: self.usize(o, "vocab_size", Some(32000))?,
             hidden_size,
             intermediate_size: self.usize(o, "intermediate_size", Some(11008))?,
@@ -286,7 +404,17 @@ impl Reader {
             mlp_bias: self.bool(o, "mlp_bias", false)?,
             bos_token_id: bos.first().copied(),
             eos_token_ids: self.ids(o, "eos_token_id")?,
-        })
+        };
+        c.check().map_err(|(field, msg)| {
+            let prefix = if outer.is_some() { "text_config." } else { "" };
+            let key = match field {
+                "rope_theta" if o.contains_key("rope_parameters") => "rope_parameters.rope_theta",
+                f => f,
+            };
+            let key = format!("{prefix}{key}");
+            self.err(format!("`{key}` {msg}"))
+        })?;
+        Ok(c)
     }
 
     /// `CLIPVisionConfig`.
@@ -302,18 +430,8 @@ impl Reader {
             layer_norm_eps: self.f64(o, "layer_norm_eps", 1e-5)?,
             hidden_act: self.string(o, "hidden_act", "quick_gelu")?,
         };
-        if c.patch_size == 0 || !c.image_size.is_multiple_of(c.patch_size) {
-            return Err(self.err(format!(
-                "vision image_size {} is not a multiple of patch_size {}",
-                c.image_size, c.patch_size
-            )));
-        }
-        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
-            return Err(self.err(format!(
-                "vision hidden_size {} is not a multiple of num_attention_heads {}",
-                c.hidden_size, c.num_attention_heads
-            )));
-        }
+        c.check()
+            .map_err(|(field, msg)| self.err(format!("`vision_config.{field}` {msg}")))?;
         if !matches!(c.hidden_act.as_str(), "quick_gelu" | "gelu") {
             return Err(Error::Unsupported {
                 what: "vision hidden_act (quick_gelu, gelu)",

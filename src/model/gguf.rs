@@ -1003,9 +1003,6 @@ impl GgufFile {
             (None, Some(r)) => r as usize,
             (None, None) => hidden / heads,
         };
-        if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(self.config_err(format!("head_dim {head_dim} must be even for RoPE")));
-        }
         if let Some(v) = self.meta_u64("llama.attention.value_length")?
             && v as usize != head_dim
         {
@@ -1041,8 +1038,27 @@ impl GgufFile {
         };
         let has = |n: &str| self.index.contains_key(n);
         let layers = self.meta_usize_req("llama.block_count")?;
-        let attention_bias = (0..layers).any(|i| has(&format!("blk.{i}.attn_q.bias")));
-        let mlp_bias = (0..layers).any(|i| has(&format!("blk.{i}.ffn_up.bias")));
+        // Every layer holds 9 tensors: a block count the file cannot hold is refused before
+        // anything is sized by it.
+        let held = self.tensors.len() / 9;
+        if layers > held {
+            return Err(self.config_err(format!(
+                "`llama.block_count` is {layers} but the file holds {} tensors, enough for at most {held} layers (9 tensors each)",
+                self.tensors.len()
+            )));
+        }
+        let layer_has = |suffix: &str| {
+            self.tensors.iter().any(|t| {
+                t.name
+                    .strip_prefix("blk.")
+                    .and_then(|r| r.split_once('.'))
+                    .is_some_and(|(i, rest)| {
+                        rest == suffix && i.parse::<usize>().is_ok_and(|i| i < layers)
+                    })
+            })
+        };
+        let attention_bias = layer_has("attn_q.bias");
+        let mlp_bias = layer_has("ffn_up.bias");
         let id = |key: &str| -> Result<Option<u32>> {
             match self.meta_u64(key)? {
                 None => Ok(None),
@@ -1051,7 +1067,7 @@ impl GgufFile {
                     .map_err(|_| self.config_err(format!("`{key}` = {v} does not fit a token id"))),
             }
         };
-        Ok(TextConfig {
+        let c = TextConfig {
             vocab_size,
             hidden_size: hidden,
             intermediate_size: self.meta_usize_req("llama.feed_forward_length")?,
@@ -1069,7 +1085,24 @@ impl GgufFile {
             mlp_bias,
             bos_token_id: id("tokenizer.ggml.bos_token_id")?,
             eos_token_ids: id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
-        })
+        };
+        c.check().map_err(|(field, msg)| {
+            let key = match field {
+                "vocab_size" => "llama.vocab_size (or the tokenizer's token count)",
+                "hidden_size" => "llama.embedding_length",
+                "intermediate_size" => "llama.feed_forward_length",
+                "num_hidden_layers" => "llama.block_count",
+                "num_attention_heads" => "llama.attention.head_count",
+                "num_key_value_heads" => "llama.attention.head_count_kv",
+                "head_dim" => "llama.attention.key_length (head_dim)",
+                "max_position_embeddings" => "llama.context_length",
+                "rms_norm_eps" => "llama.attention.layer_norm_rms_epsilon",
+                "rope_theta" => "llama.rope.freq_base",
+                other => other,
+            };
+            self.config_err(format!("`{key}` {msg}"))
+        })?;
+        Ok(c)
     }
 
     fn tok_err(&self, msg: String) -> Error {

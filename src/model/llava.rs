@@ -77,7 +77,11 @@ impl VisionEncoder {
         let f = self.select_features(pixel_values)?;
         let mut h = self.projector.linear_1.forward(&f)?;
         act::gelu(&mut h);
-        self.projector.linear_2.forward(&h)
+        let out = self.projector.linear_2.forward(&h)?;
+        crate::ops::check_finite(&out, self.config.text.hidden_size, |t| {
+            format!("the projector's output (image token {t})")
+        })?;
+        Ok(out)
     }
 
     /// The patch (row-major index in the `grid x grid` patch grid) image token `i` comes from;

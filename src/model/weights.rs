@@ -83,6 +83,20 @@ impl Weights {
                     path: index.clone(),
                     msg: format!("weight_map entry `{k}` is not a file name"),
                 })?;
+                // A shard is a file of this folder (or below it): an absolute path or `..` could
+                // make a model folder read any file on the machine. (Symbolic links inside the
+                // folder are followed: the Hugging Face cache links shards to its blobs.)
+                let confined = std::path::Path::new(f)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+                if f.is_empty() || !confined {
+                    return Err(Error::Weights {
+                        path: index.clone(),
+                        msg: format!(
+                            "weight_map entry `{k}` names `{f}`, which is not a file inside the model folder"
+                        ),
+                    });
+                }
                 names.insert(f.to_string());
             }
             names.into_iter().map(|f| dir.join(f)).collect()

@@ -18,3 +18,19 @@ pub fn add(x: &mut [f32], y: &[f32]) {
         *a += b;
     }
 }
+
+/// Fails with [`Error::NonFinite`](crate::Error::NonFinite) at the first NaN or infinity of
+/// `x: [rows, cols]`; `at(row)` names where that row is (the layer, the request, the position),
+/// and the column is added. A pass over `x` is cheap next to the products that made it, so
+/// forward passes call this after every block: a bad weight or input is reported where it first
+/// shows instead of ending as a silent NaN answer.
+pub fn check_finite(x: &[f32], cols: usize, at: impl FnOnce(usize) -> String) -> crate::Result<()> {
+    let cols = cols.max(1);
+    match x.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(crate::Error::NonFinite {
+            at: format!("{}, column {}", at(i / cols), i % cols),
+            value: x[i],
+        }),
+    }
+}
