@@ -952,3 +952,19 @@ fn export_rejects_duplicate_ids_and_zero_size() {
         .to_string();
     assert!(e.contains("duplicate id"), "{e}");
 }
+
+/// A count from a flag or config (`prune-bench --data shapes:N`, `distill shapes --train N`) is
+/// refused above `MAX_SAMPLES` instead of allocating every plan first.
+#[test]
+fn absurd_sample_counts_are_refused() {
+    use fineprune::bench::shapes::{MAX_SAMPLES, generate, generate_one};
+    let cfg = ShapesConfig::default();
+    for err in [
+        generate(Split::Test, MAX_SAMPLES + 1, 0, &cfg).map(|_| ()),
+        generate(Split::Train, usize::MAX, 0, &cfg).map(|_| ()),
+        generate_one(Split::Test, usize::MAX, 0, &cfg).map(|_| ()),
+    ] {
+        let msg = err.unwrap_err().to_string();
+        assert!(msg.contains("at most 1000000"), "{msg}");
+    }
+}

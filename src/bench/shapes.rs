@@ -1775,6 +1775,7 @@ fn make_sample(
 /// [`ShapesConfig::pope_weights`].
 pub fn generate(split: Split, n: usize, seed: u64, cfg: &ShapesConfig) -> Result<Vec<Sample>> {
     cfg.validate()?;
+    check_count(n)?;
     plans(cfg, n)
         .into_iter()
         .enumerate()
@@ -1782,9 +1783,25 @@ pub fn generate(split: Split, n: usize, seed: u64, cfg: &ShapesConfig) -> Result
         .collect()
 }
 
+/// Most samples one [`generate`] call makes: they are held in memory (with their plans), so a
+/// count from a flag or a config (`shapes:N`, `--train N`, `scenes`) is refused above this
+/// instead of allocating until the machine gives out.
+pub const MAX_SAMPLES: usize = 1_000_000;
+
+fn check_count(n: usize) -> Result<()> {
+    if n > MAX_SAMPLES {
+        return Err(Error::arg(
+            "ShapesVQA sample count",
+            format!("{n} samples asked for; at most {MAX_SAMPLES} are generated at once"),
+        ));
+    }
+    Ok(())
+}
+
 /// Sample `index` of `generate(split, n, seed, cfg)` for any `n > index`, without the others.
 pub fn generate_one(split: Split, index: usize, seed: u64, cfg: &ShapesConfig) -> Result<Sample> {
     cfg.validate()?;
+    check_count(index.saturating_add(1))?;
     let (family, plan) = plans(cfg, index + 1)
         .pop()
         .ok_or_else(|| Error::arg("family_weights", "no family has a positive weight"))?;
