@@ -1430,7 +1430,11 @@ impl TrainModel {
                     "sequence {i} has {} image tokens (id {}) but its {} gives {want} features",
                     slots.len(),
                     c.image_token_id,
-                    if want == 0 { "lack of an image" } else { "image" }
+                    if want == 0 {
+                        "lack of an image"
+                    } else {
+                        "image"
+                    }
                 )));
             }
             image_rows.extend(slots);

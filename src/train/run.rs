@@ -1393,7 +1393,11 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
                 grounding = (grounding.0 + g as f64, grounding.1 + 1);
             }
             m.backward()?;
-            if let Some(p) = m.params.iter().find(|p| p.grad.iter().any(|g| !g.is_finite())) {
+            if let Some(p) = m
+                .params
+                .iter()
+                .find(|p| p.grad.iter().any(|g| !g.is_finite()))
+            {
                 return Err(Error::arg(
                     "training",
                     format!(
