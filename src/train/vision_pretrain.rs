@@ -671,7 +671,6 @@ pub fn pretrain_vision(
     on_step: &dyn Fn(u64, f32),
 ) -> Result<PretrainSummary> {
     cfg.validate()?;
-    let _lock = super::lock::RunLock::acquire(out)?;
     let mut model = TrainModel::from_dir(model_dir)?;
     if cfg.position_scale != 1.0 {
         let name = "model.vision_tower.embeddings.position_embedding.weight";
@@ -696,6 +695,8 @@ pub fn pretrain_vision(
     } else {
         ImageProcessorConfig::default()
     };
+    // The output folder is created (and held) only once the inputs are known good.
+    let _lock = super::lock::RunLock::acquire(out)?;
     let train: Vec<Scene> = shapes::generate(Split::Train, cfg.scenes, cfg.seed, &cfg.shapes)?
         .into_iter()
         .map(|s| s.scene)
