@@ -4,8 +4,10 @@ use crate::error::{Error, Result};
 use std::io::Write;
 use std::path::Path;
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, then a rename, so
-/// readers never see a half-written file and a failure leaves any old file intact.
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory (named as
+/// [`is_atomic_temp`] recognises), then a rename, so readers never see a half-written file and a
+/// failure leaves any old file intact. The file and then its directory are fsynced, so the new
+/// file survives a power loss once this returns, not only a killed process.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -26,12 +28,47 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
     })();
     res.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         Error::io(path, e)
     })
+}
+
+/// Whether `name` is a temporary file of [`write_atomic`] (`.{file}.tmp{pid}`), as a process
+/// killed mid-write leaves behind.
+pub fn is_atomic_temp(name: &str) -> bool {
+    name.strip_prefix('.')
+        .and_then(|n| n.rsplit_once(".tmp"))
+        .is_some_and(|(file, pid)| {
+            !file.is_empty() && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+        })
+}
+
+/// Removes the [`write_atomic`] temporary files ([`is_atomic_temp`]) left in `dir` and its
+/// subfolders down to `depth` levels (symbolic links are not followed); returns how many. Only
+/// for a folder no other process writes to (a training run's, under its lock).
+pub fn remove_atomic_temps(dir: &Path, depth: usize) -> Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let mut removed = 0;
+    for e in entries {
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        let path = e.path();
+        let kind = e.file_type().map_err(|err| Error::io(&path, err))?;
+        if kind.is_dir() && depth > 0 {
+            removed += remove_atomic_temps(&path, depth - 1)?;
+        } else if kind.is_file() && is_atomic_temp(&e.file_name().to_string_lossy()) {
+            std::fs::remove_file(&path).map_err(|err| Error::io(&path, err))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// A tensor to write: name, shape and little-endian bytes with their dtype.

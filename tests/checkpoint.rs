@@ -144,3 +144,23 @@ fn unwritable_output_dir_is_a_clear_error_before_writing() {
     assert!(!out2.exists());
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+/// A model with a non-finite weight is never saved: the error names the tensor and nothing is
+/// written.
+#[test]
+fn non_finite_weights_are_never_saved() {
+    let src = reference_dir().join("llava_tied");
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut m = TrainModel::from_dir(&src).unwrap();
+        let i = m.params.len() / 2;
+        m.params[i].value[3] = bad;
+        let name = m.params[i].name.clone();
+        let out = tmp("nan");
+        let err = save_checkpoint(&m, &src, &out).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("`{name}`")) && err.contains(&format!("{bad} at index 3")),
+            "{err}"
+        );
+        assert!(!out.exists(), "{} was created", out.display());
+    }
+}

@@ -384,6 +384,11 @@ fn bad_configs_fail_before_any_step() {
     };
     check(with(&|c| c.steps = 0), quiet(), "`steps`");
     check(with(&|c| c.batch_size = 0), quiet(), "`batch_size`");
+    check(
+        with(&|c| c.batch_size = 100_000_000),
+        quiet(),
+        "`batch_size`: 100000000 is more than the 2 samples",
+    );
     check(with(&|c| c.grad_accum = 0), quiet(), "`grad_accum`");
     check(with(&|c| c.lr = -1.0), quiet(), "`lr`");
     check(with(&|c| c.lr = f64::NAN), quiet(), "`lr`");
@@ -758,6 +763,55 @@ fn new_model_configs_are_checked_before_any_compute() {
         with(&|s| s.max_position_embeddings = 16),
         "new_model.max_position_embeddings",
     );
+    // Sizes that would allocate until the machine gives out are refused by name.
+    check(
+        with(&|s| s.hidden_size = 1 << 40),
+        "`new_model.hidden_size`: 1099511627776 is more than 1048576",
+    );
+    check(
+        with(&|s| s.vocab_size = 1 << 40),
+        "`new_model.vocab_size`: 1099511627776 is more than 1048576",
+    );
+    check(
+        with(&|s| (s.image_size, s.patch_size) = (1 << 20, 1 << 10)),
+        "`new_model.image_size`",
+    );
+    check(
+        with(&|s| (s.hidden_size, s.intermediate_size, s.layers) = (1 << 16, 1 << 16, 64)),
+        "`new_model`: the shape has",
+    );
+    check(
+        with(&|s| s.max_position_embeddings = usize::MAX),
+        "`new_model.max_position_embeddings`",
+    );
+    // The same for the vision pretraining's counts.
+    use fineprune::train::vision_pretrain::PretrainConfig;
+    for (bad, want) in [
+        (
+            PretrainConfig {
+                scenes: 1_000_000_000,
+                ..PretrainConfig::default()
+            },
+            "`scenes`: 1000000000 is more than",
+        ),
+        (
+            PretrainConfig {
+                eval_scenes: 1_000_000_000,
+                ..PretrainConfig::default()
+            },
+            "`eval_scenes`",
+        ),
+        (
+            PretrainConfig {
+                batch_size: 100_000_000,
+                ..PretrainConfig::default()
+            },
+            "`batch_size`: 100000000 is more than 20000",
+        ),
+    ] {
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains(want), "expected `{want}` in: {e}");
+    }
     // Unknown keys in the table are refused by name.
     let e = toml::from_str::<fineprune::train::new_model::NewModel>(
         &NEW_MODEL
@@ -1597,4 +1651,362 @@ fn cached_teacher_matches_the_online_one() {
         "{e}"
     );
     assert!(!other.path().join("run/losses.csv").exists());
+}
+
+/// Rows of `losses.csv` in `out` after the header (none when the file is absent).
+fn loss_rows(out: &Path) -> Vec<String> {
+    std::fs::read_to_string(out.join("losses.csv"))
+        .map(|t| t.lines().skip(1).map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// Two runs started on one output folder: the second is refused while the first holds it
+/// (naming its pid), and the first keeps every row of `losses.csv` (before the lock, the second's
+/// rewrite of the file lost the first one's rows).
+#[test]
+fn a_second_run_on_a_held_folder_is_refused_and_every_row_kept() {
+    let data = tempfile::tempdir().unwrap();
+    export(data.path(), 4);
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path(), out.path());
+    (cfg.steps, cfg.grad_accum, cfg.checkpoint_every) = (60, 1, 0);
+    let first = {
+        let cfg = cfg.clone();
+        std::thread::spawn(move || train(&cfg, &quiet()))
+    };
+    // Once the first run logged a step, it is mid-run and holds the folder.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while loss_rows(out.path()).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first run logged no step"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let e = train(&cfg, &quiet()).unwrap_err().to_string();
+    let first = first.join().unwrap().unwrap();
+    assert!(
+        e.contains("is in use by another training run")
+            && e.contains(&format!("pid {}", std::process::id())),
+        "{e}"
+    );
+    assert_eq!(first.history.len(), 60);
+    let rows = loss_rows(out.path());
+    let steps: Vec<&str> = rows.iter().map(|r| r.split(',').next().unwrap()).collect();
+    let want: Vec<String> = (1..=60).map(|s| s.to_string()).collect();
+    assert_eq!(steps, want, "losses.csv lost rows");
+    assert!(
+        !out.path().join("train.lock").exists(),
+        "the lock outlived the run"
+    );
+}
+
+/// A lock left by a dead run (no process holds it) is taken over and the temporary files that a
+/// kill mid-write left are removed; a held lock refuses a run, and an error releases the lock.
+#[test]
+fn a_dead_runs_lock_is_taken_over_and_its_temporary_files_removed() {
+    use fineprune::train::lock::{LOCK_FILE, RunLock};
+    let data = tempfile::tempdir().unwrap();
+    export(data.path(), 2);
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path(), out.path());
+    (cfg.steps, cfg.grad_accum, cfg.checkpoint_every) = (4, 1, 0);
+    let stop = |step| TrainOptions {
+        stop_after: Some(step),
+        ..quiet()
+    };
+    let resume = TrainOptions {
+        resume: true,
+        ..quiet()
+    };
+    train(&cfg, &stop(2)).unwrap();
+    let o = out.path();
+    // What a run killed mid-save leaves: its lock (a pid above Linux's pid_max) and temporaries.
+    std::fs::write(o.join(LOCK_FILE), "pid=4194304\nhost=x\nstarted=0\n").unwrap();
+    let temps = [
+        o.join(".latest.json.tmp4194304"),
+        o.join("checkpoint-000002/.model.safetensors.tmp77"),
+        o.join(".losses.csv.tmp1"),
+    ];
+    let keep = [
+        o.join("notes.tmp1"),
+        o.join(".notes.tmpx"),
+        o.join(".tmp12"),
+    ];
+    for p in temps.iter().chain(&keep) {
+        std::fs::write(p, b"partial").unwrap();
+    }
+    // A live holder refuses the run, naming its pid, and leaves the folder as it was.
+    let held = RunLock::acquire(o).unwrap();
+    let e = train(&cfg, &resume).unwrap_err().to_string();
+    assert!(
+        e.contains("in use by another training run")
+            && e.contains(&format!("pid {}", std::process::id())),
+        "{e}"
+    );
+    assert!(temps.iter().all(|p| !p.exists()), "the holder cleans up");
+    drop(held);
+    assert!(!o.join(LOCK_FILE).exists());
+    for p in &temps {
+        std::fs::write(p, b"partial").unwrap();
+    }
+    std::fs::write(o.join(LOCK_FILE), "pid=4194304\n").unwrap();
+    let s = train(&cfg, &resume).unwrap();
+    assert_eq!((s.start_step, s.end_step), (2, 4));
+    for p in &temps {
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+    for p in &keep {
+        assert!(p.exists(), "{} removed", p.display());
+    }
+    assert!(!o.join(LOCK_FILE).exists());
+    // An error after the lock was taken releases it too.
+    let e = train(&cfg, &quiet()).unwrap_err().to_string();
+    assert!(e.contains("already holds a training run"), "{e}");
+    assert!(!o.join(LOCK_FILE).exists());
+}
+
+/// A checkpoint with a NaN weight resumed: the run stops at the first step with an error naming
+/// the step, the loss and the samples, and writes nothing (latest.json, losses.csv and the
+/// checkpoints stay as they were).
+#[test]
+fn resuming_from_nan_weights_stops_and_writes_nothing() {
+    use fineprune::io::{OutTensor, write_safetensors};
+    let data = tempfile::tempdir().unwrap();
+    export(data.path(), 4);
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path(), out.path());
+    (cfg.steps, cfg.checkpoint_every) = (6, 3);
+    let first = train(
+        &cfg,
+        &TrainOptions {
+            stop_after: Some(3),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    let weights = first.checkpoint.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (n, t.shape().to_vec(), v)
+        })
+        .collect();
+    let norm = tensors
+        .iter_mut()
+        .find(|t| t.0 == "model.language_model.norm.weight")
+        .unwrap();
+    norm.2[0] = f32::NAN;
+    let views: Vec<OutTensor> = tensors
+        .iter()
+        .map(|(n, s, v)| OutTensor::F32(n, s.clone(), v))
+        .collect();
+    write_safetensors(&weights, &views).unwrap();
+
+    let snapshot = || {
+        let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
+        let mut dirs = vec![out.path().to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                if e.path().is_dir() {
+                    dirs.push(e.path());
+                } else {
+                    files.push((e.path(), std::fs::read(e.path()).unwrap()));
+                }
+            }
+        }
+        files.sort();
+        files
+    };
+    let before = snapshot();
+    let e = train(
+        &cfg,
+        &TrainOptions {
+            resume: true,
+            ..quiet()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("loss is NaN") && e.contains("step 4, micro-batch 1 of 2, samples [\""),
+        "{e}"
+    );
+    assert!(
+        snapshot() == before,
+        "the failed resume changed the output folder"
+    );
+}
+
+/// `latest.json` names only a checkpoint folder inside the output folder: not `..`, not an
+/// absolute path, not a symbolic link, even to a valid checkpoint.
+#[test]
+fn latest_json_cannot_lead_outside_the_output_folder() {
+    let data = tempfile::tempdir().unwrap();
+    export(data.path(), 2);
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("run");
+    let mut cfg = config(data.path(), &out);
+    (cfg.steps, cfg.grad_accum, cfg.checkpoint_every) = (4, 1, 0);
+    train(
+        &cfg,
+        &TrainOptions {
+            stop_after: Some(2),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    let ckpt = out.join("checkpoint-000002");
+    // A valid checkpoint outside the run.
+    let stolen = root.path().join("stolen");
+    std::fs::create_dir(&stolen).unwrap();
+    for e in std::fs::read_dir(&ckpt).unwrap().flatten() {
+        std::fs::copy(e.path(), stolen.join(e.file_name())).unwrap();
+    }
+    let latest = out.join("latest.json");
+    let original = std::fs::read_to_string(&latest).unwrap();
+    let resume = || {
+        train(
+            &cfg,
+            &TrainOptions {
+                resume: true,
+                ..quiet()
+            },
+        )
+    };
+    for name in [
+        "../stolen",
+        stolen.to_str().unwrap(),
+        "checkpoint-000002/..",
+    ] {
+        let j = serde_json::json!({"checkpoint": name, "step": 2});
+        std::fs::write(&latest, j.to_string()).unwrap();
+        let e = resume().unwrap_err().to_string();
+        assert!(e.contains("latest.json") && e.contains(name), "{name}: {e}");
+    }
+    std::fs::write(&latest, &original).unwrap();
+    // The checkpoint folder replaced by a link to the copy outside.
+    let moved = root.path().join("moved");
+    std::fs::rename(&ckpt, &moved).unwrap();
+    std::os::unix::fs::symlink(&stolen, &ckpt).unwrap();
+    let e = resume().unwrap_err().to_string();
+    assert!(e.contains("symbolic link"), "{e}");
+    std::fs::remove_file(&ckpt).unwrap();
+    std::fs::rename(&moved, &ckpt).unwrap();
+    assert_eq!(resume().unwrap().end_step, 4);
+}
+
+/// On resume only `steps`, `checkpoint_every` and paths may change; any other change is refused
+/// listing every changed key with its old and new value, and writes nothing.
+#[test]
+fn resume_refuses_changed_settings_but_may_extend_the_run() {
+    let data = tempfile::tempdir().unwrap();
+    export(data.path(), 4);
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path(), out.path());
+    (cfg.steps, cfg.grad_accum, cfg.checkpoint_every) = (6, 1, 0);
+    train(
+        &cfg,
+        &TrainOptions {
+            stop_after: Some(3),
+            ..quiet()
+        },
+    )
+    .unwrap();
+    let resume = TrainOptions {
+        resume: true,
+        ..quiet()
+    };
+    let more = tempfile::tempdir().unwrap();
+    export(more.path(), 5);
+    let refused = |f: &dyn Fn(&mut TrainConfig), want: &[&str]| {
+        let mut c = cfg.clone();
+        f(&mut c);
+        let e = train(&c, &resume).unwrap_err().to_string();
+        for w in want {
+            assert!(e.contains(w), "expected `{w}` in: {e}");
+        }
+        assert_eq!(loss_rows(out.path()).len(), 3);
+    };
+    refused(&|c| c.lr = 1e-3, &["`lr`", "lr 0.003 -> 0.001"]);
+    refused(
+        &|c| {
+            c.lr = 1e-3;
+            c.warmup = 3;
+            c.frozen = vec!["vision".into()];
+        },
+        &[
+            "`frozen, lr, warmup`",
+            "warmup 2 -> 3",
+            "frozen [] -> [\"vision\"]",
+        ],
+    );
+    refused(&|c| c.batch_size = 1, &["batch_size 2 -> 1"]);
+    refused(&|c| c.max_grad_norm = None, &["max_grad_norm 1.0 -> null"]);
+    refused(
+        &|c| c.lr_scale = [("projector".to_string(), 2.0)].into(),
+        &["lr_scale.projector (unset) -> 2.0"],
+    );
+    refused(
+        &|c| {
+            c.data = more.path().join("train.json");
+            c.image_folder = more.path().join("images");
+        },
+        &["data.samples 4 -> 5"],
+    );
+    // Extending the run and changing the checkpoint cadence is allowed.
+    let mut longer = cfg.clone();
+    (longer.steps, longer.checkpoint_every) = (8, 2);
+    let s = train(&longer, &resume).unwrap();
+    assert_eq!((s.start_step, s.end_step), (3, 8));
+}
+
+/// LLaVA data mixes text-only samples with image samples: both train, in one batch and alone.
+#[test]
+fn text_only_samples_train_beside_image_samples() {
+    let data = tempfile::tempdir().unwrap();
+    export(data.path(), 2);
+    let json = data.path().join("train.json");
+    let mut list: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for (i, (q, a)) in [
+        ("What is two plus two?", "Four."),
+        ("Name a colour.", "Red."),
+    ]
+    .iter()
+    .enumerate()
+    {
+        list.push(
+            serde_json::json!({"id": format!("text-{i}"), "conversations": [
+            {"from": "human", "value": q}, {"from": "gpt", "value": a}]}),
+        );
+    }
+    std::fs::write(&json, serde_json::to_string(&list).unwrap()).unwrap();
+    // All four in one batch, then one at a time (text-only batches have no image at all).
+    for (batch_size, steps) in [(4, 2), (1, 4)] {
+        let out = tempfile::tempdir().unwrap();
+        let mut cfg = config(data.path(), out.path());
+        (cfg.batch_size, cfg.grad_accum, cfg.steps) = (batch_size, 1, steps);
+        (cfg.warmup, cfg.checkpoint_every) = (0, 0);
+        let s = train(&cfg, &quiet()).unwrap();
+        assert_eq!(s.history.len(), steps as usize);
+        assert!(s.history.iter().all(|r| r.loss.is_finite() && r.loss > 0.0));
+        let a = fineprune::train::model::TrainModel::from_dir(&fixture()).unwrap();
+        let b = fineprune::train::model::TrainModel::from_dir(&s.checkpoint).unwrap();
+        let moved = |g: &str| {
+            a.params
+                .iter()
+                .zip(&b.params)
+                .any(|(p, q)| p.group.starts_with(g) && p.value != q.value)
+        };
+        assert!(moved("vision") && moved("lm"), "batch {batch_size}");
+    }
 }

@@ -736,3 +736,34 @@ fn bad_patches_name_the_sample_and_field() {
     let c = parse_conversations(&ok, p).unwrap();
     assert_eq!(c[0].turns[0].parts, vec![vec![3, 4], vec![9]]);
 }
+
+/// An empty or blank answer is refused when the training set is opened, naming the file, the
+/// sample (index and id) and the turn; a text-only sample beside it is fine.
+#[test]
+fn empty_answers_are_refused_naming_the_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    for blank in ["", "  \n"] {
+        let text = format!(
+            r#"[{{"id": "ok", "conversations": [{{"from": "human", "value": "q"}},
+                {{"from": "gpt", "value": "a"}}]}},
+               {{"id": "blank-7", "conversations": [{{"from": "human", "value": "q1"}},
+                {{"from": "gpt", "value": "a1"}}, {{"from": "human", "value": "q2"}},
+                {{"from": "gpt", "value": {blank:?}}}]}}]"#
+        );
+        let p = write(dir.path(), "empty.json", &text);
+        let e = Dataset::open(&p, dir.path()).err().unwrap().to_string();
+        assert!(
+            e.contains("empty.json")
+                && e.contains("sample 1 (id blank-7)")
+                && e.contains("turn 2 is empty"),
+            "{e}"
+        );
+    }
+    let p = write(
+        dir.path(),
+        "fine.json",
+        r#"[{"id": "t", "conversations": [{"from": "human", "value": "q"},
+            {"from": "gpt", "value": "a"}]}]"#,
+    );
+    assert_eq!(Dataset::open(&p, dir.path()).unwrap().len(), 1);
+}

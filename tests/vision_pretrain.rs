@@ -353,6 +353,16 @@ fn bad_settings_are_refused_before_training() {
     .unwrap_err();
     assert!(e.to_string().contains("missing"), "{e}");
     assert!(!tmp.path().join("o").exists());
+    // A folder another run holds is refused, naming the holder.
+    let held = tmp.path().join("held");
+    let lock = fineprune::train::lock::RunLock::acquire(&held).unwrap();
+    let e = pretrain_vision(&src, &held, &base, &|_, _| {}).unwrap_err();
+    let pid = format!("pid {}", std::process::id());
+    assert!(
+        e.to_string().contains("in use by another training run") && e.to_string().contains(&pid),
+        "{e}"
+    );
+    drop(lock);
 }
 
 /// A probe trains the heads alone: the tower (and everything else) is written back unchanged,

@@ -62,7 +62,8 @@ enum Command {
         /// TOML file describing the run.
         #[arg(long, value_name = "FILE.toml")]
         config: PathBuf,
-        /// Continue from the newest checkpoint in the output folder.
+        /// Continue from the newest checkpoint in the output folder. Only `steps`,
+        /// `checkpoint_every` and paths may differ from the run's settings (see the README).
         #[arg(long)]
         resume: bool,
         /// Stop (with a checkpoint) at this global step (counted across stages); the

@@ -7,7 +7,8 @@
 //! the deepest selected feature layer; the tensors it does not hold (deeper vision layers,
 //! `post_layernorm`) are copied from the source checkpoint so the file is complete (no missing
 //! keys in transformers). config.json, tokenizer and processor files are copied from the source
-//! directory. Every file is written atomically (temporary file + rename).
+//! directory. Every file is written atomically (temporary file + rename). A model with a
+//! non-finite value in any tensor is refused before anything is written.
 
 use super::model::{TrainModel, hf_name};
 use crate::error::{Error, Result};
@@ -47,10 +48,38 @@ fn ensure_writable(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Errors naming the first tensor of `tensors` (name, values) that holds a NaN or an infinity.
+fn check_finite<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a [f32])>,
+    out_dir: &Path,
+) -> Result<()> {
+    for (name, values) in tensors {
+        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::arg(
+                "checkpoint",
+                format!(
+                    "tensor `{name}` holds {v} at index {i}: no checkpoint is written from \
+                     non-finite weights ({} left as it was)",
+                    out_dir.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Writes `model` as a checkpoint in `out_dir` (created if needed): `model.safetensors` plus
 /// config, tokenizer and processor files copied from `src_dir` (the checkpoint the model was
-/// loaded from or whose config it was built with). `config.json` must be in `src_dir`.
+/// loaded from or whose config it was built with). `config.json` must be in `src_dir`. Errors,
+/// writing nothing, when a tensor to write holds a NaN or an infinity, naming the first.
 pub fn save_checkpoint(model: &TrainModel, src_dir: &Path, out_dir: &Path) -> Result<()> {
+    check_finite(
+        model
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), p.value.as_slice())),
+        out_dir,
+    )?;
     let config = src_dir.join("config.json");
     if !config.exists() {
         return Err(Error::MissingFile {
@@ -86,6 +115,10 @@ pub fn save_checkpoint(model: &TrainModel, src_dir: &Path, out_dir: &Path) -> Re
             extra.push((hf, shape, v));
         }
     }
+    check_finite(
+        extra.iter().map(|(n, _, v)| (n.as_str(), v.as_slice())),
+        out_dir,
+    )?;
 
     // Distillation's alignment projectors (group `align.*`) are not part of the model.
     let mut tensors: Vec<OutTensor> = model

@@ -577,10 +577,27 @@ pub struct Dataset {
 
 impl Dataset {
     /// Reads `json`; images are read lazily from `image_folder` by [`Dataset::sample`]. Every
-    /// referenced image must exist (checked here, naming the sample).
+    /// referenced image must exist and every answer must have text (checked here, naming the
+    /// sample). Samples without `image` are text-only: they train the language model alone.
+    ///
+    /// An empty (or blank) answer is an error rather than a skipped sample: LLaVA would train it
+    /// as an immediate `</s>`, teaching the model to answer nothing, and it is almost always a
+    /// broken export (a failed regeneration, a field lost on the way); skipping it silently would
+    /// also change the epoch every other sample's order depends on.
     pub fn open(json: &Path, image_folder: &Path) -> Result<Self> {
         let conversations = read_conversations(json)?;
         for (i, c) in conversations.iter().enumerate() {
+            if let Some(k) = c.turns.iter().position(|t| t.answer.trim().is_empty()) {
+                return Err(Error::Config {
+                    path: json.to_path_buf(),
+                    msg: format!(
+                        "sample {i} (id {}): the answer of turn {} is empty; give it text or \
+                         remove the turn",
+                        c.id,
+                        k + 1
+                    ),
+                });
+            }
             if let Some(img) = &c.image {
                 let p = image_folder.join(img);
                 if !p.is_file() {

@@ -17,12 +17,14 @@
 //! - [`distill`]: knowledge distillation from a frozen teacher (logit losses, hidden-state
 //!   alignment through dropped projectors), the `[distill]` table of a training config.
 //! - [`run`]: the training loop behind `distill train`: TOML config, losses, resumable checkpoints.
+//! - [`lock`]: the lock a run holds on its output folder (one run per folder).
 //! - [`regenerate`]: `distill regenerate`, the teacher re-answers a training set (LLaVADI).
 //! - [`teacher_cache`]: `distill cache-teacher`, the teacher's top-k logit-KD targets, written once.
 
 pub mod checkpoint;
 pub mod data;
 pub mod distill;
+pub mod lock;
 pub mod model;
 pub mod new_model;
 pub mod optim;

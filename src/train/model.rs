@@ -1393,8 +1393,12 @@ impl TrainModel {
         let p = &self.params;
         let (th, vocab) = (c.text.hidden_size, c.text.vocab_size);
         let ntok = c.image_tokens();
-        // Vision tower (all images at once) and feature selection.
-        let pixels: Vec<&[f32]> = batch.iter().map(|s| s.pixel_values.as_slice()).collect();
+        // Vision tower (all images at once; text-only sequences have none) and feature selection.
+        let pixels: Vec<&[f32]> = batch
+            .iter()
+            .map(|s| s.pixel_values.as_slice())
+            .filter(|px| !px.is_empty())
+            .collect();
         let (feats, vision) = self.features_forward(&pixels)?;
         // Projector.
         let h1 = self.linear_1.forward(p, &feats);
@@ -1420,11 +1424,17 @@ impl TrainModel {
                 .filter(|&t| s.input_ids[t] == c.image_token_id)
                 .map(|t| ids.len() + t)
                 .collect();
-            if slots.len() != ntok {
+            let want = if s.pixel_values.is_empty() { 0 } else { ntok };
+            if slots.len() != want {
                 return Err(Error::Prompt(format!(
-                    "sequence {i} has {} image tokens (id {}) but its image gives {ntok} features",
+                    "sequence {i} has {} image tokens (id {}) but its {} gives {want} features",
                     slots.len(),
-                    c.image_token_id
+                    c.image_token_id,
+                    if want == 0 {
+                        "lack of an image"
+                    } else {
+                        "image"
+                    }
                 )));
             }
             image_rows.extend(slots);
@@ -1880,7 +1890,8 @@ impl TrainModel {
         let dg = self.linear_2.backward(p, &cache.g, &dimg)?;
         let dh1 = act::gelu_backward(&cache.h1, &dg);
         let dfeats = self.linear_1.backward(p, &cache.feats, &dh1)?;
-        self.features_backward(&cache.vision, cache.lens.len(), &dfeats)
+        let images = cache.image_rows.len() / self.config.image_tokens().max(1);
+        self.features_backward(&cache.vision, images, &dfeats)
     }
 
     /// The vision tower's selected features of a batch of images (the projector's input):

@@ -34,7 +34,18 @@ fn default_rope_theta() -> f64 {
     10000.0
 }
 
-/// The shape of a new model (TOML `[new_model]`).
+/// Largest value of any size of a `[new_model]` (widths, layer and head counts, vocabulary,
+/// `max_position_embeddings`).
+pub const MAX_DIM: usize = 1 << 20;
+/// Largest `image_size` of a `[new_model]`, in pixels (CLIP ViT-L/14 takes 336).
+pub const MAX_IMAGE_SIZE: usize = 2048;
+/// Most parameters of a `[new_model]`: 2^30, 4 GiB of f32 weights (16 GiB with their gradients
+/// and AdamW's moments), far beyond what this CPU trainer trains from scratch.
+pub const MAX_PARAMETERS: u128 = 1 << 30;
+
+/// The shape of a new model (TOML `[new_model]`). Every size is at most [`MAX_DIM`],
+/// `image_size` at most [`MAX_IMAGE_SIZE`] and the parameter count ([`NewModel::parameters`]) at
+/// most [`MAX_PARAMETERS`], checked before anything is allocated.
 ///
 /// ```toml
 /// [new_model]
@@ -104,6 +115,21 @@ impl NewModel {
             if v == 0 {
                 return bad(f, "must be at least 1".into());
             }
+            if v > MAX_DIM {
+                return bad(f, format!("{v} is more than {MAX_DIM}"));
+            }
+        }
+        if self.vocab_size > MAX_DIM {
+            return bad(
+                "vocab_size",
+                format!("{} is more than {MAX_DIM}", self.vocab_size),
+            );
+        }
+        if self.image_size > MAX_IMAGE_SIZE {
+            return bad(
+                "image_size",
+                format!("{} is more than {MAX_IMAGE_SIZE}", self.image_size),
+            );
         }
         if !self.image_size.is_multiple_of(self.patch_size) {
             return bad(
@@ -161,8 +187,43 @@ impl NewModel {
                 ),
             );
         }
+        let n = self.parameters();
+        if n > MAX_PARAMETERS {
+            return Err(Error::arg(
+                "new_model",
+                format!(
+                    "the shape has {n} parameters, more than {MAX_PARAMETERS}: make the widths, \
+                     layer counts or vocabulary smaller"
+                ),
+            ));
+        }
         // The tokenizer checks vocab_size against its fixed tokens.
         Ok(())
+    }
+
+    /// Number of parameters of this shape at the full `vocab_size` (CLIP tower, projector,
+    /// LLaMA, `lm_head` when untied), in u128 so no size up to [`MAX_DIM`] overflows it.
+    pub fn parameters(&self) -> u128 {
+        let [vh, vi, h, i, vocab] = [
+            self.vision_hidden_size,
+            self.vision_intermediate_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.vocab_size,
+        ]
+        .map(|x| x as u128);
+        let grid = (self.image_size / self.patch_size.max(1)) as u128;
+        let patch = self.patch_size as u128;
+        let kv = h / self.heads.max(1) as u128 * self.kv_heads as u128;
+        let vision_layer = 4 * vh * vh + 4 * vh + 2 * vh * vi + vi + vh + 4 * vh;
+        let vision = 3 * patch * patch * vh
+            + (grid * grid + 2) * vh
+            + 4 * vh
+            + self.vision_layers as u128 * vision_layer;
+        let projector = vh * h + h + h * h + h;
+        let lm_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h;
+        let heads = if self.tie_word_embeddings { 1 } else { 2 };
+        vision + projector + self.layers as u128 * lm_layer + h + heads * vocab * h
     }
 
     /// The llava-hf `config.json` of this shape, with the tokenizer's `<image>` and `<pad>` ids;

@@ -16,9 +16,25 @@
 //! - `latest.json`: names the newest complete checkpoint. It is written (atomically) after the
 //!   checkpoint's files, so a run killed mid-save resumes from the previous one.
 //!
+//! - `train.lock`: held while a run writes the folder ([`RunLock`]): a second run on the same
+//!   folder is refused, naming the first one's pid; a lock left by a dead run is taken over.
+//!
 //! Resuming restores parameters (exact f32), optimizer moments and step count, and the loader
 //! position, so a resumed run computes the same losses and parameters, bit for bit, as one that
-//! was never interrupted.
+//! was never interrupted. `latest.json` may only name a `checkpoint-NNNNNN` folder directly inside
+//! the output folder (no other path, no symbolic link).
+//!
+//! What may change on resume ([`RESUME_MAY_CHANGE`]): `steps` (to extend or shorten the run; the
+//! schedule then spans the new length), `checkpoint_every`, and where things are (`output`,
+//! `model`, `data`, `image_folder`, `distill.teacher`, `distill.logits.cache`: a moved folder),
+//! as long as the data hold as many samples. Every other setting (learning rate, schedule,
+//! optimizer, batch, freezing, losses, model shape, ...) is part of the run: a resume with any of
+//! them changed is refused, listing each changed key with its old and new value. Checkpoints
+//! written before this rule only record `seed`, `batch_size` and `grad_accum`, which are checked.
+//!
+//! A non-finite loss term or gradient stops the run with an error naming the step, the term (or
+//! the tensor) and the micro-batch's sample ids, before the update; no checkpoint is ever written
+//! from non-finite weights ([`save_checkpoint`] refuses them).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -30,6 +46,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::save_checkpoint;
 use super::data::{Dataset, Encoder, Loader, LoaderState};
 use super::distill::{ALIGN_FILE, DistillConfig, Distiller};
+use super::lock::RunLock;
 use super::model::{GroundingLoss, TrainModel, TrainSeq, VISION_FROZEN_GROUP};
 use super::new_model::{NewModel, create_model};
 use super::optim::{AdamW, GroupConfig, Schedule, zero_grads};
@@ -292,7 +309,7 @@ impl TrainConfig {
             c.lr = st.lr;
             c.output = self.output.join(format!("stage{}-{}", i + 1, st.name));
             if let Some(prev) = out.last() {
-                c.model = Some(prev.output.join(format!("checkpoint-{:06}", prev.steps)));
+                c.model = Some(prev.output.join(checkpoint_name(prev.steps)));
                 c.new_model = None;
             }
             if let Some(v) = &st.frozen {
@@ -504,6 +521,17 @@ impl TrainConfig {
                 format!("{} holds no conversations", self.data.display()),
             );
         }
+        if self.batch_size > ds.len() {
+            return bad(
+                "batch_size",
+                format!(
+                    "{} is more than the {} samples of {}",
+                    self.batch_size,
+                    ds.len(),
+                    self.data.display()
+                ),
+            );
+        }
         if let Some(d) = &self.distill {
             if self.new_model.is_some() {
                 return bad(
@@ -550,6 +578,43 @@ impl TrainConfig {
         std::fs::File::create(&probe).map_err(unwritable)?;
         let _ = std::fs::remove_file(&probe);
         Ok(())
+    }
+
+    /// The settings a resumed run must keep: every key (nested tables as dotted keys) but
+    /// [`RESUME_MAY_CHANGE`], with their json values, and the number of samples in the data
+    /// (`data.samples`).
+    fn fixed_settings(&self, samples: usize) -> BTreeMap<String, serde_json::Value> {
+        fn flatten(
+            prefix: &str,
+            v: serde_json::Value,
+            out: &mut BTreeMap<String, serde_json::Value>,
+        ) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map {
+                        let key = if prefix.is_empty() {
+                            k
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        flatten(&key, v, out);
+                    }
+                }
+                v => {
+                    out.insert(prefix.to_string(), v);
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        let json = serde_json::to_value(self).expect("a training config serializes");
+        flatten("", json, &mut out);
+        out.retain(|k, _| {
+            !RESUME_MAY_CHANGE
+                .iter()
+                .any(|m| k == m || k.starts_with(&format!("{m}.")))
+        });
+        out.insert("data.samples".into(), samples.into());
+        out
     }
 
     /// Where `[pretrain_vision]` writes the new model with its pretrained tower.
@@ -720,6 +785,19 @@ pub struct TrainSummary {
     pub seconds: f64,
 }
 
+/// The settings that may differ between a run and its resume (see the module doc); dotted keys
+/// name nested tables' fields.
+pub const RESUME_MAY_CHANGE: [&str; 8] = [
+    "steps",
+    "checkpoint_every",
+    "output",
+    "model",
+    "data",
+    "image_folder",
+    "distill.teacher",
+    "distill.logits.cache",
+];
+
 #[derive(Serialize, Deserialize)]
 struct TrainerState {
     step: u64,
@@ -728,6 +806,61 @@ struct TrainerState {
     seed: u64,
     batch_size: usize,
     grad_accum: usize,
+    /// [`TrainConfig::fixed_settings`] of the run; absent in checkpoints written before them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    settings: Option<BTreeMap<String, serde_json::Value>>,
+}
+
+/// Refuses to resume the run whose checkpoint `dir` holds `st` with settings `now` that changed
+/// any it must keep, listing every changed key with its old and new value.
+fn check_resumed_settings(
+    st: &TrainerState,
+    now: &BTreeMap<String, serde_json::Value>,
+    dir: &Path,
+) -> Result<()> {
+    // Older checkpoints record three settings only.
+    let old = || {
+        BTreeMap::from([
+            ("seed".to_string(), st.seed.into()),
+            ("batch_size".to_string(), st.batch_size.into()),
+            ("grad_accum".to_string(), st.grad_accum.into()),
+        ])
+    };
+    let was = st.settings.clone().unwrap_or_else(old);
+    let keys: std::collections::BTreeSet<&String> = if st.settings.is_some() {
+        was.keys().chain(now.keys()).collect()
+    } else {
+        was.keys().collect()
+    };
+    let show = |v: Option<&serde_json::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+    let changed: Vec<(&str, String)> = keys
+        .into_iter()
+        .filter(|k| was.get(*k) != now.get(*k))
+        .map(|k| {
+            let msg = format!("{k} {} -> {}", show(was.get(k)), show(now.get(k)));
+            (k.as_str(), msg)
+        })
+        .collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    Err(Error::arg(
+        changed
+            .iter()
+            .map(|(k, _)| *k)
+            .collect::<Vec<_>>()
+            .join(", "),
+        format!(
+            "changed since the run being resumed ({}) started: {}; only {} may change on resume",
+            dir.display(),
+            changed
+                .iter()
+                .map(|(_, m)| m.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+            RESUME_MAY_CHANGE.join(", ")
+        ),
+    ))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -797,18 +930,58 @@ fn read_losses(path: &Path) -> Result<Vec<StepRecord>> {
     Ok(out)
 }
 
-/// The newest complete checkpoint of an output folder, if any.
+/// The newest complete checkpoint of an output folder, if any. `latest.json` must name the
+/// folder its step's checkpoint is written to (`checkpoint-NNNNNN`), directly inside `output` and
+/// not a symbolic link: it can name nothing outside the output folder.
 pub fn latest_checkpoint(output: &Path) -> Result<Option<(PathBuf, u64)>> {
     let p = output.join("latest.json");
     if !p.exists() {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-    let l: Latest = serde_json::from_str(&text).map_err(|e| Error::Config {
+    let bad = |msg: String| Error::Config {
         path: p.clone(),
-        msg: e.to_string(),
-    })?;
-    Ok(Some((output.join(l.checkpoint), l.step)))
+        msg,
+    };
+    let l: Latest = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let want = checkpoint_name(l.step);
+    if l.checkpoint != want {
+        return Err(bad(format!(
+            "`checkpoint` is {:?}; a run's checkpoint of step {} is the folder {want:?} inside {}",
+            l.checkpoint,
+            l.step,
+            output.display()
+        )));
+    }
+    let dir = output.join(&want);
+    match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.is_dir() => Ok(Some((dir, l.step))),
+        Ok(_) => Err(bad(format!(
+            "`checkpoint` {want:?} is not a folder inside {} (a symbolic link or a file)",
+            output.display()
+        ))),
+        Err(e) => Err(bad(format!("`checkpoint` {}: {e}", dir.display()))),
+    }
+}
+
+/// The folder of the checkpoint of `step`.
+fn checkpoint_name(step: u64) -> String {
+    format!("checkpoint-{step:06}")
+}
+
+/// Stops the run at a non-finite loss term `name`: `at` says where (step, micro-batch, samples).
+fn finite_loss(name: &str, value: f32, at: &dyn Fn() -> String) -> Result<()> {
+    if value.is_finite() {
+        return Ok(());
+    }
+    Err(Error::arg(
+        "training",
+        format!(
+            "the {name} loss is {value} ({}); stopped before the update, the newest checkpoint \
+             is unchanged",
+            at()
+        ),
+    ))
 }
 
 fn set_frozen_grads(cfg: &TrainConfig, m: &mut TrainModel) -> Result<()> {
@@ -829,8 +1002,9 @@ fn save_all(
     opt: &AdamW,
     loader: &Loader,
     step: u64,
+    settings: &BTreeMap<String, serde_json::Value>,
 ) -> Result<PathBuf> {
-    let name = format!("checkpoint-{step:06}");
+    let name = checkpoint_name(step);
     let dir = cfg.output.join(&name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -852,6 +1026,7 @@ fn save_all(
         seed: cfg.seed,
         batch_size: cfg.batch_size,
         grad_accum: cfg.grad_accum,
+        settings: Some(settings.clone()),
     };
     let json = serde_json::to_vec_pretty(&state).expect("trainer state serializes");
     write_atomic(&dir.join("trainer_state.json"), &json)?;
@@ -881,6 +1056,7 @@ pub fn train_stages(cfg: &TrainConfig, opts: &TrainOptions) -> Result<Vec<TrainS
     if let Some(0) = opts.stop_after {
         return Err(Error::arg("stop_after", "must be at least 1"));
     }
+    let _lock = RunLock::acquire(&cfg.output)?;
     let stages = cfg.stages()?;
     if !opts.resume {
         for s in &stages {
@@ -940,6 +1116,7 @@ pub fn train(cfg: &TrainConfig, opts: &TrainOptions) -> Result<TrainSummary> {
         ));
     }
     cfg.validate()?;
+    let _lock = RunLock::acquire(&cfg.output)?;
     pretrain_new_vision(cfg, &[&cfg.data], opts)?;
     run(&cfg.stages()?[0], opts, &[&cfg.data])
 }
@@ -1010,8 +1187,8 @@ pub fn progress_bar(steps: u64, show: bool) -> indicatif::ProgressBar {
     bar
 }
 
-/// [`train`] after validation: one single-stage run; a new model's tokenizer is trained on the
-/// conversations of `texts`.
+/// [`train`] after validation, with the output folder locked: one single-stage run; a new
+/// model's tokenizer is trained on the conversations of `texts`.
 fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainSummary> {
     if let Some(s) = opts.stop_after
         && s == 0
@@ -1043,6 +1220,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
     };
 
     let ds = Dataset::open(&cfg.data, &cfg.image_folder)?;
+    let settings = cfg.fixed_settings(ds.len());
     let base = cfg.base_dir();
     if let (Some(shape), None) = (&cfg.new_model, &resume_from) {
         create_model(shape, texts, &base)?;
@@ -1076,18 +1254,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
                 path: sp.clone(),
                 msg: e.to_string(),
             })?;
-            for (field, was, now) in [
-                ("seed", st.seed, cfg.seed),
-                ("batch_size", st.batch_size as u64, cfg.batch_size as u64),
-                ("grad_accum", st.grad_accum as u64, cfg.grad_accum as u64),
-            ] {
-                if was != now {
-                    return Err(Error::arg(
-                        field,
-                        format!("is {now} but the run being resumed used {was}"),
-                    ));
-                }
-            }
+            check_resumed_settings(&st, &settings, dir)?;
             if st.step != *step {
                 return Err(Error::Config {
                     path: sp,
@@ -1185,20 +1352,34 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
                 .collect();
             tokens += seqs.iter().map(|s| s.input_ids.len() as u64).sum::<u64>();
             zero_grads(&mut m.params);
+            // Where a non-finite value appeared: the step, the micro-batch and its samples.
+            let at = || {
+                let ids: Vec<&str> = idx
+                    .iter()
+                    .map(|&i| ds.conversations[i].id.as_str())
+                    .collect();
+                format!(
+                    "step {}, micro-batch {} of {}, samples {ids:?}",
+                    step + 1,
+                    micro + 1,
+                    cfg.grad_accum
+                )
+            };
             let loss = match distill.as_mut() {
                 Some(d) => {
                     d.set_step(step);
                     let l = d.forward_samples(&mut m, &seqs, Some(&idx))?;
                     let parts = [
-                        (&mut kd, l.kd),
-                        (&mut hidden, l.hidden),
-                        (&mut attention, l.attention),
-                        (&mut affinity, l.affinity),
-                        (&mut relational, l.relational),
-                        (&mut vision, l.vision),
+                        ("kd", &mut kd, l.kd),
+                        ("hidden", &mut hidden, l.hidden),
+                        ("attention", &mut attention, l.attention),
+                        ("affinity", &mut affinity, l.affinity),
+                        ("relational", &mut relational, l.relational),
+                        ("vision", &mut vision, l.vision),
                     ];
-                    for (acc, v) in parts {
+                    for (name, acc, v) in parts {
                         if let Some(v) = v {
+                            finite_loss(name, v, &at)?;
                             *acc = (acc.0 + v as f64, acc.1 + 1);
                         }
                     }
@@ -1206,11 +1387,28 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
                 }
                 None => m.forward(&seqs)?,
             };
-            m.backward()?;
-            loss_sum += loss as f64;
+            finite_loss("cross-entropy", loss, &at)?;
             if let Some(g) = m.grounding_loss() {
+                finite_loss("grounding", g, &at)?;
                 grounding = (grounding.0 + g as f64, grounding.1 + 1);
             }
+            m.backward()?;
+            if let Some(p) = m
+                .params
+                .iter()
+                .find(|p| p.grad.iter().any(|g| !g.is_finite()))
+            {
+                return Err(Error::arg(
+                    "training",
+                    format!(
+                        "the gradient of `{}` is not finite ({}); stopped before the update, \
+                         the newest checkpoint is unchanged",
+                        p.name,
+                        at()
+                    ),
+                ));
+            }
+            loss_sum += loss as f64;
             if cfg.grad_accum > 1 {
                 if micro == 0 {
                     sums = m.params.iter().map(|p| p.grad.clone()).collect();
@@ -1267,13 +1465,13 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
         bar.inc(1);
         let s = step + 1;
         if s == end || (cfg.checkpoint_every > 0 && s % cfg.checkpoint_every == 0) {
-            checkpoint = Some(save_all(cfg, &m, &opt, &loader, s)?);
+            checkpoint = Some(save_all(cfg, &m, &opt, &loader, s, &settings)?);
         }
     }
     bar.finish();
     let checkpoint = match checkpoint {
         Some(c) => c,
-        None => save_all(cfg, &m, &opt, &loader, end)?,
+        None => save_all(cfg, &m, &opt, &loader, end, &settings)?,
     };
     if !history.is_empty() {
         let points = history

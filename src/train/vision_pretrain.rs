@@ -55,8 +55,16 @@ pub const SUMMARY_FILE: &str = "vision_pretrain.json";
 /// Task names, in [`CLASSES`] order.
 pub const TASKS: [&str; 3] = ["shape", "color", "size"];
 
+/// Most training scenes of a pretraining run (`scenes`): each is generated and held before the
+/// first step.
+pub const MAX_SCENES: usize = 1_000_000;
+/// Most held-out scenes (`eval_scenes`): they are rendered and held as pixels for the whole run
+/// (2.7 GB at 336 pixels).
+pub const MAX_EVAL_SCENES: usize = 2_000;
+
 /// Settings of a pretraining run (also the `[pretrain_vision]` table of a training config, where
-/// `shapes` comes from the settings beside the data).
+/// `shapes` comes from the settings beside the data). `scenes` is at most [`MAX_SCENES`],
+/// `eval_scenes` at most [`MAX_EVAL_SCENES`], `batch_size` at most `scenes`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PretrainConfig {
@@ -135,6 +143,18 @@ impl PretrainConfig {
                 "pretrain-vision",
                 "steps, batch size and scenes must be at least 1",
             ));
+        }
+        for (name, n, max) in [
+            ("scenes", self.scenes, MAX_SCENES),
+            ("eval_scenes", self.eval_scenes, MAX_EVAL_SCENES),
+            ("batch_size", self.batch_size, self.scenes),
+        ] {
+            if n > max {
+                return Err(Error::arg(
+                    name,
+                    format!("{n} is more than {max} (see PretrainConfig)"),
+                ));
+            }
         }
         for (name, w) in [
             ("patch_weight", self.patch_weight),
@@ -675,6 +695,8 @@ pub fn pretrain_vision(
     } else {
         ImageProcessorConfig::default()
     };
+    // The output folder is created (and held) only once the inputs are known good.
+    let _lock = super::lock::RunLock::acquire(out)?;
     let train: Vec<Scene> = shapes::generate(Split::Train, cfg.scenes, cfg.seed, &cfg.shapes)?
         .into_iter()
         .map(|s| s.scene)
@@ -735,7 +757,7 @@ pub fn pretrain_vision(
 
     let before = accuracy(&mut model, &head, &eval_px, &eval_labels)?;
     let mut loader = Loader::new(train.len(), cfg.batch_size, cfg.seed)?;
-    let mut losses = Vec::with_capacity(cfg.steps as usize);
+    let mut losses = Vec::new();
     for step in 0..cfg.steps {
         let (_, idx) = loader.next_batch();
         let scenes: Vec<&Scene> = idx.iter().map(|&i| &train[i]).collect();
