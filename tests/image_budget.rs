@@ -139,7 +139,35 @@ fn one_bit_png_bomb_is_refused_before_decoding() {
     let (r, peak) = measured(|| load_image_from_memory(&file));
     let msg = refused(r, "PNG 20000x20000 (1-bit grey) decodes to 381.5 MiB");
     assert!(peak < SMALL, "peak {peak}");
-    eprintln!("1-bit 20000x20000 PNG ({} bytes): {msg}; peak {peak} B", file.len());
+    eprintln!(
+        "1-bit 20000x20000 PNG ({} bytes): {msg}; peak {peak} B",
+        file.len()
+    );
+}
+
+#[test]
+fn png_metadata_gets_only_what_the_pixels_leave_of_the_budget() {
+    let _alone = alone();
+    // a 200x100 RGB PNG whose ICC profile inflates from a few KiB to 32 MiB
+    let mut out = Vec::new();
+    let mut info = png::Info::with_size(200, 100);
+    info.color_type = png::ColorType::Rgb;
+    info.bit_depth = png::BitDepth::Eight;
+    info.icc_profile = Some(vec![0u8; 32 << 20].into());
+    let mut writer = png::Encoder::with_info(&mut out, info)
+        .unwrap()
+        .write_header()
+        .unwrap();
+    writer.write_image_data(&[7u8; 200 * 100 * 3]).unwrap();
+    writer.finish().unwrap();
+    assert!(out.len() < 200_000, "{} bytes", out.len());
+    let budget = 8 << 20;
+    let (r, peak) = measured(|| load_image_from_memory_with_budget(&out, budget).map(|_| ()));
+    eprintln!("32 MiB ICC profile under an 8 MiB budget: {r:?}; peak {peak} B");
+    assert!(peak + out.len() <= budget, "peak {peak}");
+    // under the default budget the profile fits and the image decodes
+    let img = load_image_from_memory(&out).unwrap();
+    assert_eq!(img.dimensions(), (200, 100));
 }
 
 #[test]
@@ -174,7 +202,10 @@ fn huge_preprocessor_sizes_are_refused_when_parsed() {
     let path = Path::new("preprocessor_config.json");
     for (json, key) in [
         (r#"{"size": 1000000000}"#, "`shortest_edge`"),
-        (r#"{"size": {"shortest_edge": 1000000000}}"#, "`shortest_edge`"),
+        (
+            r#"{"size": {"shortest_edge": 1000000000}}"#,
+            "`shortest_edge`",
+        ),
         (r#"{"crop_size": 1000000000}"#, "`crop_size`"),
         (
             r#"{"crop_size": {"height": 1000000000, "width": 1}}"#,
@@ -309,7 +340,13 @@ fn decoding_stays_within_the_tightest_budget() {
     files.push(("rgb 3000x5".into(), rgb_png(3000, 5)));
     files.push(("rgb 5x3000".into(), rgb_png(5, 3000)));
     let row16: Vec<u8> = (0..2000 * 8).map(|i| i as u8).collect();
-    let rgba16 = png(2000, 40, png::ColorType::Rgba, png::BitDepth::Sixteen, &row16);
+    let rgba16 = png(
+        2000,
+        40,
+        png::ColorType::Rgba,
+        png::BitDepth::Sixteen,
+        &row16,
+    );
     files.push(("rgba16 2000x40".into(), rgba16));
     let bits = png(
         1600,

@@ -307,8 +307,8 @@ impl ImageProcessorConfig {
             Some((h, w)) => Some(("size", h, w)),
             None => Some(("shortest_edge", self.shortest_edge, self.shortest_edge)),
         };
-        let crop = Some(("crop_size", self.crop_height, self.crop_width))
-            .filter(|_| self.do_center_crop);
+        let crop =
+            Some(("crop_size", self.crop_height, self.crop_width)).filter(|_| self.do_center_crop);
         for (name, h, w, per_px) in [
             resize.map(|(n, h, w)| (n, h, w, 3 + f32_out)),
             crop.map(|(n, h, w)| (n, h, w, 3 + 4 * 3)),
@@ -335,11 +335,7 @@ impl ImageProcessorConfig {
                     format!("must be finite f32 numbers, got {m}"),
                 ));
             }
-            if let Some(s) = self
-                .image_std
-                .iter()
-                .find(|s| !(**s as f32).is_normal())
-            {
+            if let Some(s) = self.image_std.iter().find(|s| !(**s as f32).is_normal()) {
                 return Err(Error::arg(
                     "image_std",
                     format!("must be nonzero finite f32 numbers, got {s}"),
@@ -367,7 +363,8 @@ impl ImageProcessorConfig {
     fn normaliser(&self) -> impl Fn(u8, usize) -> f32 + use<> {
         let mean = self.image_mean.map(|m| m as f32);
         let std = self.image_std.map(|s| s as f32);
-        let (rescale, factor, normalize) = (self.do_rescale, self.rescale_factor, self.do_normalize);
+        let (rescale, factor, normalize) =
+            (self.do_rescale, self.rescale_factor, self.do_normalize);
         move |v, c| {
             let x = if rescale {
                 (v as f64 * factor) as f32
@@ -667,8 +664,7 @@ fn decode(bytes: &[u8], path: &Path, budget: usize) -> Result<RgbImage> {
 
 /// PNG through the image crate, within `budget`. The need is computed from the header chunk
 /// (IHDR, first in every PNG) before the decoder reads anything else, and what is left of the
-/// budget becomes the decoder's allocation limit for the rest (text, ICC profile and other
-/// chunks).
+/// budget bounds the decoder's allocations for the rest (text, ICC profile and other chunks).
 fn decode_png(
     mut reader: ImageReader<Cursor<&[u8]>>,
     file: &[u8],
@@ -690,16 +686,14 @@ fn decode_png(
     let row = w.saturating_mul(channels * sample).saturating_add(1);
     let decoded = bytes(&[w, h, channels, sample]);
     // `into_rgb8` keeps an 8-bit RGB buffer, anything else is converted into a new one
-    let rgb = if colour == 2 && depth == 8 { 0 } else { bytes(&[w, h, 3]) };
+    let rgb = if colour == 2 && depth == 8 {
+        0
+    } else {
+        bytes(&[w, h, 3])
+    };
     // the decoder's unfiltering buffer (a few rows, at least 128 KiB) and one output row
     let rows = total([bytes(&[row, PNG_BUFFERED_ROWS]), 128 << 10]);
-    let need = total([
-        bytes(&[file.len()]),
-        STATE_BYTES,
-        rows,
-        decoded,
-        rgb,
-    ]);
+    let need = total([bytes(&[file.len()]), STATE_BYTES, rows, decoded, rgb]);
     check_budget(
         || {
             format!(
@@ -711,8 +705,11 @@ fn decode_png(
         need,
         budget,
     )?;
+    // The decoder's own limit covers the output row it reserves and the chunks it keeps. It
+    // gets half of what the pixels leave: an inflated chunk grows its Vec by amortized
+    // doubling, so up to twice what the limit lets it keep may be reserved.
     let mut limits = Limits::default();
-    limits.max_alloc = Some((budget as u128 - need + row as u128) as u64);
+    limits.max_alloc = Some(((budget as u128 - need) / 2 + row as u128) as u64);
     reader.limits(limits);
     let decoder = reader
         .into_decoder()
@@ -740,8 +737,7 @@ fn png_header(bytes: &[u8]) -> std::result::Result<(u32, u32, u8, u8), String> {
 /// uses bit for bit: ISLOW IDCT, fancy upsampling, libjpeg's YCbCr tables, Pillow's CMYK
 /// conversion. Its whole working set, `bytes` included, is bounded by `budget`.
 fn decode_jpeg(bytes: &[u8], budget: usize) -> std::result::Result<RgbImage, String> {
-    let img =
-        super::jpeg::decode(bytes, budget).map_err(|e| format!("cannot decode JPEG: {e}"))?;
+    let img = super::jpeg::decode(bytes, budget).map_err(|e| format!("cannot decode JPEG: {e}"))?;
     RgbImage::from_raw(img.width, img.height, img.rgb)
         .ok_or_else(|| "JPEG decoder returned a short buffer".into())
 }
@@ -771,6 +767,8 @@ fn to_rgb_like_pil(img: DynamicImage) -> RgbImage {
 
 /// LLaVA's `expand2square`: paste the image on a square canvas of side `max(w, h)` filled with
 /// `background`, at offset `((side - w) / 2, (side - h) / 2)` (floor division; only one is nonzero).
+/// Allocates the `side x side` canvas unchecked; [`ImageProcessorConfig::preprocess`] checks it
+/// against the memory budget first.
 pub fn expand_to_square(img: &RgbImage, background: [u8; 3]) -> RgbImage {
     let (w, h) = img.dimensions();
     if w == h {
@@ -789,7 +787,8 @@ pub fn expand_to_square(img: &RgbImage, background: [u8; 3]) -> RgbImage {
 
 /// transformers' `center_crop`: crop `width x height` from the centre, starting at
 /// `(size - crop) // 2`; along an edge shorter than the crop, the image is instead placed at
-/// `ceil((crop - size) / 2)` on a zero canvas.
+/// `ceil((crop - size) / 2)` on a zero canvas. Allocates the `width x height` output unchecked
+/// ([`ImageProcessorConfig::preprocess`] checks it against the memory budget first).
 pub fn center_crop(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     // (first source index, first destination index, length) along one axis
     let axis = |size: u32, crop: u32| {
@@ -864,8 +863,8 @@ fn coeffs_bytes(n_in: u64, n_out: u64) -> u128 {
     }
     let (_, fscale) = filter_scale(n_in, n_out);
     let taps = ((4.0 * fscale) as u128 + 2).min(n_in as u128);
-    let per_output = (size_of::<usize>() + size_of::<Vec<i32>>()) as u128
-        + taps * size_of::<i32>() as u128;
+    let per_output =
+        (size_of::<usize>() + size_of::<Vec<i32>>()) as u128 + taps * size_of::<i32>() as u128;
     total([
         per_output.saturating_mul(n_out as u128),
         taps * size_of::<f64>() as u128,
@@ -878,9 +877,17 @@ fn coeffs_bytes(n_in: u64, n_out: u64) -> u128 {
 fn resample_bytes(w: u64, h: u64, out_w: u64, out_h: u64) -> u128 {
     let rgb = |w: u64, h: u64| bytes(&[w as usize, h as usize, 3]);
     let (tmp, first, second) = if vertical_first(w, h, out_w, out_h) {
-        (rgb(w, out_h), coeffs_bytes(h, out_h), coeffs_bytes(w, out_w))
+        (
+            rgb(w, out_h),
+            coeffs_bytes(h, out_h),
+            coeffs_bytes(w, out_w),
+        )
     } else {
-        (rgb(out_w, h), coeffs_bytes(w, out_w), coeffs_bytes(h, out_h))
+        (
+            rgb(out_w, h),
+            coeffs_bytes(w, out_w),
+            coeffs_bytes(h, out_h),
+        )
     };
     total([tmp, first.max(total([second, rgb(out_w, out_h)]))])
 }
@@ -984,7 +991,9 @@ fn resample_vertical(src: &[u8], w: usize, h: usize, ch: usize, out_h: usize) ->
 }
 
 /// Resizes with Pillow's `Image.resize((width, height), Image.BICUBIC)` on an RGB image, bit-exact
-/// (no `reducing_gap`, full-image box). An unchanged size returns a copy.
+/// (no `reducing_gap`, full-image box). An unchanged size returns a copy. Allocates the output
+/// and the intermediate pass unchecked ([`ImageProcessorConfig::preprocess`] checks them against
+/// the memory budget first).
 pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let data = resample(img.as_raw(), w, h, 3, width as usize, height as usize);
@@ -1061,6 +1070,49 @@ mod tests {
             let src = vec![173u8; w * h * 3];
             assert!(resample(&src, w, h, 3, ow, oh).iter().all(|&v| v == 173));
         }
+    }
+
+    #[test]
+    fn coeffs_bytes_bounds_what_coeffs_allocates() {
+        for (n_in, n_out) in [
+            (4000, 336),
+            (336, 4000),
+            (100_000, 1),
+            (1, 336),
+            (7, 5),
+            (5, 7),
+            (397, 305),
+            (3, 2),
+            (1 << 20, 3),
+        ] {
+            let c = coeffs(n_in, n_out);
+            let taps = c.taps.iter().map(Vec::len);
+            let held = n_out * (size_of::<usize>() + size_of::<Vec<i32>>())
+                + taps.clone().sum::<usize>() * size_of::<i32>()
+                + taps.max().unwrap() * size_of::<f64>();
+            let bound = coeffs_bytes(n_in as u64, n_out as u64);
+            assert!(held as u128 <= bound, "{n_in} -> {n_out}: {held} > {bound}");
+            // and not wildly above: at most twice, plus the rounding tap
+            assert!(
+                bound <= 2 * held as u128 + 16 * n_out as u128,
+                "{n_in} -> {n_out}"
+            );
+        }
+        assert_eq!(coeffs_bytes(9, 9), 0); // the pass is skipped
+    }
+
+    #[test]
+    fn budget_messages() {
+        assert_eq!(human_bytes(1 << 30), "1 GiB");
+        assert_eq!(human_bytes(370), "370 B");
+        assert_eq!(human_bytes(33_868_800_000), "31.5 GiB");
+        assert_eq!(bytes(&[usize::MAX, usize::MAX, 3]), u128::MAX); // saturates
+        assert!(check_budget(|| "x".into(), 1 << 30, 1 << 30).is_ok());
+        let msg = check_budget(|| "100x1 resizes".into(), (1 << 30) + 1, 1 << 30).unwrap_err();
+        assert_eq!(
+            msg,
+            "100x1 resizes: 1.0 GiB held at once, which exceeds the 1 GiB image memory budget"
+        );
     }
 
     #[test]
