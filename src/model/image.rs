@@ -20,11 +20,15 @@
 //!   wide (see `resample`); older Pillow always went horizontal first, which rounds differently.
 //! - PNG and JPEG decoding are exact: JPEG goes through `super::jpeg`, a decoder written to match
 //!   the libjpeg-turbo 3.2.0 in Pillow's wheels (see that module for its scope).
+//! - The whole path, from the file to the f32 tensor, stays within [`IMAGE_MEMORY_BUDGET`]: each
+//!   stage computes the bytes it will hold at once before it allocates them and refuses with an
+//!   error naming the sizes when they exceed the budget.
 
+use std::borrow::Cow;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use image::{DynamicImage, ImageFormat, ImageReader};
+use image::{DynamicImage, ImageFormat, ImageReader, Limits};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
@@ -36,6 +40,80 @@ pub use image::RgbImage;
 pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
 /// OpenAI CLIP's normalisation std (`OPENAI_CLIP_STD` in transformers).
 pub const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+// ------------------------------------------------------------------------------------------------
+// Memory budget
+
+/// Bytes the image path may hold live at once for one image: [`load_image`] (the file, the
+/// decoded pixels and their RGB conversion, or the JPEG decoder's whole working set) and then
+/// [`ImageProcessorConfig::preprocess`] (the input image, the padded square, the resampler's
+/// coefficients and passes, the crop and the f32 output).
+///
+/// 1 GiB. A 4000x3000 photo needs about 0.1 GiB at its largest stage (a progressive JPEG's
+/// coefficients, or the 4000x4000 padded square); a 100-megapixel baseline or 4:2:0 progressive
+/// JPEG about 0.5 to 0.75 GiB, so every real photo fits. What a file of a few hundred hostile
+/// bytes can make the path allocate is capped at this, whatever its declared size.
+pub const IMAGE_MEMORY_BUDGET: usize = 1 << 30;
+
+/// Allowance in every stage's count for the small fixed-size state that goes with it (Huffman
+/// and colour tables, inflate state, tensor shapes, bookkeeping).
+pub(crate) const STATE_BYTES: u128 = 256 << 10;
+
+/// The product of `factors` bytes, in `u128` and saturating, so that no declared size can
+/// overflow it (a saturated count is always over any budget).
+pub(crate) fn bytes(factors: &[usize]) -> u128 {
+    factors
+        .iter()
+        .fold(1u128, |acc, &f| acc.saturating_mul(f as u128))
+}
+
+/// Saturating sum of byte counts.
+pub(crate) fn total(parts: impl IntoIterator<Item = u128>) -> u128 {
+    parts.into_iter().fold(0, u128::saturating_add)
+}
+
+/// Refuses a stage, described by `what`, that would hold `need` bytes at once when that is more
+/// than `budget`.
+pub(crate) fn check_budget(
+    what: impl FnOnce() -> String,
+    need: u128,
+    budget: usize,
+) -> std::result::Result<(), String> {
+    if need <= budget as u128 {
+        return Ok(());
+    }
+    Err(format!(
+        "{}: {} held at once, which exceeds the {} image memory budget",
+        what(),
+        human_bytes(need),
+        human_bytes(budget as u128)
+    ))
+}
+
+/// `1 GiB`, `31.5 GiB`, `370 B`.
+fn human_bytes(n: u128) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if v.fract() == 0.0 {
+        format!("{v} {}", UNITS[unit])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// An error of a preprocessing stage; the image has no path here (callers that know it, like
+/// the engine, put it in).
+fn preprocess_error(msg: String) -> Error {
+    Error::Image {
+        path: PathBuf::from("<image>"),
+        msg,
+    }
+}
 
 /// Settings of the CLIP image processor plus LLaVA's pad-to-square option.
 ///
@@ -180,15 +258,17 @@ impl ImageProcessorConfig {
             image_std: r.triple("image_std", CLIP_STD)?,
             pad_to_square: false,
         };
-        cfg.check().map_err(|e| match e {
+        cfg.check(IMAGE_MEMORY_BUDGET).map_err(|e| match e {
             Error::Arg { name, msg } => err(format!("`{name}` {msg}")),
             other => other,
         })?;
         Ok(cfg)
     }
 
-    /// Rejects settings that cannot produce an image (zero sizes, zero std).
-    fn check(&self) -> Result<()> {
+    /// Rejects settings that cannot produce an image within `budget` bytes (zero sizes, a
+    /// resize, crop or output that cannot fit whatever the image, a normalisation that gives
+    /// non-finite values).
+    fn check(&self, budget: usize) -> Result<()> {
         let sizes = [
             (
                 "shortest_edge",
@@ -212,21 +292,106 @@ impl ImageProcessorConfig {
             if used && value == 0 {
                 return Err(Error::arg(name, "must be at least 1"));
             }
+            if used && u32::try_from(value).is_err() {
+                return Err(Error::arg(
+                    name,
+                    format!("is {value}, more than an image edge can be ({})", u32::MAX),
+                ));
+            }
         }
-        if self.do_normalize && self.image_std.contains(&0.0) {
-            return Err(Error::arg("image_std", "must not contain 0"));
+        // The smallest output each size setting can give, whatever the image: the resize is at
+        // least `shortest_edge` square; without a crop the f32 tensor is that size too.
+        let f32_out = if self.do_center_crop { 0 } else { 4 * 3 };
+        let resize = match self.exact_size {
+            _ if !self.do_resize => None,
+            Some((h, w)) => Some(("size", h, w)),
+            None => Some(("shortest_edge", self.shortest_edge, self.shortest_edge)),
+        };
+        let crop =
+            Some(("crop_size", self.crop_height, self.crop_width)).filter(|_| self.do_center_crop);
+        for (name, h, w, per_px) in [
+            resize.map(|(n, h, w)| (n, h, w, 3 + f32_out)),
+            crop.map(|(n, h, w)| (n, h, w, 3 + 4 * 3)),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let what = || format!("of {h}x{w} pixels (u8 image and f32 output)");
+            check_budget(what, bytes(&[h, w, per_px]), budget).map_err(|m| Error::arg(name, m))?;
+        }
+        self.check_normalisation()
+    }
+
+    /// Every output value must be finite: checked at the ends of the u8 range (the mapping is
+    /// monotone in the value), after the settings themselves.
+    fn check_normalisation(&self) -> Result<()> {
+        if self.do_rescale && !((255.0 * self.rescale_factor) as f32).is_finite() {
+            return Err(Error::arg("rescale_factor", "must be a finite f32 number"));
+        }
+        if self.do_normalize {
+            if let Some(m) = self.image_mean.iter().find(|m| !(**m as f32).is_finite()) {
+                return Err(Error::arg(
+                    "image_mean",
+                    format!("must be finite f32 numbers, got {m}"),
+                ));
+            }
+            if let Some(s) = self.image_std.iter().find(|s| !(**s as f32).is_normal()) {
+                return Err(Error::arg(
+                    "image_std",
+                    format!("must be nonzero finite f32 numbers, got {s}"),
+                ));
+            }
+        }
+        let value = self.normaliser();
+        for c in 0..3 {
+            for v in [0, 255] {
+                let x = value(v, c);
+                if !x.is_finite() {
+                    return Err(Error::arg(
+                        "image_std",
+                        format!("is so small that channel {c} value {v} normalises to {x}"),
+                    ));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// One output value from a u8 sample of channel `c`: transformers' rescale upcasts to f64,
+    /// multiplies, then casts to f32; normalize then works in f32 (uint8 input is cast to f32
+    /// first).
+    fn normaliser(&self) -> impl Fn(u8, usize) -> f32 + use<> {
+        let mean = self.image_mean.map(|m| m as f32);
+        let std = self.image_std.map(|s| s as f32);
+        let (rescale, factor, normalize) =
+            (self.do_rescale, self.rescale_factor, self.do_normalize);
+        move |v, c| {
+            let x = if rescale {
+                (v as f64 * factor) as f32
+            } else {
+                v as f32
+            };
+            if normalize { (x - mean[c]) / std[c] } else { x }
+        }
     }
 
     /// `(width, height)` the resize step produces for an image of `width x height`.
     ///
     /// For `shortest_edge` this is transformers' `get_resize_output_image_size` with
     /// `default_to_square=False`: short edge = `shortest_edge`, long edge =
-    /// `int(shortest_edge * long / short)` (truncated, computed in f64 like Python).
+    /// `int(shortest_edge * long / short)` (truncated, computed in f64 like Python). An edge
+    /// beyond `u32::MAX` saturates there; [`preprocess`](Self::preprocess) refuses such sizes
+    /// (and any that do not fit its memory budget) before resizing.
     pub fn resized_size(&self, width: u32, height: u32) -> (u32, u32) {
+        let (w, h) = self.resize_target(width, height);
+        let edge = |e: u64| u32::try_from(e).unwrap_or(u32::MAX);
+        (edge(w), edge(h))
+    }
+
+    /// [`resized_size`](Self::resized_size) without the saturation at `u32::MAX`.
+    fn resize_target(&self, width: u32, height: u32) -> (u64, u64) {
         if let Some((h, w)) = self.exact_size {
-            return (w as u32, h as u32);
+            return (w as u64, h as u64);
         }
         let (short, long) = if width <= height {
             (width, height)
@@ -234,11 +399,11 @@ impl ImageProcessorConfig {
             (height, width)
         };
         let s = self.shortest_edge as u64;
-        let new_long = ((s * long as u64) as f64 / short as f64) as u32;
+        let new_long = ((s as u128 * long as u128) as f64 / short as f64) as u64;
         if width <= height {
-            (s as u32, new_long)
+            (s, new_long)
         } else {
-            (new_long, s as u32)
+            (new_long, s)
         }
     }
 
@@ -250,55 +415,101 @@ impl ImageProcessorConfig {
     /// Runs the whole pipeline on an RGB image: optional pad-to-square, resize, centre crop,
     /// rescale, normalise. Returns an f32 tensor `[3, H, W]`: `[3, crop_height, crop_width]`
     /// when `do_center_crop`, otherwise the resized size.
+    ///
+    /// Holds at most [`IMAGE_MEMORY_BUDGET`] bytes at once, `img` included; a larger need (an
+    /// extreme aspect ratio, a huge target size) is an [`Error::Image`] naming the stage.
     pub fn preprocess(&self, img: &RgbImage) -> Result<Tensor> {
-        self.check()?;
+        self.preprocess_with_budget(img, IMAGE_MEMORY_BUDGET)
+    }
+
+    /// [`preprocess`](Self::preprocess) within `budget` bytes instead of the default: every
+    /// stage's size is planned and checked before the first allocation.
+    pub fn preprocess_with_budget(&self, img: &RgbImage, budget: usize) -> Result<Tensor> {
+        self.check(budget)?;
         if img.width() == 0 || img.height() == 0 {
             return Err(Error::arg("image", "is empty (0 pixels)"));
         }
-        let squared;
-        let mut img = img;
-        if self.pad_to_square {
-            squared = expand_to_square(img, self.pad_color());
-            img = &squared;
+        let plan = self.plan(img.width(), img.height(), budget)?;
+        let mut img = Cow::Borrowed(img);
+        if plan.pad {
+            img = Cow::Owned(expand_to_square(&img, self.pad_color()));
         }
-        let resized;
-        if self.do_resize {
-            let (w, h) = self.resized_size(img.width(), img.height());
-            if w == 0 || h == 0 {
-                return Err(Error::arg(
-                    "image",
-                    format!("{}x{} resizes to nothing", img.width(), img.height()),
-                ));
-            }
-            resized = resize_bicubic(img, w, h);
-            img = &resized;
+        if let Some((w, h)) = plan.resize {
+            img = Cow::Owned(resize_bicubic(&img, w, h));
         }
-        let cropped;
         if self.do_center_crop {
-            cropped = center_crop(img, self.crop_width as u32, self.crop_height as u32);
-            img = &cropped;
+            img = Cow::Owned(center_crop(&img, plan.crop.0, plan.crop.1));
         }
         let (w, h) = (img.width() as usize, img.height() as usize);
-        let mean = self.image_mean.map(|m| m as f32);
-        let std = self.image_std.map(|s| s as f32);
+        let value = self.normaliser();
         let mut out = vec![0f32; 3 * h * w];
         for (i, px) in img.pixels().enumerate() {
             for c in 0..3 {
-                // transformers' rescale upcasts to f64, multiplies, then casts to f32;
-                // normalize then works in f32 (uint8 input is cast to f32 first).
-                let mut x = if self.do_rescale {
-                    (px.0[c] as f64 * self.rescale_factor) as f32
-                } else {
-                    px.0[c] as f32
-                };
-                if self.do_normalize {
-                    x = (x - mean[c]) / std[c];
-                }
-                out[c * h * w + i] = x;
+                out[c * h * w + i] = value(px.0[c], c);
             }
         }
         Tensor::from_f32(&[3, h, w], out)
     }
+
+    /// The sizes `preprocess` produces from a `width x height` image, each stage checked
+    /// against `budget` with everything it holds at once: the caller's image, the intermediate
+    /// image this function keeps, and what the stage allocates.
+    fn plan(&self, width: u32, height: u32, budget: usize) -> Result<Plan> {
+        let fits = |what: &dyn Fn() -> String, need: u128| {
+            check_budget(what, need, budget).map_err(preprocess_error)
+        };
+        let input = bytes(&[width as usize, height as usize, 3]);
+        // the current image size and the bytes of the copy `preprocess` holds (0: the input)
+        let (mut w, mut h, mut held) = (width as u64, height as u64, 0);
+        let pad = self.pad_to_square && width != height;
+        if pad {
+            let side = w.max(h);
+            held = bytes(&[side as usize, side as usize, 3]);
+            fits(
+                &|| format!("{width}x{height} pads to a {side}x{side} square"),
+                total([input, held, STATE_BYTES]),
+            )?;
+            (w, h) = (side, side);
+        }
+        let mut resize = None;
+        if self.do_resize {
+            let (rw, rh) = self.resize_target(w as u32, h as u32);
+            let need = total([input, held, resample_bytes(w, h, rw, rh), STATE_BYTES]);
+            let what = || format!("{w}x{h} resizes to {rw}x{rh}");
+            fits(&what, need)?;
+            let (Ok(rw32), Ok(rh32)) = (u32::try_from(rw), u32::try_from(rh)) else {
+                return Err(preprocess_error(format!(
+                    "{}: an edge is longer than {}",
+                    what(),
+                    u32::MAX
+                )));
+            };
+            resize = Some((rw32, rh32));
+            (w, h, held) = (rw, rh, bytes(&[rw as usize, rh as usize, 3]));
+        }
+        let crop = (self.crop_width as u32, self.crop_height as u32);
+        if self.do_center_crop {
+            let cropped = bytes(&[crop.0 as usize, crop.1 as usize, 3]);
+            fits(
+                &|| format!("{w}x{h} crops to {}x{}", crop.0, crop.1),
+                total([input, held, cropped, STATE_BYTES]),
+            )?;
+            (w, h, held) = (crop.0 as u64, crop.1 as u64, cropped);
+        }
+        let tensor = bytes(&[3, w as usize, h as usize, size_of::<f32>()]);
+        fits(
+            &|| format!("{w}x{h} normalises to a [3, {h}, {w}] f32 tensor"),
+            total([input, held, tensor, STATE_BYTES]),
+        )?;
+        Ok(Plan { pad, resize, crop })
+    }
+}
+
+/// What [`ImageProcessorConfig::plan`] decided: pad or not, the resize target, the crop size.
+struct Plan {
+    pad: bool,
+    resize: Option<(u32, u32)>,
+    crop: (u32, u32),
 }
 
 enum Size {
@@ -402,21 +613,41 @@ impl<F: Fn(String) -> Error> JsonReader<'_, F> {
 /// Loads a PNG or JPEG file (format sniffed from the content, not the extension) as RGB, the way
 /// `PIL.Image.open(path).convert("RGB")` does. A missing file is an [`Error::Io`]; an unreadable,
 /// truncated or non-image file an [`Error::Image`]; both name the path.
+///
+/// Holds at most [`IMAGE_MEMORY_BUDGET`] bytes at once (the file included): a file or an image
+/// that needs more is refused before it is read or decoded.
 pub fn load_image(path: impl AsRef<Path>) -> Result<RgbImage> {
+    use std::io::Read;
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode(&bytes, path)
+    let budget = IMAGE_MEMORY_BUDGET;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    check_budget(|| format!("the file is {len} bytes"), len as u128, budget).map_err(|msg| {
+        Error::Image {
+            path: path.to_path_buf(),
+            msg,
+        }
+    })?;
+    // `len` fits the budget, so it fits a usize; a file that grows meanwhile is cut at the budget
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(budget as u64)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    decode(&bytes, path, budget)
 }
 
 /// Decodes an in-memory PNG or JPEG as RGB (see [`load_image`]); errors name `<memory>`.
 pub fn load_image_from_memory(bytes: &[u8]) -> Result<RgbImage> {
-    decode(bytes, Path::new("<memory>"))
+    load_image_from_memory_with_budget(bytes, IMAGE_MEMORY_BUDGET)
 }
 
-/// Decoded images larger than this many bytes are refused (decompression bombs).
-const MAX_DECODED_BYTES: usize = 512 << 20;
+/// [`load_image_from_memory`] holding at most `budget` bytes at once, `bytes` included, instead
+/// of [`IMAGE_MEMORY_BUDGET`].
+pub fn load_image_from_memory_with_budget(bytes: &[u8], budget: usize) -> Result<RgbImage> {
+    decode(bytes, Path::new("<memory>"), budget)
+}
 
-fn decode(bytes: &[u8], path: &Path) -> Result<RgbImage> {
+fn decode(bytes: &[u8], path: &Path, budget: usize) -> Result<RgbImage> {
     let err = |msg: String| Error::Image {
         path: PathBuf::from(path),
         msg,
@@ -425,23 +656,88 @@ fn decode(bytes: &[u8], path: &Path) -> Result<RgbImage> {
         .with_guessed_format()
         .map_err(|e| err(e.to_string()))?;
     match reader.format() {
-        Some(ImageFormat::Png) => {
-            let img = reader
-                .decode()
-                .map_err(|e| err(format!("cannot decode PNG: {e}")))?;
-            Ok(to_rgb_like_pil(img))
-        }
-        Some(ImageFormat::Jpeg) => decode_jpeg(bytes).map_err(err),
+        Some(ImageFormat::Png) => decode_png(reader, bytes, budget).map_err(err),
+        Some(ImageFormat::Jpeg) => decode_jpeg(bytes, budget).map_err(err),
         _ => Err(err("not a PNG or JPEG file".into())),
+    }
+}
+
+/// PNG through the image crate, within `budget`. The need is computed from the header chunk
+/// (IHDR, first in every PNG) before the decoder reads anything else, and what is left of the
+/// budget bounds the decoder's allocations for the rest (text, ICC profile and other chunks).
+fn decode_png(
+    mut reader: ImageReader<Cursor<&[u8]>>,
+    file: &[u8],
+    budget: usize,
+) -> std::result::Result<RgbImage, String> {
+    let (w, h, colour, depth) = png_header(file)?;
+    // samples as the image crate expands them: below 8 bits to 8, palette to RGB or (with a
+    // tRNS chunk, which comes later) RGBA, so counted as RGBA
+    let (channels, kind) = match colour {
+        0 => (1, "grey"),
+        2 => (3, "RGB"),
+        3 => (4, "palette"),
+        4 => (2, "grey+alpha"),
+        6 => (4, "RGBA"),
+        _ => return Err(format!("cannot decode PNG: invalid colour type {colour}")),
+    };
+    let sample = if depth == 16 { 2 } else { 1 };
+    let (w, h) = (w as usize, h as usize);
+    let row = w.saturating_mul(channels * sample).saturating_add(1);
+    let decoded = bytes(&[w, h, channels, sample]);
+    // `into_rgb8` keeps an 8-bit RGB buffer, anything else is converted into a new one
+    let rgb = if colour == 2 && depth == 8 {
+        0
+    } else {
+        bytes(&[w, h, 3])
+    };
+    // the decoder's unfiltering buffer (a few rows, at least 128 KiB) and one output row
+    let rows = total([bytes(&[row, PNG_BUFFERED_ROWS]), 128 << 10]);
+    let need = total([bytes(&[file.len()]), STATE_BYTES, rows, decoded, rgb]);
+    check_budget(
+        || {
+            format!(
+                "PNG {w}x{h} ({depth}-bit {kind}) decodes to {} and converts to {} of RGB",
+                human_bytes(decoded),
+                human_bytes(rgb)
+            )
+        },
+        need,
+        budget,
+    )?;
+    // The decoder's own limit covers the output row it reserves and the chunks it keeps. It
+    // gets half of what the pixels leave: an inflated chunk grows its Vec by amortized
+    // doubling, so up to twice what the limit lets it keep may be reserved.
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(((budget as u128 - need) / 2 + row as u128) as u64);
+    reader.limits(limits);
+    let decoder = reader
+        .into_decoder()
+        .map_err(|e| format!("cannot decode PNG: {e}"))?;
+    let img = DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode PNG: {e}"))?;
+    Ok(to_rgb_like_pil(img))
+}
+
+/// Rows of raw data the PNG decoder buffers at most (its unfiltering buffer keeps about four
+/// before it shifts them out, plus the rows being filtered and the output row).
+const PNG_BUFFERED_ROWS: usize = 8;
+
+/// Width, height, colour type and bit depth from a PNG's IHDR chunk.
+fn png_header(bytes: &[u8]) -> std::result::Result<(u32, u32, u8, u8), String> {
+    match bytes.get(8..26) {
+        Some(ihdr) if &ihdr[4..8] == b"IHDR" => {
+            let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+            Ok((be(&ihdr[8..12]), be(&ihdr[12..16]), ihdr[17], ihdr[16]))
+        }
+        _ => Err("cannot decode PNG: no header (IHDR) chunk".into()),
     }
 }
 
 /// JPEG through our own decoder (`super::jpeg`), which reproduces the libjpeg-turbo that PIL
 /// uses bit for bit: ISLOW IDCT, fancy upsampling, libjpeg's YCbCr tables, Pillow's CMYK
-/// conversion.
-fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
-    let img = super::jpeg::decode(bytes, MAX_DECODED_BYTES)
-        .map_err(|e| format!("cannot decode JPEG: {e}"))?;
+/// conversion. Its whole working set, `bytes` included, is bounded by `budget`.
+fn decode_jpeg(bytes: &[u8], budget: usize) -> std::result::Result<RgbImage, String> {
+    let img = super::jpeg::decode(bytes, budget).map_err(|e| format!("cannot decode JPEG: {e}"))?;
     RgbImage::from_raw(img.width, img.height, img.rgb)
         .ok_or_else(|| "JPEG decoder returned a short buffer".into())
 }
@@ -461,8 +757,8 @@ fn to_rgb_like_pil(img: DynamicImage) -> RgbImage {
             [p[0], p[1], p[2]].map(|v| (v >> 8) as u8)
         }),
         // 8-bit grey, grey+alpha, RGB and RGBA: image's own conversion replicates grey and drops
-        // alpha, exactly like PIL.
-        other => other.to_rgb8(),
+        // alpha, exactly like PIL (and keeps an 8-bit RGB buffer as it is).
+        other => other.into_rgb8(),
     }
 }
 
@@ -471,6 +767,8 @@ fn to_rgb_like_pil(img: DynamicImage) -> RgbImage {
 
 /// LLaVA's `expand2square`: paste the image on a square canvas of side `max(w, h)` filled with
 /// `background`, at offset `((side - w) / 2, (side - h) / 2)` (floor division; only one is nonzero).
+/// Allocates the `side x side` canvas unchecked; [`ImageProcessorConfig::preprocess`] checks it
+/// against the memory budget first.
 pub fn expand_to_square(img: &RgbImage, background: [u8; 3]) -> RgbImage {
     let (w, h) = img.dimensions();
     if w == h {
@@ -489,7 +787,8 @@ pub fn expand_to_square(img: &RgbImage, background: [u8; 3]) -> RgbImage {
 
 /// transformers' `center_crop`: crop `width x height` from the centre, starting at
 /// `(size - crop) // 2`; along an edge shorter than the crop, the image is instead placed at
-/// `ceil((crop - size) / 2)` on a zero canvas.
+/// `ceil((crop - size) / 2)` on a zero canvas. Allocates the `width x height` output unchecked
+/// ([`ImageProcessorConfig::preprocess`] checks it against the memory budget first).
 pub fn center_crop(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     // (first source index, first destination index, length) along one axis
     let axis = |size: u32, crop: u32| {
@@ -548,10 +847,53 @@ struct Coeffs {
     taps: Vec<Vec<i32>>,
 }
 
-fn coeffs(n_in: usize, n_out: usize) -> Coeffs {
-    // Pillow takes the box edges as C floats: (float)n_in - 0.0f, then widens to double.
+/// `(scale, fscale)` of an axis: Pillow takes the box edges as C floats, `(float)n_in - 0.0f`,
+/// then widens to double; downscaling widens the kernel by `fscale`.
+fn filter_scale(n_in: u64, n_out: u64) -> (f64, f64) {
     let scale = (n_in as f32) as f64 / n_out as f64;
-    let fscale = scale.max(1.0);
+    (scale, scale.max(1.0))
+}
+
+/// Bytes [`coeffs`] holds at most for an axis (nothing when the pass is skipped): `start` and
+/// one tap vector per output, each at most `2 * support + 1` taps (plus one for rounding), and
+/// the f64 weights of the output being computed.
+fn coeffs_bytes(n_in: u64, n_out: u64) -> u128 {
+    if n_in == n_out {
+        return 0;
+    }
+    let (_, fscale) = filter_scale(n_in, n_out);
+    let taps = ((4.0 * fscale) as u128 + 2).min(n_in as u128);
+    let per_output =
+        (size_of::<usize>() + size_of::<Vec<i32>>()) as u128 + taps * size_of::<i32>() as u128;
+    total([
+        per_output.saturating_mul(n_out as u128),
+        taps * size_of::<f64>() as u128,
+    ])
+}
+
+/// Bytes [`resample`] holds at once besides its input, for RGB `w x h` -> `out_w x out_h`: the
+/// larger of its two passes, (coefficients + intermediate) and (intermediate + coefficients +
+/// output).
+fn resample_bytes(w: u64, h: u64, out_w: u64, out_h: u64) -> u128 {
+    let rgb = |w: u64, h: u64| bytes(&[w as usize, h as usize, 3]);
+    let (tmp, first, second) = if vertical_first(w, h, out_w, out_h) {
+        (
+            rgb(w, out_h),
+            coeffs_bytes(h, out_h),
+            coeffs_bytes(w, out_w),
+        )
+    } else {
+        (
+            rgb(out_w, h),
+            coeffs_bytes(w, out_w),
+            coeffs_bytes(h, out_h),
+        )
+    };
+    total([tmp, first.max(total([second, rgb(out_w, out_h)]))])
+}
+
+fn coeffs(n_in: usize, n_out: usize) -> Coeffs {
+    let (scale, fscale) = filter_scale(n_in as u64, n_out as u64);
     let support = 2.0 * fscale;
     let ss = 1.0 / fscale;
     let mut start = Vec::with_capacity(n_out);
@@ -591,19 +933,22 @@ fn apply(taps: &[i32], samples: impl Iterator<Item = u8>) -> u8 {
 
 /// Resamples interleaved `ch`-channel u8 pixels from `w x h` to `out_w x out_h`.
 fn resample(src: &[u8], w: usize, h: usize, ch: usize, out_w: usize, out_h: usize) -> Vec<u8> {
-    // Pillow 13 runs the vertical pass first when the height shrinks by more than twice as many
-    // pixels as the width (fewer rows for the horizontal pass); otherwise horizontal first.
-    // (Older Pillow always went horizontal first; the rounding between passes makes the order
-    // visible in the output.)
-    let (dw, dh) = (w as i64 - out_w as i64, h as i64 - out_h as i64);
-    let vertical_first = dh > 0 && dh > dw * 2;
-    if vertical_first {
+    if vertical_first(w as u64, h as u64, out_w as u64, out_h as u64) {
         let tmp = resample_vertical(src, w, h, ch, out_h);
         resample_horizontal(&tmp, w, out_h, ch, out_w)
     } else {
         let tmp = resample_horizontal(src, w, h, ch, out_w);
         resample_vertical(&tmp, out_w, h, ch, out_h)
     }
+}
+
+/// Pillow 13 runs the vertical pass first when the height shrinks by more than twice as many
+/// pixels as the width (fewer rows for the horizontal pass); otherwise horizontal first.
+/// (Older Pillow always went horizontal first; the rounding between passes makes the order
+/// visible in the output.)
+fn vertical_first(w: u64, h: u64, out_w: u64, out_h: u64) -> bool {
+    let (dw, dh) = (w as i128 - out_w as i128, h as i128 - out_h as i128);
+    dh > 0 && dh > dw * 2
 }
 
 /// The horizontal pass over every row; a copy when the width is unchanged.
@@ -646,7 +991,9 @@ fn resample_vertical(src: &[u8], w: usize, h: usize, ch: usize, out_h: usize) ->
 }
 
 /// Resizes with Pillow's `Image.resize((width, height), Image.BICUBIC)` on an RGB image, bit-exact
-/// (no `reducing_gap`, full-image box). An unchanged size returns a copy.
+/// (no `reducing_gap`, full-image box). An unchanged size returns a copy. Allocates the output
+/// and the intermediate pass unchecked ([`ImageProcessorConfig::preprocess`] checks them against
+/// the memory budget first).
 pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let data = resample(img.as_raw(), w, h, 3, width as usize, height as usize);
@@ -723,6 +1070,49 @@ mod tests {
             let src = vec![173u8; w * h * 3];
             assert!(resample(&src, w, h, 3, ow, oh).iter().all(|&v| v == 173));
         }
+    }
+
+    #[test]
+    fn coeffs_bytes_bounds_what_coeffs_allocates() {
+        for (n_in, n_out) in [
+            (4000, 336),
+            (336, 4000),
+            (100_000, 1),
+            (1, 336),
+            (7, 5),
+            (5, 7),
+            (397, 305),
+            (3, 2),
+            (1 << 20, 3),
+        ] {
+            let c = coeffs(n_in, n_out);
+            let taps = c.taps.iter().map(Vec::len);
+            let held = n_out * (size_of::<usize>() + size_of::<Vec<i32>>())
+                + taps.clone().sum::<usize>() * size_of::<i32>()
+                + taps.max().unwrap() * size_of::<f64>();
+            let bound = coeffs_bytes(n_in as u64, n_out as u64);
+            assert!(held as u128 <= bound, "{n_in} -> {n_out}: {held} > {bound}");
+            // and not wildly above: at most twice, plus the rounding tap
+            assert!(
+                bound <= 2 * held as u128 + 16 * n_out as u128,
+                "{n_in} -> {n_out}"
+            );
+        }
+        assert_eq!(coeffs_bytes(9, 9), 0); // the pass is skipped
+    }
+
+    #[test]
+    fn budget_messages() {
+        assert_eq!(human_bytes(1 << 30), "1 GiB");
+        assert_eq!(human_bytes(370), "370 B");
+        assert_eq!(human_bytes(33_868_800_000), "31.5 GiB");
+        assert_eq!(bytes(&[usize::MAX, usize::MAX, 3]), u128::MAX); // saturates
+        assert!(check_budget(|| "x".into(), 1 << 30, 1 << 30).is_ok());
+        let msg = check_budget(|| "100x1 resizes".into(), (1 << 30) + 1, 1 << 30).unwrap_err();
+        assert_eq!(
+            msg,
+            "100x1 resizes: 1.0 GiB held at once, which exceeds the 1 GiB image memory budget"
+        );
     }
 
     #[test]

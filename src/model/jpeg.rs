@@ -24,6 +24,8 @@
 //! reproduced, so such files decode close to, but not exactly like, Pillow. Complete files
 //! never trigger it. EXIF orientation is not applied (neither does `Image.open`).
 
+use super::image::{STATE_BYTES, bytes, check_budget, total};
+
 /// A decoded image: `width * height` interleaved RGB pixels.
 pub(crate) struct Decoded {
     pub width: u32,
@@ -33,9 +35,11 @@ pub(crate) struct Decoded {
 
 /// Decodes a JPEG file to RGB exactly as Pillow's `Image.open(..).convert("RGB")`.
 ///
-/// `max_bytes` bounds the decoded RGB size (and so all working memory, which is a small multiple
-/// of it) against decompression bombs. Errors are plain messages for the caller to wrap.
-pub(crate) fn decode(data: &[u8], max_bytes: usize) -> Result<Decoded, String> {
+/// `budget` bounds the decoder's whole working set against decompression bombs: `data` itself,
+/// the sample planes, the coefficients of a multi-scan file, the RGB output and its row buffers
+/// ([`Frame::working_set`]), checked before any of them is allocated. Errors are plain messages
+/// for the caller to wrap.
+pub(crate) fn decode(data: &[u8], budget: usize) -> Result<Decoded, String> {
     let mut d = Decoder {
         data,
         pos: 0,
@@ -48,7 +52,7 @@ pub(crate) fn decode(data: &[u8], max_bytes: usize) -> Result<Decoded, String> {
         adobe_transform: None,
         frame: None,
         scans: 0,
-        max_bytes,
+        budget,
     };
     d.run()?;
     d.finish()
@@ -418,6 +422,31 @@ struct Frame {
     multi_scan: bool,
 }
 
+impl Frame {
+    /// Bytes the decoder holds at once for this frame, reading a file of `file_len` bytes: the
+    /// file, the sample planes and then either the coefficients of a multi-scan file (freed
+    /// before the output exists) or the RGB output and `to_rgb`'s row buffers, plus
+    /// [`STATE_BYTES`].
+    fn working_set(&self, file_len: usize) -> u128 {
+        let planes = self.comps.iter().map(|c| bytes(&[c.bw, c.bh, 64]));
+        let coefs = self.comps.iter().map(|c| {
+            let blocks = [c.stride_blocks, self.mcus_y, c.v, size_of::<[i16; 64]>()];
+            if self.multi_scan { bytes(&blocks) } else { 0 }
+        });
+        let rows = self.comps.iter().map(|c| {
+            let upsampled = (c.dw * self.max_h / c.h).max(self.width);
+            total([bytes(&[upsampled]), bytes(&[c.dw, size_of::<u16>()])])
+        });
+        let output = total([bytes(&[self.width, self.height, 3]), total(rows)]);
+        total([
+            bytes(&[file_len]),
+            STATE_BYTES,
+            total(planes),
+            total(coefs).max(output),
+        ])
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum ColorSpace {
     Gray,
@@ -456,7 +485,8 @@ struct Decoder<'a> {
     adobe_transform: Option<u8>,
     frame: Option<Frame>,
     scans: usize,
-    max_bytes: usize,
+    /// Bytes the whole decode may hold at once (see [`decode`]).
+    budget: usize,
 }
 
 /// A marker segment: `declared` payload bytes by its length field, of which the file may hold
@@ -690,12 +720,6 @@ impl<'a> Decoder<'a> {
         if width > 65500 || height > 65500 {
             return Err(format!("image too large ({width}x{height})"));
         }
-        if width * height * 3 > self.max_bytes {
-            return Err(format!(
-                "image too large ({width}x{height} would decode to more than {} MiB)",
-                self.max_bytes >> 20
-            ));
-        }
         let mut comps = Vec::with_capacity(n);
         for c in s.bytes(3 * n)?.chunks_exact(3) {
             let (h, v) = ((c[1] >> 4) as usize, (c[1] & 15) as usize);
@@ -781,15 +805,20 @@ impl<'a> Decoder<'a> {
             // the colour space and the decoding mode are fixed by the first scan
             // (libjpeg's jpeg_read_header / jpeg_start_decompress)
             frame.multi_scan = frame.progressive || n < frame.comps.len();
-            let blocks: usize = frame
-                .comps
-                .iter()
-                .map(|c| frame.mcus_x * c.h * frame.mcus_y * c.v)
-                .sum();
-            let samples: usize = frame.comps.iter().map(|c| c.bw * c.bh * 64).sum();
-            if samples + if frame.multi_scan { blocks * 128 } else { 0 } > 4 * self.max_bytes {
-                return Err("image too large to decode".into());
-            }
+            let need = frame.working_set(self.data.len());
+            check_budget(
+                || {
+                    format!(
+                        "{}x{} frame ({} components{})",
+                        frame.width,
+                        frame.height,
+                        frame.comps.len(),
+                        if frame.multi_scan { ", multi-scan" } else { "" }
+                    )
+                },
+                need,
+                self.budget,
+            )?;
             for c in &mut frame.comps {
                 c.plane = vec![0u8; c.bw * c.bh * 64];
                 if frame.multi_scan {
