@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::model::image::{self, ImageProcessorConfig};
+use crate::model::image::ImageProcessorConfig;
 use crate::model::llama::{KvCache, SeqRows};
 use crate::model::template::{self, ImageSlot, Prompt, PromptOptions};
 use crate::ops::check_finite;
@@ -184,20 +184,11 @@ impl Engine {
                 })?;
                 Tensor::from_f32(&[p.len()], p.clone())?
             }
-            ImageInput::Path(path) => {
-                let rgb = image::load_image(path)?;
-                let proc = ImageProcessorConfig {
-                    pad_to_square,
-                    ..proc.clone()
-                };
-                proc.preprocess(&rgb).map_err(|e| match e {
-                    Error::Image { msg, .. } => Error::Image {
-                        path: path.clone(),
-                        msg,
-                    },
-                    e => e,
-                })?
+            ImageInput::Path(path) => ImageProcessorConfig {
+                pad_to_square,
+                ..proc.clone()
             }
+            .preprocess_file(path)?,
         };
         if t.len() != want.iter().product::<usize>() {
             return Err(Error::Shape {

@@ -422,6 +422,19 @@ impl ImageProcessorConfig {
         self.preprocess_with_budget(img, IMAGE_MEMORY_BUDGET)
     }
 
+    /// Loads an image file ([`load_image`]) and preprocesses it; every error, the memory budget's
+    /// included, names `path`.
+    pub fn preprocess_file(&self, path: &Path) -> Result<Tensor> {
+        let img = load_image(path)?;
+        self.preprocess(&img).map_err(|e| match e {
+            Error::Image { msg, .. } => Error::Image {
+                path: path.to_path_buf(),
+                msg,
+            },
+            e => e,
+        })
+    }
+
     /// [`preprocess`](Self::preprocess) within `budget` bytes instead of the default: every
     /// stage's size is planned and checked before the first allocation.
     pub fn preprocess_with_budget(&self, img: &RgbImage, budget: usize) -> Result<Tensor> {

@@ -20,7 +20,7 @@
 //! Labels are aligned with `input_ids` (HF convention: the model shifts them by one).
 
 use crate::error::{Error, Result};
-use crate::model::image::{ImageProcessorConfig, load_image};
+use crate::model::image::ImageProcessorConfig;
 use crate::model::template::{IMAGE_PLACEHOLDER, ImageSlot, LLAVA_SYSTEM, Segment};
 use crate::model::tokenizer::Tokenizer;
 use crate::train::model::{GroundedRow, Grounding, HeadShare};
@@ -549,11 +549,12 @@ impl<'a> Encoder<'a> {
         let pixel_values = match (&conv.image, &self.image_processor) {
             (Some(file), Some(proc)) => {
                 let path = image_folder.join(file);
-                let img = load_image(&path).map_err(|e| Error::Image {
-                    path: path.clone(),
-                    msg: format!("sample {} (field `image`): {e}", conv.id),
-                })?;
-                proc.preprocess(&img)?.into_f32_vec()
+                proc.preprocess_file(&path)
+                    .map_err(|e| Error::Image {
+                        path: path.clone(),
+                        msg: format!("sample {} (field `image`): {e}", conv.id),
+                    })?
+                    .into_f32_vec()
             }
             _ => Vec::new(),
         };
