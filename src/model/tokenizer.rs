@@ -24,10 +24,18 @@ impl Tokenizer {
                 path: path.to_path_buf(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+        let err = |msg: String| Error::Tokenizer {
             path: path.to_path_buf(),
-            msg: format!("cannot parse: {e}"),
-        })?;
+            msg,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        // tokenizers 0.23 panics (`expect("Helper")` in its decoder's deserializer) on malformed
+        // json inside the `decoder` object, e.g. a truncated file: check the syntax first.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| err(format!("not valid JSON: {e}")))?;
+        let inner: tokenizers::Tokenizer = text
+            .parse()
+            .map_err(|e| err(format!("cannot parse: {e}")))?;
         Ok(Tokenizer {
             inner,
             source: path.to_path_buf(),
@@ -81,5 +89,33 @@ impl Tokenizer {
             path: self.source.clone(),
             msg,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tokenizer.json cut inside its `decoder` object (an interrupted download) made the
+    /// tokenizers crate panic; it is an error naming the file.
+    #[test]
+    fn truncated_tokenizer_json_is_an_error() {
+        let full = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llava_tied/tokenizer.json"),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let decoder = full.find("\"decoder\"").unwrap();
+        for cut in [decoder + 40, decoder + 120, full.len() - 3] {
+            std::fs::write(&path, &full[..cut]).unwrap();
+            let e = Tokenizer::from_file(&path).err().unwrap().to_string();
+            assert!(
+                e.contains("tokenizer.json") && e.contains("not valid JSON"),
+                "{e}"
+            );
+        }
+        std::fs::write(&path, &full).unwrap();
+        assert!(Tokenizer::from_file(&path).unwrap().vocab_size() > 0);
     }
 }
