@@ -1020,21 +1020,25 @@ fn fix_png_crcs(data: &mut [u8]) {
     }
 }
 
-/// Ends of runs of at least 8 printable ASCII bytes (GGUF keys and tensor names).
-fn ascii_run_ends(data: &[u8]) -> Vec<usize> {
-    let mut out = Vec::new();
+/// Ends of runs of at least 8 printable ASCII bytes (GGUF keys and tensor names); those of
+/// `llama.*` keys (the model's sizes) first in a second list.
+fn ascii_run_ends(data: &[u8]) -> (Vec<usize>, Vec<usize>) {
+    let (mut all, mut llama) = (Vec::new(), Vec::new());
     let mut run = 0;
     for (i, &b) in data.iter().enumerate() {
         if b.is_ascii_graphic() {
             run += 1;
         } else {
             if run >= 8 {
-                out.push(i);
+                all.push(i);
+                if data[i - run..].starts_with(b"llama.") {
+                    llama.push(i);
+                }
             }
             run = 0;
         }
     }
-    out
+    (all, llama)
 }
 
 /// Dimension-like values for image headers.
@@ -1077,12 +1081,23 @@ fn mutate_format(format: Format, data: &mut Vec<u8>, rng: &mut StdRng) -> bool {
         Format::Gguf => {
             // A value right after a key (its type, then the value) or a tensor name (n_dims,
             // dims).
-            let ends = ascii_run_ends(data);
+            let (all, llama) = ascii_run_ends(data);
+            let ends = if !llama.is_empty() && rng.random_bool(0.5) {
+                llama
+            } else {
+                all
+            };
             if ends.is_empty() {
                 return false;
             }
-            let at =
-                ends[rng.random_range(0..ends.len())] + [0, 4, 8, 12, 20][rng.random_range(0..5)];
+            // After a key: u32 type, then the value (offset 4); after a tensor name: n_dims,
+            // then u64 dims.
+            let offset = if rng.random_bool(0.5) {
+                4
+            } else {
+                [0, 8, 12, 20][rng.random_range(0..4)]
+            };
+            let at = ends[rng.random_range(0..ends.len())] + offset;
             let width = [4, 8][rng.random_range(0..2)];
             overwrite_int(
                 data,
@@ -1133,10 +1148,13 @@ fn mutate(t: &Target, sources: &[Vec<u8>], seed: u64, index: u64) -> Vec<u8> {
         seed ^ name_hash.rotate_left(17) ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15),
     );
     let mut data = sources[rng.random_range(0..sources.len())].clone();
-    let structured = matches!(t.format, Format::Json | Format::Toml | Format::Safetensors);
-    if rng.random_bool(if structured { 0.6 } else { 0.3 })
-        && mutate_format(t.format, &mut data, &mut rng)
-    {
+    // Image dimensions mostly make big images, slow to decode and resize: a few of those.
+    let p = match t.format {
+        Format::Png | Format::Jpeg => 0.1,
+        Format::Gguf => 0.5,
+        _ => 0.6,
+    };
+    if rng.random_bool(p) && mutate_format(t.format, &mut data, &mut rng) {
         if rng.random_bool(0.2) {
             mutate_bytes(&mut data, sources, &mut rng);
         }

@@ -30,8 +30,9 @@ impl Tokenizer {
         };
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         // tokenizers 0.23 panics (`expect("Helper")` in its decoder's deserializer) on malformed
-        // json inside the `decoder` object, e.g. a truncated file: check the syntax first.
-        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+        // json inside the `decoder` object, e.g. a truncated file or a number out of f64's
+        // range: parse it as json first (numbers included, so not `IgnoredAny`).
+        serde_json::from_str::<serde_json::Value>(&text)
             .map_err(|e| err(format!("not valid JSON: {e}")))?;
         let inner: tokenizers::Tokenizer = text
             .parse()
@@ -96,8 +97,9 @@ impl Tokenizer {
 mod tests {
     use super::*;
 
-    /// A tokenizer.json cut inside its `decoder` object (an interrupted download) made the
-    /// tokenizers crate panic; it is an error naming the file.
+    /// A tokenizer.json cut inside its `decoder` object (an interrupted download), or with a
+    /// number there out of f64's range, made the tokenizers crate panic; it is an error naming
+    /// the file.
     #[test]
     fn truncated_tokenizer_json_is_an_error() {
         let full = std::fs::read_to_string(
@@ -107,8 +109,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokenizer.json");
         let decoder = full.find("\"decoder\"").unwrap();
-        for cut in [decoder + 40, decoder + 120, full.len() - 3] {
-            std::fs::write(&path, &full[..cut]).unwrap();
+        let out_of_range = full.replacen("\"decoder\": {", "\"decoder\": {\"n\": 1e999, ", 1);
+        let cuts = [decoder + 40, decoder + 120, full.len() - 3];
+        for text in cuts
+            .iter()
+            .map(|&c| &full[..c])
+            .chain([out_of_range.as_str()])
+        {
+            std::fs::write(&path, text).unwrap();
             let e = Tokenizer::from_file(&path).err().unwrap().to_string();
             assert!(
                 e.contains("tokenizer.json") && e.contains("not valid JSON"),
