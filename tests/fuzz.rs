@@ -378,6 +378,10 @@ const TARGETS: &[Target] = &[
                 "tests/fuzz/corpus/conversations_json/seed_llava.json",
                 "data/train.json",
             ),
+            (
+                "tests/fuzz/data/train_images_only.json",
+                "data/images_only.json",
+            ),
             (IMAGE, "data/images/a.png"),
         ],
         fresh_sandbox: true,
