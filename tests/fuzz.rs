@@ -1364,6 +1364,10 @@ fn refused_bytes(stderr: &str) -> Option<usize> {
 /// Runs `job` in child processes, one case at a time, calling `each` with every case; a child that
 /// aborts or hangs (past `timeout`) is replaced by a new one from the next case.
 fn supervise(mut job: Job, timeout: Duration, mut each: impl FnMut(&Case)) {
+    let deadline = match job.cases {
+        Cases::Mutants { secs, .. } => secs,
+        Cases::Files { .. } => 0.0,
+    };
     let began = Instant::now();
     loop {
         let mut child = Command::new(std::env::current_exe().unwrap())
@@ -1517,7 +1521,7 @@ fn supervise(mut job: Job, timeout: Duration, mut each: impl FnMut(&Case)) {
             Cases::Mutants {
                 start, end, secs, ..
             } => {
-                let left = *secs - began.elapsed().as_secs_f64();
+                let left = deadline - began.elapsed().as_secs_f64();
                 if next >= *end || left <= 0.0 {
                     return;
                 }
