@@ -24,10 +24,19 @@ impl Tokenizer {
                 path: path.to_path_buf(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+        let err = |msg: String| Error::Tokenizer {
             path: path.to_path_buf(),
-            msg: format!("cannot parse: {e}"),
-        })?;
+            msg,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        // tokenizers 0.23 panics (`expect("Helper")` in its decoder's deserializer) on malformed
+        // json inside the `decoder` object, e.g. a truncated file or a number out of f64's
+        // range: parse it as json first (numbers included, so not `IgnoredAny`).
+        serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| err(format!("not valid JSON: {e}")))?;
+        let inner: tokenizers::Tokenizer = catch_panic(|| text.parse())
+            .map_err(|msg| err(format!("cannot parse: {msg}")))?
+            .map_err(|e| err(format!("cannot parse: {e}")))?;
         Ok(Tokenizer {
             inner,
             source: path.to_path_buf(),
@@ -44,10 +53,9 @@ impl Tokenizer {
 
     /// Encodes `text`, adding the special tokens the tokenizer's post-processor adds (BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Encoding> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| self.err(format!("cannot encode {text:?}: {e}")))?;
+        let enc = self.guarded(&format!("cannot encode {text:?}"), || {
+            self.inner.encode(text, add_special_tokens)
+        })?;
         Ok(Encoding {
             ids: enc.get_ids().to_vec(),
             offsets: enc.get_offsets().to_vec(),
@@ -56,9 +64,9 @@ impl Tokenizer {
 
     /// Decodes ids to text, optionally dropping special tokens.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| self.err(format!("cannot decode {ids:?}: {e}")))
+        self.guarded(&format!("cannot decode {ids:?}"), || {
+            self.inner.decode(ids, skip_special_tokens)
+        })
     }
 
     /// The string of token `id`, if it exists.
@@ -76,10 +84,99 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// A call into the tokenizers crate, its errors and panics (see [`catch_panic`]) as
+    /// [`Error::Tokenizer`] naming the file.
+    fn guarded<T>(&self, what: &str, f: impl FnOnce() -> tokenizers::Result<T>) -> Result<T> {
+        catch_panic(f)
+            .map_err(|msg| self.err(format!("{what}: {msg}")))?
+            .map_err(|e| self.err(format!("{what}: {e}")))
+    }
+
     fn err(&self, msg: String) -> Error {
         Error::Tokenizer {
             path: self.source.clone(),
             msg,
+        }
+    }
+}
+
+/// Runs `f`, turning a panic into an error message: the tokenizers crate panics on some
+/// tokenizer files that parse (a BPE `continuing_subword_prefix` longer than a merge's token, a
+/// post-processor template naming a special token it does not map).
+fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        format!(
+            "the tokenizers crate panicked ({msg}); the file's `model`, `pre_tokenizer` or \
+             `post_processor` settings are inconsistent"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tokenizer.json cut inside its `decoder` object (an interrupted download), or with a
+    /// number there out of f64's range, made the tokenizers crate panic; it is an error naming
+    /// the file.
+    #[test]
+    fn truncated_tokenizer_json_is_an_error() {
+        let full = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llava_tied/tokenizer.json"),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let decoder = full.find("\"decoder\"").unwrap();
+        let out_of_range = full.replacen("\"decoder\": {", "\"decoder\": {\"n\": 1e999, ", 1);
+        let cuts = [decoder + 40, decoder + 120, full.len() - 3];
+        for text in cuts
+            .iter()
+            .map(|&c| &full[..c])
+            .chain([out_of_range.as_str()])
+        {
+            std::fs::write(&path, text).unwrap();
+            let e = Tokenizer::from_file(&path).err().unwrap().to_string();
+            assert!(
+                e.contains("tokenizer.json") && e.contains("not valid JSON"),
+                "{e}"
+            );
+        }
+        std::fs::write(&path, &full).unwrap();
+        assert!(Tokenizer::from_file(&path).unwrap().vocab_size() > 0);
+    }
+
+    /// Tokenizer files that parse but make the tokenizers crate panic, when it builds the BPE
+    /// model or while encoding (found by tests/fuzz.rs): a BPE `continuing_subword_prefix`, a
+    /// post-processor template naming a special token its `special_tokens` map lacks. Loading or
+    /// encoding is an error naming the file.
+    #[test]
+    fn tokenizer_panics_while_encoding_are_errors() {
+        let read = |p: &str| -> serde_json::Value {
+            let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(p));
+            serde_json::from_str(&text.unwrap()).unwrap()
+        };
+        let mut prefix = read("models/shapes-llava/tokenizer.json");
+        prefix["model"]["continuing_subword_prefix"] = "../../../outside".into();
+        let mut template = read("tests/reference/llava_tied/tokenizer.json");
+        let specials = template["post_processor"]["special_tokens"].as_object_mut();
+        specials.unwrap().remove("<s>").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        for bad in [prefix, template] {
+            std::fs::write(&path, bad.to_string()).unwrap();
+            let e = Tokenizer::from_file(&path)
+                .and_then(|tok| tok.encode("USER: What is it? ASSISTANT: a red square", true));
+            let e = e.err().unwrap().to_string();
+            assert!(
+                e.contains("tokenizer.json") && e.contains("panicked"),
+                "{e}"
+            );
         }
     }
 }
