@@ -426,3 +426,17 @@ fn a_4000x3000_photo_fits_the_default_budget() {
         eprintln!("4000x3000 {name}: decode peak {decode_peak} B, preprocess peak {pre_peak} B");
     }
 }
+
+/// A device that never ends (`--image /dev/zero`, `"image": "/dev/zero"`) is refused after its
+/// first 8 bytes, not read up to the budget.
+#[test]
+fn endless_non_image_stream_is_refused_at_its_signature() {
+    let _g = alone();
+    let (r, peak) = measured(|| load_image("/dev/zero"));
+    let msg = r.unwrap_err().to_string();
+    assert!(
+        msg.contains("/dev/zero") && msg.contains("not a PNG or JPEG"),
+        "{msg}"
+    );
+    assert!(peak < 1 << 20, "peak {peak}");
+}

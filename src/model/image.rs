@@ -641,11 +641,31 @@ pub fn load_image(path: impl AsRef<Path>) -> Result<RgbImage> {
             msg,
         }
     })?;
-    // `len` fits the budget, so it fits a usize; a file that grows meanwhile is cut at the budget
-    let mut bytes = Vec::with_capacity(len as usize);
-    file.take(budget as u64)
+    // The signature first: a device or pipe (`/dev/zero` has length 0 and never ends) that is
+    // not an image is refused after 8 bytes instead of being read up to the budget.
+    let mut file = file.take(budget as u64 + 1);
+    let mut bytes = Vec::with_capacity((len as usize).clamp(8, budget));
+    (&mut file)
+        .take(8)
         .read_to_end(&mut bytes)
         .map_err(|e| Error::io(path, e))?;
+    let png = bytes.starts_with(b"\x89PNG\r\n\x1a\n");
+    let jpeg = bytes.starts_with(&[0xFF, 0xD8, 0xFF]);
+    if !png && !jpeg {
+        return Err(Error::Image {
+            path: path.to_path_buf(),
+            msg: "not a PNG or JPEG file".into(),
+        });
+    }
+    // `len` fits the budget, so it fits a usize; a stream longer than the budget is refused.
+    file.read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    check_budget(|| "the stream".into(), bytes.len() as u128, budget).map_err(|msg| {
+        Error::Image {
+            path: path.to_path_buf(),
+            msg,
+        }
+    })?;
     decode(&bytes, path, budget)
 }
 
