@@ -2010,3 +2010,28 @@ fn text_only_samples_train_beside_image_samples() {
         assert!(moved("vision") && moved("lm"), "batch {batch_size}");
     }
 }
+
+/// A transformers-5 checkpoint keeps its image processor in `processor_config.json` (no
+/// `preprocessor_config.json`): training reads it there, as `Model::load` does, instead of
+/// falling back to CLIP's 336 px and failing on every image with a shape error.
+#[test]
+fn a_transformers_5_checkpoint_trains_with_its_own_image_processor() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    export(&data, 4);
+    let tied = reference_dir().join("llava_tied");
+    assert!(!tied.join("preprocessor_config.json").exists());
+    let cfg = TrainConfig {
+        model: Some(tied),
+        steps: 2,
+        grad_accum: 1,
+        ..config(&data, &dir.path().join("run"))
+    };
+    let s = train(&cfg, &quiet()).unwrap();
+    assert_eq!(s.end_step, 2);
+    assert!(
+        s.history.iter().all(|r| r.loss.is_finite()),
+        "{:?}",
+        s.history
+    );
+}

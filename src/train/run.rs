@@ -1227,12 +1227,6 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
     }
     let tok_path = base.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tok_path)?;
-    let pp = base.join("preprocessor_config.json");
-    let processor = if pp.is_file() {
-        ImageProcessorConfig::from_preprocessor_config(&pp)?
-    } else {
-        ImageProcessorConfig::default()
-    };
 
     let distiller = |m: &mut TrainModel| -> Result<Option<Distiller>> {
         cfg.distill
@@ -1304,7 +1298,10 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
         }
     };
     let mut enc = Encoder::new(&tokenizer, image_slot, cfg.max_len);
-    enc.image_processor = Some(processor);
+    enc.image_processor = Some(ImageProcessorConfig::from_model_dir(
+        &base,
+        m.config.vision.image_size,
+    )?);
 
     // losses.csv: rewritten with the kept history, then appended to step by step.
     let csv_path = cfg.output.join("losses.csv");

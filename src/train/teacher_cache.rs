@@ -233,12 +233,7 @@ impl EncoderParts {
         };
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path)?;
-        let pp = dir.join("preprocessor_config.json");
-        let processor = if pp.is_file() {
-            ImageProcessorConfig::from_preprocessor_config(&pp)?
-        } else {
-            ImageProcessorConfig::default()
-        };
+        let processor = ImageProcessorConfig::from_model_dir(dir, config.vision.image_size)?;
         let id = config.image_token_id;
         let token = tokenizer.id_to_token(id).ok_or_else(|| Error::Tokenizer {
             path: tok_path.clone(),

@@ -689,12 +689,7 @@ pub fn pretrain_vision(
             "pretrain-vision needs one image token per patch (select strategy `default`)",
         ));
     }
-    let pp = model_dir.join("preprocessor_config.json");
-    let proc = if pp.is_file() {
-        ImageProcessorConfig::from_preprocessor_config(&pp)?
-    } else {
-        ImageProcessorConfig::default()
-    };
+    let proc = ImageProcessorConfig::from_model_dir(model_dir, vc.image_size)?;
     // The output folder is created (and held) only once the inputs are known good.
     let _lock = super::lock::RunLock::acquire(out)?;
     let train: Vec<Scene> = shapes::generate(Split::Train, cfg.scenes, cfg.seed, &cfg.shapes)?
