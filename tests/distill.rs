@@ -390,6 +390,11 @@ fn bad_configs_fail_before_any_step() {
         "`batch_size`: 100000000 is more than the 2 samples",
     );
     check(with(&|c| c.grad_accum = 0), quiet(), "`grad_accum`");
+    check(
+        with(&|c| c.grad_accum = 65535),
+        quiet(),
+        "`grad_accum`: 65535 micro-batches per step is more than the 2 samples",
+    );
     check(with(&|c| c.lr = -1.0), quiet(), "`lr`");
     check(with(&|c| c.lr = f64::NAN), quiet(), "`lr`");
     check(with(&|c| c.warmup = 11), quiet(), "`warmup`");

@@ -376,3 +376,22 @@ fn non_finite_values_are_reported_where_they_appear() {
         "{msg}"
     );
 }
+
+/// An image processor that gives another size than the vision tower takes is refused at load,
+/// naming its file and key, instead of failing with a shape error at the first image.
+#[test]
+fn image_processor_of_another_size_is_refused_at_load() {
+    let (_t, dir) = copy_model("llava_tied");
+    std::fs::write(
+        dir.join("preprocessor_config.json"),
+        r#"{"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}}"#,
+    )
+    .unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("preprocessor_config.json")
+            && e.contains("`crop_size` gives 224x224")
+            && e.contains("takes 30x30"),
+        "{e}"
+    );
+}

@@ -185,10 +185,34 @@ impl ImageProcessorConfig {
     /// The image processor of an HF model directory: `preprocessor_config.json` (transformers 4.x),
     /// else the `image_processor` object of `processor_config.json` (5.x), else CLIP's settings at
     /// the vision tower's `image_size`.
+    ///
+    /// A processor whose output size is fixed (a centre crop, or an exact resize) must give the
+    /// `image_size x image_size` the vision tower takes: a mismatch is an [`Error::Config`] at
+    /// load, not a shape error at the first image.
     pub fn from_model_dir(dir: &Path, image_size: usize) -> Result<Self> {
+        let read = |path: PathBuf, cfg: Self| -> Result<Self> {
+            let out = if cfg.do_center_crop {
+                Some((cfg.crop_height, cfg.crop_width, "crop_size"))
+            } else {
+                cfg.exact_size
+                    .filter(|_| cfg.do_resize)
+                    .map(|(h, w)| (h, w, "size"))
+            };
+            match out {
+                Some((h, w, key)) if (h, w) != (image_size, image_size) => Err(Error::Config {
+                    path,
+                    msg: format!(
+                        "`{key}` gives {h}x{w} images but the vision tower takes \
+                         {image_size}x{image_size} (config.json `vision_config.image_size`)"
+                    ),
+                }),
+                _ => Ok(cfg),
+            }
+        };
         let pre = dir.join("preprocessor_config.json");
         if pre.exists() {
-            return Self::from_preprocessor_config(&pre);
+            let cfg = Self::from_preprocessor_config(&pre)?;
+            return read(pre, cfg);
         }
         let proc = dir.join("processor_config.json");
         if proc.exists() {
@@ -198,7 +222,8 @@ impl ImageProcessorConfig {
                 msg: format!("not valid JSON: {e}"),
             })?;
             if let Some(ip) = v.get("image_processor") {
-                return Self::from_json(&ip.to_string(), &proc);
+                let cfg = Self::from_json(&ip.to_string(), &proc)?;
+                return read(proc, cfg);
             }
         }
         Ok(ImageProcessorConfig {

@@ -532,6 +532,19 @@ impl TrainConfig {
                 ),
             );
         }
+        // At most as many micro-batches per step as samples: a larger `grad_accum` (65535 from a
+        // typo) would only repeat the same samples within one step for hours.
+        if self.grad_accum > ds.len() {
+            return bad(
+                "grad_accum",
+                format!(
+                    "{} micro-batches per step is more than the {} samples of {}",
+                    self.grad_accum,
+                    ds.len(),
+                    self.data.display()
+                ),
+            );
+        }
         if let Some(d) = &self.distill {
             if self.new_model.is_some() {
                 return bad(
