@@ -26,6 +26,7 @@
 
 use std::borrow::Cow;
 use std::io::Cursor;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, ImageFormat, ImageReader, Limits};
@@ -472,11 +473,11 @@ impl ImageProcessorConfig {
         if plan.pad {
             img = Cow::Owned(expand_to_square(&img, self.pad_color()));
         }
-        if let Some((w, h)) = plan.resize {
-            img = Cow::Owned(resize_bicubic(&img, w, h));
-        }
-        if self.do_center_crop {
-            img = Cow::Owned(center_crop(&img, plan.crop.0, plan.crop.1));
+        match (plan.resize, self.do_center_crop) {
+            (Some(size), true) => img = Cow::Owned(resize_and_crop(&img, size, plan.crop)),
+            (Some((w, h)), false) => img = Cow::Owned(resize_bicubic(&img, w, h)),
+            (None, true) => img = Cow::Owned(center_crop(&img, plan.crop.0, plan.crop.1)),
+            (None, false) => {}
         }
         let (w, h) = (img.width() as usize, img.height() as usize);
         let value = self.normaliser();
@@ -510,11 +511,10 @@ impl ImageProcessorConfig {
             (w, h) = (side, side);
         }
         let mut resize = None;
+        let crop = (self.crop_width as u32, self.crop_height as u32);
         if self.do_resize {
             let (rw, rh) = self.resize_target(w as u32, h as u32);
-            let need = total([input, held, resample_bytes(w, h, rw, rh), STATE_BYTES]);
             let what = || format!("{w}x{h} resizes to {rw}x{rh}");
-            fits(&what, need)?;
             let (Ok(rw32), Ok(rh32)) = (u32::try_from(rw), u32::try_from(rh)) else {
                 return Err(preprocess_error(format!(
                     "{}: an edge is longer than {}",
@@ -522,10 +522,24 @@ impl ImageProcessorConfig {
                     u32::MAX
                 )));
             };
+            // Followed by a crop, only the window the crop keeps is computed.
+            let (win_w, win_h) = if self.do_center_crop {
+                (crop_axis(rw32, crop.0).2, crop_axis(rh32, crop.1).2)
+            } else {
+                (rw32, rh32)
+            };
+            let (win_w, win_h) = (win_w as u64, win_h as u64);
+            let out = bytes(&[win_w as usize, win_h as usize, 3]);
+            let need = total([
+                input,
+                held,
+                resample_bytes(w, h, rw, rh, win_w, win_h),
+                STATE_BYTES,
+            ]);
+            fits(&what, need)?;
             resize = Some((rw32, rh32));
-            (w, h, held) = (rw, rh, bytes(&[rw as usize, rh as usize, 3]));
+            (w, h, held) = (rw, rh, out);
         }
-        let crop = (self.crop_width as u32, self.crop_height as u32);
         if self.do_center_crop {
             let cropped = bytes(&[crop.0 as usize, crop.1 as usize, 3]);
             fits(
@@ -848,16 +862,8 @@ pub fn expand_to_square(img: &RgbImage, background: [u8; 3]) -> RgbImage {
 /// `ceil((crop - size) / 2)` on a zero canvas. Allocates the `width x height` output unchecked
 /// ([`ImageProcessorConfig::preprocess`] checks it against the memory budget first).
 pub fn center_crop(img: &RgbImage, width: u32, height: u32) -> RgbImage {
-    // (first source index, first destination index, length) along one axis
-    let axis = |size: u32, crop: u32| {
-        if size >= crop {
-            ((size - crop) / 2, 0, crop)
-        } else {
-            (0, (crop - size).div_ceil(2), size)
-        }
-    };
-    let (sx, dx, lx) = axis(img.width(), width);
-    let (sy, dy, ly) = axis(img.height(), height);
+    let (sx, dx, lx) = crop_axis(img.width(), width);
+    let (sy, dy, ly) = crop_axis(img.height(), height);
     let mut out = RgbImage::new(width, height);
     for y in 0..ly {
         for x in 0..lx {
@@ -865,6 +871,16 @@ pub fn center_crop(img: &RgbImage, width: u32, height: u32) -> RgbImage {
         }
     }
     out
+}
+
+/// transformers' centre crop along one axis of `size` cropped to `crop`: (first source index,
+/// first destination index, length).
+fn crop_axis(size: u32, crop: u32) -> (u32, u32, u32) {
+    if size >= crop {
+        ((size - crop) / 2, 0, crop)
+    } else {
+        (0, (crop - size).div_ceil(2), size)
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -899,10 +915,35 @@ fn bicubic_kernel(x: f64) -> f64 {
     }
 }
 
-/// Fixed-point taps for one axis: output `i` reads inputs `start[i]..start[i] + taps[i].len()`.
+/// Fixed-point taps for the outputs `first..` of one axis: output `first + i` reads inputs
+/// `start[i]..start[i] + taps[i].len()`.
 struct Coeffs {
     start: Vec<usize>,
     taps: Vec<Vec<i32>>,
+}
+
+impl Coeffs {
+    fn len(&self) -> usize {
+        self.start.len()
+    }
+
+    /// The inputs the taps read, `min(start)..max(start + taps)`.
+    fn span(&self) -> Range<usize> {
+        let lo = self.start.iter().copied().min().unwrap_or(0);
+        let hi = (self.start.iter().zip(&self.taps))
+            .map(|(s, t)| s + t.len())
+            .max()
+            .unwrap_or(lo);
+        lo..hi
+    }
+
+    /// The same taps reading an input that starts at input `first`.
+    fn shifted(&self, first: usize) -> Coeffs {
+        Coeffs {
+            start: self.start.iter().map(|s| s - first).collect(),
+            taps: self.taps.clone(),
+        }
+    }
 }
 
 /// `(scale, fscale)` of an axis: Pillow takes the box edges as C floats, `(float)n_in - 0.0f`,
@@ -912,51 +953,52 @@ fn filter_scale(n_in: u64, n_out: u64) -> (f64, f64) {
     (scale, scale.max(1.0))
 }
 
-/// Bytes [`coeffs`] holds at most for an axis (nothing when the pass is skipped): `start` and
-/// one tap vector per output, each at most `2 * support + 1` taps (plus one for rounding), and
-/// the f64 weights of the output being computed.
-fn coeffs_bytes(n_in: u64, n_out: u64) -> u128 {
-    if n_in == n_out {
-        return 0;
-    }
+/// Bytes [`coeffs`] holds at most for `computed` outputs of an axis: `start` and one tap vector
+/// per output, each at most `2 * support + 1` taps (plus one for rounding), and the f64 weights
+/// of the output being computed (a shifted copy of them may be held beside).
+fn coeffs_bytes(n_in: u64, n_out: u64, computed: u64) -> u128 {
     let (_, fscale) = filter_scale(n_in, n_out);
     let taps = ((4.0 * fscale) as u128 + 2).min(n_in as u128);
     let per_output =
         (size_of::<usize>() + size_of::<Vec<i32>>()) as u128 + taps * size_of::<i32>() as u128;
     total([
-        per_output.saturating_mul(n_out as u128),
+        per_output
+            .saturating_mul(computed as u128)
+            .saturating_mul(2),
         taps * size_of::<f64>() as u128,
     ])
 }
 
-/// Bytes [`resample`] holds at once besides its input, for RGB `w x h` -> `out_w x out_h`: the
-/// larger of its two passes, (coefficients + intermediate) and (intermediate + coefficients +
-/// output).
-fn resample_bytes(w: u64, h: u64, out_w: u64, out_h: u64) -> u128 {
+/// Bytes [`resample_window`] holds at once besides its input, for RGB `w x h` -> `out_w x out_h`
+/// of which a `win_w x win_h` window is computed: the larger of its two passes, (coefficients +
+/// intermediate) and (intermediate + coefficients + output).
+fn resample_bytes(w: u64, h: u64, out_w: u64, out_h: u64, win_w: u64, win_h: u64) -> u128 {
     let rgb = |w: u64, h: u64| bytes(&[w as usize, h as usize, 3]);
     let (tmp, first, second) = if vertical_first(w, h, out_w, out_h) {
         (
-            rgb(w, out_h),
-            coeffs_bytes(h, out_h),
-            coeffs_bytes(w, out_w),
+            rgb(w, win_h),
+            coeffs_bytes(h, out_h, win_h),
+            coeffs_bytes(w, out_w, win_w),
         )
     } else {
         (
-            rgb(out_w, h),
-            coeffs_bytes(w, out_w),
-            coeffs_bytes(h, out_h),
+            rgb(win_w, h),
+            coeffs_bytes(w, out_w, win_w),
+            coeffs_bytes(h, out_h, win_h),
         )
     };
-    total([tmp, first.max(total([second, rgb(out_w, out_h)]))])
+    total([tmp, first.max(total([second, rgb(win_w, win_h)]))])
 }
 
-fn coeffs(n_in: usize, n_out: usize) -> Coeffs {
+/// The taps of outputs `outputs` (a sub-range of `0..n_out`) of an `n_in -> n_out` axis; each
+/// output's taps depend on its index alone, so a window is exactly that part of the whole.
+fn coeffs(n_in: usize, n_out: usize, outputs: Range<usize>) -> Coeffs {
     let (scale, fscale) = filter_scale(n_in as u64, n_out as u64);
     let support = 2.0 * fscale;
     let ss = 1.0 / fscale;
-    let mut start = Vec::with_capacity(n_out);
-    let mut taps = Vec::with_capacity(n_out);
-    for i in 0..n_out {
+    let mut start = Vec::with_capacity(outputs.len());
+    let mut taps = Vec::with_capacity(outputs.len());
+    for i in outputs {
         let center = (i as f64 + 0.5) * scale;
         let xmin = ((center - support + 0.5) as i64).max(0);
         let xmax = ((center + support + 0.5) as i64).min(n_in as i64);
@@ -990,13 +1032,35 @@ fn apply(taps: &[i32], samples: impl Iterator<Item = u8>) -> u8 {
 }
 
 /// Resamples interleaved `ch`-channel u8 pixels from `w x h` to `out_w x out_h`.
+#[cfg(test)]
 fn resample(src: &[u8], w: usize, h: usize, ch: usize, out_w: usize, out_h: usize) -> Vec<u8> {
+    resample_window(src, (w, h), ch, (out_w, out_h), 0..out_w, 0..out_h)
+}
+
+/// The window `xs x ys` of [`resample`]'s `out_w x out_h` output, computing only what it needs:
+/// the second pass's outputs in the window, and the first pass's outputs that those read. Every
+/// output sample depends only on its own taps and the samples they read, and the pass order is
+/// decided by the whole sizes as Pillow does, so the window equals that part of the whole
+/// resize bit for bit. (An unchanged axis gets the taps `[0, 1, 0, ..]`, exactly the copy
+/// Pillow makes when it skips that pass.)
+fn resample_window(
+    src: &[u8],
+    (w, h): (usize, usize),
+    ch: usize,
+    (out_w, out_h): (usize, usize),
+    xs: Range<usize>,
+    ys: Range<usize>,
+) -> Vec<u8> {
+    let cx = coeffs(w, out_w, xs);
+    let cy = coeffs(h, out_h, ys);
     if vertical_first(w as u64, h as u64, out_w as u64, out_h as u64) {
-        let tmp = resample_vertical(src, w, h, ch, out_h);
-        resample_horizontal(&tmp, w, out_h, ch, out_w)
+        let cols = cx.span();
+        let tmp = resample_vertical(src, w, ch, cols.clone(), &cy);
+        resample_horizontal(&tmp, cols.len(), 0..cy.len(), ch, &cx.shifted(cols.start))
     } else {
-        let tmp = resample_horizontal(src, w, h, ch, out_w);
-        resample_vertical(&tmp, out_w, h, ch, out_h)
+        let rows = cy.span();
+        let tmp = resample_horizontal(src, w, rows.clone(), ch, &cx);
+        resample_vertical(&tmp, cx.len(), ch, 0..cx.len(), &cy.shifted(rows.start))
     }
 }
 
@@ -1009,40 +1073,36 @@ fn vertical_first(w: u64, h: u64, out_w: u64, out_h: u64) -> bool {
     dh > 0 && dh > dw * 2
 }
 
-/// The horizontal pass over every row; a copy when the width is unchanged.
-fn resample_horizontal(src: &[u8], w: usize, h: usize, ch: usize, out_w: usize) -> Vec<u8> {
-    if out_w == w {
-        return src.to_vec();
-    }
-    let c = coeffs(w, out_w);
-    let mut out = vec![0u8; out_w * h * ch];
-    for y in 0..h {
+/// The horizontal pass over rows `rows` of `src` (`w` pixels wide): one output column per
+/// entry of `c`, `rows.len()` rows.
+fn resample_horizontal(src: &[u8], w: usize, rows: Range<usize>, ch: usize, c: &Coeffs) -> Vec<u8> {
+    let n = c.len();
+    let mut out = vec![0u8; n * rows.len() * ch];
+    for (oy, y) in rows.enumerate() {
         let row = &src[y * w * ch..(y + 1) * w * ch];
-        for x in 0..out_w {
+        for x in 0..n {
             for k in 0..ch {
                 let s = row[c.start[x] * ch + k..].iter().step_by(ch).copied();
-                out[(y * out_w + x) * ch + k] = apply(&c.taps[x], s);
+                out[(oy * n + x) * ch + k] = apply(&c.taps[x], s);
             }
         }
     }
     out
 }
 
-/// The vertical pass over every column; a copy when the height is unchanged.
-fn resample_vertical(src: &[u8], w: usize, h: usize, ch: usize, out_h: usize) -> Vec<u8> {
-    if out_h == h {
-        return src.to_vec();
-    }
-    let c = coeffs(h, out_h);
+/// The vertical pass over columns `cols` of `src` (`w` pixels wide): `cols.len()` columns, one
+/// output row per entry of `c`.
+fn resample_vertical(src: &[u8], w: usize, ch: usize, cols: Range<usize>, c: &Coeffs) -> Vec<u8> {
     let stride = w * ch;
-    let mut out = vec![0u8; out_h * stride];
-    for y in 0..out_h {
-        for i in 0..stride {
+    let width = cols.len() * ch;
+    let mut out = vec![0u8; c.len() * width];
+    for y in 0..c.len() {
+        for (o, i) in (cols.start * ch..cols.end * ch).enumerate() {
             let s = src[c.start[y] * stride + i..]
                 .iter()
                 .step_by(stride)
                 .copied();
-            out[y * stride + i] = apply(&c.taps[y], s);
+            out[y * width + o] = apply(&c.taps[y], s);
         }
     }
     out
@@ -1053,9 +1113,32 @@ fn resample_vertical(src: &[u8], w: usize, h: usize, ch: usize, out_h: usize) ->
 /// and the intermediate pass unchecked ([`ImageProcessorConfig::preprocess`] checks them against
 /// the memory budget first).
 pub fn resize_bicubic(img: &RgbImage, width: u32, height: u32) -> RgbImage {
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let data = resample(img.as_raw(), w, h, 3, width as usize, height as usize);
+    let (w, h) = (width as usize, height as usize);
+    let data = resample_window(img.as_raw(), dims(img), 3, (w, h), 0..w, 0..h);
     RgbImage::from_raw(width, height, data).expect("resample returns width * height * 3 bytes")
+}
+
+/// `center_crop(&resize_bicubic(img, width, height), crop_w, crop_h)`, bit for bit, computing
+/// only the resized pixels the crop keeps: an extreme aspect ratio resized to a 336-pixel short
+/// edge (100000x1 -> 33600000x336) costs the crop's pixels, not the whole resize's.
+pub fn resize_and_crop(img: &RgbImage, (width, height): (u32, u32), crop: (u32, u32)) -> RgbImage {
+    let (sx, dx, lx) = crop_axis(width, crop.0);
+    let (sy, dy, ly) = crop_axis(height, crop.1);
+    let xs = sx as usize..(sx + lx) as usize;
+    let ys = sy as usize..(sy + ly) as usize;
+    let (w, h) = (width as usize, height as usize);
+    let data = resample_window(img.as_raw(), dims(img), 3, (w, h), xs, ys);
+    let window = RgbImage::from_raw(lx, ly, data).expect("the window has lx * ly * 3 bytes");
+    if (dx, dy, lx, ly) == (0, 0, crop.0, crop.1) {
+        return window;
+    }
+    let mut out = RgbImage::new(crop.0, crop.1);
+    image::imageops::replace(&mut out, &window, dx as i64, dy as i64);
+    out
+}
+
+fn dims(img: &RgbImage) -> (usize, usize) {
+    (img.width() as usize, img.height() as usize)
 }
 
 #[cfg(test)]
@@ -1118,7 +1201,8 @@ mod tests {
             resample(&src, 3, 7, 1, 2, 3),
             vec![176, 209, 119, 149, 111, 137]
         );
-        let h_first = resample_vertical(&resample_horizontal(&src, 3, 7, 1, 2), 2, 7, 1, 3);
+        let tmp = resample_horizontal(&src, 3, 0..7, 1, &coeffs(3, 2, 0..2));
+        let h_first = resample_vertical(&tmp, 2, 1, 0..2, &coeffs(7, 3, 0..3));
         assert_eq!(h_first, vec![176, 209, 119, 150, 111, 138]);
     }
 
@@ -1143,12 +1227,13 @@ mod tests {
             (3, 2),
             (1 << 20, 3),
         ] {
-            let c = coeffs(n_in, n_out);
+            let c = coeffs(n_in, n_out, 0..n_out);
             let taps = c.taps.iter().map(Vec::len);
-            let held = n_out * (size_of::<usize>() + size_of::<Vec<i32>>())
-                + taps.clone().sum::<usize>() * size_of::<i32>()
+            // the taps and their shifted copy (`resample_window`), and one output's f64 weights
+            let held = 2 * n_out * (size_of::<usize>() + size_of::<Vec<i32>>())
+                + 2 * taps.clone().sum::<usize>() * size_of::<i32>()
                 + taps.max().unwrap() * size_of::<f64>();
-            let bound = coeffs_bytes(n_in as u64, n_out as u64);
+            let bound = coeffs_bytes(n_in as u64, n_out as u64, n_out as u64);
             assert!(held as u128 <= bound, "{n_in} -> {n_out}: {held} > {bound}");
             // and not wildly above: at most twice, plus the rounding tap
             assert!(
@@ -1156,7 +1241,38 @@ mod tests {
                 "{n_in} -> {n_out}"
             );
         }
-        assert_eq!(coeffs_bytes(9, 9), 0); // the pass is skipped
+    }
+
+    /// The crop window of a resize equals the crop of the whole resize, bit for bit, in both pass
+    /// orders, for crops inside the resized image, larger than it (zero padding) and mixed.
+    #[test]
+    fn resize_and_crop_equals_crop_of_the_whole_resize() {
+        let mut seed = 0x2545_f491u32;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        let cases = [
+            ((40, 7), (300, 52), (30, 30)), // upscale, horizontal first
+            ((7, 40), (52, 300), (30, 30)), // upscale, tall
+            ((90, 33), (30, 11), (8, 8)),   // downscale, horizontal first
+            ((33, 90), (11, 30), (8, 8)),   // height shrinks most: vertical first
+            ((25, 25), (9, 9), (12, 5)),    // crop wider than the image: padded
+            ((13, 2), (40, 6), (40, 9)),    // crop as wide, taller
+            ((17, 60), (17, 20), (10, 10)), // width unchanged: horizontal pass skipped
+            ((60, 17), (20, 17), (30, 10)), // height unchanged
+        ];
+        for ((w, h), (rw, rh), (cw, ch)) in cases {
+            let img = RgbImage::from_fn(w, h, |_, _| {
+                let v = next();
+                image::Rgb([v as u8, (v >> 8) as u8, (v >> 16) as u8])
+            });
+            let whole = center_crop(&resize_bicubic(&img, rw, rh), cw, ch);
+            let window = resize_and_crop(&img, (rw, rh), (cw, ch));
+            assert_eq!(whole, window, "{w}x{h} -> {rw}x{rh} -> crop {cw}x{ch}");
+        }
     }
 
     #[test]
