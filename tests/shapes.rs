@@ -968,3 +968,24 @@ fn absurd_sample_counts_are_refused() {
         assert!(msg.contains("at most 1000000"), "{msg}");
     }
 }
+
+/// A render size from a flag or `shapes_config.json` is refused above `MAX_IMAGE_SIZE`
+/// (`distill shapes --image-size 1000000` once aborted asking for 3 TB).
+#[test]
+fn absurd_image_sizes_are_refused() {
+    use fineprune::bench::shapes::MAX_IMAGE_SIZE;
+    let cfg = ShapesConfig {
+        image_size: 1_000_000,
+        ..ShapesConfig::default()
+    };
+    let msg = cfg.validate().unwrap_err().to_string();
+    assert!(
+        msg.contains("image_size") && msg.contains("1..=4096"),
+        "{msg}"
+    );
+    let ok = ShapesConfig {
+        image_size: MAX_IMAGE_SIZE,
+        ..ShapesConfig::default()
+    };
+    ok.validate().unwrap();
+}

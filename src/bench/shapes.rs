@@ -1128,9 +1128,7 @@ impl ShapesConfig {
 
     /// Checks every field; errors name the field.
     pub fn validate(&self) -> Result<()> {
-        if self.image_size == 0 {
-            return Err(Error::arg("image_size", "must be at least 1"));
-        }
+        check_image_size(self.image_size)?;
         if self.patch_size == 0 || self.patch_size > self.image_size {
             return Err(Error::arg(
                 "patch_size",
@@ -1783,6 +1781,20 @@ pub fn generate(split: Split, n: usize, seed: u64, cfg: &ShapesConfig) -> Result
         .collect()
 }
 
+/// Largest side a scene is rendered at (a 4096 x 4096 RGB image is 48 MiB): a size from a flag
+/// or `shapes_config.json` (`--image-size 1000000` once asked for 3 TB) is refused above it.
+pub const MAX_IMAGE_SIZE: u32 = 4096;
+
+fn check_image_size(size: u32) -> Result<()> {
+    if !(1..=MAX_IMAGE_SIZE).contains(&size) {
+        return Err(Error::arg(
+            "image_size",
+            format!("must be in 1..={MAX_IMAGE_SIZE}, got {size}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Most samples one [`generate`] call makes: they are held in memory (with their plans), so a
 /// count from a flag or a config (`shapes:N`, `--train N`, `scenes`) is refused above this
 /// instead of allocating until the machine gives out.
@@ -1877,9 +1889,7 @@ fn to_json<T: Serialize>(v: &T, what: &str) -> Result<String> {
 
 /// Writes `dir/images/{id}.png` for every sample (in parallel), after checking ids are unique.
 fn write_images(samples: &[Sample], dir: &Path, image_size: u32) -> Result<()> {
-    if image_size == 0 {
-        return Err(Error::arg("image_size", "must be at least 1"));
-    }
+    check_image_size(image_size)?;
     let mut seen = HashSet::new();
     for s in samples {
         if !seen.insert(&s.id) {
