@@ -533,6 +533,30 @@ fn bad_requests_are_refused_before_writing() {
             vec!["--fresh-heads", "hidden_size 64"],
         ),
         (
+            // 10^8 layers once aborted asking for 29.6 GB; 10^6 is within MAX_DIM but its
+            // parameters are not
+            StudentSpec {
+                fresh: Some(FreshLm {
+                    num_hidden_layers: 1_000_000,
+                    ..fresh64()
+                }),
+                fresh_projector: true,
+                ..Default::default()
+            },
+            vec!["--fresh-layers", "more than 1073741824"],
+        ),
+        (
+            StudentSpec {
+                fresh: Some(FreshLm {
+                    hidden_size: 1 << 40,
+                    ..fresh64()
+                }),
+                fresh_projector: true,
+                ..Default::default()
+            },
+            vec!["--fresh-hidden", "more than 1048576"],
+        ),
+        (
             StudentSpec {
                 init_std: 0.0,
                 ..Default::default()

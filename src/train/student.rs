@@ -26,6 +26,7 @@
 
 use super::checkpoint::COPIED_FILES;
 use super::model::{TrainModel, hf_name};
+use super::new_model::{MAX_DIM, MAX_PARAMETERS};
 use crate::error::{Error, Result};
 use crate::io::{OutTensor, write_atomic, write_safetensors};
 use crate::model::config::{LlavaConfig, ModelConfig};
@@ -205,6 +206,28 @@ impl FreshLm {
             if v == 0 {
                 return bad(f, flag, "must be at least 1".into());
             }
+            if v > MAX_DIM {
+                return bad(f, flag, format!("{v} is more than {MAX_DIM}"));
+            }
+        }
+        // Decoder layers' weights (attention, MLP, norms), counted before anything is allocated.
+        let (h, i, l) = (
+            self.hidden_size as u128,
+            self.intermediate_size as u128,
+            self.num_hidden_layers as u128,
+        );
+        let kv_width = h / self.num_attention_heads as u128 * self.num_key_value_heads as u128;
+        let params = l * (2 * h * h + 2 * h * kv_width + 3 * h * i + 2 * h);
+        if params > MAX_PARAMETERS {
+            return bad(
+                "num_hidden_layers",
+                "--fresh-layers",
+                format!(
+                    "{} layers of hidden size {} and intermediate size {} hold {params} parameters, \
+                     more than {MAX_PARAMETERS}",
+                    self.num_hidden_layers, self.hidden_size, self.intermediate_size
+                ),
+            );
         }
         let (h, heads, kv) = (
             self.hidden_size,
