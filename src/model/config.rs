@@ -41,6 +41,13 @@ pub struct VisionConfig {
     pub hidden_act: String,
 }
 
+/// Whether an f32 tensor of these dimensions has more bytes than an allocation can.
+fn too_large(dims: &[usize]) -> bool {
+    dims.iter()
+        .try_fold(4usize, |b, &d| b.checked_mul(d))
+        .is_none_or(|b| b > isize::MAX as usize)
+}
+
 impl TextConfig {
     /// Refuses values no model can have, before anything is sized from them: zero sizes or layer
     /// counts, a `head_dim` that is zero or odd, weight matrices whose element count overflows,
@@ -74,15 +81,11 @@ impl TextConfig {
             ("intermediate_size", self.intermediate_size),
             (
                 "num_attention_heads",
-                self.num_attention_heads * self.head_dim,
+                self.num_attention_heads.saturating_mul(self.head_dim),
             ),
         ];
         for (field, rows) in matrices {
-            if rows
-                .checked_mul(h)
-                .and_then(|n| n.checked_mul(4))
-                .is_none_or(|b| b > isize::MAX as usize)
-            {
+            if too_large(&[rows, h]) {
                 return Err((
                     field,
                     format!("{rows} x hidden_size {h} is larger than any weight that can exist"),
@@ -141,16 +144,13 @@ impl VisionConfig {
             ));
         }
         let h = self.hidden_size;
-        let pixels = self.image_size.checked_mul(self.image_size);
-        let patch = self.num_channels * self.patch_size * self.patch_size;
-        for (field, n) in [
-            ("intermediate_size", self.intermediate_size.checked_mul(h)),
-            ("image_size", pixels.and_then(|p| p.checked_mul(h))),
-            ("patch_size", patch.checked_mul(h)),
+        let (s, p) = (self.image_size, self.patch_size);
+        for (field, dims) in [
+            ("intermediate_size", [self.intermediate_size, h, 1]),
+            ("image_size", [s, s, h]),
+            ("patch_size", [self.num_channels, p.saturating_mul(p), h]),
         ] {
-            if n.and_then(|n| n.checked_mul(4))
-                .is_none_or(|b| b > isize::MAX as usize)
-            {
+            if too_large(&dims) {
                 return Err((field, "is larger than any tensor that can exist".into()));
             }
         }

@@ -915,7 +915,7 @@ fn bicubic_kernel(x: f64) -> f64 {
     }
 }
 
-/// Fixed-point taps for the outputs `first..` of one axis: output `first + i` reads inputs
+/// Fixed-point taps for a range of outputs of one axis: the range's `i`-th output reads inputs
 /// `start[i]..start[i] + taps[i].len()`.
 struct Coeffs {
     start: Vec<usize>,
@@ -938,11 +938,11 @@ impl Coeffs {
     }
 
     /// The same taps reading an input that starts at input `first`.
-    fn shifted(&self, first: usize) -> Coeffs {
-        Coeffs {
-            start: self.start.iter().map(|s| s - first).collect(),
-            taps: self.taps.clone(),
+    fn shifted(mut self, first: usize) -> Coeffs {
+        for s in &mut self.start {
+            *s -= first;
         }
+        self
     }
 }
 
@@ -955,16 +955,14 @@ fn filter_scale(n_in: u64, n_out: u64) -> (f64, f64) {
 
 /// Bytes [`coeffs`] holds at most for `computed` outputs of an axis: `start` and one tap vector
 /// per output, each at most `2 * support + 1` taps (plus one for rounding), and the f64 weights
-/// of the output being computed (a shifted copy of them may be held beside).
+/// of the output being computed.
 fn coeffs_bytes(n_in: u64, n_out: u64, computed: u64) -> u128 {
     let (_, fscale) = filter_scale(n_in, n_out);
     let taps = ((4.0 * fscale) as u128 + 2).min(n_in as u128);
     let per_output =
         (size_of::<usize>() + size_of::<Vec<i32>>()) as u128 + taps * size_of::<i32>() as u128;
     total([
-        per_output
-            .saturating_mul(computed as u128)
-            .saturating_mul(2),
+        per_output.saturating_mul(computed as u128),
         taps * size_of::<f64>() as u128,
     ])
 }
@@ -1229,9 +1227,8 @@ mod tests {
         ] {
             let c = coeffs(n_in, n_out, 0..n_out);
             let taps = c.taps.iter().map(Vec::len);
-            // the taps and their shifted copy (`resample_window`), and one output's f64 weights
-            let held = 2 * n_out * (size_of::<usize>() + size_of::<Vec<i32>>())
-                + 2 * taps.clone().sum::<usize>() * size_of::<i32>()
+            let held = n_out * (size_of::<usize>() + size_of::<Vec<i32>>())
+                + taps.clone().sum::<usize>() * size_of::<i32>()
                 + taps.max().unwrap() * size_of::<f64>();
             let bound = coeffs_bytes(n_in as u64, n_out as u64, n_out as u64);
             assert!(held as u128 <= bound, "{n_in} -> {n_out}: {held} > {bound}");
