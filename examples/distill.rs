@@ -6,9 +6,9 @@
 
 use fineprune::bench::shapes::{ShapesConfig, Split, TrainTurns, export_llava_train, generate};
 use fineprune::train::distill::{
-    DistillConfig, Distiller, DivergenceName, Gating, HiddenConfig, HiddenLoss, LogitsConfig,
-    Pairs, PruneConfig, Tokens,
+    DistillConfig, Distiller, Gating, HiddenConfig, HiddenLoss, Pairs, PruneConfig,
 };
+use fineprune::train::logits::{DivergenceName, LogitsConfig, Tokens};
 use fineprune::train::model::TrainModel;
 use fineprune::train::student::{LayerPick, StudentSpec, init_student};
 use fineprune::train::teacher_cache::{EncoderParts, train_seqs};

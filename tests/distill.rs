@@ -10,9 +10,9 @@ use fineprune::bench::shapes::{
 };
 use fineprune::model::template::LLAVA_SYSTEM;
 use fineprune::train::distill::{
-    AttentionConfig, DistillConfig, DivergenceName, Gating, HiddenConfig, HiddenLoss, LogitsConfig,
-    Pairs, Tokens, VisionAlignConfig,
+    AttentionConfig, DistillConfig, Gating, HiddenConfig, HiddenLoss, Pairs, VisionAlignConfig,
 };
+use fineprune::train::logits::{DivergenceName, LogitsConfig, Tokens};
 use fineprune::train::model::GroundingLoss;
 use fineprune::train::run::{StageConfig, TrainConfig, TrainOptions, train, train_stages};
 use std::path::{Path, PathBuf};

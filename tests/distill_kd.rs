@@ -10,9 +10,10 @@ use common::{check_objective_gradient, compare_grads, load_ref, reference_dir};
 use fineprune::Model;
 use fineprune::train::checkpoint::save_checkpoint;
 use fineprune::train::distill::{
-    AffinityConfig, AttentionConfig, DistillConfig, Distiller, DivergenceName, Gating,
-    HiddenConfig, HiddenLoss, LogitsConfig, Pairs, RelationalConfig, Tokens, VisionAlignConfig,
+    AffinityConfig, AttentionConfig, DistillConfig, Distiller, Gating, HiddenConfig, HiddenLoss,
+    Pairs, RelationalConfig, VisionAlignConfig,
 };
+use fineprune::train::logits::{DivergenceName, LogitsConfig, Tokens};
 use fineprune::train::model::{TrainModel, TrainSeq, VISION_FROZEN_GROUP};
 use fineprune::train::optim::zero_grads;
 use fineprune::train::student::{FreshLm, LayerPick, StudentSpec, init_student};

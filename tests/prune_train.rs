@@ -13,9 +13,9 @@ use fineprune::model::tokenizer::Tokenizer;
 use fineprune::prune::{Keep, PrunePlan, Stage, StrategyParams, head_strategy, query_strategy};
 use fineprune::train::data::{Conversation, Encoder, Turn};
 use fineprune::train::distill::{
-    DistillConfig, DivergenceName, Gating, HiddenConfig, HiddenLoss, LogitsConfig, OnPolicyConfig,
-    Pairs, PruneConfig, Tokens,
+    DistillConfig, Gating, HiddenConfig, HiddenLoss, OnPolicyConfig, Pairs, PruneConfig,
 };
+use fineprune::train::logits::{DivergenceName, LogitsConfig, Tokens};
 use fineprune::train::model::{HeadLoss, TrainModel, TrainSeq};
 use fineprune::train::optim::zero_grads;
 use fineprune::train::student::{LayerPick, StudentSpec, init_student};

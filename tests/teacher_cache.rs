@@ -8,7 +8,7 @@ mod common;
 use common::reference_dir;
 use fineprune::bench::shapes::{ShapesConfig, Split, TrainTurns, export_llava_train, generate};
 use fineprune::train::data::Dataset;
-use fineprune::train::distill::{DivergenceName, LogitsConfig, Tokens, reads_row};
+use fineprune::train::logits::{DivergenceName, LogitsConfig, Tokens, reads_row};
 use fineprune::train::model::{HEAD_CHUNK, TraceRequest, TrainModel};
 use fineprune::train::teacher_cache::{BATCH, EncoderParts, TeacherCache, train_seqs, write_cache};
 use std::path::{Path, PathBuf};

@@ -22,7 +22,8 @@ use fineprune::bench::shapes::{
     export_llava_train,
 };
 use fineprune::bench::sweep::{self, SweepConfig, SweepOptions};
-use fineprune::train::run::{TrainConfig, TrainOptions, progress_bar, train_stages};
+use fineprune::train::progress_bar;
+use fineprune::train::run::{TrainConfig, TrainOptions, train_stages};
 use fineprune::train::student::{FreshLm, LayerPick, StudentSpec, init_student};
 use fineprune::train::vision_pretrain::{PretrainConfig, pretrain_vision};
 use fineprune::{Engine, Error, Model};
@@ -302,7 +303,7 @@ enum Command {
         /// any text token), as `[distill.logits] tokens`.
         #[arg(long, default_value = "answer", value_name = "answer|all",
               value_parser = fineprune::train::teacher_cache::parse_tokens)]
-        tokens: fineprune::train::distill::Tokens,
+        tokens: fineprune::train::logits::Tokens,
         /// Longest sample in tokens (the training config's `max_len`).
         #[arg(long, default_value_t = 2048)]
         max_len: usize,
@@ -846,8 +847,8 @@ fn main() -> ExitCode {
                 &teacher,
                 &data,
                 &image_folder,
-                &fineprune::train::distill::LogitsConfig {
-                    divergence: fineprune::train::distill::DivergenceName::ForwardKl,
+                &fineprune::train::logits::LogitsConfig {
+                    divergence: fineprune::train::logits::DivergenceName::ForwardKl,
                     beta: 0.5,
                     temperature,
                     weight: 1.0,

@@ -16,15 +16,20 @@
 //! - [`vision_pretrain`]: pretrains a from-scratch vision tower on ShapesVQA's per-patch labels.
 //! - [`distill`]: knowledge distillation from a frozen teacher (logit losses, hidden-state
 //!   alignment through dropped projectors), the `[distill]` table of a training config.
+//! - [`logits`]: the `[distill.logits]` settings and the rows a distillation loss reads, shared by
+//!   [`distill`] and [`teacher_cache`].
 //! - [`run`]: the training loop behind `distill train`: TOML config, losses, resumable checkpoints.
 //! - [`lock`]: the lock a run holds on its output folder (one run per folder).
 //! - [`regenerate`]: `distill regenerate`, the teacher re-answers a training set (LLaVADI).
 //! - [`teacher_cache`]: `distill cache-teacher`, the teacher's top-k logit-KD targets, written once.
+//!
+//! [`progress_bar`] is the step counter of the long-running commands (training, caching).
 
 pub mod checkpoint;
 pub mod data;
 pub mod distill;
 pub mod lock;
+pub mod logits;
 pub mod model;
 pub mod new_model;
 pub mod optim;
@@ -34,3 +39,20 @@ pub mod student;
 pub mod teacher_cache;
 pub mod tokenizer_train;
 pub mod vision_pretrain;
+
+/// A step counter on stderr (hidden unless `show`): elapsed time, bar, step, message, eta.
+pub fn progress_bar(steps: u64, show: bool) -> indicatif::ProgressBar {
+    let bar = if show {
+        indicatif::ProgressBar::new(steps)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} {elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
+}

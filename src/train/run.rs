@@ -50,6 +50,7 @@ use super::lock::RunLock;
 use super::model::{GroundingLoss, TrainModel, TrainSeq, VISION_FROZEN_GROUP};
 use super::new_model::{NewModel, create_model};
 use super::optim::{AdamW, GroupConfig, Schedule, zero_grads};
+use super::progress_bar;
 use super::vision_pretrain::{self, PretrainConfig, pretrain_vision};
 use crate::bench::report::{Series, line_plot};
 use crate::bench::shapes::{MODEL_SHAPES_CONFIG, ShapesConfig};
@@ -1181,23 +1182,6 @@ fn pretrain_new_vision(cfg: &TrainConfig, texts: &[&Path], opts: &TrainOptions) 
         );
     }
     Ok(())
-}
-
-/// A step counter on stderr (hidden unless `show`): elapsed time, bar, step, message, eta.
-pub fn progress_bar(steps: u64, show: bool) -> indicatif::ProgressBar {
-    let bar = if show {
-        indicatif::ProgressBar::new(steps)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix} {elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar
 }
 
 /// [`train`] after validation, with the output folder locked: one single-stage run; a new

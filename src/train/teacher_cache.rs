@@ -45,9 +45,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::data::{Dataset, Encoder};
-use super::distill::{DivergenceName, LogitsConfig, Tokens, reads_row};
+use super::logits::{DivergenceName, LogitsConfig, Tokens, reads_row};
 use super::model::{HEAD_CHUNK, TraceRequest, TrainModel, TrainSeq};
-use super::run::progress_bar;
+use super::progress_bar;
 use crate::error::{Error, Result};
 use crate::io::fnv1a64;
 use crate::model::config::ModelConfig;
