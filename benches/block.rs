@@ -10,9 +10,10 @@ mod common;
 
 use common::{config_7b, random, random_llama};
 use fineprune::model::config::TextConfig;
+use fineprune::model::flops::lm_layer_flops;
 use fineprune::model::llama::{KvCache, Llama, SeqRows};
 use fineprune::ops::matmul::matmul_nt;
-use fineprune::prune::metrics::lm_layer_flops;
+use fineprune::tensor::Tensor;
 use std::time::Instant;
 
 /// FLOPs of one block for `t` new rows attending to `s` keys in total (causal).
@@ -23,18 +24,18 @@ fn block_flops(c: &TextConfig, t: usize, s: usize) -> f64 {
 
 fn run_prefill(lm: &Llama, x: &[f32], len: usize) -> KvCache {
     let mut cache = KvCache::new(1);
-    let mut x = x.to_vec();
+    let mut x = Tensor::from_f32(&[len, lm.config.hidden_size], x.to_vec()).unwrap();
     let seqs = [SeqRows {
         positions: (0..len).collect(),
     }];
-    lm.layer_forward(0, &mut x, &seqs, &mut [&mut cache])
+    lm.layer_forward(0, &mut x, &seqs, &mut [&mut cache], false)
         .unwrap();
     cache
 }
 
 fn run_decode(lm: &Llama, cache: &KvCache, x1: &[f32], pos: usize) {
     let mut c = cache.clone();
-    let mut x = x1.to_vec();
+    let mut x = Tensor::from_f32(&[1, x1.len()], x1.to_vec()).unwrap();
     lm.layer_forward(
         0,
         &mut x,
@@ -42,6 +43,7 @@ fn run_decode(lm: &Llama, cache: &KvCache, x1: &[f32], pos: usize) {
             positions: vec![pos],
         }],
         &mut [&mut c],
+        false,
     )
     .unwrap();
 }

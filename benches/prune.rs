@@ -17,7 +17,7 @@ use fineprune::model::tokenizer::Tokenizer;
 use fineprune::prune::{
     Keep, PrunePlan, Segment, Stage, StrategyParams, head_strategy, query_strategy,
 };
-use fineprune::{Engine, Model};
+use fineprune::{Engine, Model, Tensor};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -56,7 +56,7 @@ fn input(h: usize) -> Prepared {
             ids: vec![0; n],
             segments,
         },
-        embeds: random(n * h, 3, 1.0),
+        embeds: Tensor::from_f32(&[n, h], random(n * h, 3, 1.0)).unwrap(),
     }
 }
 

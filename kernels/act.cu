@@ -2,7 +2,7 @@
 
 // LLaMA MLP: y = silu(gate) * up, silu(g) = g / (1 + exp(-g)).
 template <typename T>
-__device__ void silu_gate_impl(const T* gate, const T* up, T* y, long n) {
+__device__ void silu_mul_impl(const T* gate, const T* up, T* y, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float g = to_f32(gate[i]);
         y[i] = from_f32<T>(g / (1.0f + expf(-g)) * to_f32(up[i]));
@@ -28,8 +28,8 @@ __device__ void quick_gelu_impl(const T* x, T* y, long n) {
 }
 
 #define ACT(T, S)                                                                                  \
-    extern "C" __global__ void silu_gate_##S(const T* gate, const T* up, T* y, long n) {           \
-        silu_gate_impl<T>(gate, up, y, n);                                                         \
+    extern "C" __global__ void silu_mul_##S(const T* gate, const T* up, T* y, long n) {           \
+        silu_mul_impl<T>(gate, up, y, n);                                                         \
     }                                                                                              \
     extern "C" __global__ void gelu_##S(const T* x, T* y, long n) { gelu_impl<T>(x, y, n); }       \
     extern "C" __global__ void quick_gelu_##S(const T* x, T* y, long n) {                          \

@@ -3,12 +3,13 @@
 
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::model::flops::lm_layer_flops;
 use crate::model::image::ImageProcessorConfig;
 use crate::model::llama::{KvCache, SeqRows};
 use crate::model::template::{self, ImageSlot, Prompt, PromptOptions};
 use crate::ops::check_finite;
 use crate::prune::metrics::{self, RunStats, StageReport};
-use crate::prune::score::{self, Ranking};
+use crate::prune::score::{Ranking, SelectedAttention};
 use crate::prune::{PrunePlan, Segment};
 use crate::tensor::Tensor;
 use rand::rngs::StdRng;
@@ -109,8 +110,8 @@ pub struct Generation {
 /// A prompt ready for the language model: ids, segments and input embeddings.
 pub struct Prepared {
     pub prompt: Prompt,
-    /// `[positions, hidden]`, image features merged in.
-    pub embeds: Vec<f32>,
+    /// `[positions, hidden]` on the model's device, image features merged in.
+    pub embeds: Tensor,
 }
 
 /// Runs requests against a model. Cheap to clone; `Send + Sync`.
@@ -163,7 +164,7 @@ impl Engine {
         let mut embeds = m.lm.embed(&prompt.ids)?;
         if let (Some(v), Some(img)) = (&m.vision, &req.image) {
             let pixels = self.pixels(img, req.options.pad_to_square)?;
-            v.merge(&prompt.ids, &mut embeds, &v.forward(&pixels)?)?;
+            embeds = v.merge(&prompt.ids, &embeds, &v.forward(&pixels)?)?;
         }
         Ok(Prepared { prompt, embeds })
     }
@@ -197,7 +198,7 @@ impl Engine {
                 got: t.shape().to_vec(),
             });
         }
-        Ok(t.into_f32_vec())
+        t.into_f32_vec()
     }
 
     /// Runs the prompts of `prepared` through the LM together (rows batched), pruning each one by
@@ -208,7 +209,7 @@ impl Engine {
         prepared: &[Prepared],
         plans: &[Option<&'p PrunePlan>],
         caches: &mut [KvCache],
-    ) -> Result<(Vec<f32>, Vec<SeqState<'p>>)> {
+    ) -> Result<(Tensor, Vec<SeqState<'p>>)> {
         let lm = &self.model.lm;
         let c = &lm.config;
         let h = c.hidden_size;
@@ -217,10 +218,10 @@ impl Engine {
             .zip(plans)
             .map(|(p, plan)| SeqState::new(&p.prompt, *plan, lm.num_layers()))
             .collect::<Result<Vec<_>>>()?;
-        let mut x: Vec<f32> = prepared
-            .iter()
-            .flat_map(|p| p.embeds.iter().copied())
-            .collect();
+        let mut x = match prepared {
+            [one] => one.embeds.clone(),
+            _ => Tensor::cat_rows(&prepared.iter().map(|p| &p.embeds).collect::<Vec<_>>())?,
+        };
         for l in 0..lm.num_layers() {
             for st in &mut states {
                 st.record_layer();
@@ -234,23 +235,24 @@ impl Engine {
                 })
                 .collect();
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-            lm.layer_forward(l, &mut x, &seqs, &mut refs)?;
-            check_finite(&x, h, |row| {
+            let lses = lm.layer_forward(l, &mut x, &seqs, &mut refs, prunes)?;
+            x.check_finite(|row| {
                 format!(
                     "the output of decoder layer {l} (prefill, {})",
                     row_origin(&states, row)
                 )
             })?;
             let Some(x_in) = x_in else { continue };
-            // Rank and drop image tokens of the sequences with a stage at layer l + 1.
-            let mut next = Vec::with_capacity(x.len());
+            // Rank and drop image tokens of the sequences with a stage at layer l + 1; the kept
+            // rows of the whole batch are gathered on the device at the end.
+            let mut next: Vec<usize> = Vec::with_capacity(x.rows());
             let mut r0 = 0;
-            for (st, cache) in states.iter_mut().zip(caches.iter()) {
+            for ((st, cache), lse) in states.iter_mut().zip(caches.iter()).zip(&lses) {
                 let n = st.positions.len();
                 let rows = r0..r0 + n;
                 r0 += n;
                 let Some((keep, plan)) = st.stage_at(l + 1) else {
-                    next.extend_from_slice(&x[rows.start * h..rows.end * h]);
+                    next.extend(rows);
                     continue;
                 };
                 let segs = &st.segments;
@@ -258,38 +260,46 @@ impl Engine {
                 let image_cols: Vec<usize> =
                     (0..n).filter(|&i| segs[i] == Segment::Image).collect();
                 let t_rank = Instant::now();
-                let x_sel: Vec<f32> = q_rows
-                    .iter()
-                    .flat_map(|&r| {
-                        x_in[(rows.start + r) * h..(rows.start + r + 1) * h]
-                            .iter()
-                            .copied()
-                    })
-                    .collect();
+                let x_sel =
+                    x_in.gather_rows(&q_rows.iter().map(|&r| rows.start + r).collect::<Vec<_>>())?;
                 let pos: Vec<usize> = q_rows.iter().map(|&r| st.positions[r]).collect();
                 let q = lm.query_rows(l, &x_sel, &pos)?;
-                let att = score::selected_attention(
-                    &q,
-                    &cache.layers[l].k,
-                    &q_rows,
-                    &image_cols,
-                    c.num_attention_heads,
-                    c.num_key_value_heads,
-                    c.head_dim,
-                );
-                let w = plan.query.weights(segs, &q_rows, &att.image_mass());
+                let heads = c.num_attention_heads;
+                // The selected rows' log-sum-exp, `[heads, rows]`, where the backend gave one.
+                let lse_sel: Option<Vec<f32>> = lse.as_ref().map(|lse| {
+                    (0..heads)
+                        .flat_map(|hh| q_rows.iter().map(move |&r| lse[hh * n + r]))
+                        .collect()
+                });
+                let att = SelectedAttention {
+                    heads,
+                    probs: q.backend().selected_probs(
+                        &q,
+                        &cache.layers[l].k,
+                        &q_rows,
+                        &image_cols,
+                        heads,
+                        c.num_key_value_heads,
+                        lse_sel.as_deref(),
+                    )?,
+                    rows: q_rows,
+                    image_cols,
+                    positions: n,
+                };
+                let w = plan.query.weights(segs, &att.rows, &att.image_mass());
                 let ranking = plan.rank(&att, w, keep);
                 let cost = (
                     t_rank.elapsed().as_secs_f64(),
-                    att.nbytes() + 4 * (x_sel.len() + q.len()),
+                    att.nbytes() + x_sel.nbytes() + q.nbytes(),
                 );
-                let kept_states: Vec<&[f32]> = ranking
+                let image_cols = att.image_cols;
+                let kept_image_rows: Vec<usize> = ranking
                     .kept
                     .iter()
-                    .map(|&k| {
-                        &x[(rows.start + image_cols[k]) * h..(rows.start + image_cols[k] + 1) * h]
-                    })
+                    .map(|&k| rows.start + image_cols[k])
                     .collect();
+                let kept_states = x.gather_rows(&kept_image_rows)?.to_vec_f32()?;
+                let kept_states: Vec<&[f32]> = kept_states.chunks(h.max(1)).collect();
                 let diversity = metrics::mean_cosine_distance(&kept_states);
                 let kept_rows = st.apply_stage(
                     l + 1,
@@ -298,11 +308,9 @@ impl Engine {
                     plan.renumber,
                     (cost.0, cost.1, diversity),
                 );
-                for r in kept_rows {
-                    next.extend_from_slice(&x[(rows.start + r) * h..(rows.start + r + 1) * h]);
-                }
+                next.extend(kept_rows.into_iter().map(|r| rows.start + r));
             }
-            x = next;
+            x = x.gather_rows(&next)?;
         }
         let v = self.model.vision.as_ref();
         for (st, p) in states.iter_mut().zip(prepared) {
@@ -316,12 +324,10 @@ impl Engine {
             st.stats.prefill_flops = vision
                 + head
                 + ns.iter()
-                    .map(|&n| metrics::lm_layer_flops(c, n, n * (n + 1) / 2))
+                    .map(|&n| lm_layer_flops(c, n, n * (n + 1) / 2))
                     .sum::<f64>();
-            st.stats.decode_flops = head
-                + ns.iter()
-                    .map(|&n| metrics::lm_layer_flops(c, 1, n + 1))
-                    .sum::<f64>();
+            st.stats.decode_flops =
+                head + ns.iter().map(|&n| lm_layer_flops(c, 1, n + 1)).sum::<f64>();
             debug_assert_eq!(p.prompt.ids.len(), st.prompt_len);
         }
         Ok((x, states))
@@ -356,7 +362,7 @@ impl Engine {
         let (x, mut states) =
             self.prefill(std::slice::from_ref(&p), &[req.prune.as_ref()], &mut caches)?;
         let st = states.remove(0);
-        let logits = self.model.lm.logits(&x)?;
+        let logits = self.model.lm.logits(&x)?.to_vec_f32()?;
         check_finite(&logits, self.model.lm.config.vocab_size, |r| {
             format!("the prompt logits at prompt position {}", st.orig[r])
         })?;
@@ -398,14 +404,13 @@ impl Engine {
         let t0 = Instant::now();
         let mut caches: Vec<KvCache> = reqs.iter().map(|_| KvCache::new(lm.num_layers())).collect();
         let (x, states) = self.prefill(&prepared, &plans, &mut caches)?;
-        let h = lm.config.hidden_size;
-        let mut last = Vec::with_capacity(reqs.len() * h);
+        let mut last = Vec::with_capacity(reqs.len());
         let mut end = 0;
         for st in &states {
             end += st.positions.len();
-            last.extend_from_slice(&x[(end - 1) * h..end * h]);
+            last.push(end - 1);
         }
-        let mut logits = lm.logits(&last)?;
+        let mut logits = lm.logits(&x.gather_rows(&last)?)?.to_vec_f32()?;
         check_finite(&logits, vocab, |r| {
             format!("the logits after the prompt of request {r}")
         })?;
@@ -466,8 +471,8 @@ impl Engine {
                         positions: vec![states[i].decode_position(l, out[i].len() - 1)],
                     })
                     .collect();
-                lm.layer_forward(l, &mut x, &seqs, &mut refs)?;
-                check_finite(&x, h, |r| {
+                lm.layer_forward(l, &mut x, &seqs, &mut refs, false)?;
+                x.check_finite(|r| {
                     format!(
                         "the output of decoder layer {l} (request {}, generated token {})",
                         active[r],
@@ -475,7 +480,7 @@ impl Engine {
                     )
                 })?;
             }
-            logits = lm.logits(&x)?;
+            logits = lm.logits(&x)?.to_vec_f32()?;
             check_finite(&logits, vocab, |r| {
                 format!(
                     "the logits of request {} after generated token {}",

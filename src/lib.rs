@@ -16,6 +16,7 @@
 //! # Ok::<(), fineprune::Error>(())
 //! ```
 
+pub mod backend;
 pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -31,4 +32,4 @@ pub mod train;
 pub use engine::{Engine, Generation, ImageInput, Request, Sampling, StopReason};
 pub use error::{Error, Result};
 pub use model::Model;
-pub use tensor::{DType, Tensor};
+pub use tensor::{DType, Device, Tensor};

@@ -1,6 +1,8 @@
-//! `Tensor`: a shape plus contiguous row-major storage. Weights keep the dtype they were stored in
-//! (f32, f16 or bf16); activations are always f32.
+//! `Tensor`: a shape plus contiguous row-major storage on a [`Device`]. Weights keep the dtype
+//! they were stored in (f32, f16 or bf16); on the CPU activations are f32, on a GPU they are in the
+//! model's compute dtype. What runs on a tensor is its device's [`Backend`](crate::backend::Backend).
 
+pub use crate::backend::Device;
 use crate::error::{Error, Result};
 use half::{bf16, f16};
 
@@ -10,6 +12,33 @@ pub enum DType {
     F32,
     F16,
     BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = Error;
+
+    /// `f32`, `f16` or `bf16`.
+    fn from_str(s: &str) -> Result<DType> {
+        match s.trim() {
+            "f32" => Ok(DType::F32),
+            "f16" => Ok(DType::F16),
+            "bf16" => Ok(DType::BF16),
+            other => Err(Error::Unsupported {
+                what: "dtype (f32, f16, bf16)",
+                value: other.to_string(),
+            }),
+        }
+    }
 }
 
 impl std::fmt::Display for DType {
@@ -22,12 +51,15 @@ impl std::fmt::Display for DType {
     }
 }
 
-/// Contiguous CPU storage in one of the supported dtypes.
+/// Contiguous storage: host memory in one of the supported dtypes, or a GPU buffer.
 #[derive(Debug, Clone)]
 pub enum Storage {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
+    /// Memory of a CUDA device (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Cuda(crate::cuda::Buffer),
 }
 
 /// A dense row-major tensor.
@@ -49,6 +81,8 @@ impl Tensor {
             Storage::F32(v) => v.len(),
             Storage::F16(v) => v.len(),
             Storage::BF16(v) => v.len(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.len(),
         };
         let want: usize = shape.iter().product();
         if len != want {
@@ -77,11 +111,73 @@ impl Tensor {
     }
 
     pub fn dtype(&self) -> DType {
-        match self.storage {
+        match &self.storage {
             Storage::F32(_) => DType::F32,
             Storage::F16(_) => DType::F16,
             Storage::BF16(_) => DType::BF16,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => b.dtype(),
         }
+    }
+
+    /// The device the storage lives on.
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Device::Cuda(b.device().clone()),
+            _ => Device::Cpu,
+        }
+    }
+
+    /// Whether the storage is host memory (the CPU backend's).
+    pub fn is_host(&self) -> bool {
+        self.device().is_cpu()
+    }
+
+    /// The backend that runs ops on this tensor (its device's).
+    pub fn backend(&self) -> &dyn crate::backend::Backend {
+        match &self.storage {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => &**b.device(),
+            _ => &crate::backend::Cpu,
+        }
+    }
+
+    /// This tensor on `device` in the same dtype (a cheap clone when it is already there).
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        if self.device() == *device {
+            return Ok(self.clone());
+        }
+        let host = self.to_host()?;
+        device.backend().upload(&host)
+    }
+
+    /// A host copy of this tensor in the same dtype (a clone when it is on the host).
+    pub fn to_host(&self) -> Result<Tensor> {
+        match &self.storage {
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Tensor::new(&self.shape, b.download()?),
+            _ => Ok(self.clone()),
+        }
+    }
+
+    /// The values as host f32, downloaded and widened as needed (logits, scores, checks).
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        self.to_host()?.into_f32_vec()
+    }
+
+    /// A host tensor of this one's values in `dtype` (rounded to nearest when narrowing).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if self.dtype() == dtype {
+            return self.to_host();
+        }
+        let v = self.to_vec_f32()?;
+        let storage = match dtype {
+            DType::F32 => Storage::F32(v),
+            DType::F16 => Storage::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+            DType::BF16 => Storage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+        };
+        Tensor::new(&self.shape, storage)
     }
 
     /// Number of elements.
@@ -97,6 +193,12 @@ impl Tensor {
         &self.storage
     }
 
+    /// The storage, mutable (the GPU backend writes results in place).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn storage_mut(&mut self) -> &mut Storage {
+        &mut self.storage
+    }
+
     /// Size of the last dimension (1 for a scalar).
     pub fn cols(&self) -> usize {
         self.shape.last().copied().unwrap_or(1)
@@ -107,7 +209,7 @@ impl Tensor {
         self.len() / self.cols().max(1)
     }
 
-    /// The data as an f32 slice; fails for f16/bf16 storage (use [`Tensor::to_f32`]).
+    /// The data as an f32 slice; fails for f16/bf16 or device storage (use [`Tensor::to_f32`]).
     pub fn f32s(&self) -> Result<&[f32]> {
         match &self.storage {
             Storage::F32(v) => Ok(v),
@@ -118,7 +220,7 @@ impl Tensor {
         }
     }
 
-    /// Mutable f32 data; fails for f16/bf16 storage.
+    /// Mutable f32 data; fails for f16/bf16 or device storage.
     pub fn f32s_mut(&mut self) -> Result<&mut [f32]> {
         let dt = self.dtype();
         match &mut self.storage {
@@ -130,28 +232,31 @@ impl Tensor {
         }
     }
 
-    /// Consumes the tensor and returns its data as f32 (converted if stored narrower).
-    pub fn into_f32_vec(self) -> Vec<f32> {
-        match self.storage {
+    /// Consumes the tensor and returns its data as f32 (converted if stored narrower, downloaded
+    /// if on a device).
+    pub fn into_f32_vec(self) -> Result<Vec<f32>> {
+        Ok(match self.storage {
             Storage::F32(v) => v,
             Storage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
-        }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => return self.to_vec_f32(),
+        })
     }
 
-    /// An f32 copy of this tensor (a cheap clone when already f32).
-    pub fn to_f32(&self) -> Tensor {
-        Tensor {
+    /// An f32 host copy of this tensor (a cheap clone when already f32 on the host).
+    pub fn to_f32(&self) -> Result<Tensor> {
+        Ok(Tensor {
             shape: self.shape.clone(),
-            storage: Storage::F32(self.clone().into_f32_vec()),
-        }
+            storage: Storage::F32(self.to_vec_f32()?),
+        })
     }
 
-    /// Borrow as f32, converting only when the storage is narrower.
-    pub fn f32_cow(&self) -> std::borrow::Cow<'_, [f32]> {
+    /// Borrow as host f32, converting only when the storage is narrower or on a device.
+    pub fn f32_cow(&self) -> Result<std::borrow::Cow<'_, [f32]>> {
         match &self.storage {
-            Storage::F32(v) => std::borrow::Cow::Borrowed(v),
-            _ => std::borrow::Cow::Owned(self.clone().into_f32_vec()),
+            Storage::F32(v) => Ok(std::borrow::Cow::Borrowed(v)),
+            _ => Ok(std::borrow::Cow::Owned(self.to_vec_f32()?)),
         }
     }
 
@@ -168,31 +273,23 @@ impl Tensor {
         Ok(self)
     }
 
-    /// Rows `start..end` of a tensor viewed as [rows, cols], as a new f32 tensor.
-    pub fn rows_f32(&self, start: usize, end: usize) -> Vec<f32> {
+    /// Rows `start..end` of a tensor viewed as [rows, cols], as host f32 values.
+    pub fn rows_f32(&self, start: usize, end: usize) -> Result<Vec<f32>> {
         let c = self.cols();
-        match &self.storage {
+        if start > end || end > self.rows() {
+            return Err(Error::Shape {
+                name: format!("rows {start}..{end}"),
+                expected: vec![self.rows(), c],
+                got: self.shape.clone(),
+            });
+        }
+        Ok(match &self.storage {
             Storage::F32(v) => v[start * c..end * c].to_vec(),
             Storage::F16(v) => v[start * c..end * c].iter().map(|x| x.to_f32()).collect(),
             Storage::BF16(v) => v[start * c..end * c].iter().map(|x| x.to_f32()).collect(),
-        }
-    }
-
-    /// Writes row `r` of a tensor viewed as [rows, cols] into `out` as f32.
-    pub fn row_into(&self, r: usize, out: &mut [f32]) {
-        let c = self.cols();
-        match &self.storage {
-            Storage::F32(v) => out.copy_from_slice(&v[r * c..(r + 1) * c]),
-            Storage::F16(v) => out
-                .iter_mut()
-                .zip(&v[r * c..(r + 1) * c])
-                .for_each(|(o, x)| *o = x.to_f32()),
-            // bf16 is the top half of an f32: a shift, which vectorises (unlike `to_f32`).
-            Storage::BF16(v) => out
-                .iter_mut()
-                .zip(&v[r * c..(r + 1) * c])
-                .for_each(|(o, x)| *o = f32::from_bits((x.to_bits() as u32) << 16)),
-        }
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => self.to_host()?.rows_f32(start, end)?,
+        })
     }
 
     /// Fails with a shape error naming `name` unless the shape is `expected`.
@@ -209,10 +306,6 @@ impl Tensor {
 
     /// Size in bytes of the storage.
     pub fn nbytes(&self) -> usize {
-        match &self.storage {
-            Storage::F32(v) => v.len() * 4,
-            Storage::F16(v) => v.len() * 2,
-            Storage::BF16(v) => v.len() * 2,
-        }
+        self.len() * self.dtype().size()
     }
 }

@@ -368,7 +368,7 @@ fn vision_alignment_is_the_loss_of_the_engines_projected_features() {
         let m = Model::load(d).unwrap();
         let v = m.vision.as_ref().unwrap();
         seqs.iter()
-            .flat_map(|s| v.forward(&s.pixel_values).unwrap())
+            .flat_map(|s| v.forward(&s.pixel_values).unwrap().to_vec_f32().unwrap())
             .map(f64::from)
             .collect()
     };

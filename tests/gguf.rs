@@ -283,7 +283,7 @@ fn random_blocks_match_gguf_py_bit_for_bit() {
         let t = f.tensor(&format!("t.{ty}")).unwrap();
         assert_eq!(t.shape(), &[dims[1] as usize, dims[0] as usize]);
         assert_eq!(
-            bits(&t.to_f32().into_f32_vec()),
+            bits(&t.into_f32_vec().unwrap()),
             bits(&want),
             "{ty} via file"
         );
@@ -325,7 +325,7 @@ fn every_block_type_on_known_values() {
         .f32_tensor("f", &[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
     let (_t, f) = open_bytes(&w.bytes());
     let f = f.unwrap();
-    let get = |n: &str| f.tensor(n).unwrap().to_f32().into_f32_vec();
+    let get = |n: &str| f.tensor(n).unwrap().into_f32_vec().unwrap();
     assert_eq!(
         get("q8"),
         (0..32).map(|j| (j as f32 - 16.0) * 0.5).collect::<Vec<_>>()
@@ -349,17 +349,17 @@ fn every_block_type_on_known_values() {
     let h = f.tensor("h").unwrap();
     assert_eq!(h.dtype(), fineprune::DType::F16, "F16 keeps its storage");
     assert_eq!(h.shape(), &[2, 2]);
-    assert_eq!(h.to_f32().into_f32_vec(), vec![1.5, -2.0, 65504.0, 0.0]);
+    assert_eq!(h.into_f32_vec().unwrap(), vec![1.5, -2.0, 65504.0, 0.0]);
     let b = f.tensor("b").unwrap();
     assert_eq!(b.dtype(), fineprune::DType::BF16);
-    assert_eq!(b.to_f32().into_f32_vec()[..2], [1.0, -0.5]);
+    assert_eq!(b.into_f32_vec().unwrap()[..2], [1.0, -0.5]);
     let t = f.tensor("f").unwrap();
     assert_eq!(
         t.shape(),
         &[2, 3],
         "ne = [3, 2] is a row-major [2, 3] matrix"
     );
-    assert_eq!(t.rows_f32(1, 2), vec![4.0, 5.0, 6.0]);
+    assert_eq!(t.rows_f32(1, 2).unwrap(), vec![4.0, 5.0, 6.0]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -447,7 +447,10 @@ fn v2_and_v3_headers_with_every_value_type() {
             assert_eq!(f.get(&k), Some(&v), "{k} in v{version}");
         }
         assert_eq!(f.metadata().len(), all_kinds().len());
-        assert_eq!(f.tensor("x").unwrap().into_f32_vec(), vec![1.0, 2.0]);
+        assert_eq!(
+            f.tensor("x").unwrap().into_f32_vec().unwrap(),
+            vec![1.0, 2.0]
+        );
         assert_eq!(f.data_start() % 32, 0);
     }
 }
@@ -464,7 +467,10 @@ fn custom_alignment_is_used() {
     assert_eq!(f.alignment(), 64);
     assert_eq!(f.data_start() % 64, 0);
     assert_eq!(f.tensor_info("b").unwrap().offset, 64);
-    assert_eq!(f.tensor("b").unwrap().into_f32_vec(), vec![4.0, 5.0]);
+    assert_eq!(
+        f.tensor("b").unwrap().into_f32_vec().unwrap(),
+        vec![4.0, 5.0]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -907,7 +913,7 @@ fn tiny_llama_loads_in_hf_layout() {
         }
         let emb = &m.tensors["model.embed_tokens.weight"];
         assert_eq!(emb.shape(), &[260, HID]);
-        assert_eq!(emb.rows_f32(3, 4)[..3], [-22.0, -21.0, -20.0]);
+        assert_eq!(emb.rows_f32(3, 4).unwrap()[..3], [-22.0, -21.0, -20.0]);
         assert_eq!(m.chat_template.as_deref(), Some("{{ messages }}"));
 
         let tok = m.tokenizer.as_ref().unwrap();
@@ -1220,7 +1226,7 @@ fn smollm2_every_tensor_matches_gguf_py() {
     for info in f.tensor_infos() {
         *counts.entry(info.ggml_type.name()).or_insert(0) += 1;
         let t = f.tensor(&info.name).unwrap();
-        let v = t.to_f32().into_f32_vec();
+        let v = t.to_vec_f32().unwrap();
         let (mut s1, mut s2) = (0u64, 0u64);
         for (i, x) in v.iter().enumerate() {
             let b = u64::from(x.to_bits());
@@ -1245,7 +1251,7 @@ fn smollm2_every_tensor_matches_gguf_py() {
             let t = t.reshape(&[n_rows, cols]).unwrap();
             for (k, &r) in rows.iter().enumerate() {
                 assert_eq!(
-                    bits(&t.rows_f32(r, r + 1)),
+                    bits(&t.rows_f32(r, r + 1).unwrap()),
                     bits(&want[k * cols..(k + 1) * cols]),
                     "{} row {r}",
                     info.name
@@ -1311,7 +1317,7 @@ fn smollm2_loads_as_llama() {
             let (h, r) = (g / 64, g % 64);
             let hf_row = h * 64 + (r % 2) * 32 + r / 2;
             assert_eq!(
-                bits(&t.rows_f32(hf_row, hf_row + 1)),
+                bits(&t.rows_f32(hf_row, hf_row + 1).unwrap()),
                 bits(&want[k * 576..(k + 1) * 576]),
                 "{hf} row {hf_row}"
             );
@@ -1388,9 +1394,9 @@ fn smollm2_matches_transformers_weights() {
         let t: &Tensor = &m.tensors[&name];
         let rows = if shape.len() == 2 { shape[0] } else { 1 };
         let got = if shape.len() == 2 {
-            t.rows_f32(0, rows)
+            t.rows_f32(0, rows).unwrap()
         } else {
-            t.to_f32().into_f32_vec()
+            t.to_vec_f32().unwrap()
         };
         let max = got
             .iter()

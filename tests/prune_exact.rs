@@ -9,7 +9,7 @@ use fineprune::model::llama::{KvCache, SeqRows};
 use fineprune::prune::query_strategy;
 use fineprune::prune::{Keep, PrunePlan, Segment, Stage};
 use fineprune::prune::{StrategyParams, head_strategy};
-use fineprune::{Engine, Generation, ImageInput, Model, Request};
+use fineprune::{Engine, Generation, ImageInput, Model, Request, Tensor};
 use std::sync::Arc;
 
 /// f32 accumulation-order noise only: both sides run the same kernels on different row batches.
@@ -45,8 +45,7 @@ fn recompute(e: &Engine, req: &Request, g: &Generation, steps: usize, renumber: 
     let lm = &e.model().lm;
     let prep = e.prepare(req).unwrap();
     let n = prep.prompt.ids.len();
-    let mut x = prep.embeds.clone();
-    x.extend(lm.embed(&g.tokens[..steps]).unwrap());
+    let mut x = Tensor::cat_rows(&[&prep.embeds, &lm.embed(&g.tokens[..steps]).unwrap()]).unwrap();
     let image_index: Vec<Option<usize>> = {
         let mut k = 0;
         prep.prompt
@@ -64,16 +63,12 @@ fn recompute(e: &Engine, req: &Request, g: &Generation, steps: usize, renumber: 
     let mut rows: Vec<usize> = (0..n + steps).collect(); // sequence positions present
     let mut positions = rows.clone();
     let mut cache = KvCache::new(lm.num_layers());
-    let h = lm.config.hidden_size;
     for l in 0..lm.num_layers() {
         if let Some(st) = g.stats.stages.iter().find(|s| s.layer == l) {
             let keep: Vec<usize> = (0..rows.len())
                 .filter(|&i| image_index[rows[i]].is_none_or(|k| st.kept.contains(&k)))
                 .collect();
-            x = keep
-                .iter()
-                .flat_map(|&i| x[i * h..(i + 1) * h].to_vec())
-                .collect();
+            x = x.gather_rows(&keep).unwrap();
             rows = keep.iter().map(|&i| rows[i]).collect();
             positions = if renumber {
                 (0..rows.len()).collect()
@@ -84,11 +79,11 @@ fn recompute(e: &Engine, req: &Request, g: &Generation, steps: usize, renumber: 
         let seqs = [SeqRows {
             positions: positions.clone(),
         }];
-        lm.layer_forward(l, &mut x, &seqs, &mut [&mut cache])
+        lm.layer_forward(l, &mut x, &seqs, &mut [&mut cache], false)
             .unwrap();
     }
-    let last = &x[(rows.len() - 1) * h..];
-    lm.logits(last).unwrap()
+    let last = x.narrow_rows(rows.len() - 1, 1).unwrap();
+    lm.logits(&last).unwrap().to_vec_f32().unwrap()
 }
 
 #[test]

@@ -47,7 +47,7 @@ fn tensors(dir: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
     w.summary()
         .into_iter()
         .map(|(name, shape, _)| {
-            let v = w.take(&name, &shape).unwrap().to_f32().into_f32_vec();
+            let v = w.take(&name, &shape).unwrap().into_f32_vec().unwrap();
             (name, (shape, v))
         })
         .collect()

@@ -15,6 +15,9 @@
 //! - `distill cache-teacher --teacher DIR --data train.json ... --out FILE --top-k K`: the
 //!   teacher's top-k distributions for logit distillation (see `fineprune::train::teacher_cache`).
 
+#[path = "common/device.rs"]
+mod device;
+
 use clap::{Parser, Subcommand};
 use fineprune::bench::report;
 use fineprune::bench::shapes::{
@@ -26,7 +29,7 @@ use fineprune::train::progress_bar;
 use fineprune::train::run::{TrainConfig, TrainOptions, train_stages};
 use fineprune::train::student::{FreshLm, LayerPick, StudentSpec, init_student};
 use fineprune::train::vision_pretrain::{PretrainConfig, pretrain_vision};
-use fineprune::{Engine, Error, Model};
+use fineprune::{Engine, Error};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -213,6 +216,8 @@ enum Command {
         /// LLaVA checkpoint folder.
         #[arg(long)]
         model: PathBuf,
+        #[command(flatten)]
+        run_on: device::DeviceFlags,
         /// Test questions.
         #[arg(long, default_value_t = 600)]
         n: usize,
@@ -435,6 +440,7 @@ fn export_shapes(a: &ShapesExport<'_>) -> fineprune::Result<()> {
 
 fn eval(
     model_dir: &Path,
+    run_on: &device::DeviceFlags,
     n: usize,
     seed: u64,
     max_new_tokens: usize,
@@ -445,7 +451,7 @@ fn eval(
         return Err(Error::arg("--n", "must be at least 1"));
     }
     let shapes_cfg = ShapesConfig::for_model(model_dir)?;
-    let model = Model::load(model_dir)?;
+    let model = run_on.load(model_dir)?;
     let Some(vision) = &model.vision else {
         return Err(Error::arg(
             "--model",
@@ -804,12 +810,21 @@ fn main() -> ExitCode {
         })()),
         Command::Eval {
             model,
+            run_on,
             n,
             seed,
             max_new_tokens,
             out,
             llava_system,
-        } => finish(eval(&model, n, seed, max_new_tokens, &out, llava_system)),
+        } => finish(eval(
+            &model,
+            &run_on,
+            n,
+            seed,
+            max_new_tokens,
+            &out,
+            llava_system,
+        )),
         Command::Regenerate {
             model,
             data,

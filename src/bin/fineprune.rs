@@ -5,6 +5,8 @@
 //! inspect   show a checkpoint's architecture, parameter count, dtypes and key layout
 
 mod common;
+#[path = "common/device.rs"]
+mod device;
 
 use clap::{Args, Parser, Subcommand};
 use common::StrategyFlags;
@@ -24,7 +26,7 @@ use std::sync::Arc;
 #[command(
     name = "fineprune",
     version,
-    about = "LLaVA inference on CPU with visual token pruning"
+    about = "LLaVA inference (CPU or CUDA) with visual token pruning"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -53,6 +55,8 @@ struct PromptArgs {
     /// HF model directory (config.json, *.safetensors, tokenizer.json) or a .gguf file.
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    run_on: device::DeviceFlags,
     /// Image file (PNG or JPEG), preprocessed like HF's CLIPImageProcessor.
     #[arg(long)]
     image: Option<PathBuf>,
@@ -203,7 +207,7 @@ fn run(cli: Cli) -> fineprune::Result<()> {
     match cli.command {
         Command::Generate(a) => {
             let plan = a.prune.plan()?;
-            let engine = Engine::new(Arc::new(Model::load(&a.common.model)?));
+            let engine = Engine::new(Arc::new(a.common.run_on.load(&a.common.model)?));
             let reqs: Vec<Request> = a
                 .prompt
                 .iter()
@@ -246,7 +250,7 @@ fn run(cli: Cli) -> fineprune::Result<()> {
         }
         Command::Logits(a) => {
             let plan = a.prune.plan()?;
-            let engine = Engine::new(Arc::new(Model::load(&a.common.model)?));
+            let engine = Engine::new(Arc::new(a.common.run_on.load(&a.common.model)?));
             let image = match (&a.pixel_values, &a.common.image) {
                 (Some(p), _) => {
                     let (shape, v) = read_f32_tensor(p, "pixel_values")?;

@@ -9,6 +9,8 @@
 //! `samples.csv`, `results.json`, plots (SVG + PNG) and, with `--visualize N`, overlays.
 
 mod common;
+#[path = "common/device.rs"]
+mod device;
 
 use clap::Parser;
 use common::StrategyFlags;
@@ -20,7 +22,7 @@ use fineprune::bench::sweep::{
     self, BenchItem, ConfigSummary, SampleRecord, SweepConfig, SweepOptions,
 };
 use fineprune::prune::Keep;
-use fineprune::{Engine, Error, Model};
+use fineprune::{Engine, Error};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -53,6 +55,8 @@ struct Args {
     /// HF model directory (LLaVA). Default: the bundled model in models/shapes-llava.
     #[arg(long)]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    run_on: device::DeviceFlags,
     /// `shapes:N` (N ShapesVQA test questions, with relevance masks) or a LLaVA eval question
     /// file (.jsonl; POPE label files carry their answers, others need --answers).
     #[arg(long, default_value = "shapes:200")]
@@ -157,7 +161,7 @@ fn run(a: Args) -> fineprune::Result<()> {
         })?,
     };
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
-    let model = Model::load(&model_dir)?;
+    let model = a.run_on.load(&model_dir)?;
     let Some(vision) = &model.vision else {
         return Err(Error::arg(
             "--model",

@@ -16,7 +16,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+mod backend;
 pub mod ops;
+
+pub use backend::{Buffer, Data};
 
 /// Helpers every kernel file starts with (half types, warp and block reductions).
 pub const PRELUDE: &str = include_str!("../../kernels/prelude.cuh");
@@ -213,6 +216,22 @@ impl Device {
             modules,
             blas: OnceLock::new(),
         })
+    }
+
+    /// GPU `ordinal` opened once per process and shared ([`Device::open`] the first time): the
+    /// handle every tensor on it keeps.
+    pub fn shared(ordinal: usize) -> Result<Arc<Device>> {
+        static OPEN: OnceLock<std::sync::Mutex<HashMap<usize, Arc<Device>>>> = OnceLock::new();
+        let mut open = OPEN
+            .get_or_init(Default::default)
+            .lock()
+            .map_err(|_| Error::Cuda("the device table was poisoned by a panic".into()))?;
+        if let Some(d) = open.get(&ordinal) {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(Device::open(ordinal)?);
+        open.insert(ordinal, d.clone());
+        Ok(d)
     }
 
     /// cuBLAS bound to this device's stream; an error when libcublas cannot be loaded.

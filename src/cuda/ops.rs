@@ -178,14 +178,14 @@ impl Device {
         Ok(y)
     }
 
-    /// `silu(gate) * up` elementwise (the LLaMA MLP).
-    pub fn silu_gate<T: Storage>(
+    /// `silu(gate) * up` elementwise (the LLaMA MLP; ops::act::silu_mul).
+    pub fn silu_mul<T: Storage>(
         &self,
         gate: &CudaSlice<T>,
         up: &CudaSlice<T>,
     ) -> Result<CudaSlice<T>> {
-        check("silu_gate up", up.len(), gate.len())?;
-        let name = format!("silu_gate_{}", T::SUFFIX);
+        check("silu_mul up", up.len(), gate.len())?;
+        let name = format!("silu_mul_{}", T::SUFFIX);
         let f = self.function("act", &name)?;
         let mut y = self.zeros::<T>(gate.len())?;
         let n = gate.len() as i64;
@@ -230,13 +230,18 @@ impl Device {
         Ok(())
     }
 
-    /// An elementwise activation: `gelu` (exact erf) or `quick_gelu`.
-    pub fn activation<T: Storage>(&self, kind: &str, x: &CudaSlice<T>) -> Result<CudaSlice<T>> {
-        if kind != "gelu" && kind != "quick_gelu" {
-            return Err(Error::Cuda(format!(
-                "activation `{kind}`: the kernels have gelu and quick_gelu"
-            )));
-        }
+    /// Exact GELU elementwise (ops::act::gelu).
+    pub fn gelu<T: Storage>(&self, x: &CudaSlice<T>) -> Result<CudaSlice<T>> {
+        self.activation("gelu", x)
+    }
+
+    /// CLIP's quick GELU elementwise (ops::act::quick_gelu).
+    pub fn quick_gelu<T: Storage>(&self, x: &CudaSlice<T>) -> Result<CudaSlice<T>> {
+        self.activation("quick_gelu", x)
+    }
+
+    /// The elementwise activation kernel `kind` (`gelu` or `quick_gelu`).
+    fn activation<T: Storage>(&self, kind: &str, x: &CudaSlice<T>) -> Result<CudaSlice<T>> {
         let name = format!("{kind}_{}", T::SUFFIX);
         let f = self.function("act", &name)?;
         let mut y = self.zeros::<T>(x.len())?;
@@ -297,11 +302,42 @@ impl Device {
         Ok(y)
     }
 
-    /// Tiled attention of `q: [n_q, heads, d]` over `k, v: [n_k, kv_heads, d]`; query row i sits
+    /// Writes `src: [rows, cols]` into columns `offset..offset + cols` of `dst: [rows, dst_cols]`
+    /// (one part of a column concatenation).
+    pub fn copy_cols<T: Storage>(
+        &self,
+        src: &CudaSlice<T>,
+        dst: &mut CudaSlice<T>,
+        (rows, cols): (usize, usize),
+        dst_cols: usize,
+        offset: usize,
+    ) -> Result<()> {
+        check("copy_cols src", src.len(), rows * cols)?;
+        check("copy_cols dst", dst.len(), rows * dst_cols)?;
+        if offset + cols > dst_cols {
+            return Err(Error::Cuda(format!(
+                "copy_cols: columns {offset}..{} of a {dst_cols}-column tensor",
+                offset + cols
+            )));
+        }
+        let name = format!("copy_cols_{}", T::SUFFIX);
+        let f = self.function("gather", &name)?;
+        let ints = [rows, cols, dst_cols, offset].map(|x| x as i32);
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(src).arg(dst);
+        for x in &ints {
+            b.arg(x);
+        }
+        // SAFETY: src holds rows * cols values, dst rows * dst_cols, offset + cols <= dst_cols.
+        unsafe { b.launch(elementwise(rows * cols)) }.map_err(|e| launch_err(&name, e))?;
+        Ok(())
+    }
+
+    /// Tiled (flash) attention of `q: [n_q, heads, d]` over `k, v: [n_k, kv_heads, d]`; query row i sits
     /// at key position `q_start + i` (causal) or sees every key (`causal = false`, the vision
     /// tower). Returns the output `[n_q, heads, d]` and each row's log-sum-exp `[heads, n_q]`.
     #[allow(clippy::too_many_arguments)]
-    pub fn flash_attention<T: Storage>(
+    pub fn attention<T: Storage>(
         &self,
         q: &CudaSlice<T>,
         k: &CudaSlice<T>,
@@ -344,8 +380,9 @@ impl Device {
         Ok((out, lse))
     }
 
-    /// One decode step: `q: [heads, d]` over the whole cache `k, v: [n_k, kv_heads, d]`.
-    pub fn decode_attention<T: Storage>(
+    /// One decode step: `q: [heads, d]` over the whole cache `k, v: [n_k, kv_heads, d]` (the
+    /// single-row case of [`Device::attention`], without the log-sum-exp).
+    pub fn attention_decode<T: Storage>(
         &self,
         q: &CudaSlice<T>,
         k: &CudaSlice<T>,
@@ -380,7 +417,7 @@ impl Device {
 
     /// Attention probabilities `[heads, rows, cols]` (f32) of the selected query rows
     /// `q_sel: [rows, heads, d]` (at positions `rows`) to the key positions `cols`, from each
-    /// row's log-sum-exp `lse: [heads, rows]` (prune::score::selected_attention).
+    /// row's log-sum-exp `lse: [heads, rows]` (ops::attention::selected_probs).
     #[allow(clippy::too_many_arguments)]
     pub fn selected_probs<T: Storage>(
         &self,

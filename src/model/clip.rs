@@ -4,31 +4,11 @@
 //! LLaVA reads hidden states, never the pooled output, so `post_layernorm` is not loaded.
 
 use super::config::VisionConfig;
+use super::nn::{LayerNorm, Linear};
 use super::weights::Weights;
 use crate::error::{Error, Result};
-use crate::ops::attention::{AttnShape, attention};
-use crate::ops::matmul::Linear;
-use crate::ops::{self, act, norm};
+use crate::ops::attention::AttnShape;
 use crate::tensor::Tensor;
-
-/// LayerNorm weight and bias.
-pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl LayerNorm {
-    fn load(w: &mut Weights, name: &str, d: usize) -> Result<Self> {
-        Ok(LayerNorm {
-            weight: w.take(&format!("{name}.weight"), &[d])?,
-            bias: w.take(&format!("{name}.bias"), &[d])?,
-        })
-    }
-
-    fn forward(&self, x: &[f32], eps: f64) -> Vec<f32> {
-        norm::layer_norm(x, &self.weight, &self.bias, eps)
-    }
-}
 
 /// One encoder layer (HF `CLIPEncoderLayer`).
 pub struct EncoderLayer {
@@ -42,11 +22,55 @@ pub struct EncoderLayer {
     fc2: Linear,
 }
 
+impl EncoderLayer {
+    fn load(c: &VisionConfig, w: &mut Weights, n: &str) -> Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Ok(EncoderLayer {
+            layer_norm1: LayerNorm::load(w, &format!("{n}.layer_norm1"), h)?,
+            q_proj: w.linear(&format!("{n}.self_attn.q_proj"), h, h, true)?,
+            k_proj: w.linear(&format!("{n}.self_attn.k_proj"), h, h, true)?,
+            v_proj: w.linear(&format!("{n}.self_attn.v_proj"), h, h, true)?,
+            out_proj: w.linear(&format!("{n}.self_attn.out_proj"), h, h, true)?,
+            layer_norm2: LayerNorm::load(w, &format!("{n}.layer_norm2"), h)?,
+            fc1: w.linear(&format!("{n}.mlp.fc1"), i, h, true)?,
+            fc2: w.linear(&format!("{n}.mlp.fc2"), h, i, true)?,
+        })
+    }
+
+    /// `x: [tokens, hidden]` through LayerNorm -> bidirectional attention -> residual ->
+    /// LayerNorm -> MLP -> residual, in place.
+    fn forward(&self, c: &VisionConfig, x: &mut Tensor) -> Result<()> {
+        let heads = c.num_attention_heads;
+        let xn = self.layer_norm1.forward(x, c.layer_norm_eps)?;
+        let q = self.q_proj.forward(&xn)?;
+        let k = self.k_proj.forward(&xn)?;
+        let v = self.v_proj.forward(&xn)?;
+        let shape = AttnShape {
+            t: x.rows(),
+            s: x.rows(),
+            heads,
+            kv_heads: heads,
+            head_dim: c.hidden_size / heads,
+            causal: false,
+        };
+        let (o, _) = q.attention(&k, &v, shape, false)?;
+        x.add(&self.out_proj.forward(&o)?)?;
+        let xn = self.layer_norm2.forward(x, c.layer_norm_eps)?;
+        let mut m = self.fc1.forward(&xn)?;
+        match c.hidden_act.as_str() {
+            "gelu" => m.gelu()?,
+            _ => m.quick_gelu()?,
+        }
+        x.add(&self.fc2.forward(&m)?)
+    }
+}
+
 /// The vision tower.
 pub struct ClipVision {
     pub config: VisionConfig,
     /// `[hidden, channels * patch * patch]`, the conv kernel flattened in (c, y, x) order.
     patch_embedding: Tensor,
+    /// `[1, hidden]` and `[tokens, hidden]`, as activations (they are added to them).
     class_embedding: Tensor,
     position_embedding: Tensor,
     pre_layrnorm: LayerNorm,
@@ -60,28 +84,23 @@ impl ClipVision {
         let (h, p, ch) = (c.hidden_size, c.patch_size, c.num_channels);
         let num_pos = c.grid() * c.grid() + 1;
         let layers = (0..num_layers)
-            .map(|i| {
-                let n = format!("vision.encoder.layers.{i}");
-                Ok(EncoderLayer {
-                    layer_norm1: LayerNorm::load(w, &format!("{n}.layer_norm1"), h)?,
-                    q_proj: w.linear(&format!("{n}.self_attn.q_proj"), h, h, true)?,
-                    k_proj: w.linear(&format!("{n}.self_attn.k_proj"), h, h, true)?,
-                    v_proj: w.linear(&format!("{n}.self_attn.v_proj"), h, h, true)?,
-                    out_proj: w.linear(&format!("{n}.self_attn.out_proj"), h, h, true)?,
-                    layer_norm2: LayerNorm::load(w, &format!("{n}.layer_norm2"), h)?,
-                    fc1: w.linear(&format!("{n}.mlp.fc1"), c.intermediate_size, h, true)?,
-                    fc2: w.linear(&format!("{n}.mlp.fc2"), h, c.intermediate_size, true)?,
-                })
-            })
+            .map(|i| EncoderLayer::load(c, w, &format!("vision.encoder.layers.{i}")))
             .collect::<Result<Vec<_>>>()?;
+        let patch_embedding = w
+            .take("vision.embeddings.patch_embedding.weight", &[h, ch, p, p])?
+            .reshape(&[h, ch * p * p])?;
+        let class_embedding = w
+            .take("vision.embeddings.class_embedding", &[h])?
+            .reshape(&[1, h])?
+            .activation_like(&patch_embedding)?;
+        let position_embedding = w
+            .take("vision.embeddings.position_embedding.weight", &[num_pos, h])?
+            .activation_like(&patch_embedding)?;
         Ok(ClipVision {
             config: c.clone(),
-            patch_embedding: w
-                .take("vision.embeddings.patch_embedding.weight", &[h, ch, p, p])?
-                .reshape(&[h, ch * p * p])?,
-            class_embedding: w.take("vision.embeddings.class_embedding", &[h])?,
-            position_embedding: w
-                .take("vision.embeddings.position_embedding.weight", &[num_pos, h])?,
+            patch_embedding,
+            class_embedding,
+            position_embedding,
             pre_layrnorm: LayerNorm::load(w, "vision.pre_layrnorm", h)?,
             layers,
         })
@@ -95,49 +114,22 @@ impl ClipVision {
     /// HF's `hidden_states` list for one image `pixel_values: [channels, size, size]`: entry 0 is the
     /// embeddings after `pre_layrnorm`, entry i the output of layer i; `[tokens, hidden]` each, for
     /// as many layers as were loaded.
-    pub fn forward(&self, pixel_values: &[f32]) -> Result<Vec<Vec<f32>>> {
+    pub fn forward(&self, pixel_values: &[f32]) -> Result<Vec<Tensor>> {
         let c = &self.config;
-        let (h, g) = (c.hidden_size, c.grid());
-        let patches = unfold_patches(c, pixel_values)?;
-        let pe = crate::ops::matmul::linear(&patches, &self.patch_embedding, None)?;
-        let mut x = self.class_embedding.to_f32().into_f32_vec();
-        x.extend_from_slice(&pe);
-        let pos = self.position_embedding.f32_cow();
-        for (a, b) in x.iter_mut().zip(pos.iter()) {
-            *a += b;
-        }
-        let mut x = self.pre_layrnorm.forward(&x, c.layer_norm_eps);
-        ops::check_finite(&x, h, |t| format!("the vision embeddings (token {t})"))?;
-        let tokens = g * g + 1;
-        let (nh, hd) = (c.num_attention_heads, h / c.num_attention_heads);
+        let patches = Tensor::from_f32(
+            &[c.grid() * c.grid(), self.patch_embedding.cols()],
+            unfold_patches(c, pixel_values)?,
+        )?
+        .activation_like(&self.patch_embedding)?;
+        let pe = patches.linear(&self.patch_embedding, None)?;
+        let mut x = Tensor::cat_rows(&[&self.class_embedding, &pe])?;
+        x.add(&self.position_embedding)?;
+        let mut x = self.pre_layrnorm.forward(&x, c.layer_norm_eps)?;
+        x.check_finite(|t| format!("the vision embeddings (token {t})"))?;
         let mut states = vec![x.clone()];
         for (i, layer) in self.layers.iter().enumerate() {
-            let xn = layer.layer_norm1.forward(&x, c.layer_norm_eps);
-            let q = layer.q_proj.forward(&xn)?;
-            let k = layer.k_proj.forward(&xn)?;
-            let v = layer.v_proj.forward(&xn)?;
-            let shape = AttnShape {
-                t: tokens,
-                s: tokens,
-                heads: nh,
-                kv_heads: nh,
-                head_dim: hd,
-                causal: false,
-            };
-            ops::add(
-                &mut x,
-                &layer.out_proj.forward(&attention(&q, &k, &v, shape))?,
-            );
-            let xn = layer.layer_norm2.forward(&x, c.layer_norm_eps);
-            let mut m = layer.fc1.forward(&xn)?;
-            match c.hidden_act.as_str() {
-                "gelu" => act::gelu(&mut m),
-                _ => act::quick_gelu(&mut m),
-            }
-            ops::add(&mut x, &layer.fc2.forward(&m)?);
-            ops::check_finite(&x, h, |t| {
-                format!("the output of vision layer {i} (token {t})")
-            })?;
+            layer.forward(c, &mut x)?;
+            x.check_finite(|t| format!("the output of vision layer {i} (token {t})"))?;
             states.push(x.clone());
         }
         Ok(states)

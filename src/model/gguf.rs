@@ -1678,22 +1678,16 @@ pub fn reverse_permute_rows(t: Tensor, n_head: usize, name: &str) -> Result<Tens
     let cols = t.len() / rows.max(1);
     let head = rows / n_head;
     let half = head / 2;
-    fn permute<T: Copy>(v: &[T], rows: usize, cols: usize, head: usize, half: usize) -> Vec<T> {
-        let mut out = Vec::with_capacity(v.len());
-        for r in 0..rows {
+    let perm: Vec<usize> = (0..rows)
+        .map(|r| {
             let (h, k) = (r / head, r % head);
             let (j, i) = (k / half, k % half);
-            let src = h * head + 2 * i + j;
-            out.extend_from_slice(&v[src * cols..(src + 1) * cols]);
-        }
-        out
-    }
-    let storage = match t.storage() {
-        Storage::F32(v) => Storage::F32(permute(v, rows, cols, head, half)),
-        Storage::F16(v) => Storage::F16(permute(v, rows, cols, head, half)),
-        Storage::BF16(v) => Storage::BF16(permute(v, rows, cols, head, half)),
-    };
-    Tensor::new(&shape, storage)
+            h * head + 2 * i + j
+        })
+        .collect();
+    t.reshape(&[rows, cols])?
+        .gather_rows(&perm)?
+        .reshape(&shape)
 }
 
 /// A LLaMA model read from a GGUF file, in HF terms.

@@ -3,25 +3,38 @@
 //! residual, a final RMSNorm and the LM head (tied to the embeddings when the checkpoint has none).
 //!
 //! Rows of several sequences travel through the linear layers together (one GEMM per projection
-//! for the whole batch); attention runs per sequence against that sequence's KV cache.
+//! for the whole batch, a ragged batch: each sequence has its own row count and positions);
+//! attention runs per sequence against that sequence's KV cache. Everything runs on the backend
+//! the weights were loaded on.
 
 use super::config::TextConfig;
+use super::nn::Linear;
 use super::weights::Weights;
 use crate::error::{Error, Result};
-use crate::ops::attention::{AttnShape, attention};
-use crate::ops::matmul::{Linear, linear};
-
-use crate::ops::{self, act, embed, norm, rope};
+use crate::ops::attention::AttnShape;
+use crate::ops::rope;
 use crate::tensor::Tensor;
+use std::borrow::Cow;
 
-/// Keys and values of one layer for one sequence, `[len, kv_heads, head_dim]` each.
-#[derive(Debug, Clone, Default)]
+/// Keys and values of one layer for one sequence, `[len, kv_heads · head_dim]` each, on the
+/// model's device.
+#[derive(Debug, Clone)]
 pub struct LayerCache {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    pub k: Tensor,
+    pub v: Tensor,
 }
 
-/// The KV cache of one sequence: one [`LayerCache`] per decoder layer.
+impl Default for LayerCache {
+    fn default() -> Self {
+        LayerCache {
+            k: Tensor::zeros(&[0, 0]),
+            v: Tensor::zeros(&[0, 0]),
+        }
+    }
+}
+
+/// The KV cache of one sequence: one [`LayerCache`] per decoder layer. It belongs to whoever
+/// runs the sequence (the engine, a scheduler), not to the model.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     pub layers: Vec<LayerCache>,
@@ -35,15 +48,15 @@ impl KvCache {
     }
 
     /// Cached positions in layer `l`.
-    pub fn len(&self, l: usize, kv_width: usize) -> usize {
-        self.layers[l].k.len() / kv_width
+    pub fn len(&self, l: usize) -> usize {
+        self.layers[l].k.rows()
     }
 
     /// Bytes held.
     pub fn nbytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| (l.k.len() + l.v.len()) * 4)
+            .map(|l| l.k.nbytes() + l.v.nbytes())
             .sum()
     }
 }
@@ -172,8 +185,13 @@ impl Llama {
     }
 
     /// Embeddings of `ids`, `[ids.len(), hidden]`.
-    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        embed::embed(&self.embed_tokens, ids)
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        self.embed_tokens.backend().embed(&self.embed_tokens, ids)
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> crate::tensor::Device {
+        self.embed_tokens.device()
     }
 
     pub fn num_layers(&self) -> usize {
@@ -186,94 +204,103 @@ impl Llama {
     }
 
     /// Runs decoder layer `l` on `x: [rows, hidden]`, the rows of `seqs` concatenated in order;
-    /// appends each sequence's keys/values to its cache.
+    /// appends each sequence's keys/values to its cache. With `lse`, returns each sequence's
+    /// attention log-sum-exp `[heads, rows]` where the backend produces it (what pruning on a
+    /// GPU ranks from, see [`crate::backend::Backend::selected_probs`]).
     pub fn layer_forward(
         &self,
         l: usize,
-        x: &mut [f32],
+        x: &mut Tensor,
         seqs: &[SeqRows],
         caches: &mut [&mut KvCache],
-    ) -> Result<()> {
+        lse: bool,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
         let c = &self.config;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let (nh, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let positions: Vec<usize> = seqs.iter().flat_map(|s| s.positions.clone()).collect();
+        if positions.len() != x.rows() || seqs.len() != caches.len() {
+            return Err(Error::Shape {
+                name: format!(
+                    "decoder input rows ({} sequences, {} caches)",
+                    seqs.len(),
+                    caches.len()
+                ),
+                expected: vec![positions.len(), c.hidden_size],
+                got: x.shape().to_vec(),
+            });
+        }
         let layer = &self.layers[l];
         let a = &layer.self_attn;
-        let xn = norm::rms_norm(x, &layer.input_layernorm, c.rms_norm_eps);
+        let xn = x.rms_norm(&layer.input_layernorm, c.rms_norm_eps)?;
         let mut q = a.q_proj.forward(&xn)?;
         let mut k = a.k_proj.forward(&xn)?;
         let v = a.v_proj.forward(&xn)?;
-        let mut o = vec![0.0f32; q.len()];
+        q.rope(nh, &positions, &self.inv_freq)?;
+        k.rope(nkv, &positions, &self.inv_freq)?;
+        let mut outs = Vec::with_capacity(seqs.len());
+        let mut lses = Vec::with_capacity(seqs.len());
         let mut r0 = 0;
         for (seq, cache) in seqs.iter().zip(caches.iter_mut()) {
             let t = seq.positions.len();
-            let (qs, ks) = (
-                &mut q[r0 * nh * hd..(r0 + t) * nh * hd],
-                &mut k[r0 * nkv * hd..(r0 + t) * nkv * hd],
-            );
-            rope::apply_rope(qs, nh, hd, &seq.positions, &self.inv_freq);
-            rope::apply_rope(ks, nkv, hd, &seq.positions, &self.inv_freq);
+            let whole = seqs.len() == 1;
             let lc = &mut cache.layers[l];
-            lc.k.extend_from_slice(ks);
-            lc.v.extend_from_slice(&v[r0 * nkv * hd..(r0 + t) * nkv * hd]);
-            let s = lc.k.len() / (nkv * hd);
-            let out = attention(
-                qs,
-                &lc.k,
-                &lc.v,
-                AttnShape {
-                    t,
-                    s,
-                    heads: nh,
-                    kv_heads: nkv,
-                    head_dim: hd,
-                    causal: true,
-                },
-            );
-            o[r0 * nh * hd..(r0 + t) * nh * hd].copy_from_slice(&out);
+            lc.k.append_rows(&*seq_rows(&k, whole, r0, t)?)?;
+            lc.v.append_rows(&*seq_rows(&v, whole, r0, t)?)?;
+            let shape = AttnShape {
+                t,
+                s: lc.k.rows(),
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                causal: true,
+            };
+            let (o, rows_lse) = seq_rows(&q, whole, r0, t)?.attention(&lc.k, &lc.v, shape, lse)?;
+            outs.push(o);
+            lses.push(rows_lse);
             r0 += t;
         }
-        if r0 * h != x.len() {
-            return Err(Error::Shape {
-                name: "decoder input rows".into(),
-                expected: vec![r0, h],
-                got: vec![x.len() / h, h],
-            });
-        }
-        ops::add(x, &a.o_proj.forward(&o)?);
-        let xn = norm::rms_norm(x, &layer.post_attention_layernorm, c.rms_norm_eps);
+        let o = if outs.len() == 1 {
+            outs.swap_remove(0)
+        } else {
+            Tensor::cat_rows(&outs.iter().collect::<Vec<_>>())?
+        };
+        x.add(&a.o_proj.forward(&o)?)?;
+        let xn = x.rms_norm(&layer.post_attention_layernorm, c.rms_norm_eps)?;
         let mut g = layer.mlp.gate_proj.forward(&xn)?;
-        act::silu_mul(&mut g, &layer.mlp.up_proj.forward(&xn)?);
-        ops::add(x, &layer.mlp.down_proj.forward(&g)?);
-        Ok(())
+        g.silu_mul(&layer.mlp.up_proj.forward(&xn)?)?;
+        x.add(&layer.mlp.down_proj.forward(&g)?)?;
+        Ok(lses)
     }
 
     /// Queries of layer `l` for a few rows of its input `x: [rows, hidden]` at RoPE `positions`,
-    /// `[rows, heads, head_dim]` with RoPE applied (what the attention of those rows used).
-    pub fn query_rows(&self, l: usize, x: &[f32], positions: &[usize]) -> Result<Vec<f32>> {
+    /// `[rows, heads · head_dim]` with RoPE applied (what the attention of those rows used).
+    pub fn query_rows(&self, l: usize, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
         let c = &self.config;
         let layer = &self.layers[l];
-        let xn = norm::rms_norm(x, &layer.input_layernorm, c.rms_norm_eps);
+        let xn = x.rms_norm(&layer.input_layernorm, c.rms_norm_eps)?;
         let mut q = layer.self_attn.q_proj.forward(&xn)?;
-        rope::apply_rope(
-            &mut q,
-            c.num_attention_heads,
-            c.head_dim,
-            positions,
-            &self.inv_freq,
-        );
+        q.rope(c.num_attention_heads, positions, &self.inv_freq)?;
         Ok(q)
     }
 
     /// Final RMSNorm then LM head on `x: [rows, hidden]` -> `[rows, vocab]`.
-    pub fn logits(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let xn = norm::rms_norm(x, &self.norm, self.config.rms_norm_eps);
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let xn = self.final_norm(x)?;
         let w = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        linear(&xn, w, None)
+        xn.linear(w, None)
     }
 
     /// Final RMSNorm only (HF's last hidden state).
-    pub fn final_norm(&self, x: &[f32]) -> Vec<f32> {
-        norm::rms_norm(x, &self.norm, self.config.rms_norm_eps)
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        x.rms_norm(&self.norm, self.config.rms_norm_eps)
     }
+}
+
+/// Rows `r0..r0 + t` of a batched tensor: the tensor itself when the batch is one sequence.
+fn seq_rows(x: &Tensor, whole: bool, r0: usize, t: usize) -> Result<Cow<'_, Tensor>> {
+    Ok(if whole {
+        Cow::Borrowed(x)
+    } else {
+        Cow::Owned(x.narrow_rows(r0, t)?)
+    })
 }

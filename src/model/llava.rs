@@ -4,10 +4,10 @@
 
 use super::clip::ClipVision;
 use super::config::{LlavaConfig, SelectStrategy};
+use super::nn::Linear;
 use super::weights::Weights;
 use crate::error::{Error, Result};
-use crate::ops::act;
-use crate::ops::matmul::Linear;
+use crate::tensor::Tensor;
 
 /// HF `LlavaMultiModalProjector`.
 pub struct Projector {
@@ -58,29 +58,29 @@ impl VisionEncoder {
 
     /// The selected vision hidden states of one image, concatenated along the hidden axis,
     /// `[image_tokens, vision_hidden * layers]` (HF `get_image_features` before the projector).
-    pub fn select_features(&self, pixel_values: &[f32]) -> Result<Vec<f32>> {
+    pub fn select_features(&self, pixel_values: &[f32]) -> Result<Tensor> {
         let states = self.tower.forward(pixel_values)?;
-        let vh = self.config.vision.hidden_size;
         let skip = usize::from(self.config.select_strategy == SelectStrategy::Default);
-        let tokens = states[0].len() / vh;
-        let mut out = Vec::with_capacity((tokens - skip) * vh * self.layers.len());
-        for t in skip..tokens {
-            for &l in &self.layers {
-                out.extend_from_slice(&states[l][t * vh..(t + 1) * vh]);
-            }
+        let tokens = states[0].rows();
+        let mut picked = self
+            .layers
+            .iter()
+            .map(|&l| states[l].narrow_rows(skip, tokens - skip))
+            .collect::<Result<Vec<_>>>()?;
+        if picked.len() == 1 {
+            Ok(picked.swap_remove(0))
+        } else {
+            Tensor::cat_cols(&picked.iter().collect::<Vec<_>>())
         }
-        Ok(out)
     }
 
     /// Projected image features of one image, `[image_tokens, text_hidden]`.
-    pub fn forward(&self, pixel_values: &[f32]) -> Result<Vec<f32>> {
+    pub fn forward(&self, pixel_values: &[f32]) -> Result<Tensor> {
         let f = self.select_features(pixel_values)?;
         let mut h = self.projector.linear_1.forward(&f)?;
-        act::gelu(&mut h);
+        h.gelu()?;
         let out = self.projector.linear_2.forward(&h)?;
-        crate::ops::check_finite(&out, self.config.text.hidden_size, |t| {
-            format!("the projector's output (image token {t})")
-        })?;
+        out.check_finite(|t| format!("the projector's output (image token {t})"))?;
         Ok(out)
     }
 
@@ -96,7 +96,7 @@ impl VisionEncoder {
     /// Analytic FLOPs of encoding one image (the tower's layers that run, and the projector).
     pub fn flops(&self) -> f64 {
         let c = &self.config;
-        crate::prune::metrics::vision_flops(
+        super::flops::vision_flops(
             &c.vision,
             self.tower.num_layers(),
             c.vision.hidden_size * self.layers.len(),
@@ -105,24 +105,33 @@ impl VisionEncoder {
         )
     }
 
-    /// Replaces the rows of `embeds: [ids.len(), hidden]` whose id is the image token with
-    /// `features` (one image's worth per placeholder block), checking the counts agree.
-    pub fn merge(&self, ids: &[u32], embeds: &mut [f32], features: &[f32]) -> Result<()> {
-        let h = self.config.text.hidden_size;
-        let slots: Vec<usize> = (0..ids.len())
-            .filter(|&i| ids[i] == self.config.image_token_id)
-            .collect();
-        if slots.len() * h != features.len() {
+    /// The embeddings `embeds: [ids.len(), hidden]` with the rows whose id is the image token
+    /// replaced by `features` (one image's worth per placeholder block), checking the counts
+    /// agree; gathered on the device from both.
+    pub fn merge(&self, ids: &[u32], embeds: &Tensor, features: &Tensor) -> Result<Tensor> {
+        let slots = ids
+            .iter()
+            .filter(|&&i| i == self.config.image_token_id)
+            .count();
+        if slots != features.rows() {
             return Err(Error::Prompt(format!(
-                "the prompt has {} image tokens (id {}) but the image gives {} features",
-                slots.len(),
+                "the prompt has {slots} image tokens (id {}) but the image gives {} features",
                 self.config.image_token_id,
-                features.len() / h
+                features.rows()
             )));
         }
-        for (k, &i) in slots.iter().enumerate() {
-            embeds[i * h..(i + 1) * h].copy_from_slice(&features[k * h..(k + 1) * h]);
-        }
-        Ok(())
+        let n = ids.len();
+        let mut next = n;
+        let rows: Vec<usize> = (0..n)
+            .map(|i| {
+                if ids[i] == self.config.image_token_id {
+                    next += 1;
+                    next - 1
+                } else {
+                    i
+                }
+            })
+            .collect();
+        Tensor::cat_rows(&[embeds, features])?.gather_rows(&rows)
     }
 }

@@ -2,16 +2,19 @@
 
 pub mod clip;
 pub mod config;
+pub mod flops;
 pub mod gguf;
 pub mod image;
 mod jpeg;
 pub mod llama;
 pub mod llava;
+pub mod nn;
 pub mod template;
 pub mod tokenizer;
 pub mod weights;
 
 use crate::error::{Error, Result};
+use crate::tensor::{DType, Device};
 use config::ModelConfig;
 use image::ImageProcessorConfig;
 use llama::Llama;
@@ -53,8 +56,18 @@ impl Model {
     }
 
     /// Loads an HF model directory (`config.json`, safetensors weights, `tokenizer.json`, and the
-    /// image processor config) or a LLaMA-architecture `.gguf` file.
+    /// image processor config) or a LLaMA-architecture `.gguf` file onto the CPU, weights in
+    /// their stored dtype.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        Self::load_on(path, &Device::Cpu, None)
+    }
+
+    /// [`Model::load`] onto `device`, weights converted to `dtype` when given. The CPU computes
+    /// in f32 with weights in any dtype (`None`: as stored); a GPU computes in one dtype
+    /// throughout, `dtype` or else the embedding table's stored dtype (bf16 for most released
+    /// checkpoints, so a LLaVA-1.5-7B needs about 14 GB of GPU memory). Weights go to the device
+    /// one tensor at a time.
+    pub fn load_on(path: impl AsRef<Path>, device: &Device, dtype: Option<DType>) -> Result<Self> {
         let path = path.as_ref();
         if !path.exists() {
             return Err(Error::MissingFile {
@@ -63,7 +76,7 @@ impl Model {
             });
         }
         if path.is_file() {
-            return Self::load_gguf(path);
+            return Self::load_gguf(path, device, dtype);
         }
         let config = ModelConfig::from_file(&path.join("config.json"))?;
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
@@ -75,6 +88,7 @@ impl Model {
             ModelConfig::Llama(_) => None,
         };
         let mut w = weights::Weights::from_dir(path)?;
+        place(&mut w, device, dtype);
         let layout = w.layout();
         let tensors = w.summary();
         let vision = match &config {
@@ -97,7 +111,7 @@ impl Model {
 
     /// Loads a LLaMA GGUF file: weights dequantised to f32 (f16/bf16 kept), tokenizer from its
     /// metadata (`tokenizer.json` beside the file, if present, takes precedence).
-    fn load_gguf(path: &Path) -> Result<Self> {
+    fn load_gguf(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
         let g = gguf::load_llama(path)?;
         let beside = path.with_file_name("tokenizer.json");
         let tokenizer = if beside.exists() {
@@ -110,6 +124,7 @@ impl Model {
             Tokenizer::from_inner(inner, path)
         };
         let mut w = weights::Weights::from_tensors(g.tensors, &path.display().to_string());
+        place(&mut w, device, dtype);
         // Report the types as stored in the file (e.g. `Q4_1`), not the dequantised f32.
         let stored: std::collections::HashMap<String, String> = gguf::GgufFile::open(path)?
             .tensor_infos()
@@ -147,6 +162,11 @@ impl Model {
         })
     }
 
+    /// The device the model computes on.
+    pub fn device(&self) -> Device {
+        self.lm.device()
+    }
+
     /// Total parameter count of the stored tensors.
     pub fn num_parameters(&self) -> usize {
         self.tensors
@@ -154,4 +174,15 @@ impl Model {
             .map(|(_, s, _)| s.iter().product::<usize>())
             .sum()
     }
+}
+
+/// Points `w` at `device`: in `dtype`, or on a GPU (one compute dtype for every kernel) in the
+/// embedding table's stored dtype.
+fn place(w: &mut weights::Weights, device: &Device, dtype: Option<DType>) {
+    let dtype = match dtype {
+        Some(d) => Some(d),
+        None if device.is_cpu() => None,
+        None => w.dtype_of("lm.embed_tokens.weight"),
+    };
+    w.place(device.clone(), dtype);
 }

@@ -7,9 +7,9 @@
 //! `vision_tower.vision_model.*` or `vision_tower.*` with or without `model.`,
 //! `multi_modal_projector.*` with or without `model.`, and plain `model.*` (LlamaForCausalLM).
 
+use super::nn::Linear;
 use crate::error::{Error, Result};
-use crate::ops::matmul::Linear;
-use crate::tensor::{Storage, Tensor};
+use crate::tensor::{DType, Device, Storage, Tensor};
 use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -50,6 +50,9 @@ pub struct Weights {
     /// Raw prefixes seen, in the order of [`PREFIXES`] (the detected key layout).
     layout: BTreeSet<(usize, &'static str)>,
     desc: String,
+    /// Where [`Weights::take`] puts each tensor, and in which dtype (`None`: as stored).
+    device: Device,
+    dtype: Option<DType>,
 }
 
 fn canonical(raw: &str) -> Option<(usize, &'static str, String)> {
@@ -113,6 +116,8 @@ impl Weights {
             entries: HashMap::new(),
             layout: BTreeSet::new(),
             desc: dir.display().to_string(),
+            device: Device::Cpu,
+            dtype: None,
         };
         for path in files {
             w.add_file(path)?;
@@ -127,6 +132,8 @@ impl Weights {
             entries: HashMap::new(),
             layout: BTreeSet::new(),
             desc: desc.to_string(),
+            device: Device::Cpu,
+            dtype: None,
         };
         for (raw, t) in tensors {
             if let Some((i, p, name)) = canonical(&raw) {
@@ -287,6 +294,30 @@ impl Weights {
                 got: t.shape().to_vec(),
             });
         }
-        Ok(Some(t))
+        let t = match self.dtype {
+            Some(dt) if dt != t.dtype() => t.to_dtype(dt)?,
+            _ => t,
+        };
+        Ok(Some(t.to_device(&self.device)?))
+    }
+
+    /// Makes [`Weights::take`] return tensors on `device`, converted to `dtype` when given (one
+    /// tensor at a time, so a checkpoint is never held twice).
+    pub fn place(&mut self, device: Device, dtype: Option<DType>) {
+        self.device = device;
+        self.dtype = dtype;
+    }
+
+    /// The stored dtype of tensor `name` (canonical), if present.
+    pub fn dtype_of(&self, name: &str) -> Option<DType> {
+        match self.entries.get(name)? {
+            Entry::Memory(t) => Some(t.dtype()),
+            Entry::File { dtype, .. } => match dtype {
+                Dtype::F32 => Some(DType::F32),
+                Dtype::F16 => Some(DType::F16),
+                Dtype::BF16 => Some(DType::BF16),
+                _ => None,
+            },
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Scaled dot-product attention with grouped-query heads, causal (LM) or bidirectional (vision).
 
 use super::matmul::{matmul_nn, matmul_nt, matmul_tn_acc};
+use crate::error::{Error, Result};
 use crate::ops;
 use rayon::prelude::*;
 
@@ -20,8 +21,50 @@ pub struct AttnShape {
 /// `softmax(q·kᵀ/√d + mask)·v` per head. `q: [t, heads, d]`, `k, v: [s, kv_heads, d]`,
 /// output `[t, heads, d]`. Query head `h` reads key/value head `h / (heads / kv_heads)`. Under the
 /// causal mask query row `i` sees keys `0..=s-t+i`.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape) -> Vec<f32> {
-    attend(q, k, v, sh, false).0
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], sh: AttnShape) -> Result<Vec<f32>> {
+    sh.check(q.len(), k.len(), v.len())?;
+    Ok(attend(q, k, v, sh, false).0)
+}
+
+impl AttnShape {
+    /// Fails unless the heads group evenly and `q`, `k`, `v` have `t`, `s`, `s` rows of their
+    /// widths (and, for causal attention, the queries fit in the keys).
+    pub fn check(&self, q: usize, k: usize, v: usize) -> Result<()> {
+        let d = self.head_dim;
+        if self.kv_heads == 0 || d == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(Error::arg(
+                "attention",
+                format!(
+                    "{} query heads of dimension {d} do not group over {} key/value heads",
+                    self.heads, self.kv_heads
+                ),
+            ));
+        }
+        let (qw, kw) = (self.heads * d, self.kv_heads * d);
+        for (name, got, rows, w) in [
+            ("q", q, self.t, qw),
+            ("k", k, self.s, kw),
+            ("v", v, self.s, kw),
+        ] {
+            if got != rows * w {
+                return Err(Error::Shape {
+                    name: format!("attention {name}"),
+                    expected: vec![rows, w],
+                    got: vec![got / w, w],
+                });
+            }
+        }
+        if self.causal && self.t > self.s {
+            return Err(Error::arg(
+                "attention",
+                format!(
+                    "{} causal query rows need at least that many keys, got {}",
+                    self.t, self.s
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// [`attention`] that also returns the attention probabilities `[heads, t, s]` (0 where masked),
@@ -31,9 +74,10 @@ pub fn attention_with_probs(
     k: &[f32],
     v: &[f32],
     sh: AttnShape,
-) -> (Vec<f32>, Vec<f32>) {
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    sh.check(q.len(), k.len(), v.len())?;
     let (out, probs) = attend(q, k, v, sh, true);
-    (out, probs.unwrap_or_default())
+    Ok((out, probs.unwrap_or_default()))
 }
 
 /// The forward of [`attention`], keeping the probabilities when `keep_probs`.
@@ -52,9 +96,6 @@ fn attend(
         head_dim: d,
         causal,
     } = sh;
-    assert_eq!(q.len(), t * heads * d);
-    assert_eq!(k.len(), s * kv_heads * d);
-    assert_eq!(v.len(), s * kv_heads * d);
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..heads)
@@ -108,7 +149,8 @@ pub fn attention_backward(
     dprobs: Option<&[f32]>,
     dout: &[f32],
     sh: AttnShape,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    sh.check(q.len(), k.len(), v.len())?;
     let AttnShape {
         t,
         s,
@@ -117,19 +159,27 @@ pub fn attention_backward(
         head_dim: d,
         ..
     } = sh;
-    assert_eq!(dout.len(), t * heads * d);
+    let n_probs = heads * t * s;
+    let bad = [("dout", dout.len(), t * heads * d)]
+        .into_iter()
+        .chain(probs.map(|p| ("probs", p.len(), n_probs)))
+        .chain(dprobs.map(|p| ("dprobs", p.len(), n_probs)))
+        .find(|(_, got, want)| got != want);
+    if let Some((name, got, want)) = bad {
+        return Err(Error::Shape {
+            name: format!("attention_backward {name}"),
+            expected: vec![want],
+            got: vec![got],
+        });
+    }
     let recomputed;
     let probs = match probs {
         Some(p) => p,
         None => {
-            recomputed = attention_with_probs(q, k, v, sh).1;
+            recomputed = attend(q, k, v, sh, true).1.unwrap_or_default();
             &recomputed
         }
     };
-    assert_eq!(probs.len(), heads * t * s);
-    if let Some(dp) = dprobs {
-        assert_eq!(dp.len(), heads * t * s);
-    }
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     // One task per key/value head, so its dk/dv accumulate without sharing.
@@ -185,7 +235,65 @@ pub fn attention_backward(
             dv[(j * kv_heads + g) * d..][..d].copy_from_slice(&gv[j * d..][..d]);
         }
     }
-    (dq, dk, dv)
+    Ok((dq, dk, dv))
+}
+
+/// Causal attention probabilities of a few query rows to chosen key columns, `[heads, rows, cols]`
+/// (what pruning ranks by, `prune::score::SelectedAttention`): `q: [rows, heads, d]` the queries
+/// (RoPE applied) of the rows at positions `rows`, `k: [positions, kv_heads, d]` the keys; row
+/// `i` sees keys `0..=rows[i]`, normalised over all of them, and `cols` are read out. Memory is
+/// `heads x rows x positions`, never the layer's `heads x positions x positions`.
+pub fn selected_probs(
+    q: &[f32],
+    k: &[f32],
+    rows: &[usize],
+    cols: &[usize],
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+) -> Result<Vec<f32>> {
+    let (nr, s) = (rows.len(), k.len() / (kv_heads * d).max(1));
+    AttnShape {
+        t: nr,
+        s,
+        heads,
+        kv_heads,
+        head_dim: d,
+        causal: false,
+    }
+    .check(q.len(), k.len(), k.len())?;
+    if let Some(&bad) = rows.iter().chain(cols).find(|&&p| p >= s) {
+        return Err(Error::arg(
+            "selected_probs",
+            format!("position {bad} of {s} keys"),
+        ));
+    }
+    let scale = 1.0 / (d as f32).sqrt();
+    let group = heads / kv_heads;
+    let probs: Vec<f32> = (0..heads)
+        .into_par_iter()
+        .flat_map_iter(|h| {
+            let mut p = vec![0.0f32; nr * s];
+            matmul_nt(
+                nr,
+                s,
+                d,
+                &q[h * d..],
+                heads * d,
+                &k[(h / group) * d..],
+                kv_heads * d,
+                &mut p,
+                false,
+            );
+            let mut out = Vec::with_capacity(nr * cols.len());
+            for (i, row) in p.chunks_mut(s).enumerate() {
+                softmax_scaled(row, rows[i] + 1, scale);
+                out.extend(cols.iter().map(|&c| row[c]));
+            }
+            out
+        })
+        .collect();
+    Ok(probs)
 }
 
 /// In place: `row[..visible] = softmax(scale · row[..visible])`, the rest set to 0.
@@ -209,6 +317,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn selected_rows_equal_the_full_attention_rows() {
+        // 1 kv head shared by 2 query heads, 4 positions, image at 1 and 2; score rows 2 and 3.
+        let (h, d, s) = (2, 2, 4);
+        let q: Vec<f32> = (0..s * h * d).map(|i| (i as f32 * 0.7).sin()).collect();
+        let k: Vec<f32> = (0..s * d).map(|i| (i as f32 * 1.3).cos()).collect();
+        let rows = [2, 3];
+        let sel: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| q[r * h * d..(r + 1) * h * d].to_vec())
+            .collect();
+        let att = selected_probs(&sel, &k, &rows, &[1, 2], h, 1, d).unwrap();
+        for hh in 0..h {
+            for (ri, &r) in rows.iter().enumerate() {
+                let logits: Vec<f32> = (0..=r)
+                    .map(|j| {
+                        (0..d)
+                            .map(|e| q[(r * h + hh) * d + e] * k[j * d + e])
+                            .sum::<f32>()
+                            / (d as f32).sqrt()
+                    })
+                    .collect();
+                let z: f32 = logits.iter().map(|x| x.exp()).sum();
+                for (vi, &c) in [1usize, 2].iter().enumerate() {
+                    let want = logits[c].exp() / z;
+                    assert!((att[(hh * 2 + ri) * 2 + vi] - want).abs() < 1e-6);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn matches_definition_gqa_causal_and_full() {
         for &causal in &[true, false] {
             let sh = AttnShape {
@@ -223,7 +362,7 @@ mod tests {
             let q = f(sh.t * 4 * 6, 0.31);
             let k = f(sh.s * 2 * 6, 0.77);
             let v = f(sh.s * 2 * 6, 1.13);
-            let got = attention(&q, &k, &v, sh);
+            let got = attention(&q, &k, &v, sh).unwrap();
             let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
             let want = attn64(&wide(&q), &wide(&k), &wide(&v), sh);
             let err = got
@@ -292,8 +431,8 @@ mod tests {
             let v = rng.vec(s * 3 * 5);
             let r = rng.vec(t * 6 * 5);
             let (qd, kd, vd) = (f64s(&q), f64s(&k), f64s(&v));
-            let (out, probs) = attention_with_probs(&q, &k, &v, sh);
-            assert_eq!(out, attention(&q, &k, &v, sh));
+            let (out, probs) = attention_with_probs(&q, &k, &v, sh).unwrap();
+            assert_eq!(out, attention(&q, &k, &v, sh).unwrap());
             let tag = format!("attention t={t} s={s} causal={causal}");
             check(
                 &format!("{tag} fwd"),
@@ -304,7 +443,8 @@ mod tests {
             // The objective `out·r + probs·w`: the output's gradient and a loss's own on the
             // probabilities (as an attention-grounding loss gives), checked together.
             let w = rng.vec(6 * t * s);
-            let (dq, dk, dv) = attention_backward(&q, &k, &v, Some(&probs), Some(&w), &r, sh);
+            let (dq, dk, dv) =
+                attention_backward(&q, &k, &v, Some(&probs), Some(&w), &r, sh).unwrap();
             let h = 1e-6;
             let f = |q: &[f64], k: &[f64], v: &[f64]| {
                 let (o, p) = attn64_with_probs(q, k, v, sh);
@@ -328,7 +468,7 @@ mod tests {
                 &fd(|x| f(&qd, &kd, x), &vd, h),
                 1e-5,
             );
-            let again = attention_backward(&q, &k, &v, None, Some(&w), &r, sh);
+            let again = attention_backward(&q, &k, &v, None, Some(&w), &r, sh).unwrap();
             assert!(again.0 == dq && again.1 == dk && again.2 == dv);
         }
     }

@@ -15,7 +15,7 @@ pub fn embed(table: &Tensor, ids: &[u32]) -> Result<Vec<f32>> {
                 format!("{id} is outside the vocabulary of {vocab}"),
             ));
         }
-        out.extend(table.rows_f32(id, id + 1));
+        out.extend(table.rows_f32(id, id + 1)?);
     }
     Ok(out)
 }

@@ -1,7 +1,7 @@
 //! Matrix products through the `gemm` crate.
 
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{Storage, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -98,29 +98,8 @@ fn gemm_strided(
     }
 }
 
-/// A linear layer as HF's `nn.Linear`: `y = x · Wᵀ + b` with `W: [out, in]`.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-}
-
-impl Linear {
-    pub fn out_features(&self) -> usize {
-        self.weight.shape()[0]
-    }
-
-    pub fn in_features(&self) -> usize {
-        self.weight.cols()
-    }
-
-    /// `x: [rows, in]` -> `[rows, out]`.
-    pub fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
-        linear(x, &self.weight, self.bias.as_ref())
-    }
-}
-
-/// `y = x · Wᵀ + b` for `x: [rows, in]`, `W: [out, in]` (any stored dtype), `b: [out]`.
+/// `y = x · Wᵀ + b` for `x: [rows, in]`, `W: [out, in]` (any stored dtype, on the host),
+/// `b: [out]`.
 pub fn linear(x: &[f32], weight: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f32>> {
     let (n, k) = (weight.rows(), weight.cols());
     if k == 0 || !x.len().is_multiple_of(k) {
@@ -132,13 +111,18 @@ pub fn linear(x: &[f32], weight: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f
     }
     let m = x.len() / k;
     let mut out = vec![0.0f32; m * n];
-    if weight.dtype() != DType::F32 && m <= NARROW_ROWS {
-        narrow_rows(x, weight, &mut out, m, n, k);
-    } else {
-        matmul_nt(m, n, k, x, k, &weight.f32_cow(), k, &mut out, true);
+    match weight.storage() {
+        // bf16 is the top half of an f32: a shift, which vectorises (unlike `to_f32`).
+        Storage::BF16(w) if m <= NARROW_ROWS => narrow_rows(x, w, &mut out, (m, n, k), |v| {
+            f32::from_bits((v.to_bits() as u32) << 16)
+        }),
+        Storage::F16(w) if m <= NARROW_ROWS => {
+            narrow_rows(x, w, &mut out, (m, n, k), |v| v.to_f32())
+        }
+        _ => matmul_nt(m, n, k, x, k, &weight.f32_cow()?, k, &mut out, true),
     }
     if let Some(b) = bias {
-        let b = b.f32_cow();
+        let b = b.f32_cow()?;
         for row in out.chunks_mut(n) {
             for (o, b) in row.iter_mut().zip(b.iter()) {
                 *o += b;
@@ -151,15 +135,23 @@ pub fn linear(x: &[f32], weight: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f
 /// Up to this many input rows, f16/bf16 weights are read row by row instead of converted whole.
 const NARROW_ROWS: usize = 8;
 
-/// `out[m, n] = x[m, k] · Wᵀ` for a few rows of `x` and a f16/bf16 `W`: each weight row is widened
-/// once into a small buffer and dotted with every input row, so decoding never materialises an
-/// f32 copy of the matrix.
-fn narrow_rows(x: &[f32], weight: &Tensor, out: &mut [f32], m: usize, n: usize, k: usize) {
+/// `out[m, n] = x[m, k] · Wᵀ` for a few rows of `x` and a f16/bf16 `W: [n, k]` widened by `widen`:
+/// each weight row is widened once into a small buffer and dotted with every input row, so
+/// decoding never materialises an f32 copy of the matrix.
+fn narrow_rows<T: Sync>(
+    x: &[f32],
+    w: &[T],
+    out: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    widen: impl Fn(&T) -> f32 + Sync,
+) {
     let mut t = vec![0.0f32; n * m];
     t.par_chunks_mut(m).enumerate().for_each_init(
         || vec![0.0f32; k],
         |row, (j, o)| {
-            weight.row_into(j, row);
+            for (r, v) in row.iter_mut().zip(&w[j * k..(j + 1) * k]) {
+                *r = widen(v);
+            }
             for (i, o) in o.iter_mut().enumerate() {
                 *o = dot(&x[i * k..(i + 1) * k], row);
             }
@@ -300,7 +292,7 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.7).cos()).collect();
             let got = linear(&x, &w, None).unwrap();
             let mut want = vec![0.0; m * n];
-            matmul_nt(m, n, k, &x, k, &w.f32_cow(), k, &mut want, false);
+            matmul_nt(m, n, k, &x, k, &w.f32_cow().unwrap(), k, &mut want, false);
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-5);
             }

@@ -25,12 +25,23 @@ pub fn add(x: &mut [f32], y: &[f32]) {
 /// forward passes call this after every block: a bad weight or input is reported where it first
 /// shows instead of ending as a silent NaN answer.
 pub fn check_finite(x: &[f32], cols: usize, at: impl FnOnce(usize) -> String) -> crate::Result<()> {
-    let cols = cols.max(1);
     match x.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
-        Some(i) => Err(crate::Error::NonFinite {
-            at: format!("{}, column {}", at(i / cols), i % cols),
-            value: x[i],
-        }),
+        Some(i) => Err(nonfinite(i, x[i], cols, at)),
+    }
+}
+
+/// The [`Error::NonFinite`](crate::Error::NonFinite) of `value` at flat index `i` of a
+/// `[rows, cols]` tensor, `at(row)` naming the row.
+pub(crate) fn nonfinite(
+    i: usize,
+    value: f32,
+    cols: usize,
+    at: impl FnOnce(usize) -> String,
+) -> crate::Error {
+    let cols = cols.max(1);
+    crate::Error::NonFinite {
+        at: format!("{}, column {}", at(i / cols), i % cols),
+        value,
     }
 }

@@ -1,12 +1,26 @@
 //! Normalisations, computed in f32 per row.
 
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 
+/// Fails unless `x` is whole rows of the norm's width `d` and every parameter has `d` values.
+fn check(what: &str, x: &[f32], params: &[&Tensor]) -> Result<usize> {
+    let d = params[0].len();
+    if d == 0 || !x.len().is_multiple_of(d) || params.iter().any(|p| p.len() != d) {
+        return Err(Error::Shape {
+            name: format!("{what} input"),
+            expected: vec![x.len() / d.max(1), d],
+            got: vec![x.len(), params.iter().map(|p| p.len()).max().unwrap_or(0)],
+        });
+    }
+    Ok(d)
+}
+
 /// LLaMA RMSNorm (HF `LlamaRMSNorm`): `y = w ⊙ x / sqrt(mean(x²) + eps)`.
-pub fn rms_norm(x: &[f32], weight: &Tensor, eps: f64) -> Vec<f32> {
-    let w = weight.f32_cow();
-    let d = w.len();
+pub fn rms_norm(x: &[f32], weight: &Tensor, eps: f64) -> Result<Vec<f32>> {
+    let d = check("rms_norm", x, &[weight])?;
+    let w = weight.f32_cow()?;
     let mut out = vec![0.0f32; x.len()];
     out.par_chunks_mut(d)
         .zip(x.par_chunks(d))
@@ -17,13 +31,13 @@ pub fn rms_norm(x: &[f32], weight: &Tensor, eps: f64) -> Vec<f32> {
                 *o = w * (x * r);
             }
         });
-    out
+    Ok(out)
 }
 
 /// LayerNorm (HF `nn.LayerNorm`): `y = (x - mean) / sqrt(var + eps) ⊙ w + b`, biased variance.
-pub fn layer_norm(x: &[f32], weight: &Tensor, bias: &Tensor, eps: f64) -> Vec<f32> {
-    let (w, b) = (weight.f32_cow(), bias.f32_cow());
-    let d = w.len();
+pub fn layer_norm(x: &[f32], weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Vec<f32>> {
+    let d = check("layer_norm", x, &[weight, bias])?;
+    let (w, b) = (weight.f32_cow()?, bias.f32_cow()?);
     let mut out = vec![0.0f32; x.len()];
     out.par_chunks_mut(d)
         .zip(x.par_chunks(d))
@@ -35,7 +49,7 @@ pub fn layer_norm(x: &[f32], weight: &Tensor, bias: &Tensor, eps: f64) -> Vec<f3
                 o[i] = (x[i] - mean) * r * w[i] + b[i];
             }
         });
-    out
+    Ok(out)
 }
 
 /// Backward of [`rms_norm`] for `x, dy: [rows, d]`, `w: [d]` (f32): with `r = 1/sqrt(mean(x²)+eps)`,
@@ -105,11 +119,12 @@ mod tests {
     #[test]
     fn hand_cases() {
         let w = Tensor::from_f32(&[2], vec![1.0, 2.0]).unwrap();
-        let y = rms_norm(&[3.0, 4.0], &w, 0.0);
+        let y = rms_norm(&[3.0, 4.0], &w, 0.0).unwrap();
         let r = (12.5f32).sqrt();
         assert!((y[0] - 3.0 / r).abs() < 1e-6 && (y[1] - 8.0 / r).abs() < 1e-6);
         let b = Tensor::from_f32(&[2], vec![0.5, -0.5]).unwrap();
-        let y = layer_norm(&[1.0, 3.0], &w, &b, 0.0);
+        let y = layer_norm(&[1.0, 3.0], &w, &b, 0.0).unwrap();
+        assert!(rms_norm(&[1.0, 2.0, 3.0], &w, 0.0).is_err());
         assert!((y[0] - (-1.0 + 0.5)).abs() < 1e-6 && (y[1] - (2.0 - 0.5)).abs() < 1e-6);
     }
 
@@ -146,7 +161,7 @@ mod tests {
         let h = 1e-6;
         check(
             "rms_norm fwd",
-            &rms_norm(&x, &wt, eps),
+            &rms_norm(&x, &wt, eps).unwrap(),
             &norm64(&xd, &wd, None, eps),
             1e-5,
         );
@@ -156,7 +171,7 @@ mod tests {
         check("rms_norm dx", &dx, &fd(|x| f(x, &wd), &xd, h), 1e-5);
         check("rms_norm dw", &dw, &fd(|w| f(&xd, w), &wd, h), 1e-5);
 
-        let got = layer_norm(&x, &wt, &bt, eps);
+        let got = layer_norm(&x, &wt, &bt, eps).unwrap();
         check(
             "layer_norm fwd",
             &got,

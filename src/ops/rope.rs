@@ -9,14 +9,14 @@ pub fn inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
 
 /// Rotates `x: [rows, heads, d]` in place; row `r` sits at position `positions[r]`:
 /// `(x₁, x₂) ← (x₁ cos θ − x₂ sin θ, x₂ cos θ + x₁ sin θ)` with x₁/x₂ the two halves of each head.
-pub fn apply_rope(x: &mut [f32], heads: usize, d: usize, positions: &[usize], inv_freq: &[f32]) {
+pub fn rope(x: &mut [f32], heads: usize, d: usize, positions: &[usize], inv_freq: &[f32]) {
     rotate(x, heads, d, positions, inv_freq, 1.0);
 }
 
-/// Backward of [`apply_rope`], in place on `dy: [rows, heads, d]`: the rotation is orthogonal, so
+/// Backward of [`rope`], in place on `dy: [rows, heads, d]`: the rotation is orthogonal, so
 /// the gradient is `dy` rotated by `−θ`:
 /// `(g₁, g₂) ← (g₁ cos θ + g₂ sin θ, g₂ cos θ − g₁ sin θ)`, with θ computed exactly as the forward does.
-pub fn apply_rope_backward(
+pub fn rope_backward(
     dy: &mut [f32],
     heads: usize,
     d: usize,
@@ -56,7 +56,7 @@ mod tests {
         let f = inv_freq(4, 10000.0);
         assert_eq!(f[0], 1.0);
         let mut x = vec![1.0, 0.0, 0.0, 0.0];
-        apply_rope(&mut x, 1, 4, &[2], &f);
+        rope(&mut x, 1, 4, &[2], &f);
         assert!((x[0] - 2f32.cos()).abs() < 1e-6 && (x[2] - 2f32.sin()).abs() < 1e-6);
         let norm: f32 = x.iter().map(|v| v * v).sum();
         assert!((norm - 1.0).abs() < 1e-6);
@@ -88,10 +88,10 @@ mod tests {
             y
         };
         let mut got = x.clone();
-        apply_rope(&mut got, heads, d, &positions, &f);
+        rope(&mut got, heads, d, &positions, &f);
         check("rope fwd", &got, &fwd(&f64s(&x)), 1e-5);
         let mut g = r.clone();
-        apply_rope_backward(&mut g, heads, d, &positions, &f);
+        rope_backward(&mut g, heads, d, &positions, &f);
         check(
             "rope dx",
             &g,

@@ -6,11 +6,8 @@
 //! `heads x positions x positions` attention tensor of the layer.
 
 use super::head::HeadStrategy;
-use crate::ops::attention::softmax_scaled;
-use crate::ops::matmul::matmul_nt;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use rayon::prelude::*;
 
 /// Attention of selected query rows to the image columns: `probs[h][r][v]`.
 pub struct SelectedAttention {
@@ -53,53 +50,6 @@ impl SelectedAttention {
                     / self.heads as f32
             })
             .collect()
-    }
-}
-
-/// Computes [`SelectedAttention`] from the ranking layer's queries of the selected rows
-/// `q: [rows, heads, d]` (RoPE applied) and its keys `k: [positions, kv_heads, d]`; row `i` sits at
-/// position `rows[i]` and sees keys `0..=rows[i]`.
-pub fn selected_attention(
-    q: &[f32],
-    k: &[f32],
-    rows: &[usize],
-    image_cols: &[usize],
-    heads: usize,
-    kv_heads: usize,
-    d: usize,
-) -> SelectedAttention {
-    let (nr, s) = (rows.len(), k.len() / (kv_heads * d));
-    let scale = 1.0 / (d as f32).sqrt();
-    let group = heads / kv_heads;
-    let probs: Vec<f32> = (0..heads)
-        .into_par_iter()
-        .flat_map_iter(|h| {
-            let mut p = vec![0.0f32; nr * s];
-            matmul_nt(
-                nr,
-                s,
-                d,
-                &q[h * d..],
-                heads * d,
-                &k[(h / group) * d..],
-                kv_heads * d,
-                &mut p,
-                false,
-            );
-            let mut out = Vec::with_capacity(nr * image_cols.len());
-            for (i, row) in p.chunks_mut(s).enumerate() {
-                softmax_scaled(row, rows[i] + 1, scale);
-                out.extend(image_cols.iter().map(|&c| row[c]));
-            }
-            out
-        })
-        .collect();
-    SelectedAttention {
-        heads,
-        rows: rows.to_vec(),
-        image_cols: image_cols.to_vec(),
-        probs,
-        positions: s,
     }
 }
 
@@ -183,36 +133,5 @@ mod tests {
     fn top_k_breaks_ties_by_lower_index() {
         assert_eq!(top_k(&[0.1, 0.5, 0.5, 0.2, 0.5], 2), vec![1, 2]);
         assert_eq!(top_k(&[0.3, 0.1, 0.3], 3), vec![0, 1, 2]);
-    }
-
-    #[test]
-    fn selected_rows_equal_the_full_attention_rows() {
-        // 1 kv head shared by 2 query heads, 4 positions, image at 1 and 2; score rows 2 and 3.
-        let (h, d, s) = (2, 2, 4);
-        let q: Vec<f32> = (0..s * h * d).map(|i| (i as f32 * 0.7).sin()).collect();
-        let k: Vec<f32> = (0..s * d).map(|i| (i as f32 * 1.3).cos()).collect();
-        let rows = [2, 3];
-        let sel: Vec<f32> = rows
-            .iter()
-            .flat_map(|&r| q[r * h * d..(r + 1) * h * d].to_vec())
-            .collect();
-        let att = selected_attention(&sel, &k, &rows, &[1, 2], h, 1, d);
-        for hh in 0..h {
-            for (ri, &r) in rows.iter().enumerate() {
-                let logits: Vec<f32> = (0..=r)
-                    .map(|j| {
-                        (0..d)
-                            .map(|e| q[(r * h + hh) * d + e] * k[j * d + e])
-                            .sum::<f32>()
-                            / (d as f32).sqrt()
-                    })
-                    .collect();
-                let z: f32 = logits.iter().map(|x| x.exp()).sum();
-                for (vi, &c) in [1usize, 2].iter().enumerate() {
-                    let want = logits[c].exp() / z;
-                    assert!((att.at(hh, ri, vi) - want).abs() < 1e-6);
-                }
-            }
-        }
     }
 }

@@ -111,7 +111,7 @@ pub fn save_checkpoint(model: &TrainModel, src_dir: &Path, out_dir: &Path) -> Re
             if held.contains(hf.as_str()) || (model.tied() && canonical.starts_with("lm_head.")) {
                 continue;
             }
-            let v = w.take(&canonical, &shape)?.to_f32().into_f32_vec();
+            let v = w.take(&canonical, &shape)?.into_f32_vec()?;
             extra.push((hf, shape, v));
         }
     }

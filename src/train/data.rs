@@ -554,7 +554,7 @@ impl<'a> Encoder<'a> {
                         path: path.clone(),
                         msg: format!("sample {} (field `image`): {e}", conv.id),
                     })?
-                    .into_f32_vec()
+                    .into_f32_vec()?
             }
             _ => Vec::new(),
         };

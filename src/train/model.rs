@@ -296,12 +296,12 @@ struct Ln {
 impl Ln {
     fn forward(&self, p: &[Param], x: &[f32], eps: f64) -> Result<Vec<f32>> {
         let d = p[self.w].value.len();
-        Ok(norm::layer_norm(
+        norm::layer_norm(
             x,
             &Tensor::from_f32(&[d], p[self.w].value.clone())?,
             &Tensor::from_f32(&[d], p[self.b].value.clone())?,
             eps,
-        ))
+        )
     }
 
     fn backward(&self, p: &mut [Param], x: &[f32], eps: f64, dy: &[f32]) -> Vec<f32> {
@@ -325,11 +325,7 @@ impl Ln {
 
 fn rms_forward(p: &[Param], w: usize, x: &[f32], eps: f64) -> Result<Vec<f32>> {
     let d = p[w].value.len();
-    Ok(norm::rms_norm(
-        x,
-        &Tensor::from_f32(&[d], p[w].value.clone())?,
-        eps,
-    ))
+    norm::rms_norm(x, &Tensor::from_f32(&[d], p[w].value.clone())?, eps)
 }
 
 fn rms_backward(p: &mut [Param], w: usize, x: &[f32], eps: f64, dy: &[f32]) -> Vec<f32> {
@@ -428,7 +424,7 @@ impl EncoderLayer {
         for (i, oi) in o.chunks_mut(w).enumerate() {
             let r = i * w..(i + 1) * w;
             let (out, pr) =
-                attention_with_probs(&q[r.clone()], &k[r.clone()], &v[r], vision_attn_shape(c, t));
+                attention_with_probs(&q[r.clone()], &k[r.clone()], &v[r], vision_attn_shape(c, t))?;
             oi.copy_from_slice(&out);
             probs.push(pr);
         }
@@ -492,7 +488,7 @@ impl EncoderLayer {
                 None,
                 &d_o[r.clone()],
                 vision_attn_shape(c, t),
-            );
+            )?;
             dq[r.clone()].copy_from_slice(&a);
             dk[r.clone()].copy_from_slice(&b);
             dv[r].copy_from_slice(&d);
@@ -694,10 +690,10 @@ impl DecoderLayer {
             let t = pos.len();
             let qs = &mut q[r0 * nh * hd..(r0 + t) * nh * hd];
             let ks = &mut k[r0 * nkv * hd..(r0 + t) * nkv * hd];
-            rope::apply_rope(qs, nh, hd, pos, inv_freq);
-            rope::apply_rope(ks, nkv, hd, pos, inv_freq);
+            rope::rope(qs, nh, hd, pos, inv_freq);
+            rope::rope(ks, nkv, hd, pos, inv_freq);
             let vs = &v[r0 * nkv * hd..(r0 + t) * nkv * hd];
-            let (out, pr) = attention_with_probs(qs, ks, vs, attn_shape(c, t));
+            let (out, pr) = attention_with_probs(qs, ks, vs, attn_shape(c, t))?;
             o[r0 * nh * hd..(r0 + t) * nh * hd].copy_from_slice(&out);
             probs.push(pr);
             r0 += t;
@@ -773,9 +769,9 @@ impl DecoderLayer {
                 dp.map(Vec::as_slice),
                 &d_o[qr.clone()],
                 attn_shape(c, t),
-            );
-            rope::apply_rope_backward(&mut gq, nh, hd, pos, inv_freq);
-            rope::apply_rope_backward(&mut gk, nkv, hd, pos, inv_freq);
+            )?;
+            rope::rope_backward(&mut gq, nh, hd, pos, inv_freq);
+            rope::rope_backward(&mut gk, nkv, hd, pos, inv_freq);
             dq[qr].copy_from_slice(&gq);
             dk[kr.clone()].copy_from_slice(&gk);
             dv[kr].copy_from_slice(&gv);
@@ -1194,7 +1190,7 @@ impl TrainModel {
         let mut w = Weights::from_dir(dir)?;
         let has_head = w.contains("lm_head.weight");
         let mut get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            Ok(w.take(name, shape)?.to_f32().into_f32_vec())
+            w.take(name, shape)?.into_f32_vec()
         };
         let tied = config.text.tie_word_embeddings || !has_head;
         Self::build(config, tied, &mut get)

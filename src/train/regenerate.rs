@@ -310,7 +310,7 @@ fn conversation_pixels(m: &Model, c: &Conversation, folder: &Path) -> Result<Opt
         e => e,
     };
     let img = load_image(&path).map_err(wrap)?;
-    Ok(Some(proc.preprocess(&img).map_err(wrap)?.into_f32_vec()))
+    Ok(Some(proc.preprocess(&img).map_err(wrap)?.into_f32_vec()?))
 }
 
 /// The error of a failed batch, naming the conversation and turn at fault: the requests are rerun

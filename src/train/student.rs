@@ -658,7 +658,7 @@ pub fn init_student(teacher: &Path, spec: &StudentSpec, out: &Path) -> Result<St
             })?
         } else {
             let src = teacher_name(name, &lm_pick, &vision_layers);
-            w.take(&src, shape)?.to_f32().into_f32_vec()
+            w.take(&src, shape)?.into_f32_vec()?
         };
         values.push((hf, shape.clone(), v));
     }

@@ -651,7 +651,7 @@ fn render(
     let done: Vec<Result<(Vec<f32>, ImageTargets)>> = scenes
         .par_iter()
         .map(|s| {
-            let px = proc.preprocess(&s.render(image_size))?.into_f32_vec();
+            let px = proc.preprocess(&s.render(image_size))?.into_f32_vec()?;
             Ok((px, targets(s, image_size, patch_size)))
         })
         .collect();
