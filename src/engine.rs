@@ -265,12 +265,10 @@ impl Engine {
                 let pos: Vec<usize> = q_rows.iter().map(|&r| st.positions[r]).collect();
                 let q = lm.query_rows(l, &x_sel, &pos)?;
                 let heads = c.num_attention_heads;
-                // The selected rows' log-sum-exp, `[heads, rows]`, where the backend gave one.
-                let lse_sel: Option<Vec<f32>> = lse.as_ref().map(|lse| {
-                    (0..heads)
-                        .flat_map(|hh| q_rows.iter().map(move |&r| lse[hh * n + r]))
-                        .collect()
-                });
+                let lse_sel = lse
+                    .as_deref()
+                    .map(|lse| lse_rows(lse, heads, n, &q_rows))
+                    .transpose()?;
                 let att = SelectedAttention {
                     heads,
                     probs: q.backend().selected_probs(
@@ -523,6 +521,21 @@ pub struct PromptLogits {
     pub stats: RunStats,
 }
 
+/// The log-sum-exps `[heads, rows.len()]` of the query rows `rows` out of a sequence's `[heads, n]`
+/// (what the GPU rebuilds the ranked probabilities from).
+fn lse_rows(lse: &[f32], heads: usize, n: usize, rows: &[usize]) -> Result<Vec<f32>> {
+    if lse.len() != heads * n || rows.iter().any(|&r| r >= n) {
+        return Err(Error::Shape {
+            name: format!("attention log-sum-exp for rows {rows:?}"),
+            expected: vec![heads, n],
+            got: vec![lse.len()],
+        });
+    }
+    Ok((0..heads)
+        .flat_map(|h| rows.iter().map(move |&r| lse[h * n + r]))
+        .collect())
+}
+
 /// "request i, prompt position p" of row `row` of the prefill's concatenated rows.
 fn row_origin(states: &[SeqState], mut row: usize) -> String {
     for (i, st) in states.iter().enumerate() {
@@ -706,4 +719,23 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut StdRng) -> u32 {
         u -= p.1;
     }
     kept[keep - 1].0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lse_rows_picks_the_ranked_rows_of_every_head() {
+        // 2 heads x 4 rows, value = 10 h + r.
+        let lse: Vec<f32> = (0..2)
+            .flat_map(|h| (0..4).map(move |r| (10 * h + r) as f32))
+            .collect();
+        assert_eq!(
+            lse_rows(&lse, 2, 4, &[3, 1]).unwrap(),
+            vec![3.0, 1.0, 13.0, 11.0]
+        );
+        assert!(lse_rows(&lse, 2, 4, &[4]).is_err());
+        assert!(lse_rows(&lse[..7], 2, 4, &[0]).is_err());
+    }
 }
