@@ -12,6 +12,7 @@ use common::{config_7b, random, random_llama};
 use fineprune::model::config::TextConfig;
 use fineprune::model::flops::lm_layer_flops;
 use fineprune::model::llama::{KvCache, Llama, SeqRows};
+use fineprune::model::nn::Param;
 use fineprune::ops::matmul::matmul_nt;
 use fineprune::tensor::Tensor;
 use std::time::Instant;
@@ -22,21 +23,22 @@ fn block_flops(c: &TextConfig, t: usize, s: usize) -> f64 {
     lm_layer_flops(c, t, visible)
 }
 
-fn run_prefill(lm: &Llama, x: &[f32], len: usize) -> KvCache {
+fn run_prefill((p, lm): &(Vec<Param>, Llama), x: &[f32], len: usize) -> KvCache {
     let mut cache = KvCache::new(1);
     let mut x = Tensor::from_f32(&[len, lm.config.hidden_size], x.to_vec()).unwrap();
     let seqs = [SeqRows {
         positions: (0..len).collect(),
     }];
-    lm.layer_forward(0, &mut x, &seqs, &mut [&mut cache], false)
+    lm.layer_forward(p, 0, &mut x, &seqs, &mut [&mut cache], false)
         .unwrap();
     cache
 }
 
-fn run_decode(lm: &Llama, cache: &KvCache, x1: &[f32], pos: usize) {
+fn run_decode((p, lm): &(Vec<Param>, Llama), cache: &KvCache, x1: &[f32], pos: usize) {
     let mut c = cache.clone();
     let mut x = Tensor::from_f32(&[1, x1.len()], x1.to_vec()).unwrap();
     lm.layer_forward(
+        p,
         0,
         &mut x,
         &[SeqRows {

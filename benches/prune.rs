@@ -29,8 +29,10 @@ fn model(layers: usize) -> Model {
         .unk_token("<unk>".into())
         .build()
         .unwrap();
+    let (params, lm) = random_llama(&c, false);
     Model {
-        lm: random_llama(&c, false),
+        params,
+        lm,
         config: ModelConfig::Llama(c),
         vision: None,
         tokenizer: Tokenizer::from_inner(

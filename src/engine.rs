@@ -161,10 +161,10 @@ impl Engine {
             }
         };
         let prompt = template::build_prompt(&m.tokenizer, &req.prompt, slot.as_ref(), &opts, ctx)?;
-        let mut embeds = m.lm.embed(&prompt.ids)?;
+        let mut embeds = m.lm.embed(&m.params, &prompt.ids)?;
         if let (Some(v), Some(img)) = (&m.vision, &req.image) {
             let pixels = self.pixels(img, req.options.pad_to_square)?;
-            embeds = v.merge(&prompt.ids, &embeds, &v.forward(&pixels)?)?;
+            embeds = v.merge(&prompt.ids, &embeds, &v.forward(&m.params, &[&pixels])?)?;
         }
         Ok(Prepared { prompt, embeds })
     }
@@ -235,7 +235,7 @@ impl Engine {
                 })
                 .collect();
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
-            let lses = lm.layer_forward(l, &mut x, &seqs, &mut refs, prunes)?;
+            let lses = lm.layer_forward(&self.model.params, l, &mut x, &seqs, &mut refs, prunes)?;
             x.check_finite(|row| {
                 format!(
                     "the output of decoder layer {l} (prefill, {})",
@@ -255,15 +255,12 @@ impl Engine {
                     next.extend(rows);
                     continue;
                 };
-                let segs = &st.segments;
-                let q_rows = plan.query.candidates(segs);
-                let image_cols: Vec<usize> =
-                    (0..n).filter(|&i| segs[i] == Segment::Image).collect();
+                let (q_rows, image_cols) = plan.targets(&st.segments);
                 let t_rank = Instant::now();
                 let x_sel =
                     x_in.gather_rows(&q_rows.iter().map(|&r| rows.start + r).collect::<Vec<_>>())?;
                 let pos: Vec<usize> = q_rows.iter().map(|&r| st.positions[r]).collect();
-                let q = lm.query_rows(l, &x_sel, &pos)?;
+                let q = lm.query_rows(&self.model.params, l, &x_sel, &pos)?;
                 let heads = c.num_attention_heads;
                 let lse_sel = lse
                     .as_deref()
@@ -284,8 +281,7 @@ impl Engine {
                     image_cols,
                     positions: n,
                 };
-                let w = plan.query.weights(segs, &att.rows, &att.image_mass());
-                let ranking = plan.rank(&att, w, keep);
+                let (ranking, kept_rows) = plan.select(&st.segments, &att, keep, n);
                 let cost = (
                     t_rank.elapsed().as_secs_f64(),
                     att.nbytes() + x_sel.nbytes() + q.nbytes(),
@@ -299,14 +295,15 @@ impl Engine {
                 let kept_states = x.gather_rows(&kept_image_rows)?.to_vec_f32()?;
                 let kept_states: Vec<&[f32]> = kept_states.chunks(h.max(1)).collect();
                 let diversity = metrics::mean_cosine_distance(&kept_states);
-                let kept_rows = st.apply_stage(
+                next.extend(kept_rows.iter().map(|r| rows.start + r));
+                st.apply_stage(
                     l + 1,
+                    plan,
                     &image_cols,
                     ranking,
-                    plan.renumber,
+                    kept_rows,
                     (cost.0, cost.1, diversity),
                 );
-                next.extend(kept_rows.into_iter().map(|r| rows.start + r));
             }
             x = x.gather_rows(&next)?;
         }
@@ -360,7 +357,7 @@ impl Engine {
         let (x, mut states) =
             self.prefill(std::slice::from_ref(&p), &[req.prune.as_ref()], &mut caches)?;
         let st = states.remove(0);
-        let logits = self.model.lm.logits(&x)?.to_vec_f32()?;
+        let logits = self.model.lm.logits(&self.model.params, &x)?.to_vec_f32()?;
         check_finite(&logits, self.model.lm.config.vocab_size, |r| {
             format!("the prompt logits at prompt position {}", st.orig[r])
         })?;
@@ -408,7 +405,8 @@ impl Engine {
             end += st.positions.len();
             last.push(end - 1);
         }
-        let mut logits = lm.logits(&x.gather_rows(&last)?)?.to_vec_f32()?;
+        let p = &self.model.params;
+        let mut logits = lm.logits(p, &x.gather_rows(&last)?)?.to_vec_f32()?;
         check_finite(&logits, vocab, |r| {
             format!("the logits after the prompt of request {r}")
         })?;
@@ -455,7 +453,7 @@ impl Engine {
                 .iter()
                 .map(|&i| *out[i].last().unwrap_or(&0))
                 .collect();
-            let mut x = lm.embed(&ids)?;
+            let mut x = lm.embed(p, &ids)?;
             let mut refs: Vec<&mut KvCache> = caches
                 .iter_mut()
                 .enumerate()
@@ -469,7 +467,7 @@ impl Engine {
                         positions: vec![states[i].decode_position(l, out[i].len() - 1)],
                     })
                     .collect();
-                lm.layer_forward(l, &mut x, &seqs, &mut refs, false)?;
+                lm.layer_forward(p, l, &mut x, &seqs, &mut refs, false)?;
                 x.check_finite(|r| {
                     format!(
                         "the output of decoder layer {l} (request {}, generated token {})",
@@ -478,7 +476,7 @@ impl Engine {
                     )
                 })?;
             }
-            logits = lm.logits(&x)?.to_vec_f32()?;
+            logits = lm.logits(p, &x)?.to_vec_f32()?;
             check_finite(&logits, vocab, |r| {
                 format!(
                     "the logits of request {} after generated token {}",
@@ -613,25 +611,18 @@ impl<'p> SeqState<'p> {
         self.stats.tokens_per_layer.push(self.positions.len());
     }
 
-    /// Keeps the non-image rows and the ranked-kept image rows; returns the kept row indices.
+    /// Records a stage that kept `rows` (the non-image rows and the ranked-kept image rows).
     /// `cost`: seconds and bytes the ranking took, and the diversity of the kept tokens.
     fn apply_stage(
         &mut self,
         layer: usize,
+        plan: &PrunePlan,
         image_cols: &[usize],
         ranking: Ranking,
-        renumber: bool,
+        rows: Vec<usize>,
         cost: (f64, usize, f64),
-    ) -> Vec<usize> {
+    ) {
         let n = self.positions.len();
-        let mut keep_row = vec![true; n];
-        for &r in image_cols {
-            keep_row[r] = false;
-        }
-        for &k in &ranking.kept {
-            keep_row[image_cols[k]] = true;
-        }
-        let rows: Vec<usize> = (0..n).filter(|&r| keep_row[r]).collect();
         let ranked: Vec<usize> = image_cols
             .iter()
             .filter_map(|&r| self.image_index[r])
@@ -652,12 +643,7 @@ impl<'p> SeqState<'p> {
         self.orig = rows.iter().map(|&r| self.orig[r]).collect();
         self.segments = rows.iter().map(|&r| self.segments[r]).collect();
         self.image_index = rows.iter().map(|&r| self.image_index[r]).collect();
-        self.positions = if renumber {
-            (0..rows.len()).collect()
-        } else {
-            rows.iter().map(|&r| self.positions[r]).collect()
-        };
-        rows
+        self.positions = plan.positions_after(&self.positions, &rows);
     }
 
     /// RoPE position id of generated token `k` (0-based) in layer `l`.

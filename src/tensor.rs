@@ -69,6 +69,25 @@ pub struct Tensor {
     storage: Storage,
 }
 
+/// Equal shapes, dtypes and values (device tensors are compared by their downloaded values; one
+/// that cannot be read compares unequal).
+impl PartialEq for Tensor {
+    fn eq(&self, other: &Tensor) -> bool {
+        if self.shape != other.shape || self.dtype() != other.dtype() {
+            return false;
+        }
+        let (Ok(a), Ok(b)) = (self.to_host(), other.to_host()) else {
+            return false;
+        };
+        match (&a.storage, &b.storage) {
+            (Storage::F32(x), Storage::F32(y)) => x == y,
+            (Storage::F16(x), Storage::F16(y)) => x == y,
+            (Storage::BF16(x), Storage::BF16(y)) => x == y,
+            _ => false,
+        }
+    }
+}
+
 impl Tensor {
     /// An f32 tensor from data; fails if the element count does not match the shape.
     pub fn from_f32(shape: &[usize], data: Vec<f32>) -> Result<Self> {

@@ -134,7 +134,13 @@ fn lr_scale_multiplies_a_groups_step() {
         } else {
             1.0
         };
-        for ((a, b), c) in p0.value.iter().zip(&p1.value).zip(&p2.value) {
+        for ((a, b), c) in p0
+            .f32s()
+            .unwrap()
+            .iter()
+            .zip(p1.f32s().unwrap())
+            .zip(p2.f32s().unwrap())
+        {
             let (d1, d2) = (b - a, c - a);
             // |d| <= lr; a weight whose gradient is ~0 moves by less (Adam's eps), so compare
             // only clear steps; f32 rounding of the weights bounds the agreement.
@@ -173,7 +179,7 @@ fn betas_reach_the_optimizer() {
     // and move by a fraction of `lr`, so it is left out.
     let params = init.params.iter().zip(&after.params);
     for (p0, p1) in params.filter(|(p, _)| p.name != "lm_head.weight") {
-        for (a, b) in p0.value.iter().zip(&p1.value) {
+        for (a, b) in p0.f32s().unwrap().iter().zip(p1.f32s().unwrap()) {
             let d = (b - a).abs();
             total += 1;
             // f32 rounding of weights of magnitude ~1 bounds the agreement.
@@ -1282,7 +1288,7 @@ fn perturbed_fixture(dir: &Path) {
     let mut m = fineprune::train::model::TrainModel::from_dir(&fixture()).unwrap();
     let mut state = 99u64;
     for p in &mut m.params {
-        for v in &mut p.value {
+        for v in p.f32s_mut().unwrap() {
             state = state
                 .wrapping_mul(6_364_136_223_846_793_005)
                 .wrapping_add(1_442_695_040_888_963_407);

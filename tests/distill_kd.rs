@@ -46,7 +46,7 @@ fn perturbed_student(dir: &Path, amount: f32) -> TrainModel {
     let mut m = TrainModel::from_dir(&teacher_dir()).unwrap();
     let mut state = 12345u64;
     for p in &mut m.params {
-        for v in &mut p.value {
+        for v in p.f32s_mut().unwrap() {
             state = state
                 .wrapping_mul(6_364_136_223_846_793_005)
                 .wrapping_add(1_442_695_040_888_963_407);
@@ -73,6 +73,7 @@ fn logits_cfg(divergence: DivergenceName, tokens: Tokens, t: f32) -> LogitsConfi
 fn all_logits(m: &mut TrainModel, seqs: &[TrainSeq]) -> Vec<f64> {
     let tr = m.trace(seqs, &Default::default()).unwrap();
     m.head_logits(&tr.final_out)
+        .unwrap()
         .iter()
         .map(|&v| v as f64)
         .collect()
@@ -368,7 +369,12 @@ fn vision_alignment_is_the_loss_of_the_engines_projected_features() {
         let m = Model::load(d).unwrap();
         let v = m.vision.as_ref().unwrap();
         seqs.iter()
-            .flat_map(|s| v.forward(&s.pixel_values).unwrap().to_vec_f32().unwrap())
+            .flat_map(|s| {
+                v.forward(&m.params, &[&s.pixel_values])
+                    .unwrap()
+                    .to_vec_f32()
+                    .unwrap()
+            })
             .map(f64::from)
             .collect()
     };
@@ -512,7 +518,7 @@ fn whole_objective_matches_pytorch() {
     let mut m = TrainModel::from_dir(&teacher_dir()).unwrap();
     for p in &mut m.params {
         let k = p.name.bytes().map(f64::from).sum::<f64>() % 97.0;
-        for (j, v) in p.value.iter_mut().enumerate() {
+        for (j, v) in p.f32s_mut().unwrap().iter_mut().enumerate() {
             *v += (0.05 * (0.37 * j as f64 + 1.3 * k).sin()) as f32;
         }
     }
@@ -555,7 +561,8 @@ fn whole_objective_matches_pytorch() {
     };
     let mut d = Distiller::new(&cfg, &mut m, 0).unwrap();
     for p in m.params.iter_mut().filter(|p| p.name.starts_with("align.")) {
-        p.value = r[&p.name].f.clone();
+        let v = &r[&p.name].f;
+        p.f32s_mut().unwrap().copy_from_slice(v);
     }
     zero_grads(&mut m.params);
     let l = d.forward(&mut m, &batch()).unwrap();

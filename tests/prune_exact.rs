@@ -42,10 +42,11 @@ fn plan(stages: Vec<Stage>, head: &str, query: &str, renumber: bool) -> PrunePla
 /// stage see every surviving token, the stage drops the image tokens the prefill dropped, the
 /// generated tokens are always kept.
 fn recompute(e: &Engine, req: &Request, g: &Generation, steps: usize, renumber: bool) -> Vec<f32> {
-    let lm = &e.model().lm;
+    let (lm, p) = (&e.model().lm, &e.model().params);
     let prep = e.prepare(req).unwrap();
     let n = prep.prompt.ids.len();
-    let mut x = Tensor::cat_rows(&[&prep.embeds, &lm.embed(&g.tokens[..steps]).unwrap()]).unwrap();
+    let mut x =
+        Tensor::cat_rows(&[&prep.embeds, &lm.embed(p, &g.tokens[..steps]).unwrap()]).unwrap();
     let image_index: Vec<Option<usize>> = {
         let mut k = 0;
         prep.prompt
@@ -79,11 +80,11 @@ fn recompute(e: &Engine, req: &Request, g: &Generation, steps: usize, renumber: 
         let seqs = [SeqRows {
             positions: positions.clone(),
         }];
-        lm.layer_forward(l, &mut x, &seqs, &mut [&mut cache], false)
+        lm.layer_forward(p, l, &mut x, &seqs, &mut [&mut cache], false)
             .unwrap();
     }
     let last = x.narrow_rows(rows.len() - 1, 1).unwrap();
-    lm.logits(&last).unwrap().to_vec_f32().unwrap()
+    lm.logits(p, &last).unwrap().to_vec_f32().unwrap()
 }
 
 #[test]

@@ -97,7 +97,7 @@ fn online(data: &Path, l: &LogitsConfig, writer: bool) -> Vec<Vec<Vec<f32>>> {
                 .flat_map(|&(_, r)| &tr.final_out[r * h..(r + 1) * h])
                 .copied()
                 .collect();
-            let z = m.head_logits(&x);
+            let z = m.head_logits(&x).unwrap();
             for (&(j, _), z) in chunk.iter().zip(z.chunks(VOCAB)) {
                 per[j].push(kd.teacher_log_probs(z));
             }

@@ -132,7 +132,8 @@ fn seeded_init_matches_the_checkpoint_layout_and_trains() {
     assert!(
         m.param("model.language_model.norm.weight")
             .unwrap()
-            .value
+            .f32s()
+            .unwrap()
             .iter()
             .all(|&v| v == 1.0)
     );
@@ -264,11 +265,11 @@ fn grounding_gradient_matches_finite_differences() {
         }
         let h = 1e-3f32;
         let mut at = |x: f32| {
-            m.params[i].value[j] = x;
+            m.params[i].f32s_mut().unwrap()[j] = x;
             m.forward(&seqs).unwrap();
             m.grounding_loss().unwrap()
         };
-        let x0 = p.value[j];
+        let x0 = p.f32s().unwrap()[j];
         let fd = (at(x0 + h) - at(x0 - h)) / (2.0 * h);
         at(x0);
         let err = (fd - want).abs();

@@ -141,7 +141,7 @@ const WEIGHTS: LossWeights = LossWeights {
 fn shape_loss_gradient_matches_finite_differences() {
     let (mut m, pixels, targets) = fixture_batch();
     let refs: Vec<&[f32]> = pixels.iter().map(|p| p.as_slice()).collect();
-    let mut head = new_head(m.feature_width(), m.config.vision.grid(), 3);
+    let mut head = new_head(m.feature_width(), m.config.vision.grid(), 3).unwrap();
     for p in m.params.iter_mut() {
         if !p.group.starts_with("vision") {
             p.grad = Vec::new();
@@ -172,15 +172,14 @@ fn shape_loss_gradient_matches_finite_differences() {
                 .unwrap();
             (p.grad[i], i)
         };
-        let at =
-            |delta: f32, m: &mut TrainModel, head: &mut Vec<fineprune::train::optim::Param>| {
-                let value = if in_head {
-                    &mut head.iter_mut().find(|p| p.name == name).unwrap().value
-                } else {
-                    &mut m.params.iter_mut().find(|p| p.name == name).unwrap().value
-                };
-                value[idx] += delta;
+        let at = |delta: f32, m: &mut TrainModel, head: &mut Vec<fineprune::model::nn::Param>| {
+            let p = if in_head {
+                head.iter_mut().find(|p| p.name == name).unwrap()
+            } else {
+                m.params.iter_mut().find(|p| p.name == name).unwrap()
             };
+            p.f32s_mut().unwrap()[idx] += delta;
+        };
         at(h, &mut m, &mut head);
         let up = shape_loss(&mut m, &mut head, &refs, &targets, WEIGHTS, false).unwrap();
         at(-2.0 * h, &mut m, &mut head);
@@ -448,7 +447,7 @@ fn position_scale_multiplies_the_position_embeddings() {
         } else {
             1.0
         };
-        for (x, y) in a.value.iter().zip(&b.value) {
+        for (x, y) in a.f32s().unwrap().iter().zip(b.f32s().unwrap()) {
             assert!((k * x - y).abs() <= 1e-6, "{}: {x} -> {y}", a.name);
         }
     }

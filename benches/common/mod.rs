@@ -3,6 +3,7 @@
 
 use fineprune::model::config::TextConfig;
 use fineprune::model::llama::Llama;
+use fineprune::model::nn::{Param, ParamBuilder};
 use fineprune::model::weights::Weights;
 use fineprune::tensor::{Storage, Tensor};
 use std::collections::HashMap;
@@ -43,8 +44,8 @@ pub fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// A LLaMA with random weights (f32 or bf16) of config `c`.
-pub fn random_llama(c: &TextConfig, bf16: bool) -> Llama {
+/// A LLaMA with random weights (f32 or bf16) of config `c`, and its parameters.
+pub fn random_llama(c: &TextConfig, bf16: bool) -> (Vec<Param>, Llama) {
     let (h, i) = (c.hidden_size, c.intermediate_size);
     let mut shapes: Vec<(String, Vec<usize>)> = vec![
         ("model.embed_tokens.weight".into(), vec![c.vocab_size, h]),
@@ -81,5 +82,8 @@ pub fn random_llama(c: &TextConfig, bf16: bool) -> Llama {
             (name, Tensor::new(&shape, storage).unwrap())
         })
         .collect();
-    Llama::load(c, &mut Weights::from_tensors(map, "random 7B-shaped model")).unwrap()
+    let mut w = Weights::from_tensors(map, "random 7B-shaped model");
+    let mut b = ParamBuilder::new(&mut w, false);
+    let lm = Llama::load(c, &mut b).unwrap();
+    (b.finish(), lm)
 }

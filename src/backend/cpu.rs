@@ -1,6 +1,6 @@
 //! The CPU backend: host tensors, f32 activations, the ops of [`crate::ops`].
 
-use super::{Backend, Device, check_device, check_shape};
+use super::{Backend, Device, check_device, check_shape, linear_dims};
 use crate::error::{Error, Result};
 use crate::ops::attention::AttnShape;
 use crate::ops::{act, attention, embed, matmul, norm, rope};
@@ -51,12 +51,13 @@ impl Backend for Cpu {
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         check_device("linear", &Device::Cpu, &[x, w])?;
-        let (xs, rows) = rows_of("linear input", x, Some(w.cols()))?;
+        let (out, inp) = linear_dims(w);
+        let (xs, rows) = rows_of("linear input", x, Some(inp))?;
         if let Some(b) = b {
             check_device("linear", &Device::Cpu, &[b])?;
-            check_shape("linear bias", &[w.rows()], b.shape())?;
+            check_shape("linear bias", &[out], b.shape())?;
         }
-        Tensor::from_f32(&[rows, w.rows()], matmul::linear(xs, w, b)?)
+        Tensor::from_f32(&[rows, out], matmul::linear(xs, w, b)?)
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {

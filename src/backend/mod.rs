@@ -113,7 +113,8 @@ pub trait Backend: Send + Sync {
     /// A host tensor copied onto this device in its dtype.
     fn upload(&self, t: &Tensor) -> Result<Tensor>;
 
-    /// HF `nn.Linear`: `y = x·Wᵀ + b` for `x: [rows, in]`, `W: [out, in]`, `b: [out]`.
+    /// HF `nn.Linear`: `y = x·Wᵀ + b` for `x: [rows, in]`, `W: [out, in...]` (the first
+    /// dimension is `out`, the rest flatten to `in`), `b: [out]`.
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>;
 
     /// LLaMA RMSNorm per row: `y = w ⊙ x / sqrt(mean(x²) + eps)`.
@@ -201,6 +202,13 @@ fn first<'a>(parts: &[&'a Tensor], op: &str) -> Result<&'a Tensor> {
         .first()
         .copied()
         .ok_or_else(|| Error::arg(op, "no tensors to concatenate".to_string()))
+}
+
+/// `(out, in)` of a Linear weight `[out, in...]`: the first dimension is `out`, the rest flatten
+/// to `in` (a patch convolution's `[d, c, p, p]` kernel is `[d, c·p·p]`).
+pub(crate) fn linear_dims(w: &Tensor) -> (usize, usize) {
+    let out = w.shape().first().copied().unwrap_or(1).max(1);
+    (out, w.len() / out)
 }
 
 /// Fails unless `got == want`, naming `what`.

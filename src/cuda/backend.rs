@@ -9,7 +9,7 @@
 
 use super::Device;
 use super::ops::Storage as Kernel;
-use crate::backend::{Backend, check_shape};
+use crate::backend::{Backend, check_shape, linear_dims};
 use crate::error::{Error, Result};
 use crate::ops::attention::AttnShape;
 use crate::tensor::{DType, Storage, Tensor};
@@ -205,7 +205,8 @@ fn u32s(what: &str, v: &[usize]) -> Result<Vec<u32>> {
 
 impl Device {
     fn linear_t<T: Elem>(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        let (m, k, n) = (x.rows(), w.cols(), w.rows());
+        let (n, k) = linear_dims(w);
+        let m = x.rows();
         check_shape("linear input", &[m, k], &[m, x.cols()])?;
         let mut y = T::linear(
             self,

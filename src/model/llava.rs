@@ -2,50 +2,93 @@
 //! (`vision_feature_layer`, `vision_feature_select_strategy`) -> MLP projector (linear, GELU,
 //! linear) -> image features that replace the `<image>` token embeddings of the LLaMA prompt.
 
-use super::clip::ClipVision;
+use super::clip::{ClipVision, VisionCache};
 use super::config::{LlavaConfig, SelectStrategy};
-use super::nn::Linear;
-use super::weights::Weights;
+use super::nn::{Linear, Param, ParamBuilder, host};
 use crate::error::{Error, Result};
+use crate::ops::{self, act};
 use crate::tensor::Tensor;
 
-/// HF `LlavaMultiModalProjector`.
+/// HF `LlavaMultiModalProjector`: linear, exact GELU, linear.
+#[derive(Debug, Clone, Copy)]
 pub struct Projector {
-    linear_1: Linear,
-    linear_2: Linear,
+    pub linear_1: Linear,
+    pub linear_2: Linear,
+}
+
+/// What the projector's backward needs: its input, `linear_1`'s output and the GELU's.
+pub struct ProjectorCache {
+    feats: Tensor,
+    h1: Tensor,
+    g: Tensor,
+}
+
+impl Projector {
+    /// `feats: [tokens, vision_hidden · layers]` -> `[tokens, text_hidden]`; with `keep`, also
+    /// what [`Projector::backward`] needs.
+    pub fn forward(
+        &self,
+        p: &[Param],
+        feats: Tensor,
+        keep: bool,
+    ) -> Result<(Tensor, Option<ProjectorCache>)> {
+        let mut g = self.linear_1.forward(p, &feats)?;
+        let h1 = keep.then(|| g.clone());
+        g.gelu()?;
+        let out = self.linear_2.forward(p, &g)?;
+        Ok((out, h1.map(|h1| ProjectorCache { feats, h1, g })))
+    }
+
+    /// Backward of [`Projector::forward`] for the output gradient `dy`: returns the gradient
+    /// of the features.
+    pub fn backward(&self, p: &mut [Param], c: &ProjectorCache, dy: &[f32]) -> Result<Vec<f32>> {
+        let dg = self.linear_2.backward(p, host(&c.g)?, dy)?;
+        let dh1 = act::gelu_backward(host(&c.h1)?, &dg);
+        self.linear_1.backward(p, host(&c.feats)?, &dh1)
+    }
 }
 
 /// Vision tower + projector: pixels in, LM-width image features out.
 pub struct VisionEncoder {
     pub config: LlavaConfig,
     pub tower: ClipVision,
-    projector: Projector,
-    /// `vision_feature_layer` resolved to non-negative indices into the hidden-states list.
+    pub projector: Projector,
+    /// `vision_feature_layer` resolved to indices into the hidden-states list.
     layers: Vec<usize>,
 }
 
 impl VisionEncoder {
-    /// Loads `vision.*` and `projector.*`.
-    pub fn load(config: &LlavaConfig, w: &mut Weights) -> Result<Self> {
+    /// Loads `vision.*` (the tower's layers up to the deepest selected one) and `projector.*`.
+    pub fn load(config: &LlavaConfig, b: &mut ParamBuilder) -> Result<Self> {
         let n = config.vision.num_hidden_layers as i64 + 1;
-        let layers: Vec<usize> = config
+        let layers = config
             .vision_feature_layers
             .iter()
-            .map(|&l| if l < 0 { (n + l) as usize } else { l as usize })
-            .collect();
+            .map(|&l| {
+                let r = if l < 0 { n + l } else { l };
+                if (0..n).contains(&r) {
+                    Ok(r as usize)
+                } else {
+                    Err(Error::arg(
+                        "vision_feature_layer",
+                        format!("{l} is outside the {n} hidden states"),
+                    ))
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
         let deepest = layers.iter().copied().max().unwrap_or(0);
-        let tower = ClipVision::load(&config.vision, w, deepest)?;
+        let tower = ClipVision::load(&config.vision, b, deepest)?;
         let (vh, th) = (
             config.vision.hidden_size * layers.len(),
             config.text.hidden_size,
         );
-        let b = config.projector_bias;
+        let pb = config.projector_bias;
         Ok(VisionEncoder {
             config: config.clone(),
             tower,
             projector: Projector {
-                linear_1: w.linear("projector.linear_1", th, vh, b)?,
-                linear_2: w.linear("projector.linear_2", th, th, b)?,
+                linear_1: b.linear("projector.linear_1", th, vh, pb)?,
+                linear_2: b.linear("projector.linear_2", th, th, pb)?,
             },
             layers,
         })
@@ -56,30 +99,84 @@ impl VisionEncoder {
         self.config.image_tokens()
     }
 
-    /// The selected vision hidden states of one image, concatenated along the hidden axis,
-    /// `[image_tokens, vision_hidden * layers]` (HF `get_image_features` before the projector).
-    pub fn select_features(&self, pixel_values: &[f32]) -> Result<Tensor> {
-        let states = self.tower.forward(pixel_values)?;
+    /// Width of one image token's selected features (`vision_hidden * feature_layers`).
+    pub fn feature_width(&self) -> usize {
+        self.config.vision.hidden_size * self.layers.len()
+    }
+
+    /// The vision rows of the selected tokens of `images` images (the CLS token dropped by the
+    /// `default` strategy), image by image.
+    fn selected_rows(&self, images: usize) -> Vec<usize> {
+        let t = self.tower.tokens();
         let skip = usize::from(self.config.select_strategy == SelectStrategy::Default);
-        let tokens = states[0].rows();
+        let ntok = self.image_tokens();
+        (0..images)
+            .flat_map(|i| i * t + skip..i * t + skip + ntok)
+            .collect()
+    }
+
+    /// The selected vision hidden states of a batch of images, concatenated along the hidden
+    /// axis, `[images · image_tokens, vision_hidden · layers]` (HF `get_image_features` before
+    /// the projector); with `keep`, also the tower's activations for
+    /// [`VisionEncoder::features_backward`].
+    pub fn features(
+        &self,
+        p: &[Param],
+        pixels: &[&[f32]],
+        keep: bool,
+    ) -> Result<(Tensor, Option<VisionCache>)> {
+        let (states, cache) = self.tower.forward(p, pixels, keep)?;
+        let rows = self.selected_rows(pixels.len());
         let mut picked = self
             .layers
             .iter()
-            .map(|&l| states[l].narrow_rows(skip, tokens - skip))
+            .map(|&l| states[l].gather_rows(&rows))
             .collect::<Result<Vec<_>>>()?;
-        if picked.len() == 1 {
-            Ok(picked.swap_remove(0))
-        } else {
-            Tensor::cat_cols(&picked.iter().collect::<Vec<_>>())
-        }
+        let feats = match picked.len() {
+            1 => picked.swap_remove(0),
+            _ => Tensor::cat_cols(&picked.iter().collect::<Vec<_>>())?,
+        };
+        Ok((feats, cache))
     }
 
-    /// Projected image features of one image, `[image_tokens, text_hidden]`.
-    pub fn forward(&self, pixel_values: &[f32]) -> Result<Tensor> {
-        let f = self.select_features(pixel_values)?;
-        let mut h = self.projector.linear_1.forward(&f)?;
-        h.gelu()?;
-        let out = self.projector.linear_2.forward(&h)?;
+    /// Backward of [`VisionEncoder::features`] for `images` images: scatters `dfeats` back to
+    /// the selected hidden states and runs the tower's backward. A no-op when the tower is
+    /// frozen.
+    pub fn features_backward(
+        &self,
+        p: &mut [Param],
+        cache: &VisionCache,
+        images: usize,
+        dfeats: &[f32],
+    ) -> Result<()> {
+        let vh = self.config.vision.hidden_size;
+        let nl = self.layers.len();
+        let t = self.tower.tokens();
+        let want = images * self.image_tokens() * vh * nl;
+        if dfeats.len() != want {
+            return Err(Error::Shape {
+                name: "vision feature gradient".into(),
+                expected: vec![images * self.image_tokens(), vh * nl],
+                got: vec![dfeats.len()],
+            });
+        }
+        let mut dstates = vec![vec![0.0f32; images * t * vh]; self.tower.num_layers() + 1];
+        for (k, &r) in self.selected_rows(images).iter().enumerate() {
+            let row = &dfeats[k * vh * nl..(k + 1) * vh * nl];
+            for (j, &l) in self.layers.iter().enumerate() {
+                ops::add(
+                    &mut dstates[l][r * vh..(r + 1) * vh],
+                    &row[j * vh..(j + 1) * vh],
+                );
+            }
+        }
+        self.tower.backward(p, cache, &dstates)
+    }
+
+    /// Projected image features of a batch of images, `[images · image_tokens, text_hidden]`.
+    pub fn forward(&self, p: &[Param], pixels: &[&[f32]]) -> Result<Tensor> {
+        let (f, _) = self.features(p, pixels, false)?;
+        let (out, _) = self.projector.forward(p, f, false)?;
         out.check_finite(|t| format!("the projector's output (image token {t})"))?;
         Ok(out)
     }

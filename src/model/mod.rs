@@ -19,12 +19,15 @@ use config::ModelConfig;
 use image::ImageProcessorConfig;
 use llama::Llama;
 use llava::VisionEncoder;
+use nn::{Param, ParamBuilder};
 use std::path::{Path, PathBuf};
 use tokenizer::Tokenizer;
 
 /// A loaded model: a LLaMA language model, with a vision encoder for LLaVA checkpoints.
 pub struct Model {
     pub config: ModelConfig,
+    /// Every weight, on the model's device; the blocks of `lm` and `vision` index into it.
+    pub params: Vec<Param>,
     pub lm: Llama,
     /// Vision tower + projector (LLaVA only).
     pub vision: Option<VisionEncoder>,
@@ -91,13 +94,15 @@ impl Model {
         place(&mut w, device, dtype);
         let layout = w.layout();
         let tensors = w.summary();
+        let mut b = ParamBuilder::new(&mut w, false);
         let vision = match &config {
-            ModelConfig::Llava(c) => Some(VisionEncoder::load(c, &mut w)?),
+            ModelConfig::Llava(c) => Some(VisionEncoder::load(c, &mut b)?),
             ModelConfig::Llama(_) => None,
         };
-        let lm = Llama::load(config.text(), &mut w)?;
+        let lm = Llama::load(config.text(), &mut b)?;
         Ok(Model {
             config,
+            params: b.finish(),
             lm,
             vision,
             tokenizer,
@@ -148,9 +153,11 @@ impl Model {
             })
             .collect();
         let config = ModelConfig::Llama(g.config);
-        let lm = Llama::load(config.text(), &mut w)?;
+        let mut b = ParamBuilder::new(&mut w, false);
+        let lm = Llama::load(config.text(), &mut b)?;
         Ok(Model {
             config,
+            params: b.finish(),
             lm,
             vision: None,
             tokenizer,
@@ -164,7 +171,9 @@ impl Model {
 
     /// The device the model computes on.
     pub fn device(&self) -> Device {
-        self.lm.device()
+        self.params
+            .first()
+            .map_or(Device::Cpu, |p| p.value.device())
     }
 
     /// Total parameter count of the stored tensors.

@@ -7,7 +7,7 @@
 //! `vision_tower.vision_model.*` or `vision_tower.*` with or without `model.`,
 //! `multi_modal_projector.*` with or without `model.`, and plain `model.*` (LlamaForCausalLM).
 
-use super::nn::Linear;
+use super::nn::ParamSource;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Device, Storage, Tensor};
 use half::{bf16, f16};
@@ -208,31 +208,23 @@ impl Weights {
 
     /// Removes and returns the tensor `name` (canonical), checking its shape.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.take_opt(name, shape)?.ok_or_else(|| {
-            let want = name.split_once('.').map(|(c, _)| c).unwrap_or(name);
-            let tried: Vec<String> = PREFIXES
-                .iter()
-                .filter(|(_, c)| c.trim_end_matches('.') == want)
-                .map(|(p, c)| format!("`{p}{}`", &name[c.len()..]))
-                .collect();
-            Error::MissingTensor {
-                name: name.to_string(),
-                tried: tried.join(", "),
-                source_desc: self.desc.clone(),
-            }
-        })
+        self.take_opt(name, shape)?
+            .ok_or_else(|| self.missing(name))
     }
 
-    /// A linear layer `name.weight: [out, inp]` with `name.bias: [out]` when `bias`.
-    pub fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        Ok(Linear {
-            weight: self.take(&format!("{name}.weight"), &[out, inp])?,
-            bias: if bias {
-                Some(self.take(&format!("{name}.bias"), &[out])?)
-            } else {
-                None
-            },
-        })
+    /// The error for a missing tensor `name`, listing the keys tried.
+    pub fn missing(&self, name: &str) -> Error {
+        let want = name.split_once('.').map(|(c, _)| c).unwrap_or(name);
+        let tried: Vec<String> = PREFIXES
+            .iter()
+            .filter(|(_, c)| c.trim_end_matches('.') == want)
+            .map(|(p, c)| format!("`{p}{}`", &name[c.len()..]))
+            .collect();
+        Error::MissingTensor {
+            name: name.to_string(),
+            tried: tried.join(", "),
+            source_desc: self.desc.clone(),
+        }
     }
 
     /// Like [`Weights::take`] but `Ok(None)` when absent (optional biases, tied heads).
@@ -319,5 +311,15 @@ impl Weights {
                 _ => None,
             },
         }
+    }
+}
+
+impl ParamSource for Weights {
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
+        self.take_opt(name, shape)
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        Weights::missing(self, name)
     }
 }

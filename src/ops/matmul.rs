@@ -98,10 +98,11 @@ fn gemm_strided(
     }
 }
 
-/// `y = x · Wᵀ + b` for `x: [rows, in]`, `W: [out, in]` (any stored dtype, on the host),
-/// `b: [out]`.
+/// `y = x · Wᵀ + b` for `x: [rows, in]`, `W: [out, in...]` (any stored dtype, on the host; the
+/// first dimension is `out`, the rest flatten to `in`), `b: [out]`.
 pub fn linear(x: &[f32], weight: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f32>> {
-    let (n, k) = (weight.rows(), weight.cols());
+    let n = weight.shape().first().copied().unwrap_or(1).max(1);
+    let k = weight.len() / n;
     if k == 0 || !x.len().is_multiple_of(k) {
         return Err(Error::Shape {
             name: "linear input".into(),

@@ -1,6 +1,7 @@
 //! A pruning plan: stages `(layer K, keep)`, the head and query strategies that rank the image
 //! tokens, and whether position ids are renumbered after a stage.
 
+use super::Segment;
 use super::head::{self, HeadStrategy};
 use super::query::{self, QueryStrategy};
 use super::score::{self, Ranking, SelectedAttention};
@@ -114,6 +115,50 @@ impl PrunePlan {
             head_weights: vec![],
             kept: score::top_k(&importance, keep),
             importance,
+        }
+    }
+
+    /// The first half of a stage on one sequence whose (prompt) rows have `segments`: the rows
+    /// whose attention votes (the query strategy's candidates) and the image rows ranked.
+    pub fn targets(&self, segments: &[Segment]) -> (Vec<usize>, Vec<usize>) {
+        let image_cols = (0..segments.len())
+            .filter(|&i| segments[i] == Segment::Image)
+            .collect();
+        (self.query.candidates(segments), image_cols)
+    }
+
+    /// The second half: ranks the image rows from `att` (the attention of the rows
+    /// [`PrunePlan::targets`] chose, however the backend computed it), keeps `keep`, and returns
+    /// the ranking with the sequence's surviving rows out of its `rows` (every row that is not a
+    /// dropped image row, ascending). The engine, the trainer's pruned forward and the benches
+    /// all prune through this, then gather the surviving rows (and RoPE positions).
+    pub fn select(
+        &self,
+        segments: &[Segment],
+        att: &SelectedAttention,
+        keep: usize,
+        rows: usize,
+    ) -> (Ranking, Vec<usize>) {
+        let w = self.query.weights(segments, &att.rows, &att.image_mass());
+        let ranking = self.rank(att, w, keep);
+        let mut survive = vec![true; rows];
+        for &c in &att.image_cols {
+            survive[c] = false;
+        }
+        for &k in &ranking.kept {
+            survive[att.image_cols[k]] = true;
+        }
+        let kept_rows = (0..rows).filter(|&r| survive[r]).collect();
+        (ranking, kept_rows)
+    }
+
+    /// RoPE positions after a stage kept `rows` of a sequence at `positions`: renumbered
+    /// `0..` with [`PrunePlan::renumber`], else each kept row's own.
+    pub fn positions_after(&self, positions: &[usize], rows: &[usize]) -> Vec<usize> {
+        if self.renumber {
+            (0..rows.len()).collect()
+        } else {
+            rows.iter().map(|&r| positions[r]).collect()
         }
     }
 

@@ -73,13 +73,12 @@ fn check_finite<'a>(
 /// loaded from or whose config it was built with). `config.json` must be in `src_dir`. Errors,
 /// writing nothing, when a tensor to write holds a NaN or an infinity, naming the first.
 pub fn save_checkpoint(model: &TrainModel, src_dir: &Path, out_dir: &Path) -> Result<()> {
-    check_finite(
-        model
-            .params
-            .iter()
-            .map(|p| (p.name.as_str(), p.value.as_slice())),
-        out_dir,
-    )?;
+    let values = model
+        .params
+        .iter()
+        .map(|p| Ok((p.name.as_str(), p.f32s()?)))
+        .collect::<Result<Vec<_>>>()?;
+    check_finite(values.iter().copied(), out_dir)?;
     let config = src_dir.join("config.json");
     if !config.exists() {
         return Err(Error::MissingFile {
@@ -126,8 +125,14 @@ pub fn save_checkpoint(model: &TrainModel, src_dir: &Path, out_dir: &Path) -> Re
         .iter()
         .enumerate()
         .filter(|(_, p)| !p.group.starts_with("align."))
-        .map(|(i, p)| OutTensor::F32(&p.name, model.param_shape(i).to_vec(), &p.value))
-        .collect();
+        .map(|(i, p)| {
+            Ok(OutTensor::F32(
+                &p.name,
+                model.param_shape(i).to_vec(),
+                p.f32s()?,
+            ))
+        })
+        .collect::<Result<_>>()?;
     tensors.extend(
         extra
             .iter()

@@ -78,15 +78,17 @@ use serde::{Deserialize, Serialize};
 
 use super::logits::{LogitsConfig, Tokens, one, reads_row};
 use super::model::{AnswerCe, HeadLoss, Trace, TraceRequest, TrainModel, TrainSeq, row_offsets};
-use super::optim::{Param, decay_group};
+use super::optim::decay_group;
 use super::teacher_cache::{SparseRow, TeacherCache};
 use crate::error::{Error, Result};
 use crate::io::{OutTensor, read_f32_tensor, write_safetensors};
 use crate::model::config::{LlavaConfig, ModelConfig};
+use crate::model::llava::{Projector, ProjectorCache};
+use crate::model::nn::{Linear, Param};
+use crate::ops;
 use crate::ops::kd::{Divergence, LogitKd, mse_row};
-use crate::ops::matmul::{linear_backward, matmul_nt};
-use crate::ops::{self, act};
 use crate::prune::{Keep, PrunePlan, Stage, StrategyParams, head_strategy, query_strategy};
+use crate::tensor::Tensor;
 
 /// File of a checkpoint folder holding the alignment projectors (not part of the model).
 pub const ALIGN_FILE: &str = "align.safetensors";
@@ -691,98 +693,51 @@ fn rename_field(e: Error, field: &str) -> Error {
     }
 }
 
-/// `Linear(inp, out)`, GELU, `Linear(out, out)`: parameter indices into the student's list.
-#[derive(Debug, Clone, Copy)]
-struct Projector {
-    w1: usize,
-    b1: usize,
-    w2: usize,
-    b2: usize,
+/// A fresh alignment projector (the model's [`Projector`]: `Linear(inp, out)`, GELU,
+/// `Linear(out, out)`) appended to `params` as `{prefix}.linear_{1,2}.{weight,bias}` in the
+/// `align` groups, initialised as torch's `nn.Linear`.
+fn new_projector(
+    params: &mut Vec<Param>,
+    prefix: &str,
     inp: usize,
     out: usize,
+    state: &mut u64,
+) -> Result<Projector> {
+    let mut add = |name: &str, shape: &[usize], fan_in: usize| -> Result<usize> {
+        let full = format!("{prefix}.{name}");
+        let group = decay_group("align", &full);
+        let n = shape.iter().product();
+        params.push(Param::from_f32(
+            full,
+            group,
+            shape,
+            linear_init(n, fan_in, state),
+        )?);
+        Ok(params.len() - 1)
+    };
+    Ok(Projector {
+        linear_1: Linear {
+            w: add("linear_1.weight", &[out, inp], inp)?,
+            b: Some(add("linear_1.bias", &[out], inp)?),
+        },
+        linear_2: Linear {
+            w: add("linear_2.weight", &[out, out], out)?,
+            b: Some(add("linear_2.bias", &[out], out)?),
+        },
+    })
 }
 
-/// What [`Projector::forward`] keeps for its backward.
-struct ProjectorCache {
+/// Runs an alignment projector on rows `x` of width `inp`, keeping what its backward needs.
+fn project(
+    proj: &Projector,
+    params: &[Param],
     x: Vec<f32>,
-    h: Vec<f32>,
-    g: Vec<f32>,
-}
-
-fn affine(p: &[Param], w: usize, b: usize, x: &[f32], inp: usize, out: usize) -> Vec<f32> {
-    let m = x.len() / inp;
-    let mut y = vec![0.0f32; m * out];
-    matmul_nt(m, out, inp, x, inp, &p[w].value, inp, &mut y, true);
-    for row in y.chunks_mut(out) {
-        ops::add(row, &p[b].value);
-    }
-    y
-}
-
-fn affine_backward(
-    p: &mut [Param],
-    w: usize,
-    b: usize,
-    x: &[f32],
     inp: usize,
-    dy: &[f32],
-) -> Result<Vec<f32>> {
-    let (mut dw, mut db) = (
-        std::mem::take(&mut p[w].grad),
-        std::mem::take(&mut p[b].grad),
-    );
-    let frozen = dw.is_empty();
-    if frozen {
-        dw = vec![0.0; p[w].value.len()];
-        db = vec![0.0; p[b].value.len()];
-    }
-    let r = linear_backward(x, &p[w].value, inp, dy, &mut dw, Some(&mut db));
-    if !frozen {
-        p[w].grad = dw;
-        p[b].grad = db;
-    }
-    r
-}
-
-impl Projector {
-    /// A fresh `Linear(inp, out)`, GELU, `Linear(out, out)` appended to `params` as
-    /// `{prefix}.linear_{1,2}.{weight,bias}` in the `align` groups.
-    fn new(params: &mut Vec<Param>, prefix: &str, inp: usize, out: usize, state: &mut u64) -> Self {
-        let mut add = |name: &str, n: usize, fan_in: usize| {
-            let full = format!("{prefix}.{name}");
-            let group = decay_group("align", &full);
-            params.push(Param::new(full, group, linear_init(n, fan_in, state)));
-            params.len() - 1
-        };
-        Projector {
-            w1: add("linear_1.weight", out * inp, inp),
-            b1: add("linear_1.bias", out, inp),
-            w2: add("linear_2.weight", out * out, out),
-            b2: add("linear_2.bias", out, out),
-            inp,
-            out,
-        }
-    }
-
-    fn forward(&self, p: &[Param], x: &[f32]) -> (Vec<f32>, ProjectorCache) {
-        let h = affine(p, self.w1, self.b1, x, self.inp, self.out);
-        let mut g = h.clone();
-        act::gelu(&mut g);
-        let y = affine(p, self.w2, self.b2, &g, self.out, self.out);
-        let cache = ProjectorCache {
-            x: x.to_vec(),
-            h,
-            g,
-        };
-        (y, cache)
-    }
-
-    /// Accumulates the weights' gradients; returns `dx`.
-    fn backward(&self, p: &mut [Param], c: &ProjectorCache, dy: &[f32]) -> Result<Vec<f32>> {
-        let dg = affine_backward(p, self.w2, self.b2, &c.g, self.out, dy)?;
-        let dh = act::gelu_backward(&c.h, &dg);
-        affine_backward(p, self.w1, self.b1, &c.x, self.inp, &dh)
-    }
+) -> Result<(Vec<f32>, ProjectorCache)> {
+    let x = Tensor::from_f32(&[x.len() / inp.max(1), inp], x)?;
+    let (y, cache) = proj.forward(params, x, true)?;
+    let cache = cache.ok_or_else(|| Error::arg("projector", "kept no activations".to_string()))?;
+    Ok((y.into_f32_vec()?, cache))
 }
 
 /// torch's `nn.Linear` default init: weight and bias uniform in `±1/√inp` (from an LCG).
@@ -856,7 +811,7 @@ impl HeadLoss for LogitLoss<'_> {
                     .flat_map(|&(_, r)| &final_out[r * th..(r + 1) * th])
                     .copied()
                     .collect();
-                Some(model.head_logits(&x))
+                Some(model.head_logits(&x)?)
             }
             TeacherRows::Cached(_) => None,
         };
@@ -1071,7 +1026,7 @@ impl Distiller {
         };
         let made: Vec<Projector> = (0..count)
             .map(|i| {
-                Projector::new(
+                new_projector(
                     &mut student.params,
                     &format!("align.{i}"),
                     ds,
@@ -1079,7 +1034,7 @@ impl Distiller {
                     &mut state,
                 )
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let projectors = (0..pairs.len()).map(|i| made[i.min(count - 1)]).collect();
         let (blocks, attn_pairs) = match &cfg.attention {
             Some(a) => (
@@ -1095,20 +1050,23 @@ impl Distiller {
         let gate = match &cfg.hidden {
             Some(h) if h.gate == Gating::Adaptive => {
                 let np = pairs.len();
-                let mut add = |name: &str, v: Vec<f32>| {
+                let mut add = |name: &str, v: Vec<f32>| -> Result<usize> {
                     let full = format!("align.gate.{name}");
                     // Weight decay would pull the temperature toward 1: it does not decay.
                     let group = match name {
                         "log_temperature" => "align.no_decay".to_string(),
                         _ => decay_group("align", &full),
                     };
-                    student.params.push(Param::new(full, group, v));
-                    student.params.len() - 1
+                    let shape = [v.len()];
+                    student
+                        .params
+                        .push(Param::from_f32(full, group, &shape, v)?);
+                    Ok(student.params.len() - 1)
                 };
                 Some(GateParams {
-                    w: add("weight", linear_init(np * dt, dt, &mut state)),
-                    b: add("bias", vec![0.0; np]),
-                    theta: add("log_temperature", vec![0.0]),
+                    w: add("weight", linear_init(np * dt, dt, &mut state))?,
+                    b: add("bias", vec![0.0; np])?,
+                    theta: add("log_temperature", vec![0.0])?,
                     inp: dt,
                     pairs: np,
                 })
@@ -1134,13 +1092,13 @@ impl Distiller {
             None => None,
         };
         let vision_projector = match &cfg.vision {
-            Some(_) if ds != dt => Some(Projector::new(
+            Some(_) if ds != dt => Some(new_projector(
                 &mut student.params,
                 "align.vision",
                 ds,
                 dt,
                 &mut state,
-            )),
+            )?),
             _ => None,
         };
         Ok(Distiller {
@@ -1205,8 +1163,8 @@ impl Distiller {
         let t: Vec<OutTensor> = params
             .iter()
             .filter(|p| p.group.starts_with("align."))
-            .map(|p| OutTensor::F32(&p.name, vec![p.value.len()], &p.value))
-            .collect();
+            .map(|p| Ok(OutTensor::F32(&p.name, vec![p.value.len()], p.f32s()?)))
+            .collect::<Result<_>>()?;
         if t.is_empty() {
             return Ok(());
         }
@@ -1224,7 +1182,7 @@ impl Distiller {
                     got: vec![v.len()],
                 });
             }
-            p.value = v;
+            p.value = Tensor::from_f32(p.value.shape(), v)?;
         }
         Ok(())
     }
@@ -1365,7 +1323,7 @@ impl Distiller {
         let dt = self.teacher.config.text.hidden_size;
         let (y, cache) = match &self.vision_projector {
             Some(p) => {
-                let (y, c) = p.forward(&student.params, &x);
+                let (y, c) = project(p, &student.params, x, student.config.text.hidden_size)?;
                 (y, Some(c))
             }
             None => (x, None),
@@ -1439,7 +1397,7 @@ impl Distiller {
                 .flat_map(|&(_, r)| &ht[r * dt..(r + 1) * dt])
                 .copied()
                 .collect();
-            let (y, cache) = proj.forward(&student.params, &x);
+            let (y, cache) = project(proj, &student.params, x, ds)?;
             // The loss and its gradient on each sample's slice of rows.
             let mut dy = vec![0.0f32; y.len()];
             let mut start = 0;
@@ -1474,11 +1432,11 @@ impl Distiller {
         };
         let weights: Vec<Vec<f64>> = (0..nb)
             .map(|b| match (&self.gate, coarse) {
-                (_, true) => (0..np).map(|p| f64::from(u8::from(p == deepest))).collect(),
+                (_, true) => Ok((0..np).map(|p| f64::from(u8::from(p == deepest))).collect()),
                 (Some(g), false) => g.weights(&student.params, &gate_in[b]),
-                (None, false) => vec![1.0 / np as f64; np],
+                (None, false) => Ok(vec![1.0 / np as f64; np]),
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let total: f64 = counted
             .iter()
             .map(|&b| (0..np).map(|p| weights[b][p] * losses[b][p]).sum::<f64>())
@@ -1488,7 +1446,7 @@ impl Distiller {
         if let (Some(g), false) = (&self.gate, coarse) {
             for &b in &counted {
                 let dw: Vec<f64> = (0..np).map(|p| h.weight * losses[b][p] / n).collect();
-                g.backward(&mut student.params, &gate_in[b], &dw);
+                g.backward(&mut student.params, &gate_in[b], &dw)?;
             }
         }
         for (p, (present, cache, mut dy, ls)) in per_pair.into_iter().enumerate() {
@@ -1522,20 +1480,21 @@ fn mean_rows(x: &[f32], d: usize, start: usize, n: usize) -> Vec<f32> {
 
 impl GateParams {
     /// `softmax(σ(W x + b) / τ)` over the pairs.
-    fn weights(&self, p: &[Param], x: &[f32]) -> Vec<f64> {
-        let (s, tau) = self.sigmoids(p, x);
+    fn weights(&self, p: &[Param], x: &[f32]) -> Result<Vec<f64>> {
+        let (s, tau) = self.sigmoids(p, x)?;
         let a: Vec<f64> = s.iter().map(|v| v / tau).collect();
         let m = a.iter().cloned().fold(f64::MIN, f64::max);
         let e: Vec<f64> = a.iter().map(|v| (v - m).exp()).collect();
         let sum: f64 = e.iter().sum();
-        e.iter().map(|v| v / sum).collect()
+        Ok(e.iter().map(|v| v / sum).collect())
     }
 
-    fn sigmoids(&self, p: &[Param], x: &[f32]) -> (Vec<f64>, f64) {
+    fn sigmoids(&self, p: &[Param], x: &[f32]) -> Result<(Vec<f64>, f64)> {
+        let (w, b) = (p[self.w].f32s()?, p[self.b].f32s()?);
         let s = (0..self.pairs)
             .map(|k| {
-                let row = &p[self.w].value[k * self.inp..(k + 1) * self.inp];
-                let z = p[self.b].value[k] as f64
+                let row = &w[k * self.inp..(k + 1) * self.inp];
+                let z = b[k] as f64
                     + row
                         .iter()
                         .zip(x)
@@ -1544,16 +1503,16 @@ impl GateParams {
                 1.0 / (1.0 + (-z).exp())
             })
             .collect();
-        (s, (p[self.theta].value[0] as f64).exp())
+        Ok((s, (p[self.theta].f32s()?[0] as f64).exp()))
     }
 
     /// Accumulates the gate's gradients given `dw = ∂L/∂w` at input `x`.
-    fn backward(&self, p: &mut [Param], x: &[f32], dw: &[f64]) {
+    fn backward(&self, p: &mut [Param], x: &[f32], dw: &[f64]) -> Result<()> {
         if p[self.w].grad.is_empty() {
-            return;
+            return Ok(());
         }
-        let (s, tau) = self.sigmoids(p, x);
-        let w = self.weights(p, x);
+        let (s, tau) = self.sigmoids(p, x)?;
+        let w = self.weights(p, x)?;
         let dot: f64 = w.iter().zip(dw).map(|(a, b)| a * b).sum();
         let da: Vec<f64> = w.iter().zip(dw).map(|(w, d)| w * (d - dot)).collect();
         // a = s / τ, τ = exp(θ): ∂a/∂θ = −a.
@@ -1567,6 +1526,7 @@ impl GateParams {
                 *g += (dz * *x as f64) as f32;
             }
         }
+        Ok(())
     }
 }
 

@@ -1,7 +1,8 @@
-//! The LLaVA model as the trainer sees it (llm.c style): every weight is an f32 [`Param`] (value +
-//! gradient) owned here, [`TrainModel::forward`] runs a batch and keeps what the backward needs,
-//! [`TrainModel::backward`] walks the same blocks in reverse and accumulates into the gradients.
-//! The numerics follow the inference model in `crate::model` (itself HF-exact): CLIP tower ->
+//! The LLaVA model as the trainer drives it (llm.c style): the blocks of [`crate::model`] (one
+//! definition for the engine and the trainer, each with its forward and backward) over f32
+//! [`Param`]s (value + gradient) owned here. [`TrainModel::forward`] runs a batch and keeps what
+//! the backward needs, [`TrainModel::backward`] walks the same blocks in reverse and accumulates
+//! into the gradients. The numerics are the inference model's (HF-exact): CLIP tower ->
 //! selected hidden states -> projector (linear, exact GELU, linear) -> merged into the token
 //! embeddings at `<image>` positions -> LLaMA layers -> final RMSNorm -> LM head -> cross-entropy
 //! on answer tokens. Checked against PyTorch autograd in `tests/train_grads.rs`.
@@ -21,17 +22,21 @@
 //! at the merged embeddings, and within the vision tower it stops at the lowest encoder layer
 //! with a trainable parameter ([`TrainModel::train_last_vision_layers`]).
 
-use super::optim::{Param, decay_group};
+use super::optim::decay_group;
 use crate::error::{Error, Result};
-use crate::model::config::{LlavaConfig, ModelConfig, SelectStrategy};
+use crate::model::clip::VisionCache;
+use crate::model::config::{LlavaConfig, ModelConfig};
+use crate::model::llama::{DecoderCache, Llama};
+use crate::model::llava::{ProjectorCache, VisionEncoder};
+use crate::model::nn::{Param, ParamBuilder, ParamSource, host};
 use crate::model::template::Segment;
 use crate::model::weights::Weights;
-use crate::ops::attention::{AttnShape, attention_backward, attention_with_probs};
 use crate::ops::loss::{IGNORE_INDEX, cross_entropy};
-use crate::ops::matmul::{linear_backward, matmul_nt};
-use crate::ops::{self, act, embed, norm, rope};
-use crate::prune::{PrunePlan, score};
-use crate::tensor::Tensor;
+use crate::ops::matmul::linear_backward;
+use crate::ops::{self, embed};
+use crate::prune::PrunePlan;
+use crate::prune::score::SelectedAttention;
+use crate::tensor::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -145,16 +150,8 @@ impl GroundingLoss {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Parameter plumbing
+// Parameter names and initial values
 // ---------------------------------------------------------------------------------------------
-
-/// Builds the parameter list, asking `get(canonical_name, shape)` for each value (canonical names
-/// are those of [`Weights`]: `vision.*`, `projector.*`, `lm.*`, `lm_head.weight`).
-struct Builder<'a> {
-    params: Vec<Param>,
-    shapes: Vec<Vec<usize>>,
-    get: &'a mut ValueSource<'a>,
-}
 
 /// The transformers 5.x in-memory key (what `named_parameters()` and `save_pretrained` use) of a
 /// canonical [`Weights`] name, with its group prefix (`vision`, `projector` or `lm`).
@@ -190,602 +187,6 @@ pub(crate) fn init_values(name: &str, shape: &[usize], std: f32, state: &mut u64
             (u * 2.0 - 1.0) * std * 3f32.sqrt()
         })
         .collect()
-}
-
-/// Gives the value of a parameter from its canonical name and shape.
-type ValueSource<'a> = dyn FnMut(&str, &[usize]) -> Result<Vec<f32>> + 'a;
-
-impl Builder<'_> {
-    fn add(&mut self, canonical: &str, shape: &[usize]) -> Result<usize> {
-        let value = (self.get)(canonical, shape)?;
-        let (prefix, hf) = hf_name(canonical);
-        self.params
-            .push(Param::new(hf.clone(), decay_group(prefix, &hf), value));
-        self.shapes.push(shape.to_vec());
-        Ok(self.params.len() - 1)
-    }
-
-    fn lin(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Lin> {
-        Ok(Lin {
-            w: self.add(&format!("{name}.weight"), &[out, inp])?,
-            b: if bias {
-                Some(self.add(&format!("{name}.bias"), &[out])?)
-            } else {
-                None
-            },
-            out,
-            inp,
-        })
-    }
-
-    fn ln(&mut self, name: &str, d: usize) -> Result<Ln> {
-        Ok(Ln {
-            w: self.add(&format!("{name}.weight"), &[d])?,
-            b: self.add(&format!("{name}.bias"), &[d])?,
-        })
-    }
-}
-
-fn frozen(p: &[Param], i: usize) -> bool {
-    p[i].grad.is_empty()
-}
-
-/// `y = x·Wᵀ + b` over parameters `w` (`[out, inp]`) and `b`.
-#[derive(Debug, Clone, Copy)]
-struct Lin {
-    w: usize,
-    b: Option<usize>,
-    out: usize,
-    inp: usize,
-}
-
-impl Lin {
-    fn forward(&self, p: &[Param], x: &[f32]) -> Vec<f32> {
-        let m = x.len() / self.inp;
-        let mut y = vec![0.0f32; m * self.out];
-        matmul_nt(
-            m,
-            self.out,
-            self.inp,
-            x,
-            self.inp,
-            &p[self.w].value,
-            self.inp,
-            &mut y,
-            true,
-        );
-        if let Some(b) = self.b {
-            for row in y.chunks_mut(self.out) {
-                ops::add(row, &p[b].value);
-            }
-        }
-        y
-    }
-
-    /// Returns `dx`; accumulates `dW`, `db` unless frozen.
-    fn backward(&self, p: &mut [Param], x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
-        let skip = frozen(p, self.w);
-        let mut dw = if skip {
-            vec![0.0f32; p[self.w].value.len()]
-        } else {
-            std::mem::take(&mut p[self.w].grad)
-        };
-        let dx = match self.b.filter(|&b| !frozen(p, b)) {
-            Some(b) => {
-                let mut db = std::mem::take(&mut p[b].grad);
-                let r = linear_backward(x, &p[self.w].value, self.inp, dy, &mut dw, Some(&mut db));
-                p[b].grad = db;
-                r
-            }
-            None => linear_backward(x, &p[self.w].value, self.inp, dy, &mut dw, None),
-        };
-        if !skip {
-            p[self.w].grad = dw;
-        }
-        dx
-    }
-}
-
-/// LayerNorm with weight and bias.
-#[derive(Debug, Clone, Copy)]
-struct Ln {
-    w: usize,
-    b: usize,
-}
-
-impl Ln {
-    fn forward(&self, p: &[Param], x: &[f32], eps: f64) -> Result<Vec<f32>> {
-        let d = p[self.w].value.len();
-        norm::layer_norm(
-            x,
-            &Tensor::from_f32(&[d], p[self.w].value.clone())?,
-            &Tensor::from_f32(&[d], p[self.b].value.clone())?,
-            eps,
-        )
-    }
-
-    fn backward(&self, p: &mut [Param], x: &[f32], eps: f64, dy: &[f32]) -> Vec<f32> {
-        let d = p[self.w].value.len();
-        let mut dw = std::mem::take(&mut p[self.w].grad);
-        let mut db = std::mem::take(&mut p[self.b].grad);
-        let (mut tw, mut tb) = (vec![0.0; d], vec![0.0; d]);
-        let dx = norm::layer_norm_backward(
-            x,
-            &p[self.w].value,
-            eps,
-            dy,
-            if dw.is_empty() { &mut tw } else { &mut dw },
-            if db.is_empty() { &mut tb } else { &mut db },
-        );
-        p[self.w].grad = dw;
-        p[self.b].grad = db;
-        dx
-    }
-}
-
-fn rms_forward(p: &[Param], w: usize, x: &[f32], eps: f64) -> Result<Vec<f32>> {
-    let d = p[w].value.len();
-    norm::rms_norm(x, &Tensor::from_f32(&[d], p[w].value.clone())?, eps)
-}
-
-fn rms_backward(p: &mut [Param], w: usize, x: &[f32], eps: f64, dy: &[f32]) -> Vec<f32> {
-    let mut dw = std::mem::take(&mut p[w].grad);
-    let mut tmp = vec![0.0; p[w].value.len()];
-    let dx = norm::rms_norm_backward(
-        x,
-        &p[w].value,
-        eps,
-        dy,
-        if dw.is_empty() { &mut tmp } else { &mut dw },
-    );
-    p[w].grad = dw;
-    dx
-}
-
-// ---------------------------------------------------------------------------------------------
-// CLIP vision tower (HF `CLIPVisionModel`)
-// ---------------------------------------------------------------------------------------------
-
-/// HF `CLIPEncoderLayer`.
-struct EncoderLayer {
-    layer_norm1: Ln,
-    q_proj: Lin,
-    k_proj: Lin,
-    v_proj: Lin,
-    out_proj: Lin,
-    layer_norm2: Ln,
-    fc1: Lin,
-    fc2: Lin,
-}
-
-/// What one encoder layer's backward needs (rows of every image, concatenated).
-struct EncoderCache {
-    x: Vec<f32>,
-    xn1: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    probs: Vec<Vec<f32>>,
-    o: Vec<f32>,
-    x_mid: Vec<f32>,
-    xn2: Vec<f32>,
-    pre_act: Vec<f32>,
-    act: Vec<f32>,
-}
-
-/// Bidirectional attention over one image's `t` rows.
-fn vision_attn_shape(c: &LlavaConfig, t: usize) -> AttnShape {
-    let vc = &c.vision;
-    AttnShape {
-        t,
-        s: t,
-        heads: vc.num_attention_heads,
-        kv_heads: vc.num_attention_heads,
-        head_dim: vc.hidden_size / vc.num_attention_heads,
-        causal: false,
-    }
-}
-
-impl EncoderLayer {
-    /// Indices of the layer's parameters.
-    fn params(&self) -> impl Iterator<Item = usize> {
-        let lins = [
-            self.q_proj,
-            self.k_proj,
-            self.v_proj,
-            self.out_proj,
-            self.fc1,
-            self.fc2,
-        ];
-        let norms = [self.layer_norm1, self.layer_norm2];
-        lins.into_iter()
-            .flat_map(|l| std::iter::once(l.w).chain(l.b))
-            .chain(norms.into_iter().flat_map(|n| [n.w, n.b]))
-    }
-
-    /// `x`: the rows of a batch of images, `t` tokens each, concatenated; attention stays
-    /// within an image.
-    fn forward(
-        &self,
-        p: &[Param],
-        c: &LlavaConfig,
-        t: usize,
-        x: &mut [f32],
-    ) -> Result<EncoderCache> {
-        let vc = &c.vision;
-        let w = t * vc.hidden_size;
-        let x_in = x.to_vec();
-        let xn1 = self.layer_norm1.forward(p, x, vc.layer_norm_eps)?;
-        let q = self.q_proj.forward(p, &xn1);
-        let k = self.k_proj.forward(p, &xn1);
-        let v = self.v_proj.forward(p, &xn1);
-        let mut o = vec![0.0f32; q.len()];
-        let mut probs = Vec::with_capacity(q.len() / w.max(1));
-        for (i, oi) in o.chunks_mut(w).enumerate() {
-            let r = i * w..(i + 1) * w;
-            let (out, pr) =
-                attention_with_probs(&q[r.clone()], &k[r.clone()], &v[r], vision_attn_shape(c, t))?;
-            oi.copy_from_slice(&out);
-            probs.push(pr);
-        }
-        ops::add(x, &self.out_proj.forward(p, &o));
-        let x_mid = x.to_vec();
-        let xn2 = self.layer_norm2.forward(p, x, vc.layer_norm_eps)?;
-        let pre_act = self.fc1.forward(p, &xn2);
-        let mut a = pre_act.clone();
-        match vc.hidden_act.as_str() {
-            "gelu" => act::gelu(&mut a),
-            _ => act::quick_gelu(&mut a),
-        }
-        ops::add(x, &self.fc2.forward(p, &a));
-        Ok(EncoderCache {
-            x: x_in,
-            xn1,
-            q,
-            k,
-            v,
-            probs,
-            o,
-            x_mid,
-            xn2,
-            pre_act,
-            act: a,
-        })
-    }
-
-    /// `dx` is the gradient of the layer's output on entry and of its input on return.
-    fn backward(
-        &self,
-        p: &mut [Param],
-        c: &LlavaConfig,
-        t: usize,
-        cache: &EncoderCache,
-        dx: &mut [f32],
-    ) -> Result<()> {
-        let vc = &c.vision;
-        let w = t * vc.hidden_size;
-        let eps = vc.layer_norm_eps;
-        let da = self.fc2.backward(p, &cache.act, dx)?;
-        let dpre = match vc.hidden_act.as_str() {
-            "gelu" => act::gelu_backward(&cache.pre_act, &da),
-            _ => act::quick_gelu_backward(&cache.pre_act, &da),
-        };
-        let dxn2 = self.fc1.backward(p, &cache.xn2, &dpre)?;
-        ops::add(dx, &self.layer_norm2.backward(p, &cache.x_mid, eps, &dxn2));
-        let d_o = self.out_proj.backward(p, &cache.o, dx)?;
-        let (mut dq, mut dk, mut dv) = (
-            vec![0.0f32; d_o.len()],
-            vec![0.0; d_o.len()],
-            vec![0.0; d_o.len()],
-        );
-        for (i, pr) in cache.probs.iter().enumerate() {
-            let r = i * w..(i + 1) * w;
-            let (a, b, d) = attention_backward(
-                &cache.q[r.clone()],
-                &cache.k[r.clone()],
-                &cache.v[r.clone()],
-                Some(pr),
-                None,
-                &d_o[r.clone()],
-                vision_attn_shape(c, t),
-            )?;
-            dq[r.clone()].copy_from_slice(&a);
-            dk[r.clone()].copy_from_slice(&b);
-            dv[r].copy_from_slice(&d);
-        }
-        let mut dxn1 = self.q_proj.backward(p, &cache.xn1, &dq)?;
-        ops::add(&mut dxn1, &self.k_proj.backward(p, &cache.xn1, &dk)?);
-        ops::add(&mut dxn1, &self.v_proj.backward(p, &cache.xn1, &dv)?);
-        ops::add(dx, &self.layer_norm1.backward(p, &cache.x, eps, &dxn1));
-        Ok(())
-    }
-}
-
-/// The vision tower's embeddings, `pre_layrnorm` and encoder layers.
-struct VisionTower {
-    patch_embedding: Lin,
-    class_embedding: usize,
-    position_embedding: usize,
-    pre_layrnorm: Ln,
-    layers: Vec<EncoderLayer>,
-}
-
-/// The vision activations of a batch of images (rows concatenated image by image).
-struct VisionCache {
-    patches: Vec<f32>,
-    pre_ln_in: Vec<f32>,
-    layers: Vec<EncoderCache>,
-}
-
-impl VisionTower {
-    /// HF's hidden-states list for a batch of images (entry 0 after `pre_layrnorm`, entry i
-    /// after layer i), each entry the images' `grid² + 1` rows concatenated.
-    fn forward(
-        &self,
-        p: &[Param],
-        c: &LlavaConfig,
-        pixels: &[&[f32]],
-    ) -> Result<(Vec<Vec<f32>>, VisionCache)> {
-        let h = c.vision.hidden_size;
-        let t = c.vision.grid() * c.vision.grid() + 1;
-        let mut patches = Vec::new();
-        for px in pixels {
-            patches.extend(crate::model::clip::unfold_patches(&c.vision, px)?);
-        }
-        let pe = self.patch_embedding.forward(p, &patches);
-        let mut x = Vec::with_capacity(pixels.len() * t * h);
-        for pe_i in pe.chunks(h * (t - 1)) {
-            x.extend_from_slice(&p[self.class_embedding].value);
-            x.extend_from_slice(pe_i);
-        }
-        for xi in x.chunks_mut(t * h) {
-            ops::add(xi, &p[self.position_embedding].value);
-        }
-        let mut x_cur = self.pre_layrnorm.forward(p, &x, c.vision.layer_norm_eps)?;
-        let mut states = vec![x_cur.clone()];
-        let mut caches = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            caches.push(layer.forward(p, c, t, &mut x_cur)?);
-            states.push(x_cur.clone());
-        }
-        Ok((
-            states,
-            VisionCache {
-                patches,
-                pre_ln_in: x,
-                layers: caches,
-            },
-        ))
-    }
-
-    /// `dstates[i]`: gradient reaching hidden state `i` directly (from the feature selection).
-    /// Stops below the lowest layer with a trainable parameter when the embeddings and
-    /// `pre_layrnorm` are frozen (nothing below would use the gradient).
-    fn backward(
-        &self,
-        p: &mut [Param],
-        c: &LlavaConfig,
-        cache: &VisionCache,
-        dstates: &[Vec<f32>],
-    ) -> Result<()> {
-        let n = self.layers.len();
-        let h = c.vision.hidden_size;
-        let t = c.vision.grid() * c.vision.grid() + 1;
-        let embeddings = [
-            Some(self.patch_embedding.w),
-            self.patch_embedding.b,
-            Some(self.class_embedding),
-            Some(self.position_embedding),
-            Some(self.pre_layrnorm.w),
-            Some(self.pre_layrnorm.b),
-        ];
-        let embeddings_frozen = embeddings.into_iter().flatten().all(|i| frozen(p, i));
-        let lowest = if embeddings_frozen {
-            (0..n)
-                .find(|&i| self.layers[i].params().any(|j| !frozen(p, j)))
-                .unwrap_or(n)
-        } else {
-            0
-        };
-        let mut dx = dstates[n].clone();
-        for i in (lowest..n).rev() {
-            self.layers[i].backward(p, c, t, &cache.layers[i], &mut dx)?;
-            ops::add(&mut dx, &dstates[i]);
-        }
-        if embeddings_frozen {
-            return Ok(());
-        }
-        let dx = self
-            .pre_layrnorm
-            .backward(p, &cache.pre_ln_in, c.vision.layer_norm_eps, &dx);
-        for dxi in dx.chunks(t * h) {
-            if !frozen(p, self.position_embedding) {
-                ops::add(&mut p[self.position_embedding].grad, dxi);
-            }
-            if !frozen(p, self.class_embedding) {
-                ops::add(&mut p[self.class_embedding].grad, &dxi[..h]);
-            }
-        }
-        if !frozen(p, self.patch_embedding.w) {
-            let dpe: Vec<f32> = dx
-                .chunks(t * h)
-                .flat_map(|d| d[h..].iter().copied())
-                .collect();
-            self.patch_embedding.backward(p, &cache.patches, &dpe)?;
-        }
-        Ok(())
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// LLaMA decoder (HF `LlamaDecoderLayer`)
-// ---------------------------------------------------------------------------------------------
-
-/// HF `LlamaDecoderLayer`: RMSNorm, attention (q/k/v/o, RoPE, GQA, causal), RMSNorm, SiLU MLP.
-struct DecoderLayer {
-    input_layernorm: usize,
-    q_proj: Lin,
-    k_proj: Lin,
-    v_proj: Lin,
-    o_proj: Lin,
-    post_attention_layernorm: usize,
-    gate_proj: Lin,
-    up_proj: Lin,
-    down_proj: Lin,
-}
-
-/// What one decoder layer's backward needs (rows of every sequence, concatenated).
-struct DecoderCache {
-    /// RoPE positions of each sequence's rows entering the layer, and the batch row (before any
-    /// pruning) each of those rows is.
-    pos: Vec<Vec<usize>>,
-    origin: Vec<usize>,
-    x: Vec<f32>,
-    xn1: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    probs: Vec<Vec<f32>>,
-    o: Vec<f32>,
-    x_mid: Vec<f32>,
-    xn2: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    act: Vec<f32>,
-}
-
-/// Causal GQA attention over one sequence of `t` rows.
-fn attn_shape(c: &LlavaConfig, t: usize) -> AttnShape {
-    let tc = &c.text;
-    AttnShape {
-        t,
-        s: t,
-        heads: tc.num_attention_heads,
-        kv_heads: tc.num_key_value_heads,
-        head_dim: tc.head_dim,
-        causal: true,
-    }
-}
-
-impl DecoderLayer {
-    fn forward(
-        &self,
-        p: &[Param],
-        c: &LlavaConfig,
-        inv_freq: &[f32],
-        positions: &[Vec<usize>],
-        x: &mut [f32],
-    ) -> Result<DecoderCache> {
-        let tc = &c.text;
-        let (nh, nkv, hd) = (tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim);
-        let x_in = x.to_vec();
-        let xn1 = rms_forward(p, self.input_layernorm, x, tc.rms_norm_eps)?;
-        let mut q = self.q_proj.forward(p, &xn1);
-        let mut k = self.k_proj.forward(p, &xn1);
-        let v = self.v_proj.forward(p, &xn1);
-        let mut o = vec![0.0f32; q.len()];
-        let mut probs = Vec::with_capacity(positions.len());
-        let mut r0 = 0;
-        for pos in positions {
-            let t = pos.len();
-            let qs = &mut q[r0 * nh * hd..(r0 + t) * nh * hd];
-            let ks = &mut k[r0 * nkv * hd..(r0 + t) * nkv * hd];
-            rope::rope(qs, nh, hd, pos, inv_freq);
-            rope::rope(ks, nkv, hd, pos, inv_freq);
-            let vs = &v[r0 * nkv * hd..(r0 + t) * nkv * hd];
-            let (out, pr) = attention_with_probs(qs, ks, vs, attn_shape(c, t))?;
-            o[r0 * nh * hd..(r0 + t) * nh * hd].copy_from_slice(&out);
-            probs.push(pr);
-            r0 += t;
-        }
-        ops::add(x, &self.o_proj.forward(p, &o));
-        let x_mid = x.to_vec();
-        let xn2 = rms_forward(p, self.post_attention_layernorm, x, tc.rms_norm_eps)?;
-        let gate = self.gate_proj.forward(p, &xn2);
-        let up = self.up_proj.forward(p, &xn2);
-        let mut a = gate.clone();
-        act::silu_mul(&mut a, &up);
-        ops::add(x, &self.down_proj.forward(p, &a));
-        Ok(DecoderCache {
-            pos: positions.to_vec(),
-            origin: Vec::new(),
-            x: x_in,
-            xn1,
-            q,
-            k,
-            v,
-            probs,
-            o,
-            x_mid,
-            xn2,
-            gate,
-            up,
-            act: a,
-        })
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn backward(
-        &self,
-        p: &mut [Param],
-        c: &LlavaConfig,
-        inv_freq: &[f32],
-        cache: &DecoderCache,
-        dprobs: &[Vec<f32>],
-        dx: &mut [f32],
-    ) -> Result<()> {
-        let tc = &c.text;
-        let (nh, nkv, hd, eps) = (
-            tc.num_attention_heads,
-            tc.num_key_value_heads,
-            tc.head_dim,
-            tc.rms_norm_eps,
-        );
-        let da = self.down_proj.backward(p, &cache.act, dx)?;
-        let (dgate, dup) = act::silu_mul_backward(&cache.gate, &cache.up, &da);
-        let mut dxn2 = self.gate_proj.backward(p, &cache.xn2, &dgate)?;
-        ops::add(&mut dxn2, &self.up_proj.backward(p, &cache.xn2, &dup)?);
-        ops::add(
-            dx,
-            &rms_backward(p, self.post_attention_layernorm, &cache.x_mid, eps, &dxn2),
-        );
-        let d_o = self.o_proj.backward(p, &cache.o, dx)?;
-        let mut dq = vec![0.0f32; cache.q.len()];
-        let mut dk = vec![0.0f32; cache.k.len()];
-        let mut dv = vec![0.0f32; cache.v.len()];
-        let mut r0 = 0;
-        for (i, (pos, probs)) in cache.pos.iter().zip(&cache.probs).enumerate() {
-            let t = pos.len();
-            let dp = dprobs.get(i).filter(|d| !d.is_empty());
-            let (qr, kr) = (
-                r0 * nh * hd..(r0 + t) * nh * hd,
-                r0 * nkv * hd..(r0 + t) * nkv * hd,
-            );
-            let (mut gq, mut gk, gv) = attention_backward(
-                &cache.q[qr.clone()],
-                &cache.k[kr.clone()],
-                &cache.v[kr.clone()],
-                Some(probs),
-                dp.map(Vec::as_slice),
-                &d_o[qr.clone()],
-                attn_shape(c, t),
-            )?;
-            rope::rope_backward(&mut gq, nh, hd, pos, inv_freq);
-            rope::rope_backward(&mut gk, nkv, hd, pos, inv_freq);
-            dq[qr].copy_from_slice(&gq);
-            dk[kr.clone()].copy_from_slice(&gk);
-            dv[kr].copy_from_slice(&gv);
-            r0 += t;
-        }
-        let mut dxn1 = self.q_proj.backward(p, &cache.xn1, &dq)?;
-        ops::add(&mut dxn1, &self.k_proj.backward(p, &cache.xn1, &dk)?);
-        ops::add(&mut dxn1, &self.v_proj.backward(p, &cache.xn1, &dv)?);
-        ops::add(
-            dx,
-            &rms_backward(p, self.input_layernorm, &cache.x, eps, &dxn1),
-        );
-        Ok(())
-    }
 }
 
 /// [`GroundingLoss`] of a batch from its decoder layers' probabilities (`probs(l)[i]`: layer `l`'s
@@ -875,9 +276,10 @@ fn grounding_loss<'a>(
 /// one `[heads, t, t]` per sequence (empty for sequences without a row at that layer).
 type LayerDprobs = BTreeMap<usize, Vec<Vec<f32>>>;
 
-/// The pruning of one forward: which stage prunes at which layer, each sequence's prompt
-/// segments and the kept image tokens so far.
-struct Pruner<'a> {
+/// The pruning of one forward (the trainer's side of [`PrunePlan::targets`] and
+/// [`PrunePlan::select`], the stage the engine runs too): the kept count of each stage, each
+/// sequence's first-prompt segments and the kept image tokens so far.
+struct Pruning<'a> {
     plan: &'a PrunePlan,
     counts: Vec<usize>,
     /// Segment of each current row of each sequence that is part of its first prompt.
@@ -888,7 +290,7 @@ struct Pruner<'a> {
     kept: Vec<Vec<Vec<usize>>>,
 }
 
-impl<'a> Pruner<'a> {
+impl<'a> Pruning<'a> {
     fn new(plan: &'a PrunePlan, batch: &[TrainSeq], layers: usize, ntok: usize) -> Result<Self> {
         let counts = plan.kept_counts(layers, ntok)?;
         for (i, s) in batch.iter().enumerate() {
@@ -901,7 +303,7 @@ impl<'a> Pruner<'a> {
                 )));
             }
         }
-        Ok(Pruner {
+        Ok(Pruning {
             plan,
             counts,
             prompts: batch.iter().map(|s| s.prompt.clone()).collect(),
@@ -931,42 +333,30 @@ impl<'a> Pruner<'a> {
         for (i, pr) in probs.iter().enumerate() {
             let t = pos[i].len();
             let prompt = &self.prompts[i];
-            let q_rows = self.plan.query.candidates(prompt);
-            let image_cols: Vec<usize> = (0..prompt.len())
-                .filter(|&j| prompt[j] == Segment::Image)
-                .collect();
+            let (q_rows, image_cols) = self.plan.targets(prompt);
             let mut sel = Vec::with_capacity(heads * q_rows.len() * image_cols.len());
             for h in 0..heads {
                 for &q in &q_rows {
                     sel.extend(image_cols.iter().map(|&j| pr[(h * t + q) * t + j]));
                 }
             }
-            let att = score::SelectedAttention {
+            let att = SelectedAttention {
                 heads,
-                rows: q_rows.clone(),
-                image_cols: image_cols.clone(),
+                rows: q_rows,
+                image_cols,
                 probs: sel,
                 positions: t,
             };
-            let w = self.plan.query.weights(prompt, &q_rows, &att.image_mass());
-            let ranking = self.plan.rank(&att, w, keep);
-            let dropped: std::collections::HashSet<usize> = (0..image_cols.len())
-                .filter(|k| ranking.kept.binary_search(k).is_err())
-                .map(|k| image_cols[k])
-                .collect();
-            let survivors: Vec<usize> = (0..t).filter(|j| !dropped.contains(j)).collect();
-            self.kept[i].push(ranking.kept.iter().map(|&k| self.images[i][k]).collect());
-            self.images[i] = ranking.kept.iter().map(|&k| self.images[i][k]).collect();
+            let (ranking, survivors) = self.plan.select(prompt, &att, keep, t);
+            let kept: Vec<usize> = ranking.kept.iter().map(|&k| self.images[i][k]).collect();
+            self.kept[i].push(kept.clone());
+            self.images[i] = kept;
             self.prompts[i] = survivors
                 .iter()
                 .filter(|&&j| j < prompt.len())
                 .map(|&j| prompt[j])
                 .collect();
-            pos[i] = if self.plan.renumber {
-                (0..survivors.len()).collect()
-            } else {
-                survivors.iter().map(|&j| pos[i][j]).collect()
-            };
+            pos[i] = self.plan.positions_after(&pos[i], &survivors);
             rows.extend(survivors.iter().map(|&j| r0 + j));
             r0 += t;
         }
@@ -1093,16 +483,15 @@ struct Cache {
     lens: Vec<usize>,
     /// Row of each merged image feature (`[images·image_tokens]`, image by image).
     image_rows: Vec<usize>,
-    vision: VisionCache,
-    /// Projector input `[images·image_tokens, vision_hidden·layers]`, `linear_1` output, GELU output.
-    feats: Vec<f32>,
-    h1: Vec<f32>,
-    g: Vec<f32>,
-    decoder: Vec<DecoderCache>,
+    /// The vision tower's and the projector's activations (`None` for a batch without images).
+    vision: Option<(VisionCache, ProjectorCache)>,
+    /// Each decoder layer's activations, with the batch row (before any pruning) of each of
+    /// its input rows.
+    decoder: Vec<(DecoderCache, Vec<usize>)>,
     /// With a prune plan: after which decoder layer rows were dropped, and the rows (of that
     /// layer's output) that went on.
     pruned_after: BTreeMap<usize, Vec<usize>>,
-    final_in: Vec<f32>,
+    final_in: Tensor,
     /// The batch row (before any pruning) of each row of `final_in`.
     final_origin: Vec<usize>,
     /// Gradient of the head losses on `final_out` (zero on rows no head loss reads) and on the
@@ -1144,24 +533,15 @@ pub struct TraceRequest {
     pub image_features: bool,
 }
 
-/// LLaVA with trainable f32 parameters.
+/// LLaVA with trainable f32 parameters: the model of [`crate::model`] (its blocks, their
+/// forward and backward) over parameters the trainer owns.
 pub struct TrainModel {
     pub config: LlavaConfig,
-    /// Every parameter, in HF's `named_parameters()` order within each block.
+    /// Every parameter, in HF's `named_parameters()` order within each block, named by its
+    /// transformers 5.x key and grouped by [`decay_group`].
     pub params: Vec<Param>,
-    /// Shape of each parameter (same order as `params`).
-    shapes: Vec<Vec<usize>>,
-    vision: VisionTower,
-    linear_1: Lin,
-    linear_2: Lin,
-    embed_tokens: usize,
-    layers: Vec<DecoderLayer>,
-    norm: usize,
-    /// `None` when tied to `embed_tokens`.
-    lm_head: Option<usize>,
-    /// `vision_feature_layer` as indices into the hidden-states list.
-    feature_layers: Vec<usize>,
-    inv_freq: Vec<f32>,
+    vision: VisionEncoder,
+    lm: Llama,
     cache: Option<Cache>,
     /// Activations of the last [`TrainModel::vision_forward`] and its image count.
     vision_cache: Option<(VisionCache, usize)>,
@@ -1188,126 +568,35 @@ impl TrainModel {
             }
         };
         let mut w = Weights::from_dir(dir)?;
-        let has_head = w.contains("lm_head.weight");
-        let mut get = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            w.take(name, shape)?.into_f32_vec()
-        };
-        let tied = config.text.tie_word_embeddings || !has_head;
-        Self::build(config, tied, &mut get)
+        w.place(Device::Cpu, Some(DType::F32));
+        Self::build(config, &mut w)
     }
 
     /// A freshly initialised model: weights `N(0, std)`-like (uniform with that standard
     /// deviation, from a seeded generator), norm weights 1, biases 0, CLS and positions like weights.
     pub fn init(config: &LlavaConfig, std: f32, seed: u64) -> Result<Self> {
         let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
-        let mut get = |name: &str, shape: &[usize]| Ok(init_values(name, shape, std, &mut state));
-        Self::build(config.clone(), config.text.tie_word_embeddings, &mut get)
+        let mut init = |name: &str, shape: &[usize]| Ok(init_values(name, shape, std, &mut state));
+        Self::build(config.clone(), &mut init)
     }
 
-    fn build(config: LlavaConfig, tied: bool, get: &mut ValueSource<'_>) -> Result<Self> {
-        let c = &config;
-        let (vc, tc) = (&c.vision, &c.text);
-        let n_states = vc.num_hidden_layers as i64 + 1;
-        let feature_layers = c
-            .vision_feature_layers
-            .iter()
-            .map(|&l| {
-                let r = if l < 0 { n_states + l } else { l };
-                if (0..n_states).contains(&r) {
-                    Ok(r as usize)
-                } else {
-                    Err(Error::arg(
-                        "vision_feature_layer",
-                        format!("{l} is outside the {n_states} hidden states"),
-                    ))
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let deepest = feature_layers.iter().copied().max().unwrap_or(0);
-        let mut b = Builder {
-            params: Vec::new(),
-            shapes: Vec::new(),
-            get,
-        };
-        let (h, p, ch) = (vc.hidden_size, vc.patch_size, vc.num_channels);
-        let class_embedding = b.add("vision.embeddings.class_embedding", &[h])?;
-        let patch_w = b.add("vision.embeddings.patch_embedding.weight", &[h, ch, p, p])?;
-        let position_embedding = b.add(
-            "vision.embeddings.position_embedding.weight",
-            &[vc.grid() * vc.grid() + 1, h],
-        )?;
-        let pre_layrnorm = b.ln("vision.pre_layrnorm", h)?;
-        let mut vlayers = Vec::with_capacity(deepest);
-        for i in 0..deepest {
-            let n = format!("vision.encoder.layers.{i}");
-            vlayers.push(EncoderLayer {
-                q_proj: b.lin(&format!("{n}.self_attn.q_proj"), h, h, true)?,
-                k_proj: b.lin(&format!("{n}.self_attn.k_proj"), h, h, true)?,
-                v_proj: b.lin(&format!("{n}.self_attn.v_proj"), h, h, true)?,
-                out_proj: b.lin(&format!("{n}.self_attn.out_proj"), h, h, true)?,
-                layer_norm1: b.ln(&format!("{n}.layer_norm1"), h)?,
-                fc1: b.lin(&format!("{n}.mlp.fc1"), vc.intermediate_size, h, true)?,
-                fc2: b.lin(&format!("{n}.mlp.fc2"), h, vc.intermediate_size, true)?,
-                layer_norm2: b.ln(&format!("{n}.layer_norm2"), h)?,
-            });
+    /// The model's blocks over parameters from `source` (canonical names), renamed to their
+    /// transformers 5.x keys and grouped.
+    fn build(config: LlavaConfig, source: &mut dyn ParamSource) -> Result<Self> {
+        let mut b = ParamBuilder::new(source, true);
+        let vision = VisionEncoder::load(&config, &mut b)?;
+        let lm = Llama::load(&config.text, &mut b)?;
+        let mut params = b.finish();
+        for p in &mut params {
+            let (prefix, hf) = hf_name(&p.name);
+            p.group = decay_group(prefix, &hf);
+            p.name = hf;
         }
-        let th = tc.hidden_size;
-        let pb = c.projector_bias;
-        let linear_1 = b.lin("projector.linear_1", th, h * feature_layers.len(), pb)?;
-        let linear_2 = b.lin("projector.linear_2", th, th, pb)?;
-        let embed_tokens = b.add("lm.embed_tokens.weight", &[tc.vocab_size, th])?;
-        let (hd, qd, kvd) = (
-            tc.head_dim,
-            tc.num_attention_heads * tc.head_dim,
-            tc.num_key_value_heads * tc.head_dim,
-        );
-        let (ab, mb, inter) = (tc.attention_bias, tc.mlp_bias, tc.intermediate_size);
-        let mut layers = Vec::with_capacity(tc.num_hidden_layers);
-        for i in 0..tc.num_hidden_layers {
-            let n = format!("lm.layers.{i}");
-            layers.push(DecoderLayer {
-                q_proj: b.lin(&format!("{n}.self_attn.q_proj"), qd, th, ab)?,
-                k_proj: b.lin(&format!("{n}.self_attn.k_proj"), kvd, th, ab)?,
-                v_proj: b.lin(&format!("{n}.self_attn.v_proj"), kvd, th, ab)?,
-                o_proj: b.lin(&format!("{n}.self_attn.o_proj"), th, qd, ab)?,
-                gate_proj: b.lin(&format!("{n}.mlp.gate_proj"), inter, th, mb)?,
-                up_proj: b.lin(&format!("{n}.mlp.up_proj"), inter, th, mb)?,
-                down_proj: b.lin(&format!("{n}.mlp.down_proj"), th, inter, mb)?,
-                input_layernorm: b.add(&format!("{n}.input_layernorm.weight"), &[th])?,
-                post_attention_layernorm: b
-                    .add(&format!("{n}.post_attention_layernorm.weight"), &[th])?,
-            });
-        }
-        let norm = b.add("lm.norm.weight", &[th])?;
-        let lm_head = if tied {
-            None
-        } else {
-            Some(b.add("lm_head.weight", &[tc.vocab_size, th])?)
-        };
         Ok(TrainModel {
-            inv_freq: rope::inv_freq(hd, tc.rope_theta),
             config,
-            params: b.params,
-            shapes: b.shapes,
-            vision: VisionTower {
-                patch_embedding: Lin {
-                    w: patch_w,
-                    b: None,
-                    out: h,
-                    inp: ch * p * p,
-                },
-                class_embedding,
-                position_embedding,
-                pre_layrnorm,
-                layers: vlayers,
-            },
-            linear_1,
-            linear_2,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            feature_layers,
+            params,
+            vision,
+            lm,
             cache: None,
             vision_cache: None,
             grounding: None,
@@ -1324,19 +613,19 @@ impl TrainModel {
 
     /// The shape of parameter `i` (index into `params`).
     pub fn param_shape(&self, i: usize) -> &[usize] {
-        &self.shapes[i]
+        self.params[i].value.shape()
     }
 
     /// Whether the LM head is the embedding matrix.
     pub fn tied(&self) -> bool {
-        self.lm_head.is_none()
+        self.lm.tied()
     }
 
     /// Adds (or with `None` removes) the [`GroundingLoss`] to what [`TrainModel::backward`]
     /// differentiates. Errors on a layer the model lacks or a weight that is not positive.
     pub fn set_grounding(&mut self, g: Option<GroundingLoss>) -> Result<()> {
         if let Some(g) = g {
-            let layers = self.layers.len();
+            let layers = self.lm.num_layers();
             for (key, l) in [("layer", Some(g.layer)), ("answer_layer", g.answer_layer)] {
                 if let Some(l) = l.filter(|&l| l >= layers) {
                     return Err(Error::arg(
@@ -1395,12 +684,13 @@ impl TrainModel {
             .map(|s| s.pixel_values.as_slice())
             .filter(|px| !px.is_empty())
             .collect();
-        let (feats, vision) = self.features_forward(&pixels)?;
-        // Projector.
-        let h1 = self.linear_1.forward(p, &feats);
-        let mut g = h1.clone();
-        act::gelu(&mut g);
-        let img = self.linear_2.forward(p, &g);
+        let (img, vision) = if pixels.is_empty() {
+            (Tensor::zeros(&[0, th]), None)
+        } else {
+            let (feats, vc) = self.vision.features(p, &pixels, true)?;
+            let (img, pc) = self.vision.projector.forward(p, feats, true)?;
+            (img, vc.zip(pc))
+        };
         // Token embeddings with the image features merged in.
         let mut ids = Vec::new();
         let mut lens = Vec::with_capacity(batch.len());
@@ -1437,52 +727,47 @@ impl TrainModel {
             ids.extend_from_slice(&s.input_ids);
             lens.push(s.input_ids.len());
         }
-        let table = Tensor::from_f32(&[vocab, th], p[self.embed_tokens].value.clone())?;
         // The image token may lie outside the vocabulary; its rows are overwritten anyway.
         let safe_ids: Vec<u32> = ids
             .iter()
             .map(|&t| if t == c.image_token_id { 0 } else { t })
             .collect();
-        let mut x = embed::embed(&table, &safe_ids)?;
-        for (k, &r) in image_rows.iter().enumerate() {
-            x[r * th..(r + 1) * th].copy_from_slice(&img[k * th..(k + 1) * th]);
+        let mut x = self.lm.embed(p, &safe_ids)?;
+        if !image_rows.is_empty() {
+            let mut rows: Vec<usize> = (0..ids.len()).collect();
+            for (k, &r) in image_rows.iter().enumerate() {
+                rows[r] = ids.len() + k;
+            }
+            x = Tensor::cat_rows(&[&x, &img])?.gather_rows(&rows)?;
         }
         // Decoder layers, pruning image tokens where the plan says.
         let mut pos: Vec<Vec<usize>> = lens.iter().map(|&t| (0..t).collect()).collect();
         let mut origin: Vec<usize> = (0..ids.len()).collect();
-        let mut decoder = Vec::with_capacity(self.layers.len());
-        let mut pruner = match &self.prune {
-            Some(plan) => Some(Pruner::new(plan, batch, self.layers.len(), ntok)?),
+        let layers = self.lm.num_layers();
+        let mut decoder = Vec::with_capacity(layers);
+        let mut pruning = match &self.prune {
+            Some(plan) => Some(Pruning::new(plan, batch, layers, ntok)?),
             None => None,
         };
         let mut pruned_after = BTreeMap::new();
-        for (l, layer) in self.layers.iter().enumerate() {
-            let mut dc = layer.forward(p, c, &self.inv_freq, &pos, &mut x)?;
-            dc.origin = origin.clone();
-            if let Some(pr) = pruner.as_mut()
+        for l in 0..layers {
+            let dc = self.lm.layer_forward_train(p, l, &mut x, &pos)?;
+            let layer_origin = origin.clone();
+            if let Some(pr) = pruning.as_mut()
                 && let Some(keep) = pr.prunes_at(l + 1)
             {
                 let rows = pr.prune(keep, &dc.probs, c.text.num_attention_heads, &mut pos)?;
-                x = rows
-                    .iter()
-                    .flat_map(|&r| &x[r * th..(r + 1) * th])
-                    .copied()
-                    .collect();
+                x = x.gather_rows(&rows)?;
                 origin = rows.iter().map(|&r| origin[r]).collect();
                 pruned_after.insert(l, rows);
             }
-            decoder.push(dc);
+            decoder.push((dc, layer_origin));
         }
-        self.last_kept = pruner.map(|p| p.kept).unwrap_or_default();
-        let final_out = rms_forward(p, self.norm, &x, c.text.rms_norm_eps)?;
+        self.last_kept = pruning.map(|p| p.kept).unwrap_or_default();
+        let final_out = self.lm.final_norm(p, &x)?;
+        let final_out = host(&final_out)?;
         // The LM head and its losses, chunk by chunk of the rows they read.
-        let head = self.lm_head.unwrap_or(self.embed_tokens);
-        let lin = Lin {
-            w: head,
-            b: None,
-            out: vocab,
-            inp: th,
-        };
+        let head = self.lm.head();
         // Current rows read by some loss; the losses name rows as the batch had them.
         let read: Vec<usize> = (0..origin.len())
             .filter(|&r| losses.iter().any(|l| l.reads(origin[r])))
@@ -1495,18 +780,20 @@ impl TrainModel {
                 .flat_map(|&r| &final_out[r * th..(r + 1) * th])
                 .copied()
                 .collect();
-            let logits = lin.forward(p, &xr);
+            let logits = Tensor::from_f32(&[rows.len(), th], xr.clone())?
+                .linear(&p[head].value, None)?
+                .into_f32_vec()?;
             let mut dlogits = vec![0.0f32; logits.len()];
             let named: Vec<usize> = rows.iter().map(|&r| origin[r]).collect();
             for l in losses.iter_mut() {
                 l.chunk(&named, &logits, &mut dlogits)?;
             }
-            let dxr = linear_backward(&xr, &p[head].value, th, &dlogits, &mut dhead, None)?;
+            let dxr = linear_backward(&xr, p[head].f32s()?, th, &dlogits, &mut dhead, None)?;
             for (k, &r) in rows.iter().enumerate() {
                 dfinal[r * th..(r + 1) * th].copy_from_slice(&dxr[k * th..(k + 1) * th]);
             }
         }
-        let dhead = (!frozen(p, head) && !dhead.is_empty()).then_some(dhead);
+        let dhead = (!p[head].frozen() && !dhead.is_empty()).then_some(dhead);
         let dprobs = match self.grounding {
             Some(g) => {
                 if let Some(first) = self.prune.as_ref().and_then(|p| p.stages.first())
@@ -1525,7 +812,7 @@ impl TrainModel {
                     ));
                 }
                 let heads = c.text.num_attention_heads;
-                let probs = |l: usize| decoder[l].probs.as_slice();
+                let probs = |l: usize| decoder[l].0.probs.as_slice();
                 let (l, dp) = grounding_loss(batch, probs, heads, c.image_token_id, &g)?;
                 self.last_grounding = l;
                 dp
@@ -1537,9 +824,6 @@ impl TrainModel {
             lens,
             image_rows,
             vision,
-            feats,
-            h1,
-            g,
             decoder,
             pruned_after,
             final_in: x,
@@ -1587,9 +871,13 @@ impl TrainModel {
         } else {
             Vec::new()
         };
-        let last = self.hidden_state(self.layers.len() - 1)?;
-        let final_out = rms_forward(&self.params, self.norm, last, self.config.text.rms_norm_eps)?;
-        self.cache = None;
+        let final_out = match self.cache.take() {
+            Some(c) => self
+                .lm
+                .final_norm(&self.params, &c.final_in)?
+                .into_f32_vec()?,
+            None => Vec::new(),
+        };
         Ok(Trace {
             final_out,
             hidden,
@@ -1613,10 +901,10 @@ impl TrainModel {
                 ),
             )
         })?;
-        lc.probs.get(seq).map(Vec::as_slice).ok_or_else(|| {
+        lc.0.probs.get(seq).map(Vec::as_slice).ok_or_else(|| {
             Error::arg(
                 "sequence",
-                format!("is {seq} but the batch has {}", lc.probs.len()),
+                format!("is {seq} but the batch has {}", lc.0.probs.len()),
             )
         })
     }
@@ -1648,15 +936,11 @@ impl TrainModel {
     }
 
     /// The LM head's logits `[rows, vocab]` of final-norm outputs `x` (`[rows, hidden]`).
-    pub fn head_logits(&self, x: &[f32]) -> Vec<f32> {
-        let c = &self.config.text;
-        Lin {
-            w: self.lm_head.unwrap_or(self.embed_tokens),
-            b: None,
-            out: c.vocab_size,
-            inp: c.hidden_size,
-        }
-        .forward(&self.params, x)
+    pub fn head_logits(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let th = self.config.text.hidden_size;
+        Tensor::from_f32(&[x.len() / th.max(1), th], x.to_vec())?
+            .linear(&self.params[self.lm.head()].value, None)?
+            .into_f32_vec()
     }
 
     /// Freezes every parameter (drops their gradient buffers): a teacher.
@@ -1673,7 +957,7 @@ impl TrainModel {
     /// The layers counted are those the model holds (up to the deepest selected feature layer).
     /// Errors when `n` is 0 or more than that.
     pub fn train_last_vision_layers(&mut self, n: usize) -> Result<()> {
-        let layers = self.vision.layers.len();
+        let layers = self.vision.tower.num_layers();
         if n == 0 || n > layers {
             return Err(Error::arg(
                 "vision_trainable_layers",
@@ -1683,10 +967,7 @@ impl TrainModel {
                 ),
             ));
         }
-        let keep: Vec<usize> = self.vision.layers[layers - n..]
-            .iter()
-            .flat_map(|l| l.params())
-            .collect();
+        let keep = self.vision.tower.param_indices(layers - n);
         for (i, p) in self.params.iter_mut().enumerate() {
             if p.group.starts_with("vision.") && !keep.contains(&i) {
                 p.group = VISION_FROZEN_GROUP.into();
@@ -1698,7 +979,7 @@ impl TrainModel {
 
     /// Number of decoder layers.
     pub fn num_layers(&self) -> usize {
-        self.layers.len()
+        self.lm.num_layers()
     }
 
     /// The output of decoder layer `layer` (the residual stream after it, before the final
@@ -1710,8 +991,8 @@ impl TrainModel {
             .as_ref()
             .ok_or_else(|| Error::arg("hidden_state", "no forward pass whose states to read"))?;
         match layer.cmp(&(c.decoder.len().saturating_sub(1))) {
-            std::cmp::Ordering::Less => Ok(&c.decoder[layer + 1].x),
-            std::cmp::Ordering::Equal => Ok(&c.final_in),
+            std::cmp::Ordering::Less => host(&c.decoder[layer + 1].0.x),
+            std::cmp::Ordering::Equal => host(&c.final_in),
             std::cmp::Ordering::Greater => Err(Error::arg(
                 "layer",
                 format!(
@@ -1727,7 +1008,7 @@ impl TrainModel {
         self.hidden_state(layer)?;
         let c = self.cache.as_ref().expect("checked by hidden_state");
         Ok(match c.decoder.get(layer + 1) {
-            Some(d) => &d.origin,
+            Some(d) => &d.1,
             None => &c.final_origin,
         })
     }
@@ -1741,7 +1022,7 @@ impl TrainModel {
     /// differentiated. Errors when a stage lies outside the model.
     pub fn set_prune(&mut self, plan: Option<PrunePlan>) -> Result<()> {
         if let Some(p) = &plan {
-            p.kept_counts(self.layers.len(), self.config.image_tokens())?;
+            p.kept_counts(self.lm.num_layers(), self.config.image_tokens())?;
         }
         self.prune = plan;
         Ok(())
@@ -1785,8 +1066,8 @@ impl TrainModel {
         let x0 = c
             .decoder
             .first()
-            .map(|d| &d.x)
-            .ok_or_else(|| Error::arg("image_features", "the model has no decoder layers"))?;
+            .map(|d| host(&d.0.x))
+            .ok_or_else(|| Error::arg("image_features", "the model has no decoder layers"))??;
         Ok(c.image_rows
             .iter()
             .flat_map(|&r| &x0[r * th..(r + 1) * th])
@@ -1829,18 +1110,17 @@ impl TrainModel {
         let c = &self.config;
         let p = &mut self.params;
         let th = c.text.hidden_size;
-        let head = self.lm_head.unwrap_or(self.embed_tokens);
+        let head = self.lm.head();
         if let Some(dh) = &cache.dhead {
             ops::add(&mut p[head].grad, dh);
         }
-        let mut dx = rms_backward(
+        let mut dx = self.lm.norm.backward(
             p,
-            self.norm,
-            &cache.final_in,
+            host(&cache.final_in)?,
             c.text.rms_norm_eps,
             &cache.dfinal,
-        );
-        for (i, (layer, lc)) in self.layers.iter().zip(&cache.decoder).enumerate().rev() {
+        )?;
+        for (i, (lc, _)) in cache.decoder.iter().enumerate().rev() {
             if let Some(d) = cache.dhidden.get(&i) {
                 ops::add(&mut dx, d);
             }
@@ -1853,7 +1133,7 @@ impl TrainModel {
                 dx = full;
             }
             let dprobs = cache.dprobs.get(&i).map_or(&[][..], Vec::as_slice);
-            layer.backward(p, c, &self.inv_freq, lc, dprobs, &mut dx)?;
+            self.lm.layer_backward(p, i, lc, dprobs, &mut dx)?;
         }
         // Split the embedding gradient: image rows go to the projector, the rest to the table.
         let mut dimg = vec![0.0f32; cache.image_rows.len() * th];
@@ -1864,30 +1144,31 @@ impl TrainModel {
         if let Some(d) = &cache.dimage {
             ops::add(&mut dimg, d);
         }
-        if !frozen(p, self.embed_tokens) {
-            let mut dtable = std::mem::take(&mut p[self.embed_tokens].grad);
+        let table = self.lm.embed_tokens();
+        if !p[table].frozen() {
+            let mut dtable = std::mem::take(&mut p[table].grad);
             let ids: Vec<u32> = cache
                 .ids
                 .iter()
                 .map(|&t| if t == c.image_token_id { 0 } else { t })
                 .collect();
             let r = embed::embed_backward(&ids, &dx, th, &mut dtable);
-            p[self.embed_tokens].grad = dtable;
+            p[table].grad = dtable;
             r?;
         }
         let upstream_frozen = p
             .iter()
             .filter(|q| q.group.starts_with("vision") || q.group.starts_with("projector"))
             .all(|q| q.grad.is_empty());
+        let Some((vision, projector)) = &cache.vision else {
+            return Ok(());
+        };
         if upstream_frozen {
             return Ok(());
         }
-        // Projector.
-        let dg = self.linear_2.backward(p, &cache.g, &dimg)?;
-        let dh1 = act::gelu_backward(&cache.h1, &dg);
-        let dfeats = self.linear_1.backward(p, &cache.feats, &dh1)?;
+        let dfeats = self.vision.projector.backward(p, projector, &dimg)?;
         let images = cache.image_rows.len() / self.config.image_tokens().max(1);
-        self.features_backward(&cache.vision, images, &dfeats)
+        self.features_backward(vision, images, &dfeats)
     }
 
     /// The vision tower's selected features of a batch of images (the projector's input):
@@ -1896,9 +1177,17 @@ impl TrainModel {
     /// [`TrainModel::vision_backward`] differentiates the last call.
     pub fn vision_forward(&mut self, pixels: &[&[f32]]) -> Result<Vec<f32>> {
         self.cache = None;
-        let (feats, vision) = self.features_forward(pixels)?;
-        self.vision_cache = Some((vision, pixels.len()));
-        Ok(feats)
+        if pixels.is_empty() {
+            return Err(Error::arg(
+                "vision_forward",
+                "no images to encode".to_string(),
+            ));
+        }
+        let (feats, cache) = self.vision.features(&self.params, pixels, true)?;
+        if let Some(cache) = cache {
+            self.vision_cache = Some((cache, pixels.len()));
+        }
+        feats.into_f32_vec()
     }
 
     /// Accumulates into the vision parameters' `grad` the gradient reaching the features of the
@@ -1908,44 +1197,16 @@ impl TrainModel {
             .vision_cache
             .take()
             .ok_or_else(|| Error::arg("vision_backward", "no vision forward to differentiate"))?;
-        let want = images * self.config.image_tokens() * self.feature_width();
-        if dfeats.len() != want {
-            return Err(Error::Shape {
-                name: "vision feature gradient".into(),
-                expected: vec![want],
-                got: vec![dfeats.len()],
-            });
-        }
         self.features_backward(&cache, images, dfeats)
     }
 
     /// Width of one image token's selected features (`vision_hidden * feature_layers`).
     pub fn feature_width(&self) -> usize {
-        self.config.vision.hidden_size * self.feature_layers.len()
+        self.vision.feature_width()
     }
 
-    /// Vision tower and feature selection (LLaVA's `vision_feature_layer` and
-    /// `vision_feature_select_strategy`).
-    fn features_forward(&self, pixels: &[&[f32]]) -> Result<(Vec<f32>, VisionCache)> {
-        let c = &self.config;
-        let vh = c.vision.hidden_size;
-        let ntok = c.image_tokens();
-        let skip = usize::from(c.select_strategy == SelectStrategy::Default);
-        let vt = c.vision.grid() * c.vision.grid() + 1;
-        let (states, vision) = self.vision.forward(&self.params, c, pixels)?;
-        let mut feats = Vec::with_capacity(pixels.len() * ntok * self.feature_width());
-        for i in 0..pixels.len() {
-            for t in skip..skip + ntok {
-                let r = i * vt + t;
-                for &l in &self.feature_layers {
-                    feats.extend_from_slice(&states[l][r * vh..(r + 1) * vh]);
-                }
-            }
-        }
-        Ok((feats, vision))
-    }
-
-    /// Backward of [`TrainModel::features_forward`]; a no-op when the vision tower is frozen.
+    /// Backward of the vision features ([`VisionEncoder::features_backward`]); a no-op when the
+    /// vision tower is frozen.
     fn features_backward(
         &mut self,
         cache: &VisionCache,
@@ -1953,7 +1214,6 @@ impl TrainModel {
         dfeats: &[f32],
     ) -> Result<()> {
         let p = &mut self.params;
-        let c = &self.config;
         let vision_frozen = p
             .iter()
             .filter(|q| q.group.starts_with("vision"))
@@ -1961,24 +1221,6 @@ impl TrainModel {
         if vision_frozen {
             return Ok(());
         }
-        let vh = c.vision.hidden_size;
-        let ntok = c.image_tokens();
-        let tokens = c.vision.grid() * c.vision.grid() + 1;
-        let skip = usize::from(c.select_strategy == SelectStrategy::Default);
-        let nl = self.feature_layers.len();
-        let mut dstates = vec![vec![0.0f32; images * tokens * vh]; self.vision.layers.len() + 1];
-        for i in 0..images {
-            for t in 0..ntok {
-                let row = &dfeats[(i * ntok + t) * vh * nl..(i * ntok + t + 1) * vh * nl];
-                let r = i * tokens + t + skip;
-                for (j, &l) in self.feature_layers.iter().enumerate() {
-                    ops::add(
-                        &mut dstates[l][r * vh..(r + 1) * vh],
-                        &row[j * vh..(j + 1) * vh],
-                    );
-                }
-            }
-        }
-        self.vision.backward(p, c, cache, &dstates)
+        self.vision.features_backward(p, cache, images, dfeats)
     }
 }

@@ -19,37 +19,9 @@
 
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
+use crate::model::nn::Param;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-
-/// One trainable tensor, flattened: the model owns `value`, the backward pass fills `grad`
-/// (same length), the optimizer updates `value` in place. `group` names the [`GroupConfig`]
-/// it belongs to (e.g. `"projector"`, `"lm.no_decay"`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Param {
-    /// Unique name (the checkpoint key, e.g. `multi_modal_projector.linear_1.weight`).
-    pub name: String,
-    /// Name of the parameter group whose settings apply.
-    pub group: String,
-    /// Parameter values, row-major, flattened.
-    pub value: Vec<f32>,
-    /// Gradient of the loss with respect to `value`; same length, or empty while the group is
-    /// frozen (never read then, so a frozen LM costs no gradient memory).
-    pub grad: Vec<f32>,
-}
-
-impl Param {
-    /// A parameter with zero gradient.
-    pub fn new(name: impl Into<String>, group: impl Into<String>, value: Vec<f32>) -> Self {
-        let grad = vec![0.0; value.len()];
-        Param {
-            name: name.into(),
-            group: group.into(),
-            value,
-            grad,
-        }
-    }
-}
 
 /// Group name for the usual "no weight decay on norms and biases" rule: `"{prefix}.no_decay"`
 /// for names ending in `.bias` or whose last two components contain `norm` (`input_layernorm`,
@@ -427,8 +399,12 @@ impl AdamW {
             let step_size = lr / bc1;
             let bc2_sqrt = bc2.powf(0.5) as f32;
             let neg_step = (-step_size) as f32;
-            for (((x, &gr), m), v) in p
+            let name = &p.name;
+            let values = p
                 .value
+                .f32s_mut()
+                .map_err(|_| Error::arg("parameter", format!("`{name}` is not f32 on the host")))?;
+            for (((x, &gr), m), v) in values
                 .iter_mut()
                 .zip(&p.grad)
                 .zip(st.m.iter_mut())
@@ -661,7 +637,7 @@ mod tests {
 
     #[test]
     fn accumulation_means() {
-        let mut ps = vec![Param::new("a", "g", vec![0.0; 2])];
+        let mut ps = vec![Param::from_f32("a", "g", &[2], vec![0.0; 2]).unwrap()];
         let mut acc = GradAccum::new(4).unwrap();
         zero_grads(&mut ps);
         let mut fired = 0;

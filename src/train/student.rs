@@ -638,7 +638,7 @@ pub fn init_student(teacher: &Path, spec: &StudentSpec, out: &Path) -> Result<St
                 || (spec.fresh.is_some()
                     && (p.name.starts_with("model.language_model.") || p.name == "lm_head.weight"));
             if keep {
-                fresh.insert(p.name, p.value);
+                fresh.insert(p.name, p.value.into_f32_vec()?);
             }
         }
     }

@@ -419,7 +419,7 @@ pub fn write_cache(
                     .flat_map(|&r| &trace.final_out[r * hidden..(r + 1) * hidden])
                     .copied()
                     .collect();
-                let tl = model.head_logits(&x);
+                let tl = model.head_logits(&x)?;
                 let top: Vec<(Vec<u32>, Vec<f32>)> = tl
                     .par_chunks(vocab)
                     .map(|z| top_k(&kd.teacher_log_probs(z), k))

@@ -32,13 +32,14 @@
 use super::checkpoint::save_checkpoint;
 use super::data::Loader;
 use super::model::{TrainModel, init_values};
-use super::optim::{AdamW, GroupConfig, Param, Schedule, decay_group, zero_grads};
+use super::optim::{AdamW, GroupConfig, Schedule, decay_group, zero_grads};
 use crate::bench::shapes::{self, Color, Scene, Shape, ShapePatches, ShapesConfig, Size, Split};
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
 use crate::model::image::ImageProcessorConfig;
+use crate::model::nn::{Linear, Param};
 use crate::ops::loss::cross_entropy;
-use crate::ops::matmul::{linear_backward, matmul_nt};
+use crate::tensor::Tensor;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -306,42 +307,29 @@ pub fn targets(scene: &Scene, image_size: u32, patch_size: u32) -> ImageTargets 
 /// The linear heads, initialised `N(0, 0.02)`-like from `seed`: the class head `W` `[Σ CLASSES,
 /// width]`, `b` (`head.*`), then the position head `[2 · grid, width]` (`position.*`) that reads
 /// each patch's row and column off its own features.
-pub fn new_head(width: usize, grid: usize, seed: u64) -> Vec<Param> {
+pub fn new_head(width: usize, grid: usize, seed: u64) -> Result<Vec<Param>> {
     let mut state = seed ^ 0x5eed_7a11_c0ff_ee00;
-    let mut linear = |name: &str, out: usize| {
+    let mut linear = |name: &str, out: usize| -> Result<[Param; 2]> {
         let w = format!("{name}.weight");
         let b = format!("{name}.bias");
         let values = init_values(&w, &[out, width], 0.02, &mut state);
-        [
-            Param::new(&w, decay_group(name, &w), values),
-            Param::new(&b, decay_group(name, &b), vec![0.0; out]),
-        ]
+        Ok([
+            Param::from_f32(&w, decay_group(name, &w), &[out, width], values)?,
+            Param::from_f32(&b, decay_group(name, &b), &[out], vec![0.0; out])?,
+        ])
     };
-    let mut head = Vec::from(linear("head", CLASSES.iter().sum()));
-    head.extend(linear("position", 2 * grid));
-    head
+    let mut head = Vec::from(linear("head", CLASSES.iter().sum())?);
+    head.extend(linear("position", 2 * grid)?);
+    Ok(head)
 }
 
+/// The linear layer `head[0..2]` (weight, bias).
+const HEAD: Linear = Linear { w: 0, b: Some(1) };
+
 /// Logits `[rows, out]` of the linear layer `head[0..2]` over features `[rows, width]`.
-fn head_logits(head: &[Param], feats: &[f32], width: usize) -> Vec<f32> {
-    let out = head[1].value.len();
-    let rows = feats.len() / width;
-    let mut z = vec![0.0f32; rows * out];
-    matmul_nt(
-        rows,
-        out,
-        width,
-        feats,
-        width,
-        &head[0].value,
-        width,
-        &mut z,
-        true,
-    );
-    for r in z.chunks_mut(out) {
-        crate::ops::add(r, &head[1].value);
-    }
-    z
+fn head_logits(head: &[Param], feats: &[f32], width: usize) -> Result<Vec<f32>> {
+    let x = Tensor::from_f32(&[feats.len() / width.max(1), width], feats.to_vec())?;
+    HEAD.forward(head, &x)?.into_f32_vec()
 }
 
 /// The loss of the linear layer `head[0..2]` over features `[rows, width]`: its outputs split
@@ -358,7 +346,7 @@ fn head_loss(
     backward: bool,
 ) -> Result<(f32, Vec<f32>)> {
     let out = head[1].value.len();
-    let z = head_logits(head, feats, width);
+    let z = head_logits(head, feats, width)?;
     let mut dz = vec![0.0f32; z.len()];
     let mut loss = 0.0;
     let mut off = 0;
@@ -380,14 +368,7 @@ fn head_loss(
     if !backward {
         return Ok((loss, Vec::new()));
     }
-    let (mut dw, mut db) = (
-        std::mem::take(&mut head[0].grad),
-        std::mem::take(&mut head[1].grad),
-    );
-    let dfeats = linear_backward(feats, &head[0].value, width, &dz, &mut dw, Some(&mut db));
-    head[0].grad = dw;
-    head[1].grad = db;
-    Ok((loss, dfeats?))
+    Ok((loss, HEAD.backward(head, feats, &dz)?))
 }
 
 /// Per-task label vectors of rows of class triples.
@@ -597,11 +578,11 @@ fn accuracy(
         let feats = model.vision_forward(&refs)?;
         let pooled = pool(&feats, width, tokens, tg);
         let shapes = || tg.iter().flat_map(|t| &t.shapes);
-        let z = head_logits(&head[2..], &pooled, width);
+        let z = head_logits(&head[2..], &pooled, width)?;
         for (row, t) in z.chunks(2 * grid).zip(shapes()) {
             centred += usize::from(read(row) == t.cell(grid));
         }
-        let z = head_logits(head, &pooled, width);
+        let z = head_logits(head, &pooled, width)?;
         for (row, t) in z.chunks(out).zip(shapes()) {
             n += 1;
             let mut off = 0;
@@ -610,7 +591,7 @@ fn accuracy(
                 off += k;
             }
         }
-        let z = head_logits(head, &feats, width);
+        let z = head_logits(head, &feats, width)?;
         let labels = tg.iter().flat_map(|t| &t.patches);
         for (row, c) in z.chunks(out).zip(labels).filter(|(_, c)| c[0] != NONE[0]) {
             patches += 1;
@@ -618,7 +599,7 @@ fn accuracy(
             let colors = &row[CLASSES[0]..CLASSES[0] + CLASSES[1]];
             patch_right[1] += usize::from(argmax(colors) == c[1]);
         }
-        let z = head_logits(&head[2..], &feats, width);
+        let z = head_logits(&head[2..], &feats, width)?;
         for (r, row) in z.chunks(2 * grid).enumerate() {
             let p = r % tokens;
             placed += usize::from(read(row) == [(p / grid) as i64, (p % grid) as i64]);
@@ -677,7 +658,7 @@ pub fn pretrain_vision(
         let p = model.params.iter_mut().find(|p| p.name == name);
         let p =
             p.ok_or_else(|| Error::arg("model", format!("{} has no {name}", model_dir.display())))?;
-        p.value
+        p.f32s_mut()?
             .iter_mut()
             .for_each(|x| *x *= cfg.position_scale as f32);
     }
@@ -746,7 +727,7 @@ pub fn pretrain_vision(
         ),
     )?
     .with_schedule(schedule);
-    let mut head = new_head(model.feature_width(), vc.grid(), cfg.seed);
+    let mut head = new_head(model.feature_width(), vc.grid(), cfg.seed)?;
     let mut head_opt =
         AdamW::new(cfg.lr, groups(&["head", "position"], &[]))?.with_schedule(schedule);
 

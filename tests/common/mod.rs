@@ -175,15 +175,15 @@ pub fn check_finite_differences(
         }
         let norm = g.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
         let want = norm as f32;
-        let x0 = m.params[i].value.clone();
+        let x0 = m.params[i].f32s().unwrap().to_vec();
         let mut at = |t: f32| {
-            for ((x, &a), &gi) in m.params[i].value.iter_mut().zip(&x0).zip(g) {
+            for ((x, &a), &gi) in m.params[i].f32s_mut().unwrap().iter_mut().zip(&x0).zip(g) {
                 *x = a + t * (gi as f64 / norm) as f32;
             }
             objective(m)
         };
         let fd = ((at(h) - at(-h)) / (2.0 * h as f64)) as f32;
-        m.params[i].value.copy_from_slice(&x0);
+        m.params[i].f32s_mut().unwrap().copy_from_slice(&x0);
         let err = (fd - want).abs();
         let tol = 1e-2 * want.abs() + 2e-4;
         println!("{name}: |g| {want:.5} fd {fd:.5} err/tol {:.2}", err / tol);
