@@ -116,11 +116,16 @@ fn without_a_gpu_opening_a_device_is_an_error_not_a_panic() {
     assert!(e.contains("libcuda"), "{e}");
 }
 
-/// The GPU, or None after saying why the test skipped.
+/// The GPU, or None after saying why the test skipped (a failure when `FINEPRUNE_REQUIRE_GPU=1`,
+/// as scripts/gpu-check.sh sets on the GPU machine).
 fn gpu() -> Option<Device> {
     match Device::open(0) {
         Ok(d) => Some(d),
         Err(e) => {
+            assert!(
+                std::env::var("FINEPRUNE_REQUIRE_GPU").as_deref() != Ok("1"),
+                "FINEPRUNE_REQUIRE_GPU=1 but the GPU did not open: {e}"
+            );
             eprintln!("skipped: {e}");
             None
         }

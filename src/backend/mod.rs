@@ -340,3 +340,41 @@ impl Tensor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_cpu_and_refuse_unknown_devices() {
+        assert!(Device::parse("cpu").unwrap().is_cpu());
+        assert!(Device::parse(" cpu ").unwrap().is_cpu());
+        let e = Device::parse("gpu").unwrap_err().to_string();
+        assert!(
+            e.contains("--device") && e.contains("`gpu`") && e.contains("`cuda:N`"),
+            "{e}"
+        );
+        let e = Device::parse("cuda:abc").unwrap_err().to_string();
+        assert!(e.contains("cuda:abc") && e.contains("not a number"), "{e}");
+        assert!(Device::parse("cuda:-1").is_err());
+    }
+
+    /// `cuda` without a GPU (or without the feature) is an error saying why, never a panic.
+    #[test]
+    fn parse_cuda_without_a_gpu_says_why() {
+        #[cfg(feature = "cuda")]
+        if crate::cuda::driver_present() {
+            eprintln!("skipped: libcuda is present");
+            return;
+        }
+        for spec in ["cuda", "cuda:0", "cuda:3"] {
+            let e = Device::parse(spec).unwrap_err().to_string();
+            let why = if cfg!(feature = "cuda") {
+                "libcuda"
+            } else {
+                "--features cuda"
+            };
+            assert!(e.contains(why), "{spec}: {e}");
+        }
+    }
+}

@@ -159,6 +159,16 @@ struct GenerateArgs {
     /// Keep generating past the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Run the batch once, untimed, before the measured run (kernel builds, cuBLAS set-up and
+    /// caches warm up); the answers and timings shown are the second run's.
+    #[arg(long)]
+    warmup: bool,
+    /// Also write the timings as JSON to this file: device, load_secs, prefill_secs (the LM
+    /// prefill), decode_secs (sampling and the decode steps), generate_secs (the whole call),
+    /// first_token_secs (generate_secs − decode_secs: image preprocessing, vision tower,
+    /// projector and prefill), prompt_tokens, new_tokens, image_tokens_kept (after the last stage).
+    #[arg(long)]
+    timings: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -207,7 +217,9 @@ fn run(cli: Cli) -> fineprune::Result<()> {
     match cli.command {
         Command::Generate(a) => {
             let plan = a.prune.plan()?;
+            let loading = std::time::Instant::now();
             let engine = Engine::new(Arc::new(a.common.run_on.load(&a.common.model)?));
+            let load_secs = loading.elapsed().as_secs_f64();
             let reqs: Vec<Request> = a
                 .prompt
                 .iter()
@@ -227,7 +239,12 @@ fn run(cli: Cli) -> fineprune::Result<()> {
                     return_logits: false,
                 })
                 .collect();
+            if a.warmup {
+                engine.generate(&reqs)?;
+            }
+            let started = std::time::Instant::now();
             let gens = engine.generate(&reqs)?;
+            let generate_secs = started.elapsed().as_secs_f64();
             for (p, g) in a.prompt.iter().zip(&gens) {
                 if gens.len() > 1 {
                     println!("### {p}");
@@ -246,6 +263,20 @@ fn run(cli: Cli) -> fineprune::Result<()> {
                 dec * 1e3,
                 if dec > 0.0 { tokens as f64 / dec } else { 0.0 }
             );
+            if let Some(path) = &a.timings {
+                let json = serde_json::json!({
+                    "device": a.common.run_on.device.to_string(),
+                    "load_secs": load_secs,
+                    "prefill_secs": pre,
+                    "decode_secs": dec,
+                    "generate_secs": generate_secs,
+                    "first_token_secs": generate_secs - dec,
+                    "prompt_tokens": gens.iter().map(|g| g.prompt.ids.len()).sum::<usize>(),
+                    "new_tokens": tokens,
+                    "image_tokens_kept": gens[0].stats.kept_after_last(),
+                });
+                fineprune::io::write_atomic(path, format!("{json:#}\n").as_bytes())?;
+            }
             Ok(())
         }
         Command::Logits(a) => {

@@ -474,3 +474,41 @@ impl Backend for Device {
         Ok(v.iter().position(|v| !v.is_finite()).map(|i| (i, v[i])))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn u32s_converts_and_refuses_indices_past_32_bits() {
+        assert_eq!(
+            u32s("row", &[0, 7, u32::MAX as usize]).unwrap(),
+            vec![0, 7, u32::MAX]
+        );
+        let e = u32s("rope position", &[3, 1 << 32])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rope position") && e.contains("4294967296"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn host_operands_are_errors_naming_the_operand_and_device() {
+        let host = Tensor::from_f32(&[2, 3], vec![0.0; 6]).unwrap();
+        let e = slice::<f32>("linear weight", &host)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("linear weight") && e.contains("f32 on cpu"),
+            "{e}"
+        );
+        assert!(handle(&host).is_err());
+        let mut host = host;
+        let e = slice_mut::<bf16>("rope", &mut host)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rope") && e.contains("on the GPU"), "{e}");
+    }
+}

@@ -4,19 +4,20 @@
 //! Everything CUDA is loaded at run time (cudarc's `dynamic-loading`), so the crate builds on a
 //! machine with no toolkit and no GPU; every entry point checks that the library it needs is
 //! there and returns [`Error::Cuda`] instead of letting cudarc panic. NVRTC alone (PyPI's
-//! `nvidia-cuda-nvrtc-cu12` wheel) is enough to build the kernels to PTX without a GPU:
-//! [`compile_ptx`]. Point `FINEPRUNE_NVRTC` at its `libnvrtc.so.12` when it is not on the
-//! library path.
+//! `nvidia-cuda-nvrtc-cu12` or cu13 wheel) is enough to build the kernels to PTX without a GPU:
+//! [`compile_ptx`]. NVRTC is loaded by [`nvrtc`] (CUDA 11, 12 or 13); point `FINEPRUNE_NVRTC` at
+//! its `libnvrtc.so.N` when it is not on the library path.
 
 use crate::error::{Error, Result};
 use crate::io::{fnv1a64, write_atomic};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
-use cudarc::nvrtc::{CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 mod backend;
+pub mod nvrtc;
 pub mod ops;
 
 pub use backend::{Buffer, Data};
@@ -37,32 +38,15 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
 /// Head dimension the attention kernels support (`ATT_D_MAX` in kernels/attention.cu).
 pub const ATT_D_MAX: usize = 128;
 
-/// Loads NVRTC from `path` (a libnvrtc.so.N) for the rest of the process: cudarc looks NVRTC up
-/// by name, and a library already loaded under that soname is what the lookup finds.
+/// Loads NVRTC from `path` (a libnvrtc.so of CUDA 11, 12 or 13) for the rest of the process,
+/// unless one is loaded already ([`nvrtc::load`]).
 pub fn load_nvrtc(path: &std::path::Path) -> Result<()> {
-    // SAFETY: loading NVRTC runs its initialisers, which have no preconditions.
-    let lib = unsafe { libloading::Library::new(path) }
-        .map_err(|e| Error::Cuda(format!("{}: {e}", path.display())))?;
-    std::mem::forget(lib); // stays loaded for the process
-    Ok(())
+    nvrtc::load(path).map(|_| ())
 }
 
-/// [`load_nvrtc`] of `FINEPRUNE_NVRTC`, once, when it is set.
-fn preload_nvrtc() -> Result<()> {
-    static LOADED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
-    LOADED
-        .get_or_init(|| match std::env::var_os("FINEPRUNE_NVRTC") {
-            Some(p) => load_nvrtc(std::path::Path::new(&p)).map_err(|e| e.to_string()),
-            None => Ok(()),
-        })
-        .clone()
-        .map_err(Error::Cuda)
-}
-
-/// Whether NVRTC can be loaded (after `FINEPRUNE_NVRTC`, if set).
+/// Whether NVRTC can be loaded ([`nvrtc::get`]: `FINEPRUNE_NVRTC`, else by name).
 pub fn nvrtc_present() -> bool {
-    // SAFETY: only tries to open the library.
-    preload_nvrtc().is_ok() && unsafe { cudarc::nvrtc::sys::is_culib_present() }
+    nvrtc::get().is_ok()
 }
 
 /// Whether the CUDA driver library (libcuda) can be loaded.
@@ -94,24 +78,14 @@ pub fn arch_of(major: i32, minor: i32) -> Result<&'static str> {
 /// Builds every kernel file to PTX for `arch` (e.g. `sm_90`) with NVRTC; no GPU needed. An error
 /// names the file and carries NVRTC's log.
 pub fn compile_ptx(arch: &'static str) -> Result<Vec<(&'static str, String)>> {
-    if !nvrtc_present() {
-        return Err(Error::Cuda(
-            "NVRTC (libnvrtc.so) not found: put it on LD_LIBRARY_PATH or set FINEPRUNE_NVRTC \
-             (PyPI's nvidia-cuda-nvrtc-cu12 wheel has one)"
-                .into(),
-        ));
-    }
+    let nvrtc = nvrtc::get()?;
     KERNEL_FILES
         .iter()
         .map(|&(name, src)| {
-            let opts = CompileOptions {
-                arch: Some(arch),
-                name: Some(format!("{name}.cu")),
-                ..Default::default()
-            };
-            let ptx = cudarc::nvrtc::compile_ptx_with_opts(format!("{PRELUDE}\n{src}"), opts)
+            let ptx = nvrtc
+                .compile_ptx(&format!("{PRELUDE}\n{src}"), &format!("{name}.cu"), arch)
                 .map_err(|e| Error::Cuda(format!("kernels/{name}.cu for {arch}: {e}")))?;
-            Ok((name, ptx.to_src()))
+            Ok((name, ptx))
         })
         .collect()
 }
@@ -256,5 +230,51 @@ impl Device {
             .ok_or_else(|| Error::Cuda(format!("no kernel file kernels/{file}.cu")))?;
         m.load_function(name)
             .map_err(|e| Error::Cuda(format!("kernels/{file}.cu has no kernel `{name}`: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arch_of_maps_known_compute_capabilities() {
+        for ((major, minor), arch) in [
+            ((7, 0), "sm_70"),
+            ((8, 0), "sm_80"),
+            ((8, 6), "sm_86"),
+            ((8, 9), "sm_89"),
+            ((9, 0), "sm_90"),
+            ((10, 0), "sm_100"),
+            ((12, 0), "sm_120"),
+        ] {
+            assert_eq!(arch_of(major, minor).unwrap(), arch);
+        }
+        for (major, minor) in [(6, 1), (9, 1), (13, 0)] {
+            let e = arch_of(major, minor).unwrap_err().to_string();
+            assert!(e.contains(&format!("{major}.{minor}")), "{e}");
+        }
+    }
+
+    /// A cache holding every file under its hashed name is read back without NVRTC; a file
+    /// whose source changed (another hash) is not.
+    #[test]
+    fn cached_ptx_reads_files_named_by_source_hash() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (name, src) in KERNEL_FILES {
+            let hash = fnv1a64(format!("{PRELUDE}\n{src}").as_bytes());
+            let p = tmp.path().join(format!("{name}-sm_90-{hash:016x}.ptx"));
+            std::fs::write(p, format!("// {name}")).unwrap();
+        }
+        let got = cached_ptx("sm_90", Some(tmp.path())).unwrap();
+        assert_eq!(got.len(), KERNEL_FILES.len());
+        for ((name, ptx), (want, _)) in got.iter().zip(KERNEL_FILES) {
+            assert_eq!((name, ptx.as_str()), (want, format!("// {want}").as_str()));
+        }
+        // Another architecture's files are not there: it builds (needs NVRTC) or says why.
+        match cached_ptx("sm_80", Some(tmp.path())) {
+            Ok(built) => assert!(built[0].1.contains(".target sm_80")),
+            Err(e) => assert!(e.to_string().contains("NVRTC"), "{e}"),
+        }
     }
 }

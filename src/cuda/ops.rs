@@ -61,13 +61,39 @@ fn elementwise(n: usize) -> LaunchConfig {
     }
 }
 
-/// One block per row.
-fn per_row(rows: usize) -> LaunchConfig {
-    LaunchConfig {
+/// Largest grid x dimension a launch may have (2^31 − 1).
+const GRID_X_MAX: usize = i32::MAX as usize;
+/// Largest grid y dimension a launch may have.
+const GRID_Y_MAX: usize = 65_535;
+
+/// One block per row; an error for no rows or more than a grid holds.
+fn per_row(rows: usize) -> Result<LaunchConfig> {
+    if rows == 0 || rows > GRID_X_MAX {
+        return Err(Error::Cuda(format!(
+            "a one-block-per-row launch over {rows} rows (1..={GRID_X_MAX})"
+        )));
+    }
+    Ok(LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
+    })
+}
+
+/// The flash-attention grid: blocks of `ATT_ROWS` query rows along x, one head per y.
+fn flash_grid(n_q: usize, heads: usize) -> Result<LaunchConfig> {
+    let tiles = n_q.div_ceil(ATT_ROWS);
+    if tiles == 0 || tiles > GRID_X_MAX || heads == 0 || heads > GRID_Y_MAX {
+        return Err(Error::Cuda(format!(
+            "attention over {n_q} query rows and {heads} heads does not fit a launch grid \
+             (1..={GRID_X_MAX} tiles of {ATT_ROWS} rows, 1..={GRID_Y_MAX} heads)"
+        )));
     }
+    Ok(LaunchConfig {
+        grid_dim: (tiles as u32, heads as u32, 1),
+        block_dim: (ATT_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
 }
 
 impl Device {
@@ -144,7 +170,7 @@ impl Device {
         let mut b = self.stream.launch_builder(&f);
         b.arg(x).arg(w).arg(&mut y).arg(&r).arg(&dd).arg(&eps);
         // SAFETY: the arguments match rmsnorm's signature and the slices hold rows * d values.
-        unsafe { b.launch(per_row(rows)) }.map_err(|e| launch_err(&name, e))?;
+        unsafe { b.launch(per_row(rows)?) }.map_err(|e| launch_err(&name, e))?;
         Ok(y)
     }
 
@@ -174,7 +200,7 @@ impl Device {
             .arg(&dd)
             .arg(&eps);
         // SAFETY: as rms_norm, plus the bias of d values.
-        unsafe { b.launch(per_row(rows)) }.map_err(|e| launch_err(&name, e))?;
+        unsafe { b.launch(per_row(rows)?) }.map_err(|e| launch_err(&name, e))?;
         Ok(y)
     }
 
@@ -370,11 +396,7 @@ impl Device {
             b.arg(x);
         }
         b.arg(&c).arg(&scale);
-        let cfg = LaunchConfig {
-            grid_dim: (n_q.div_ceil(ATT_ROWS) as u32, heads as u32, 1),
-            block_dim: (ATT_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = flash_grid(n_q, heads)?;
         // SAFETY: shapes checked above; d <= ATT_D_MAX fits the kernel's shared tiles.
         unsafe { b.launch(cfg) }.map_err(|e| launch_err(&name, e))?;
         Ok((out, lse))
@@ -406,9 +428,8 @@ impl Device {
         }
         b.arg(&scale);
         let cfg = LaunchConfig {
-            grid_dim: (heads as u32, 1, 1),
             block_dim: (ATT_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            ..per_row(heads)?
         };
         // SAFETY: shapes checked above.
         unsafe { b.launch(cfg) }.map_err(|e| launch_err(&name, e))?;
@@ -521,7 +542,7 @@ impl Device {
         let mut b = self.stream.launch_builder(&f);
         b.arg(a).arg(&mut out).arg(&n).arg(&k);
         // SAFETY: a holds heads * nv values, out heads * 8.
-        unsafe { b.launch(per_row(heads)) }.map_err(|e| launch_err("head_stats", e))?;
+        unsafe { b.launch(per_row(heads)?) }.map_err(|e| launch_err("head_stats", e))?;
         Ok(out)
     }
 }
@@ -538,4 +559,81 @@ fn check_heads(heads: usize, kv_heads: usize, d: usize) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn elementwise_covers_n_with_at_least_one_block_and_at_most_the_cap() {
+        for (n, blocks) in [
+            (0, 1),
+            (1, 1),
+            (256, 1),
+            (257, 2),
+            (1000, 4),
+            (65_535 * 256, 65_535),
+            (usize::MAX / 2, 65_535),
+        ] {
+            let c = elementwise(n);
+            assert_eq!(c.grid_dim, (blocks, 1, 1), "n = {n}");
+            assert_eq!(c.block_dim, (THREADS, 1, 1));
+            // Grid-stride kernels cover every element when the grid is not capped.
+            if blocks < 65_535 {
+                assert!(blocks as usize * THREADS as usize >= n, "n = {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn per_row_is_one_block_a_row_and_refuses_impossible_grids() {
+        let c = per_row(7).unwrap();
+        assert_eq!((c.grid_dim, c.block_dim), ((7, 1, 1), (THREADS, 1, 1)));
+        assert_eq!(per_row(GRID_X_MAX).unwrap().grid_dim.0, i32::MAX as u32);
+        for bad in [0, GRID_X_MAX + 1, usize::MAX] {
+            let e = per_row(bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("{bad} rows")), "{e}");
+        }
+    }
+
+    #[test]
+    fn flash_grid_tiles_rows_by_16_and_puts_heads_on_y() {
+        for (n_q, heads, tiles) in [(1, 32, 1), (16, 4, 1), (17, 4, 2), (616, 32, 39)] {
+            let c = flash_grid(n_q, heads).unwrap();
+            assert_eq!(c.grid_dim, (tiles, heads as u32, 1), "{n_q} rows");
+            assert_eq!(c.block_dim, (ATT_THREADS, 1, 1));
+            assert!(tiles as usize * ATT_ROWS >= n_q);
+        }
+        for (n_q, heads) in [(0, 4), (10, 0), (10, GRID_Y_MAX + 1)] {
+            let e = flash_grid(n_q, heads).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{n_q} query rows and {heads} heads")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn check_heads_accepts_grouped_heads_up_to_the_kernel_width() {
+        for (h, kv, d) in [(32, 32, 128), (32, 8, 128), (9, 3, 64), (4, 1, 1)] {
+            assert!(check_heads(h, kv, d).is_ok(), "{h}/{kv} d{d}");
+        }
+        for (h, kv, d, want) in [
+            (4, 0, 64, "over 0 kv heads"),
+            (9, 2, 64, "9 query heads do not group over 2"),
+            (4, 4, 0, "head dimension 0"),
+            (4, 4, ATT_D_MAX + 1, "head dimension 129"),
+        ] {
+            let e = check_heads(h, kv, d).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn check_names_the_operand_and_both_counts() {
+        assert!(check("x", 12, 12).is_ok());
+        let e = check("rope x", 10, 12).unwrap_err().to_string();
+        assert!(e.contains("rope x: 10 values, expected 12"), "{e}");
+    }
 }
