@@ -168,8 +168,8 @@ impl EncoderLayer {
         let da = self.fc2.backward(p, host(&cache.act)?, dx)?;
         let pre = host(&cache.pre_act)?;
         let dpre = match c.hidden_act.as_str() {
-            "gelu" => act::gelu_backward(pre, &da),
-            _ => act::quick_gelu_backward(pre, &da),
+            "gelu" => act::gelu_backward(pre, &da)?,
+            _ => act::quick_gelu_backward(pre, &da)?,
         };
         let dxn2 = self.fc1.backward(p, host(&cache.xn2)?, &dpre)?;
         ops::add(

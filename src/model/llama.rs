@@ -196,7 +196,7 @@ impl DecoderLayer {
             c.rms_norm_eps,
         );
         let da = self.down_proj.backward(p, host(&cache.act)?, dx)?;
-        let (dgate, dup) = act::silu_mul_backward(host(&cache.gate)?, host(&cache.up)?, &da);
+        let (dgate, dup) = act::silu_mul_backward(host(&cache.gate)?, host(&cache.up)?, &da)?;
         let xn2 = host(&cache.xn2)?;
         let mut dxn2 = self.gate_proj.backward(p, xn2, &dgate)?;
         ops::add(&mut dxn2, &self.up_proj.backward(p, xn2, &dup)?);

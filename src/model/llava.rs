@@ -43,7 +43,7 @@ impl Projector {
     /// of the features.
     pub fn backward(&self, p: &mut [Param], c: &ProjectorCache, dy: &[f32]) -> Result<Vec<f32>> {
         let dg = self.linear_2.backward(p, host(&c.g)?, dy)?;
-        let dh1 = act::gelu_backward(host(&c.h1)?, &dg);
+        let dh1 = act::gelu_backward(host(&c.h1)?, &dg)?;
         self.linear_1.backward(p, host(&c.feats)?, &dh1)
     }
 }

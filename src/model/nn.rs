@@ -242,7 +242,7 @@ impl LayerNorm {
         );
         p[self.w].grad = dw;
         p[self.b].grad = db;
-        Ok(dx)
+        dx
     }
 
     /// Indices of its parameters.
@@ -275,7 +275,7 @@ impl RmsNorm {
             if dw.is_empty() { &mut tmp } else { &mut dw },
         );
         p[self.w].grad = dw;
-        Ok(dx)
+        dx
     }
 }
 

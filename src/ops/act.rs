@@ -1,5 +1,19 @@
 //! Activations.
 
+use crate::error::{Error, Result};
+
+/// Fails unless the backward's operands have one length.
+fn same_len(op: &str, lens: &[usize]) -> Result<()> {
+    match lens.iter().all(|&n| n == lens[0]) {
+        true => Ok(()),
+        false => Err(Error::Shape {
+            name: format!("{op} operands"),
+            expected: vec![lens[0]; lens.len()],
+            got: lens.to_vec(),
+        }),
+    }
+}
+
 /// SiLU-gated MLP core (LLaMA): `out = silu(gate) ⊙ up`, with `silu(x) = x·σ(x)`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     for (g, u) in gate.iter_mut().zip(up) {
@@ -28,8 +42,8 @@ fn sigmoid(x: f32) -> f32 {
 
 /// Backward of [`silu_mul`] (`out = silu(g) ⊙ u`): with `s = σ(g)`,
 /// `dgate = dy ⊙ u ⊙ s·(1 + g·(1 − s))` and `dup = dy ⊙ g·s`. Returns `(dgate, dup)`.
-pub fn silu_mul_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    assert!(gate.len() == up.len() && dy.len() == gate.len());
+pub fn silu_mul_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+    same_len("silu_mul_backward", &[gate.len(), up.len(), dy.len()])?;
     let mut dgate = Vec::with_capacity(gate.len());
     let mut dup = Vec::with_capacity(gate.len());
     for ((&g, &u), &d) in gate.iter().zip(up).zip(dy) {
@@ -37,15 +51,15 @@ pub fn silu_mul_backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec
         dgate.push(d * u * s * (1.0 + g * (1.0 - s)));
         dup.push(d * g * s);
     }
-    (dgate, dup)
+    Ok((dgate, dup))
 }
 
 /// Backward of exact [`gelu`]: `dx = dy · (Φ(x) + x·φ(x))`, `Φ(x) = (1 + erf(x/√2))/2`,
 /// `φ(x) = exp(−x²/2)/√(2π)`.
-pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
-    assert_eq!(x.len(), dy.len());
+pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
+    same_len("gelu_backward", &[x.len(), dy.len()])?;
     let inv_sqrt_2pi = 0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
-    x.iter()
+    Ok(x.iter()
         .zip(dy)
         .map(|(&x, &d)| {
             let x = x as f64;
@@ -53,19 +67,19 @@ pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
             let pdf = (-0.5 * x * x).exp() * inv_sqrt_2pi;
             d * (cdf + x * pdf) as f32
         })
-        .collect()
+        .collect())
 }
 
 /// Backward of [`quick_gelu`] (`x·σ(1.702x)`): `dx = dy · (s + 1.702·x·s·(1 − s))`, `s = σ(1.702x)`.
-pub fn quick_gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
-    assert_eq!(x.len(), dy.len());
-    x.iter()
+pub fn quick_gelu_backward(x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
+    same_len("quick_gelu_backward", &[x.len(), dy.len()])?;
+    Ok(x.iter()
         .zip(dy)
         .map(|(&x, &d)| {
             let s = sigmoid(1.702 * x);
             d * (s + 1.702 * x * s * (1.0 - s))
         })
-        .collect()
+        .collect())
 }
 
 #[cfg(test)]
@@ -103,7 +117,8 @@ mod tests {
         let mut got = x.clone();
         silu_mul(&mut got, &u);
         check("silu_mul fwd", &got, &silu64(&xd, &ud), 1e-5);
-        let (dg, du) = silu_mul_backward(&x, &u, &r);
+        let (dg, du) = silu_mul_backward(&x, &u, &r).unwrap();
+        assert!(silu_mul_backward(&x, &u[1..], &r).is_err());
         check(
             "silu_mul dgate",
             &dg,
@@ -125,14 +140,14 @@ mod tests {
         let mut got = x.clone();
         gelu(&mut got);
         check("gelu fwd", &got, &gelu64(&xd), 1e-5);
-        let dx = gelu_backward(&x, &r);
+        let dx = gelu_backward(&x, &r).unwrap();
         check("gelu dx", &dx, &fd(|x| dot(&gelu64(x), &r), &xd, h), 1e-5);
 
         let qg64 = |x: &[f64]| -> Vec<f64> { x.iter().map(|x| x * sig(1.702 * x)).collect() };
         let mut got = x.clone();
         quick_gelu(&mut got);
         check("quick_gelu fwd", &got, &qg64(&xd), 1e-5);
-        let dx = quick_gelu_backward(&x, &r);
+        let dx = quick_gelu_backward(&x, &r).unwrap();
         check(
             "quick_gelu dx",
             &dx,

@@ -55,9 +55,15 @@ pub fn layer_norm(x: &[f32], weight: &Tensor, bias: &Tensor, eps: f64) -> Result
 /// Backward of [`rms_norm`] for `x, dy: [rows, d]`, `w: [d]` (f32): with `r = 1/sqrt(mean(x²)+eps)`,
 /// `x̂ = x·r` and `g = dy ⊙ w`, returns `dx = r·(g − x̂·mean(g ⊙ x̂))` and accumulates
 /// `dw += Σ_rows dy ⊙ x̂`.
-pub fn rms_norm_backward(x: &[f32], w: &[f32], eps: f64, dy: &[f32], dw: &mut [f32]) -> Vec<f32> {
+pub fn rms_norm_backward(
+    x: &[f32],
+    w: &[f32],
+    eps: f64,
+    dy: &[f32],
+    dw: &mut [f32],
+) -> Result<Vec<f32>> {
     let d = w.len();
-    assert!(d > 0 && x.len().is_multiple_of(d) && dy.len() == x.len() && dw.len() == d);
+    check_backward("rms_norm_backward", x, d, &[dy.len()], &[dw.len()])?;
     let mut dx = vec![0.0f32; x.len()];
     for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
         let ms = x.iter().map(|v| v * v).sum::<f32>() / d as f32;
@@ -72,7 +78,29 @@ pub fn rms_norm_backward(x: &[f32], w: &[f32], eps: f64, dy: &[f32], dw: &mut [f
             dx[i] = r * (dy[i] * w[i] - x[i] * r * gx);
         }
     }
-    dx
+    Ok(dx)
+}
+
+/// Fails unless `x` is whole rows of width `d`, each of `same` has `x`'s length and each of
+/// `params` has `d` values.
+fn check_backward(op: &str, x: &[f32], d: usize, same: &[usize], params: &[usize]) -> Result<()> {
+    let ok = d > 0
+        && x.len().is_multiple_of(d)
+        && same.iter().all(|&n| n == x.len())
+        && params.iter().all(|&n| n == d);
+    match ok {
+        true => Ok(()),
+        false => Err(Error::Shape {
+            name: format!("{op} operands (x, then dy, then parameter gradients)"),
+            expected: [
+                vec![x.len()],
+                vec![x.len(); same.len()],
+                vec![d; params.len()],
+            ]
+            .concat(),
+            got: [vec![x.len()], same.to_vec(), params.to_vec()].concat(),
+        }),
+    }
 }
 
 /// Backward of [`layer_norm`] for `x, dy: [rows, d]`, `w: [d]` (f32): with `x̂ = (x − mean)·r`,
@@ -85,10 +113,15 @@ pub fn layer_norm_backward(
     dy: &[f32],
     dw: &mut [f32],
     db: &mut [f32],
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
     let d = w.len();
-    assert!(d > 0 && x.len().is_multiple_of(d) && dy.len() == x.len());
-    assert!(dw.len() == d && db.len() == d);
+    check_backward(
+        "layer_norm_backward",
+        x,
+        d,
+        &[dy.len()],
+        &[dw.len(), db.len()],
+    )?;
     let mut dx = vec![0.0f32; x.len()];
     let mut xh = vec![0.0f32; d];
     for ((dx, x), dy) in dx.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
@@ -109,7 +142,7 @@ pub fn layer_norm_backward(
             dx[i] = r * (dy[i] * w[i] - g1 - xh[i] * gx);
         }
     }
-    dx
+    Ok(dx)
 }
 
 #[cfg(test)]
@@ -166,7 +199,8 @@ mod tests {
             1e-5,
         );
         let mut dw = vec![0.0f32; d];
-        let dx = rms_norm_backward(&x, &w, eps, &r, &mut dw);
+        let dx = rms_norm_backward(&x, &w, eps, &r, &mut dw).unwrap();
+        assert!(rms_norm_backward(&x, &w, eps, &r[1..], &mut dw).is_err());
         let f = |x: &[f64], w: &[f64]| dot(&norm64(x, w, None, eps), &r);
         check("rms_norm dx", &dx, &fd(|x| f(x, &wd), &xd, h), 1e-5);
         check("rms_norm dw", &dw, &fd(|w| f(&xd, w), &wd, h), 1e-5);
@@ -179,7 +213,7 @@ mod tests {
             1e-5,
         );
         let (mut dw, mut db) = (vec![0.0f32; d], vec![0.0f32; d]);
-        let dx = layer_norm_backward(&x, &w, eps, &r, &mut dw, &mut db);
+        let dx = layer_norm_backward(&x, &w, eps, &r, &mut dw, &mut db).unwrap();
         let f = |x: &[f64], w: &[f64], b: &[f64]| dot(&norm64(x, w, Some(b), eps), &r);
         check("layer_norm dx", &dx, &fd(|x| f(x, &wd, &bd), &xd, h), 1e-5);
         check("layer_norm dw", &dw, &fd(|w| f(&xd, w, &bd), &wd, h), 1e-5);
