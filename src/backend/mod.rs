@@ -20,7 +20,7 @@ pub use cpu::Cpu;
 
 use crate::error::{Error, Result};
 use crate::ops::attention::AttnShape;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 /// Where tensors live and ops run: the CPU, or one CUDA GPU (feature `cuda`).
 #[derive(Clone)]
@@ -309,7 +309,10 @@ impl Tensor {
     /// for weights that are added to activations (position embeddings).
     pub fn activation_like(self, like: &Tensor) -> Result<Tensor> {
         match like.device() {
+            Device::Cpu if self.is_host() && self.dtype() == DType::F32 => Ok(self),
             Device::Cpu => self.to_f32(),
+            #[cfg(feature = "cuda")]
+            dev if self.device() == dev && self.dtype() == like.dtype() => Ok(self),
             #[cfg(feature = "cuda")]
             dev => self.to_dtype(like.dtype())?.to_device(&dev),
         }
@@ -324,6 +327,16 @@ impl Tensor {
     pub fn narrow_rows(&self, start: usize, len: usize) -> Result<Tensor> {
         let rows: Vec<usize> = (start..start + len).collect();
         self.gather_rows(&rows)
+    }
+
+    /// Rows `start..start + len`, borrowing the tensor itself when that is all of it (one
+    /// sequence or image of a batch of one).
+    pub fn rows_cow(&self, start: usize, len: usize) -> Result<std::borrow::Cow<'_, Tensor>> {
+        Ok(if start == 0 && len == self.rows() {
+            std::borrow::Cow::Borrowed(self)
+        } else {
+            std::borrow::Cow::Owned(self.narrow_rows(start, len)?)
+        })
     }
 
     /// [`Backend::append_rows`].

@@ -106,13 +106,11 @@ impl EncoderLayer {
         let mut outs = Vec::with_capacity(images);
         let mut probs = Vec::new();
         for i in 0..images {
-            let part = |y: &Tensor| -> Result<Tensor> {
-                match images {
-                    1 => Ok(y.clone()),
-                    _ => y.narrow_rows(i * t, t),
-                }
-            };
-            let (qi, ki, vi) = (part(&q)?, part(&k)?, part(&v)?);
+            let (qi, ki, vi) = (
+                q.rows_cow(i * t, t)?,
+                k.rows_cow(i * t, t)?,
+                v.rows_cow(i * t, t)?,
+            );
             if keep {
                 let (o, pr) =
                     attention_with_probs(host(&qi)?, host(&ki)?, host(&vi)?, attn_shape(c, t))?;

@@ -13,7 +13,6 @@ use crate::error::{Error, Result};
 use crate::ops::attention::{AttnShape, attention_backward, attention_with_probs};
 use crate::ops::{self, act, rope};
 use crate::tensor::Tensor;
-use std::borrow::Cow;
 
 /// Keys and values of one layer for one sequence, `[len, kv_heads · head_dim]` each, on the
 /// model's device.
@@ -344,12 +343,11 @@ impl Llama {
         let mut r0 = 0;
         for (seq, cache) in seqs.iter().zip(caches.iter_mut()) {
             let t = seq.positions.len();
-            let whole = seqs.len() == 1;
             let lc = &mut cache.layers[l];
-            lc.k.append_rows(&*seq_rows(&k, whole, r0, t)?)?;
-            lc.v.append_rows(&*seq_rows(&v, whole, r0, t)?)?;
+            lc.k.append_rows(&*k.rows_cow(r0, t)?)?;
+            lc.v.append_rows(&*v.rows_cow(r0, t)?)?;
             let shape = causal(c, t, lc.k.rows());
-            let (o, rows_lse) = seq_rows(&q, whole, r0, t)?.attention(&lc.k, &lc.v, shape, lse)?;
+            let (o, rows_lse) = q.rows_cow(r0, t)?.attention(&lc.k, &lc.v, shape, lse)?;
             outs.push(o);
             lses.push(rows_lse);
             r0 += t;
@@ -470,13 +468,4 @@ impl Llama {
     pub fn final_norm(&self, p: &[Param], x: &Tensor) -> Result<Tensor> {
         self.norm.forward(p, x, self.config.rms_norm_eps)
     }
-}
-
-/// Rows `r0..r0 + t` of a batched tensor: the tensor itself when the batch is one sequence.
-fn seq_rows(x: &Tensor, whole: bool, r0: usize, t: usize) -> Result<Cow<'_, Tensor>> {
-    Ok(if whole {
-        Cow::Borrowed(x)
-    } else {
-        Cow::Owned(x.narrow_rows(r0, t)?)
-    })
 }
