@@ -19,13 +19,13 @@
 
 mod common;
 
-use common::{RefTensor, ids_u32, load_ref, max_abs_diff};
+use common::{
+    RefTensor, ids_u32, load_ref, max_abs_diff, mixed_batch, pixels, plan, pruned_decode_cases,
+    stage,
+};
 use fineprune::model::template::{LLAVA_SYSTEM, PromptOptions};
 use fineprune::prune::metrics::StageReport;
-use fineprune::prune::{
-    HEAD_STRATEGIES, Keep, PrunePlan, QUERY_STRATEGIES, Stage, StrategyParams, head_strategy,
-    query_strategy,
-};
+use fineprune::prune::{HEAD_STRATEGIES, Keep, PrunePlan, QUERY_STRATEGIES};
 use fineprune::{DType, Device, Engine, Generation, ImageInput, Model, Request};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -284,26 +284,6 @@ fn smollm2_on_the_gpu_matches_hf_and_the_cpu() {
     }
 }
 
-/// The synthetic image of tests/prune_exact.rs.
-fn pixels(seed: f32) -> Option<ImageInput> {
-    Some(ImageInput::Pixels(
-        (0..3 * 30 * 30).map(|i| (i as f32 * seed).sin()).collect(),
-    ))
-}
-
-fn plan(stages: Vec<Stage>, head: &str, query: &str, renumber: bool) -> PrunePlan {
-    let p = StrategyParams::default();
-    let mut plan = PrunePlan::new(stages);
-    plan.head = head_strategy(head, &p).unwrap();
-    plan.query = query_strategy(query, &p).unwrap();
-    plan.renumber = renumber;
-    plan
-}
-
-fn stage(layer: usize, keep: Keep) -> Stage {
-    Stage { layer, keep }
-}
-
 /// Whether the GPU's stage kept the CPU's tokens: `Ok(None)` when identical, `Ok(Some(note))`
 /// when they differ only by near ties at the keep boundary (every token in one set and not
 /// the other has a CPU importance within [`TIE_REL`] of the smallest kept importance), else
@@ -432,30 +412,7 @@ fn kept(g: &Generation) -> Vec<Vec<usize>> {
 fn a_gpu_batch_with_mixed_plans_equals_one_by_one() {
     let Some(dev) = gpu() else { return };
     let e = load("llava_gqa", &dev, Some(DType::F32));
-    let mut reqs = vec![
-        Request::new("What color is the big square?", pixels(0.2)),
-        Request::new("How many circles are there in this picture?", pixels(0.9)),
-        Request::new("Is there a triangle?", pixels(1.7)),
-        Request::new("Which shape is on the left?", pixels(0.5)),
-    ];
-    reqs[0].prune = Some(PrunePlan::fastv());
-    reqs[1].prune = Some(plan(
-        vec![stage(1, Keep::Fraction(0.25))],
-        "variance",
-        "text_tokens_only",
-        false,
-    ));
-    reqs[3].prune = Some(plan(
-        vec![stage(1, Keep::Count(10)), stage(2, Keep::Count(3))],
-        "top_k_sum",
-        "last_5_tokens",
-        true,
-    ));
-    for r in &mut reqs {
-        r.max_new_tokens = 6;
-        r.stop_on_eos = false;
-        r.return_logits = true;
-    }
+    let reqs = mixed_batch();
     let batch = e.generate(&reqs).unwrap();
     for (i, (r, b)) in reqs.iter().zip(&batch).enumerate() {
         let one = e.generate(std::slice::from_ref(r)).unwrap().remove(0);
@@ -490,44 +447,7 @@ fn a_gpu_batch_with_mixed_plans_equals_one_by_one() {
 #[test]
 fn pruned_cached_decode_on_the_gpu_gives_the_cpus_tokens() {
     let Some(dev) = gpu() else { return };
-    let cases = [
-        (
-            "llava_gqa",
-            plan(
-                vec![stage(2, Keep::Fraction(0.5))],
-                "sum",
-                "last_token",
-                false,
-            ),
-        ),
-        (
-            "llava_gqa",
-            plan(
-                vec![stage(1, Keep::Fraction(0.6)), stage(2, Keep::Count(4))],
-                "variance",
-                "text_tokens_only",
-                false,
-            ),
-        ),
-        (
-            "llava_tied",
-            plan(
-                vec![stage(1, Keep::Fraction(0.25))],
-                "entropy",
-                "attention_weighted",
-                true,
-            ),
-        ),
-        (
-            "llava_tied",
-            plan(
-                vec![stage(1, Keep::Count(20)), stage(2, Keep::Fraction(0.3))],
-                "weighted_quality",
-                "weighted_recent",
-                true,
-            ),
-        ),
-    ];
+    let cases = pruned_decode_cases();
     for (i, (name, p)) in cases.into_iter().enumerate() {
         let (cpu, gpu) = (
             load(name, &Device::Cpu, None),

@@ -6,10 +6,10 @@ mod common;
 
 use common::*;
 use fineprune::model::llama::{KvCache, SeqRows};
-use fineprune::prune::query_strategy;
-use fineprune::prune::{Keep, PrunePlan, Segment, Stage};
-use fineprune::prune::{StrategyParams, head_strategy};
-use fineprune::{Engine, Generation, ImageInput, Model, Request, Tensor};
+use fineprune::prune::{
+    Keep, PrunePlan, Segment, Stage, StrategyParams, head_strategy, query_strategy,
+};
+use fineprune::{Engine, Generation, Model, Request, Tensor};
 use std::sync::Arc;
 
 /// f32 accumulation-order noise only: both sides run the same kernels on different row batches.
@@ -17,25 +17,6 @@ const TOL: f32 = 1e-5;
 
 fn engine(name: &str) -> Engine {
     Engine::new(Arc::new(Model::load(reference_dir().join(name)).unwrap()))
-}
-
-fn pixels(seed: f32) -> Option<ImageInput> {
-    Some(ImageInput::Pixels(
-        (0..3 * 30 * 30).map(|i| (i as f32 * seed).sin()).collect(),
-    ))
-}
-
-fn stage(layer: usize, keep: Keep) -> Stage {
-    Stage { layer, keep }
-}
-
-fn plan(stages: Vec<Stage>, head: &str, query: &str, renumber: bool) -> PrunePlan {
-    let p = StrategyParams::default();
-    let mut plan = PrunePlan::new(stages);
-    plan.head = head_strategy(head, &p).unwrap();
-    plan.query = query_strategy(query, &p).unwrap();
-    plan.renumber = renumber;
-    plan
 }
 
 /// Logits of the last row, recomputed from scratch without reusing any cache: layers before a
@@ -89,44 +70,7 @@ fn recompute(e: &Engine, req: &Request, g: &Generation, steps: usize, renumber: 
 
 #[test]
 fn cached_decode_equals_full_recompute_of_the_pruned_sequence() {
-    let cases = [
-        (
-            "llava_gqa",
-            plan(
-                vec![stage(2, Keep::Fraction(0.5))],
-                "sum",
-                "last_token",
-                false,
-            ),
-        ),
-        (
-            "llava_gqa",
-            plan(
-                vec![stage(1, Keep::Fraction(0.6)), stage(2, Keep::Count(4))],
-                "variance",
-                "text_tokens_only",
-                false,
-            ),
-        ),
-        (
-            "llava_tied",
-            plan(
-                vec![stage(1, Keep::Fraction(0.25))],
-                "entropy",
-                "attention_weighted",
-                true,
-            ),
-        ),
-        (
-            "llava_tied",
-            plan(
-                vec![stage(1, Keep::Count(20)), stage(2, Keep::Fraction(0.3))],
-                "weighted_quality",
-                "weighted_recent",
-                true,
-            ),
-        ),
-    ];
+    let cases = pruned_decode_cases();
     for (name, p) in cases {
         let e = engine(name);
         let renumber = p.renumber;
@@ -178,30 +122,7 @@ fn keep_all_is_identical_to_no_pruning() {
 #[test]
 fn a_batch_pruned_differently_equals_one_by_one() {
     let e = engine("llava_gqa");
-    let mut reqs = vec![
-        Request::new("What color is the big square?", pixels(0.2)),
-        Request::new("How many circles are there in this picture?", pixels(0.9)),
-        Request::new("Is there a triangle?", pixels(1.7)),
-        Request::new("Which shape is on the left?", pixels(0.5)),
-    ];
-    reqs[0].prune = Some(PrunePlan::fastv());
-    reqs[1].prune = Some(plan(
-        vec![stage(1, Keep::Fraction(0.25))],
-        "variance",
-        "text_tokens_only",
-        false,
-    ));
-    reqs[3].prune = Some(plan(
-        vec![stage(1, Keep::Count(10)), stage(2, Keep::Count(3))],
-        "top_k_sum",
-        "last_5_tokens",
-        true,
-    ));
-    for r in &mut reqs {
-        r.max_new_tokens = 6;
-        r.stop_on_eos = false;
-        r.return_logits = true;
-    }
+    let reqs = mixed_batch();
     let batch = e.generate(&reqs).unwrap();
     for (r, b) in reqs.iter().zip(&batch) {
         let one = e.generate(std::slice::from_ref(r)).unwrap().remove(0);

@@ -1,9 +1,11 @@
 //! Helpers shared by the integration tests: reading reference dumps and comparing tensors.
 #![allow(dead_code)]
 
+use fineprune::prune::{Keep, PrunePlan, Stage, StrategyParams, head_strategy, query_strategy};
 use fineprune::train::distill::{DistillConfig, DistillLosses, Distiller};
 use fineprune::train::model::{TrainModel, TrainSeq};
 use fineprune::train::optim::zero_grads;
+use fineprune::{ImageInput, Request};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -239,4 +241,98 @@ pub fn compare_grads(name: &str, m: &TrainModel, r: &HashMap<String, RefTensor>,
         worst.0,
         worst.1
     );
+}
+
+/// A synthetic 30x30 image for the pruning tests (values `sin(i · seed)`).
+pub fn pixels(seed: f32) -> Option<ImageInput> {
+    Some(ImageInput::Pixels(
+        (0..3 * 30 * 30).map(|i| (i as f32 * seed).sin()).collect(),
+    ))
+}
+
+pub fn stage(layer: usize, keep: Keep) -> Stage {
+    Stage { layer, keep }
+}
+
+/// A plan of `stages` with the named head and query strategies (default parameters).
+pub fn plan(stages: Vec<Stage>, head: &str, query: &str, renumber: bool) -> PrunePlan {
+    let p = StrategyParams::default();
+    let mut plan = PrunePlan::new(stages);
+    plan.head = head_strategy(head, &p).unwrap();
+    plan.query = query_strategy(query, &p).unwrap();
+    plan.renumber = renumber;
+    plan
+}
+
+/// The pruned cached-decode cases (fixture, plan): one and two stages, kept and renumbered
+/// positions, four head and four query strategies.
+pub fn pruned_decode_cases() -> Vec<(&'static str, PrunePlan)> {
+    vec![
+        (
+            "llava_gqa",
+            plan(
+                vec![stage(2, Keep::Fraction(0.5))],
+                "sum",
+                "last_token",
+                false,
+            ),
+        ),
+        (
+            "llava_gqa",
+            plan(
+                vec![stage(1, Keep::Fraction(0.6)), stage(2, Keep::Count(4))],
+                "variance",
+                "text_tokens_only",
+                false,
+            ),
+        ),
+        (
+            "llava_tied",
+            plan(
+                vec![stage(1, Keep::Fraction(0.25))],
+                "entropy",
+                "attention_weighted",
+                true,
+            ),
+        ),
+        (
+            "llava_tied",
+            plan(
+                vec![stage(1, Keep::Count(20)), stage(2, Keep::Fraction(0.3))],
+                "weighted_quality",
+                "weighted_recent",
+                true,
+            ),
+        ),
+    ]
+}
+
+/// Four requests pruned differently (FastV, variance/text_tokens_only, none, two stages of
+/// top_k_sum/last_5_tokens renumbered), 6 greedy tokens each with their logits.
+pub fn mixed_batch() -> Vec<Request> {
+    let mut reqs = vec![
+        Request::new("What color is the big square?", pixels(0.2)),
+        Request::new("How many circles are there in this picture?", pixels(0.9)),
+        Request::new("Is there a triangle?", pixels(1.7)),
+        Request::new("Which shape is on the left?", pixels(0.5)),
+    ];
+    reqs[0].prune = Some(PrunePlan::fastv());
+    reqs[1].prune = Some(plan(
+        vec![stage(1, Keep::Fraction(0.25))],
+        "variance",
+        "text_tokens_only",
+        false,
+    ));
+    reqs[3].prune = Some(plan(
+        vec![stage(1, Keep::Count(10)), stage(2, Keep::Count(3))],
+        "top_k_sum",
+        "last_5_tokens",
+        true,
+    ));
+    for r in &mut reqs {
+        r.max_new_tokens = 6;
+        r.stop_on_eos = false;
+        r.return_logits = true;
+    }
+    reqs
 }
