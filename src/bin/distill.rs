@@ -782,7 +782,7 @@ fn main() -> ExitCode {
                 probe,
                 shapes,
             };
-            let bar = progress_bar(steps, !quiet);
+            let bar = progress_bar(steps, !quiet, "steps");
             let s = pretrain_vision(&model, &out, &cfg, &|step, loss| {
                 bar.set_position(step);
                 bar.set_message(format!("loss {loss:.4}"));

@@ -40,19 +40,21 @@ pub mod teacher_cache;
 pub mod tokenizer_train;
 pub mod vision_pretrain;
 
-/// A step counter on stderr (hidden unless `show`): elapsed time, bar, step, message, eta.
-pub fn progress_bar(steps: u64, show: bool) -> indicatif::ProgressBar {
+/// A counter of `len` `unit`s (steps, answers) on stderr, hidden unless `show`: elapsed time,
+/// bar, count, message, eta.
+pub fn progress_bar(len: u64, show: bool, unit: &str) -> indicatif::ProgressBar {
     let bar = if show {
-        indicatif::ProgressBar::new(steps)
+        indicatif::ProgressBar::new(len)
     } else {
         indicatif::ProgressBar::hidden()
     };
+    let template = format!(
+        "{{prefix}} {{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit} {{msg}} (eta {{eta}})"
+    );
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix} {elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
     );
     bar
 }

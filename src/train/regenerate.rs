@@ -185,7 +185,7 @@ pub fn regenerate(
     };
 
     let total: usize = convs.iter().map(|c| c.turns.len()).sum();
-    let bar = progress_bar(total as u64, opts.progress);
+    let bar = super::progress_bar(total as u64, opts.progress, "answers");
     let mut new_answers: Vec<Vec<String>> = vec![Vec::new(); convs.len()];
     let (mut changed, mut truncated, mut done) = (0usize, 0usize, 0usize);
     for start in (0..convs.len()).step_by(opts.batch_size) {
@@ -359,22 +359,6 @@ fn same_path(a: &Path, b: &Path) -> bool {
         (Some(x), Some(y)) => x == y,
         _ => a == b,
     }
-}
-
-fn progress_bar(len: u64, show: bool) -> indicatif::ProgressBar {
-    let bar = if show {
-        indicatif::ProgressBar::new(len)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} answers {msg} (eta {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar
 }
 
 /// A json value whose objects keep their keys in file order (serde_json's `Value` sorts them), so

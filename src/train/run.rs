@@ -1161,7 +1161,7 @@ fn pretrain_new_vision(cfg: &TrainConfig, texts: &[&Path], opts: &TrainOptions) 
         shapes: cfg.shapes_settings()?,
         ..pv.clone()
     };
-    let bar = progress_bar(pv.steps, opts.progress);
+    let bar = progress_bar(pv.steps, opts.progress, "steps");
     bar.set_prefix("vision pretraining");
     let s = pretrain_vision(&base, &out, &pv, &|step, loss| {
         bar.set_position(step);
@@ -1317,7 +1317,7 @@ fn run(cfg: &TrainConfig, opts: &TrainOptions, texts: &[&Path]) -> Result<TrainS
         .unwrap_or(cfg.steps)
         .min(cfg.steps)
         .max(start);
-    let bar = progress_bar(end - start, opts.progress);
+    let bar = progress_bar(end - start, opts.progress, "steps");
 
     let t0 = Instant::now();
     let mut run_tokens = 0u64;

@@ -377,7 +377,7 @@ pub fn write_cache(
         name.to_string_lossy(),
         std::process::id()
     ));
-    let bar = progress_bar(n as u64, progress);
+    let bar = progress_bar(n as u64, progress, "samples");
     bar.set_prefix("teacher cache");
     let res = (|| -> Result<(Vec<u64>, u64)> {
         let io = |e: std::io::Error| Error::io(&tmp, e);
