@@ -17,6 +17,7 @@
 //! ```
 
 pub mod backend;
+#[cfg(feature = "bench")]
 pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -27,6 +28,7 @@ pub mod model;
 pub mod ops;
 pub mod prune;
 pub mod tensor;
+#[cfg(feature = "train")]
 pub mod train;
 
 pub use engine::{Engine, Generation, ImageInput, Request, Sampling, StopReason};
