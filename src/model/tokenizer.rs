@@ -9,6 +9,63 @@ pub struct Tokenizer {
     source: PathBuf,
 }
 
+/// Incremental detokenisation for streaming: ids go in one at a time, text comes out as soon as it
+/// is whole, never a split UTF-8 character (byte-level and byte-fallback vocabularies spread
+/// one character over several tokens; their prefix decodes to U+FFFD until it is complete).
+/// The concatenated deltas equal [`Tokenizer::decode`] of all the ids. Only a window of recent
+/// ids is decoded per step (TGI's prefix/read offsets), so a long answer costs O(tokens), not
+/// O(tokens²).
+pub struct StreamDecoder<'t> {
+    tokenizer: &'t Tokenizer,
+    skip_special_tokens: bool,
+    ids: Vec<u32>,
+    /// `ids[prefix..read]` is text already emitted, kept as context so the next decode sees the
+    /// word boundary it continues; `ids[read..]` is not emitted yet.
+    prefix: usize,
+    read: usize,
+}
+
+impl<'t> StreamDecoder<'t> {
+    /// A decoder for one answer.
+    pub fn new(tokenizer: &'t Tokenizer, skip_special_tokens: bool) -> Self {
+        StreamDecoder {
+            tokenizer,
+            skip_special_tokens,
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+        }
+    }
+
+    /// Adds token `id`; returns the text it completes (empty while a character is unfinished).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let t = self.tokenizer;
+        let before = t.decode(&self.ids[self.prefix..self.read], self.skip_special_tokens)?;
+        let now = t.decode(&self.ids[self.prefix..], self.skip_special_tokens)?;
+        match now.get(before.len()..) {
+            Some(delta) if !delta.is_empty() && !now.ends_with('\u{FFFD}') => {
+                let delta = delta.to_string();
+                self.prefix = self.read;
+                self.read = self.ids.len();
+                Ok(delta)
+            }
+            _ => Ok(String::new()),
+        }
+    }
+
+    /// The text still held back at the end (an unfinished character, as the tokenizer decodes
+    /// it); the decoder is empty afterwards.
+    pub fn finish(&mut self) -> Result<String> {
+        let t = self.tokenizer;
+        let before = t.decode(&self.ids[self.prefix..self.read], self.skip_special_tokens)?;
+        let now = t.decode(&self.ids[self.prefix..], self.skip_special_tokens)?;
+        self.ids.clear();
+        (self.prefix, self.read) = (0, 0);
+        Ok(now.get(before.len()..).unwrap_or_default().to_string())
+    }
+}
+
 /// Token ids with the byte span of the input text each one came from.
 pub struct Encoding {
     pub ids: Vec<u32>,
@@ -120,6 +177,35 @@ fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Streamed deltas concatenate to the whole decode and never hold a replacement character,
+    /// on SmolLM2's byte-level BPE (accents, CJK and an emoji span several tokens each) and on
+    /// the fixtures' SentencePiece vocabulary.
+    #[test]
+    fn streaming_never_splits_a_character() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference");
+        let text = "Déjà vu: 東京 🐈‍⬛ costs 3 € — naïve café.";
+        for file in ["smollm2_tokenizer.json", "llava_gqa/tokenizer.json"] {
+            let t = Tokenizer::from_file(&dir.join(file)).unwrap();
+            let ids = t.encode(text, false).unwrap().ids;
+            let whole = t.decode(&ids, true).unwrap();
+            let mut s = StreamDecoder::new(&t, true);
+            let mut streamed = String::new();
+            let mut held = 0;
+            for &id in &ids {
+                let d = s.push(id).unwrap();
+                assert!(
+                    !d.contains('\u{FFFD}'),
+                    "{file}: a split character in {d:?}"
+                );
+                held += usize::from(d.is_empty());
+                streamed.push_str(&d);
+            }
+            streamed.push_str(&s.finish().unwrap());
+            assert_eq!(streamed, whole, "{file}");
+            println!("{file}: {} tokens, {held} held back", ids.len());
+        }
+    }
 
     /// A tokenizer.json cut inside its `decoder` object (an interrupted download), or with a
     /// number there out of f64's range, made the tokenizers crate panic; it is an error naming
