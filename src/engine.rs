@@ -204,26 +204,46 @@ impl Engine {
     /// Runs the prompts of `prepared` through the LM together (rows batched), pruning each one by
     /// its plan, filling `caches`. Returns the final hidden states of every row that reached the
     /// last layer (`[rows, hidden]`, before the final norm) and each sequence's state.
-    fn prefill<'p>(
+    fn prefill(
         &self,
         prepared: &[Prepared],
-        plans: &[Option<&'p PrunePlan>],
+        plans: &[Option<&PrunePlan>],
         caches: &mut [KvCache],
-    ) -> Result<(Tensor, Vec<SeqState<'p>>)> {
+    ) -> Result<(Tensor, Vec<SeqState>)> {
         let lm = &self.model.lm;
-        let c = &lm.config;
-        let h = c.hidden_size;
         let mut states = prepared
             .iter()
             .zip(plans)
-            .map(|(p, plan)| SeqState::new(&p.prompt, *plan, lm.num_layers()))
+            .enumerate()
+            .map(|(i, (p, plan))| SeqState::new(i as u64, &p.prompt, *plan, lm.num_layers()))
             .collect::<Result<Vec<_>>>()?;
-        let mut x = match prepared {
+        let x = match prepared {
             [one] => one.embeds.clone(),
             _ => Tensor::cat_rows(&prepared.iter().map(|p| &p.embeds).collect::<Vec<_>>())?,
         };
+        let x = self.forward(
+            x,
+            &mut states.iter_mut().collect::<Vec<_>>(),
+            &mut caches.iter_mut().collect::<Vec<_>>(),
+        )?;
+        Ok((x, states))
+    }
+
+    /// One forward of a ragged batch through every decoder layer: each sequence either prefills
+    /// (all its prompt rows, image tokens pruned by its plan) or decodes (its one new token), its
+    /// rows in `x` in order, appending to its cache. Returns the rows that reached the last layer
+    /// (before the final norm); the prefilling sequences' statistics are filled in.
+    fn forward(
+        &self,
+        mut x: Tensor,
+        states: &mut [&mut SeqState],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let lm = &self.model.lm;
+        let c = &lm.config;
+        let h = c.hidden_size;
         for l in 0..lm.num_layers() {
-            for st in &mut states {
+            for st in states.iter_mut().filter(|st| st.decoding.is_none()) {
                 st.record_layer();
             }
             let prunes = states.iter().any(|st| st.stage_at(l + 1).is_some());
@@ -231,15 +251,15 @@ impl Engine {
             let seqs: Vec<SeqRows> = states
                 .iter()
                 .map(|st| SeqRows {
-                    positions: st.positions.clone(),
+                    positions: st.layer_positions(l),
                 })
                 .collect();
-            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().map(|c| &mut **c).collect();
             let lses = lm.layer_forward(&self.model.params, l, &mut x, &seqs, &mut refs, prunes)?;
             x.check_finite(|row| {
                 format!(
-                    "the output of decoder layer {l} (prefill, {})",
-                    row_origin(&states, row)
+                    "the output of decoder layer {l} ({})",
+                    row_origin(states, row)
                 )
             })?;
             let Some(x_in) = x_in else { continue };
@@ -248,13 +268,14 @@ impl Engine {
             let mut next: Vec<usize> = Vec::with_capacity(x.rows());
             let mut r0 = 0;
             for ((st, cache), lse) in states.iter_mut().zip(caches.iter()).zip(&lses) {
-                let n = st.positions.len();
+                let n = st.rows();
                 let rows = r0..r0 + n;
                 r0 += n;
                 let Some((keep, plan)) = st.stage_at(l + 1) else {
                     next.extend(rows);
                     continue;
                 };
+                let plan = &plan;
                 let (q_rows, image_cols) = plan.targets(&st.segments);
                 let t_rank = Instant::now();
                 let x_sel =
@@ -308,7 +329,7 @@ impl Engine {
             x = x.gather_rows(&next)?;
         }
         let v = self.model.vision.as_ref();
-        for (st, p) in states.iter_mut().zip(prepared) {
+        for st in states.iter_mut().filter(|st| st.decoding.is_none()) {
             let image_tokens = st.stats.image_tokens_per_layer[0];
             let vision = match v {
                 Some(v) if image_tokens > 0 => v.flops(),
@@ -323,9 +344,8 @@ impl Engine {
                     .sum::<f64>();
             st.stats.decode_flops =
                 head + ns.iter().map(|&n| lm_layer_flops(c, 1, n + 1)).sum::<f64>();
-            debug_assert_eq!(p.prompt.ids.len(), st.prompt_len);
         }
-        Ok((x, states))
+        Ok(x)
     }
 
     /// Runs the prefill of already prepared inputs (your own ids, segments and embeddings), each
@@ -369,140 +389,247 @@ impl Engine {
         })
     }
 
-    /// Generates for a batch of requests; prefill and each decode step run the batch together,
-    /// each request pruned by its own plan.
+    /// Generates for a batch of requests: [`Engine::batch`] with every request added before the
+    /// first step, stepped until all are done, so the prefill and each decode step run the
+    /// requests together, each pruned by its own plan. Every request is checked before any runs.
     pub fn generate(&self, reqs: &[Request]) -> Result<Vec<Generation>> {
         for (i, r) in reqs.iter().enumerate() {
-            let s = r.sampling;
-            if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
-                return Err(Error::arg(
-                    "temperature",
-                    format!("request {i}: must be >= 0, got {}", s.temperature),
-                ));
-            }
-            if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-                return Err(Error::arg(
-                    "top_p",
-                    format!("request {i}: must be in (0, 1], got {}", s.top_p),
-                ));
-            }
-        }
-        let lm = &self.model.lm;
-        let vocab = lm.config.vocab_size;
-        let ctx = lm.config.max_position_embeddings;
-        let eos = &lm.config.eos_token_ids;
-        let prepared = reqs
-            .iter()
-            .map(|r| self.prepare(r))
-            .collect::<Result<Vec<_>>>()?;
-        let plans: Vec<Option<&PrunePlan>> = reqs.iter().map(|r| r.prune.as_ref()).collect();
-        let t0 = Instant::now();
-        let mut caches: Vec<KvCache> = reqs.iter().map(|_| KvCache::new(lm.num_layers())).collect();
-        let (x, states) = self.prefill(&prepared, &plans, &mut caches)?;
-        let mut last = Vec::with_capacity(reqs.len());
-        let mut end = 0;
-        for st in &states {
-            end += st.positions.len();
-            last.push(end - 1);
-        }
-        let p = &self.model.params;
-        let mut logits = lm.logits(p, &x.gather_rows(&last)?)?.to_vec_f32()?;
-        check_finite(&logits, vocab, |r| {
-            format!("the logits after the prompt of request {r}")
-        })?;
-        let prefill_secs = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let mut rngs: Vec<StdRng> = reqs
-            .iter()
-            .map(|r| StdRng::seed_from_u64(r.sampling.seed))
-            .collect();
-        let mut out: Vec<Vec<u32>> = vec![vec![]; reqs.len()];
-        let mut step_logits: Vec<Vec<Vec<f32>>> = vec![vec![]; reqs.len()];
-        let mut stop: Vec<Option<StopReason>> = vec![None; reqs.len()];
-        let mut active: Vec<usize> = (0..reqs.len()).collect();
-        loop {
-            // Sample one token for every active sequence from its row of `logits`.
-            for (row, &i) in active.iter().enumerate() {
-                let r = &reqs[i];
-                if r.max_new_tokens == 0 {
-                    stop[i] = Some(StopReason::MaxTokens);
-                    continue;
-                }
-                let row_logits = &logits[row * vocab..(row + 1) * vocab];
-                if r.return_logits {
-                    step_logits[i].push(row_logits.to_vec());
-                }
-                let tok = sample(row_logits, &r.sampling, &mut rngs[i]);
-                out[i].push(tok);
-                let pos = states[i].prompt_len + out[i].len();
-                stop[i] = if r.stop_on_eos && eos.contains(&tok) {
-                    Some(StopReason::Eos)
-                } else if out[i].len() >= r.max_new_tokens {
-                    Some(StopReason::MaxTokens)
-                } else if pos >= ctx {
-                    Some(StopReason::Context)
-                } else {
-                    None
-                };
-            }
-            active.retain(|&i| stop[i].is_none());
-            if active.is_empty() {
-                break;
-            }
-            let ids: Vec<u32> = active
-                .iter()
-                .map(|&i| *out[i].last().unwrap_or(&0))
-                .collect();
-            let mut x = lm.embed(p, &ids)?;
-            let mut refs: Vec<&mut KvCache> = caches
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| stop[*i].is_none())
-                .map(|(_, c)| c)
-                .collect();
-            for l in 0..lm.num_layers() {
-                let seqs: Vec<SeqRows> = active
-                    .iter()
-                    .map(|&i| SeqRows {
-                        positions: vec![states[i].decode_position(l, out[i].len() - 1)],
-                    })
-                    .collect();
-                lm.layer_forward(p, l, &mut x, &seqs, &mut refs, false)?;
-                x.check_finite(|r| {
-                    format!(
-                        "the output of decoder layer {l} (request {}, generated token {})",
-                        active[r],
-                        out[active[r]].len()
-                    )
-                })?;
-            }
-            logits = lm.logits(p, &x)?.to_vec_f32()?;
-            check_finite(&logits, vocab, |r| {
-                format!(
-                    "the logits of request {} after generated token {}",
-                    active[r],
-                    out[active[r]].len()
-                )
+            check_sampling(&r.sampling).map_err(|e| match e {
+                Error::Arg { name, msg } => Error::arg(name, format!("request {i}: {msg}")),
+                e => e,
             })?;
         }
-        let decode_secs = t1.elapsed().as_secs_f64();
-        prepared
-            .into_iter()
-            .zip(out)
-            .zip(stop)
-            .zip(states)
-            .zip(step_logits)
-            .map(|((((p, tokens), stop), st), step_logits)| {
-                Ok(Generation {
-                    text: self.model.tokenizer.decode(&tokens, true)?,
-                    prompt: p.prompt,
-                    tokens,
-                    stop: stop.unwrap_or(StopReason::MaxTokens),
-                    stats: st.stats,
-                    step_logits,
-                    prefill_secs,
-                    decode_secs,
+        let mut batch = self.batch();
+        for r in reqs {
+            batch.add(r.clone())?;
+        }
+        while !batch.is_idle() {
+            batch.step()?;
+        }
+        let mut done = batch.take_finished()?;
+        done.sort_by_key(|(id, _)| *id);
+        Ok(done.into_iter().map(|(_, g)| g).collect())
+    }
+
+    /// An empty continuous batch over this engine ([`Batch`]).
+    pub fn batch(&self) -> Batch {
+        Batch {
+            engine: self.clone(),
+            next_id: 0,
+            waiting: Vec::new(),
+            running: Vec::new(),
+            finished: Vec::new(),
+        }
+    }
+}
+
+/// Fails unless `temperature >= 0` (finite) and `top_p` is in (0, 1].
+fn check_sampling(s: &Sampling) -> Result<()> {
+    if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
+        return Err(Error::arg(
+            "temperature",
+            format!("must be >= 0, got {}", s.temperature),
+        ));
+    }
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        return Err(Error::arg(
+            "top_p",
+            format!("must be in (0, 1], got {}", s.top_p),
+        ));
+    }
+    Ok(())
+}
+
+/// A continuous batch, the step-level engine: requests join ([`Batch::add`]) and leave (when
+/// they stop, or [`Batch::cancel`]) between steps, and each [`Batch::step`] prefills the newly
+/// added requests and decodes one token for every running one, as one ragged batch through the
+/// model, each request pruned by its own plan. It owns the requests' KV caches.
+pub struct Batch {
+    engine: Engine,
+    next_id: u64,
+    waiting: Vec<Slot>,
+    running: Vec<Slot>,
+    finished: Vec<Slot>,
+}
+
+/// One request of a [`Batch`].
+struct Slot {
+    id: u64,
+    req: Request,
+    prompt: Prompt,
+    /// The prompt's input embeddings, until it is prefilled.
+    embeds: Option<Tensor>,
+    state: SeqState,
+    cache: KvCache,
+    rng: StdRng,
+    tokens: Vec<u32>,
+    step_logits: Vec<Vec<f32>>,
+    stop: Option<StopReason>,
+    prefill_secs: f64,
+    decode_secs: f64,
+}
+
+impl Batch {
+    /// Checks and prepares `req` (sampling, prompt, image, prune plan: an error here is the
+    /// request's own, and nothing of it runs) and queues it for the next step; returns its id.
+    pub fn add(&mut self, req: Request) -> Result<u64> {
+        check_sampling(&req.sampling)?;
+        let layers = self.engine.model.lm.num_layers();
+        let prepared = self.engine.prepare(&req)?;
+        let id = self.next_id;
+        let state = SeqState::new(id, &prepared.prompt, req.prune.as_ref(), layers)?;
+        self.next_id += 1;
+        self.waiting.push(Slot {
+            id,
+            rng: StdRng::seed_from_u64(req.sampling.seed),
+            req,
+            prompt: prepared.prompt,
+            embeds: Some(prepared.embeds),
+            state,
+            cache: KvCache::new(layers),
+            tokens: Vec::new(),
+            step_logits: Vec::new(),
+            stop: None,
+            prefill_secs: 0.0,
+            decode_secs: 0.0,
+        });
+        Ok(id)
+    }
+
+    /// Whether no request waits or runs.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Cancels request `id` if it waits or runs: it leaves the batch and its KV cache is freed at
+    /// once. Returns whether it was there.
+    pub fn cancel(&mut self, id: u64) -> bool {
+        let before = self.waiting.len() + self.running.len();
+        self.waiting.retain(|s| s.id != id);
+        self.running.retain(|s| s.id != id);
+        before != self.waiting.len() + self.running.len()
+    }
+
+    /// Bytes of KV cache the batch holds (pruned caches count at their smaller size).
+    pub fn kv_bytes(&self) -> usize {
+        self.running.iter().map(|s| s.cache.nbytes()).sum()
+    }
+
+    /// One step: prefills every waiting request and decodes one token for every running one, in
+    /// one forward, then samples each one's next token. Returns `(id, token)` for each request
+    /// that got one; requests that stopped move to [`Batch::take_finished`].
+    pub fn step(&mut self) -> Result<Vec<(u64, u32)>> {
+        if self.is_idle() {
+            return Ok(Vec::new());
+        }
+        let t0 = Instant::now();
+        let mut admitted = std::mem::take(&mut self.waiting);
+        let model = &*self.engine.model;
+        let (lm, p) = (&model.lm, &model.params);
+        // Rows: the running requests' last tokens, then the admitted prompts.
+        let last: Vec<u32> = self
+            .running
+            .iter()
+            .map(|s| s.tokens.last().copied().unwrap_or(0))
+            .collect();
+        let mut parts = Vec::with_capacity(admitted.len() + 1);
+        if !last.is_empty() {
+            parts.push(lm.embed(p, &last)?);
+        }
+        parts.extend(admitted.iter_mut().filter_map(|s| s.embeds.take()));
+        let x = match parts.len() {
+            1 => parts.swap_remove(0),
+            _ => Tensor::cat_rows(&parts.iter().collect::<Vec<_>>())?,
+        };
+        let mut slots: Vec<&mut Slot> =
+            self.running.iter_mut().chain(admitted.iter_mut()).collect();
+        let (x, ends) = {
+            let (mut states, mut caches): (Vec<&mut SeqState>, Vec<&mut KvCache>) = slots
+                .iter_mut()
+                .map(|s| (&mut s.state, &mut s.cache))
+                .unzip();
+            let x = self.engine.forward(x, &mut states, &mut caches)?;
+            let mut end = 0;
+            let ends: Vec<usize> = states
+                .iter()
+                .map(|st| {
+                    end += st.rows();
+                    end - 1
                 })
+                .collect();
+            (x, ends)
+        };
+        let vocab = lm.config.vocab_size;
+        let logits = lm.logits(p, &x.gather_rows(&ends)?)?.to_vec_f32()?;
+        check_finite(&logits, vocab, |r| {
+            format!(
+                "the logits of request {} after {} generated tokens",
+                slots[r].id,
+                slots[r].tokens.len()
+            )
+        })?;
+        let secs = t0.elapsed().as_secs_f64();
+        let (ctx, eos) = (lm.config.max_position_embeddings, &lm.config.eos_token_ids);
+        let mut new = Vec::with_capacity(slots.len());
+        for (row, s) in slots.iter_mut().enumerate() {
+            match s.state.decoding {
+                None => s.prefill_secs = secs,
+                Some(_) => s.decode_secs += secs,
+            }
+            if s.req.max_new_tokens == 0 {
+                s.stop = Some(StopReason::MaxTokens);
+                continue;
+            }
+            let row_logits = &logits[row * vocab..(row + 1) * vocab];
+            if s.req.return_logits {
+                s.step_logits.push(row_logits.to_vec());
+            }
+            let tok = sample(row_logits, &s.req.sampling, &mut s.rng);
+            s.tokens.push(tok);
+            let pos = s.state.prompt_len + s.tokens.len();
+            s.stop = if s.req.stop_on_eos && eos.contains(&tok) {
+                Some(StopReason::Eos)
+            } else if s.tokens.len() >= s.req.max_new_tokens {
+                Some(StopReason::MaxTokens)
+            } else if pos >= ctx {
+                Some(StopReason::Context)
+            } else {
+                None
+            };
+            s.state.decoding = Some(s.tokens.len() - 1);
+            new.push((s.id, tok));
+        }
+        let all = std::mem::take(&mut self.running)
+            .into_iter()
+            .chain(admitted);
+        for s in all {
+            match s.stop {
+                Some(_) => self.finished.push(s),
+                None => self.running.push(s),
+            }
+        }
+        Ok(new)
+    }
+
+    /// The requests that ended since the last call, with their generations (KV caches freed).
+    pub fn take_finished(&mut self) -> Result<Vec<(u64, Generation)>> {
+        let tokenizer = &self.engine.model.tokenizer;
+        std::mem::take(&mut self.finished)
+            .into_iter()
+            .map(|s| {
+                Ok((
+                    s.id,
+                    Generation {
+                        text: tokenizer.decode(&s.tokens, true)?,
+                        prompt: s.prompt,
+                        tokens: s.tokens,
+                        stop: s.stop.unwrap_or(StopReason::MaxTokens),
+                        stats: s.state.stats,
+                        step_logits: s.step_logits,
+                        prefill_secs: s.prefill_secs,
+                        decode_secs: s.decode_secs,
+                    },
+                ))
             })
             .collect()
     }
@@ -535,19 +662,25 @@ fn lse_rows(lse: &[f32], heads: usize, n: usize, rows: &[usize]) -> Result<Vec<f
 }
 
 /// "request i, prompt position p" of row `row` of the prefill's concatenated rows.
-fn row_origin(states: &[SeqState], mut row: usize) -> String {
-    for (i, st) in states.iter().enumerate() {
-        if row < st.orig.len() {
-            return format!("request {i}, prompt position {}", st.orig[row]);
+fn row_origin(states: &[&mut SeqState], mut row: usize) -> String {
+    for st in states {
+        let i = st.request;
+        if row < st.rows() {
+            return match st.decoding {
+                Some(k) => format!("request {i}, generated token {k}"),
+                None => format!("request {i}, prompt position {}", st.orig[row]),
+            };
         }
-        row -= st.orig.len();
+        row -= st.rows();
     }
     format!("row {row} past the batch")
 }
 
-/// One sequence's view of the prefill: which prompt positions are still present, their RoPE ids
-/// and segments, and the pruning done so far.
-struct SeqState<'p> {
+/// One sequence's view of the forward: which prompt positions are still present, their RoPE ids
+/// and segments, the pruning done so far, and whether it is prefilling or decoding.
+struct SeqState {
+    /// The request's number (its index in a `generate` call, its id in a [`Batch`]), for messages.
+    request: u64,
     prompt_len: usize,
     /// Prompt position of each current row.
     orig: Vec<usize>,
@@ -556,7 +689,9 @@ struct SeqState<'p> {
     segments: Vec<Segment>,
     /// For each current row that is an image token, its index among the prompt's image tokens.
     image_index: Vec<Option<usize>>,
-    plan: Option<&'p PrunePlan>,
+    plan: Option<PrunePlan>,
+    /// `Some(k)` once prefilled: the next forward decodes generated token `k` (its one row).
+    decoding: Option<usize>,
     /// Kept count of each stage of `plan`.
     keep: Vec<usize>,
     /// `(layer, rows removed)` of the stages done, for renumbered decode positions.
@@ -565,8 +700,13 @@ struct SeqState<'p> {
     stats: RunStats,
 }
 
-impl<'p> SeqState<'p> {
-    fn new(prompt: &Prompt, plan: Option<&'p PrunePlan>, num_layers: usize) -> Result<Self> {
+impl SeqState {
+    fn new(
+        request: u64,
+        prompt: &Prompt,
+        plan: Option<&PrunePlan>,
+        num_layers: usize,
+    ) -> Result<Self> {
         let n = prompt.ids.len();
         let mut next_image = 0;
         let image_index = prompt
@@ -584,12 +724,14 @@ impl<'p> SeqState<'p> {
             None => vec![],
         };
         Ok(SeqState {
+            request,
             prompt_len: n,
             orig: (0..n).collect(),
             positions: (0..n).collect(),
             segments: prompt.segments.clone(),
             image_index,
-            plan,
+            plan: plan.cloned(),
+            decoding: None,
             keep,
             removed: vec![],
             renumber: plan.is_some_and(|p| p.renumber),
@@ -597,11 +739,27 @@ impl<'p> SeqState<'p> {
         })
     }
 
-    /// The kept count and plan of a stage whose first pruned layer is `layer`.
-    fn stage_at(&self, layer: usize) -> Option<(usize, &'p PrunePlan)> {
-        let plan = self.plan?;
+    /// The kept count and plan of a stage whose first pruned layer is `layer` (while prefilling).
+    fn stage_at(&self, layer: usize) -> Option<(usize, PrunePlan)> {
+        let plan = self.plan.as_ref().filter(|_| self.decoding.is_none())?;
         let i = plan.stages.iter().position(|s| s.layer == layer)?;
-        Some((self.keep[i], plan))
+        Some((self.keep[i], plan.clone()))
+    }
+
+    /// Rows the sequence has in the next forward: its prompt rows, or its one decoded token.
+    fn rows(&self) -> usize {
+        match self.decoding {
+            Some(_) => 1,
+            None => self.positions.len(),
+        }
+    }
+
+    /// RoPE positions of its rows in layer `l`.
+    fn layer_positions(&self, l: usize) -> Vec<usize> {
+        match self.decoding {
+            Some(k) => vec![self.decode_position(l, k)],
+            None => self.positions.clone(),
+        }
     }
 
     /// Notes the token counts the next layer runs on.
