@@ -419,6 +419,7 @@ impl Engine {
             waiting: Vec::new(),
             running: Vec::new(),
             finished: Vec::new(),
+            budget: Budget::default(),
         }
     }
 }
@@ -450,6 +451,28 @@ pub struct Batch {
     waiting: Vec<Slot>,
     running: Vec<Slot>,
     finished: Vec<Slot>,
+    budget: Budget,
+}
+
+/// What one [`Batch::step`] may take on: waiting requests are admitted in arrival order while
+/// the step's rows (one per running request, every prompt row of those admitted) stay within
+/// `step_tokens` and the KV caches, the running ones' plus each admitted one's worst case (its
+/// prompt, pruned as its plan prunes, and `max_new_tokens` more), within `kv_bytes`. A request
+/// that does not fit waits; one that could never fit runs when the batch is otherwise empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub step_tokens: usize,
+    pub kv_bytes: usize,
+}
+
+impl Default for Budget {
+    /// No limit.
+    fn default() -> Self {
+        Budget {
+            step_tokens: usize::MAX,
+            kv_bytes: usize::MAX,
+        }
+    }
 }
 
 /// One request of a [`Batch`].
@@ -496,6 +519,45 @@ impl Batch {
         Ok(id)
     }
 
+    /// Sets the admission limits of the following steps.
+    pub fn set_budget(&mut self, budget: Budget) {
+        self.budget = budget;
+    }
+
+    /// Requests waiting for admission.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// The waiting requests the budget admits now, taken from the front of the queue.
+    fn admit(&mut self) -> Vec<Slot> {
+        let m = &self.engine.model;
+        let (layers, kv_width) = (m.lm.num_layers(), m.lm.kv_width());
+        // The KV cache holds activations: f32 on the CPU, the compute dtype on a GPU.
+        let elem = match m.device().is_cpu() {
+            true => 4,
+            false => m.params.first().map_or(4, |p| p.value.dtype().size()),
+        };
+        let worst = |s: &Slot| {
+            let rows: usize = (0..layers)
+                .map(|l| s.state.rows_at(l) + s.req.max_new_tokens)
+                .sum();
+            rows * 2 * kv_width * elem
+        };
+        let mut rows = self.running.len();
+        let mut kv: usize = self.running.iter().map(worst).sum();
+        let mut n = 0;
+        for s in &self.waiting {
+            let (r, k) = (rows + s.state.rows(), kv.saturating_add(worst(s)));
+            let alone = self.running.is_empty() && n == 0;
+            if !alone && (r > self.budget.step_tokens || k > self.budget.kv_bytes) {
+                break;
+            }
+            (rows, kv, n) = (r, k, n + 1);
+        }
+        self.waiting.drain(..n).collect()
+    }
+
     /// Whether no request waits or runs.
     pub fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.running.is_empty()
@@ -523,7 +585,7 @@ impl Batch {
             return Ok(Vec::new());
         }
         let t0 = Instant::now();
-        let mut admitted = std::mem::take(&mut self.waiting);
+        let mut admitted = self.admit();
         let model = &*self.engine.model;
         let (lm, p) = (&model.lm, &model.params);
         // Rows: the running requests' last tokens, then the admitted prompts.
@@ -682,6 +744,8 @@ struct SeqState {
     /// The request's number (its index in a `generate` call, its id in a [`Batch`]), for messages.
     request: u64,
     prompt_len: usize,
+    /// Image tokens of the prompt.
+    image_tokens: usize,
     /// Prompt position of each current row.
     orig: Vec<usize>,
     /// RoPE position id of each current row.
@@ -726,6 +790,7 @@ impl SeqState {
         Ok(SeqState {
             request,
             prompt_len: n,
+            image_tokens: next_image,
             orig: (0..n).collect(),
             positions: (0..n).collect(),
             segments: prompt.segments.clone(),
@@ -752,6 +817,23 @@ impl SeqState {
             Some(_) => 1,
             None => self.positions.len(),
         }
+    }
+
+    /// Prompt rows layer `l` runs on (and caches) once its plan's stages up to `l` have pruned.
+    fn rows_at(&self, l: usize) -> usize {
+        let images = self.image_tokens;
+        let kept = match &self.plan {
+            Some(p) => p
+                .stages
+                .iter()
+                .zip(&self.keep)
+                .filter(|(st, _)| st.layer <= l)
+                .map(|(_, &k)| k)
+                .next_back()
+                .unwrap_or(images),
+            None => images,
+        };
+        self.prompt_len - images + kept
     }
 
     /// RoPE positions of its rows in layer `l`.

@@ -31,7 +31,7 @@ pub mod tensor;
 #[cfg(feature = "train")]
 pub mod train;
 
-pub use engine::{Batch, Engine, Generation, ImageInput, Request, Sampling, StopReason};
+pub use engine::{Batch, Budget, Engine, Generation, ImageInput, Request, Sampling, StopReason};
 pub use error::{Error, Result};
 pub use model::Model;
 pub use tensor::{DType, Device, Tensor};

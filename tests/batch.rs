@@ -146,3 +146,59 @@ fn a_bad_request_is_refused_at_add_and_the_batch_runs_on() {
     }
     assert_eq!(b.take_finished().unwrap().len(), 1);
 }
+
+/// Under a step-token budget one prompt wide, the second request waits (it is not failed) until
+/// the first has finished, then runs and gets its tokens alone; a KV budget below one request's
+/// worst case still runs that request when the batch is otherwise empty.
+#[test]
+fn a_request_over_the_budget_waits_and_then_runs() {
+    let e = engine();
+    let (a, b) = (
+        request("Is there a triangle?", 1.7, Some(PrunePlan::fastv())),
+        request("What color is the big square?", 0.2, None),
+    );
+    // b's prompt alone fills the budget, so it cannot share a step with a's decode row.
+    let prompt = |r: &Request| e.prepare(r).unwrap().prompt.ids.len();
+    assert!(prompt(&b) >= prompt(&a));
+    let mut batch = e.batch();
+    batch.set_budget(fineprune::Budget {
+        step_tokens: prompt(&b),
+        kv_bytes: usize::MAX,
+    });
+    let ia = batch.add(a.clone()).unwrap();
+    let ib = batch.add(b.clone()).unwrap();
+    let mut order = Vec::new();
+    while !batch.is_idle() {
+        let got = batch.step().unwrap();
+        order.extend(got.iter().map(|&(id, _)| id));
+        if got.iter().all(|&(id, _)| id == ia) && !batch.is_idle() {
+            assert_eq!(batch.waiting(), 1, "b waits while a runs");
+        }
+    }
+    let first_b = order.iter().position(|&id| id == ib).unwrap();
+    assert!(order[..first_b].iter().all(|&id| id == ia));
+    assert_eq!(
+        order[..first_b].len(),
+        a.max_new_tokens,
+        "b starts once a is done"
+    );
+    let done: HashMap<u64, _> = batch.take_finished().unwrap().into_iter().collect();
+    for (id, r) in [(ia, &a), (ib, &b)] {
+        let alone = e.generate(std::slice::from_ref(r)).unwrap().remove(0);
+        assert_eq!(done[&id].tokens, alone.tokens);
+    }
+
+    let mut tight = e.batch();
+    tight.set_budget(fineprune::Budget {
+        step_tokens: usize::MAX,
+        kv_bytes: 1,
+    });
+    tight.add(a.clone()).unwrap();
+    tight.add(b.clone()).unwrap();
+    let mut at_once = 0;
+    while !tight.is_idle() {
+        at_once = at_once.max(tight.step().unwrap().len());
+    }
+    assert_eq!(at_once, 1, "one request at a time under a 1-byte KV budget");
+    assert_eq!(tight.take_finished().unwrap().len(), 2);
+}
