@@ -622,7 +622,12 @@ impl Batch {
             (x, ends)
         };
         let vocab = lm.config.vocab_size;
-        let logits = lm.logits(p, &x.gather_rows(&ends)?)?.to_vec_f32()?;
+        // Each sequence's last row; in a decode-only step that is every row, taken as it is.
+        let last = match ends.len() == x.rows() {
+            true => x,
+            false => x.gather_rows(&ends)?,
+        };
+        let logits = lm.logits(p, &last)?.to_vec_f32()?;
         check_finite(&logits, vocab, |r| {
             format!(
                 "the logits of request {} after {} generated tokens",

@@ -212,7 +212,7 @@ impl Backend for Cpu {
 
     fn first_nonfinite(&self, x: &Tensor) -> Result<Option<(usize, f32)>> {
         let (v, _) = rows_of("check_finite", x, None)?;
-        Ok(v.iter().position(|v| !v.is_finite()).map(|i| (i, v[i])))
+        Ok(crate::ops::first_nonfinite(v))
     }
 }
 

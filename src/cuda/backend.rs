@@ -470,8 +470,7 @@ impl Backend for Device {
     }
 
     fn first_nonfinite(&self, x: &Tensor) -> Result<Option<(usize, f32)>> {
-        let v = x.to_vec_f32()?;
-        Ok(v.iter().position(|v| !v.is_finite()).map(|i| (i, v[i])))
+        Ok(crate::ops::first_nonfinite(&x.to_vec_f32()?))
     }
 }
 

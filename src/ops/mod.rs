@@ -25,10 +25,15 @@ pub fn add(x: &mut [f32], y: &[f32]) {
 /// forward passes call this after every block: a bad weight or input is reported where it first
 /// shows instead of ending as a silent NaN answer.
 pub fn check_finite(x: &[f32], cols: usize, at: impl FnOnce(usize) -> String) -> crate::Result<()> {
-    match x.iter().position(|v| !v.is_finite()) {
+    match first_nonfinite(x) {
         None => Ok(()),
-        Some(i) => Err(nonfinite(i, x[i], cols, at)),
+        Some((i, v)) => Err(nonfinite(i, v, cols, at)),
     }
+}
+
+/// The flat index and value of the first NaN or infinity of `x`, if any.
+pub fn first_nonfinite(x: &[f32]) -> Option<(usize, f32)> {
+    x.iter().position(|v| !v.is_finite()).map(|i| (i, x[i]))
 }
 
 /// The [`Error::NonFinite`](crate::Error::NonFinite) of `value` at flat index `i` of a
