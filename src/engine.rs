@@ -1,10 +1,17 @@
 //! The generation loop: prompt building, vision encoding, batched prefill, KV-cached decoding and
-//! sampling (greedy, or seeded temperature + top-p).
+//! sampling (greedy, or seeded temperature + top-p); the step-level [`Batch`] (continuous
+//! batching) and the [`Scheduler`] thread that streams each request's tokens.
+
+mod scheduler;
+mod text;
+
+pub use scheduler::{Event, Load, Scheduler, Stream};
 
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::model::flops::lm_layer_flops;
 use crate::model::image::ImageProcessorConfig;
+use crate::model::image::load_image_from_memory;
 use crate::model::llama::{KvCache, SeqRows};
 use crate::model::template::{self, ImageSlot, Prompt, PromptOptions};
 use crate::ops::check_finite;
@@ -17,6 +24,7 @@ use rand::{RngExt, SeedableRng};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
+use text::TextStream;
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,6 +52,8 @@ impl Default for Sampling {
 pub enum ImageInput {
     /// A PNG/JPEG file, preprocessed with the model's image processor.
     Path(PathBuf),
+    /// An encoded PNG/JPEG (an upload, a data URL's bytes), preprocessed like a file.
+    Bytes(Vec<u8>),
     /// Already preprocessed `pixel_values`, `[channels, size, size]`.
     Pixels(Vec<f32>),
 }
@@ -58,6 +68,11 @@ pub struct Request {
     pub sampling: Sampling,
     /// Stop at the model's end-of-sequence token (on by default).
     pub stop_on_eos: bool,
+    /// More token ids that end generation when sampled (kept in `tokens`, not in `text`).
+    pub stop_token_ids: Vec<u32>,
+    /// Strings that end generation as soon as the text contains one; the text ends before it.
+    /// Checked after every token, so compute stops there.
+    pub stop: Vec<String>,
     /// Visual token pruning for this request (`None`: the full sequence everywhere).
     pub prune: Option<PrunePlan>,
     /// Keep the logits each new token was chosen from ([`Generation::step_logits`]).
@@ -74,6 +89,8 @@ impl Request {
             max_new_tokens: 64,
             sampling: Sampling::default(),
             stop_on_eos: true,
+            stop_token_ids: Vec::new(),
+            stop: Vec::new(),
             prune: None,
             return_logits: false,
         }
@@ -84,6 +101,10 @@ impl Request {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
     Eos,
+    /// One of [`Request::stop_token_ids`].
+    StopToken,
+    /// One of [`Request::stop`] appeared in the text.
+    StopString,
     MaxTokens,
     /// The model's context (`max_position_embeddings`) is full.
     Context,
@@ -95,7 +116,8 @@ pub struct Generation {
     pub prompt: Prompt,
     /// New tokens, the EOS token included when it stopped there.
     pub tokens: Vec<u32>,
-    /// New tokens decoded, special tokens skipped.
+    /// New tokens decoded, special tokens skipped, ending before a stop string; the
+    /// concatenation of the streamed texts.
     pub text: String,
     pub stop: StopReason,
     /// Token counts per layer, pruning stages, FLOPs.
@@ -105,6 +127,26 @@ pub struct Generation {
     /// Wall time of the (batched) prefill and of the decode steps, seconds.
     pub prefill_secs: f64,
     pub decode_secs: f64,
+    pub metrics: RequestMetrics,
+}
+
+/// What one request cost and waited, measured by the [`Batch`] that ran it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestMetrics {
+    /// Checking and preparing it: tokenizing, decoding the images, the vision tower.
+    pub prepare_secs: f64,
+    /// From prepared to admitted into a step.
+    pub queue_secs: f64,
+    /// From arrival ([`Engine::ready`]) to its first token: preparation (vision encoding
+    /// included), queue and the prefill step.
+    pub ttft_secs: f64,
+    /// Tokens after the first per second of the steps that decoded them (0 with one token).
+    pub decode_tokens_per_sec: f64,
+    /// Image tokens of the prompt, and those left in the last layer after pruning.
+    pub image_tokens: usize,
+    pub image_tokens_kept: usize,
+    /// Bytes its KV cache held at the end (a pruned cache is the smaller size it is).
+    pub kv_bytes: usize,
 }
 
 /// A prompt ready for the language model: ids, segments and input embeddings.
@@ -189,14 +231,26 @@ impl Engine {
                 pad_to_square,
                 ..proc.clone()
             }
-            .preprocess_file(path)?,
+            .preprocess_file(path)
+            .map_err(|e| match e {
+                // A file the request names that is not there is the request's fault.
+                Error::Io { path, source } => Error::Image {
+                    path,
+                    msg: source.to_string(),
+                },
+                e => e,
+            })?,
+            ImageInput::Bytes(bytes) => ImageProcessorConfig {
+                pad_to_square,
+                ..proc.clone()
+            }
+            .preprocess(&load_image_from_memory(bytes)?)?,
         };
         if t.len() != want.iter().product::<usize>() {
-            return Err(Error::Shape {
-                name: "pixel_values".into(),
-                expected: want.to_vec(),
-                got: t.shape().to_vec(),
-            });
+            return Err(Error::arg(
+                "pixel_values",
+                format!("has {} values, expected {want:?}", t.len()),
+            ));
         }
         t.into_f32_vec()
     }
@@ -226,6 +280,9 @@ impl Engine {
             &mut states.iter_mut().collect::<Vec<_>>(),
             &mut caches.iter_mut().collect::<Vec<_>>(),
         )?;
+        if let Some(e) = states.iter_mut().find_map(|s| s.error.take()) {
+            return Err(e);
+        }
         Ok((x, states))
     }
 
@@ -256,11 +313,8 @@ impl Engine {
                 .collect();
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().map(|c| &mut **c).collect();
             let lses = lm.layer_forward(&self.model.params, l, &mut x, &seqs, &mut refs, prunes)?;
-            x.check_finite(|row| {
-                format!(
-                    "the output of decoder layer {l} ({})",
-                    row_origin(states, row)
-                )
+            fail_nonfinite(&x, states, |origin| {
+                format!("the output of decoder layer {l} ({origin})")
             })?;
             let Some(x_in) = x_in else { continue };
             // Rank and drop image tokens of the sequences with a stage at layer l + 1; the kept
@@ -271,7 +325,7 @@ impl Engine {
                 let n = st.rows();
                 let rows = r0..r0 + n;
                 r0 += n;
-                let Some((keep, plan)) = st.stage_at(l + 1) else {
+                let Some((keep, plan)) = st.stage_at(l + 1).filter(|_| st.error.is_none()) else {
                     next.extend(rows);
                     continue;
                 };
@@ -391,10 +445,11 @@ impl Engine {
 
     /// Generates for a batch of requests: [`Engine::batch`] with every request added before the
     /// first step, stepped until all are done, so the prefill and each decode step run the
-    /// requests together, each pruned by its own plan. Every request is checked before any runs.
+    /// requests together, each pruned by its own plan. Every request is checked and prepared
+    /// before any runs; a request that fails while running is the error (the first in order).
     pub fn generate(&self, reqs: &[Request]) -> Result<Vec<Generation>> {
         for (i, r) in reqs.iter().enumerate() {
-            check_sampling(&r.sampling).map_err(|e| match e {
+            check_request(r).map_err(|e| match e {
                 Error::Arg { name, msg } => Error::arg(name, format!("request {i}: {msg}")),
                 e => e,
             })?;
@@ -406,9 +461,43 @@ impl Engine {
         while !batch.is_idle() {
             batch.step()?;
         }
-        let mut done = batch.take_finished()?;
+        let mut done = batch.take_finished();
         done.sort_by_key(|(id, _)| *id);
-        Ok(done.into_iter().map(|(_, g)| g).collect())
+        done.into_iter().map(|(_, g)| g).collect()
+    }
+
+    /// Checks and prepares a request so that it can join a [`Batch`]: its sampling, stop
+    /// strings, prompt (length included), images (decoded and through the vision tower) and
+    /// prune plan. An error here is the request's own ([`Error::is_client_error`] tells) and
+    /// nothing of it has run; its clock ([`RequestMetrics`]) starts here. This is the costly part
+    /// of joining, so a server calls it on the request's own thread, not the stepping one.
+    pub fn ready(&self, req: Request) -> Result<Ready> {
+        let arrived = Instant::now();
+        check_request(&req)?;
+        let layers = self.model.lm.num_layers();
+        let prepared = self.prepare(&req)?;
+        let state = SeqState::new(0, &prepared.prompt, req.prune.as_ref(), layers)?;
+        Ok(Ready(Slot {
+            id: 0,
+            rng: StdRng::seed_from_u64(req.sampling.seed),
+            text: TextStream::new(req.stop.clone()),
+            req,
+            prompt: prepared.prompt,
+            embeds: Some(prepared.embeds),
+            state,
+            cache: KvCache::new(layers),
+            tokens: Vec::new(),
+            step_logits: Vec::new(),
+            stop: None,
+            prefill_secs: 0.0,
+            decode_secs: 0.0,
+            clock: Clock {
+                arrived,
+                ready: Instant::now(),
+                admitted: None,
+                first_token: None,
+            },
+        }))
     }
 
     /// An empty continuous batch over this engine ([`Batch`]).
@@ -424,8 +513,9 @@ impl Engine {
     }
 }
 
-/// Fails unless `temperature >= 0` (finite) and `top_p` is in (0, 1].
-fn check_sampling(s: &Sampling) -> Result<()> {
+/// The checks of a request that need no model: sampling ranges and stop strings.
+fn check_request(r: &Request) -> Result<()> {
+    let s = &r.sampling;
     if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
         return Err(Error::arg(
             "temperature",
@@ -438,13 +528,27 @@ fn check_sampling(s: &Sampling) -> Result<()> {
             format!("must be in (0, 1], got {}", s.top_p),
         ));
     }
+    if r.stop.iter().any(|s| s.is_empty()) {
+        return Err(Error::arg("stop", "a stop string is empty"));
+    }
     Ok(())
+}
+
+/// A request checked and prepared by [`Engine::ready`], ready to join a [`Batch`].
+pub struct Ready(Slot);
+
+impl Ready {
+    /// The tokenized prompt.
+    pub fn prompt(&self) -> &Prompt {
+        &self.0.prompt
+    }
 }
 
 /// A continuous batch, the step-level engine: requests join ([`Batch::add`]) and leave (when
 /// they stop, or [`Batch::cancel`]) between steps, and each [`Batch::step`] prefills the newly
 /// added requests and decodes one token for every running one, as one ragged batch through the
-/// model, each request pruned by its own plan. It owns the requests' KV caches.
+/// model, each request pruned by its own plan. It owns the requests' KV caches. A request that
+/// fails on its own (a non-finite value in its rows) fails alone; the others go on.
 pub struct Batch {
     engine: Engine,
     next_id: u64,
@@ -475,6 +579,20 @@ impl Default for Budget {
     }
 }
 
+/// What one step produced for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    /// The request ([`Batch::add`]'s id).
+    pub id: u64,
+    /// The token sampled.
+    pub token: u32,
+    /// The text it released ([`Generation::text`] is the concatenation): empty while a
+    /// character is unfinished or the text may be the start of a stop string.
+    pub text: String,
+    /// Set when this was its last token; its [`Generation`] is then in [`Batch::take_finished`].
+    pub stop: Option<StopReason>,
+}
+
 /// One request of a [`Batch`].
 struct Slot {
     id: u64,
@@ -486,37 +604,127 @@ struct Slot {
     cache: KvCache,
     rng: StdRng,
     tokens: Vec<u32>,
+    text: TextStream,
     step_logits: Vec<Vec<f32>>,
     stop: Option<StopReason>,
     prefill_secs: f64,
     decode_secs: f64,
+    clock: Clock,
+}
+
+/// When a request arrived, was ready, was admitted and got its first token.
+struct Clock {
+    arrived: Instant,
+    ready: Instant,
+    admitted: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+impl Slot {
+    /// Whether it leaves the batch: stopped, or failed.
+    fn done(&self) -> bool {
+        self.stop.is_some() || self.state.error.is_some()
+    }
+
+    /// Its result, with its metrics; its KV cache is freed.
+    fn finish(mut self) -> (u64, Result<Generation>) {
+        if let Some(e) = self.state.error.take() {
+            return (self.id, Err(e));
+        }
+        let c = &self.clock;
+        let since = |t: Option<Instant>, from: Instant| {
+            t.map_or(0.0, |t| t.duration_since(from).as_secs_f64())
+        };
+        let decoded = self.tokens.len().saturating_sub(1);
+        let metrics = RequestMetrics {
+            prepare_secs: c.ready.duration_since(c.arrived).as_secs_f64(),
+            queue_secs: since(c.admitted, c.ready),
+            ttft_secs: since(c.first_token, c.arrived),
+            decode_tokens_per_sec: match self.decode_secs > 0.0 {
+                true => decoded as f64 / self.decode_secs,
+                false => 0.0,
+            },
+            image_tokens: self.state.image_tokens,
+            image_tokens_kept: self
+                .state
+                .stats
+                .image_tokens_per_layer
+                .last()
+                .copied()
+                .unwrap_or(0),
+            kv_bytes: self.cache.nbytes(),
+        };
+        let g = Generation {
+            text: self.text.text().to_string(),
+            prompt: self.prompt,
+            tokens: self.tokens,
+            stop: self.stop.unwrap_or(StopReason::MaxTokens),
+            stats: self.state.stats,
+            step_logits: self.step_logits,
+            prefill_secs: self.prefill_secs,
+            decode_secs: self.decode_secs,
+            metrics,
+        };
+        (self.id, Ok(g))
+    }
+
+    /// Takes the sampled `token` (`now` is when): its text, its stop reason.
+    fn accept(&mut self, token: u32, now: Instant, model: &Model) -> Result<Update> {
+        let c = &model.lm.config;
+        let tokenizer = &model.tokenizer;
+        self.tokens.push(token);
+        self.clock.first_token.get_or_insert(now);
+        let mut stop = if self.req.stop_on_eos && c.eos_token_ids.contains(&token) {
+            Some(StopReason::Eos)
+        } else if self.req.stop_token_ids.contains(&token) {
+            Some(StopReason::StopToken)
+        } else {
+            None
+        };
+        let mut text = String::new();
+        if stop.is_none() {
+            let (t, stopped) = self.text.push(tokenizer, token)?;
+            text = t;
+            stop = stopped.then_some(StopReason::StopString);
+        }
+        let pos = self.state.prompt_len + self.tokens.len();
+        stop = stop.or(if self.tokens.len() >= self.req.max_new_tokens {
+            Some(StopReason::MaxTokens)
+        } else if pos >= c.max_position_embeddings {
+            Some(StopReason::Context)
+        } else {
+            None
+        });
+        if stop.is_some() && stop != Some(StopReason::StopString) {
+            text.push_str(&self.text.finish(tokenizer)?);
+        }
+        self.stop = stop;
+        self.state.decoding = Some(self.tokens.len() - 1);
+        Ok(Update {
+            id: self.id,
+            token,
+            text,
+            stop,
+        })
+    }
 }
 
 impl Batch {
-    /// Checks and prepares `req` (sampling, prompt, image, prune plan: an error here is the
-    /// request's own, and nothing of it runs) and queues it for the next step; returns its id.
+    /// [`Engine::ready`] then [`Batch::add_ready`]: an error is the request's own and nothing of
+    /// it runs. Returns its id.
     pub fn add(&mut self, req: Request) -> Result<u64> {
-        check_sampling(&req.sampling)?;
-        let layers = self.engine.model.lm.num_layers();
-        let prepared = self.engine.prepare(&req)?;
-        let id = self.next_id;
-        let state = SeqState::new(id, &prepared.prompt, req.prune.as_ref(), layers)?;
+        let ready = self.engine.ready(req)?;
+        Ok(self.add_ready(ready))
+    }
+
+    /// Queues a prepared request for the next step; returns its id.
+    pub fn add_ready(&mut self, ready: Ready) -> u64 {
+        let mut slot = ready.0;
+        slot.id = self.next_id;
+        slot.state.request = slot.id;
         self.next_id += 1;
-        self.waiting.push(Slot {
-            id,
-            rng: StdRng::seed_from_u64(req.sampling.seed),
-            req,
-            prompt: prepared.prompt,
-            embeds: Some(prepared.embeds),
-            state,
-            cache: KvCache::new(layers),
-            tokens: Vec::new(),
-            step_logits: Vec::new(),
-            stop: None,
-            prefill_secs: 0.0,
-            decode_secs: 0.0,
-        });
-        Ok(id)
+        self.waiting.push(slot);
+        self.next_id - 1
     }
 
     /// Sets the admission limits of the following steps.
@@ -527,6 +735,11 @@ impl Batch {
     /// Requests waiting for admission.
     pub fn waiting(&self) -> usize {
         self.waiting.len()
+    }
+
+    /// Requests admitted and generating.
+    pub fn running(&self) -> usize {
+        self.running.len()
     }
 
     /// The waiting requests the budget admits now, taken from the front of the queue.
@@ -577,128 +790,138 @@ impl Batch {
         self.running.iter().map(|s| s.cache.nbytes()).sum()
     }
 
-    /// One step: prefills every waiting request and decodes one token for every running one, in
-    /// one forward, then samples each one's next token. Returns `(id, token)` for each request
-    /// that got one; requests that stopped move to [`Batch::take_finished`].
-    pub fn step(&mut self) -> Result<Vec<(u64, u32)>> {
+    /// One step: prefills every admitted waiting request and decodes one token for every
+    /// running one, in one forward, then samples each one's next token. Returns an [`Update`]
+    /// for each request that got a token; requests that stopped or failed alone move to
+    /// [`Batch::take_finished`]. An error of the step itself (not of one request) fails every
+    /// request in the step with [`Error::Step`] and is returned.
+    pub fn step(&mut self) -> Result<Vec<Update>> {
         if self.is_idle() {
             return Ok(Vec::new());
         }
         let t0 = Instant::now();
         let mut admitted = self.admit();
-        let model = &*self.engine.model;
-        let (lm, p) = (&model.lm, &model.params);
+        for s in &mut admitted {
+            s.clock.admitted = Some(t0);
+        }
+        let model = self.engine.model.clone();
+        let mut slots: Vec<&mut Slot> =
+            self.running.iter_mut().chain(admitted.iter_mut()).collect();
+        let updates = match self.engine.step_logits(&mut slots) {
+            Ok(logits) => {
+                let vocab = model.lm.config.vocab_size;
+                let secs = t0.elapsed().as_secs_f64();
+                let now = Instant::now();
+                let mut updates = Vec::with_capacity(slots.len());
+                for (row, s) in slots.iter_mut().enumerate() {
+                    match s.state.decoding {
+                        None => s.prefill_secs = secs,
+                        Some(_) => s.decode_secs += secs,
+                    }
+                    if s.state.error.is_some() {
+                        continue;
+                    }
+                    if s.req.max_new_tokens == 0 {
+                        s.stop = Some(StopReason::MaxTokens);
+                        continue;
+                    }
+                    let row_logits = &logits[row * vocab..(row + 1) * vocab];
+                    if s.req.return_logits {
+                        s.step_logits.push(row_logits.to_vec());
+                    }
+                    let token = sample(row_logits, &s.req.sampling, &mut s.rng);
+                    match s.accept(token, now, &model) {
+                        Ok(u) => updates.push(u),
+                        Err(e) => s.state.error = Some(e),
+                    }
+                }
+                Ok(updates)
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for s in slots {
+                    s.state.error = Some(Error::Step(msg.clone()));
+                }
+                Err(e)
+            }
+        };
+        let all = std::mem::take(&mut self.running)
+            .into_iter()
+            .chain(admitted);
+        for s in all {
+            match s.done() {
+                true => self.finished.push(s),
+                false => self.running.push(s),
+            }
+        }
+        updates
+    }
+
+    /// The requests that ended since the last call: each one's [`Generation`], or the error it
+    /// failed with alone. Their KV caches are freed.
+    pub fn take_finished(&mut self) -> Vec<(u64, Result<Generation>)> {
+        std::mem::take(&mut self.finished)
+            .into_iter()
+            .map(Slot::finish)
+            .collect()
+    }
+}
+
+impl Engine {
+    /// The forward of one [`Batch::step`] over `slots` (running ones decode, new ones prefill):
+    /// the logits `[slots, vocab]` of each one's last row. A non-finite value in one slot's
+    /// rows or logits becomes that slot's error.
+    fn step_logits(&self, slots: &mut [&mut Slot]) -> Result<Vec<f32>> {
+        let (lm, p) = (&self.model.lm, &self.model.params);
         // Rows: the running requests' last tokens, then the admitted prompts.
-        let last: Vec<u32> = self
-            .running
+        let last: Vec<u32> = slots
             .iter()
+            .filter(|s| s.embeds.is_none())
             .map(|s| s.tokens.last().copied().unwrap_or(0))
             .collect();
-        let mut parts = Vec::with_capacity(admitted.len() + 1);
+        let mut parts = Vec::with_capacity(slots.len() + 1);
         if !last.is_empty() {
             parts.push(lm.embed(p, &last)?);
         }
-        parts.extend(admitted.iter_mut().filter_map(|s| s.embeds.take()));
+        parts.extend(slots.iter_mut().filter_map(|s| s.embeds.take()));
         let x = match parts.len() {
             1 => parts.swap_remove(0),
             _ => Tensor::cat_rows(&parts.iter().collect::<Vec<_>>())?,
         };
-        let mut slots: Vec<&mut Slot> =
-            self.running.iter_mut().chain(admitted.iter_mut()).collect();
-        let (x, ends) = {
-            let (mut states, mut caches): (Vec<&mut SeqState>, Vec<&mut KvCache>) = slots
-                .iter_mut()
-                .map(|s| (&mut s.state, &mut s.cache))
-                .unzip();
-            let x = self.engine.forward(x, &mut states, &mut caches)?;
-            let mut end = 0;
-            let ends: Vec<usize> = states
-                .iter()
-                .map(|st| {
-                    end += st.rows();
-                    end - 1
-                })
-                .collect();
-            (x, ends)
-        };
-        let vocab = lm.config.vocab_size;
+        let (mut states, mut caches): (Vec<&mut SeqState>, Vec<&mut KvCache>) = slots
+            .iter_mut()
+            .map(|s| (&mut s.state, &mut s.cache))
+            .unzip();
+        let x = self.forward(x, &mut states, &mut caches)?;
+        let mut end = 0;
+        let ends: Vec<usize> = states
+            .iter()
+            .map(|st| {
+                end += st.rows();
+                end - 1
+            })
+            .collect();
         // Each sequence's last row; in a decode-only step that is every row, taken as it is.
         let last = match ends.len() == x.rows() {
             true => x,
             false => x.gather_rows(&ends)?,
         };
+        let vocab = lm.config.vocab_size;
         let logits = lm.logits(p, &last)?.to_vec_f32()?;
-        check_finite(&logits, vocab, |r| {
-            format!(
-                "the logits of request {} after {} generated tokens",
-                slots[r].id,
-                slots[r].tokens.len()
-            )
-        })?;
-        let secs = t0.elapsed().as_secs_f64();
-        let (ctx, eos) = (lm.config.max_position_embeddings, &lm.config.eos_token_ids);
-        let mut new = Vec::with_capacity(slots.len());
-        for (row, s) in slots.iter_mut().enumerate() {
-            match s.state.decoding {
-                None => s.prefill_secs = secs,
-                Some(_) => s.decode_secs += secs,
-            }
-            if s.req.max_new_tokens == 0 {
-                s.stop = Some(StopReason::MaxTokens);
-                continue;
-            }
-            let row_logits = &logits[row * vocab..(row + 1) * vocab];
-            if s.req.return_logits {
-                s.step_logits.push(row_logits.to_vec());
-            }
-            let tok = sample(row_logits, &s.req.sampling, &mut s.rng);
-            s.tokens.push(tok);
-            let pos = s.state.prompt_len + s.tokens.len();
-            s.stop = if s.req.stop_on_eos && eos.contains(&tok) {
-                Some(StopReason::Eos)
-            } else if s.tokens.len() >= s.req.max_new_tokens {
-                Some(StopReason::MaxTokens)
-            } else if pos >= ctx {
-                Some(StopReason::Context)
-            } else {
-                None
-            };
-            s.state.decoding = Some(s.tokens.len() - 1);
-            new.push((s.id, tok));
-        }
-        let all = std::mem::take(&mut self.running)
-            .into_iter()
-            .chain(admitted);
-        for s in all {
-            match s.stop {
-                Some(_) => self.finished.push(s),
-                None => self.running.push(s),
+        for (st, row) in states.iter_mut().zip(logits.chunks(vocab.max(1))) {
+            if st.error.is_none()
+                && let Err(e) = check_finite(row, vocab, |_| {
+                    let generated = st.decoding.map_or(0, |k| k + 1);
+                    format!(
+                        "the logits of request {} after {generated} generated tokens",
+                        st.request
+                    )
+                })
+            {
+                st.error = Some(e);
             }
         }
-        Ok(new)
-    }
-
-    /// The requests that ended since the last call, with their generations (KV caches freed).
-    pub fn take_finished(&mut self) -> Result<Vec<(u64, Generation)>> {
-        let tokenizer = &self.engine.model.tokenizer;
-        std::mem::take(&mut self.finished)
-            .into_iter()
-            .map(|s| {
-                Ok((
-                    s.id,
-                    Generation {
-                        text: tokenizer.decode(&s.tokens, true)?,
-                        prompt: s.prompt,
-                        tokens: s.tokens,
-                        stop: s.stop.unwrap_or(StopReason::MaxTokens),
-                        stats: s.state.stats,
-                        step_logits: s.step_logits,
-                        prefill_secs: s.prefill_secs,
-                        decode_secs: s.decode_secs,
-                    },
-                ))
-            })
-            .collect()
+        Ok(logits)
     }
 }
 
@@ -728,19 +951,31 @@ fn lse_rows(lse: &[f32], heads: usize, n: usize, rows: &[usize]) -> Result<Vec<f
         .collect())
 }
 
-/// "request i, prompt position p" of row `row` of the prefill's concatenated rows.
-fn row_origin(states: &[&mut SeqState], mut row: usize) -> String {
-    for st in states {
-        let i = st.request;
-        if row < st.rows() {
-            return match st.decoding {
-                Some(k) => format!("request {i}, generated token {k}"),
-                None => format!("request {i}, prompt position {}", st.orig[row]),
-            };
-        }
-        row -= st.rows();
+/// Gives every sequence whose rows of `x` hold a NaN or infinity its own [`Error::NonFinite`]
+/// (the first value, `at` naming where from the row's origin), so that one bad request fails
+/// alone while the others go on: rows of different sequences never mix. The usual all-finite
+/// case costs one scan.
+fn fail_nonfinite(
+    x: &Tensor,
+    states: &mut [&mut SeqState],
+    at: impl Fn(String) -> String,
+) -> Result<()> {
+    let backend = x.backend();
+    if backend.first_nonfinite(x)?.is_none() {
+        return Ok(());
     }
-    format!("row {row} past the batch")
+    let mut r0 = 0;
+    for st in states.iter_mut() {
+        let n = st.rows();
+        if st.error.is_none()
+            && let Some((i, value)) = backend.first_nonfinite(&x.narrow_rows(r0, n)?)?
+        {
+            let e = crate::ops::nonfinite(i, value, x.cols(), |row| at(st.origin(row)));
+            st.error = Some(e);
+        }
+        r0 += n;
+    }
+    Ok(())
 }
 
 /// One sequence's view of the forward: which prompt positions are still present, their RoPE ids
@@ -767,6 +1002,8 @@ struct SeqState {
     removed: Vec<(usize, usize)>,
     renumber: bool,
     stats: RunStats,
+    /// The first error of its own (a non-finite value in its rows): it fails alone.
+    error: Option<Error>,
 }
 
 impl SeqState {
@@ -806,6 +1043,7 @@ impl SeqState {
             removed: vec![],
             renumber: plan.is_some_and(|p| p.renumber),
             stats: RunStats::default(),
+            error: None,
         })
     }
 
@@ -814,6 +1052,15 @@ impl SeqState {
         let plan = self.plan.as_ref().filter(|_| self.decoding.is_none())?;
         let i = plan.stages.iter().position(|s| s.layer == layer)?;
         Some((self.keep[i], plan.clone()))
+    }
+
+    /// "request i, prompt position p" (or "generated token k") of its row `row`.
+    fn origin(&self, row: usize) -> String {
+        let i = self.request;
+        match self.decoding {
+            Some(k) => format!("request {i}, generated token {k}"),
+            None => format!("request {i}, prompt position {}", self.orig[row]),
+        }
     }
 
     /// Rows the sequence has in the next forward: its prompt rows, or its one decoded token.

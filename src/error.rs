@@ -58,6 +58,13 @@ pub enum Error {
     /// layer, the row) so the weight or input at fault can be found.
     #[error("non-finite value ({value}) in {at}")]
     NonFinite { at: String, value: f32 },
+    /// A batch step failed as a whole (not because of one request); every request in it fails
+    /// with this.
+    #[error("the batch step failed: {0}")]
+    Step(String),
+    /// The engine stopped (its scheduler thread ended) before the request finished.
+    #[error("the engine stopped: {0}")]
+    Stopped(String),
 }
 
 /// Result with the crate's [`Error`].
@@ -70,6 +77,17 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+
+    /// Whether the request is at fault (a server answers 4xx) rather than the model, the files
+    /// or the machine (5xx): a bad prompt, image, argument or sampling value. A client error's
+    /// message names only what the request gave (its own image path at most), never a server
+    /// file.
+    pub fn is_client_error(&self) -> bool {
+        matches!(
+            self,
+            Error::Prompt(_) | Error::Arg { .. } | Error::Image { .. }
+        )
     }
 
     /// Shorthand for [`Error::Arg`].

@@ -31,7 +31,10 @@ pub mod tensor;
 #[cfg(feature = "train")]
 pub mod train;
 
-pub use engine::{Batch, Budget, Engine, Generation, ImageInput, Request, Sampling, StopReason};
+pub use engine::{
+    Batch, Budget, Engine, Event, Generation, ImageInput, Request, RequestMetrics, Sampling,
+    Scheduler, StopReason,
+};
 pub use error::{Error, Result};
 pub use model::Model;
 pub use tensor::{DType, Device, Tensor};

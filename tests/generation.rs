@@ -77,6 +77,7 @@ fn greedy_stops_at_eos() {
         StopReason::Eos => assert_eq!(*g.tokens.last().unwrap(), 2),
         StopReason::Context => assert_eq!(g.prompt.ids.len() + g.tokens.len(), 256),
         StopReason::MaxTokens => assert_eq!(g.tokens.len(), 200),
+        other => panic!("no stop token or string was asked for, yet {other:?}"),
     }
 }
 

@@ -159,6 +159,10 @@ struct GenerateArgs {
     /// Keep generating past the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    /// Stop generating when the answer contains this string (the answer ends before it);
+    /// repeat the flag for several.
+    #[arg(long)]
+    stop: Vec<String>,
     /// Run the batch once, untimed, before the measured run (kernel builds, cuBLAS set-up and
     /// caches warm up); the answers and timings shown are the second run's.
     #[arg(long)]
@@ -235,6 +239,8 @@ fn run(cli: Cli) -> fineprune::Result<()> {
                         seed: a.seed.wrapping_add(i as u64),
                     },
                     stop_on_eos: !a.ignore_eos,
+                    stop_token_ids: Vec::new(),
+                    stop: a.stop.clone(),
                     prune: plan.clone(),
                     return_logits: false,
                 })

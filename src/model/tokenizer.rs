@@ -15,8 +15,11 @@ pub struct Tokenizer {
 /// The concatenated deltas equal [`Tokenizer::decode`] of all the ids. Only a window of recent
 /// ids is decoded per step (TGI's prefix/read offsets), so a long answer costs O(tokens), not
 /// O(tokens²).
-pub struct StreamDecoder<'t> {
-    tokenizer: &'t Tokenizer,
+///
+/// It holds no reference to the tokenizer (each call takes it), so it can live next to the model
+/// that owns the tokenizer, in a request's state.
+#[derive(Debug, Clone, Default)]
+pub struct StreamDecoder {
     skip_special_tokens: bool,
     ids: Vec<u32>,
     /// `ids[prefix..read]` is text already emitted, kept as context so the next decode sees the
@@ -25,11 +28,10 @@ pub struct StreamDecoder<'t> {
     read: usize,
 }
 
-impl<'t> StreamDecoder<'t> {
+impl StreamDecoder {
     /// A decoder for one answer.
-    pub fn new(tokenizer: &'t Tokenizer, skip_special_tokens: bool) -> Self {
+    pub fn new(skip_special_tokens: bool) -> Self {
         StreamDecoder {
-            tokenizer,
             skip_special_tokens,
             ids: Vec::new(),
             prefix: 0,
@@ -38,9 +40,8 @@ impl<'t> StreamDecoder<'t> {
     }
 
     /// Adds token `id`; returns the text it completes (empty while a character is unfinished).
-    pub fn push(&mut self, id: u32) -> Result<String> {
+    pub fn push(&mut self, t: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let t = self.tokenizer;
         let before = t.decode(&self.ids[self.prefix..self.read], self.skip_special_tokens)?;
         let now = t.decode(&self.ids[self.prefix..], self.skip_special_tokens)?;
         match now.get(before.len()..) {
@@ -56,8 +57,7 @@ impl<'t> StreamDecoder<'t> {
 
     /// The text still held back at the end (an unfinished character, as the tokenizer decodes
     /// it); the decoder is empty afterwards.
-    pub fn finish(&mut self) -> Result<String> {
-        let t = self.tokenizer;
+    pub fn finish(&mut self, t: &Tokenizer) -> Result<String> {
         let before = t.decode(&self.ids[self.prefix..self.read], self.skip_special_tokens)?;
         let now = t.decode(&self.ids[self.prefix..], self.skip_special_tokens)?;
         self.ids.clear();
@@ -189,11 +189,11 @@ mod tests {
             let t = Tokenizer::from_file(&dir.join(file)).unwrap();
             let ids = t.encode(text, false).unwrap().ids;
             let whole = t.decode(&ids, true).unwrap();
-            let mut s = StreamDecoder::new(&t, true);
+            let mut s = StreamDecoder::new(true);
             let mut streamed = String::new();
             let mut held = 0;
             for &id in &ids {
-                let d = s.push(id).unwrap();
+                let d = s.push(&t, id).unwrap();
                 assert!(
                     !d.contains('\u{FFFD}'),
                     "{file}: a split character in {d:?}"
@@ -201,7 +201,7 @@ mod tests {
                 held += usize::from(d.is_empty());
                 streamed.push_str(&d);
             }
-            streamed.push_str(&s.finish().unwrap());
+            streamed.push_str(&s.finish(&t).unwrap());
             assert_eq!(streamed, whole, "{file}");
             println!("{file}: {} tokens, {held} held back", ids.len());
         }
