@@ -108,9 +108,6 @@ const SPECIAL_TOKEN_KEYS: [&str; 7] = [
     "mask_token",
 ];
 
-/// The name the one template is registered under in its environment.
-const TEMPLATE_NAME: &str = "chat";
-
 /// A model's chat template, compiled, with the special tokens it is rendered with.
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
@@ -229,7 +226,7 @@ impl ChatTemplate {
     }
 
     /// Compiles `text` in an environment set up like transformers' `_compile_jinja_template`:
-    /// `trim_blocks` and `lstrip_blocks`, loop controls, Python string/dict/list methods,
+    /// `trim_blocks` and `lstrip_blocks`, no auto-escaping, loop controls, Python string/dict/list methods,
     /// `raise_exception`, `strftime_now`, transformers' `tojson`, and the `{% generation %}` tag
     /// (rendered as its body, as transformers does when it is not tracking assistant tokens).
     fn compile(text: &str, source: PathBuf) -> Result<Self> {
@@ -240,11 +237,14 @@ impl ChatTemplate {
             .build()
             .map_err(|e| config_err(&source, e))?;
         env.set_syntax(syntax);
+        // Jinja's default (transformers sets none); minijinja would escape by file extension
+        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(text))
+        // registered under its file's name, which minijinja's errors then name
+        env.add_template_owned(source.display().to_string(), rewrite_generation_tags(text))
             .map_err(|e| config_err(&source, e))?;
         Ok(ChatTemplate {
             env,
@@ -278,7 +278,7 @@ impl ChatTemplate {
         let ctx = Value::from_pairs(tokens.chain(fixed));
         let template = self
             .env
-            .get_template(TEMPLATE_NAME)
+            .get_template(&self.source.display().to_string())
             .map_err(|e| config_err(&self.source, e))?;
         template.render(ctx).map_err(|e| {
             let at = e.line().map(|l| format!(" (line {l})")).unwrap_or_default();
@@ -742,3 +742,98 @@ fn token_text(v: &serde_json::Value) -> Option<String> {
         .map(str::to_string)
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(src: &str, text: &str) -> Result<String> {
+        ChatTemplate::new(src)?.render(&[ChatMessage::user(text)], false)
+    }
+
+    #[test]
+    fn generation_tags_render_their_body_with_whitespace_control() {
+        let src = "{% generation %}a{% endgeneration %}|{%- generation -%} b {%- endgeneration +%} |{%+ generation\n%}\nc{% endgeneration %}|{{ 'generation' }}";
+        assert_eq!(
+            rewrite_generation_tags(src),
+            "{% if true %}a{% endif %}|{%- if true -%} b {%- endif +%} |{%+ if true\n%}\nc{% endif %}|{{ 'generation' }}"
+        );
+        // trim_blocks eats the newline after a block tag, as it does after transformers' tag
+        assert_eq!(render(src, "").unwrap(), "a|b |c|generation");
+        // not the tag: left alone (and then unknown to the parser)
+        assert_eq!(
+            rewrite_generation_tags("{% generations %}"),
+            "{% generations %}"
+        );
+    }
+
+    /// Outputs of Python's `json.dumps` for the same value (transformers' `tojson`).
+    #[test]
+    fn tojson_is_pythons_json_dumps() {
+        let value = "{'b': [1, 2.5, {}], 'a': messages[0]['content'][0]['text'], 'c': none, 'd': true, 'e': []}";
+        let text = "é\"\n\u{1}<>&";
+        let cases = [
+            (
+                "",
+                r#"{"b": [1, 2.5, {}], "a": "é\"\n\u0001<>&", "c": null, "d": true, "e": []}"#,
+            ),
+            (
+                "(indent=2, sort_keys=true)",
+                "{\n  \"a\": \"é\\\"\\n\\u0001<>&\",\n  \"b\": [\n    1,\n    2.5,\n    {}\n  ],\n  \"c\": null,\n  \"d\": true,\n  \"e\": []\n}",
+            ),
+            (
+                "(ensure_ascii=true, separators=(',', ':'))",
+                r#"{"b":[1,2.5,{}],"a":"\u00e9\"\n\u0001<>&","c":null,"d":true,"e":[]}"#,
+            ),
+        ];
+        for (args, want) in cases {
+            let src = format!("{{{{ {value} | tojson{args} }}}}");
+            assert_eq!(render(&src, text).unwrap(), want, "{args}");
+        }
+        let e = render("{{ 1 | tojson(indent=[1]) }}", "").unwrap_err();
+        assert!(e.to_string().contains("indent"), "{e}");
+        let e = render("{{ 1 | tojson(bogus=1) }}", "").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn python_methods_and_strftime_now() {
+        let src = "{{ messages[0]['content'][0]['text'].strip().upper() }}|{{ messages[0].get('x', 'none') }}|{{ strftime_now('%Y-%m') | length }}";
+        assert_eq!(render(src, "  hi  ").unwrap(), "HI|none|7");
+        let e = render("{{ strftime_now('%Q') }}", "").unwrap_err();
+        assert!(
+            matches!(e, Error::Prompt(_)) && e.to_string().contains("%Q"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn user_texts_are_found_where_the_template_put_them() {
+        let msgs = [
+            ChatMessage::system("user"),
+            ChatMessage::user(" user "),
+            ChatMessage::assistant("ok"),
+            ChatMessage::user("again"),
+        ];
+        // verbatim: the markers place the text even where the same words appear earlier
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{{ m.role }}: {{ m.content[0].text }}\n{% endfor %}",
+        )
+        .unwrap();
+        let chat = t.render_chat(&msgs, false).unwrap();
+        let spans: Vec<&str> = chat
+            .user_texts
+            .iter()
+            .map(|r| &chat.text[r.clone()])
+            .collect();
+        assert_eq!(spans, [" user ", "again"]);
+        assert_eq!(chat.user_texts[0].start, "system: user\nuser: ".len());
+        // transformed (trimmed): found by searching for the trimmed text, in order
+        let t = ChatTemplate::new(
+            "{% for m in messages %}<{{ m.content[0].text | trim }}>{% endfor %}",
+        )
+        .unwrap();
+        let chat = t.render_chat(&msgs[1..], false).unwrap();
+        assert_eq!(chat.text, "<user><ok><again>");
+        assert_eq!(chat.user_texts, [1..5, 11..16]);
+    }
+}
