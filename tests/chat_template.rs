@@ -207,6 +207,12 @@ fn image_placeholders_must_match_the_images() {
         &chat,
     ));
     assert!(e.contains("<img>"), "{e}");
+    let empty = ImageSlot {
+        token: "<image>".into(),
+        count: 0,
+    };
+    let e = prompt_err(build_chat_prompt(tok, &chat, Some(&empty), 256));
+    assert!(e.contains("has no tokens"), "{e}");
 }
 
 #[test]

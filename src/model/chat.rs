@@ -408,6 +408,12 @@ pub fn build_chat_prompt(
 ) -> Result<Prompt> {
     let (slot, image_id) = match image {
         Some(slot) if chat.images > 0 => {
+            if slot.token.is_empty() || slot.count == 0 {
+                return Err(Error::Prompt(format!(
+                    "the image slot ({:?} x {}) has no tokens",
+                    slot.token, slot.count
+                )));
+            }
             let id = tok.token_to_id(&slot.token).ok_or_else(|| {
                 Error::Prompt(format!("the tokenizer has no image token `{}`", slot.token))
             })?;
@@ -748,6 +754,12 @@ mod tests {
 
     fn render(src: &str, text: &str) -> Result<String> {
         ChatTemplate::new(src)?.render(&[ChatMessage::user(text)], false)
+    }
+
+    #[test]
+    fn templates_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<ChatTemplate>();
     }
 
     #[test]

@@ -157,13 +157,8 @@ pub fn build_prompt(
         None => None,
     };
     let enc = tok.encode(&text, true)?;
-    let segments = segments_of(
-        &enc.ids,
-        &enc.offsets,
-        image_id,
-        image_start,
-        &[q_start..q_end],
-    );
+    let question = q_start..q_end;
+    let segments = segments_of(&enc.ids, &enc.offsets, image_id, image_start, &[question]);
     if let Some(slot) = image {
         let got = segments.iter().filter(|&&s| s == Segment::Image).count();
         if got != slot.count {

@@ -525,17 +525,11 @@ impl<'a> Encoder<'a> {
             IMAGE_PLACEHOLDER,
             &self.image_slot.token.repeat(self.image_slot.count),
         );
-        let q_end = q + rendered.len();
+        let question = q_start..q + rendered.len();
         let n = (offsets.iter())
             .take_while(|&&(s, e)| (s == 0 && e == 0) || s < answer)
             .count();
-        segments_of(
-            &ids[..n],
-            &offsets[..n],
-            image_id,
-            image_start,
-            &[q_start..q_end],
-        )
+        segments_of(&ids[..n], &offsets[..n], image_id, image_start, &[question])
     }
 
     /// Tokenizes `conv` and, when it has an image and a processor is set, loads
