@@ -3,6 +3,7 @@
 
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
+use std::ops::Range;
 use std::path::Path;
 
 /// The placeholder users write for the image.
@@ -156,22 +157,8 @@ pub fn build_prompt(
         None => None,
     };
     let enc = tok.encode(&text, true)?;
-    let segments: Vec<Segment> = enc
-        .ids
-        .iter()
-        .zip(&enc.offsets)
-        .map(|(&id, &(s, e))| {
-            if Some(id) == image_id {
-                Segment::Image
-            } else if s < image_start || (s == 0 && e == 0) {
-                Segment::System
-            } else if s >= q_start && s < q_end {
-                Segment::Text
-            } else {
-                Segment::Template
-            }
-        })
-        .collect();
+    let question = q_start..q_end;
+    let segments = segments_of(&enc.ids, &enc.offsets, image_id, image_start, &[question]);
     if let Some(slot) = image {
         let got = segments.iter().filter(|&&s| s == Segment::Image).count();
         if got != slot.count {
@@ -191,6 +178,35 @@ pub fn build_prompt(
         ids: enc.ids,
         segments,
     })
+}
+
+/// The segment of every token from its id and the byte span `s..e` it came from (PRUNING.md,
+/// "Positions and segments"): an `image_id` token is [`Segment::Image`]; one that ends by
+/// `image_start` (the first image byte, or where the user's text starts when there is no image;
+/// added special tokens such as BOS have the empty span at 0) is [`Segment::System`]; one that
+/// overlaps a `text` range (the user's words; a word's token often starts at the template's
+/// space before it) is [`Segment::Text`]; the rest is [`Segment::Template`].
+pub(crate) fn segments_of(
+    ids: &[u32],
+    offsets: &[(usize, usize)],
+    image_id: Option<u32>,
+    image_start: usize,
+    text: &[Range<usize>],
+) -> Vec<Segment> {
+    ids.iter()
+        .zip(offsets)
+        .map(|(&id, &(s, e))| {
+            if Some(id) == image_id {
+                Segment::Image
+            } else if e <= image_start {
+                Segment::System
+            } else if text.iter().any(|r| s < r.end && e > r.start) {
+                Segment::Text
+            } else {
+                Segment::Template
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::image::ImageProcessorConfig;
-use crate::model::template::{IMAGE_PLACEHOLDER, ImageSlot, LLAVA_SYSTEM, Segment};
+use crate::model::template::{IMAGE_PLACEHOLDER, ImageSlot, LLAVA_SYSTEM, Segment, segments_of};
 use crate::model::tokenizer::Tokenizer;
 use crate::train::model::{GroundedRow, Grounding, HeadShare};
 use std::path::{Path, PathBuf};
@@ -514,7 +514,8 @@ impl<'a> Encoder<'a> {
         else {
             return Vec::new();
         };
-        let image_id = self.tokenizer.token_to_id(&self.image_slot.token);
+        let image_id =
+            (conv.image.as_ref()).and(self.tokenizer.token_to_id(&self.image_slot.token));
         let expanded = self.image_slot.token.len() * self.image_slot.count;
         let (image_start, q_start) = match turn.question.find(IMAGE_PLACEHOLDER) {
             Some(p) if conv.image.is_some() => (q + p, q + p + expanded),
@@ -524,22 +525,11 @@ impl<'a> Encoder<'a> {
             IMAGE_PLACEHOLDER,
             &self.image_slot.token.repeat(self.image_slot.count),
         );
-        let q_end = q + rendered.len();
-        ids.iter()
-            .zip(offsets)
-            .take_while(|&(_, &(s, e))| (s == 0 && e == 0) || s < answer)
-            .map(|(&id, &(s, e))| {
-                if Some(id) == image_id && conv.image.is_some() {
-                    Segment::Image
-                } else if s < image_start || (s == 0 && e == 0) {
-                    Segment::System
-                } else if s >= q_start && s < q_end {
-                    Segment::Text
-                } else {
-                    Segment::Template
-                }
-            })
-            .collect()
+        let question = q_start..q + rendered.len();
+        let n = (offsets.iter())
+            .take_while(|&&(s, e)| (s == 0 && e == 0) || s < answer)
+            .count();
+        segments_of(&ids[..n], &offsets[..n], image_id, image_start, &[question])
     }
 
     /// Tokenizes `conv` and, when it has an image and a processor is set, loads
