@@ -41,6 +41,7 @@ fn model(layers: usize) -> Model {
         ),
         image_processor: None,
         system: None,
+        chat_template: None,
         source: "random".into(),
         layout: vec![],
         tensors: vec![],

@@ -9,6 +9,7 @@ pub use scheduler::{Event, Load, Scheduler, Stream};
 
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::model::chat::{self, ChatMessage, ChatPart};
 use crate::model::flops::lm_layer_flops;
 use crate::model::image::ImageProcessorConfig;
 use crate::model::image::load_image_from_memory;
@@ -58,11 +59,18 @@ pub enum ImageInput {
     Pixels(Vec<f32>),
 }
 
-/// One prompt to run.
+/// One prompt to run: a question (LLaVA-1.5's `USER: <image>\n{question} ASSISTANT:`, one
+/// image at most), or a chat rendered with the model's own template ([`Request::chat`]).
 #[derive(Debug, Clone)]
 pub struct Request {
+    /// The question (empty when `messages` are given).
     pub prompt: String,
-    pub image: Option<ImageInput>,
+    /// A chat: messages with roles, text and image parts, rendered with the model's chat
+    /// template ([`Model::chat_template`]) exactly as transformers' `apply_chat_template`
+    /// renders it. Empty for a question.
+    pub messages: Vec<ChatMessage>,
+    /// The images in order: of the question (at most one), or of the chat's image parts.
+    pub images: Vec<ImageInput>,
     pub options: PromptOptions,
     pub max_new_tokens: usize,
     pub sampling: Sampling,
@@ -84,7 +92,8 @@ impl Request {
     pub fn new(prompt: impl Into<String>, image: Option<ImageInput>) -> Self {
         Request {
             prompt: prompt.into(),
-            image,
+            messages: Vec::new(),
+            images: image.into_iter().collect(),
             options: PromptOptions::default(),
             max_new_tokens: 64,
             sampling: Sampling::default(),
@@ -93,6 +102,18 @@ impl Request {
             stop: Vec::new(),
             prune: None,
             return_logits: false,
+        }
+    }
+}
+
+impl Request {
+    /// A greedy request for a chat (its [`ChatPart::Image`] parts take `images` in order), up
+    /// to 64 new tokens.
+    pub fn chat(messages: Vec<ChatMessage>, images: Vec<ImageInput>) -> Self {
+        Request {
+            messages,
+            images,
+            ..Request::new("", None)
         }
     }
 }
@@ -171,11 +192,20 @@ impl Engine {
         &self.model
     }
 
-    /// Tokenizes the prompt, encodes the image and merges its features into the embeddings.
+    /// Builds the prompt (the question in LLaVA-1.5's format, or the chat through the model's
+    /// template), tokenizes it, encodes the images and merges their features into the
+    /// embeddings.
     pub fn prepare(&self, req: &Request) -> Result<Prepared> {
         let m = &*self.model;
-        let slot = match (&m.vision, &req.image) {
-            (Some(v), Some(_)) => {
+        let ctx = m.lm.config.max_position_embeddings;
+        if !req.images.is_empty() && m.vision.is_none() {
+            return Err(Error::Prompt(
+                "an image was given but the model has no vision tower".into(),
+            ));
+        }
+        // The model's image slot: `<image>` and how many tokens it expands to.
+        let slot = match &m.vision {
+            Some(v) => {
                 let id = v.config.image_token_id;
                 let token = m.tokenizer.id_to_token(id).ok_or_else(|| {
                     Error::Prompt(format!("the tokenizer has no image token id {id}"))
@@ -185,34 +215,64 @@ impl Engine {
                     count: v.image_tokens(),
                 })
             }
-            (None, Some(_)) => {
-                return Err(Error::Prompt(
-                    "an image was given but the model has no vision tower".into(),
+            None => None,
+        };
+        let prompt = if req.messages.is_empty() {
+            if req.images.len() > 1 {
+                return Err(Error::Prompt(format!(
+                    "a question takes one image, {} were given (a chat takes several)",
+                    req.images.len()
+                )));
+            }
+            let slot = slot.filter(|_| !req.images.is_empty());
+            // A plain language model has no LLaVA chat template: its text goes in verbatim.
+            let opts = match m.vision.is_some() {
+                true => req.options.clone(),
+                false => PromptOptions {
+                    raw: true,
+                    ..req.options.clone()
+                },
+            };
+            template::build_prompt(&m.tokenizer, &req.prompt, slot.as_ref(), &opts, ctx)?
+        } else {
+            if !req.prompt.is_empty() {
+                return Err(Error::arg(
+                    "prompt",
+                    "give a question or chat messages, not both",
                 ));
             }
-            _ => None,
-        };
-        let ctx = m.lm.config.max_position_embeddings;
-        // A plain language model has no LLaVA chat template: its text goes in verbatim.
-        let opts = if m.vision.is_some() {
-            req.options.clone()
-        } else {
-            PromptOptions {
-                raw: true,
-                ..req.options.clone()
+            let template = m.chat_template.as_ref().ok_or_else(|| {
+                Error::Prompt(
+                    "the model has no chat template (chat_template.json, chat_template.jinja, \
+                     tokenizer_config.json or GGUF metadata); send a question instead"
+                        .into(),
+                )
+            })?;
+            let parts = (req.messages.iter().flat_map(|msg| &msg.content))
+                .filter(|p| matches!(p, ChatPart::Image))
+                .count();
+            if parts != req.images.len() {
+                return Err(Error::Prompt(format!(
+                    "the chat has {parts} image part(s) but {} image(s) were given",
+                    req.images.len()
+                )));
             }
+            chat::chat_prompt(template, &m.tokenizer, &req.messages, slot.as_ref(), ctx)?
         };
-        let prompt = template::build_prompt(&m.tokenizer, &req.prompt, slot.as_ref(), &opts, ctx)?;
         let mut embeds = m.lm.embed(&m.params, &prompt.ids)?;
-        if let (Some(v), Some(img)) = (&m.vision, &req.image) {
-            let pixels = self.pixels(img, req.options.pad_to_square)?;
-            embeds = v.merge(&prompt.ids, &embeds, &v.forward(&m.params, &[&pixels])?)?;
+        if let (Some(v), false) = (&m.vision, req.images.is_empty()) {
+            let pixels = (req.images.iter().enumerate())
+                .map(|(i, img)| self.pixels(i, img, req.options.pad_to_square))
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
+            embeds = v.merge(&prompt.ids, &embeds, &v.forward(&m.params, &refs)?)?;
         }
         Ok(Prepared { prompt, embeds })
     }
 
-    /// `pixel_values` of one image: preprocessed from a file, or checked when given directly.
-    fn pixels(&self, img: &ImageInput, pad_to_square: bool) -> Result<Vec<f32>> {
+    /// `pixel_values` of image `i`: preprocessed from a file or bytes, or checked when given
+    /// directly.
+    fn pixels(&self, i: usize, img: &ImageInput, pad_to_square: bool) -> Result<Vec<f32>> {
         let m = &*self.model;
         let (Some(v), Some(proc)) = (&m.vision, &m.image_processor) else {
             return Err(Error::Prompt("the model has no vision tower".into()));
@@ -240,11 +300,22 @@ impl Engine {
                 },
                 e => e,
             })?,
-            ImageInput::Bytes(bytes) => ImageProcessorConfig {
-                pad_to_square,
-                ..proc.clone()
-            }
-            .preprocess(&load_image_from_memory(bytes)?)?,
+            ImageInput::Bytes(bytes) => load_image_from_memory(bytes)
+                .and_then(|img| {
+                    ImageProcessorConfig {
+                        pad_to_square,
+                        ..proc.clone()
+                    }
+                    .preprocess(&img)
+                })
+                .map_err(|e| match e {
+                    // Name the image by its place in the request.
+                    Error::Image { msg, .. } => Error::Image {
+                        path: PathBuf::from(format!("<image {i}>")),
+                        msg,
+                    },
+                    e => e,
+                })?,
         };
         if t.len() != want.iter().product::<usize>() {
             return Err(Error::arg(
@@ -751,10 +822,14 @@ impl Batch {
             true => 4,
             false => m.params.first().map_or(4, |p| p.value.dtype().size()),
         };
+        let ctx = m.lm.config.max_position_embeddings;
         let worst = |s: &Slot| {
-            let rows: usize = (0..layers)
-                .map(|l| s.state.rows_at(l) + s.req.max_new_tokens)
-                .sum();
+            // It generates at most max_new_tokens, and never past the context.
+            let new = s
+                .req
+                .max_new_tokens
+                .min(ctx.saturating_sub(s.state.prompt_len));
+            let rows: usize = (0..layers).map(|l| s.state.rows_at(l) + new).sum();
             rows * 2 * kv_width * elem
         };
         let mut rows = self.running.len();

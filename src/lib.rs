@@ -27,6 +27,8 @@ pub mod io;
 pub mod model;
 pub mod ops;
 pub mod prune;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod tensor;
 #[cfg(feature = "train")]
 pub mod train;

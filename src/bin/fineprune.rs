@@ -3,6 +3,7 @@
 //! generate  answer prompts about an image
 //! logits    dump the prefill logits of every prompt position (for comparison with other engines)
 //! inspect   show a checkpoint's architecture, parameter count, dtypes and key layout
+//! serve     an OpenAI-compatible HTTP server with per-request pruning
 
 mod common;
 #[path = "common/device.rs"]
@@ -40,6 +41,10 @@ enum Command {
     /// Write the prefill logits of every prompt position to a safetensors file.
     Logits(LogitsArgs),
     /// Describe a checkpoint: architecture, shapes, parameter count, dtypes, key layout.
+    /// Serve the model over HTTP, OpenAI-compatible: POST /v1/chat/completions (streaming,
+    /// images, and a `prune` extension for per-request visual token pruning), GET /v1/models,
+    /// /health and /metrics (Prometheus). Requests run as one continuously batched engine.
+    Serve(ServeArgs),
     Inspect {
         /// HF model directory (config.json, *.safetensors, tokenizer.json) or a .gguf file.
         #[arg(long)]
@@ -176,6 +181,45 @@ struct GenerateArgs {
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    /// HF model directory (config.json, *.safetensors, tokenizer.json, chat template) or a
+    /// .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    #[command(flatten)]
+    run_on: device::DeviceFlags,
+    /// The server-wide default plan, for requests without a `prune` field (off without
+    /// --prune-layer). A request's `prune` field replaces it, `"prune": "none"` turns it off.
+    #[command(flatten)]
+    prune: PruneArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// The model name clients use (default: the model directory's or file's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Most images one request may carry.
+    #[arg(long, default_value_t = 1)]
+    max_images: usize,
+    /// Let requests name image files (a path or file:// URL, relative to this directory);
+    /// without it only data URLs are accepted.
+    #[arg(long)]
+    image_dir: Option<PathBuf>,
+    /// max_tokens of requests that give none.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Rows one batch step may take on (running requests' tokens plus admitted prompts).
+    #[arg(long)]
+    max_step_tokens: Option<usize>,
+    /// KV cache bytes the running requests may hold (each counted at its worst case).
+    #[arg(long)]
+    max_kv_bytes: Option<usize>,
+}
+
+#[derive(Args)]
 struct LogitsArgs {
     #[command(flatten)]
     common: PromptArgs,
@@ -217,8 +261,60 @@ fn options(a: &PromptArgs, model: &Model) -> PromptOptions {
     }
 }
 
+/// Runs the HTTP server until Ctrl-C.
+fn serve(a: ServeArgs) -> fineprune::Result<()> {
+    use fineprune::serve::{ServeConfig, router};
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let plan = a.prune.plan()?;
+    let model = a.run_on.load(&a.model)?;
+    let name = a.served_model_name.clone().unwrap_or_else(|| {
+        let stem = a.model.file_stem().or(a.model.file_name());
+        stem.map_or("model".into(), |n| n.to_string_lossy().into_owned())
+    });
+    let defaults = fineprune::Budget::default();
+    let config = ServeConfig {
+        model_name: name.clone(),
+        default_plan: plan,
+        max_images: a.max_images,
+        image_dir: a.image_dir.clone(),
+        max_tokens: a.max_tokens,
+        budget: fineprune::Budget {
+            step_tokens: a.max_step_tokens.unwrap_or(defaults.step_tokens),
+            kv_bytes: a.max_kv_bytes.unwrap_or(defaults.kv_bytes),
+        },
+        ..ServeConfig::default()
+    };
+    let app = router(Engine::new(Arc::new(model)), config);
+    let rt = tokio::runtime::Runtime::new()
+        .map_err(|e| fineprune::Error::Step(format!("starting the async runtime: {e}")))?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", a.host, a.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|e| fineprune::Error::arg("--host/--port", format!("{addr}: {e}")))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| fineprune::Error::arg("--host/--port", e.to_string()))?;
+        // Tests and scripts read this line to find the port.
+        println!("fineprune serve: `{name}` on http://{local}");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .map_err(|e| fineprune::Error::Step(format!("the HTTP server failed: {e}")))
+    })
+}
+
 fn run(cli: Cli) -> fineprune::Result<()> {
     match cli.command {
+        Command::Serve(a) => serve(a),
         Command::Generate(a) => {
             let plan = a.prune.plan()?;
             let loading = std::time::Instant::now();
@@ -230,7 +326,14 @@ fn run(cli: Cli) -> fineprune::Result<()> {
                 .enumerate()
                 .map(|(i, p)| Request {
                     prompt: p.clone(),
-                    image: a.common.image.clone().map(ImageInput::Path),
+                    messages: Vec::new(),
+                    images: a
+                        .common
+                        .image
+                        .clone()
+                        .map(ImageInput::Path)
+                        .into_iter()
+                        .collect(),
                     options: options(&a.common, engine.model()),
                     max_new_tokens: a.max_new_tokens,
                     sampling: Sampling {

@@ -115,6 +115,8 @@ pub struct ChatTemplate {
     /// Where the template came from (a file, or `<chat template>`), for error messages.
     source: PathBuf,
     special_tokens: BTreeMap<String, String>,
+    /// Pass text-only content as one string ([`ChatTemplate::with_text_content`]).
+    text_content: bool,
 }
 
 /// A rendered chat: the text the template produced and what [`build_chat_prompt`] needs to
@@ -250,7 +252,17 @@ impl ChatTemplate {
             env,
             source,
             special_tokens: BTreeMap::new(),
+            text_content: false,
         })
+    }
+
+    /// Passes each message whose parts are all text with `content` as one string (the parts
+    /// joined) instead of a list of parts: what transformers' tokenizer (rather than a
+    /// multimodal processor) hands a text-only model's template, e.g. SmolLM2's, which writes
+    /// `message['content']` directly. Messages with an image keep the list.
+    pub fn with_text_content(mut self, on: bool) -> Self {
+        self.text_content = on;
+        self
     }
 
     /// Renders `messages` as transformers' processor does: the context holds `messages` (each
@@ -269,8 +281,25 @@ impl ChatTemplate {
             .special_tokens
             .iter()
             .map(|(k, v)| (k.as_str(), Value::from(v.as_str())));
+        let messages_value = match self.text_content {
+            false => Value::from(Serde(messages)),
+            true => Value::from_iter(messages.iter().map(|m| {
+                let text: Option<String> = (m.content.iter())
+                    .map(|p| match p {
+                        ChatPart::Text(t) => Some(t.as_str()),
+                        ChatPart::Image => None,
+                    })
+                    .collect();
+                match text {
+                    Some(text) => Value::from(Serde(serde_json::json!({
+                        "role": m.role, "content": text
+                    }))),
+                    None => Value::from(Serde(m)),
+                }
+            })),
+        };
         let fixed = [
-            ("messages", Value::from(Serde(messages))),
+            ("messages", messages_value),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
             ("tools", Value::from(())),
             ("documents", Value::from(())),
@@ -282,9 +311,11 @@ impl ChatTemplate {
             .map_err(|e| config_err(&self.source, e))?;
         template.render(ctx).map_err(|e| {
             let at = e.line().map(|l| format!(" (line {l})")).unwrap_or_default();
+            // The file's name only: this message goes back to clients.
+            let name = self.source.file_name().unwrap_or(self.source.as_os_str());
             Error::Prompt(format!(
                 "the chat template {}{at}: {}",
-                self.source.display(),
+                name.to_string_lossy(),
                 e.detail()
                     .map_or_else(|| e.kind().to_string(), str::to_string)
             ))

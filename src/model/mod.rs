@@ -40,6 +40,9 @@ pub struct Model {
     /// The CLIs use it unless told otherwise; library callers pass it in
     /// [`template::PromptOptions::system`].
     pub system: Option<String>,
+    /// Its chat template ([`chat::ChatTemplate`]: the directory's, or a GGUF's
+    /// `tokenizer.chat_template`), which renders [`crate::Request::chat`] messages.
+    pub chat_template: Option<chat::ChatTemplate>,
     /// Where it was loaded from.
     pub source: PathBuf,
     /// The checkpoint's key prefixes (its detected key layout).
@@ -101,6 +104,8 @@ impl Model {
             ModelConfig::Llama(_) => None,
         };
         let lm = Llama::load(config.text(), &mut b)?;
+        let chat_template = chat::ChatTemplate::from_model_dir(path)?
+            .map(|t| t.with_text_content(vision.is_none()));
         Ok(Model {
             config,
             params: b.finish(),
@@ -109,6 +114,7 @@ impl Model {
             tokenizer,
             image_processor,
             system: template::system_of_model(path)?,
+            chat_template,
             source: path.to_path_buf(),
             layout,
             tensors,
@@ -153,6 +159,21 @@ impl Model {
                 (name, shape, dtype)
             })
             .collect();
+        let token = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
+        let special = [
+            ("bos_token", token(g.config.bos_token_id)),
+            ("eos_token", token(g.config.eos_token_ids.first().copied())),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_string(), v?)));
+        let chat_template = match gguf::GgufFile::open(path)?.chat_template()? {
+            Some(src) => Some(
+                chat::ChatTemplate::new(&src)?
+                    .with_special_tokens(special)
+                    .with_text_content(true),
+            ),
+            None => None,
+        };
         let config = ModelConfig::Llama(g.config);
         let mut b = ParamBuilder::new(&mut w, false);
         let lm = Llama::load(config.text(), &mut b)?;
@@ -164,6 +185,7 @@ impl Model {
             tokenizer,
             image_processor: None,
             system: None,
+            chat_template,
             source: path.to_path_buf(),
             layout,
             tensors,
