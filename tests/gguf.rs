@@ -1359,6 +1359,39 @@ fn smollm2_tokenizer_matches_transformers() {
     assert_eq!(ours, j["backend_without_vocab"]);
 }
 
+/// Chats through the GGUF's own chat template (its `tokenizer.chat_template` metadata) give the
+/// text and ids of transformers' `tokenizer.apply_chat_template` (string content, no special
+/// tokens added: the template writes them).
+#[test]
+fn smollm2_chats_match_transformers_apply_chat_template() {
+    use fineprune::model::chat::ChatMessage;
+    let Some(path) = smollm2_path() else { return };
+    let engine =
+        fineprune::Engine::new(std::sync::Arc::new(fineprune::Model::load(&path).unwrap()));
+    let template = (engine.model().chat_template.as_ref()).expect("the GGUF has a chat template");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/gguf_tokenizer_ref.json");
+    let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let chats = j["chats"].as_array().unwrap();
+    assert_eq!(chats.len(), 3);
+    for c in chats {
+        let messages: Vec<ChatMessage> = c["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+            .collect();
+        let text = template.render(&messages, true).unwrap();
+        assert_eq!(text, c["text"].as_str().unwrap());
+        let want: Vec<u32> = serde_json::from_value(c["ids"].clone()).unwrap();
+        let req = fineprune::Request::chat(messages, vec![]);
+        assert_eq!(
+            engine.prepare(&req).unwrap().prompt.ids,
+            want,
+            "ids of {text:?}"
+        );
+    }
+}
+
 /// transformers' own dequantised and un-permuted weights and tokenizer ids
 /// (tests/reference/gen_smollm2.py), when that fixture is present.
 #[test]

@@ -40,11 +40,15 @@ enum Command {
     Generate(GenerateArgs),
     /// Write the prefill logits of every prompt position to a safetensors file.
     Logits(LogitsArgs),
-    /// Describe a checkpoint: architecture, shapes, parameter count, dtypes, key layout.
-    /// Serve the model over HTTP, OpenAI-compatible: POST /v1/chat/completions (streaming,
-    /// images, and a `prune` extension for per-request visual token pruning), GET /v1/models,
-    /// /health and /metrics (Prometheus). Requests run as one continuously batched engine.
+    /// Serve the model over an OpenAI-compatible HTTP API, with per-request pruning.
+    ///
+    /// POST /v1/chat/completions (streaming, images as data URLs, and a `prune` extension:
+    /// `{"layer": 2, "keep": 0.25, "head": "variance", "query": "text_tokens_only"}`),
+    /// GET /v1/models, /health and /metrics (Prometheus). All requests run in one continuously
+    /// batched engine; a client that disconnects cancels its request. Logs go to stderr
+    /// (RUST_LOG=debug for more).
     Serve(ServeArgs),
+    /// Describe a checkpoint: architecture, shapes, parameter count, dtypes, key layout.
     Inspect {
         /// HF model directory (config.json, *.safetensors, tokenizer.json) or a .gguf file.
         #[arg(long)]
@@ -270,6 +274,7 @@ fn serve(a: ServeArgs) -> fineprune::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let plan = a.prune.plan()?;
     let model = a.run_on.load(&a.model)?;

@@ -367,7 +367,10 @@ impl ChatTemplate {
         let images = (messages.iter().flat_map(|m| &m.content))
             .filter(|p| matches!(p, ChatPart::Image))
             .count();
-        let add_special_tokens = !self.bos_token().is_some_and(|b| text.starts_with(b));
+        // A processor adds them unless the text starts with BOS; a text model's tokenizer
+        // (`tokenizer.apply_chat_template`) never adds them: its template writes them.
+        let add_special_tokens =
+            !self.text_content && !self.bos_token().is_some_and(|b| text.starts_with(b));
         Ok(RenderedChat {
             text,
             user_texts,

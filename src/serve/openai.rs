@@ -221,7 +221,8 @@ pub fn to_request(body: ChatRequest, cfg: &ServeConfig) -> Result<(Request, bool
         return Err(Error::arg("stop", "at most 16 stop strings"));
     }
     let prune = match body.prune {
-        None => cfg.default_plan.clone(),
+        // The server's plan prunes image tokens: a text-only chat has none to prune.
+        None => cfg.default_plan.clone().filter(|_| !images.is_empty()),
         Some(PruneField::Word(w)) if w == "none" => None,
         Some(PruneField::Word(w)) => {
             return Err(Error::arg(
@@ -439,6 +440,15 @@ mod tests {
             .unwrap_err();
             assert!(e.is_client_error() && e.to_string().contains(field), "{e}");
         }
+        // The server-wide plan applies to requests with images only.
+        let with_default = ServeConfig {
+            model_name: "m".into(),
+            default_plan: Some(PrunePlan::fastv()),
+            ..ServeConfig::default()
+        };
+        let text = serde_json::json!({"messages": [{"role": "user", "content": "hi"}]});
+        let body: ChatRequest = serde_json::from_value(text).unwrap();
+        assert!(to_request(body, &with_default).unwrap().0.prune.is_none());
         let none = parse(serde_json::json!({
             "messages": [{"role": "user", "content": "hi"}], "prune": "none"
         }))

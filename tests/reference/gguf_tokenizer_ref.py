@@ -48,12 +48,26 @@ cases = []
 for s in STRINGS:
     ids = tok(s)["input_ids"]
     cases.append({"text": s, "ids": ids, "decoded": tok.decode(ids)})
+# Chats through the GGUF's own template (`tokenizer.chat_template`), as a text model's tokenizer
+# renders and tokenizes them (tests/smollm2.rs checks the engine's chat prompts against these).
+CHATS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. How can I help?"},
+     {"role": "user", "content": "Tell me a joke about café owners."}],
+]
+chats = []
+for msgs in CHATS:
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    chats.append({"messages": msgs, "text": text, "ids": list(ids)})
 backend = json.loads(tok.backend_tokenizer.to_str())
 backend["model"] = {k: v for k, v in backend["model"].items() if k not in ("vocab", "merges")}
 ref = {
     "transformers": transformers.__version__,
     "model": os.path.basename(path),
     "cases": cases,
+    "chats": chats,
     "backend_without_vocab": backend,
 }
 with open(os.path.join(HERE, "gguf_tokenizer_ref.json"), "w") as f:
