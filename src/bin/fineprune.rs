@@ -215,9 +215,11 @@ struct ServeArgs {
     /// max_tokens of requests that give none.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
-    /// Rows one batch step may take on (running requests' tokens plus admitted prompts).
-    #[arg(long)]
-    max_step_tokens: Option<usize>,
+    /// Rows one batch step may take on (one per running request plus the prompts admitted):
+    /// more waiting prompts wait for the next step, so running requests keep getting tokens
+    /// while a crowd of new ones arrives. A longer prompt runs once the batch is empty.
+    #[arg(long, default_value_t = 4096)]
+    max_step_tokens: usize,
     /// KV cache bytes the running requests may hold (each counted at its worst case).
     #[arg(long)]
     max_kv_bytes: Option<usize>,
@@ -282,7 +284,6 @@ fn serve(a: ServeArgs) -> fineprune::Result<()> {
         let stem = a.model.file_stem().or(a.model.file_name());
         stem.map_or("model".into(), |n| n.to_string_lossy().into_owned())
     });
-    let defaults = fineprune::Budget::default();
     let config = ServeConfig {
         model_name: name.clone(),
         default_plan: plan,
@@ -290,8 +291,8 @@ fn serve(a: ServeArgs) -> fineprune::Result<()> {
         image_dir: a.image_dir.clone(),
         max_tokens: a.max_tokens,
         budget: fineprune::Budget {
-            step_tokens: a.max_step_tokens.unwrap_or(defaults.step_tokens),
-            kv_bytes: a.max_kv_bytes.unwrap_or(defaults.kv_bytes),
+            step_tokens: a.max_step_tokens,
+            kv_bytes: a.max_kv_bytes.unwrap_or(usize::MAX),
         },
         ..ServeConfig::default()
     };

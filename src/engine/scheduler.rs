@@ -219,9 +219,11 @@ fn run(engine: Engine, budget: Budget, rx: Receiver<Command>, load: Arc<Mutex<Lo
                         text: u.text,
                     };
                     if !sink(event) {
-                        batch.cancel(u.id);
+                        // A request that finished with this token is not cancelled.
+                        if batch.cancel(u.id) {
+                            stats.cancelled += 1;
+                        }
                         sinks.remove(&u.id);
-                        stats.cancelled += 1;
                     }
                 }
             }

@@ -229,6 +229,24 @@ fn record(s: &Server, id: &str, g: &Generation, arrived: Instant) {
     );
 }
 
+/// Counts a non-streamed request as cancelled when its handler is dropped before the answer:
+/// the client went away (hyper drops the handler, the receiver with it, and the scheduler
+/// cancels the request at its next token).
+struct Unanswered<'a> {
+    server: &'a Server,
+    id: &'a str,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.server.metrics.request(Outcome::Cancelled);
+            tracing::info!(id = %self.id, "client disconnected; cancelled");
+        }
+    }
+}
+
 async fn whole_answer(
     s: &Server,
     id: &str,
@@ -236,7 +254,15 @@ async fn whole_answer(
     mut rx: mpsc::UnboundedReceiver<Event>,
     arrived: Instant,
 ) -> Response {
+    let mut pending = Unanswered {
+        server: s,
+        id,
+        answered: false,
+    };
     while let Some(ev) = rx.recv().await {
+        if !matches!(ev, Event::Token { .. }) {
+            pending.answered = true;
+        }
         match ev {
             Event::Token { .. } => {}
             Event::Done(g) => {
@@ -265,6 +291,8 @@ async fn whole_answer(
             }
         }
     }
+    pending.answered = true;
+    s.metrics.request(Outcome::ServerError);
     ApiError::of(&Error::Stopped(
         "the request ended without an answer".into(),
     ))
