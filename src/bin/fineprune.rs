@@ -8,16 +8,16 @@
 mod common;
 #[path = "common/device.rs"]
 mod device;
+#[path = "common/plan.rs"]
+mod plan;
 
 use clap::{Args, Parser, Subcommand};
 use common::StrategyFlags;
 use fineprune::io::{OutTensor, read_f32_tensor, write_safetensors};
 use fineprune::model::config::ModelConfig;
 use fineprune::model::template::PromptOptions;
-use fineprune::prune::head_strategy;
 use fineprune::prune::metrics::RunStats;
-use fineprune::prune::query_strategy;
-use fineprune::prune::{Keep, PrunePlan, Stage};
+use fineprune::prune::{Keep, PrunePlan};
 use fineprune::{Engine, ImageInput, Model, Request, Sampling};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -115,32 +115,15 @@ impl PruneArgs {
         if self.prune_layer.is_empty() {
             return Ok(None);
         }
-        let keeps = match self.keep.len() {
-            1 => vec![self.keep[0]; self.prune_layer.len()],
-            n if n == self.prune_layer.len() => self.keep.clone(),
-            n => {
-                return Err(fineprune::Error::arg(
-                    "--keep",
-                    format!(
-                        "{n} values for {} --prune-layer stages",
-                        self.prune_layer.len()
-                    ),
-                ));
-            }
-        };
-        let params = self.strategy.params();
-        let mut plan = PrunePlan::new(
-            self.prune_layer
-                .iter()
-                .zip(keeps)
-                .map(|(&layer, keep)| Stage { layer, keep })
-                .collect(),
-        );
-        plan.head = head_strategy(&self.head, &params)?;
-        plan.query = query_strategy(&self.query, &params)?;
-        plan.head_keep = self.strategy.head_keep;
-        plan.renumber = self.renumber;
-        Ok(Some(plan))
+        plan::plan_of_flags(
+            &self.prune_layer,
+            &self.keep,
+            &self.head,
+            &self.query,
+            &self.strategy,
+            self.renumber,
+        )
+        .map(Some)
     }
 }
 

@@ -22,13 +22,15 @@
 mod common;
 #[path = "common/device.rs"]
 mod device;
+#[path = "common/plan.rs"]
+mod plan;
 
 use clap::{Parser, ValueEnum};
 use common::StrategyFlags;
 use fineprune::bench::report::{self, Series};
 use fineprune::bench::shapes::{self, ShapesConfig, Split};
 use fineprune::model::template::PromptOptions;
-use fineprune::prune::{Keep, PrunePlan, Stage, head_strategy, query_strategy};
+use fineprune::prune::{Keep, PrunePlan};
 use fineprune::{Budget, Engine, Error, Event, Generation, ImageInput, Request, Scheduler};
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -291,32 +293,14 @@ fn prune_plan(a: &Args) -> fineprune::Result<PrunePlan> {
     if a.prune_layer.is_empty() {
         return Err(Error::arg("--prune-layer", "give at least one layer"));
     }
-    let keeps = match a.keep.len() {
-        1 => vec![a.keep[0]; a.prune_layer.len()],
-        n if n == a.prune_layer.len() => a.keep.clone(),
-        n => {
-            return Err(Error::arg(
-                "--keep",
-                format!(
-                    "{n} values for {} --prune-layer stages",
-                    a.prune_layer.len()
-                ),
-            ));
-        }
-    };
-    let params = a.strategy.params();
-    let mut plan = PrunePlan::new(
-        a.prune_layer
-            .iter()
-            .zip(keeps)
-            .map(|(&layer, keep)| Stage { layer, keep })
-            .collect(),
-    );
-    plan.head = head_strategy(&a.head, &params)?;
-    plan.query = query_strategy(&a.query, &params)?;
-    plan.head_keep = a.strategy.head_keep;
-    plan.renumber = a.renumber;
-    Ok(plan)
+    plan::plan_of_flags(
+        &a.prune_layer,
+        &a.keep,
+        &a.head,
+        &a.query,
+        &a.strategy,
+        a.renumber,
+    )
 }
 
 /// A human-readable description of the pruned configuration.

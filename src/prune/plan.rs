@@ -77,6 +77,32 @@ pub struct PrunePlan {
     pub random: Option<u64>,
 }
 
+impl Stage {
+    /// One stage per layer of `layers`, keeping `keeps`: one value for every stage, or one per
+    /// stage. A count that matches neither is an [`Error::Arg`] on `keep`.
+    pub fn per_layer(layers: &[usize], keeps: &[Keep]) -> Result<Vec<Stage>> {
+        let keep = |i: usize| match keeps.len() {
+            1 => Ok(keeps[0]),
+            n if n == layers.len() => Ok(keeps[i]),
+            n => Err(Error::arg(
+                "keep",
+                format!(
+                    "{n} values for {} stages (give one, or one per layer)",
+                    layers.len()
+                ),
+            )),
+        };
+        (layers.iter().enumerate())
+            .map(|(i, &layer)| {
+                Ok(Stage {
+                    layer,
+                    keep: keep(i)?,
+                })
+            })
+            .collect()
+    }
+}
+
 impl PrunePlan {
     /// FastV: one stage `(2, 0.5)`, every head (`sum`), the last prompt token as query.
     pub fn fastv() -> Self {

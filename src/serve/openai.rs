@@ -310,31 +310,15 @@ fn plan(p: WirePlan, default: Option<&PrunePlan>) -> Result<PrunePlan> {
         Some(k) => k.into_vec().iter().map(keep).collect::<Result<_>>()?,
         None => base.stages.iter().map(|s| s.keep).collect(),
     };
-    let keeps = match keeps.len() {
-        1 => vec![keeps[0]; layers.len()],
-        n if n == layers.len() => keeps,
-        n => {
-            return Err(Error::arg(
-                "prune.keep",
-                format!("{n} values for {} layers", layers.len()),
-            ));
-        }
-    };
     if layers.is_empty() {
         return Err(Error::arg("prune.layer", "no layers"));
     }
-    let mut plan = PrunePlan::new(
-        layers
-            .into_iter()
-            .zip(keeps)
-            .map(|(layer, keep)| Stage { layer, keep })
-            .collect(),
-    );
-    let params = StrategyParams::default();
     let named = |e: Error, field: &str| match e {
         Error::Arg { msg, .. } => Error::arg(format!("prune.{field}"), msg),
         e => e,
     };
+    let mut plan = PrunePlan::new(Stage::per_layer(&layers, &keeps).map_err(|e| named(e, "keep"))?);
+    let params = StrategyParams::default();
     plan.head = match &p.head {
         Some(h) => head_strategy(h, &params).map_err(|e| named(e, "head"))?,
         None => base.head.clone(),
