@@ -10,6 +10,7 @@ pub mod kd;
 pub mod loss;
 pub mod matmul;
 pub mod norm;
+pub mod quant;
 pub mod rope;
 
 /// `x += y` elementwise (residual connections).

@@ -1,0 +1,1279 @@
+//! Matrix products that read GGUF-quantised weights in their blocks, as llama.cpp's CPU backend
+//! does: [`quant_linear`] computes `out[m, n] = x[m, k] · Wᵀ` for a weight `W: [n, k]` stored row
+//! by row in ggml blocks, without ever widening `W` to f32.
+//!
+//! # Scheme
+//! Each activation row is quantised once per call to the weight type's 8-bit *dot partner*
+//! (llama.cpp's `vec_dot_type`); every block of a weight row is then dotted with the matching
+//! partner block in integers and the integer sum scaled in f32:
+//!
+//! | weight | partner | per-block contribution to `out[i, j]` |
+//! |--------|---------|----------------------------------------|
+//! | Q4_0, Q5_0, Q8_0 | Q8_0 | `(d_w · d_x) · Σ q_w q_x` (`q_w` signed: `q - 8`, `q - 16`, `q`) |
+//! | Q4_1, Q5_1 | Q8_1 | `(d_w · d_x) · Σ q_w q_x + m_w · s_x` |
+//! | Q4_K, Q5_K | Q8_K | `d_w d_x Σ_j sc_j Σ q_w q_x − dmin_w d_x Σ_j m_j (bsum_2j + bsum_2j+1)` |
+//! | Q6_K | Q8_K | `d_w d_x Σ_g sc_g (Σ q_w q_x − 32 · bsum_g)` (`q_w` in 0..64) |
+//!
+//! The partners (block layouts as in ggml-common.h, held here unpacked):
+//! - **Q8_0** (32 elements): `d = amax / 127` stored as f16, `q = round(x / d)` (`roundf`: half
+//!   away from zero) in `-127..=127`.
+//! - **Q8_1** (32 elements): Q8_0 plus `s = d · Σ q` (with the f32 `d`, then rounded to f16), so
+//!   the weight's min `m` contributes `m · Σ x̂` without touching the quants.
+//! - **Q8_K** (256 elements): `iscale = −127 / max` (`max` the signed element of largest
+//!   magnitude), `q = min(127, nearest_int(iscale · x))`, `d = 1 / iscale` kept in f32, and
+//!   `bsums[g] = Σ q` over each 16 elements, which carry the K-quants' mins and Q6_K's offset.
+//!
+//! Integer sums are exact, so the only error against the f32 product of the dequantised weight is
+//! the activation rounding: `|x − x̂| ≤ d/2 + amax · 2⁻¹¹` per element (half a step, plus the f16
+//! rounding of `d` for Q8_0/Q8_1), i.e. about 1/254 of its block's largest magnitude.
+//!
+//! # Kernels
+//! Runtime detection picks one of three tiers ([`Isa`]): AVX-512 VNNI (`vpdpbusd` on 256-bit
+//! vectors for the 32-element types), AVX2+FMA+F16C (`vpmaddubsw` + `vpmaddwd`, as llama.cpp's
+//! AVX2 path; signed weights use the `sign`/`abs` trick so the unsigned operand is `|q_w|`), and a
+//! portable scalar path written in fixed-size per-block loops that the compiler vectorises (the
+//! only path off x86-64). The SIMD kernels take up to four activation rows at once, so each weight
+//! block is unpacked once per four rows; rayon splits the output rows of `W` into chunks, each
+//! chunk against every activation row, so decode (`m = 1`) and prefill both use every core.
+
+use crate::error::{Error, Result};
+use crate::model::gguf::GgmlType;
+use half::f16;
+use rayon::prelude::*;
+use std::sync::OnceLock;
+
+/// Whether [`quant_linear`] handles weights of type `ty`.
+pub fn supports(ty: GgmlType) -> bool {
+    partner(ty).is_some()
+}
+
+/// The instruction-set tier a product runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Plain Rust (auto-vectorised); runs everywhere.
+    Portable,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX2 + FMA + F16C + AVX-512 VNNI/VL (`vpdpbusd` on 256-bit vectors).
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// Whether this machine can run the tier.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                Isa::Avx2.available()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The best tier this machine runs (detected once).
+    pub fn detect() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            [Isa::Avx512Vnni, Isa::Avx2]
+                .into_iter()
+                .find(|i| i.available())
+                .unwrap_or(Isa::Portable)
+        })
+    }
+}
+
+/// `out[m, n] = x[m, k] · Wᵀ` for `W: [n, k]` stored row by row in ggml blocks of `ty` (each row
+/// `k / block_size` blocks, `w.len() == n · bytes_for(k)`), `x: [m, k]` row-major f32. Supported:
+/// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K (see the module docs for the scheme); other
+/// types are [`Error::Unsupported`], a `k` that is not a whole number of blocks or mismatched
+/// buffer lengths are [`Error::Shape`]. Runs on the best [`Isa`] this machine has.
+pub fn quant_linear(
+    ty: GgmlType,
+    w: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+) -> Result<Vec<f32>> {
+    quant_linear_on(Isa::detect(), ty, w, n, k, x, m)
+}
+
+/// [`quant_linear`] on a chosen [`Isa`] tier (benches and tests compare them); a tier this
+/// machine lacks is [`Error::Unsupported`]. Every tier gives the same numbers up to the order of
+/// f32 additions.
+pub fn quant_linear_on(
+    isa: Isa,
+    ty: GgmlType,
+    w: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+) -> Result<Vec<f32>> {
+    let p = partner(ty).ok_or_else(|| Error::Unsupported {
+        what: "ggml type for quantised matmul (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)",
+        value: ty.to_string(),
+    })?;
+    if !isa.available() {
+        return Err(Error::Unsupported {
+            what: "instruction set on this CPU",
+            value: format!("{isa:?}"),
+        });
+    }
+    let bs = ty.block_size();
+    if !k.is_multiple_of(bs) {
+        return Err(Error::Shape {
+            name: format!("quant_linear {ty} weight row length k (a multiple of {bs})"),
+            expected: vec![n, k.next_multiple_of(bs)],
+            got: vec![n, k],
+        });
+    }
+    let row_bytes = (k / bs) * ty.type_size();
+    let want = n.checked_mul(row_bytes);
+    if want != Some(w.len()) {
+        return Err(Error::Shape {
+            name: format!("quant_linear {ty} weight bytes for [{n}, {k}]"),
+            expected: want.map(|v| vec![v]).unwrap_or_default(),
+            got: vec![w.len()],
+        });
+    }
+    if m.checked_mul(k) != Some(x.len()) {
+        return Err(Error::Shape {
+            name: "quant_linear input".into(),
+            expected: vec![m, k],
+            got: vec![x.len()],
+        });
+    }
+    if m == 0 || n == 0 || k == 0 {
+        return Ok(vec![0.0; m * n]);
+    }
+    let acts = QActs::quantize(p, x, m, k);
+    Ok(run(kernel(ty, isa), w, row_bytes, n, &acts))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantisation
+// ---------------------------------------------------------------------------------------------
+
+/// The 8-bit type an activation row is quantised to for a weight type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Partner {
+    Q8_0,
+    Q8_1,
+    Q8K,
+}
+
+fn partner(ty: GgmlType) -> Option<Partner> {
+    Some(match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => Partner::Q8_0,
+        GgmlType::Q4_1 | GgmlType::Q5_1 => Partner::Q8_1,
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => Partner::Q8K,
+        _ => return None,
+    })
+}
+
+/// `m` activation rows quantised to their partner type, unpacked into flat arrays.
+#[derive(Debug)]
+struct QActs {
+    m: usize,
+    k: usize,
+    /// Block length (32 or 256).
+    qb: usize,
+    /// `[m, k]` quants.
+    qs: Vec<i8>,
+    /// `[m, k / qb]` block scales (Q8_0/Q8_1: the f16 value, widened).
+    d: Vec<f32>,
+    /// Q8_1: `[m, k / 32]` `d · Σ q` (f16-rounded); empty otherwise.
+    s: Vec<f32>,
+    /// Q8_K: `[m, k / 16]` sums of 16 quants; empty otherwise.
+    bsums: Vec<i16>,
+}
+
+/// One quantised activation row.
+#[derive(Debug, Clone, Copy)]
+struct ARow<'a> {
+    qs: &'a [i8],
+    d: &'a [f32],
+    s: &'a [f32],
+    bsums: &'a [i16],
+}
+
+impl QActs {
+    fn quantize(p: Partner, x: &[f32], m: usize, k: usize) -> QActs {
+        let qb = if p == Partner::Q8K { 256 } else { 32 };
+        let nb = k / qb;
+        let mut a = QActs {
+            m,
+            k,
+            qb,
+            qs: vec![0; m * k],
+            d: vec![0.0; m * nb],
+            s: vec![0.0; if p == Partner::Q8_1 { m * nb } else { 0 }],
+            bsums: vec![0; if p == Partner::Q8K { m * k / 16 } else { 0 }],
+        };
+        let (sw, bw) = (a.s.len() / m, a.bsums.len() / m);
+        let rows =
+            a.qs.chunks_mut(k)
+                .zip(a.d.chunks_mut(nb))
+                .zip(x.chunks(k))
+                .zip(chunks_or_empty(&mut a.s, sw, m))
+                .zip(chunks_or_empty(&mut a.bsums, bw, m));
+        let one = |((((qs, d), x), s), bsums): (
+            (((&mut [i8], &mut [f32]), &[f32]), &mut [f32]),
+            &mut [i16],
+        )| {
+            match p {
+                Partner::Q8_0 | Partner::Q8_1 => {
+                    quantize_q8_01(x, qs, d, (p == Partner::Q8_1).then_some(s))
+                }
+                Partner::Q8K => quantize_q8_k(x, qs, d, bsums),
+            }
+        };
+        if m * k >= 1 << 16 {
+            rows.collect::<Vec<_>>().into_par_iter().for_each(one);
+        } else {
+            rows.for_each(one);
+        }
+        a
+    }
+
+    fn row(&self, i: usize) -> ARow<'_> {
+        let nb = self.k / self.qb;
+        let (sw, bw) = (self.s.len() / self.m, self.bsums.len() / self.m);
+        ARow {
+            qs: &self.qs[i * self.k..(i + 1) * self.k],
+            d: &self.d[i * nb..(i + 1) * nb],
+            s: &self.s[i * sw..(i + 1) * sw],
+            bsums: &self.bsums[i * bw..(i + 1) * bw],
+        }
+    }
+}
+
+/// `m` chunks of `w` elements (empty slices when `v` is empty).
+fn chunks_or_empty<T>(v: &mut [T], w: usize, m: usize) -> Vec<&mut [T]> {
+    if w == 0 {
+        (0..m).map(|_| <&mut [T]>::default()).collect()
+    } else {
+        v.chunks_mut(w).collect()
+    }
+}
+
+/// ggml's `quantize_row_q8_0_ref` / `quantize_row_q8_1_ref` for one row (`s` for Q8_1).
+fn quantize_q8_01(x: &[f32], qs: &mut [i8], d: &mut [f32], mut s: Option<&mut [f32]>) {
+    for (b, (xb, qb)) in x.chunks_exact(32).zip(qs.chunks_exact_mut(32)).enumerate() {
+        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let dd = amax / 127.0;
+        let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in qb.iter_mut().zip(xb) {
+            *q = (v * id).round() as i8;
+            sum += *q as i32;
+        }
+        d[b] = f16::from_f32(dd).to_f32();
+        if let Some(s) = s.as_deref_mut() {
+            s[b] = f16::from_f32(sum as f32 * dd).to_f32();
+        }
+    }
+}
+
+/// ggml's `nearest_int`: round half to even (the `1.5 · 2²³` trick).
+#[inline]
+fn nearest_int(v: f32) -> i32 {
+    v.round_ties_even() as i32
+}
+
+/// ggml's `quantize_row_q8_K_ref` for one row.
+fn quantize_q8_k(x: &[f32], qs: &mut [i8], d: &mut [f32], bsums: &mut [i16]) {
+    for (b, (xb, qb)) in x
+        .chunks_exact(256)
+        .zip(qs.chunks_exact_mut(256))
+        .enumerate()
+    {
+        let (mut amax, mut max) = (0.0f32, 0.0f32);
+        for &v in xb {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        let bsum = &mut bsums[16 * b..16 * b + 16];
+        if amax == 0.0 {
+            d[b] = 0.0;
+            qb.fill(0);
+            bsum.fill(0);
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &v) in qb.iter_mut().zip(xb) {
+            *q = nearest_int(iscale * v).min(127) as i8;
+        }
+        for (s, g) in bsum.iter_mut().zip(qb.chunks_exact(16)) {
+            *s = g.iter().map(|&q| q as i16).sum();
+        }
+        d[b] = 1.0 / iscale;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driver
+// ---------------------------------------------------------------------------------------------
+
+/// A row kernel: `out[r] = W_row · a[r]` for `r < a.len() ≤ TILE`, `w` one weight row.
+type Kernel = fn(&[u8], &[ARow], &mut [f32]);
+
+/// Activation rows a SIMD kernel takes at once (each weight block unpacked once per tile).
+const TILE: usize = 4;
+/// Activation rows a task runs through before moving to its next weight rows (keeps a chunk of
+/// weight rows in L2 across them).
+const M_BLOCK: usize = 64;
+
+fn run(kern: Kernel, w: &[u8], row_bytes: usize, n: usize, acts: &QActs) -> Vec<f32> {
+    let m = acts.m;
+    let threads = rayon::current_num_threads().max(1);
+    let rows = (n / (threads * 4)).clamp(4, 64);
+    let arows: Vec<ARow> = (0..m).map(|i| acts.row(i)).collect();
+    // t: [n, m], each task owning a run of weight rows.
+    let mut t = vec![0.0f32; n * m];
+    t.par_chunks_mut(rows * m)
+        .zip(w.par_chunks(rows * row_bytes))
+        .for_each(|(tc, wc)| {
+            let nr = tc.len() / m;
+            for i0 in (0..m).step_by(M_BLOCK) {
+                let i1 = (i0 + M_BLOCK).min(m);
+                for j in 0..nr {
+                    let wr = &wc[j * row_bytes..(j + 1) * row_bytes];
+                    let o = &mut tc[j * m + i0..j * m + i1];
+                    for (a, o) in arows[i0..i1].chunks(TILE).zip(o.chunks_mut(TILE)) {
+                        kern(wr, a, o);
+                    }
+                }
+            }
+        });
+    if m == 1 {
+        return t;
+    }
+    let mut out = vec![0.0f32; m * n];
+    for (j, tr) in t.chunks_exact(m).enumerate() {
+        for (i, &v) in tr.iter().enumerate() {
+            out[i * n + j] = v;
+        }
+    }
+    out
+}
+
+fn kernel(ty: GgmlType, isa: Isa) -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Portable {
+        return x86::kernel(ty, isa == Isa::Avx512Vnni);
+    }
+    let _ = isa;
+    match ty {
+        GgmlType::Q4_0 => portable::<{ PQ4_0 }>,
+        GgmlType::Q4_1 => portable::<{ PQ4_1 }>,
+        GgmlType::Q5_0 => portable::<{ PQ5_0 }>,
+        GgmlType::Q5_1 => portable::<{ PQ5_1 }>,
+        GgmlType::Q8_0 => portable::<{ PQ8_0 }>,
+        GgmlType::Q4_K => portable::<{ PQ4_K }>,
+        GgmlType::Q5_K => portable::<{ PQ5_K }>,
+        _ => portable::<{ PQ6_K }>,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Portable kernels (also the scalar statement of each dot product)
+// ---------------------------------------------------------------------------------------------
+
+const PQ4_0: u8 = 0;
+const PQ4_1: u8 = 1;
+const PQ5_0: u8 = 2;
+const PQ5_1: u8 = 3;
+const PQ8_0: u8 = 4;
+const PQ4_K: u8 = 5;
+const PQ5_K: u8 = 6;
+const PQ6_K: u8 = 7;
+
+fn portable<const T: u8>(w: &[u8], a: &[ARow], out: &mut [f32]) {
+    for (a, o) in a.iter().zip(out) {
+        *o = match T {
+            PQ4_0 => dot_q4_0(w, a),
+            PQ4_1 => dot_q4_1(w, a),
+            PQ5_0 => dot_q5_0(w, a),
+            PQ5_1 => dot_q5_1(w, a),
+            PQ8_0 => dot_q8_0(w, a),
+            PQ4_K => dot_q4_k(w, a),
+            PQ5_K => dot_q5_k(w, a),
+            _ => dot_q6_k(w, a),
+        };
+    }
+}
+
+#[inline]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Σ q_e y_e over a block of 32 whose weight quants `q` are already unpacked.
+#[inline]
+fn isum32(q: &[i8; 32], y: &[i8]) -> i32 {
+    let y: &[i8; 32] = y.try_into().expect("32-element activation block");
+    let mut s = 0i32;
+    for e in 0..32 {
+        s += q[e] as i32 * y[e] as i32;
+    }
+    s
+}
+
+/// The 4-bit quants of a 16-byte nibble array, low nibbles first (elements 0..16, then 16..32),
+/// plus `bias` each.
+#[inline]
+fn nibbles(qs: &[u8], qh: u32, fifth: bool, bias: i8) -> [i8; 32] {
+    let mut q = [0i8; 32];
+    for j in 0..16 {
+        let (mut lo, mut hi) = (qs[j] & 0x0f, qs[j] >> 4);
+        if fifth {
+            lo |= (((qh >> j) & 1) as u8) << 4;
+            hi |= (((qh >> (j + 16)) & 1) as u8) << 4;
+        }
+        q[j] = lo as i8 + bias;
+        q[j + 16] = hi as i8 + bias;
+    }
+    q
+}
+
+/// Q4_0 (18 bytes: `d` f16, 16 bytes of nibbles; `w = d · (q − 8)`) · Q8_0:
+/// `Σ_b (d_w d_x) Σ (q − 8) q_x`.
+fn dot_q4_0(w: &[u8], a: &ARow) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, (blk, y)) in w.chunks_exact(18).zip(a.qs.chunks_exact(32)).enumerate() {
+        let q = nibbles(&blk[2..18], 0, false, -8);
+        acc += (f16_at(blk, 0) * a.d[b]) * isum32(&q, y) as f32;
+    }
+    acc
+}
+
+/// Q4_1 (20 bytes: `d`, `m` f16, 16 bytes of nibbles; `w = d · q + m`) · Q8_1:
+/// `Σ_b (d_w d_x) Σ q q_x + m_w s_x`.
+fn dot_q4_1(w: &[u8], a: &ARow) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, (blk, y)) in w.chunks_exact(20).zip(a.qs.chunks_exact(32)).enumerate() {
+        let q = nibbles(&blk[4..20], 0, false, 0);
+        acc += (f16_at(blk, 0) * a.d[b]) * isum32(&q, y) as f32 + f16_at(blk, 2) * a.s[b];
+    }
+    acc
+}
+
+/// Q5_0 (22 bytes: `d` f16, `qh` u32 of fifth bits, 16 bytes of nibbles; `w = d · (q − 16)`) ·
+/// Q8_0: `Σ_b (d_w d_x) Σ (q − 16) q_x`.
+fn dot_q5_0(w: &[u8], a: &ARow) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, (blk, y)) in w.chunks_exact(22).zip(a.qs.chunks_exact(32)).enumerate() {
+        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+        let q = nibbles(&blk[6..22], qh, true, -16);
+        acc += (f16_at(blk, 0) * a.d[b]) * isum32(&q, y) as f32;
+    }
+    acc
+}
+
+/// Q5_1 (24 bytes: `d`, `m` f16, `qh` u32, 16 bytes of nibbles; `w = d · q + m`) · Q8_1:
+/// `Σ_b (d_w d_x) Σ q q_x + m_w s_x`.
+fn dot_q5_1(w: &[u8], a: &ARow) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, (blk, y)) in w.chunks_exact(24).zip(a.qs.chunks_exact(32)).enumerate() {
+        let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
+        let q = nibbles(&blk[8..24], qh, true, 0);
+        acc += (f16_at(blk, 0) * a.d[b]) * isum32(&q, y) as f32 + f16_at(blk, 2) * a.s[b];
+    }
+    acc
+}
+
+/// Q8_0 (34 bytes: `d` f16, 32 × i8; `w = d · q`) · Q8_0: `Σ_b (d_w d_x) Σ q q_x`.
+fn dot_q8_0(w: &[u8], a: &ARow) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, (blk, y)) in w.chunks_exact(34).zip(a.qs.chunks_exact(32)).enumerate() {
+        let mut q = [0i8; 32];
+        for (q, &v) in q.iter_mut().zip(&blk[2..34]) {
+            *q = v as i8;
+        }
+        acc += (f16_at(blk, 0) * a.d[b]) * isum32(&q, y) as f32;
+    }
+    acc
+}
+
+/// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block (ggml's `get_scale_min_k4`).
+#[inline]
+fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Q4_K (144 bytes: `d`, `dmin` f16, 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes of
+/// nibbles; sub-block `j` of 32 takes the low (`j` even) or high nibbles of `qs[32·(j/2)..]`;
+/// `w = d·sc_j · q − dmin·m_j`) · Q8_K:
+/// `Σ_b d_w d_x Σ_j sc_j Σ q q_x − dmin_w d_x Σ_j m_j (bsum_2j + bsum_2j+1)`.
+fn dot_q4_k(w: &[u8], a: &ARow) -> f32 {
+    dot_q45_k(w, a, false)
+}
+
+/// Q5_K (176 bytes: as Q4_K plus 32 bytes `qh` after the scales whose bit `j` of byte `e` is the
+/// fifth bit of element `e` of sub-block `j`) · Q8_K, as Q4_K.
+fn dot_q5_k(w: &[u8], a: &ARow) -> f32 {
+    dot_q45_k(w, a, true)
+}
+
+fn dot_q45_k(w: &[u8], a: &ARow, five: bool) -> f32 {
+    let ts = if five { 176 } else { 144 };
+    let mut acc = 0.0f32;
+    for (b, (blk, y)) in w.chunks_exact(ts).zip(a.qs.chunks_exact(256)).enumerate() {
+        let scales = &blk[4..16];
+        let (qh, qs) = if five {
+            (&blk[16..48], &blk[48..176])
+        } else {
+            (&blk[0..0], &blk[16..144])
+        };
+        let bs = &a.bsums[16 * b..16 * b + 16];
+        let (mut sumi, mut summ) = (0i32, 0i32);
+        for j in 0..8 {
+            let (sc, mn) = scale_min_k4(j, scales);
+            let shift = 4 * (j % 2);
+            let src = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+            let mut q = [0i8; 32];
+            for e in 0..32 {
+                let mut v = (src[e] >> shift) & 0x0f;
+                if five {
+                    v |= ((qh[e] >> j) & 1) << 4;
+                }
+                q[e] = v as i8;
+            }
+            sumi += sc as i32 * isum32(&q, &y[32 * j..32 * j + 32]);
+            summ += mn as i32 * (bs[2 * j] as i32 + bs[2 * j + 1] as i32);
+        }
+        let dy = a.d[b];
+        acc += (f16_at(blk, 0) * dy) * sumi as f32 - (f16_at(blk, 2) * dy) * summ as f32;
+    }
+    acc
+}
+
+/// Q6_K (210 bytes: `ql` 128 bytes of low nibbles, `qh` 64 bytes of high bit pairs, 16 × i8
+/// scales, `d` f16; element `f = 128h + r` has low bits `ql[64h + r%64] >> 4·(r/64)`, high bits
+/// `qh[32h + r%32] >> 2·(r/32)`, `w = d·sc_(f/16) · (q − 32)`) · Q8_K:
+/// `Σ_b d_w d_x Σ_g sc_g (Σ q q_x − 32 · bsum_g)`.
+fn dot_q6_k(w: &[u8], a: &ARow) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, (blk, y)) in w.chunks_exact(210).zip(a.qs.chunks_exact(256)).enumerate() {
+        let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
+        let bs = &a.bsums[16 * b..16 * b + 16];
+        let mut sumi = 0i32;
+        for h in 0..2 {
+            for c in 0..4 {
+                // Elements 128h + 32c .. + 32: groups 8h + 2c and 8h + 2c + 1.
+                let mut q = [0i8; 32];
+                for (e, q) in q.iter_mut().enumerate() {
+                    let r = 32 * c + e;
+                    let lo = (ql[64 * h + r % 64] >> (4 * (r / 64))) & 0x0f;
+                    let hi = (qh[32 * h + r % 32] >> (2 * (r / 32))) & 0x03;
+                    *q = (lo | (hi << 4)) as i8;
+                }
+                let f0 = 128 * h + 32 * c;
+                let yc = &y[f0..f0 + 32];
+                for g in 0..2 {
+                    let grp = 8 * h + 2 * c + g;
+                    let mut s = 0i32;
+                    for e in 16 * g..16 * g + 16 {
+                        s += q[e] as i32 * yc[e] as i32;
+                    }
+                    sumi += (sc[grp] as i8) as i32 * (s - 32 * bs[grp] as i32);
+                }
+            }
+        }
+        acc += (f16_at(blk, 208) * a.d[b]) * sumi as f32;
+    }
+    acc
+}
+
+// ---------------------------------------------------------------------------------------------
+// x86-64 kernels
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! AVX2 (+ AVX-512 VNNI) kernels. Every function here runs only inside a
+    //! `#[target_feature]` entry point chosen after [`Isa::available`](super::Isa) said yes.
+    //! The entry points check that each activation row holds `k` quants for the `k` of the
+    //! weight row before any unchecked load.
+
+    use super::{ARow, Kernel};
+    use crate::model::gguf::GgmlType;
+    use std::arch::x86_64::*;
+
+    /// `u8 × i8` products summed in fours into eight `i32` lanes.
+    pub(super) trait Dot {
+        /// # Safety
+        /// The caller enables the features of the implementation.
+        unsafe fn dot(u: __m256i, s: __m256i) -> __m256i;
+    }
+
+    /// `vpmaddubsw` + `vpmaddwd` (AVX2). Pairs must not saturate i16: every caller keeps
+    /// `2 · |u| · |s| ≤ 32 512`.
+    pub(super) struct Maddubs;
+    impl Dot for Maddubs {
+        #[inline(always)]
+        unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
+            unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)) }
+        }
+    }
+
+    /// `vpdpbusd` (AVX-512 VNNI on 256-bit vectors).
+    pub(super) struct Vnni;
+    impl Dot for Vnni {
+        #[inline(always)]
+        unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
+            unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s) }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load32(p: *const u8) -> __m256i {
+        unsafe { _mm256_loadu_si256(p as *const __m256i) }
+    }
+
+    #[inline(always)]
+    unsafe fn fp16(b: &[u8], i: usize) -> f32 {
+        let bits = u16::from_le_bytes([b[i], b[i + 1]]);
+        unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+            _mm_cvtss_f32(s)
+        }
+    }
+
+    /// 16 bytes of nibbles → 32 bytes: low nibbles in bytes 0..16, high nibbles in 16..32.
+    #[inline(always)]
+    unsafe fn nibbles(p: &[u8]) -> __m256i {
+        assert!(p.len() >= 16);
+        unsafe {
+            let x = _mm_loadu_si128(p.as_ptr() as *const __m128i);
+            let m4 = _mm_set1_epi8(0x0f);
+            let lo = _mm_and_si128(x, m4);
+            let hi = _mm_and_si128(_mm_srli_epi16(x, 4), m4);
+            _mm256_set_m128i(hi, lo)
+        }
+    }
+
+    /// Byte `e` is `0x10` where bit `e` of `qh` is set, else 0.
+    #[inline(always)]
+    unsafe fn fifth_bits(qh: u32) -> __m256i {
+        unsafe {
+            let v = _mm256_set1_epi32(qh as i32);
+            let pick = _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3,
+                3, 3, 3, 3,
+            );
+            let v = _mm256_shuffle_epi8(v, pick);
+            let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+            _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+        }
+    }
+
+    /// A 32-element block type: its bytes, whether its quants are signed, whether it has a min.
+    pub(super) trait Block32 {
+        const TS: usize;
+        const SIGNED: bool;
+        const MIN: bool;
+        /// `(quants, d, m)`: the 32 quants (signed ones already offset), the scale, the min.
+        ///
+        /// # Safety
+        /// AVX2 + F16C enabled, `b.len() == TS`.
+        unsafe fn unpack(b: &[u8]) -> (__m256i, f32, f32);
+    }
+
+    pub(super) struct B4_0;
+    impl Block32 for B4_0 {
+        const TS: usize = 18;
+        const SIGNED: bool = true;
+        const MIN: bool = false;
+        #[inline(always)]
+        unsafe fn unpack(b: &[u8]) -> (__m256i, f32, f32) {
+            unsafe {
+                let q = _mm256_sub_epi8(nibbles(&b[2..18]), _mm256_set1_epi8(8));
+                (q, fp16(b, 0), 0.0)
+            }
+        }
+    }
+
+    pub(super) struct B4_1;
+    impl Block32 for B4_1 {
+        const TS: usize = 20;
+        const SIGNED: bool = false;
+        const MIN: bool = true;
+        #[inline(always)]
+        unsafe fn unpack(b: &[u8]) -> (__m256i, f32, f32) {
+            unsafe { (nibbles(&b[4..20]), fp16(b, 0), fp16(b, 2)) }
+        }
+    }
+
+    pub(super) struct B5_0;
+    impl Block32 for B5_0 {
+        const TS: usize = 22;
+        const SIGNED: bool = true;
+        const MIN: bool = false;
+        #[inline(always)]
+        unsafe fn unpack(b: &[u8]) -> (__m256i, f32, f32) {
+            unsafe {
+                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                let q = _mm256_or_si256(nibbles(&b[6..22]), fifth_bits(qh));
+                (_mm256_sub_epi8(q, _mm256_set1_epi8(16)), fp16(b, 0), 0.0)
+            }
+        }
+    }
+
+    pub(super) struct B5_1;
+    impl Block32 for B5_1 {
+        const TS: usize = 24;
+        const SIGNED: bool = false;
+        const MIN: bool = true;
+        #[inline(always)]
+        unsafe fn unpack(b: &[u8]) -> (__m256i, f32, f32) {
+            unsafe {
+                let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                let q = _mm256_or_si256(nibbles(&b[8..24]), fifth_bits(qh));
+                (q, fp16(b, 0), fp16(b, 2))
+            }
+        }
+    }
+
+    pub(super) struct B8_0;
+    impl Block32 for B8_0 {
+        const TS: usize = 34;
+        const SIGNED: bool = true;
+        const MIN: bool = false;
+        #[inline(always)]
+        unsafe fn unpack(b: &[u8]) -> (__m256i, f32, f32) {
+            let b = &b[..34];
+            unsafe { (load32(b[2..].as_ptr()), fp16(b, 0), 0.0) }
+        }
+    }
+
+    /// Checks every row holds `nb · qb` quants and `nb` scales (and, per `need`, the Q8_1 sums
+    /// or Q8_K bsums), so the unchecked loads below stay in bounds.
+    #[inline(always)]
+    fn check(a: &[ARow], nb: usize, qb: usize, s: bool, bsums: bool) {
+        for r in a {
+            assert!(r.qs.len() >= nb * qb && r.d.len() >= nb);
+            assert!(!s || r.s.len() >= nb);
+            assert!(!bsums || r.bsums.len() >= nb * qb / 16);
+        }
+    }
+
+    /// One weight row of 32-element blocks against `R` activation rows.
+    #[inline(always)]
+    unsafe fn body32<B: Block32, D: Dot, const R: usize>(w: &[u8], a: &[ARow], out: &mut [f32]) {
+        let nb = w.len() / B::TS;
+        let a = &a[..R];
+        check(a, nb, 32, B::MIN, false);
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut summ = [0.0f32; R];
+            for b in 0..nb {
+                let (q, dw, mw) = B::unpack(&w[b * B::TS..(b + 1) * B::TS]);
+                let qa = if B::SIGNED { _mm256_sign_epi8(q, q) } else { q };
+                for r in 0..R {
+                    let ar = &a[r];
+                    let y = load32(ar.qs.as_ptr().add(32 * b) as *const u8);
+                    let y = if B::SIGNED { _mm256_sign_epi8(y, q) } else { y };
+                    let p = _mm256_cvtepi32_ps(D::dot(qa, y));
+                    let dd = _mm256_set1_ps(dw * *ar.d.get_unchecked(b));
+                    acc[r] = _mm256_fmadd_ps(dd, p, acc[r]);
+                    if B::MIN {
+                        summ[r] += mw * *ar.s.get_unchecked(b);
+                    }
+                }
+            }
+            for r in 0..R {
+                out[r] = hsum(acc[r]) + summ[r];
+            }
+        }
+    }
+
+    /// Q4_K/Q5_K: one weight row against `R` activation rows.
+    #[inline(always)]
+    unsafe fn body_q45k<const FIVE: bool, const R: usize>(w: &[u8], a: &[ARow], out: &mut [f32]) {
+        let ts = if FIVE { 176 } else { 144 };
+        let nb = w.len() / ts;
+        let a = &a[..R];
+        check(a, nb, 256, false, true);
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0f);
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                let blk = &w[b * ts..(b + 1) * ts];
+                let (d, dmin) = (fp16(blk, 0), fp16(blk, 2));
+                let mut sc = [0i16; 8];
+                let mut mins = [0i16; 16];
+                for j in 0..8 {
+                    let (s, m) = super::scale_min_k4(j, &blk[4..16]);
+                    sc[j] = s as i16;
+                    mins[2 * j] = m as i16;
+                    mins[2 * j + 1] = m as i16;
+                }
+                let qs = if FIVE { &blk[48..176] } else { &blk[16..144] };
+                let hbits = if FIVE {
+                    load32(blk[16..48].as_ptr())
+                } else {
+                    _mm256_setzero_si256()
+                };
+                let mut isum = [_mm256_setzero_si256(); R];
+                for t in 0..4 {
+                    let raw = load32(qs[32 * t..].as_ptr());
+                    let mut lo = _mm256_and_si256(raw, m4);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                    if FIVE {
+                        let b0 = _mm256_set1_epi8((1u8 << (2 * t)) as i8);
+                        let b1 = _mm256_set1_epi8((1u8 << (2 * t + 1)) as i8);
+                        let x10 = _mm256_set1_epi8(0x10);
+                        let h0 = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, b0), b0);
+                        let h1 = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, b1), b1);
+                        lo = _mm256_or_si256(lo, _mm256_and_si256(h0, x10));
+                        hi = _mm256_or_si256(hi, _mm256_and_si256(h1, x10));
+                    }
+                    let s0 = _mm256_set1_epi16(sc[2 * t]);
+                    let s1 = _mm256_set1_epi16(sc[2 * t + 1]);
+                    for r in 0..R {
+                        let y = a[r].qs.as_ptr().add(256 * b + 64 * t) as *const u8;
+                        let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load32(y)), s0);
+                        let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load32(y.add(32))), s1);
+                        isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(p0, p1));
+                    }
+                }
+                let mins = _mm256_loadu_si256(mins.as_ptr() as *const __m256i);
+                for r in 0..R {
+                    let bs = load32(a[r].bsums.as_ptr().add(16 * b) as *const u8);
+                    let mm = _mm256_cvtepi32_ps(_mm256_madd_epi16(bs, mins));
+                    let dy = *a[r].d.get_unchecked(b);
+                    acc[r] = _mm256_fmadd_ps(
+                        _mm256_set1_ps(d * dy),
+                        _mm256_cvtepi32_ps(isum[r]),
+                        acc[r],
+                    );
+                    acc[r] = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * dy), mm, acc[r]);
+                }
+            }
+            for r in 0..R {
+                out[r] = hsum(acc[r]);
+            }
+        }
+    }
+
+    /// Q6_K: one weight row against `R` activation rows.
+    #[inline(always)]
+    unsafe fn body_q6k<const R: usize>(w: &[u8], a: &[ARow], out: &mut [f32]) {
+        let nb = w.len() / 210;
+        let a = &a[..R];
+        check(a, nb, 256, false, true);
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0f);
+            let m30 = _mm256_set1_epi8(0x30);
+            let mut acc = [_mm256_setzero_ps(); R];
+            for b in 0..nb {
+                let blk = &w[b * 210..(b + 1) * 210];
+                let d = fp16(blk, 208);
+                let sc = &blk[192..208];
+                let mut isum = [_mm256_setzero_si256(); R];
+                for h in 0..2 {
+                    let qa = load32(blk[64 * h..].as_ptr());
+                    let qb = load32(blk[64 * h + 32..].as_ptr());
+                    let qh = load32(blk[128 + 32 * h..].as_ptr());
+                    let q = [
+                        _mm256_or_si256(
+                            _mm256_and_si256(qa, m4),
+                            _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(qb, m4),
+                            _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(qa, 4), m4),
+                            _mm256_and_si256(qh, m30),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                        ),
+                    ];
+                    for (c, &qc) in q.iter().enumerate() {
+                        let g = 8 * h + 2 * c;
+                        let scv = _mm256_set_m128i(
+                            _mm_set1_epi16((sc[g + 1] as i8) as i16),
+                            _mm_set1_epi16((sc[g] as i8) as i16),
+                        );
+                        for r in 0..R {
+                            let y = a[r].qs.as_ptr().add(256 * b + 128 * h + 32 * c) as *const u8;
+                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qc, load32(y)), scv);
+                            isum[r] = _mm256_add_epi32(isum[r], p);
+                        }
+                    }
+                }
+                // − 32 · Σ_g sc_g · bsum_g
+                let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc.as_ptr() as *const __m128i));
+                for r in 0..R {
+                    let bs = load32(a[r].bsums.as_ptr().add(16 * b) as *const u8);
+                    let corr = _mm256_slli_epi32(_mm256_madd_epi16(bs, sc16), 5);
+                    let s = _mm256_sub_epi32(isum[r], corr);
+                    let dd = _mm256_set1_ps(d * *a[r].d.get_unchecked(b));
+                    acc[r] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(s), acc[r]);
+                }
+            }
+            for r in 0..R {
+                out[r] = hsum(acc[r]);
+            }
+        }
+    }
+
+    /// Entry points: a `#[target_feature]` function per (body, tier) dispatching on the tile
+    /// height, and a safe wrapper (sound because [`kernel`] hands it out only after detection).
+    /// `[..]` holds the body's generic arguments before the tile height.
+    macro_rules! entry {
+        ($safe:ident, $tf:ident, $feat:literal, $body:ident [$($g:tt)*]) => {
+            #[target_feature(enable = $feat)]
+            unsafe fn $tf(w: &[u8], a: &[ARow], out: &mut [f32]) {
+                unsafe {
+                    match a.len().min(out.len()) {
+                        4 => $body::<$($g)* 4>(w, a, out),
+                        3 => $body::<$($g)* 3>(w, a, out),
+                        2 => $body::<$($g)* 2>(w, a, out),
+                        1 => $body::<$($g)* 1>(w, a, out),
+                        _ => {}
+                    }
+                }
+            }
+            fn $safe(w: &[u8], a: &[ARow], out: &mut [f32]) {
+                // SAFETY: only reachable through `kernel`, after `Isa::available` confirmed
+                // every feature `$feat` names.
+                unsafe { $tf(w, a, out) }
+            }
+        };
+    }
+
+    entry!(q4_0_avx2, q4_0_avx2_tf, "avx2,fma,f16c", body32[B4_0, Maddubs,]);
+    entry!(q4_0_vnni, q4_0_vnni_tf, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", body32[B4_0, Vnni,]);
+    entry!(q4_1_avx2, q4_1_avx2_tf, "avx2,fma,f16c", body32[B4_1, Maddubs,]);
+    entry!(q4_1_vnni, q4_1_vnni_tf, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", body32[B4_1, Vnni,]);
+    entry!(q5_0_avx2, q5_0_avx2_tf, "avx2,fma,f16c", body32[B5_0, Maddubs,]);
+    entry!(q5_0_vnni, q5_0_vnni_tf, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", body32[B5_0, Vnni,]);
+    entry!(q5_1_avx2, q5_1_avx2_tf, "avx2,fma,f16c", body32[B5_1, Maddubs,]);
+    entry!(q5_1_vnni, q5_1_vnni_tf, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", body32[B5_1, Vnni,]);
+    entry!(q8_0_avx2, q8_0_avx2_tf, "avx2,fma,f16c", body32[B8_0, Maddubs,]);
+    entry!(q8_0_vnni, q8_0_vnni_tf, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", body32[B8_0, Vnni,]);
+    entry!(q4_k_avx2, q4_k_avx2_tf, "avx2,fma,f16c", body_q45k[false,]);
+    entry!(q4_k_vnni, q4_k_vnni_tf, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", body_q45k[false,]);
+    entry!(q5_k_avx2, q5_k_avx2_tf, "avx2,fma,f16c", body_q45k[true,]);
+    entry!(q5_k_vnni, q5_k_vnni_tf, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", body_q45k[true,]);
+    entry!(q6_k_avx2, q6_k_avx2_tf, "avx2,fma,f16c", body_q6k[]);
+    entry!(q6_k_vnni, q6_k_vnni_tf, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", body_q6k[]);
+
+    /// The kernel of `ty` on the AVX2 tier, or the AVX-512 VNNI one when `vnni`.
+    pub(super) fn kernel(ty: GgmlType, vnni: bool) -> Kernel {
+        match (ty, vnni) {
+            (GgmlType::Q4_0, false) => q4_0_avx2,
+            (GgmlType::Q4_1, false) => q4_1_avx2,
+            (GgmlType::Q5_0, false) => q5_0_avx2,
+            (GgmlType::Q5_1, false) => q5_1_avx2,
+            (GgmlType::Q8_0, false) => q8_0_avx2,
+            (GgmlType::Q4_K, false) => q4_k_avx2,
+            (GgmlType::Q5_K, false) => q5_k_avx2,
+            (GgmlType::Q4_0, true) => q4_0_vnni,
+            (GgmlType::Q4_1, true) => q4_1_vnni,
+            (GgmlType::Q5_0, true) => q5_0_vnni,
+            (GgmlType::Q5_1, true) => q5_1_vnni,
+            (GgmlType::Q8_0, true) => q8_0_vnni,
+            (GgmlType::Q4_K, true) => q4_k_vnni,
+            (GgmlType::Q5_K, true) => q5_k_vnni,
+            (_, true) => q6_k_vnni,
+            _ => q6_k_avx2,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gguf::dequantize;
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+
+    const TYPES: [GgmlType; 8] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ];
+
+    /// Byte offsets of the f16 fields of a block.
+    fn f16_fields(ty: GgmlType) -> &'static [usize] {
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::Q6_K => &[208],
+            _ => &[0, 2],
+        }
+    }
+
+    /// `n` rows of `k` random elements: random quant bytes, f16 scales of either sign with
+    /// magnitude in [1e-3, 5e-2).
+    fn random_weights(ty: GgmlType, n: usize, k: usize, rng: &mut StdRng) -> Vec<u8> {
+        let len = n * (k / ty.block_size()) * ty.type_size();
+        let mut w: Vec<u8> = (0..len).map(|_| rng.random::<u8>()).collect();
+        for blk in w.chunks_exact_mut(ty.type_size()) {
+            for &o in f16_fields(ty) {
+                let mag = rng.random_range(1e-3f32..5e-2);
+                let v = if rng.random::<bool>() { mag } else { -mag };
+                blk[o..o + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+            }
+        }
+        w
+    }
+
+    /// Activations with a per-block spread of magnitudes; row 1 starts with a zero block.
+    fn random_x(m: usize, k: usize, rng: &mut StdRng) -> Vec<f32> {
+        let mut x: Vec<f32> = (0..m * k)
+            .map(|i| {
+                let scale = [0.1f32, 1.0, 7.0][(i / 32) % 3];
+                rng.random_range(-1.0f32..1.0) * scale
+            })
+            .collect();
+        if m > 1 {
+            x[k..k + 32.min(k)].fill(0.0);
+        }
+        x
+    }
+
+    /// The scalar spec of a quantised product: the dequantised weight (gguf.rs, an independent
+    /// decoder) times the dequantised 8-bit activation `x̂ = d · q`, in f64; for the Q8_1 types
+    /// the min term takes llama.cpp's `m · s` (so the f16 rounding of `s` is part of the spec).
+    /// Returns `(value, Σ |terms|)` per output `[m, n]`.
+    fn spec(ty: GgmlType, w: &[u8], n: usize, k: usize, acts: &QActs) -> (Vec<f64>, Vec<f64>) {
+        let wf = dequantize(ty, w, n * k).unwrap();
+        let (bs, ts) = (ty.block_size(), ty.type_size());
+        let mins = partner(ty) == Some(Partner::Q8_1);
+        let (mut val, mut abs) = (vec![0.0; acts.m * n], vec![0.0; acts.m * n]);
+        for i in 0..acts.m {
+            let a = acts.row(i);
+            for j in 0..n {
+                let (mut v, mut s) = (0.0f64, 0.0f64);
+                for e in 0..k {
+                    let b = e / acts.qb;
+                    let mw = if mins {
+                        let blk = &w[(j * k + e) / bs * ts..];
+                        f16_at(blk, 2) as f64
+                    } else {
+                        0.0
+                    };
+                    let t = (wf[j * k + e] as f64 - mw) * a.d[b] as f64 * a.qs[e] as f64;
+                    v += t;
+                    s += t.abs();
+                    if mins && e % 32 == 0 {
+                        v += mw * a.s[b] as f64;
+                        s += (mw * a.s[b] as f64).abs();
+                    }
+                }
+                val[i * n + j] = v;
+                abs[i * n + j] = s;
+            }
+        }
+        (val, abs)
+    }
+
+    fn isas() -> Vec<Isa> {
+        [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|i| i.available())
+            .collect()
+    }
+
+    /// Every tier matches the spec within 1e-6 of Σ|terms| (the integer sums are exact; what
+    /// differs is the order of f32 additions and f32 products of the scales); the spec is within
+    /// the a-priori 8-bit bound of the f32 product of the dequantised weight and the unquantised
+    /// x: Σ_b Σ_e∈b |w_e| · (amax_b / 254 + amax_b · 2⁻¹¹) (half a quantisation step plus the f16
+    /// rounding of d), plus |m s| · 2⁻¹⁰ per block for the Q8_1 types, plus 1e-5 Σ|w x|.
+    #[test]
+    fn matches_spec_and_f32_product() {
+        let mut rng = StdRng::seed_from_u64(0x9a11);
+        let tiers = isas();
+        println!("tiers on this machine: {tiers:?}");
+        for ty in TYPES {
+            let (mut worst_spec, mut worst_f32) = (0.0f64, 0.0f64);
+            for m in [1, 3, 17] {
+                for blocks in 1..=3 {
+                    let n = 37;
+                    let k = blocks * ty.block_size();
+                    let w = random_weights(ty, n, k, &mut rng);
+                    let x = random_x(m, k, &mut rng);
+                    let acts = QActs::quantize(partner(ty).unwrap(), &x, m, k);
+                    let (sv, sa) = spec(ty, &w, n, k, &acts);
+                    for &isa in &tiers {
+                        let got = quant_linear_on(isa, ty, &w, n, k, &x, m).unwrap();
+                        for o in 0..m * n {
+                            let err = (got[o] as f64 - sv[o]).abs();
+                            let tol = 1e-6 * sa[o] + 1e-30;
+                            assert!(
+                                err <= tol,
+                                "{ty} {isa:?} m={m} k={k} out {o}: {} vs spec {} (tol {tol})",
+                                got[o],
+                                sv[o]
+                            );
+                            worst_spec = worst_spec.max(err / tol);
+                        }
+                    }
+                    // The spec against the f32 product.
+                    let wf = dequantize(ty, &w, n * k).unwrap();
+                    let qb = acts.qb;
+                    for i in 0..m {
+                        let xr = &x[i * k..(i + 1) * k];
+                        for j in 0..n {
+                            let wr = &wf[j * k..(j + 1) * k];
+                            let exact: f64 =
+                                wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                            let mut bound: f64 = 1e-5
+                                * wr.iter()
+                                    .zip(xr)
+                                    .map(|(&a, &b)| (a * b).abs() as f64)
+                                    .sum::<f64>();
+                            for (wb, xb) in wr.chunks(qb).zip(xr.chunks(qb)) {
+                                let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs())) as f64;
+                                let wabs: f64 = wb.iter().map(|v| v.abs() as f64).sum();
+                                bound += wabs * (amax / 254.0 + amax / 2048.0);
+                            }
+                            if partner(ty) == Some(Partner::Q8_1) {
+                                let a = acts.row(i);
+                                for b in 0..k / 32 {
+                                    let blk = &w[(j * k / 32 + b) * ty.type_size()..];
+                                    bound += (f16_at(blk, 2) * a.s[b]).abs() as f64 / 1024.0;
+                                }
+                            }
+                            let err = (sv[i * n + j] - exact).abs();
+                            assert!(
+                                err <= bound,
+                                "{ty} m={m} k={k} ({i},{j}): spec {} vs f32 {exact} (bound {bound})",
+                                sv[i * n + j]
+                            );
+                            worst_f32 = worst_f32.max(err / bound);
+                        }
+                    }
+                }
+            }
+            println!(
+                "{ty}: worst |tier − spec| / tol = {worst_spec:.3}, worst |spec − f32| / 8-bit bound = {worst_f32:.3}"
+            );
+        }
+    }
+
+    /// The SIMD tiers and the portable path agree to 2e-6 of the output's scale, on shapes with
+    /// many blocks (long f32 accumulations) and every tile remainder.
+    #[test]
+    fn simd_matches_portable() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for ty in TYPES {
+            let (n, k, m) = (45, 6 * 256, 7);
+            let w = random_weights(ty, n, k, &mut rng);
+            let x = random_x(m, k, &mut rng);
+            let base = quant_linear_on(Isa::Portable, ty, &w, n, k, &x, m).unwrap();
+            let scale = base.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            for isa in isas() {
+                let got = quant_linear_on(isa, ty, &w, n, k, &x, m).unwrap();
+                let worst = got
+                    .iter()
+                    .zip(&base)
+                    .fold(0.0f32, |a, (g, b)| a.max((g - b).abs()));
+                assert!(
+                    worst <= 2e-6 * scale,
+                    "{ty} {isa:?}: max diff {worst} (scale {scale})"
+                );
+            }
+            // m = 1 goes through the same kernels without a transpose.
+            let one = quant_linear(ty, &w, n, k, &x[..k], 1).unwrap();
+            for (a, b) in one.iter().zip(&base[..n]) {
+                assert!((a - b).abs() <= 2e-6 * scale, "{ty} m=1: {a} vs {b}");
+            }
+        }
+    }
+
+    /// The activation quantisers follow ggml's reference formulas.
+    #[test]
+    fn activation_quantisers() {
+        let x: Vec<f32> = (0..256).map(|i| (i as f32 - 100.0) * 0.37).collect();
+        let a = QActs::quantize(Partner::Q8_1, &x, 1, 256);
+        let amax = x[..32].iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        assert_eq!(a.d[0], f16::from_f32(amax / 127.0).to_f32());
+        assert_eq!(a.qs[0], -127);
+        let sum: i32 = a.qs[..32].iter().map(|&q| q as i32).sum();
+        assert_eq!(a.s[0], f16::from_f32(sum as f32 * (amax / 127.0)).to_f32());
+        let a = QActs::quantize(Partner::Q8K, &x, 1, 256);
+        // max is the last element (positive): iscale = −127 / max, so it maps to −127.
+        assert_eq!(a.qs[255], -127);
+        assert_eq!(a.d[0], 1.0 / (-127.0 / x[255]));
+        assert_eq!(
+            a.bsums[0],
+            a.qs[..16].iter().map(|&q| q as i16).sum::<i16>()
+        );
+        let z = QActs::quantize(Partner::Q8K, &[0.0; 256], 1, 256);
+        assert_eq!((z.d[0], z.bsums[3]), (0.0, 0));
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let ty = GgmlType::Q4_0;
+        let w = vec![0u8; 3 * 18];
+        let x = vec![0.0f32; 32];
+        assert!(supports(ty) && !supports(GgmlType::F32) && !supports(GgmlType::Q8_1));
+        let e = quant_linear(ty, &w, 3, 33, &x, 1).unwrap_err();
+        assert!(matches!(e, Error::Shape { .. }) && e.to_string().contains("multiple of 32"));
+        let e = quant_linear(ty, &w[..50], 3, 32, &x, 1).unwrap_err();
+        assert!(matches!(e, Error::Shape { .. }), "{e}");
+        let e = quant_linear(ty, &w, 3, 32, &x[..31], 1).unwrap_err();
+        assert!(matches!(e, Error::Shape { .. }), "{e}");
+        let e = quant_linear(ty, &w, 3, 32, &x, 2).unwrap_err();
+        assert!(matches!(e, Error::Shape { .. }), "{e}");
+        let e = quant_linear(ty, &w, usize::MAX, 32, &x, 1).unwrap_err();
+        assert!(matches!(e, Error::Shape { .. }), "{e}");
+        let e = quant_linear(GgmlType::F32, &w, 3, 32, &x, 1).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        let e = quant_linear(GgmlType::Q6_K, &w, 3, 32, &x, 1).unwrap_err();
+        assert!(e.to_string().contains("multiple of 256"), "{e}");
+        assert_eq!(
+            quant_linear(ty, &w, 3, 32, &[], 0).unwrap(),
+            Vec::<f32>::new()
+        );
+        assert_eq!(
+            quant_linear(ty, &[], 0, 32, &x, 1).unwrap(),
+            Vec::<f32>::new()
+        );
+        assert_eq!(quant_linear(ty, &[], 3, 0, &[], 2).unwrap(), vec![0.0; 6]);
+    }
+}
