@@ -223,27 +223,23 @@ impl QActs {
             bsums: vec![0; if p == Partner::Q8K { m * k / 16 } else { 0 }],
         };
         let (sw, bw) = (a.s.len() / m, a.bsums.len() / m);
-        let rows =
+        let rows: Vec<RowMut> =
             a.qs.chunks_mut(k)
                 .zip(a.d.chunks_mut(nb))
                 .zip(x.chunks(k))
                 .zip(chunks_or_empty(&mut a.s, sw, m))
-                .zip(chunks_or_empty(&mut a.bsums, bw, m));
-        let one = |((((qs, d), x), s), bsums): (
-            (((&mut [i8], &mut [f32]), &[f32]), &mut [f32]),
-            &mut [i16],
-        )| {
-            match p {
-                Partner::Q8_0 | Partner::Q8_1 => {
-                    quantize_q8_01(x, qs, d, (p == Partner::Q8_1).then_some(s))
-                }
-                Partner::Q8K => quantize_q8_k(x, qs, d, bsums),
-            }
+                .zip(chunks_or_empty(&mut a.bsums, bw, m))
+                .map(|((((qs, d), x), s), bsums)| RowMut { x, qs, d, s, bsums })
+                .collect();
+        let one = |r: RowMut| match p {
+            Partner::Q8_0 => quantize_q8_01(r.x, r.qs, r.d, None),
+            Partner::Q8_1 => quantize_q8_01(r.x, r.qs, r.d, Some(r.s)),
+            Partner::Q8K => quantize_q8_k(r.x, r.qs, r.d, r.bsums),
         };
         if m * k >= 1 << 16 {
-            rows.collect::<Vec<_>>().into_par_iter().for_each(one);
+            rows.into_par_iter().for_each(one);
         } else {
-            rows.for_each(one);
+            rows.into_iter().for_each(one);
         }
         a
     }
@@ -258,6 +254,15 @@ impl QActs {
             bsums: &self.bsums[i * bw..(i + 1) * bw],
         }
     }
+}
+
+/// One activation row and where its quantised form goes.
+struct RowMut<'a> {
+    x: &'a [f32],
+    qs: &'a mut [i8],
+    d: &'a mut [f32],
+    s: &'a mut [f32],
+    bsums: &'a mut [i16],
 }
 
 /// `m` chunks of `w` elements (empty slices when `v` is empty).
@@ -343,33 +348,46 @@ fn run(kern: Kernel, w: &[u8], row_bytes: usize, n: usize, acts: &QActs) -> Vec<
     let threads = rayon::current_num_threads().max(1);
     let rows = (n / (threads * 4)).clamp(4, 64);
     let arows: Vec<ARow> = (0..m).map(|i| acts.row(i)).collect();
-    // t: [n, m], each task owning a run of weight rows.
-    let mut t = vec![0.0f32; n * m];
-    t.par_chunks_mut(rows * m)
-        .zip(w.par_chunks(rows * row_bytes))
-        .for_each(|(tc, wc)| {
-            let nr = tc.len() / m;
+    let mut out = vec![0.0f32; m * n];
+    let dst = OutPtr(out.as_mut_ptr());
+    w.par_chunks(rows * row_bytes).enumerate().for_each_init(
+        || vec![0.0f32; rows * m],
+        |t, (c, wc)| {
+            // t: [nr, m], this task's weight rows j0..j0 + nr against every activation row.
+            let (j0, nr) = (c * rows, wc.len() / row_bytes);
             for i0 in (0..m).step_by(M_BLOCK) {
                 let i1 = (i0 + M_BLOCK).min(m);
                 for j in 0..nr {
                     let wr = &wc[j * row_bytes..(j + 1) * row_bytes];
-                    let o = &mut tc[j * m + i0..j * m + i1];
+                    let o = &mut t[j * m + i0..j * m + i1];
                     for (a, o) in arows[i0..i1].chunks(TILE).zip(o.chunks_mut(TILE)) {
                         kern(wr, a, o);
                     }
                 }
             }
-        });
-    if m == 1 {
-        return t;
-    }
-    let mut out = vec![0.0f32; m * n];
-    for (j, tr) in t.chunks_exact(m).enumerate() {
-        for (i, &v) in tr.iter().enumerate() {
-            out[i * n + j] = v;
-        }
-    }
+            for i in 0..m {
+                // SAFETY: `out` has m·n elements and outlives the loop; tasks own disjoint column
+                // ranges j0..j0 + nr (nr ≤ n − j0), so no two write the same element.
+                let row = unsafe { std::slice::from_raw_parts_mut(dst.at(i * n + j0), nr) };
+                for (j, o) in row.iter_mut().enumerate() {
+                    *o = t[j * m + i];
+                }
+            }
+        },
+    );
     out
+}
+
+/// The output buffer shared by tasks that each write their own columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: used only for writes to disjoint elements (see `run`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
 }
 
 fn kernel(ty: GgmlType, isa: Isa) -> Kernel {
@@ -795,25 +813,40 @@ mod x86 {
         let a = &a[..R];
         check(a, nb, 32, B::MIN, false);
         unsafe {
-            let mut acc = [_mm256_setzero_ps(); R];
-            let mut summ = [0.0f32; R];
-            for b in 0..nb {
-                let (q, dw, mw) = B::unpack(&w[b * B::TS..(b + 1) * B::TS]);
-                let qa = if B::SIGNED { _mm256_sign_epi8(q, q) } else { q };
-                for r in 0..R {
-                    let ar = &a[r];
-                    let y = load32(ar.qs.as_ptr().add(32 * b) as *const u8);
-                    let y = if B::SIGNED { _mm256_sign_epi8(y, q) } else { y };
-                    let p = _mm256_cvtepi32_ps(D::dot(qa, y));
-                    let dd = _mm256_set1_ps(dw * *ar.d.get_unchecked(b));
-                    acc[r] = _mm256_fmadd_ps(dd, p, acc[r]);
-                    if B::MIN {
-                        summ[r] += mw * *ar.s.get_unchecked(b);
+            // Two accumulators per row (even and odd blocks) halve the FMA dependency chain.
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            let mut summ = [[0.0f32; 2]; R];
+            // A macro, not a closure: a closure would not inherit the entry point's features.
+            macro_rules! step {
+                ($b:expr, $slot:expr) => {{
+                    let (b, slot): (usize, usize) = ($b, $slot);
+                    let (q, dw, mw) = B::unpack(&w[b * B::TS..(b + 1) * B::TS]);
+                    let qa = if B::SIGNED { _mm256_sign_epi8(q, q) } else { q };
+                    for r in 0..R {
+                        let ar = &a[r];
+                        let y = load32(ar.qs.as_ptr().add(32 * b) as *const u8);
+                        let y = if B::SIGNED { _mm256_sign_epi8(y, q) } else { y };
+                        let p = _mm256_cvtepi32_ps(D::dot(qa, y));
+                        let dd = _mm256_set1_ps(dw * *ar.d.get_unchecked(b));
+                        acc[r][slot] = _mm256_fmadd_ps(dd, p, acc[r][slot]);
+                        if B::MIN {
+                            summ[r][slot] += mw * *ar.s.get_unchecked(b);
+                        }
                     }
-                }
+                }};
+            }
+            let mut b = 0;
+            while b + 1 < nb {
+                step!(b, 0);
+                step!(b + 1, 1);
+                b += 2;
+            }
+            if b < nb {
+                step!(b, 0);
             }
             for r in 0..R {
-                out[r] = hsum(acc[r]) + summ[r];
+                let [a0, a1] = acc[r];
+                out[r] = hsum(_mm256_add_ps(a0, a1)) + (summ[r][0] + summ[r][1]);
             }
         }
     }
@@ -1275,5 +1308,58 @@ mod tests {
             Vec::<f32>::new()
         );
         assert_eq!(quant_linear(ty, &[], 3, 0, &[], 2).unwrap(), vec![0.0; 6]);
+    }
+}
+
+#[cfg(test)]
+mod micro {
+    use super::*;
+    use std::time::Instant;
+
+    /// Single-thread ns per (block, activation row) of each tier's kernel on in-cache data.
+    #[test]
+    #[ignore]
+    fn kernel_ns_per_block() {
+        for ty in [
+            GgmlType::Q4_1,
+            GgmlType::Q4_0,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+        ] {
+            let k = 1536;
+            let rows = 64;
+            let rb = k / ty.block_size() * ty.type_size();
+            let mut w: Vec<u8> = (0..rows * rb).map(|i| (i * 7919 % 251) as u8).collect();
+            for blk in w.chunks_exact_mut(ty.type_size()) {
+                let o = if ty == GgmlType::Q6_K { 208 } else { 0 };
+                blk[o..o + 2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+            }
+            for m in [1usize, 4] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
+                    .collect();
+                let acts = QActs::quantize(partner(ty).unwrap(), &x, m, k);
+                let arows: Vec<ARow> = (0..m).map(|i| acts.row(i)).collect();
+                for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni] {
+                    if !isa.available() {
+                        continue;
+                    }
+                    let kern = kernel(ty, isa);
+                    let mut out = vec![0.0f32; m];
+                    let iters = 200;
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        for j in 0..rows {
+                            kern(&w[j * rb..(j + 1) * rb], &arows, &mut out);
+                        }
+                        std::hint::black_box(&out);
+                    }
+                    let ns = t.elapsed().as_secs_f64() * 1e9
+                        / (iters * rows * m * (k / ty.block_size())) as f64;
+                    println!("{ty} m={m} {isa:?}: {ns:.2} ns per block-row");
+                }
+            }
+        }
     }
 }
