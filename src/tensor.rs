@@ -1,9 +1,10 @@
 //! `Tensor`: a shape plus contiguous row-major storage on a [`Device`]. Weights keep the dtype
-//! they were stored in (f32, f16 or bf16); on the CPU activations are f32, on a GPU they are in the
-//! model's compute dtype. What runs on a tensor is its device's [`Backend`](crate::backend::Backend).
+//! they were stored in (f32, f16, bf16, or a GGUF quantization's blocks); on the CPU activations
+//! are f32, on a GPU they are in the model's compute dtype. What runs on a tensor is its device's [`Backend`](crate::backend::Backend).
 
 pub use crate::backend::Device;
 use crate::error::{Error, Result};
+pub use crate::model::gguf::GgmlType;
 use half::{bf16, f16};
 
 /// Element type of a tensor's storage.
@@ -12,15 +13,24 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// GGUF blocks of a quantization (Q4_1, Q8_0, Q4_K, ...): a matrix's rows, each a whole
+    /// number of blocks ([`Storage::Quant`]).
+    Quant(GgmlType),
 }
 
 impl DType {
-    /// Bytes per element.
+    /// Bytes per element (a quantization's, rounded up to a whole byte).
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::Quant(t) => t.type_size().div_ceil(t.block_size()),
         }
+    }
+
+    /// Whether it is a quantization's blocks.
+    pub fn is_quant(self) -> bool {
+        matches!(self, DType::Quant(_))
     }
 }
 
@@ -43,11 +53,12 @@ impl std::str::FromStr for DType {
 
 impl std::fmt::Display for DType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-        })
+        match self {
+            DType::F32 => f.write_str("f32"),
+            DType::F16 => f.write_str("f16"),
+            DType::BF16 => f.write_str("bf16"),
+            DType::Quant(t) => f.write_str(&t.name().to_lowercase()),
+        }
     }
 }
 
@@ -57,6 +68,13 @@ pub enum Storage {
     F32(Vec<f32>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
+    /// A matrix in GGUF blocks of `ty`, row by row (each row a whole number of blocks), as the
+    /// file stores it: matrix products read the blocks directly
+    /// ([`crate::ops::matmul::linear`]); everything else dequantises.
+    Quant {
+        ty: GgmlType,
+        data: Vec<u8>,
+    },
     /// Memory of a CUDA device (feature `cuda`).
     #[cfg(feature = "cuda")]
     Cuda(crate::cuda::Buffer),
@@ -83,6 +101,7 @@ impl PartialEq for Tensor {
             (Storage::F32(x), Storage::F32(y)) => x == y,
             (Storage::F16(x), Storage::F16(y)) => x == y,
             (Storage::BF16(x), Storage::BF16(y)) => x == y,
+            (Storage::Quant { data: x, .. }, Storage::Quant { data: y, .. }) => x == y,
             _ => false,
         }
     }
@@ -94,12 +113,31 @@ impl Tensor {
         Self::new(shape, Storage::F32(data))
     }
 
-    /// A tensor from storage of any dtype; fails if the element count does not match the shape.
+    /// A tensor from storage of any dtype; fails if the element count does not match the shape
+    /// (for quantized blocks: unless every row is a whole number of blocks and the bytes are
+    /// exactly those of the shape).
     pub fn new(shape: &[usize], storage: Storage) -> Result<Self> {
         let len = match &storage {
             Storage::F32(v) => v.len(),
             Storage::F16(v) => v.len(),
             Storage::BF16(v) => v.len(),
+            Storage::Quant { ty, data } => {
+                let cols = shape.last().copied().unwrap_or(1);
+                let n: usize = shape.iter().product();
+                let want = ty.bytes_for(n as u64);
+                if !cols.is_multiple_of(ty.block_size()) || want != Some(data.len() as u64) {
+                    return Err(Error::Shape {
+                        name: format!(
+                            "{ty} tensor data ({} bytes; rows of {cols} must be whole blocks of {})",
+                            data.len(),
+                            ty.block_size()
+                        ),
+                        expected: shape.to_vec(),
+                        got: vec![data.len()],
+                    });
+                }
+                n
+            }
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => b.len(),
         };
@@ -134,6 +172,7 @@ impl Tensor {
             Storage::F32(_) => DType::F32,
             Storage::F16(_) => DType::F16,
             Storage::BF16(_) => DType::BF16,
+            Storage::Quant { ty, .. } => DType::Quant(*ty),
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => b.dtype(),
         }
@@ -195,6 +234,12 @@ impl Tensor {
             DType::F32 => Storage::F32(v),
             DType::F16 => Storage::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
             DType::BF16 => Storage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+            DType::Quant(t) => {
+                return Err(Error::Unsupported {
+                    what: "conversion to a quantized dtype",
+                    value: t.name(),
+                });
+            }
         };
         Tensor::new(&self.shape, storage)
     }
@@ -254,10 +299,12 @@ impl Tensor {
     /// Consumes the tensor and returns its data as f32 (converted if stored narrower, downloaded
     /// if on a device).
     pub fn into_f32_vec(self) -> Result<Vec<f32>> {
+        let n = self.len();
         Ok(match self.storage {
             Storage::F32(v) => v,
             Storage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Storage::Quant { ty, data } => crate::model::gguf::dequantize(ty, &data, n)?,
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => return self.to_vec_f32(),
         })
@@ -306,6 +353,14 @@ impl Tensor {
             Storage::F32(v) => v[start * c..end * c].to_vec(),
             Storage::F16(v) => v[start * c..end * c].iter().map(|x| x.to_f32()).collect(),
             Storage::BF16(v) => v[start * c..end * c].iter().map(|x| x.to_f32()).collect(),
+            Storage::Quant { ty, data } => {
+                let row = data.len() / self.rows().max(1);
+                crate::model::gguf::dequantize(
+                    *ty,
+                    &data[start * row..end * row],
+                    (end - start) * c,
+                )?
+            }
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => self.to_host()?.rows_f32(start, end)?,
         })
@@ -325,6 +380,9 @@ impl Tensor {
 
     /// Size in bytes of the storage.
     pub fn nbytes(&self) -> usize {
-        self.len() * self.dtype().size()
+        match &self.storage {
+            Storage::Quant { data, .. } => data.len(),
+            _ => self.len() * self.dtype().size(),
+        }
     }
 }

@@ -158,6 +158,11 @@ impl Backend for Cpu {
             Storage::F32(v) => Storage::F32(pick_rows(v, rows, c)),
             Storage::F16(v) => Storage::F16(pick_rows(v, rows, c)),
             Storage::BF16(v) => Storage::BF16(pick_rows(v, rows, c)),
+            // Whole rows of blocks.
+            Storage::Quant { ty, data } => Storage::Quant {
+                ty: *ty,
+                data: pick_rows(data, rows, data.len() / n.max(1)),
+            },
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => return Err(not_host("gather_rows", x)),
         };

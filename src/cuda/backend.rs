@@ -144,6 +144,13 @@ macro_rules! by_dtype {
                 type $T = bf16;
                 $e
             }
+            // Weights reach the GPU dequantised to its compute dtype (`Weights::place`).
+            DType::Quant(t) => {
+                return Err(Error::Unsupported {
+                    what: "quantized tensor in a GPU op",
+                    value: t.name(),
+                })
+            }
         }
     };
 }
@@ -264,6 +271,8 @@ impl Backend for Device {
             Storage::F32(v) => wrap(&dev, &shape, self.upload(v)?),
             Storage::F16(v) => wrap(&dev, &shape, self.upload(v)?),
             Storage::BF16(v) => wrap(&dev, &shape, self.upload(v)?),
+            // Quantized blocks go up as f32 values.
+            Storage::Quant { .. } => Backend::upload(self, &host.to_f32()?),
             Storage::Cuda(_) => Err(mismatch("upload", t)),
         }
     }

@@ -872,7 +872,9 @@ impl GgufFile {
     }
 
     /// Loads the tensor named `name` (GGUF spelling) with its row-major shape. F16 and BF16 keep
-    /// their storage; every other type is dequantised to f32.
+    /// their storage, and so do the quantizations [`dequantize`] knows (Q4_0, Q4_1, Q5_0, Q5_1,
+    /// Q8_0, Q4_K, Q5_K, Q6_K): their blocks stay as stored ([`Storage::Quant`]), and matrix
+    /// products read them directly. F64 is converted to f32.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let info = self.tensor_info(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
@@ -894,6 +896,10 @@ impl GgufFile {
                     .map(|b| bf16::from_le_bytes([b[0], b[1]]))
                     .collect(),
             ),
+            t if t.block_size() > 1 && t.can_dequantize() => Storage::Quant {
+                ty: t,
+                data: bytes.to_vec(),
+            },
             t => Storage::F32(dequantize(t, bytes, n).map_err(|e| match e {
                 Error::Unsupported { what, value } => Error::Unsupported {
                     what,

@@ -214,7 +214,10 @@ fn place(w: &mut weights::Weights, device: &Device, dtype: Option<DType>) {
     let dtype = match dtype {
         Some(d) => Some(d),
         None if device.is_cpu() => None,
-        None => w.dtype_of("lm.embed_tokens.weight"),
+        // A GPU computes in one float dtype: quantized weights go up dequantised to bf16.
+        None => w
+            .dtype_of("lm.embed_tokens.weight")
+            .map(|d| if d.is_quant() { DType::BF16 } else { d }),
     };
     w.place(device.clone(), dtype);
 }
