@@ -361,7 +361,20 @@ impl Engine {
     /// (all its prompt rows, image tokens pruned by its plan) or decodes (its one new token), its
     /// rows in `x` in order, appending to its cache. Returns the rows that reached the last layer
     /// (before the final norm); the prefilling sequences' statistics are filled in.
+    ///
+    /// It runs on a thread of rayon's pool: the CPU ops' parallel loops then split work among
+    /// the pool's threads directly, instead of each waking the pool from outside and blocking
+    /// on it (hundreds of times per decoded token).
     fn forward(
+        &self,
+        x: Tensor,
+        states: &mut [&mut SeqState],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        rayon::scope(|_| self.forward_layers(x, states, caches))
+    }
+
+    fn forward_layers(
         &self,
         mut x: Tensor,
         states: &mut [&mut SeqState],
