@@ -112,22 +112,29 @@ pub fn linear(x: &[f32], weight: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f
         });
     }
     let m = x.len() / k;
-    let mut out = vec![0.0f32; m * n];
-    match weight.storage() {
-        // bf16 is the top half of an f32: a shift, which vectorises (unlike `to_f32`).
-        Storage::BF16(w) if m <= NARROW_ROWS => narrow_rows(x, w, &mut out, (m, n, k), |v| {
-            f32::from_bits((v.to_bits() as u32) << 16)
-        })?,
-        Storage::F16(w) if m <= NARROW_ROWS => {
-            narrow_rows(x, w, &mut out, (m, n, k), |v| v.to_f32())?
-        }
+    let mut out = match weight.storage() {
         // Decoding: quantized blocks are read as they are, against activations quantized to 8
         // bits (llama.cpp's numerics). A prefill is faster dequantised through gemm (below).
         Storage::Quant { ty, data } if quant::supports(*ty) && m <= NARROW_ROWS => {
-            out = quant::quant_linear(*ty, data, n, k, x, m)?;
+            quant::quant_linear(*ty, data, n, k, x, m)?
         }
-        _ => matmul_nt(m, n, k, x, k, &weight.f32_cow()?, k, &mut out, true),
-    }
+        w => {
+            let mut out = vec![0.0f32; m * n];
+            match w {
+                // bf16 is the top half of an f32: a shift, which vectorises (unlike `to_f32`).
+                Storage::BF16(w) if m <= NARROW_ROWS => {
+                    narrow_rows(x, w, &mut out, (m, n, k), |v| {
+                        f32::from_bits((v.to_bits() as u32) << 16)
+                    })
+                }
+                Storage::F16(w) if m <= NARROW_ROWS => {
+                    narrow_rows(x, w, &mut out, (m, n, k), |v| v.to_f32())
+                }
+                _ => matmul_nt(m, n, k, x, k, &weight.f32_cow()?, k, &mut out, true),
+            }
+            out
+        }
+    };
     if let Some(b) = bias {
         let b = b.f32_cow()?;
         for row in out.chunks_mut(n) {
@@ -143,49 +150,33 @@ pub fn linear(x: &[f32], weight: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f
 /// block, instead of converted whole.
 const NARROW_ROWS: usize = 8;
 
-/// `out[m, n] = x[m, k] · Wᵀ` for a few rows of `x` and a f16/bf16 `W: [n, k]` widened by `widen`
-/// ([`narrow_rows_with`]).
+/// `out[m, n] = x[m, k] · Wᵀ` for a few rows of `x` and a f16/bf16 `W: [n, k]` widened by `widen`:
+/// each weight row is widened once into a small buffer and dotted with every input row, so
+/// decoding never materialises an f32 copy of the matrix.
 fn narrow_rows<T: Sync>(
     x: &[f32],
     w: &[T],
     out: &mut [f32],
     (m, n, k): (usize, usize, usize),
     widen: impl Fn(&T) -> f32 + Sync,
-) -> Result<()> {
-    narrow_rows_with(x, out, (m, n, k), |j, row| {
-        for (r, v) in row.iter_mut().zip(&w[j * k..(j + 1) * k]) {
-            *r = widen(v);
-        }
-        Ok(())
-    })
-}
-
-/// `out[m, n] = x[m, k] · Wᵀ` for a few rows of `x`, weight row `j` written into a `[k]` buffer
-/// by `fill(j, buf)`: each weight row is produced once and dotted with every input row, so
-/// decoding never materialises an f32 copy of the matrix. Rows run in parallel.
-fn narrow_rows_with(
-    x: &[f32],
-    out: &mut [f32],
-    (m, n, k): (usize, usize, usize),
-    fill: impl Fn(usize, &mut [f32]) -> Result<()> + Sync,
-) -> Result<()> {
+) {
     let mut t = vec![0.0f32; n * m];
-    t.par_chunks_mut(m.max(1)).enumerate().try_for_each_init(
+    t.par_chunks_mut(m).enumerate().for_each_init(
         || vec![0.0f32; k],
         |row, (j, o)| {
-            fill(j, row)?;
+            for (r, v) in row.iter_mut().zip(&w[j * k..(j + 1) * k]) {
+                *r = widen(v);
+            }
             for (i, o) in o.iter_mut().enumerate() {
                 *o = dot(&x[i * k..(i + 1) * k], row);
             }
-            Ok(())
         },
-    )?;
+    );
     for j in 0..n {
         for i in 0..m {
             out[i * n + j] = t[j * m + i];
         }
     }
-    Ok(())
 }
 
 /// Dot product with eight independent partial sums, so the compiler can vectorise it.

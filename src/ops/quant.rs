@@ -37,7 +37,7 @@
 //! chunk against every activation row, so decode (`m = 1`) and prefill both use every core.
 
 use crate::error::{Error, Result};
-use crate::model::gguf::GgmlType;
+use crate::model::gguf::{GgmlType, f16_at, scale_min_k4};
 use half::f16;
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -436,11 +436,6 @@ fn portable<const T: u8>(w: &[u8], a: &[ARow], out: &mut [f32]) {
     }
 }
 
-#[inline]
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-}
-
 /// Σ q_e y_e over a block of 32 whose weight quants `q` are already unpacked.
 #[inline]
 fn isum32(q: &[i8; 32], y: &[i8]) -> i32 {
@@ -526,19 +521,6 @@ fn dot_q8_0(w: &[u8], a: &ARow) -> f32 {
         acc += (f16_at(blk, 0) * a.d[b]) * isum32(&q, y) as f32;
     }
     acc
-}
-
-/// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block (ggml's `get_scale_min_k4`).
-#[inline]
-fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (s[j] & 63, s[j + 4] & 63)
-    } else {
-        (
-            (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4),
-            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-        )
-    }
 }
 
 /// Q4_K (144 bytes: `d`, `dmin` f16, 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes of
