@@ -25,12 +25,10 @@ fn request(q: &str, seed: f32, plan: Option<PrunePlan>) -> Request {
     r
 }
 
-/// Requests joining at different steps (so later prefills share a forward with earlier
-/// requests' decode steps) give each the tokens, logits and kept sets it gets alone.
-#[test]
-fn requests_joining_a_running_batch_get_their_tokens_alone() {
-    let e = engine();
-    let reqs = [
+/// Three requests: unpruned, one stage (variance, text_tokens_only) and two stages (top_k_sum,
+/// last_5_tokens, renumbered positions).
+fn three_requests() -> Vec<Request> {
+    vec![
         request("What color is the big square?", 0.2, None),
         request(
             "How many circles are there in this picture?",
@@ -52,7 +50,20 @@ fn requests_joining_a_running_batch_get_their_tokens_alone() {
                 true,
             )),
         ),
-    ];
+    ]
+}
+
+/// The kept image tokens of each pruning stage.
+fn kept_sets(g: &fineprune::Generation) -> Vec<Vec<usize>> {
+    g.stats.stages.iter().map(|s| s.kept.clone()).collect()
+}
+
+/// Requests joining at different steps (so later prefills share a forward with earlier
+/// requests' decode steps) give each the tokens, logits and kept sets it gets alone.
+#[test]
+fn requests_joining_a_running_batch_get_their_tokens_alone() {
+    let e = engine();
+    let reqs = three_requests();
     let mut b = e.batch();
     let mut ids = Vec::new();
     let mut streamed: HashMap<u64, Vec<u32>> = HashMap::new();
@@ -84,10 +95,7 @@ fn requests_joining_a_running_batch_get_their_tokens_alone() {
             streamed[&ids[i]], alone.tokens,
             "request {i}: streamed tokens"
         );
-        let kept = |g: &fineprune::Generation| -> Vec<Vec<usize>> {
-            g.stats.stages.iter().map(|s| s.kept.clone()).collect()
-        };
-        assert_eq!(kept(g), kept(&alone), "request {i}: kept sets");
+        assert_eq!(kept_sets(g), kept_sets(&alone), "request {i}: kept sets");
         for (a, b) in g.step_logits.iter().zip(&alone.step_logits) {
             let err = max_abs_diff(a, b);
             assert!(err < 1e-5, "request {i}: step logits differ by {err}");
@@ -271,20 +279,7 @@ fn stop_strings_and_stop_tokens_end_generation_at_the_right_token() {
 fn the_scheduler_streams_concurrent_requests_with_the_results_of_each_alone() {
     use fineprune::{Event, Scheduler};
     let e = engine();
-    let reqs = vec![
-        request("What color is the big square?", 0.2, None),
-        request(
-            "How many circles are there in this picture?",
-            0.9,
-            Some(plan(
-                vec![stage(1, Keep::Fraction(0.25))],
-                "variance",
-                "text_tokens_only",
-                false,
-            )),
-        ),
-        request("Which shape is on the left?", 0.5, Some(PrunePlan::fastv())),
-    ];
+    let reqs = three_requests();
     let s = Arc::new(Scheduler::start(e.clone(), fineprune::Budget::default()));
     let handles: Vec<_> = reqs
         .iter()
@@ -313,10 +308,7 @@ fn the_scheduler_streams_concurrent_requests_with_the_results_of_each_alone() {
         assert_eq!(tokens, alone.tokens, "request {i}: streamed tokens");
         assert_eq!(g.tokens, alone.tokens, "request {i}: tokens");
         assert_eq!(text, alone.text, "request {i}: streamed text");
-        let kept = |g: &fineprune::Generation| -> Vec<Vec<usize>> {
-            g.stats.stages.iter().map(|s| s.kept.clone()).collect()
-        };
-        assert_eq!(kept(&g), kept(&alone), "request {i}: kept sets");
+        assert_eq!(kept_sets(&g), kept_sets(&alone), "request {i}: kept sets");
         let m = &g.metrics;
         assert!(m.ttft_secs >= m.prepare_secs + m.queue_secs, "{m:?}");
         assert!(m.decode_tokens_per_sec > 0.0 && m.kv_bytes > 0, "{m:?}");

@@ -504,16 +504,7 @@ pub fn build_chat_prompt(
             )));
         }
     }
-    if enc.ids.len() > max_len {
-        return Err(Error::Prompt(format!(
-            "the prompt is {} tokens, longer than the model's context of {max_len}",
-            enc.ids.len()
-        )));
-    }
-    Ok(Prompt {
-        ids: enc.ids,
-        segments,
-    })
+    Prompt::within(enc.ids, segments, max_len)
 }
 
 /// The prompt of a chat for generation: [`ChatTemplate::render_chat`] with

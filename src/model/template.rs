@@ -75,6 +75,18 @@ pub struct Prompt {
 }
 
 impl Prompt {
+    /// A prompt of `ids` and their `segments`, refused when longer than the model's context
+    /// `max_len`.
+    pub(crate) fn within(ids: Vec<u32>, segments: Vec<Segment>, max_len: usize) -> Result<Prompt> {
+        if ids.len() > max_len {
+            return Err(Error::Prompt(format!(
+                "the prompt is {} tokens, longer than the model's context of {max_len}",
+                ids.len()
+            )));
+        }
+        Ok(Prompt { ids, segments })
+    }
+
     /// Positions of the image tokens.
     pub fn image_positions(&self) -> Vec<usize> {
         (0..self.segments.len())
@@ -168,16 +180,7 @@ pub fn build_prompt(
             )));
         }
     }
-    if enc.ids.len() > max_len {
-        return Err(Error::Prompt(format!(
-            "the prompt is {} tokens, longer than the model's context of {max_len}",
-            enc.ids.len()
-        )));
-    }
-    Ok(Prompt {
-        ids: enc.ids,
-        segments,
-    })
+    Prompt::within(enc.ids, segments, max_len)
 }
 
 /// The segment of every token from its id and the byte span `s..e` it came from (PRUNING.md,
