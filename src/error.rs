@@ -90,6 +90,15 @@ impl Error {
         )
     }
 
+    /// An [`Error::Arg`] renamed to `name(old name)` (the flag or request field it came from);
+    /// any other error as it is.
+    pub fn renamed(self, name: impl FnOnce(&str) -> String) -> Self {
+        match self {
+            Error::Arg { name: old, msg } => Error::arg(name(&old), msg),
+            e => e,
+        }
+    }
+
     /// Shorthand for [`Error::Arg`].
     pub fn arg(name: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::Arg {

@@ -14,10 +14,7 @@ pub fn plan_of_flags(
     strategy: &StrategyFlags,
     renumber: bool,
 ) -> fineprune::Result<PrunePlan> {
-    let stages = Stage::per_layer(layers, keeps).map_err(|e| match e {
-        fineprune::Error::Arg { msg, .. } => fineprune::Error::arg("--keep", msg),
-        e => e,
-    })?;
+    let stages = Stage::per_layer(layers, keeps).map_err(|e| e.renamed(|_| "--keep".into()))?;
     let params = strategy.params();
     let mut plan = PrunePlan::new(stages);
     plan.head = head_strategy(head, &params)?;
