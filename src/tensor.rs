@@ -7,6 +7,9 @@ use crate::error::{Error, Result};
 pub use crate::model::gguf::GgmlType;
 use half::{bf16, f16};
 
+mod host;
+pub use host::{HostBuf, Plain};
+
 /// Element type of a tensor's storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
@@ -62,18 +65,20 @@ impl std::fmt::Display for DType {
     }
 }
 
-/// Contiguous storage: host memory in one of the supported dtypes, or a GPU buffer.
+/// Contiguous storage: host memory in one of the supported dtypes (owned, or read in place from
+/// the memory-mapped file it was loaded from: [`HostBuf`]), or a GPU buffer. Cloning a mapped
+/// tensor shares the mapping.
 #[derive(Debug, Clone)]
 pub enum Storage {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    BF16(Vec<bf16>),
+    F32(HostBuf<f32>),
+    F16(HostBuf<f16>),
+    BF16(HostBuf<bf16>),
     /// A matrix in GGUF blocks of `ty`, row by row (each row a whole number of blocks), as the
     /// file stores it: matrix products read the blocks directly
     /// ([`crate::ops::matmul::linear`]); everything else dequantises.
     Quant {
         ty: GgmlType,
-        data: Vec<u8>,
+        data: HostBuf<u8>,
     },
     /// Memory of a CUDA device (feature `cuda`).
     #[cfg(feature = "cuda")]
@@ -98,10 +103,10 @@ impl PartialEq for Tensor {
             return false;
         };
         match (&a.storage, &b.storage) {
-            (Storage::F32(x), Storage::F32(y)) => x == y,
-            (Storage::F16(x), Storage::F16(y)) => x == y,
-            (Storage::BF16(x), Storage::BF16(y)) => x == y,
-            (Storage::Quant { data: x, .. }, Storage::Quant { data: y, .. }) => x == y,
+            (Storage::F32(x), Storage::F32(y)) => x[..] == y[..],
+            (Storage::F16(x), Storage::F16(y)) => x[..] == y[..],
+            (Storage::BF16(x), Storage::BF16(y)) => x[..] == y[..],
+            (Storage::Quant { data: x, .. }, Storage::Quant { data: y, .. }) => x[..] == y[..],
             _ => false,
         }
     }
@@ -110,7 +115,7 @@ impl PartialEq for Tensor {
 impl Tensor {
     /// An f32 tensor from data; fails if the element count does not match the shape.
     pub fn from_f32(shape: &[usize], data: Vec<f32>) -> Result<Self> {
-        Self::new(shape, Storage::F32(data))
+        Self::new(shape, Storage::F32(data.into()))
     }
 
     /// A tensor from storage of any dtype; fails if the element count does not match the shape
@@ -159,7 +164,7 @@ impl Tensor {
     pub fn zeros(shape: &[usize]) -> Self {
         Tensor {
             shape: shape.to_vec(),
-            storage: Storage::F32(vec![0.0; shape.iter().product()]),
+            storage: Storage::F32(vec![0.0; shape.iter().product()].into()),
         }
     }
 
@@ -231,9 +236,19 @@ impl Tensor {
         }
         let v = self.to_vec_f32()?;
         let storage = match dtype {
-            DType::F32 => Storage::F32(v),
-            DType::F16 => Storage::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
-            DType::BF16 => Storage::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
+            DType::F32 => Storage::F32(v.into()),
+            DType::F16 => Storage::F16(
+                v.iter()
+                    .map(|&x| f16::from_f32(x))
+                    .collect::<Vec<_>>()
+                    .into(),
+            ),
+            DType::BF16 => Storage::BF16(
+                v.iter()
+                    .map(|&x| bf16::from_f32(x))
+                    .collect::<Vec<_>>()
+                    .into(),
+            ),
             DType::Quant(t) => {
                 return Err(Error::Unsupported {
                     what: "conversion to a quantized dtype",
@@ -284,11 +299,12 @@ impl Tensor {
         }
     }
 
-    /// Mutable f32 data; fails for f16/bf16 or device storage.
+    /// Mutable f32 data (a tensor mapped from its file is first copied); fails for f16/bf16 or
+    /// device storage.
     pub fn f32s_mut(&mut self) -> Result<&mut [f32]> {
         let dt = self.dtype();
         match &mut self.storage {
-            Storage::F32(v) => Ok(v),
+            Storage::F32(v) => Ok(v.make_mut()),
             _ => Err(Error::Unsupported {
                 what: "dtype for an f32 view",
                 value: dt.to_string(),
@@ -301,7 +317,7 @@ impl Tensor {
     pub fn into_f32_vec(self) -> Result<Vec<f32>> {
         let n = self.len();
         Ok(match self.storage {
-            Storage::F32(v) => v,
+            Storage::F32(v) => v.into_vec(),
             Storage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Storage::Quant { ty, data } => crate::model::gguf::dequantize(ty, &data, n)?,
@@ -314,7 +330,7 @@ impl Tensor {
     pub fn to_f32(&self) -> Result<Tensor> {
         Ok(Tensor {
             shape: self.shape.clone(),
-            storage: Storage::F32(self.to_vec_f32()?),
+            storage: Storage::F32(self.to_vec_f32()?.into()),
         })
     }
 
@@ -376,6 +392,18 @@ impl Tensor {
             });
         }
         Ok(())
+    }
+
+    /// Whether the values are read in place from the memory-mapped file they were loaded from.
+    pub fn is_mapped(&self) -> bool {
+        match &self.storage {
+            Storage::F32(v) => v.is_mapped(),
+            Storage::F16(v) => v.is_mapped(),
+            Storage::BF16(v) => v.is_mapped(),
+            Storage::Quant { data, .. } => data.is_mapped(),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => false,
+        }
     }
 
     /// Size in bytes of the storage.

@@ -890,6 +890,11 @@ fn tiny_llama_loads_in_hf_layout() {
         assert!(!c.attention_bias && !c.mlp_bias);
         assert_eq!(m.tensors.len(), 2 * 9 + 2 + usize::from(!tied));
         assert_eq!(m.tensors.contains_key("lm_head.weight"), !tied);
+        // Read in place from the file mapping, except Q and K, whose rows are permuted back.
+        for (name, t) in &m.tensors {
+            let permuted = name.contains("q_proj") || name.contains("k_proj");
+            assert_eq!(t.is_mapped(), !permuted, "{name} ({})", t.dtype());
+        }
         for l in 0..2 {
             let q = &m.tensors[&format!("model.layers.{l}.self_attn.q_proj.weight")];
             assert_eq!(q.shape(), &[HEADS * HD, HID]);

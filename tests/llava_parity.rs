@@ -15,6 +15,12 @@ fn check(name: &str) {
     let dir = reference_dir();
     let r = load_ref(&dir.join(format!("{name}_ref.safetensors")));
     let model = Arc::new(Model::load(dir.join(name)).unwrap());
+    // Weights are read in place from the file mapping, not copied (issue 29).
+    let copied: Vec<&str> = (model.params.iter())
+        .filter(|p| !p.value.is_mapped())
+        .map(|p| p.name.as_str())
+        .collect();
+    assert!(copied.is_empty(), "{name}: copied at load: {copied:?}");
     let engine = Engine::new(model.clone());
     let pixels = r["pixel_values"].f.clone();
     let prompts = [

@@ -77,7 +77,7 @@ pub fn random_llama(c: &TextConfig, bf16: bool) -> (Vec<Param>, Llama) {
             let storage = if bf16 {
                 Storage::BF16(v.into_iter().map(half::bf16::from_f32).collect())
             } else {
-                Storage::F32(v)
+                Storage::F32(v.into())
             };
             (name, Tensor::new(&shape, storage).unwrap())
         })

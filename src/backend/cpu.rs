@@ -4,7 +4,7 @@ use super::{Backend, Device, check_device, check_shape, linear_dims};
 use crate::error::{Error, Result};
 use crate::ops::attention::AttnShape;
 use crate::ops::{act, attention, embed, matmul, norm, rope};
-use crate::tensor::{Storage, Tensor};
+use crate::tensor::{HostBuf, Storage, Tensor};
 
 /// The CPU backend.
 #[derive(Debug, Clone, Copy, Default)]
@@ -222,12 +222,12 @@ impl Backend for Cpu {
 }
 
 /// Rows `rows` of `v: [n, c]`.
-fn pick_rows<T: Copy>(v: &[T], rows: &[usize], c: usize) -> Vec<T> {
+fn pick_rows<T: Copy>(v: &[T], rows: &[usize], c: usize) -> HostBuf<T> {
     let mut out = Vec::with_capacity(rows.len() * c);
     for &r in rows {
         out.extend_from_slice(&v[r * c..(r + 1) * c]);
     }
-    out
+    out.into()
 }
 
 #[cfg(feature = "cuda")]

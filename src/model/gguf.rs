@@ -14,7 +14,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::config::TextConfig;
-use crate::tensor::{Storage, Tensor};
+use crate::tensor::{HostBuf, Plain, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use serde_json::{Value, json};
@@ -411,7 +411,7 @@ pub struct GgufFile {
     tensors: Vec<TensorInfo>,
     index: HashMap<String, usize>,
     data_start: u64,
-    map: memmap2::Mmap,
+    map: std::sync::Arc<memmap2::Mmap>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -651,13 +651,14 @@ impl GgufFile {
                 msg: format!("truncated: {len} bytes is shorter than a GGUF header (24 bytes)"),
             });
         }
-        // SAFETY: the map is read-only and private to this struct. As with every memory-mapped
-        // loader, another process truncating the file while it is mapped is outside our control.
+        // SAFETY: the map is read-only, shared only with the tensors read in place from it. As
+        // with every memory-mapped loader, another process truncating the file while it is mapped
+        // is outside our control.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::parse(path, map)
+        Self::parse(path, std::sync::Arc::new(map))
     }
 
-    fn parse(path: &Path, map: memmap2::Mmap) -> Result<Self> {
+    fn parse(path: &Path, map: std::sync::Arc<memmap2::Mmap>) -> Result<Self> {
         let (version, alignment, metadata, tensors, data_start) = {
             let mut c = Cursor {
                 buf: &map,
@@ -854,14 +855,17 @@ impl GgufFile {
 
     /// The raw (still quantised) bytes of a tensor.
     pub fn tensor_bytes(&self, info: &TensorInfo) -> Result<&[u8]> {
+        Ok(&self.map[self.tensor_range(info)?])
+    }
+
+    /// Where a tensor's bytes lie in the file; checked to lie inside it.
+    fn tensor_range(&self, info: &TensorInfo) -> Result<std::ops::Range<usize>> {
         // The file's own infos were checked in `parse`; this guards hand-made ones.
         self.data_start
             .checked_add(info.offset)
             .and_then(|s| Some((s, s.checked_add(info.n_bytes)?)))
-            .and_then(|(s, e)| {
-                self.map
-                    .get(usize::try_from(s).ok()?..usize::try_from(e).ok()?)
-            })
+            .and_then(|(s, e)| Some(usize::try_from(s).ok()?..usize::try_from(e).ok()?))
+            .filter(|r| r.end <= self.map.len())
             .ok_or_else(|| Error::Weights {
                 path: self.path.clone(),
                 msg: format!(
@@ -871,44 +875,51 @@ impl GgufFile {
             })
     }
 
-    /// Loads the tensor named `name` (GGUF spelling) with its row-major shape. F16 and BF16 keep
-    /// their storage, and so do the quantizations [`dequantize`] knows (Q4_0, Q4_1, Q5_0, Q5_1,
-    /// Q8_0, Q4_K, Q5_K, Q6_K): their blocks stay as stored ([`Storage::Quant`]), and matrix
-    /// products read them directly. F64 is converted to f32.
+    /// Loads the tensor named `name` (GGUF spelling) with its row-major shape. F32, F16 and BF16
+    /// keep their storage, and so do the quantizations [`dequantize`] knows (Q4_0, Q4_1, Q5_0,
+    /// Q5_1, Q8_0, Q4_K, Q5_K, Q6_K): their blocks stay as stored ([`Storage::Quant`]), and matrix
+    /// products read them directly. All of these are read in place from the file's memory map
+    /// (a copy only where a tensor is not aligned for its type). F64 is converted to f32.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let info = self.tensor_info(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
             tried: name.to_string(),
             source_desc: self.path.display().to_string(),
         })?;
-        let bytes = self.tensor_bytes(info)?;
+        let range = self.tensor_range(info)?;
+        let bytes = &self.map[range.clone()];
         let n = info.n_elements() as usize;
+        // F32/F16/BF16 and blocks are read in place from the mapping where aligned (GGUF aligns
+        // every tensor, 32 bytes by default), else copied one tensor at a time.
         let storage = match info.ggml_type {
-            GgmlType::F16 => Storage::F16(
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| f16::from_le_bytes([b[0], b[1]]))
-                    .collect(),
-            ),
-            GgmlType::BF16 => Storage::BF16(
-                bytes
-                    .chunks_exact(2)
-                    .map(|b| bf16::from_le_bytes([b[0], b[1]]))
-                    .collect(),
-            ),
+            GgmlType::F32 => Storage::F32(self.in_place(name, range.start, n)?),
+            GgmlType::F16 => Storage::F16(self.in_place(name, range.start, n)?),
+            GgmlType::BF16 => Storage::BF16(self.in_place(name, range.start, n)?),
             t if t.block_size() > 1 && t.can_dequantize() => Storage::Quant {
                 ty: t,
-                data: bytes.to_vec(),
+                data: self.in_place(name, range.start, bytes.len())?,
             },
-            t => Storage::F32(dequantize(t, bytes, n).map_err(|e| match e {
-                Error::Unsupported { what, value } => Error::Unsupported {
-                    what,
-                    value: format!("{value} (tensor `{name}` in {})", self.path.display()),
-                },
-                other => other,
-            })?),
+            t => Storage::F32(
+                dequantize(t, bytes, n)
+                    .map_err(|e| match e {
+                        Error::Unsupported { what, value } => Error::Unsupported {
+                            what,
+                            value: format!("{value} (tensor `{name}` in {})", self.path.display()),
+                        },
+                        other => other,
+                    })?
+                    .into(),
+            ),
         };
         Tensor::new(&info.shape(), storage)
+    }
+
+    /// `len` values of tensor `name` at byte `start` of the file, in place where aligned.
+    fn in_place<T: Plain>(&self, name: &str, start: usize, len: usize) -> Result<HostBuf<T>> {
+        HostBuf::from_map(&self.map, start, len).ok_or_else(|| Error::Weights {
+            path: self.path.clone(),
+            msg: format!("tensor `{name}`: {len} values at byte {start} lie outside the file"),
+        })
     }
 
     fn config_err(&self, msg: String) -> Error {

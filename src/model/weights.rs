@@ -9,12 +9,12 @@
 
 use super::nn::ParamSource;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Device, Storage, Tensor};
-use half::{bf16, f16};
+use crate::tensor::{DType, Device, HostBuf, Storage, Tensor};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Raw prefix -> canonical prefix, first match wins.
 const PREFIXES: &[(&str, &str)] = &[
@@ -45,7 +45,7 @@ enum Entry {
 
 /// A checkpoint's tensors under canonical names.
 pub struct Weights {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<(PathBuf, Arc<Mmap>)>,
     entries: HashMap<String, Entry>,
     /// Raw prefixes seen, in the order of [`PREFIXES`] (the detected key layout).
     layout: BTreeSet<(usize, &'static str)>,
@@ -176,7 +176,7 @@ impl Weights {
                 },
             );
         }
-        self.files.push((path, mmap));
+        self.files.push((path, Arc::new(mmap)));
         Ok(())
     }
 
@@ -248,27 +248,30 @@ impl Weights {
                 start,
                 end,
             } => {
-                let (path, mmap) = &self.files[file];
-                let bytes = &mmap[start..end];
+                let (path, map) = &self.files[file];
+                let n: usize = s.iter().product();
+                let holds = |size: usize| {
+                    end.checked_sub(start)
+                        .is_some_and(|b| Some(b) == n.checked_mul(size))
+                };
+                let outside = || Error::Weights {
+                    path: path.clone(),
+                    msg: format!(
+                        "tensor `{raw}`: bytes {start}..{end} do not hold {n} values of {dtype:?}"
+                    ),
+                };
+                // In place from the mapping where aligned (else one tensor copied).
                 let storage = match dtype {
-                    Dtype::F32 => Storage::F32(
-                        bytes
-                            .chunks_exact(4)
-                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                            .collect(),
-                    ),
-                    Dtype::F16 => Storage::F16(
-                        bytes
-                            .chunks_exact(2)
-                            .map(|b| f16::from_le_bytes([b[0], b[1]]))
-                            .collect(),
-                    ),
-                    Dtype::BF16 => Storage::BF16(
-                        bytes
-                            .chunks_exact(2)
-                            .map(|b| bf16::from_le_bytes([b[0], b[1]]))
-                            .collect(),
-                    ),
+                    Dtype::F32 if holds(4) => {
+                        Storage::F32(HostBuf::from_map(map, start, n).ok_or_else(outside)?)
+                    }
+                    Dtype::F16 if holds(2) => {
+                        Storage::F16(HostBuf::from_map(map, start, n).ok_or_else(outside)?)
+                    }
+                    Dtype::BF16 if holds(2) => {
+                        Storage::BF16(HostBuf::from_map(map, start, n).ok_or_else(outside)?)
+                    }
+                    Dtype::F32 | Dtype::F16 | Dtype::BF16 => return Err(outside()),
                     other => {
                         return Err(Error::Unsupported {
                             what: "weight dtype (f32, f16, bf16)",

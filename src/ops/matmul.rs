@@ -302,7 +302,7 @@ mod tests {
         let w: Vec<half::bf16> = (0..n * k)
             .map(|i| half::bf16::from_f32((i as f32 * 0.3).sin()))
             .collect();
-        let w = Tensor::new(&[n, k], crate::tensor::Storage::BF16(w)).unwrap();
+        let w = Tensor::new(&[n, k], crate::tensor::Storage::BF16(w.into())).unwrap();
         for m in [1, NARROW_ROWS, NARROW_ROWS + 1] {
             let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.7).cos()).collect();
             let got = linear(&x, &w, None).unwrap();
