@@ -6,7 +6,11 @@ Interleaved rounds (llama.cpp, then fineprune, ROUNDS times) on the same threads
 and each process's max RSS; prints the medians, the ratios fineprune / llama.cpp and the load
 average beside them, and writes target/peers/peers.json.
 
-  python3 scripts/peers.py [--rounds 3] [--threads 2] [--gguf PATH]
+  python3 scripts/peers.py [--rounds 3] [--threads 2] [--gguf PATH] [--torch PYTHON]
+
+--torch PYTHON adds PyTorch f32 prefill (transformers loads the GGUF dequantised to f32, as
+`from_pretrained(gguf_file=...)` does; forward of the same prompt, median of 3 after a warm-up) to
+every round: PYTHON is an interpreter with torch, transformers and gguf installed.
 
 llama-bench comes from ../shared/tools/build-llamacpp.sh (built once, cached under
 target/peers/llama.cpp); fineprune from `cargo build --release --bin fineprune`.
@@ -57,6 +61,31 @@ def fineprune(binary, gguf, threads, prompt, tg):
     return rows
 
 
+TORCH_PREFILL = r"""
+import os, statistics, sys, time, torch
+from transformers import AutoModelForCausalLM
+gguf, threads, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(threads)
+m = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                         torch_dtype=torch.float32).eval()
+ids = torch.full((1, n), 1930, dtype=torch.long)
+ts = []
+with torch.inference_mode():
+    for i in range(4):
+        t = time.perf_counter()
+        m(ids, use_cache=False, logits_to_keep=1)
+        ts.append(time.perf_counter() - t)
+print(n / statistics.median(ts[1:]))
+"""
+
+
+def torch_prefill(python, gguf, threads, n):
+    """PyTorch f32 prefill tokens/s over n tokens and its max RSS."""
+    out, rss = run_timed([python, "-c", TORCH_PREFILL, gguf, str(threads), str(n)],
+                         dict(os.environ, OMP_NUM_THREADS=str(threads)))
+    return {"pp": float(out.strip().splitlines()[-1]), "pp_rss": rss}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
@@ -65,6 +94,7 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--gguf", default=os.environ.get(
         "FINEPRUNE_SMOLLM2_GGUF", os.path.join(ROOT, "target/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+    ap.add_argument("--torch", metavar="PYTHON", help="also time PyTorch f32 prefill with this interpreter")
     a = ap.parse_args()
     if not os.path.exists(a.gguf):
         sys.exit(f"error: {a.gguf} is absent (.ci/run fetches it)")
@@ -75,13 +105,16 @@ def main():
     binary = os.path.join(ROOT, "target/release/fineprune")
     # "word " is one token in SmolLM2's vocabulary: the raw prompt is --prompt-tokens tokens.
     prompt = "word " * a.prompt_tokens
-    ours, theirs = [], []
+    ours, theirs, torch = [], [], []
     for r in range(a.rounds):
         theirs.append(llama(bench, a.gguf, a.threads, a.prompt_tokens, a.gen_tokens))
         ours.append(fineprune(binary, a.gguf, a.threads, prompt, a.gen_tokens))
+        if a.torch:
+            torch.append(torch_prefill(a.torch, a.gguf, a.threads, ours[-1]["prompt_tokens"]))
         print(f"round {r + 1}: llama.cpp pp {theirs[-1]['pp']:.1f} tg {theirs[-1]['tg']:.1f}, "
               f"fineprune pp {ours[-1]['pp']:.1f} tg {ours[-1]['tg']:.1f} "
-              f"({ours[-1]['prompt_tokens']} prompt tokens)", flush=True)
+              f"({ours[-1]['prompt_tokens']} prompt tokens)"
+              + (f", torch f32 pp {torch[-1]['pp']:.1f}" if torch else ""), flush=True)
     med = lambda rows, k: statistics.median(r[k] for r in rows)
     table = {
         "prefill tokens/s": (med(ours, "pp"), med(theirs, "pp")),
@@ -94,11 +127,16 @@ def main():
           f"(threads {a.threads}, {a.rounds} interleaved rounds, medians; load {load[0]:.2f} {load[1]:.2f})")
     for k, (x, y) in table.items():
         print(f"{k:18} {x:10.1f} {y:10.1f} {x / y:7.2f}")
+    if torch:
+        t = med(torch, "pp")
+        table["torch f32 prefill tokens/s"] = t
+        print(f"{'':18} {'fineprune':>10} {'torch f32':>10} {'ratio':>7}")
+        print(f"{'prefill tokens/s':18} {med(ours, 'pp'):10.1f} {t:10.1f} {med(ours, 'pp') / t:7.2f}")
     os.makedirs(os.path.join(ROOT, "target/peers"), exist_ok=True)
     out = os.path.join(ROOT, "target/peers/peers.json")
     with open(out + ".tmp", "w") as f:
         json.dump({"threads": a.threads, "rounds": a.rounds, "load": load, "fineprune": ours,
-                   "llama.cpp": theirs, "medians": table}, f, indent=1)
+                   "llama.cpp": theirs, "torch": torch, "medians": table}, f, indent=1)
     os.replace(out + ".tmp", out)
     print(f"wrote {out}")
 
