@@ -1,0 +1,577 @@
+//! Quantizers f32 -> GGUF blocks (the inverse of [`super::gguf::dequantize`]), and quantize on
+//! load ([`Quantize`]): a checkpoint's linear weights turned into blocks one tensor at a time as
+//! they are read, so a safetensors model runs on the quantized kernels of
+//! [`crate::ops::quant`].
+//!
+//! Every quantizer reproduces llama.cpp's reference one (`quantize_row_<type>_ref` in
+//! ggml-quants.c, what `llama-quantize` writes without an importance matrix) operation for
+//! operation in f32, so the blocks are bit-identical to llama.cpp's
+//! (`tests/reference/quantize_ref.py` checks them against its library):
+//!
+//! | type | per block | levels |
+//! |------|-----------|--------|
+//! | Q8_0 | `d = amax / 127` | `q = round(x / d)` (half away from zero) |
+//! | Q4_0, Q5_0 | `d = max / -2^(b-1)` (`max`: the element of largest magnitude) | `q = min(2^b - 1, trunc(x / d + 2^(b-1) + 0.5))` |
+//! | Q4_1, Q5_1 | `d = (max - min) / (2^b - 1)`, `m = min` | `q = min(2^b - 1, trunc((x - min) / d + 0.5))` |
+//! | Q4_K, Q5_K | per 32: scale and min by `make_qkx2_quants` (a weighted least-squares search over 21 / 16 candidate steps); 6-bit scales and mins relative to the block's largest | `q = clamp(nearest_int((x + m) / (d · sc)), 0, 2^b - 1)` |
+//! | Q6_K | per 16: scale by `make_qx_quants` (x²-weighted search over 19 candidates); 8-bit scales relative to the largest | `q = clamp(nearest_int(x / (d · sc)), -32, 31) + 32` |
+//!
+//! Scales are stored as f16 (round to nearest even). Dequantised, the error per element is at most
+//! half a step for Q8_0 and Q4_1/Q5_1, one step for Q4_0/Q5_0 (the side opposite the largest
+//! element has one level fewer), plus the f16 rounding of the scales (2⁻¹¹ relative); the
+//! K-quants trade the worst case for a smaller weighted squared error.
+
+use super::gguf::{GgmlType, f16_at, scale_min_k4};
+use super::nn::Param;
+use crate::error::{Error, Result};
+use crate::tensor::{Storage, Tensor};
+use half::f16;
+use rayon::prelude::*;
+
+/// The types [`quantize`] writes.
+pub const TYPES: [GgmlType; 8] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+/// Whether [`quantize`] writes blocks of `ty`.
+pub fn can_quantize(ty: GgmlType) -> bool {
+    TYPES.contains(&ty)
+}
+
+/// The quantization type named `s` (`q8_0`, `q4_k`, ...; any case), one of [`TYPES`]: the
+/// parser of `--quantize`.
+pub fn parse_type(s: &str) -> Result<GgmlType> {
+    let want = s.trim().to_ascii_uppercase();
+    TYPES
+        .iter()
+        .copied()
+        .find(|t| t.name() == want)
+        .ok_or_else(|| Error::Unsupported {
+            what: "quantization type (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k)",
+            value: s.to_string(),
+        })
+}
+
+/// `x` in GGUF blocks of `ty`, bit-identical to llama.cpp's `quantize_row_<ty>_ref`. `x.len()`
+/// must be a whole number of blocks; `ty` one of [`TYPES`]. Blocks are quantized in parallel.
+pub fn quantize(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>> {
+    let (bs, ts) = (ty.block_size(), ty.type_size());
+    let block: fn(&[f32], &mut [u8]) = match ty {
+        GgmlType::Q4_0 => |x, y| q_sym::<4>(x, y),
+        GgmlType::Q5_0 => |x, y| q_sym::<5>(x, y),
+        GgmlType::Q4_1 => |x, y| q_affine::<4>(x, y),
+        GgmlType::Q5_1 => |x, y| q_affine::<5>(x, y),
+        GgmlType::Q8_0 => q8_0,
+        GgmlType::Q4_K => |x, y| q_k45::<4>(x, y),
+        GgmlType::Q5_K => |x, y| q_k45::<5>(x, y),
+        GgmlType::Q6_K => q6_k,
+        other => {
+            return Err(Error::Unsupported {
+                what: "quantization type to quantize to (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)",
+                value: other.name(),
+            });
+        }
+    };
+    if !x.len().is_multiple_of(bs) {
+        return Err(Error::Shape {
+            name: format!("{ty} quantizer input (whole blocks of {bs})"),
+            expected: vec![x.len().next_multiple_of(bs)],
+            got: vec![x.len()],
+        });
+    }
+    let mut out = vec![0u8; x.len() / bs * ts];
+    const RUN: usize = 64;
+    out.par_chunks_mut(ts * RUN)
+        .zip(x.par_chunks(bs * RUN))
+        .for_each(|(o, x)| {
+            for (ob, xb) in o.chunks_exact_mut(ts).zip(x.chunks_exact(bs)) {
+                block(xb, ob);
+            }
+        });
+    Ok(out)
+}
+
+/// `t` (a host matrix `[rows, cols]`, any dtype) as blocks of `ty`: a [`Storage::Quant`] tensor
+/// of the same shape. Fails unless `cols` is a whole number of blocks. Rows are converted to f32
+/// a few at a time, so no f32 copy of the whole matrix is made.
+pub fn quantize_tensor(t: &Tensor, ty: GgmlType) -> Result<Tensor> {
+    let (rows, cols) = (t.rows(), t.cols());
+    if !cols.is_multiple_of(ty.block_size()) || t.shape().len() < 2 {
+        return Err(Error::Shape {
+            name: format!(
+                "matrix to quantize to {ty} (rows of whole blocks of {})",
+                ty.block_size()
+            ),
+            expected: vec![rows, cols.next_multiple_of(ty.block_size())],
+            got: t.shape().to_vec(),
+        });
+    }
+    let step = (1 << 20) / cols.max(1) + 1;
+    let mut data = Vec::with_capacity(rows * cols / ty.block_size() * ty.type_size());
+    for start in (0..rows).step_by(step) {
+        let end = (start + step).min(rows);
+        let x = match t.storage() {
+            Storage::F32(v) => std::borrow::Cow::Borrowed(&v[start * cols..end * cols]),
+            _ => std::borrow::Cow::Owned(t.rows_f32(start, end)?),
+        };
+        data.extend(quantize(ty, &x)?);
+    }
+    Tensor::new(t.shape(), Storage::Quant { ty, data })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantize on load
+// ---------------------------------------------------------------------------------------------
+
+/// Quantize on load (`--quantize`): the language model's linear weights (attention q/k/v/o, MLP
+/// gate/up/down, and the LM head, which is the embedding table when tied) become blocks of `ty`
+/// as each is read; norms, biases and untied embeddings stay as loaded. The vision tower and
+/// projector stay as loaded (bf16 in released LLaVA checkpoints) unless `vision`, which
+/// quantizes their linear weights too (CLIP's q/k/v/out projections and MLP, the projector's two
+/// linears; not the patch or position embeddings). A matrix whose rows are not whole blocks (for
+/// the K-types, 256 elements) stays as loaded; [`Quantize::summary`] names them. CPU only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quantize {
+    /// One of [`TYPES`].
+    pub ty: GgmlType,
+    /// Quantize the vision tower's and projector's linear weights too.
+    pub vision: bool,
+}
+
+impl Quantize {
+    /// Whether `name` (canonical, [`super::weights`]) is a weight this quantizes; `tied`: the LM
+    /// head is the embedding table.
+    pub fn wants(&self, name: &str, tied: bool) -> bool {
+        let Some(stem) = name.strip_suffix(".weight") else {
+            return false;
+        };
+        let part = stem.rsplit('.').next().unwrap_or(stem);
+        if stem.starts_with("lm.layers.") {
+            return matches!(
+                part,
+                "q_proj" | "k_proj" | "v_proj" | "o_proj" | "gate_proj" | "up_proj" | "down_proj"
+            );
+        }
+        if stem.starts_with("vision.encoder.layers.") {
+            return self.vision
+                && matches!(
+                    part,
+                    "q_proj" | "k_proj" | "v_proj" | "out_proj" | "fc1" | "fc2"
+                );
+        }
+        match stem {
+            "lm_head" => true,
+            "lm.embed_tokens" => tied,
+            "projector.linear_1" | "projector.linear_2" => self.vision,
+            _ => false,
+        }
+    }
+
+    /// `t` quantized when [`Quantize::wants`] `name` and its rows are whole blocks of `ty`;
+    /// `None` (keep it as it is) otherwise.
+    pub fn apply(&self, name: &str, tied: bool, t: &Tensor) -> Result<Option<Tensor>> {
+        if !self.wants(name, tied)
+            || t.shape().len() != 2
+            || !t.cols().is_multiple_of(self.ty.block_size())
+            || t.dtype() == crate::tensor::DType::Quant(self.ty)
+        {
+            return Ok(None);
+        }
+        quantize_tensor(t, self.ty).map(Some)
+    }
+
+    /// One line on what quantizing a model's `params` did: how many of the weights it wants are
+    /// in blocks of `ty` and their bytes, and the ones kept as loaded because their rows are not
+    /// whole blocks (layer indices folded to `*`, with a count and the shape).
+    pub fn summary(&self, params: &[Param], tied: bool) -> String {
+        let ty = crate::tensor::DType::Quant(self.ty);
+        let wanted: Vec<&Param> = params
+            .iter()
+            .filter(|p| self.wants(&p.name, tied))
+            .collect();
+        let done: Vec<&&Param> = wanted.iter().filter(|p| p.value.dtype() == ty).collect();
+        let bytes: usize = done.iter().map(|p| p.value.nbytes()).sum();
+        let mut kept: Vec<(String, Vec<usize>, String, usize)> = Vec::new();
+        for p in wanted.iter().filter(|p| p.value.dtype() != ty) {
+            let folded = p
+                .name
+                .split('.')
+                .map(|s| if s.parse::<usize>().is_ok() { "*" } else { s })
+                .collect::<Vec<_>>()
+                .join(".");
+            let (shape, dtype) = (p.value.shape().to_vec(), p.value.dtype().to_string());
+            match kept.iter_mut().find(|k| k.0 == folded && k.1 == shape) {
+                Some(k) => k.3 += 1,
+                None => kept.push((folded, shape, dtype, 1)),
+            }
+        }
+        let mut line = format!(
+            "quantize {}: {} of {} linear weights in {} blocks ({:.1} MB)",
+            self.ty.name().to_lowercase(),
+            done.len(),
+            wanted.len(),
+            self.ty,
+            bytes as f64 / 1e6
+        );
+        if !kept.is_empty() {
+            let list: Vec<String> = kept
+                .iter()
+                .map(|(n, s, d, c)| format!("{n} x{c} {s:?} {d}"))
+                .collect();
+            line += &format!(
+                "; kept as loaded (rows not whole blocks of {}): {}",
+                self.ty.block_size(),
+                list.join(", ")
+            );
+        }
+        if !self.vision && params.iter().any(|p| p.name.starts_with("vision.")) {
+            line += "; vision tower and projector as loaded";
+        }
+        line
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block quantizers (one block of `x` into `y`, laid out as in ggml-common.h)
+// ---------------------------------------------------------------------------------------------
+
+/// ggml's `nearest_int` (round half to even; its `1.5 · 2²³` trick for the magnitudes it is used on).
+#[inline]
+fn nearest_int(v: f32) -> i32 {
+    v.round_ties_even() as i32
+}
+
+#[inline]
+fn put_f16(y: &mut [u8], at: usize, v: f32) {
+    y[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+}
+
+/// 32 levels of `B` bits as GGUF's 32-element blocks store them: low nibbles of elements 0..16
+/// and 16..32 share `qs[j]`; the fifth bits (B = 5) go to the u32 `qh`, bit j for element j.
+fn pack32(l: &[u8; 32], qs: &mut [u8], qh: Option<&mut [u8]>) {
+    let mut h = 0u32;
+    for j in 0..16 {
+        qs[j] = (l[j] & 0x0f) | ((l[j + 16] & 0x0f) << 4);
+        h |= ((l[j] as u32 >> 4) & 1) << j | ((l[j + 16] as u32 >> 4) & 1) << (j + 16);
+    }
+    if let Some(qh) = qh {
+        qh.copy_from_slice(&h.to_le_bytes());
+    }
+}
+
+/// Q4_0 / Q5_0 (`quantize_row_q{4,5}_0_ref`): `d = max / -2^(B-1)` with `max` the first element
+/// of largest magnitude, `q = min(2^B - 1, trunc(x / d + 2^(B-1) + 0.5))`.
+fn q_sym<const B: u32>(x: &[f32], y: &mut [u8]) {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    let half = (1u32 << (B - 1)) as f32;
+    let d = max / -half;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let top = ((1u32 << B) - 1) as u8;
+    let mut l = [0u8; 32];
+    for (l, &v) in l.iter_mut().zip(x) {
+        *l = ((v * id + (half + 0.5)) as i8 as u8).min(top);
+    }
+    put_f16(y, 0, d);
+    match B {
+        4 => pack32(&l, &mut y[2..18], None),
+        _ => {
+            let (qh, qs) = y[2..22].split_at_mut(4);
+            pack32(&l, qs, Some(qh))
+        }
+    }
+}
+
+/// Q4_1 / Q5_1 (`quantize_row_q{4,5}_1_ref`): `d = (max - min) / (2^B - 1)`, `m = min`,
+/// `q = min(2^B - 1, trunc((x - min) / d + 0.5))`.
+fn q_affine<const B: u32>(x: &[f32], y: &mut [u8]) {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        if v < min {
+            min = v;
+        }
+        if v > max {
+            max = v;
+        }
+    }
+    let top = (1u32 << B) - 1;
+    let d = (max - min) / top as f32;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut l = [0u8; 32];
+    for (l, &v) in l.iter_mut().zip(x) {
+        *l = (((v - min) * id + 0.5) as u8).min(top as u8);
+    }
+    put_f16(y, 0, d);
+    put_f16(y, 2, min);
+    match B {
+        4 => pack32(&l, &mut y[4..20], None),
+        _ => {
+            let (qh, qs) = y[4..24].split_at_mut(4);
+            pack32(&l, qs, Some(qh))
+        }
+    }
+}
+
+/// Q8_0 (`quantize_row_q8_0_ref`): `d = amax / 127`, `q = round(x / d)` (half away from zero).
+fn q8_0(x: &[f32], y: &mut [u8]) {
+    let amax = x
+        .iter()
+        .fold(0.0f32, |a, v| if a > v.abs() { a } else { v.abs() });
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    put_f16(y, 0, d);
+    for (q, &v) in y[2..34].iter_mut().zip(x) {
+        *q = (v * id).round() as i8 as u8;
+    }
+}
+
+/// ggml's `make_qkx2_quants` (without MAD): levels `l` in `0..=nmax` and `(scale, min)` with
+/// `x ≈ scale · l - min`, minimising `Σ w (scale · l - min - x)²` over the steps
+/// `(rmin + rdelta · is + nmax) / (max - min)`, `is = 0..=nstep`, each refined by weighted least
+/// squares (the min clamped to at most 0).
+fn make_qkx2_quants(
+    nmax: u8,
+    x: &[f32],
+    w: &[f32; 32],
+    l: &mut [u8],
+    (rmin, rdelta, nstep): (f32, f32, i32),
+) -> (f32, f32) {
+    let (mut min, mut max) = (x[0], x[0]);
+    let mut sum_w = w[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..32 {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        sum_w += w[i];
+        sum_x += w[i] * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l.fill(0);
+        return (0.0, -min);
+    }
+    let nmaxf = nmax as f32;
+    let level =
+        |iscale: f32, v: f32, min: f32| nearest_int(iscale * (v - min)).clamp(0, nmax as i32) as u8;
+    let iscale = nmaxf / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0.0f32;
+    for i in 0..32 {
+        l[i] = level(iscale, x[i], min);
+        let diff = scale * l[i] as f32 + min - x[i];
+        best_error += w[i] * (diff * diff);
+    }
+    let mut aux = [0u8; 32];
+    for is in 0..=nstep {
+        let iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
+        for i in 0..32 {
+            aux[i] = level(iscale, x[i], min);
+            let lf = aux[i] as f32;
+            sum_l += w[i] * lf;
+            sum_l2 += w[i] * lf * lf;
+            sum_xl += w[i] * lf * x[i];
+        }
+        let det = sum_w * sum_l2 - sum_l * sum_l;
+        if det > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur_error = 0.0f32;
+            for i in 0..32 {
+                let diff = this_scale * aux[i] as f32 + this_min - x[i];
+                cur_error += w[i] * (diff * diff);
+            }
+            if cur_error < best_error {
+                l.copy_from_slice(&aux);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// Q4_K / Q5_K (`quantize_row_q{4,5}_K_ref`): per 32 elements a scale and min from
+/// [`make_qkx2_quants`] (weights `sqrt(mean x²) + |x|`), both stored as 6 bits relative to the
+/// block's largest (`d`, `dmin` in f16), then every level recomputed against the stored scales.
+fn q_k45<const B: u32>(x: &[f32], y: &mut [u8]) {
+    let nmax = ((1u32 << B) - 1) as u8;
+    let search = if B == 4 {
+        (-1.0, 0.1, 20)
+    } else {
+        (-0.5, 0.1, 15)
+    };
+    let mut l = [0u8; 256];
+    let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
+    let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
+    for j in 0..8 {
+        let xs = &x[32 * j..32 * j + 32];
+        let sum_x2 = xs.iter().fold(0.0f32, |s, v| s + v * v);
+        let av_x = (sum_x2 / 32.0).sqrt();
+        let w: [f32; 32] = std::array::from_fn(|i| av_x + xs[i].abs());
+        (scales[j], mins[j]) = make_qkx2_quants(nmax, xs, &w, &mut l[32 * j..32 * j + 32], search);
+        if scales[j] > max_scale {
+            max_scale = scales[j];
+        }
+        if mins[j] > max_min {
+            max_min = mins[j];
+        }
+    }
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let sc = &mut y[4..16];
+    for j in 0..8 {
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        if j < 4 {
+            sc[j] = ls;
+            sc[j + 4] = lm;
+        } else {
+            sc[j + 4] = (ls & 0x0f) | ((lm & 0x0f) << 4);
+            sc[j - 4] |= (ls >> 4) << 6;
+            sc[j] |= (lm >> 4) << 6;
+        }
+    }
+    put_f16(y, 0, max_scale / 63.0);
+    put_f16(y, 2, max_min / 63.0);
+    let (d, dmin) = (f16_at(y, 0), f16_at(y, 2));
+    for j in 0..8 {
+        let (s, m) = scale_min_k4(j, &y[4..16]);
+        let dl = d * s as f32;
+        if dl == 0.0 {
+            continue;
+        }
+        let dm = dmin * m as f32;
+        for i in 32 * j..32 * j + 32 {
+            l[i] = nearest_int((x[i] + dm) / dl).clamp(0, nmax as i32) as u8;
+        }
+    }
+    // Sub-blocks 2c and 2c+1 share 32 bytes of qs (low and high nibbles); Q5_K's fifth bits go
+    // to bit j of qh[e] for element e of sub-block j.
+    let qs_at = if B == 4 { 16 } else { 48 };
+    for c in 0..4 {
+        for e in 0..32 {
+            let (lo, hi) = (l[64 * c + e], l[64 * c + 32 + e]);
+            y[qs_at + 32 * c + e] = (lo & 0x0f) | ((hi & 0x0f) << 4);
+            if B == 5 {
+                y[16 + e] |= ((lo >> 4) << (2 * c)) | ((hi >> 4) << (2 * c + 1));
+            }
+        }
+    }
+}
+
+/// ggml's `make_qx_quants` with `rmse_type = 1` (weights `x²`): levels `l + nmax` with `l` in
+/// `-nmax..nmax` and the scale, the best of the steps `-(nmax + 0.1 · is) / max`,
+/// `is = -9..=9`, by weighted least squares (`max` the element of largest magnitude).
+fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < 1e-15 {
+        l.fill(0);
+        return 0.0;
+    }
+    let level = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+    let sums = |iscale: f32| {
+        x.iter().fold((0.0f32, 0.0f32), |(lx, l2), &v| {
+            let lf = level(iscale, v) as f32;
+            let w = v * v;
+            (lx + w * v * lf, l2 + w * lf * lf)
+        })
+    };
+    let fill = |l: &mut [i8], iscale: f32| {
+        for (l, &v) in l.iter_mut().zip(x) {
+            *l = (nmax + level(iscale, v)) as i8;
+        }
+    };
+    let iscale = -(nmax as f32) / max;
+    fill(l, iscale);
+    let (sumlx, suml2) = sums(iscale);
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in (-9..=9).filter(|&is| is != 0) {
+        let iscale = -(nmax as f32 + 0.1 * is as f32) / max;
+        let (sumlx, suml2) = sums(iscale);
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            fill(l, iscale);
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
+}
+
+/// Q6_K (`quantize_row_q6_K_ref`): per 16 elements a scale from [`make_qx_quants`], stored as
+/// i8 relative to the block's largest (`d` in f16), then every level recomputed against the
+/// stored scales; `ql` holds the low nibbles, `qh` the top two bits.
+fn q6_k(x: &[f32], y: &mut [u8]) {
+    let mut l = [0i8; 256];
+    let mut scales = [0f32; 16];
+    let (mut max_scale, mut max_abs) = (0.0f32, 0.0f32);
+    for g in 0..16 {
+        scales[g] = make_qx_quants(32, &x[16 * g..16 * g + 16], &mut l[16 * g..16 * g + 16]);
+        if scales[g].abs() > max_abs {
+            max_abs = scales[g].abs();
+            max_scale = scales[g];
+        }
+    }
+    if max_abs < 1e-15 {
+        y.fill(0);
+        return;
+    }
+    let iscale = -128.0 / max_scale;
+    put_f16(y, 208, 1.0 / iscale);
+    let d = f16_at(y, 208);
+    for g in 0..16 {
+        let s = nearest_int(iscale * scales[g]).min(127) as i8;
+        y[192 + g] = s as u8;
+        let dl = d * s as f32;
+        if dl == 0.0 {
+            continue;
+        }
+        for i in 16 * g..16 * g + 16 {
+            l[i] = (nearest_int(x[i] / dl).clamp(-32, 31) + 32) as i8;
+        }
+    }
+    let (ql, qh) = y[..192].split_at_mut(128);
+    for h in 0..2 {
+        for e in 0..32 {
+            let q: [u8; 4] = std::array::from_fn(|k| l[128 * h + 32 * k + e] as u8);
+            ql[64 * h + e] = (q[0] & 0x0f) | ((q[2] & 0x0f) << 4);
+            ql[64 * h + 32 + e] = (q[1] & 0x0f) | ((q[3] & 0x0f) << 4);
+            qh[32 * h + e] =
+                (q[0] >> 4) | ((q[1] >> 4) << 2) | ((q[2] >> 4) << 4) | ((q[3] >> 4) << 6);
+        }
+    }
+}
