@@ -174,17 +174,20 @@ impl Quantize {
         }
     }
 
-    /// `t` quantized when [`Quantize::wants`] `name` and its rows are whole blocks of `ty`;
-    /// `None` (keep it as it is) otherwise.
-    pub fn apply(&self, name: &str, tied: bool, t: &Tensor) -> Result<Option<Tensor>> {
+    /// `t` in blocks of `ty` when [`Quantize::wants`] `name` and its rows are whole blocks, with
+    /// `true`; `t` as it is, with `false`, otherwise. (A wanted tensor already in blocks of `ty`
+    /// is returned as it is, with `true`.)
+    pub fn apply(&self, name: &str, tied: bool, t: Tensor) -> Result<(Tensor, bool)> {
         if !self.wants(name, tied)
             || t.shape().len() != 2
             || !t.cols().is_multiple_of(self.ty.block_size())
-            || t.dtype() == crate::tensor::DType::Quant(self.ty)
         {
-            return Ok(None);
+            return Ok((t, false));
         }
-        quantize_tensor(t, self.ty).map(Some)
+        if t.dtype() == crate::tensor::DType::Quant(self.ty) {
+            return Ok((t, true));
+        }
+        Ok((quantize_tensor(&t, self.ty)?, true))
     }
 
     /// One line on what quantizing a model's `params` did: how many of the weights it wants are
@@ -572,6 +575,192 @@ fn q6_k(x: &[f32], y: &mut [u8]) {
             ql[64 * h + 32 + e] = (q[1] & 0x0f) | ((q[3] & 0x0f) << 4);
             qh[32 * h + e] =
                 (q[0] >> 4) | ((q[1] >> 4) << 2) | ((q[2] >> 4) << 4) | ((q[3] >> 4) << 6);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gguf::dequantize;
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+
+    /// Normal-ish values (sum of uniforms) times a magnitude from 1e-3 to 1e2 per 256 elements
+    /// (within a super-block the K-types' 6-bit sub-block scales are relative to the largest).
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut scale = 1.0f32;
+        (0..n)
+            .map(|i| {
+                if i % 256 == 0 {
+                    scale = 10f32.powf(rng.random_range(-3.0..2.0));
+                }
+                let g: f32 = (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum();
+                g * scale
+            })
+            .collect()
+    }
+
+    /// Dequantised blocks are within the type's bound of the input. Per 32 elements: half a step
+    /// (Q8_0: `amax / 127`; Q4_1/Q5_1: `(max - min) / (2^b - 1)`) or a whole step (Q4_0/Q5_0:
+    /// `amax / 2^(b-1)`), plus the f16 rounding of the scale and min. The K-types minimise a
+    /// weighted squared error instead: their RMS error relative to the RMS of each 32 elements
+    /// stays under 8% (Q4_K), 4% (Q5_K), 2% (Q6_K) (measured 6.9%, 3.5%, 1.7% on this data;
+    /// Q4_0 8.2%, Q4_1 7.6%, Q5_0 4.1%, Q5_1 3.7%, Q8_0 0.5%).
+    #[test]
+    fn round_trip_error_within_the_types_bound() {
+        let x = data(256 * 64, 1);
+        for ty in TYPES {
+            let q = quantize(ty, &x).unwrap();
+            assert_eq!(q.len(), x.len() / ty.block_size() * ty.type_size());
+            let y = dequantize(ty, &q, x.len()).unwrap();
+            let (mut se, mut sx) = (0.0f64, 0.0f64);
+            for (xb, yb) in x.chunks(32).zip(y.chunks(32)) {
+                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let (lo, hi) = xb
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+                let step = match ty {
+                    GgmlType::Q8_0 => amax / 127.0 / 2.0,
+                    GgmlType::Q4_0 => amax / 8.0,
+                    GgmlType::Q5_0 => amax / 16.0,
+                    GgmlType::Q4_1 => (hi - lo) / 15.0 / 2.0,
+                    GgmlType::Q5_1 => (hi - lo) / 31.0 / 2.0,
+                    _ => f32::INFINITY,
+                };
+                // f16 scales: 2⁻¹¹ relative, or 2⁻²⁵ absolute where they are subnormal, times
+                // up to 128 levels.
+                let bound = step + amax / 1024.0 + 128.0 * 2f32.powi(-25);
+                let rms = (xb.iter().map(|v| (v * v) as f64).sum::<f64>() / 32.0).sqrt();
+                for (a, b) in xb.iter().zip(yb) {
+                    assert!((a - b).abs() <= bound, "{ty}: {a} -> {b} (bound {bound})");
+                    se += (((a - b) as f64) / rms).powi(2);
+                    sx += 1.0;
+                }
+            }
+            let rel = (se / sx).sqrt();
+            let limit = match ty {
+                GgmlType::Q4_K => 0.08,
+                GgmlType::Q5_K => 0.04,
+                GgmlType::Q6_K => 0.02,
+                _ => 1.0,
+            };
+            println!("{ty}: relative RMS error {rel:.4}");
+            assert!(rel < limit, "{ty}: relative RMS error {rel}");
+        }
+    }
+
+    /// Blocks of zeros come back as zeros, and constant blocks within the bound (the K-types
+    /// keep a min, so a constant is exact up to f16).
+    #[test]
+    fn zero_and_constant_blocks() {
+        for ty in TYPES {
+            let z = vec![0.0f32; 256];
+            assert!(
+                dequantize(ty, &quantize(ty, &z).unwrap(), 256)
+                    .unwrap()
+                    .iter()
+                    .all(|&v| v == 0.0),
+                "{ty}"
+            );
+            let c = vec![-0.75f32; 256];
+            let y = dequantize(ty, &quantize(ty, &c).unwrap(), 256).unwrap();
+            assert!(
+                y.iter().all(|&v| (v + 0.75).abs() < 0.75 / 512.0),
+                "{ty}: {:?}",
+                &y[..4]
+            );
+        }
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        assert!(matches!(
+            quantize(GgmlType::Q4_K, &[0.0; 32]),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            quantize(GgmlType::Q2_K, &[0.0; 256]),
+            Err(Error::Unsupported { .. })
+        ));
+        let t = Tensor::from_f32(&[2, 48], vec![0.0; 96]).unwrap();
+        assert!(matches!(
+            quantize_tensor(&t, GgmlType::Q8_0),
+            Err(Error::Shape { .. })
+        ));
+        assert_eq!(parse_type("Q4_k").unwrap(), GgmlType::Q4_K);
+        assert_eq!(parse_type(" q8_0 ").unwrap(), GgmlType::Q8_0);
+        for bad in ["q3_k", "f16", "", "q8"] {
+            let e = parse_type(bad).unwrap_err().to_string();
+            assert!(e.contains("q4_k") && e.contains(bad), "{e}");
+        }
+    }
+
+    /// A bf16 matrix with more rows than one conversion chunk quantizes as its f32 values do.
+    #[test]
+    fn tensor_quantizes_like_its_values() {
+        let (rows, cols) = (33000, 32);
+        let x: Vec<f32> = data(rows * cols, 2)
+            .into_iter()
+            .map(|v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        let bf = Tensor::from_f32(&[rows, cols], x.clone())
+            .unwrap()
+            .to_dtype(crate::tensor::DType::BF16)
+            .unwrap();
+        let t = quantize_tensor(&bf, GgmlType::Q8_0).unwrap();
+        assert_eq!(t.shape(), &[rows, cols]);
+        match t.storage() {
+            Storage::Quant { ty, data } => {
+                assert_eq!(*ty, GgmlType::Q8_0);
+                assert_eq!(data, &quantize(GgmlType::Q8_0, &x).unwrap());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn wants_the_linear_weights() {
+        let lm = Quantize {
+            ty: GgmlType::Q8_0,
+            vision: false,
+        };
+        let all = Quantize { vision: true, ..lm };
+        for n in [
+            "lm.layers.0.self_attn.q_proj.weight",
+            "lm.layers.11.self_attn.o_proj.weight",
+            "lm.layers.3.mlp.gate_proj.weight",
+            "lm.layers.3.mlp.down_proj.weight",
+            "lm_head.weight",
+        ] {
+            assert!(lm.wants(n, false), "{n}");
+        }
+        for n in [
+            "lm.layers.0.self_attn.q_proj.bias",
+            "lm.layers.0.input_layernorm.weight",
+            "lm.norm.weight",
+            "lm.embed_tokens.weight",
+            "vision.encoder.layers.0.mlp.fc1.weight",
+            "projector.linear_1.weight",
+        ] {
+            assert!(!lm.wants(n, false), "{n}");
+        }
+        assert!(lm.wants("lm.embed_tokens.weight", true));
+        for n in [
+            "vision.encoder.layers.0.self_attn.out_proj.weight",
+            "vision.encoder.layers.2.mlp.fc2.weight",
+            "projector.linear_2.weight",
+        ] {
+            assert!(all.wants(n, false) && !lm.wants(n, false), "{n}");
+        }
+        for n in [
+            "vision.embeddings.patch_embedding.weight",
+            "vision.embeddings.position_embedding.weight",
+            "vision.encoder.layers.0.layer_norm1.weight",
+            "projector.linear_1.bias",
+        ] {
+            assert!(!all.wants(n, true), "{n}");
         }
     }
 }

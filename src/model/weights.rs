@@ -291,11 +291,13 @@ impl Weights {
                 got: t.shape().to_vec(),
             });
         }
-        if let Some((q, tied)) = &self.quantize
-            && let Some(qt) = q.apply(name, *tied, &t)?
-        {
-            return Ok(Some(qt));
-        }
+        let t = match &self.quantize {
+            Some((q, tied)) => match q.apply(name, *tied, t)? {
+                (t, true) => return Ok(Some(t)),
+                (t, false) => t,
+            },
+            None => t,
+        };
         let t = match self.dtype {
             Some(dt) if dt != t.dtype() => t.to_dtype(dt)?,
             _ => t,
