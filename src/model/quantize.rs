@@ -245,10 +245,12 @@ impl Quantize {
 // Block quantizers (one block of `x` into `y`, laid out as in ggml-common.h)
 // ---------------------------------------------------------------------------------------------
 
-/// ggml's `nearest_int` (round half to even; its `1.5 · 2²³` trick for the magnitudes it is used on).
+/// ggml's `nearest_int`: round half to even by adding `1.5 · 2²³` and reading the mantissa, as
+/// ggml does (exact for `|v| < 2²²`, the range it is used on; plain SSE2, so it vectorises
+/// where `round_ties_even` is a library call).
 #[inline]
 fn nearest_int(v: f32) -> i32 {
-    v.round_ties_even() as i32
+    ((v + 12582912.0).to_bits() as i32 & 0x007f_ffff) - 0x0040_0000
 }
 
 #[inline]
@@ -340,81 +342,108 @@ fn q8_0(x: &[f32], y: &mut [u8]) {
     }
 }
 
-/// ggml's `make_qkx2_quants` (without MAD): levels `l` in `0..=nmax` and `(scale, min)` with
-/// `x ≈ scale · l - min`, minimising `Σ w (scale · l - min - x)²` over the steps
-/// `(rmin + rdelta · is + nmax) / (max - min)`, `is = 0..=nstep`, each refined by weighted least
-/// squares (the min clamped to at most 0).
-fn make_qkx2_quants(
+/// Eight f32 lanes: lane `j` is sub-block `j` of a K-quant super-block.
+type Lanes = [f32; 8];
+
+#[inline]
+fn lanes(f: impl Fn(usize) -> f32) -> Lanes {
+    std::array::from_fn(f)
+}
+
+/// ggml's `make_qkx2_quants` (without MAD) on the eight 32-element sub-blocks of a super-block at
+/// once (`x[i][j]`: element `i` of sub-block `j`): for each, levels `l` in `0..=nmax` and
+/// `(scale, min)` with `x ≈ scale · l - min`, minimising `Σ w (scale · l - min - x)²` over the
+/// steps `(rmin + rdelta · is + nmax) / (max - min)`, `is = 0..=nstep`, each refined by weighted
+/// least squares (the min clamped to at most 0). Every sub-block's sums run in ggml's order, so
+/// the result is bit-identical to it; the eight sub-blocks run side by side in vector lanes
+/// (ggml's sequential sums leave nothing to vectorise within one).
+fn make_qkx2_quants_x8(
     nmax: u8,
-    x: &[f32],
-    w: &[f32; 32],
-    l: &mut [u8],
+    x: &[Lanes; 32],
+    w: &[Lanes; 32],
+    l: &mut [[u8; 8]; 32],
     (rmin, rdelta, nstep): (f32, f32, i32),
-) -> (f32, f32) {
-    let (mut min, mut max) = (x[0], x[0]);
-    let mut sum_w = w[0];
-    let mut sum_x = sum_w * x[0];
+) -> (Lanes, Lanes) {
+    let (mut min, mut max, mut sum_w) = (x[0], x[0], w[0]);
+    let mut sum_x = lanes(|j| sum_w[j] * x[0][j]);
     for i in 1..32 {
-        if x[i] < min {
-            min = x[i];
+        for j in 0..8 {
+            let v = x[i][j];
+            min[j] = if v < min[j] { v } else { min[j] };
+            max[j] = if v > max[j] { v } else { max[j] };
+            sum_w[j] += w[i][j];
+            sum_x[j] += w[i][j] * v;
         }
-        if x[i] > max {
-            max = x[i];
-        }
-        sum_w += w[i];
-        sum_x += w[i] * x[i];
     }
-    if min > 0.0 {
-        min = 0.0;
-    }
-    if max == min {
-        l.fill(0);
-        return (0.0, -min);
-    }
+    let min0 = lanes(|j| if min[j] > 0.0 { 0.0 } else { min[j] });
+    let mut min = min0;
     let nmaxf = nmax as f32;
     let level =
         |iscale: f32, v: f32, min: f32| nearest_int(iscale * (v - min)).clamp(0, nmax as i32) as u8;
-    let iscale = nmaxf / (max - min);
-    let mut scale = 1.0 / iscale;
-    let mut best_error = 0.0f32;
+    let iscale = lanes(|j| nmaxf / (max[j] - min[j]));
+    let mut scale = lanes(|j| 1.0 / iscale[j]);
+    let mut best_error = [0.0f32; 8];
     for i in 0..32 {
-        l[i] = level(iscale, x[i], min);
-        let diff = scale * l[i] as f32 + min - x[i];
-        best_error += w[i] * (diff * diff);
+        for j in 0..8 {
+            l[i][j] = level(iscale[j], x[i][j], min[j]);
+            let diff = scale[j] * l[i][j] as f32 + min[j] - x[i][j];
+            best_error[j] += w[i][j] * (diff * diff);
+        }
     }
-    let mut aux = [0u8; 32];
+    let mut aux = [[0u8; 8]; 32];
     for is in 0..=nstep {
-        let iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
-        let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
+        let step = rmin + rdelta * is as f32 + nmaxf;
+        // ggml divides by `max - min` with the min as the search has moved it.
+        let iscale = lanes(|j| step / (max[j] - min[j]));
+        let (mut sum_l, mut sum_l2, mut sum_xl) = ([0.0f32; 8], [0.0f32; 8], [0.0f32; 8]);
         for i in 0..32 {
-            aux[i] = level(iscale, x[i], min);
-            let lf = aux[i] as f32;
-            sum_l += w[i] * lf;
-            sum_l2 += w[i] * lf * lf;
-            sum_xl += w[i] * lf * x[i];
+            for j in 0..8 {
+                aux[i][j] = level(iscale[j], x[i][j], min[j]);
+                let lf = aux[i][j] as f32;
+                sum_l[j] += w[i][j] * lf;
+                sum_l2[j] += w[i][j] * lf * lf;
+                sum_xl[j] += w[i][j] * lf * x[i][j];
+            }
         }
-        let det = sum_w * sum_l2 - sum_l * sum_l;
-        if det > 0.0 {
-            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
-            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
-            if this_min > 0.0 {
-                this_min = 0.0;
-                this_scale = sum_xl / sum_l2;
+        let det = lanes(|j| sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j]);
+        let mut this_scale = lanes(|j| (sum_w[j] * sum_xl[j] - sum_x[j] * sum_l[j]) / det[j]);
+        let mut this_min = lanes(|j| (sum_l2[j] * sum_x[j] - sum_l[j] * sum_xl[j]) / det[j]);
+        for j in 0..8 {
+            if this_min[j] > 0.0 {
+                this_min[j] = 0.0;
+                this_scale[j] = sum_xl[j] / sum_l2[j];
             }
-            let mut cur_error = 0.0f32;
-            for i in 0..32 {
-                let diff = this_scale * aux[i] as f32 + this_min - x[i];
-                cur_error += w[i] * (diff * diff);
+        }
+        let mut cur_error = [0.0f32; 8];
+        for i in 0..32 {
+            for j in 0..8 {
+                let diff = this_scale[j] * aux[i][j] as f32 + this_min[j] - x[i][j];
+                cur_error[j] += w[i][j] * (diff * diff);
             }
-            if cur_error < best_error {
-                l.copy_from_slice(&aux);
-                best_error = cur_error;
-                scale = this_scale;
-                min = this_min;
+        }
+        let take: [bool; 8] = std::array::from_fn(|j| det[j] > 0.0 && cur_error[j] < best_error[j]);
+        for i in 0..32 {
+            for j in 0..8 {
+                l[i][j] = if take[j] { aux[i][j] } else { l[i][j] };
+            }
+        }
+        for j in 0..8 {
+            if take[j] {
+                best_error[j] = cur_error[j];
+                scale[j] = this_scale[j];
+                min[j] = this_min[j];
             }
         }
     }
-    (scale, -min)
+    // A constant sub-block (max == min): all levels 0, scale 0.
+    for j in (0..8).filter(|&j| max[j] == min0[j]) {
+        for row in l.iter_mut() {
+            row[j] = 0;
+        }
+        scale[j] = 0.0;
+        min[j] = min0[j];
+    }
+    (scale, lanes(|j| -min[j]))
 }
 
 /// Q4_K / Q5_K (`quantize_row_q{4,5}_K_ref`): per 32 elements a scale and min from
@@ -427,15 +456,21 @@ fn q_k45<const B: u32>(x: &[f32], y: &mut [u8]) {
     } else {
         (-0.5, 0.1, 15)
     };
-    let mut l = [0u8; 256];
-    let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
+    // Sub-block j in lane j.
+    let xt: [Lanes; 32] = std::array::from_fn(|i| lanes(|j| x[32 * j + i]));
+    let mut sum_x2 = [0.0f32; 8];
+    for xi in &xt {
+        for j in 0..8 {
+            sum_x2[j] += xi[j] * xi[j];
+        }
+    }
+    let av_x = lanes(|j| (sum_x2[j] / 32.0).sqrt());
+    let w: [Lanes; 32] = std::array::from_fn(|i| lanes(|j| av_x[j] + xt[i][j].abs()));
+    let mut lt = [[0u8; 8]; 32];
+    let (scales, mins) = make_qkx2_quants_x8(nmax, &xt, &w, &mut lt, search);
+    let mut l: [u8; 256] = std::array::from_fn(|e| lt[e % 32][e / 32]);
     let (mut max_scale, mut max_min) = (0.0f32, 0.0f32);
     for j in 0..8 {
-        let xs = &x[32 * j..32 * j + 32];
-        let sum_x2 = xs.iter().fold(0.0f32, |s, v| s + v * v);
-        let av_x = (sum_x2 / 32.0).sqrt();
-        let w: [f32; 32] = std::array::from_fn(|i| av_x + xs[i].abs());
-        (scales[j], mins[j]) = make_qkx2_quants(nmax, xs, &w, &mut l[32 * j..32 * j + 32], search);
         if scales[j] > max_scale {
             max_scale = scales[j];
         }
