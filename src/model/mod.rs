@@ -10,6 +10,7 @@ mod jpeg;
 pub mod llama;
 pub mod llava;
 pub mod nn;
+pub mod quantize;
 pub mod template;
 pub mod tokenizer;
 pub mod weights;
@@ -23,6 +24,27 @@ use llava::VisionEncoder;
 use nn::{Param, ParamBuilder};
 use std::path::{Path, PathBuf};
 use tokenizer::Tokenizer;
+
+/// How [`Model::load_with`] loads a model: onto which device, in which dtype, quantized or not.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Weight dtype (`None`: as stored on the CPU; see [`Model::load_on`]).
+    pub dtype: Option<DType>,
+    /// Quantize the linear weights on load (CPU only).
+    pub quantize: Option<quantize::Quantize>,
+}
+
+impl Default for LoadOptions {
+    /// The CPU, weights as stored, nothing quantized.
+    fn default() -> Self {
+        LoadOptions {
+            device: Device::Cpu,
+            dtype: None,
+            quantize: None,
+        }
+    }
+}
 
 /// A loaded model: a LLaMA language model, with a vision encoder for LLaVA checkpoints.
 pub struct Model {
@@ -75,7 +97,29 @@ impl Model {
     /// checkpoints, so a LLaVA-1.5-7B needs about 14 GB of GPU memory). Weights go to the device
     /// one tensor at a time.
     pub fn load_on(path: impl AsRef<Path>, device: &Device, dtype: Option<DType>) -> Result<Self> {
-        let path = path.as_ref();
+        let opts = LoadOptions {
+            device: device.clone(),
+            dtype,
+            quantize: None,
+        };
+        Self::load_with(path, &opts)
+    }
+
+    /// [`Model::load_on`] with every option: `opts.quantize` turns the linear weights into
+    /// GGUF blocks as they are read ([`quantize::Quantize`]; CPU only), each tensor quantized
+    /// before the next is read, so the f32 or bf16 checkpoint is never held whole.
+    pub fn load_with(path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
+        let (path, device, dtype) = (path.as_ref(), &opts.device, opts.dtype);
+        if let Some(q) = opts.quantize {
+            if !device.is_cpu() {
+                return Err(Error::arg(
+                    "quantize",
+                    format!("quantized weights run on the CPU, not on {device}"),
+                ));
+            }
+            // Fails for a type the quantizers do not write.
+            quantize::parse_type(&q.ty.name())?;
+        }
         if !path.exists() {
             return Err(Error::MissingFile {
                 what: "model (an HF directory or a .gguf file)",
@@ -83,7 +127,7 @@ impl Model {
             });
         }
         if path.is_file() {
-            return Self::load_gguf(path, device, dtype);
+            return Self::load_gguf(path, opts);
         }
         let config = ModelConfig::from_file(&path.join("config.json"))?;
         let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
@@ -96,6 +140,8 @@ impl Model {
         };
         let mut w = weights::Weights::from_dir(path)?;
         place(&mut w, device, dtype);
+        let tied = config.text().tie_word_embeddings || !w.contains("lm_head.weight");
+        w.quantize(opts.quantize, tied);
         let layout = w.layout();
         let tensors = w.summary();
         let mut b = ParamBuilder::new(&mut w, false);
@@ -123,7 +169,7 @@ impl Model {
 
     /// Loads a LLaMA GGUF file: weights dequantised to f32 (f16/bf16 kept), tokenizer from its
     /// metadata (`tokenizer.json` beside the file, if present, takes precedence).
-    fn load_gguf(path: &Path, device: &Device, dtype: Option<DType>) -> Result<Self> {
+    fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<Self> {
         let g = gguf::load_llama(path)?;
         let beside = path.with_file_name("tokenizer.json");
         let tokenizer = if beside.exists() {
@@ -136,7 +182,9 @@ impl Model {
             Tokenizer::from_inner(inner, path)
         };
         let mut w = weights::Weights::from_tensors(g.tensors, &path.display().to_string());
-        place(&mut w, device, dtype);
+        place(&mut w, &opts.device, opts.dtype);
+        let tied = g.config.tie_word_embeddings || !w.contains("lm_head.weight");
+        w.quantize(opts.quantize, tied);
         // Report the types as stored in the file (e.g. `Q4_1`), not the dequantised f32.
         let stored: std::collections::HashMap<String, String> = gguf::GgufFile::open(path)?
             .tensor_infos()

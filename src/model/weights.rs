@@ -8,6 +8,7 @@
 //! `multi_modal_projector.*` with or without `model.`, and plain `model.*` (LlamaForCausalLM).
 
 use super::nn::ParamSource;
+use super::quantize::Quantize;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Device, HostBuf, Storage, Tensor};
 use memmap2::Mmap;
@@ -53,6 +54,8 @@ pub struct Weights {
     /// Where [`Weights::take`] puts each tensor, and in which dtype (`None`: as stored).
     device: Device,
     dtype: Option<DType>,
+    /// Quantize on load, and whether the LM head is the embedding table ([`Weights::quantize`]).
+    quantize: Option<(Quantize, bool)>,
 }
 
 fn canonical(raw: &str) -> Option<(usize, &'static str, String)> {
@@ -118,6 +121,7 @@ impl Weights {
             desc: dir.display().to_string(),
             device: Device::Cpu,
             dtype: None,
+            quantize: None,
         };
         for path in files {
             w.add_file(path)?;
@@ -134,6 +138,7 @@ impl Weights {
             desc: desc.to_string(),
             device: Device::Cpu,
             dtype: None,
+            quantize: None,
         };
         for (raw, t) in tensors {
             if let Some((i, p, name)) = canonical(&raw) {
@@ -289,6 +294,13 @@ impl Weights {
                 got: t.shape().to_vec(),
             });
         }
+        let t = match &self.quantize {
+            Some((q, tied)) => match q.apply(name, *tied, t)? {
+                (t, true) => return Ok(Some(t)),
+                (t, false) => t,
+            },
+            None => t,
+        };
         let t = match self.dtype {
             Some(dt) if dt != t.dtype() => t.to_dtype(dt)?,
             _ => t,
@@ -301,6 +313,13 @@ impl Weights {
     pub fn place(&mut self, device: Device, dtype: Option<DType>) {
         self.device = device;
         self.dtype = dtype;
+    }
+
+    /// Makes [`Weights::take`] quantize the weights `q` wants ([`Quantize::apply`]; `tied`: the
+    /// LM head is the embedding table) as each is read, on the host; the others go on as
+    /// [`Weights::place`] says.
+    pub fn quantize(&mut self, q: Option<Quantize>, tied: bool) {
+        self.quantize = q.map(|q| (q, tied));
     }
 
     /// The stored dtype of tensor `name` (canonical), if present.

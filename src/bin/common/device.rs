@@ -1,6 +1,9 @@
-//! The `--device` and `--dtype` flags of every command that runs a model.
+//! The `--device`, `--dtype` and `--quantize` flags of every command that runs a model.
 
 use clap::Args;
+use fineprune::model::LoadOptions;
+use fineprune::model::quantize::{self, Quantize};
+use fineprune::tensor::GgmlType;
 use fineprune::{DType, Device, Model};
 use std::path::Path;
 
@@ -15,11 +18,39 @@ pub struct DeviceFlags {
     /// f32); on a GPU, which computes in one dtype throughout, the embeddings' stored dtype.
     #[arg(long)]
     pub dtype: Option<DType>,
+    /// Quantize the language model's linear weights as they load, to GGUF blocks of this type:
+    /// `q8_0`, `q4_k`, `q4_0`, `q4_1`, `q5_0`, `q5_1`, `q5_k`, `q6_k` (llama.cpp's reference
+    /// quantizers; CPU only). Attention and MLP projections and the LM head (the embedding
+    /// table when tied) are quantized; norms and untied embeddings keep `--dtype`, and so does
+    /// a matrix whose rows are not whole blocks (32 elements, 256 for the K-types; a line on
+    /// stderr names them). The vision tower and projector stay as loaded.
+    #[arg(long, value_parser = quantize::parse_type)]
+    pub quantize: Option<GgmlType>,
+    /// With `--quantize`: quantize the vision tower's and projector's linear weights too.
+    #[arg(long, requires = "quantize")]
+    pub quantize_vision: bool,
 }
 
 impl DeviceFlags {
-    /// [`Model::load_on`] with these flags.
+    /// [`Model::load_with`] with these flags; with `--quantize`, prints what was quantized.
     pub fn load(&self, path: &Path) -> fineprune::Result<Model> {
-        Model::load_on(path, &self.device, self.dtype)
+        let opts = LoadOptions {
+            device: self.device.clone(),
+            dtype: self.dtype,
+            quantize: self.quantize.map(|ty| Quantize {
+                ty,
+                vision: self.quantize_vision,
+            }),
+        };
+        let model = Model::load_with(path, &opts).map_err(|e| {
+            e.renamed(|n| match n {
+                "quantize" => "--quantize".into(),
+                n => n.into(),
+            })
+        })?;
+        if let Some(q) = opts.quantize {
+            eprintln!("{}", q.summary(&model.params, model.lm.tied()));
+        }
+        Ok(model)
     }
 }
