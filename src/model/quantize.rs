@@ -123,7 +123,7 @@ pub fn quantize_tensor(t: &Tensor, ty: GgmlType) -> Result<Tensor> {
         };
         data.extend(quantize(ty, &x)?);
     }
-    Tensor::new(t.shape(), Storage::Quant { ty, data })
+    Tensor::new(t.shape(), Storage::Quant { ty, data: data.into() })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -749,7 +749,7 @@ mod tests {
         match t.storage() {
             Storage::Quant { ty, data } => {
                 assert_eq!(*ty, GgmlType::Q8_0);
-                assert_eq!(data, &quantize(GgmlType::Q8_0, &x).unwrap());
+                assert_eq!(&data[..], &quantize(GgmlType::Q8_0, &x).unwrap()[..]);
             }
             other => panic!("{other:?}"),
         }
