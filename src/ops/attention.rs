@@ -1,6 +1,6 @@
 //! Scaled dot-product attention with grouped-query heads, causal (LM) or bidirectional (vision).
 
-use super::matmul::{matmul_nn, matmul_nt, matmul_tn_acc};
+use super::matmul::{dot, matmul_nn, matmul_nt, matmul_tn_acc};
 use crate::error::{Error, Result};
 use crate::ops;
 use rayon::prelude::*;
@@ -80,6 +80,9 @@ pub fn attention_with_probs(
     Ok((out, probs.unwrap_or_default()))
 }
 
+/// Up to this many query rows, [`attend`] computes scores and outputs in direct loops.
+const DIRECT_ROWS: usize = 8;
+
 /// The forward of [`attention`], keeping the probabilities when `keep_probs`.
 fn attend(
     q: &[f32],
@@ -98,28 +101,52 @@ fn attend(
     } = sh;
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
+    let visible = |i: usize| if causal { s - t + i + 1 } else { s };
     let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..heads)
         .into_par_iter()
         .map(|h| {
             let kvh = h / group;
             let mut p = vec![0.0f32; t * s];
-            matmul_nt(
-                t,
-                s,
-                d,
-                &q[h * d..],
-                heads * d,
-                &k[kvh * d..],
-                kv_heads * d,
-                &mut p,
-                false,
-            );
-            for (i, row) in p.chunks_mut(s).enumerate() {
-                let visible = if causal { s - t + i + 1 } else { s };
-                softmax_scaled(row, visible, scale);
-            }
             let mut o = vec![0.0f32; t * d];
-            matmul_nn(t, d, s, &p, s, &v[kvh * d..], kv_heads * d, &mut o, false);
+            // A few query rows (decoding) are direct loops over the visible keys: `gemm`'s set-up
+            // costs more than such a product.
+            let direct = t <= DIRECT_ROWS;
+            let kh = |j: usize| &k[(j * kv_heads + kvh) * d..][..d];
+            let vh = |j: usize| &v[(j * kv_heads + kvh) * d..][..d];
+            if direct {
+                for (i, row) in p.chunks_mut(s).enumerate() {
+                    let qi = &q[(i * heads + h) * d..][..d];
+                    for (j, x) in row[..visible(i)].iter_mut().enumerate() {
+                        *x = dot(qi, kh(j));
+                    }
+                }
+            } else {
+                matmul_nt(
+                    t,
+                    s,
+                    d,
+                    &q[h * d..],
+                    heads * d,
+                    &k[kvh * d..],
+                    kv_heads * d,
+                    &mut p,
+                    false,
+                );
+            }
+            for (i, row) in p.chunks_mut(s).enumerate() {
+                softmax_scaled(row, visible(i), scale);
+            }
+            if direct {
+                for (i, (row, oi)) in p.chunks(s).zip(o.chunks_mut(d)).enumerate() {
+                    for (j, &pj) in row[..visible(i)].iter().enumerate() {
+                        for (o, &x) in oi.iter_mut().zip(vh(j)) {
+                            *o += pj * x;
+                        }
+                    }
+                }
+            } else {
+                matmul_nn(t, d, s, &p, s, &v[kvh * d..], kv_heads * d, &mut o, false);
+            }
             (o, if keep_probs { p } else { Vec::new() })
         })
         .collect();
@@ -347,12 +374,13 @@ mod tests {
         }
     }
 
+    /// Both paths: direct loops (t ≤ DIRECT_ROWS) and gemm.
     #[test]
     fn matches_definition_gqa_causal_and_full() {
-        for &causal in &[true, false] {
+        for (causal, t) in [(true, 3), (false, 3), (true, 11), (false, 11)] {
             let sh = AttnShape {
-                t: 3,
-                s: 5,
+                t,
+                s: t + 2,
                 heads: 4,
                 kv_heads: 2,
                 head_dim: 6,
@@ -370,7 +398,7 @@ mod tests {
                 .zip(&want)
                 .map(|(&a, &b)| (a as f64 - b).abs())
                 .fold(0.0, f64::max);
-            assert!(err < 1e-5, "causal={causal} err={err}");
+            assert!(err < 1e-5, "causal={causal} t={t} err={err}");
         }
     }
 
