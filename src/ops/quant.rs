@@ -1603,6 +1603,43 @@ mod micro {
     use super::*;
     use std::time::Instant;
 
+    /// Single-thread GB/s of the best tier's m = 1 kernel streaming 128 MB of weights (not in
+    /// cache), against a plain 32-byte-load sum over the same bytes.
+    #[test]
+    #[ignore]
+    fn cold_stream_gbps() {
+        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+            let k = 576;
+            let rb = k / 32 * ty.type_size();
+            let rows = (128 << 20) / rb;
+            let mut w: Vec<u8> = (0..rows * rb).map(|i| (i * 7919 % 251) as u8).collect();
+            for blk in w.chunks_exact_mut(ty.type_size()) {
+                blk[0..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+            }
+            let x: Vec<f32> = (0..k).map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1).collect();
+            let (kern, lanes) = kernel(ty, Isa::detect());
+            let mut acts = QActs::quantize(partner(ty).unwrap(), &x, 1, k);
+            if let Some(l) = lanes {
+                acts.pack(l);
+            }
+            let arows = [acts.row(0)];
+            let mut out = vec![0.0f32; rows];
+            for _ in 0..3 {
+                let t = Instant::now();
+                kern(&w, rb, &arows, &mut out, 1);
+                std::hint::black_box(&out);
+                let kern_gbps = w.len() as f64 / t.elapsed().as_secs_f64() / 1e9;
+                let t = Instant::now();
+                let sum = w.chunks_exact(32).fold(0u64, |a, c| {
+                    a.wrapping_add(u64::from_le_bytes(c[..8].try_into().unwrap()))
+                });
+                std::hint::black_box(sum);
+                let read_gbps = w.len() as f64 / t.elapsed().as_secs_f64() / 1e9;
+                println!("{ty}: kernel {kern_gbps:.1} GB/s, plain read {read_gbps:.1} GB/s");
+            }
+        }
+    }
+
     /// Single-thread ns per (block, activation row) of each tier's kernel on in-cache data.
     #[test]
     #[ignore]
