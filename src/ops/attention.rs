@@ -1,6 +1,6 @@
 //! Scaled dot-product attention with grouped-query heads, causal (LM) or bidirectional (vision).
 
-use super::matmul::{dot, matmul_nn, matmul_nt, matmul_tn_acc};
+use super::matmul::{matmul_nn, matmul_nt, matmul_tn_acc};
 use crate::error::{Error, Result};
 use crate::ops;
 use rayon::prelude::*;
@@ -98,13 +98,14 @@ struct HeadRows<'a> {
 
 impl HeadRows<'_> {
     /// `p[i, j] = softmax_j(scale · q_i · k_j)` over `j < visible(i)` (0 beyond) and
-    /// `o[i] = Σ_j p[i, j] · v_j`, for the rows of `p: [t, s]` and `o: [t, d]`. With
-    /// AVX2 the same loops are compiled for it (same operations in the same order, so the
-    /// same bits).
+    /// `o[i] = Σ_j p[i, j] · v_j`, for the rows of `p: [t, s]` and `o: [t, d]`, in fused
+    /// multiply-adds (as `gemm` computes). With AVX2 + FMA the same loops are compiled for them
+    /// (same operations in the same order, so the same bits; without FMA `mul_add` is a libm
+    /// call).
     fn attend(&self, s: usize, p: &mut [f32], o: &mut [f32], visible: impl Fn(usize) -> usize) {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") {
-            #[target_feature(enable = "avx2")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            #[target_feature(enable = "avx2,fma")]
             unsafe fn avx2(
                 h: &HeadRows,
                 s: usize,
@@ -127,16 +128,34 @@ impl HeadRows<'_> {
             let n = visible(i);
             let qi = &self.q[i * self.q_rs..][..d];
             for (j, x) in row[..n].iter_mut().enumerate() {
-                *x = dot(qi, &self.k[j * self.kv_rs..][..d]);
+                *x = fused_dot(qi, &self.k[j * self.kv_rs..][..d]);
             }
             softmax_scaled(row, n, self.scale);
             for (j, &pj) in row[..n].iter().enumerate() {
                 for (o, &x) in oi.iter_mut().zip(&self.v[j * self.kv_rs..][..d]) {
-                    *o += pj * x;
+                    *o = pj.mul_add(x, *o);
                 }
             }
         }
     }
+}
+
+/// `Σ a_e b_e` in eight partial sums of fused multiply-adds.
+#[inline(always)]
+fn fused_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .fold(0.0f32, |s, (x, y)| x.mul_add(*y, s));
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// The forward of [`attention`], keeping the probabilities when `keep_probs`.
@@ -447,7 +466,7 @@ mod tests {
         }
     }
 
-    /// The direct loops give the same bits with and without AVX2 (where this CPU has it).
+    /// The direct loops give the same bits with and without AVX2 + FMA (where this CPU has them).
     #[test]
     fn direct_loops_same_on_every_isa() {
         let (t, s, d) = (3, 37, 24);

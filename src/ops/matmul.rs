@@ -179,10 +179,8 @@ fn narrow_rows<T: Sync>(
     }
 }
 
-/// Dot product with eight independent partial sums, so the compiler can vectorise it (inlined,
-/// so that it takes the target features of its caller).
-#[inline(always)]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Dot product with eight independent partial sums, so the compiler can vectorise it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca

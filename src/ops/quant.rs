@@ -372,10 +372,33 @@ fn chunks_or_empty<T>(v: &mut [T], w: usize, m: usize) -> Vec<&mut [T]> {
     }
 }
 
-/// ggml's `quantize_row_q8_0_ref` / `quantize_row_q8_1_ref` for one row (`s` for Q8_1).
-fn quantize_q8_01(x: &[f32], qs: &mut [i8], d: &mut [f32], mut s: Option<&mut [f32]>) {
+/// ggml's `quantize_row_q8_0_ref` / `quantize_row_q8_1_ref` for one row (`s` for Q8_1); with
+/// AVX2 + F16C the same code compiled for them (the same operations, so the same bits).
+fn quantize_q8_01(x: &[f32], qs: &mut [i8], d: &mut [f32], s: Option<&mut [f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx2.available() {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn avx2(x: &[f32], qs: &mut [i8], d: &mut [f32], s: Option<&mut [f32]>) {
+            q8_01_row(x, qs, d, s)
+        }
+        // SAFETY: the features were detected.
+        return unsafe { avx2(x, qs, d, s) };
+    }
+    q8_01_row(x, qs, d, s)
+}
+
+#[inline(always)]
+fn q8_01_row(x: &[f32], qs: &mut [i8], d: &mut [f32], mut s: Option<&mut [f32]>) {
     for (b, (xb, qb)) in x.chunks_exact(32).zip(qs.chunks_exact_mut(32)).enumerate() {
-        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        // The largest |x| in eight lanes (the same value as a sequential fold: `max` ignores NaN
+        // and is otherwise exact, in any order), so that it vectorises.
+        let mut lanes = [0.0f32; 8];
+        for c in xb.chunks_exact(8) {
+            for (m, v) in lanes.iter_mut().zip(c) {
+                *m = m.max(v.abs());
+            }
+        }
+        let amax = lanes.iter().fold(0.0f32, |a, &v| a.max(v));
         let dd = amax / 127.0;
         let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
         let mut sum = 0i32;
@@ -1549,6 +1572,10 @@ mod tests {
     fn activation_quantisers() {
         let x: Vec<f32> = (0..256).map(|i| (i as f32 - 100.0) * 0.37).collect();
         let a = QActs::quantize(Partner::Q8_1, &x, 1, 256);
+        // The portable statement (inlined here, compiled without AVX2) gives the same bits.
+        let (mut qs, mut d, mut s) = ([0i8; 256], [0.0f32; 8], [0.0f32; 8]);
+        q8_01_row(&x, &mut qs, &mut d, Some(&mut s));
+        assert_eq!((&qs[..], &d[..], &s[..]), (&a.qs[..], &a.d[..], &a.s[..]));
         let amax = x[..32].iter().fold(0.0f32, |a, v| a.max(v.abs()));
         assert_eq!(a.d[0], f16::from_f32(amax / 127.0).to_f32());
         assert_eq!(a.qs[0], -127);
@@ -1651,38 +1678,41 @@ mod micro {
             GgmlType::Q4_K,
             GgmlType::Q6_K,
         ] {
-            let k = 1536;
-            let rows = 64;
-            let rb = k / ty.block_size() * ty.type_size();
-            let mut w: Vec<u8> = (0..rows * rb).map(|i| (i * 7919 % 251) as u8).collect();
-            for blk in w.chunks_exact_mut(ty.type_size()) {
-                let o = if ty == GgmlType::Q6_K { 208 } else { 0 };
-                blk[o..o + 2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
-            }
-            for m in [1usize, 4] {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
-                    .collect();
-                for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni] {
-                    if !isa.available() {
-                        continue;
+            // SmolLM2's row lengths (576: a last, partial 512-bit group) and a long one.
+            let short = if ty.block_size() == 32 { 576 } else { 768 };
+            for k in [short, 1536] {
+                let rows = 64;
+                let rb = k / ty.block_size() * ty.type_size();
+                let mut w: Vec<u8> = (0..rows * rb).map(|i| (i * 7919 % 251) as u8).collect();
+                for blk in w.chunks_exact_mut(ty.type_size()) {
+                    let o = if ty == GgmlType::Q6_K { 208 } else { 0 };
+                    blk[o..o + 2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+                }
+                for m in [1usize, 4] {
+                    let x: Vec<f32> = (0..m * k)
+                        .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
+                        .collect();
+                    for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni] {
+                        if !isa.available() {
+                            continue;
+                        }
+                        let (kern, lanes) = kernel(ty, isa);
+                        let mut acts = QActs::quantize(partner(ty).unwrap(), &x, m, k);
+                        if let Some(l) = lanes {
+                            acts.pack(l);
+                        }
+                        let arows: Vec<ARow> = (0..m).map(|i| acts.row(i)).collect();
+                        let mut out = vec![0.0f32; m * rows];
+                        let iters = 200;
+                        let t = Instant::now();
+                        for _ in 0..iters {
+                            kern(&w, rb, &arows, &mut out, m);
+                            std::hint::black_box(&out);
+                        }
+                        let ns = t.elapsed().as_secs_f64() * 1e9
+                            / (iters * rows * m * (k / ty.block_size())) as f64;
+                        println!("{ty} k={k} m={m} {isa:?}: {ns:.2} ns per block-row");
                     }
-                    let (kern, lanes) = kernel(ty, isa);
-                    let mut acts = QActs::quantize(partner(ty).unwrap(), &x, m, k);
-                    if let Some(l) = lanes {
-                        acts.pack(l);
-                    }
-                    let arows: Vec<ARow> = (0..m).map(|i| acts.row(i)).collect();
-                    let mut out = vec![0.0f32; m * rows];
-                    let iters = 200;
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        kern(&w, rb, &arows, &mut out, m);
-                        std::hint::black_box(&out);
-                    }
-                    let ns = t.elapsed().as_secs_f64() * 1e9
-                        / (iters * rows * m * (k / ty.block_size())) as f64;
-                    println!("{ty} m={m} {isa:?}: {ns:.2} ns per block-row");
                 }
             }
         }
