@@ -28,8 +28,13 @@
 //! rounding of `d` for Q8_0/Q8_1), i.e. about 1/254 of its block's largest magnitude.
 //!
 //! # Kernels
-//! Runtime detection picks one of three tiers ([`Isa`]): AVX-512 VNNI (`vpdpbusd` on 256-bit
-//! vectors for the 32-element types), AVX2+FMA+F16C (`vpmaddubsw` + `vpmaddwd`, as llama.cpp's
+//! Runtime detection picks one of three tiers ([`Isa`]): AVX-512 (F/BW/VL/VNNI) for the
+//! 32-element types, on 512-bit registers that each hold a *group* of four blocks (two for Q8_0):
+//! two 64-byte loads and a `vpermt2w` gather the group's quants and scales, `vpdpbusd` sums
+//! `u8 × i8` products into i32 lanes (weights made unsigned by an offset whose `offset · Σ q_x`
+//! the activation side carries, exact), and the scales multiply whole lanes, against activations
+//! re-laid once per call to match ([`Lanes`]); the K-quants run the AVX2 kernels there.
+//! AVX2+FMA+F16C (`vpmaddubsw` + `vpmaddwd`, as llama.cpp's
 //! AVX2 path; signed weights use the `sign`/`abs` trick so the unsigned operand is `|q_w|`), and a
 //! portable scalar path written in fixed-size per-block loops that the compiler vectorises (the
 //! only path off x86-64). The SIMD kernels take up to four activation rows at once, so each weight
