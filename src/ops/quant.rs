@@ -33,7 +33,7 @@
 //! two 64-byte loads and a `vpermt2w` gather the group's quants and scales, `vpdpbusd` sums
 //! `u8 × i8` products into i32 lanes (weights made unsigned by an offset whose `offset · Σ q_x`
 //! the activation side carries, exact), and the scales multiply whole lanes, against activations
-//! re-laid once per call to match ([`Lanes`]); the K-quants run the AVX2 kernels there.
+//! re-laid once per call to match (`Lanes`); the K-quants run the AVX2 kernels there.
 //! AVX2+FMA+F16C (`vpmaddubsw` + `vpmaddwd`, as llama.cpp's
 //! AVX2 path; signed weights use the `sign`/`abs` trick so the unsigned operand is `|q_w|`), and a
 //! portable scalar path written in fixed-size per-block loops that the compiler vectorises (the
