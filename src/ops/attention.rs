@@ -80,6 +80,84 @@ pub fn attention_with_probs(
     Ok((out, probs.unwrap_or_default()))
 }
 
+/// Up to this many query rows (decoding), [`attend`] runs [`HeadRows::attend`]: `gemm`'s set-up
+/// costs more than such a product.
+const DIRECT_ROWS: usize = 8;
+
+/// One head's queries, keys and values for direct loops: row `i` of `q` at `i · q_rs`, key and
+/// value row `j` at `j · kv_rs`, each `d` long.
+struct HeadRows<'a> {
+    q: &'a [f32],
+    q_rs: usize,
+    k: &'a [f32],
+    v: &'a [f32],
+    kv_rs: usize,
+    d: usize,
+    scale: f32,
+}
+
+impl HeadRows<'_> {
+    /// `p[i, j] = softmax_j(scale · q_i · k_j)` over `j < visible(i)` (0 beyond) and
+    /// `o[i] = Σ_j p[i, j] · v_j`, for the rows of `p: [t, s]` and `o: [t, d]`, in fused
+    /// multiply-adds (as `gemm` computes). With AVX2 + FMA the same loops are compiled for them
+    /// (same operations in the same order, so the same bits; without FMA `mul_add` is a libm
+    /// call).
+    fn attend(&self, s: usize, p: &mut [f32], o: &mut [f32], visible: impl Fn(usize) -> usize) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2(
+                h: &HeadRows,
+                s: usize,
+                p: &mut [f32],
+                o: &mut [f32],
+                vis: &dyn Fn(usize) -> usize,
+            ) {
+                h.loops(s, p, o, vis)
+            }
+            // SAFETY: AVX2 was detected just above.
+            return unsafe { avx2(self, s, p, o, &visible) };
+        }
+        self.loops(s, p, o, &visible)
+    }
+
+    #[inline(always)]
+    fn loops(&self, s: usize, p: &mut [f32], o: &mut [f32], visible: &dyn Fn(usize) -> usize) {
+        let d = self.d;
+        for (i, (row, oi)) in p.chunks_mut(s).zip(o.chunks_mut(d)).enumerate() {
+            let n = visible(i);
+            let qi = &self.q[i * self.q_rs..][..d];
+            for (j, x) in row[..n].iter_mut().enumerate() {
+                *x = fused_dot(qi, &self.k[j * self.kv_rs..][..d]);
+            }
+            softmax_scaled(row, n, self.scale);
+            for (j, &pj) in row[..n].iter().enumerate() {
+                for (o, &x) in oi.iter_mut().zip(&self.v[j * self.kv_rs..][..d]) {
+                    *o = pj.mul_add(x, *o);
+                }
+            }
+        }
+    }
+}
+
+/// `Σ a_e b_e` in eight partial sums of fused multiply-adds.
+#[inline(always)]
+fn fused_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .fold(0.0f32, |s, (x, y)| x.mul_add(*y, s));
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// The forward of [`attention`], keeping the probabilities when `keep_probs`.
 fn attend(
     q: &[f32],
@@ -98,28 +176,41 @@ fn attend(
     } = sh;
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
+    let visible = |i: usize| if causal { s - t + i + 1 } else { s };
     let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..heads)
         .into_par_iter()
         .map(|h| {
             let kvh = h / group;
             let mut p = vec![0.0f32; t * s];
-            matmul_nt(
-                t,
-                s,
-                d,
-                &q[h * d..],
-                heads * d,
-                &k[kvh * d..],
-                kv_heads * d,
-                &mut p,
-                false,
-            );
-            for (i, row) in p.chunks_mut(s).enumerate() {
-                let visible = if causal { s - t + i + 1 } else { s };
-                softmax_scaled(row, visible, scale);
-            }
             let mut o = vec![0.0f32; t * d];
-            matmul_nn(t, d, s, &p, s, &v[kvh * d..], kv_heads * d, &mut o, false);
+            if t <= DIRECT_ROWS {
+                let rows = HeadRows {
+                    q: &q[h * d..],
+                    q_rs: heads * d,
+                    k: &k[kvh * d..],
+                    v: &v[kvh * d..],
+                    kv_rs: kv_heads * d,
+                    d,
+                    scale,
+                };
+                rows.attend(s, &mut p, &mut o, visible);
+            } else {
+                matmul_nt(
+                    t,
+                    s,
+                    d,
+                    &q[h * d..],
+                    heads * d,
+                    &k[kvh * d..],
+                    kv_heads * d,
+                    &mut p,
+                    false,
+                );
+                for (i, row) in p.chunks_mut(s).enumerate() {
+                    softmax_scaled(row, visible(i), scale);
+                }
+                matmul_nn(t, d, s, &p, s, &v[kvh * d..], kv_heads * d, &mut o, false);
+            }
             (o, if keep_probs { p } else { Vec::new() })
         })
         .collect();
@@ -347,12 +438,13 @@ mod tests {
         }
     }
 
+    /// Both paths: direct loops (t ≤ DIRECT_ROWS) and gemm.
     #[test]
     fn matches_definition_gqa_causal_and_full() {
-        for &causal in &[true, false] {
+        for (causal, t) in [(true, 3), (false, 3), (true, 11), (false, 11)] {
             let sh = AttnShape {
-                t: 3,
-                s: 5,
+                t,
+                s: t + 2,
                 heads: 4,
                 kv_heads: 2,
                 head_dim: 6,
@@ -370,8 +462,35 @@ mod tests {
                 .zip(&want)
                 .map(|(&a, &b)| (a as f64 - b).abs())
                 .fold(0.0, f64::max);
-            assert!(err < 1e-5, "causal={causal} err={err}");
+            assert!(err < 1e-5, "causal={causal} t={t} err={err}");
         }
+    }
+
+    /// The direct loops give the same bits with and without AVX2 + FMA (where this CPU has them).
+    #[test]
+    fn direct_loops_same_on_every_isa() {
+        let (t, s, d) = (3, 37, 24);
+        let f = |n: usize, a: f32| (0..n).map(|i| (i as f32 * a).sin()).collect::<Vec<f32>>();
+        let (q, k, v) = (f(t * 2 * d, 0.31), f(s * d, 0.77), f(s * d, 1.13));
+        let rows = HeadRows {
+            q: &q[d..],
+            q_rs: 2 * d,
+            k: &k,
+            v: &v,
+            kv_rs: d,
+            d,
+            scale: 0.2,
+        };
+        let visible = |i: usize| s - t + i + 1;
+        let (mut p0, mut o0) = (vec![0.0; t * s], vec![0.0; t * d]);
+        rows.loops(s, &mut p0, &mut o0, &visible);
+        let (mut p1, mut o1) = (vec![0.0; t * s], vec![0.0; t * d]);
+        rows.attend(s, &mut p1, &mut o1, visible);
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&p0), bits(&p1));
+        assert_eq!(bits(&o0), bits(&o1));
+        // Row 0 sees keys 0..s − t + 1.
+        assert!(o0.iter().any(|&x| x != 0.0) && p0[s - t + 1] == 0.0 && p0[s - t] != 0.0);
     }
 
     /// Direct f64 transcription of the definition (GQA, causal or not).

@@ -28,8 +28,13 @@
 //! rounding of `d` for Q8_0/Q8_1), i.e. about 1/254 of its block's largest magnitude.
 //!
 //! # Kernels
-//! Runtime detection picks one of three tiers ([`Isa`]): AVX-512 VNNI (`vpdpbusd` on 256-bit
-//! vectors for the 32-element types), AVX2+FMA+F16C (`vpmaddubsw` + `vpmaddwd`, as llama.cpp's
+//! Runtime detection picks one of three tiers ([`Isa`]): AVX-512 (F/BW/VL/VNNI) for the
+//! 32-element types, on 512-bit registers that each hold a *group* of four blocks (two for Q8_0):
+//! two 64-byte loads and a `vpermt2w` gather the group's quants and scales, `vpdpbusd` sums
+//! `u8 × i8` products into i32 lanes (weights made unsigned by an offset whose `offset · Σ q_x`
+//! the activation side carries, exact), and the scales multiply whole lanes, against activations
+//! re-laid once per call to match (`Lanes`); the K-quants run the AVX2 kernels there.
+//! AVX2+FMA+F16C (`vpmaddubsw` + `vpmaddwd`, as llama.cpp's
 //! AVX2 path; signed weights use the `sign`/`abs` trick so the unsigned operand is `|q_w|`), and a
 //! portable scalar path written in fixed-size per-block loops that the compiler vectorises (the
 //! only path off x86-64). The SIMD kernels take up to four activation rows at once, so each weight
@@ -54,7 +59,8 @@ pub enum Isa {
     Portable,
     /// AVX2 + FMA + F16C.
     Avx2,
-    /// AVX2 + FMA + F16C + AVX-512 VNNI/VL (`vpdpbusd` on 256-bit vectors).
+    /// AVX2 + FMA + F16C + AVX-512 F/BW/VL/VNNI: 512-bit kernels for the 32-element types,
+    /// the AVX2 tier's K-quant kernels.
     Avx512Vnni,
 }
 
@@ -73,6 +79,7 @@ impl Isa {
             Isa::Avx512Vnni => {
                 Isa::Avx2.available()
                     && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni")
             }
@@ -158,8 +165,12 @@ pub fn quant_linear_on(
     if m == 0 || n == 0 || k == 0 {
         return Ok(vec![0.0; m * n]);
     }
-    let acts = QActs::quantize(p, x, m, k);
-    Ok(run(kernel(ty, isa), w, row_bytes, n, &acts))
+    let (kern, lanes) = kernel(ty, isa);
+    let mut acts = QActs::quantize(p, x, m, k);
+    if let Some(l) = lanes {
+        acts.pack(l);
+    }
+    Ok(run(kern, w, row_bytes, n, &acts))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -198,15 +209,54 @@ struct QActs {
     s: Vec<f32>,
     /// Q8_K: `[m, k / 16]` sums of 16 quants; empty otherwise.
     bsums: Vec<i16>,
+    /// The rows re-laid for the 512-bit kernels by [`QActs::pack`]; empty otherwise.
+    lanes: LaneActs,
 }
 
-/// One quantised activation row.
+/// How the 512-bit kernels read a 32-element weight type: `blocks` consecutive blocks make a
+/// *group*, whose products land in the sixteen i32 lanes of one register, `16 / blocks` lanes
+/// per block (each lane sums 4 of the block's products, or 8 with `halves`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lanes {
+    /// Blocks per group: 4 for the 4/5-bit types, 2 for Q8_0 (`32 · blocks` quant bytes).
+    blocks: usize,
+    /// The weight's 64-byte quant vectors hold one half of every block of the group: vector 0
+    /// elements 0..16 of each block (low nibbles), vector 1 elements 16..32 (high nibbles).
+    /// Without it, one vector holds the group's blocks in order.
+    halves: bool,
+    /// The kernels multiply the unsigned `u = q_w + offset` (`vpdpbusd` takes u8 × i8), so the
+    /// product is `Σ u q_x − offset · Σ q_x`; the second term is exact in integers and folded into
+    /// the first lane of each block before the sum.
+    offset: i32,
+}
+
+/// Activation rows in the order of [`Lanes`]: per row and group, the quants as the weight's
+/// vectors hold theirs, then per lane its block's `d`, its `s` (first lane of a block, Q8_1;
+/// zero elsewhere) and `−offset · Σ q` (first lane of a block; zero elsewhere). A last, partial
+/// group is padded with zeros.
+#[derive(Debug, Default)]
+struct LaneActs {
+    /// `[m, groups · 32 · blocks]` quants.
+    qs: Vec<i8>,
+    /// `[m, groups · 16]` per-lane `d`.
+    d: Vec<f32>,
+    /// `[m, groups · 16]` per-lane `s` (Q8_1), empty otherwise.
+    s: Vec<f32>,
+    /// `[m, groups · 16]` per-lane offset correction, empty when the offset is 0.
+    corr: Vec<i32>,
+}
+
+/// One quantised activation row (with its [`LaneActs`] row, empty unless packed).
 #[derive(Debug, Clone, Copy)]
 struct ARow<'a> {
     qs: &'a [i8],
     d: &'a [f32],
     s: &'a [f32],
     bsums: &'a [i16],
+    lq: &'a [i8],
+    ld: &'a [f32],
+    ls: &'a [f32],
+    lc: &'a [i32],
 }
 
 impl QActs {
@@ -221,6 +271,7 @@ impl QActs {
             d: vec![0.0; m * nb],
             s: vec![0.0; if p == Partner::Q8_1 { m * nb } else { 0 }],
             bsums: vec![0; if p == Partner::Q8K { m * k / 16 } else { 0 }],
+            lanes: LaneActs::default(),
         };
         let (sw, bw) = (a.s.len() / m, a.bsums.len() / m);
         let rows: Vec<RowMut> =
@@ -244,14 +295,66 @@ impl QActs {
         a
     }
 
+    /// Fills [`QActs::lanes`] for a 32-element weight type read as `l` says.
+    fn pack(&mut self, l: Lanes) {
+        debug_assert!(self.qb == 32 && 16 % l.blocks == 0);
+        let (m, k) = (self.m, self.k);
+        let nb = k / 32;
+        let groups = nb.div_ceil(l.blocks);
+        let (gq, per) = (32 * l.blocks, 16 / l.blocks);
+        let mut p = LaneActs {
+            qs: vec![0; m * groups * gq],
+            d: vec![0.0; m * groups * 16],
+            s: vec![
+                0.0;
+                if self.s.is_empty() {
+                    0
+                } else {
+                    m * groups * 16
+                }
+            ],
+            corr: vec![0; if l.offset == 0 { 0 } else { m * groups * 16 }],
+        };
+        for i in 0..m {
+            let (lq, ll) = (i * groups * gq, i * groups * 16);
+            for b in 0..nb {
+                let src = &self.qs[i * k + 32 * b..][..32];
+                let (g, j) = (b / l.blocks, b % l.blocks);
+                let q0 = lq + g * gq;
+                if l.halves {
+                    p.qs[q0 + 16 * j..][..16].copy_from_slice(&src[..16]);
+                    p.qs[q0 + gq / 2 + 16 * j..][..16].copy_from_slice(&src[16..]);
+                } else {
+                    p.qs[q0 + 32 * j..][..32].copy_from_slice(src);
+                }
+                let lane = ll + 16 * g + per * j;
+                p.d[lane..lane + per].fill(self.d[i * nb + b]);
+                if !p.s.is_empty() {
+                    p.s[lane] = self.s[i * nb + b];
+                }
+                if !p.corr.is_empty() {
+                    p.corr[lane] = -l.offset * src.iter().map(|&q| q as i32).sum::<i32>();
+                }
+            }
+        }
+        self.lanes = p;
+    }
+
     fn row(&self, i: usize) -> ARow<'_> {
         let nb = self.k / self.qb;
         let (sw, bw) = (self.s.len() / self.m, self.bsums.len() / self.m);
+        let l = &self.lanes;
+        let (lqw, ldw) = (l.qs.len() / self.m, l.d.len() / self.m);
+        let (lsw, lcw) = (l.s.len() / self.m, l.corr.len() / self.m);
         ARow {
             qs: &self.qs[i * self.k..(i + 1) * self.k],
             d: &self.d[i * nb..(i + 1) * nb],
             s: &self.s[i * sw..(i + 1) * sw],
             bsums: &self.bsums[i * bw..(i + 1) * bw],
+            lq: &l.qs[i * lqw..(i + 1) * lqw],
+            ld: &l.d[i * ldw..(i + 1) * ldw],
+            ls: &l.s[i * lsw..(i + 1) * lsw],
+            lc: &l.corr[i * lcw..(i + 1) * lcw],
         }
     }
 }
@@ -274,15 +377,38 @@ fn chunks_or_empty<T>(v: &mut [T], w: usize, m: usize) -> Vec<&mut [T]> {
     }
 }
 
-/// ggml's `quantize_row_q8_0_ref` / `quantize_row_q8_1_ref` for one row (`s` for Q8_1).
-fn quantize_q8_01(x: &[f32], qs: &mut [i8], d: &mut [f32], mut s: Option<&mut [f32]>) {
+/// ggml's `quantize_row_q8_0_ref` / `quantize_row_q8_1_ref` for one row (`s` for Q8_1); with
+/// AVX2 + F16C the same code compiled for them (the same operations, so the same bits).
+fn quantize_q8_01(x: &[f32], qs: &mut [i8], d: &mut [f32], s: Option<&mut [f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx2.available() {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn avx2(x: &[f32], qs: &mut [i8], d: &mut [f32], s: Option<&mut [f32]>) {
+            q8_01_row(x, qs, d, s)
+        }
+        // SAFETY: the features were detected.
+        return unsafe { avx2(x, qs, d, s) };
+    }
+    q8_01_row(x, qs, d, s)
+}
+
+#[inline(always)]
+fn q8_01_row(x: &[f32], qs: &mut [i8], d: &mut [f32], mut s: Option<&mut [f32]>) {
     for (b, (xb, qb)) in x.chunks_exact(32).zip(qs.chunks_exact_mut(32)).enumerate() {
-        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        // The largest |x| in eight lanes (the same value as a sequential fold: `max` ignores NaN
+        // and is otherwise exact, in any order), so that it vectorises.
+        let mut lanes = [0.0f32; 8];
+        for c in xb.chunks_exact(8) {
+            for (m, v) in lanes.iter_mut().zip(c) {
+                *m = m.max(v.abs());
+            }
+        }
+        let amax = lanes.iter().fold(0.0f32, |a, &v| a.max(v));
         let dd = amax / 127.0;
         let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in qb.iter_mut().zip(xb) {
-            *q = (v * id).round() as i8;
+            *q = round_away(v * id).clamp(-128, 127) as i8;
             sum += *q as i32;
         }
         d[b] = f16::from_f32(dd).to_f32();
@@ -292,10 +418,21 @@ fn quantize_q8_01(x: &[f32], qs: &mut [i8], d: &mut [f32], mut s: Option<&mut [f
     }
 }
 
-/// ggml's `nearest_int`: round half to even (the `1.5 · 2²³` trick).
+/// `roundf` (half away from zero) for `|v| < 2²³`, in operations that vectorise on any x86-64
+/// (`f32::round` is a libm call without SSE4.1): `v − trunc(v)` is exact there. NaN gives 0.
+#[inline]
+fn round_away(v: f32) -> i32 {
+    let t = v as i32;
+    let f = v - t as f32;
+    t + (f >= 0.5) as i32 - (f <= -0.5) as i32
+}
+
+/// ggml's `nearest_int`: round half to even by adding `1.5 · 2²³` (exact for `|v| ≤ 2²²`, which
+/// holds for the `|v| ≤ 127` it is given; `round_ties_even` is a libm call without SSE4.1).
 #[inline]
 fn nearest_int(v: f32) -> i32 {
-    v.round_ties_even() as i32
+    let f = v + 12_582_912.0;
+    (f.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
 
 /// ggml's `quantize_row_q8_K_ref` for one row.
@@ -334,8 +471,9 @@ fn quantize_q8_k(x: &[f32], qs: &mut [i8], d: &mut [f32], bsums: &mut [i16]) {
 // Driver
 // ---------------------------------------------------------------------------------------------
 
-/// A row kernel: `out[r] = W_row · a[r]` for `r < a.len() ≤ TILE`, `w` one weight row.
-type Kernel = fn(&[u8], &[ARow], &mut [f32]);
+/// A kernel: `out[j · stride + r] = W_j · a[r]` for every weight row `W_j` of `w` (whole rows
+/// of `row_bytes`) and `r < a.len() ≤ TILE`.
+type Kernel = fn(w: &[u8], row_bytes: usize, a: &[ARow], out: &mut [f32], stride: usize);
 
 /// Activation rows a SIMD kernel takes at once (each weight block unpacked once per tile).
 const TILE: usize = 4;
@@ -357,12 +495,8 @@ fn run(kern: Kernel, w: &[u8], row_bytes: usize, n: usize, acts: &QActs) -> Vec<
             let (j0, nr) = (c * rows, wc.len() / row_bytes);
             for i0 in (0..m).step_by(M_BLOCK) {
                 let i1 = (i0 + M_BLOCK).min(m);
-                for j in 0..nr {
-                    let wr = &wc[j * row_bytes..(j + 1) * row_bytes];
-                    let o = &mut t[j * m + i0..j * m + i1];
-                    for (a, o) in arows[i0..i1].chunks(TILE).zip(o.chunks_mut(TILE)) {
-                        kern(wr, a, o);
-                    }
+                for (ti, a) in arows[i0..i1].chunks(TILE).enumerate() {
+                    kern(wc, row_bytes, a, &mut t[i0 + ti * TILE..], m);
                 }
             }
             for i in 0..m {
@@ -390,13 +524,14 @@ impl OutPtr {
     }
 }
 
-fn kernel(ty: GgmlType, isa: Isa) -> Kernel {
+/// The kernel for `ty` on `isa`, and the [`Lanes`] order it wants the activations in.
+fn kernel(ty: GgmlType, isa: Isa) -> (Kernel, Option<Lanes>) {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Portable {
         return x86::kernel(ty, isa == Isa::Avx512Vnni);
     }
     let _ = isa;
-    match ty {
+    let k: Kernel = match ty {
         GgmlType::Q4_0 => portable::<{ PQ4_0 }>,
         GgmlType::Q4_1 => portable::<{ PQ4_1 }>,
         GgmlType::Q5_0 => portable::<{ PQ5_0 }>,
@@ -405,7 +540,8 @@ fn kernel(ty: GgmlType, isa: Isa) -> Kernel {
         GgmlType::Q4_K => portable::<{ PQ4_K }>,
         GgmlType::Q5_K => portable::<{ PQ5_K }>,
         _ => portable::<{ PQ6_K }>,
-    }
+    };
+    (k, None)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -421,18 +557,20 @@ const PQ4_K: u8 = 5;
 const PQ5_K: u8 = 6;
 const PQ6_K: u8 = 7;
 
-fn portable<const T: u8>(w: &[u8], a: &[ARow], out: &mut [f32]) {
-    for (a, o) in a.iter().zip(out) {
-        *o = match T {
-            PQ4_0 => dot_q4_0(w, a),
-            PQ4_1 => dot_q4_1(w, a),
-            PQ5_0 => dot_q5_0(w, a),
-            PQ5_1 => dot_q5_1(w, a),
-            PQ8_0 => dot_q8_0(w, a),
-            PQ4_K => dot_q4_k(w, a),
-            PQ5_K => dot_q5_k(w, a),
-            _ => dot_q6_k(w, a),
-        };
+fn portable<const T: u8>(w: &[u8], rb: usize, a: &[ARow], out: &mut [f32], stride: usize) {
+    for (j, w) in w.chunks_exact(rb).enumerate() {
+        for (a, o) in a.iter().zip(&mut out[j * stride..]) {
+            *o = match T {
+                PQ4_0 => dot_q4_0(w, a),
+                PQ4_1 => dot_q4_1(w, a),
+                PQ5_0 => dot_q5_0(w, a),
+                PQ5_1 => dot_q5_1(w, a),
+                PQ8_0 => dot_q8_0(w, a),
+                PQ4_K => dot_q4_k(w, a),
+                PQ5_K => dot_q5_k(w, a),
+                _ => dot_q6_k(w, a),
+            };
+        }
     }
 }
 
@@ -618,34 +756,15 @@ mod x86 {
     //! The entry points check that each activation row holds `k` quants for the `k` of the
     //! weight row before any unchecked load.
 
-    use super::{ARow, Kernel};
+    use super::{ARow, Kernel, Lanes};
     use crate::model::gguf::GgmlType;
     use std::arch::x86_64::*;
 
-    /// `u8 × i8` products summed in fours into eight `i32` lanes.
-    pub(super) trait Dot {
-        /// # Safety
-        /// The caller enables the features of the implementation.
-        unsafe fn dot(u: __m256i, s: __m256i) -> __m256i;
-    }
-
-    /// `vpmaddubsw` + `vpmaddwd` (AVX2). Pairs must not saturate i16: every caller keeps
-    /// `2 · |u| · |s| ≤ 32 512`.
-    pub(super) struct Maddubs;
-    impl Dot for Maddubs {
-        #[inline(always)]
-        unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
-            unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)) }
-        }
-    }
-
-    /// `vpdpbusd` (AVX-512 VNNI on 256-bit vectors).
-    pub(super) struct Vnni;
-    impl Dot for Vnni {
-        #[inline(always)]
-        unsafe fn dot(u: __m256i, s: __m256i) -> __m256i {
-            unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s) }
-        }
+    /// `Σ` of `u8 × i8` products in fours into eight `i32` lanes through `vpmaddubsw` +
+    /// `vpmaddwd`. Pairs must not saturate i16: every caller keeps `2 · |u| · |s| ≤ 32 512`.
+    #[inline(always)]
+    unsafe fn maddubs(u: __m256i, s: __m256i) -> __m256i {
+        unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)) }
     }
 
     #[inline(always)]
@@ -788,9 +907,9 @@ mod x86 {
         }
     }
 
-    /// One weight row of 32-element blocks against `R` activation rows.
+    /// One weight row of 32-element blocks against `R` activation rows (AVX2).
     #[inline(always)]
-    unsafe fn body32<B: Block32, D: Dot, const R: usize>(w: &[u8], a: &[ARow], out: &mut [f32]) {
+    unsafe fn body32<B: Block32, const R: usize>(w: &[u8], a: &[ARow], out: &mut [f32]) {
         let nb = w.len() / B::TS;
         let a = &a[..R];
         check(a, nb, 32, B::MIN, false);
@@ -808,7 +927,7 @@ mod x86 {
                         let ar = &a[r];
                         let y = load32(ar.qs.as_ptr().add(32 * b) as *const u8);
                         let y = if B::SIGNED { _mm256_sign_epi8(y, q) } else { y };
-                        let p = _mm256_cvtepi32_ps(D::dot(qa, y));
+                        let p = _mm256_cvtepi32_ps(maddubs(qa, y));
                         let dd = _mm256_set1_ps(dw * *ar.d.get_unchecked(b));
                         acc[r][slot] = _mm256_fmadd_ps(dd, p, acc[r][slot]);
                         if B::MIN {
@@ -968,67 +1087,261 @@ mod x86 {
         }
     }
 
-    /// Entry points: a `#[target_feature]` function per (body, tier) dispatching on the tile
-    /// height, and a safe wrapper (sound because [`kernel`] hands it out only after detection).
-    /// `[..]` holds the body's generic arguments before the tile height.
+    /// A 32-element block type as the 512-bit kernels read it ([`Lanes`]): a group of
+    /// `LANES.blocks` blocks (`GB = blocks · TS` bytes, 64 < GB ≤ 128) arrives in two 64-byte
+    /// loads, at the group's start and at its end − 64, and `vpermt2w` picks its quant bytes,
+    /// scales and mins out of them by 16-bit words (every field of these blocks is 2-aligned).
+    pub(super) trait Group {
+        /// Block bytes.
+        const TS: usize;
+        /// Byte offset of the quants in a block (16 nibble bytes, or 32 × i8).
+        const QS: usize;
+        /// Byte offset of the fifth-bit word `qh` (5-bit types).
+        const QH: Option<usize>;
+        /// Whether the block has a min `m` (f16 at byte 2, `w = d · q + m`).
+        const MIN: bool;
+        const LANES: Lanes;
+    }
+
+    /// Word `p / 2` of a group as `vpermt2w` indexes the two loads (`p` < 64: the first).
+    const fn word(p: usize, gb: usize) -> i16 {
+        if p + 2 <= 64 {
+            (p / 2) as i16
+        } else {
+            (32 + (p - (gb - 64)) / 2) as i16
+        }
+    }
+
+    /// Word indices of the quants: with halves, 16 bytes per block (eight words each), else 32.
+    const fn quant_words(ts: usize, qs: usize, l: Lanes) -> [i16; 32] {
+        let (mut v, mut w, per) = ([0i16; 32], 0, 32 / l.blocks);
+        while w < 32 {
+            v[w] = word(ts * (w / per) + qs + 2 * (w % per), l.blocks * ts);
+            w += 1;
+        }
+        v
+    }
+
+    /// Word indices of the scales: lane `l` (words 0..16) takes its block's `d`, word `16 + l`
+    /// its `m` (or `d` again without mins).
+    const fn scale_words(ts: usize, min: bool, l: Lanes) -> [i16; 32] {
+        let (mut v, mut w, per) = ([0i16; 32], 0, 16 / l.blocks);
+        while w < 32 {
+            let off = if w >= 16 && min { 2 } else { 0 };
+            v[w] = word(ts * ((w % 16) / per) + off, l.blocks * ts);
+            w += 1;
+        }
+        v
+    }
+
+    /// Word indices of the fifth bits: words 0..4 the low halves of blocks 0..4's `qh`, words
+    /// 4..8 the high halves, so the low and high 64 bits are the byte masks of the two halves.
+    const fn qh_words(ts: usize, qh: usize, l: Lanes) -> [i16; 32] {
+        let (mut v, mut w) = ([0i16; 32], 0);
+        while w < 8 {
+            v[w] = word(ts * (w % 4) + qh + 2 * (w / 4), l.blocks * ts);
+            w += 1;
+        }
+        v
+    }
+
+    macro_rules! group {
+        ($name:ident, $ts:expr, $qs:expr, $qh:expr, $min:expr, $blocks:expr, $halves:expr, $off:expr) => {
+            pub(super) struct $name;
+            impl Group for $name {
+                const TS: usize = $ts;
+                const QS: usize = $qs;
+                const QH: Option<usize> = $qh;
+                const MIN: bool = $min;
+                const LANES: Lanes = Lanes {
+                    blocks: $blocks,
+                    halves: $halves,
+                    offset: $off,
+                };
+            }
+        };
+    }
+    // Q4_0: d, 16 B nibbles; u = q (0..16), offset 8. Q4_1: d, m, nibbles. Q5_0: d, qh,
+    // nibbles; offset 16. Q5_1: d, m, qh, nibbles. Q8_0: d, 32 × i8; u = q ^ 0x80 = q + 128.
+    group!(G4_0, 18, 2, None, false, 4, true, 8);
+    group!(G4_1, 20, 4, None, true, 4, true, 0);
+    group!(G5_0, 22, 6, Some(2), false, 4, true, 16);
+    group!(G5_1, 24, 8, Some(4), true, 4, true, 0);
+    group!(G8_0, 34, 2, None, false, 2, false, 128);
+
+    #[inline(always)]
+    unsafe fn words(v: [i16; 32]) -> __m512i {
+        unsafe { _mm512_loadu_si512(v.as_ptr() as *const __m512i) }
+    }
+
+    /// One weight row of a 32-element type against `R` activation rows packed as `G::LANES`
+    /// (AVX-512 F/BW/VNNI): per group, `isum = corr + Σ_v vpdpbusd(u_v, y_v)` (exact i32 lanes),
+    /// `acc += (d_w · d_x) · isum (+ m_w · s_x)` in f32 lanes, summed across lanes at the end.
+    #[inline(always)]
+    unsafe fn body512<G: Group, const R: usize>(w: &[u8], a: &[ARow], out: &mut [f32]) {
+        let l = G::LANES;
+        let (nb, gb, nv) = (w.len() / G::TS, l.blocks * G::TS, l.blocks / 2);
+        let (full, groups) = (nb / l.blocks, nb.div_ceil(l.blocks));
+        let a = &a[..R];
+        for r in a {
+            assert!(r.lq.len() >= groups * 64 * nv && r.ld.len() >= groups * 16);
+            assert!(!G::MIN || r.ls.len() >= groups * 16);
+            assert!(l.offset == 0 || r.lc.len() >= groups * 16);
+        }
+        unsafe {
+            let iq = words(quant_words(G::TS, G::QS, l));
+            let isc = words(scale_words(G::TS, G::MIN, l));
+            let ih = words(qh_words(G::TS, G::QH.unwrap_or(0), l));
+            let m4 = _mm512_set1_epi8(0x0f);
+            // Two accumulators per row, alternating groups, halve the FMA dependency chain.
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            // A macro, not a closure: a closure would not inherit the entry point's features.
+            macro_rules! step {
+                ($g:expr, $l0:expr, $l1:expr, $slot:expr) => {{
+                    let (g, l0, l1, slot): (usize, __m512i, __m512i, usize) = ($g, $l0, $l1, $slot);
+                    let q = _mm512_permutex2var_epi16(l0, iq, l1);
+                    let u = if l.halves {
+                        let mut lo = _mm512_and_si512(q, m4);
+                        let mut hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+                        if G::QH.is_some() {
+                            let h = _mm512_castsi512_si128(_mm512_permutex2var_epi16(l0, ih, l1));
+                            let x10 = _mm512_set1_epi8(0x10);
+                            lo = _mm512_mask_add_epi8(lo, _mm_cvtsi128_si64(h) as u64, lo, x10);
+                            hi = _mm512_mask_add_epi8(hi, _mm_extract_epi64(h, 1) as u64, hi, x10);
+                        }
+                        [lo, hi]
+                    } else {
+                        [_mm512_xor_si512(q, _mm512_set1_epi8(-128)), q]
+                    };
+                    let sc = _mm512_permutex2var_epi16(l0, isc, l1);
+                    let dw = _mm512_cvtph_ps(_mm512_castsi512_si256(sc));
+                    let mw = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(sc, 1));
+                    for r in 0..R {
+                        let ar = &a[r];
+                        let y = ar.lq.as_ptr().add(g * 64 * nv) as *const __m512i;
+                        let mut s = if l.offset != 0 {
+                            _mm512_loadu_si512(ar.lc.as_ptr().add(16 * g) as *const __m512i)
+                        } else {
+                            _mm512_setzero_si512()
+                        };
+                        s = _mm512_dpbusd_epi32(s, u[0], _mm512_loadu_si512(y));
+                        if nv == 2 {
+                            s = _mm512_dpbusd_epi32(s, u[1], _mm512_loadu_si512(y.add(1)));
+                        }
+                        let dd = _mm512_mul_ps(dw, _mm512_loadu_ps(ar.ld.as_ptr().add(16 * g)));
+                        acc[r][slot] = _mm512_fmadd_ps(dd, _mm512_cvtepi32_ps(s), acc[r][slot]);
+                        if G::MIN {
+                            let sx = _mm512_loadu_ps(ar.ls.as_ptr().add(16 * g));
+                            acc[r][1 - slot] = _mm512_fmadd_ps(mw, sx, acc[r][1 - slot]);
+                        }
+                    }
+                }};
+            }
+            // Whole groups: `w` holds `full · gb` bytes from `p` on.
+            let p = w.as_ptr();
+            macro_rules! whole {
+                ($g:expr, $slot:expr) => {{
+                    let at = p.add($g * gb);
+                    let l0 = _mm512_loadu_si512(at as *const __m512i);
+                    let l1 = _mm512_loadu_si512(at.add(gb - 64) as *const __m512i);
+                    step!($g, l0, l1, $slot);
+                }};
+            }
+            let mut g = 0;
+            while g + 1 < full {
+                whole!(g, 0);
+                whole!(g + 1, 1);
+                g += 2;
+            }
+            if g < full {
+                whole!(g, 0);
+            }
+            if full < groups {
+                // The last, partial group: masked loads of its `t < gb` bytes (zeros beyond,
+                // which meet the activations' zero padding).
+                let t = (nb - full * l.blocks) * G::TS;
+                let at = p.add(full * gb);
+                let first = |n: usize| if n >= 64 { !0u64 } else { (1u64 << n) - 1 };
+                let l0 = _mm512_maskz_loadu_epi8(first(t), at as *const i8);
+                let k1 = first(t.saturating_sub(gb - 64));
+                let l1 = _mm512_maskz_loadu_epi8(k1, at.wrapping_add(gb - 64) as *const i8);
+                step!(full, l0, l1, 0);
+            }
+            for r in 0..R {
+                out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+            }
+        }
+    }
+
+    /// Entry points: a `#[target_feature]` function per (body, tier) running the body over every
+    /// weight row for the tile height of `a`, and a safe wrapper (sound because [`kernel`] hands
+    /// it out only after detection). `[..]` holds the body's generic arguments before the tile
+    /// height.
     macro_rules! entry {
         ($safe:ident, $tf:ident, $feat:literal, $body:ident [$($g:tt)*]) => {
             #[target_feature(enable = $feat)]
-            unsafe fn $tf(w: &[u8], a: &[ARow], out: &mut [f32]) {
-                unsafe {
-                    match a.len().min(out.len()) {
-                        4 => $body::<$($g)* 4>(w, a, out),
-                        3 => $body::<$($g)* 3>(w, a, out),
-                        2 => $body::<$($g)* 2>(w, a, out),
-                        1 => $body::<$($g)* 1>(w, a, out),
-                        _ => {}
-                    }
+            unsafe fn $tf(w: &[u8], rb: usize, a: &[ARow], out: &mut [f32], stride: usize) {
+                macro_rules! rows {
+                    ($r:literal) => {
+                        for (j, wr) in w.chunks_exact(rb).enumerate() {
+                            unsafe { $body::<$($g)* $r>(wr, a, &mut out[j * stride..]) }
+                        }
+                    };
+                }
+                match a.len() {
+                    4 => rows!(4),
+                    3 => rows!(3),
+                    2 => rows!(2),
+                    1 => rows!(1),
+                    _ => {}
                 }
             }
-            fn $safe(w: &[u8], a: &[ARow], out: &mut [f32]) {
+            fn $safe(w: &[u8], rb: usize, a: &[ARow], out: &mut [f32], stride: usize) {
                 // SAFETY: only reachable through `kernel`, after `Isa::available` confirmed
                 // every feature `$feat` names.
-                unsafe { $tf(w, a, out) }
+                unsafe { $tf(w, rb, a, out, stride) }
             }
         };
     }
 
-    entry!(q4_0_avx2, q4_0_avx2_tf, "avx2,fma,f16c", body32[B4_0, Maddubs,]);
-    entry!(q4_0_vnni, q4_0_vnni_tf, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", body32[B4_0, Vnni,]);
-    entry!(q4_1_avx2, q4_1_avx2_tf, "avx2,fma,f16c", body32[B4_1, Maddubs,]);
-    entry!(q4_1_vnni, q4_1_vnni_tf, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", body32[B4_1, Vnni,]);
-    entry!(q5_0_avx2, q5_0_avx2_tf, "avx2,fma,f16c", body32[B5_0, Maddubs,]);
-    entry!(q5_0_vnni, q5_0_vnni_tf, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", body32[B5_0, Vnni,]);
-    entry!(q5_1_avx2, q5_1_avx2_tf, "avx2,fma,f16c", body32[B5_1, Maddubs,]);
-    entry!(q5_1_vnni, q5_1_vnni_tf, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", body32[B5_1, Vnni,]);
-    entry!(q8_0_avx2, q8_0_avx2_tf, "avx2,fma,f16c", body32[B8_0, Maddubs,]);
-    entry!(q8_0_vnni, q8_0_vnni_tf, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", body32[B8_0, Vnni,]);
+    entry!(q4_0_avx2, q4_0_avx2_tf, "avx2,fma,f16c", body32[B4_0,]);
+    entry!(q4_1_avx2, q4_1_avx2_tf, "avx2,fma,f16c", body32[B4_1,]);
+    entry!(q5_0_avx2, q5_0_avx2_tf, "avx2,fma,f16c", body32[B5_0,]);
+    entry!(q5_1_avx2, q5_1_avx2_tf, "avx2,fma,f16c", body32[B5_1,]);
+    entry!(q8_0_avx2, q8_0_avx2_tf, "avx2,fma,f16c", body32[B8_0,]);
     entry!(q4_k_avx2, q4_k_avx2_tf, "avx2,fma,f16c", body_q45k[false,]);
     entry!(q4_k_vnni, q4_k_vnni_tf, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", body_q45k[false,]);
     entry!(q5_k_avx2, q5_k_avx2_tf, "avx2,fma,f16c", body_q45k[true,]);
     entry!(q5_k_vnni, q5_k_vnni_tf, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", body_q45k[true,]);
     entry!(q6_k_avx2, q6_k_avx2_tf, "avx2,fma,f16c", body_q6k[]);
     entry!(q6_k_vnni, q6_k_vnni_tf, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", body_q6k[]);
+    entry!(q4_0_z, q4_0_z_tf, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", body512[G4_0,]);
+    entry!(q4_1_z, q4_1_z_tf, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", body512[G4_1,]);
+    entry!(q5_0_z, q5_0_z_tf, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", body512[G5_0,]);
+    entry!(q5_1_z, q5_1_z_tf, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", body512[G5_1,]);
+    entry!(q8_0_z, q8_0_z_tf, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", body512[G8_0,]);
 
-    /// The kernel of `ty` on the AVX2 tier, or the AVX-512 VNNI one when `vnni`.
-    pub(super) fn kernel(ty: GgmlType, vnni: bool) -> Kernel {
-        match (ty, vnni) {
-            (GgmlType::Q4_0, false) => q4_0_avx2,
-            (GgmlType::Q4_1, false) => q4_1_avx2,
-            (GgmlType::Q5_0, false) => q5_0_avx2,
-            (GgmlType::Q5_1, false) => q5_1_avx2,
-            (GgmlType::Q8_0, false) => q8_0_avx2,
-            (GgmlType::Q4_K, false) => q4_k_avx2,
-            (GgmlType::Q5_K, false) => q5_k_avx2,
-            (GgmlType::Q4_0, true) => q4_0_vnni,
-            (GgmlType::Q4_1, true) => q4_1_vnni,
-            (GgmlType::Q5_0, true) => q5_0_vnni,
-            (GgmlType::Q5_1, true) => q5_1_vnni,
-            (GgmlType::Q8_0, true) => q8_0_vnni,
-            (GgmlType::Q4_K, true) => q4_k_vnni,
-            (GgmlType::Q5_K, true) => q5_k_vnni,
-            (_, true) => q6_k_vnni,
-            _ => q6_k_avx2,
+    /// The kernel of `ty` on the AVX2 tier, or the AVX-512 one when `avx512`, with the
+    /// activation order it reads.
+    pub(super) fn kernel(ty: GgmlType, avx512: bool) -> (Kernel, Option<Lanes>) {
+        let z = |k: Kernel, l: Lanes| (k, Some(l));
+        match (ty, avx512) {
+            (GgmlType::Q4_0, false) => (q4_0_avx2, None),
+            (GgmlType::Q4_1, false) => (q4_1_avx2, None),
+            (GgmlType::Q5_0, false) => (q5_0_avx2, None),
+            (GgmlType::Q5_1, false) => (q5_1_avx2, None),
+            (GgmlType::Q8_0, false) => (q8_0_avx2, None),
+            (GgmlType::Q4_K, false) => (q4_k_avx2, None),
+            (GgmlType::Q5_K, false) => (q5_k_avx2, None),
+            (GgmlType::Q4_0, true) => z(q4_0_z, G4_0::LANES),
+            (GgmlType::Q4_1, true) => z(q4_1_z, G4_1::LANES),
+            (GgmlType::Q5_0, true) => z(q5_0_z, G5_0::LANES),
+            (GgmlType::Q5_1, true) => z(q5_1_z, G5_1::LANES),
+            (GgmlType::Q8_0, true) => z(q8_0_z, G8_0::LANES),
+            (GgmlType::Q4_K, true) => (q4_k_vnni, None),
+            (GgmlType::Q5_K, true) => (q5_k_vnni, None),
+            (_, true) => (q6_k_vnni, None),
+            _ => (q6_k_avx2, None),
         }
     }
 }
@@ -1239,11 +1552,35 @@ mod tests {
         }
     }
 
+    /// The branch-free roundings equal `f32::round` / `round_ties_even` on ties, near-ties and
+    /// a sweep of the quantisers' range.
+    #[test]
+    fn roundings_match_std() {
+        let mut vals = vec![0.0f32, -0.0, 0.49999997, -0.49999997, 127.0, -127.0, 1e-30];
+        for i in -300..=300 {
+            let h = i as f32 * 0.5;
+            vals.extend([h, h.next_up(), h.next_down()]);
+        }
+        vals.extend((0..10_000).map(|i| (i as f32 * 0.7919).sin() * 127.4));
+        for v in vals {
+            assert_eq!(round_away(v), v.round() as i32, "round_away({v:e})");
+            assert_eq!(
+                nearest_int(v),
+                v.round_ties_even() as i32,
+                "nearest_int({v:e})"
+            );
+        }
+    }
+
     /// The activation quantisers follow ggml's reference formulas.
     #[test]
     fn activation_quantisers() {
         let x: Vec<f32> = (0..256).map(|i| (i as f32 - 100.0) * 0.37).collect();
         let a = QActs::quantize(Partner::Q8_1, &x, 1, 256);
+        // The portable statement (inlined here, compiled without AVX2) gives the same bits.
+        let (mut qs, mut d, mut s) = ([0i8; 256], [0.0f32; 8], [0.0f32; 8]);
+        q8_01_row(&x, &mut qs, &mut d, Some(&mut s));
+        assert_eq!((&qs[..], &d[..], &s[..]), (&a.qs[..], &a.d[..], &a.s[..]));
         let amax = x[..32].iter().fold(0.0f32, |a, v| a.max(v.abs()));
         assert_eq!(a.d[0], f16::from_f32(amax / 127.0).to_f32());
         assert_eq!(a.qs[0], -127);
@@ -1298,6 +1635,43 @@ mod micro {
     use super::*;
     use std::time::Instant;
 
+    /// Single-thread GB/s of the best tier's m = 1 kernel streaming 128 MB of weights (not in
+    /// cache), against a plain 32-byte-load sum over the same bytes.
+    #[test]
+    #[ignore]
+    fn cold_stream_gbps() {
+        for ty in [GgmlType::Q4_1, GgmlType::Q8_0] {
+            let k = 576;
+            let rb = k / 32 * ty.type_size();
+            let rows = (128 << 20) / rb;
+            let mut w: Vec<u8> = (0..rows * rb).map(|i| (i * 7919 % 251) as u8).collect();
+            for blk in w.chunks_exact_mut(ty.type_size()) {
+                blk[0..2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+            }
+            let x: Vec<f32> = (0..k).map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1).collect();
+            let (kern, lanes) = kernel(ty, Isa::detect());
+            let mut acts = QActs::quantize(partner(ty).unwrap(), &x, 1, k);
+            if let Some(l) = lanes {
+                acts.pack(l);
+            }
+            let arows = [acts.row(0)];
+            let mut out = vec![0.0f32; rows];
+            for _ in 0..3 {
+                let t = Instant::now();
+                kern(&w, rb, &arows, &mut out, 1);
+                std::hint::black_box(&out);
+                let kern_gbps = w.len() as f64 / t.elapsed().as_secs_f64() / 1e9;
+                let t = Instant::now();
+                let sum = w.chunks_exact(32).fold(0u64, |a, c| {
+                    a.wrapping_add(u64::from_le_bytes(c[..8].try_into().unwrap()))
+                });
+                std::hint::black_box(sum);
+                let read_gbps = w.len() as f64 / t.elapsed().as_secs_f64() / 1e9;
+                println!("{ty}: kernel {kern_gbps:.1} GB/s, plain read {read_gbps:.1} GB/s");
+            }
+        }
+    }
+
     /// Single-thread ns per (block, activation row) of each tier's kernel on in-cache data.
     #[test]
     #[ignore]
@@ -1309,37 +1683,41 @@ mod micro {
             GgmlType::Q4_K,
             GgmlType::Q6_K,
         ] {
-            let k = 1536;
-            let rows = 64;
-            let rb = k / ty.block_size() * ty.type_size();
-            let mut w: Vec<u8> = (0..rows * rb).map(|i| (i * 7919 % 251) as u8).collect();
-            for blk in w.chunks_exact_mut(ty.type_size()) {
-                let o = if ty == GgmlType::Q6_K { 208 } else { 0 };
-                blk[o..o + 2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
-            }
-            for m in [1usize, 4] {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
-                    .collect();
-                let acts = QActs::quantize(partner(ty).unwrap(), &x, m, k);
-                let arows: Vec<ARow> = (0..m).map(|i| acts.row(i)).collect();
-                for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni] {
-                    if !isa.available() {
-                        continue;
-                    }
-                    let kern = kernel(ty, isa);
-                    let mut out = vec![0.0f32; m];
-                    let iters = 200;
-                    let t = Instant::now();
-                    for _ in 0..iters {
-                        for j in 0..rows {
-                            kern(&w[j * rb..(j + 1) * rb], &arows, &mut out);
+            // SmolLM2's row lengths (576: a last, partial 512-bit group) and a long one.
+            let short = if ty.block_size() == 32 { 576 } else { 768 };
+            for k in [short, 1536] {
+                let rows = 64;
+                let rb = k / ty.block_size() * ty.type_size();
+                let mut w: Vec<u8> = (0..rows * rb).map(|i| (i * 7919 % 251) as u8).collect();
+                for blk in w.chunks_exact_mut(ty.type_size()) {
+                    let o = if ty == GgmlType::Q6_K { 208 } else { 0 };
+                    blk[o..o + 2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+                }
+                for m in [1usize, 4] {
+                    let x: Vec<f32> = (0..m * k)
+                        .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.1)
+                        .collect();
+                    for isa in [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni] {
+                        if !isa.available() {
+                            continue;
                         }
-                        std::hint::black_box(&out);
+                        let (kern, lanes) = kernel(ty, isa);
+                        let mut acts = QActs::quantize(partner(ty).unwrap(), &x, m, k);
+                        if let Some(l) = lanes {
+                            acts.pack(l);
+                        }
+                        let arows: Vec<ARow> = (0..m).map(|i| acts.row(i)).collect();
+                        let mut out = vec![0.0f32; m * rows];
+                        let iters = 200;
+                        let t = Instant::now();
+                        for _ in 0..iters {
+                            kern(&w, rb, &arows, &mut out, m);
+                            std::hint::black_box(&out);
+                        }
+                        let ns = t.elapsed().as_secs_f64() * 1e9
+                            / (iters * rows * m * (k / ty.block_size())) as f64;
+                        println!("{ty} k={k} m={m} {isa:?}: {ns:.2} ns per block-row");
                     }
-                    let ns = t.elapsed().as_secs_f64() * 1e9
-                        / (iters * rows * m * (k / ty.block_size())) as f64;
-                    println!("{ty} m={m} {isa:?}: {ns:.2} ns per block-row");
                 }
             }
         }
