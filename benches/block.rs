@@ -63,6 +63,9 @@ fn gflops(f: impl Fn(), flops: f64, reps: usize) -> f64 {
     flops * reps as f64 / t.elapsed().as_secs_f64() / 1e9
 }
 
+/// A model's parameters and the model.
+type Lm = (Vec<Param>, Llama);
+
 /// Interleaved prefill rounds of the block with f32 weights, bf16 weights on the f32 path, and
 /// bf16 weights through `ops::bf16` (where available): medians and ratios to f32.
 fn prefill_side_by_side(c: &TextConfig, x: &[f32], len: usize) {
@@ -72,7 +75,7 @@ fn prefill_side_by_side(c: &TextConfig, x: &[f32], len: usize) {
         .unwrap_or(3);
     let (f32_lm, bf16_lm) = (random_llama(c, false), random_llama(c, true));
     let native = fineprune::ops::bf16::available();
-    let mut runs: Vec<(&str, &(Vec<Param>, Llama), bool)> = vec![
+    let mut runs: Vec<(&str, &Lm, bool)> = vec![
         ("f32", &f32_lm, false),
         ("bf16 (f32 path)", &bf16_lm, false),
     ];
