@@ -123,7 +123,6 @@ pub fn linear(x: &[f32], weight: &Tensor, bias: Option<&Tensor>) -> Result<Vec<f
             let mut out = vec![0.0f32; m * n];
             match w {
                 Storage::F32(w) => matmul_nt(m, n, k, x, k, w, k, &mut out, true),
-                // bf16 is the top half of an f32: a shift, which vectorises (unlike `to_f32`).
                 Storage::BF16(w) if m <= NARROW_ROWS => {
                     narrow_rows(x, w, &mut out, (m, n, k), bf16_to_f32)
                 }
@@ -174,10 +173,10 @@ fn bf16_to_f32(v: &half::bf16) -> f32 {
     f32::from_bits((v.to_bits() as u32) << 16)
 }
 
-/// `out[i] = widen(w[i])`.
-fn widen<T>(w: &[T], out: &mut [f32], widen: impl Fn(&T) -> f32) {
+/// `out[i] = f(w[i])`.
+fn widen<T>(w: &[T], out: &mut [f32], f: impl Fn(&T) -> f32) {
     for (o, v) in out.iter_mut().zip(w) {
-        *o = widen(v);
+        *o = f(v);
     }
 }
 
