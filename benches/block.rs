@@ -2,8 +2,12 @@
 //! MLP 11008) with random weights, f32 and bf16, plus the `gemm` f32 peak on this machine for
 //! comparison. Prints achieved GFLOP/s next to criterion's timings.
 //!
+//! First an interleaved prefill comparison (rounds of f32, bf16 on the f32 path and, where the CPU
+//! has AVX512-BF16, bf16 through `ops::bf16` with bf16 activations; medians and ratios, with the
+//! load average), then criterion's timings.
+//!
 //! `cargo bench --bench block` (FINEPRUNE_BENCH_LEN sets the prompt length, default 616 =
-//! 576 image tokens + 40 text).
+//! 576 image tokens + 40 text; FINEPRUNE_BENCH_ROUNDS the interleaved rounds, default 3).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 mod common;
@@ -59,6 +63,58 @@ fn gflops(f: impl Fn(), flops: f64, reps: usize) -> f64 {
     flops * reps as f64 / t.elapsed().as_secs_f64() / 1e9
 }
 
+/// A model's parameters and the model.
+type Lm = (Vec<Param>, Llama);
+
+/// Interleaved prefill rounds of the block with f32 weights, bf16 weights on the f32 path, and
+/// bf16 weights through `ops::bf16` (where available): medians and ratios to f32.
+fn prefill_side_by_side(c: &TextConfig, x: &[f32], len: usize) {
+    let rounds: usize = std::env::var("FINEPRUNE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let (f32_lm, bf16_lm) = (random_llama(c, false), random_llama(c, true));
+    let native = fineprune::ops::bf16::available();
+    let mut runs: Vec<(&str, &Lm, bool)> = vec![
+        ("f32", &f32_lm, false),
+        ("bf16 (f32 path)", &bf16_lm, false),
+    ];
+    if native {
+        runs.push(("bf16 native (bf16 activations)", &bf16_lm, true));
+    }
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let before = load();
+    let mut t = vec![Vec::new(); runs.len()];
+    for _ in 0..rounds {
+        for (i, (_, lm, nat)) in runs.iter().enumerate() {
+            fineprune::ops::bf16::set_native(*nat);
+            let s = Instant::now();
+            drop(run_prefill(lm, x, len));
+            t[i].push(s.elapsed().as_secs_f64());
+        }
+    }
+    fineprune::ops::bf16::set_native(false);
+    eprintln!(
+        "7B block prefill, {len} tokens, {rounds} interleaved rounds (load average {} before, {} after):",
+        before.trim(),
+        load().trim()
+    );
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let base = med(&mut t[0]);
+    for ((name, ..), v) in runs.iter().zip(&mut t) {
+        let m = med(v);
+        eprintln!(
+            "  {name}: {:.0} ms, {:.0} tokens/s, {:.2}x f32",
+            m * 1e3,
+            len as f64 / m,
+            base / m
+        );
+    }
+}
+
 fn benches(cr: &mut Criterion) {
     let len: usize = std::env::var("FINEPRUNE_BENCH_LEN")
         .ok()
@@ -81,6 +137,7 @@ fn benches(cr: &mut Criterion) {
 
     let x = random(len * h, 7, 1.0);
     let x1 = random(h, 8, 1.0);
+    prefill_side_by_side(&c, &x, len);
     for bf16 in [false, true] {
         let dt = if bf16 { "bf16" } else { "f32" };
         let lm = random_llama(&c, bf16);

@@ -1491,6 +1491,13 @@ fn per_block(
     f: impl Fn(&[u8], &mut [f32]) + Sync,
 ) {
     const RUN: usize = 256;
+    if data.len() <= ts * RUN {
+        // One run (a few weight rows): not worth a parallel split.
+        for (ob, db) in out.chunks_exact_mut(bs).zip(data.chunks_exact(ts)) {
+            f(db, ob);
+        }
+        return;
+    }
     out.par_chunks_mut(bs * RUN)
         .zip(data.par_chunks(ts * RUN))
         .for_each(|(o, d)| {
@@ -1517,6 +1524,15 @@ pub(crate) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
 /// gguf-py's `quants.py` (and so bit-identical to it). `data` must hold exactly the bytes of
 /// `n` elements.
 pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; n];
+    dequantize_into(ty, data, &mut out)?;
+    Ok(out)
+}
+
+/// [`dequantize`] into `out` (`out.len()` elements; `data` must hold exactly their bytes), so a
+/// caller that dequantises a matrix a few rows at a time reuses one buffer.
+pub fn dequantize_into(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
+    let n = out.len();
     let want = ty.bytes_for(n as u64);
     if want != Some(data.len() as u64) {
         return Err(Error::Shape {
@@ -1525,23 +1541,22 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
             got: vec![data.len()],
         });
     }
-    let mut out = vec![0f32; n];
     let (bs, ts) = (ty.block_size(), ty.type_size());
     match ty {
-        GgmlType::F32 => per_block(data, &mut out, 1, 4, |b, o| {
+        GgmlType::F32 => per_block(data, out, 1, 4, |b, o| {
             o[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])
         }),
-        GgmlType::F16 => per_block(data, &mut out, 1, 2, |b, o| o[0] = f16_at(b, 0)),
-        GgmlType::BF16 => per_block(data, &mut out, 1, 2, |b, o| {
+        GgmlType::F16 => per_block(data, out, 1, 2, |b, o| o[0] = f16_at(b, 0)),
+        GgmlType::BF16 => per_block(data, out, 1, 2, |b, o| {
             o[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32()
         }),
-        GgmlType::F64 => per_block(data, &mut out, 1, 8, |b, o| {
+        GgmlType::F64 => per_block(data, out, 1, 8, |b, o| {
             let mut a = [0u8; 8];
             a.copy_from_slice(b);
             o[0] = f64::from_le_bytes(a) as f32
         }),
         // d: f16, qs: 16 bytes of nibbles; low nibbles are elements 0..16, high ones 16..32.
-        GgmlType::Q4_0 => per_block(data, &mut out, bs, ts, |b, o| {
+        GgmlType::Q4_0 => per_block(data, out, bs, ts, |b, o| {
             let d = f16_at(b, 0);
             for (j, &q) in b[2..18].iter().enumerate() {
                 o[j] = d * ((q & 0x0f) as i8 - 8) as f32;
@@ -1549,7 +1564,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
             }
         }),
         // d, m: f16, qs: 16 bytes; x = d * q + m.
-        GgmlType::Q4_1 => per_block(data, &mut out, bs, ts, |b, o| {
+        GgmlType::Q4_1 => per_block(data, out, bs, ts, |b, o| {
             let (d, m) = (f16_at(b, 0), f16_at(b, 2));
             for (j, &q) in b[4..20].iter().enumerate() {
                 o[j] = d * (q & 0x0f) as f32 + m;
@@ -1557,7 +1572,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
             }
         }),
         // d: f16, qh: u32 of fifth bits, qs: 16 bytes of nibbles; x = d * (q - 16).
-        GgmlType::Q5_0 => per_block(data, &mut out, bs, ts, |b, o| {
+        GgmlType::Q5_0 => per_block(data, out, bs, ts, |b, o| {
             let d = f16_at(b, 0);
             let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
             for (j, &q) in b[6..22].iter().enumerate() {
@@ -1568,7 +1583,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
             }
         }),
         // d, m: f16, qh: u32, qs: 16 bytes; x = d * q + m.
-        GgmlType::Q5_1 => per_block(data, &mut out, bs, ts, |b, o| {
+        GgmlType::Q5_1 => per_block(data, out, bs, ts, |b, o| {
             let (d, m) = (f16_at(b, 0), f16_at(b, 2));
             let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
             for (j, &q) in b[8..24].iter().enumerate() {
@@ -1579,7 +1594,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
             }
         }),
         // d: f16, qs: 32 x i8; x = q * d.
-        GgmlType::Q8_0 => per_block(data, &mut out, bs, ts, |b, o| {
+        GgmlType::Q8_0 => per_block(data, out, bs, ts, |b, o| {
             let d = f16_at(b, 0);
             for (j, &q) in b[2..34].iter().enumerate() {
                 o[j] = (q as i8) as f32 * d;
@@ -1587,7 +1602,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
         }),
         // d, dmin: f16, scales: 12 bytes of 6-bit (scale, min) x 8, qs: 128 bytes. Sub-block j
         // (32 elements) takes the low (j even) or high (j odd) nibbles of qs[32 * (j / 2)..].
-        GgmlType::Q4_K => per_block(data, &mut out, bs, ts, |b, o| {
+        GgmlType::Q4_K => per_block(data, out, bs, ts, |b, o| {
             let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
             let (scales, qs) = (&b[4..16], &b[16..144]);
             for j in 0..8 {
@@ -1600,7 +1615,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
             }
         }),
         // As Q4_K plus qh: 32 bytes whose bit j is the fifth bit of sub-block j.
-        GgmlType::Q5_K => per_block(data, &mut out, bs, ts, |b, o| {
+        GgmlType::Q5_K => per_block(data, out, bs, ts, |b, o| {
             let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
             let (scales, qh, qs) = (&b[4..16], &b[16..48], &b[48..176]);
             for j in 0..8 {
@@ -1615,7 +1630,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
         }),
         // ql: 128 bytes (low 4 bits), qh: 64 bytes (high 2 bits), scales: 16 x i8, d: f16;
         // x = (d * scale) * (q - 32), one scale per 16 elements.
-        GgmlType::Q6_K => per_block(data, &mut out, bs, ts, |b, o| {
+        GgmlType::Q6_K => per_block(data, out, bs, ts, |b, o| {
             let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
             let d = f16_at(b, 208);
             for (f, x) in o.iter_mut().enumerate() {
@@ -1633,7 +1648,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>> {
             });
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 
 pub mod act;
 pub mod attention;
+pub mod bf16;
 pub mod embed;
 #[cfg(test)]
 pub(crate) mod gradcheck;
