@@ -53,7 +53,7 @@ fn main() {
             &[n, k],
             Storage::Quant {
                 ty: GgmlType::Q4_1,
-                data: w,
+                data: w.into(),
             },
         )
         .unwrap();
@@ -65,7 +65,7 @@ fn main() {
             .collect();
         cases.push((
             format!("bf16 [{n}, {k}]"),
-            Tensor::new(&[n, k], Storage::BF16(w)).unwrap(),
+            Tensor::new(&[n, k], Storage::BF16(w.into())).unwrap(),
             616,
         ));
     }

@@ -8,7 +8,7 @@ pub use crate::model::gguf::GgmlType;
 use half::{bf16, f16};
 
 mod host;
-pub use host::{HostBuf, Plain};
+pub use host::{HostBuf, MappedRegion, Plain};
 
 /// Element type of a tensor's storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -396,13 +396,18 @@ impl Tensor {
 
     /// Whether the values are read in place from the memory-mapped file they were loaded from.
     pub fn is_mapped(&self) -> bool {
+        self.mapped_region().is_some()
+    }
+
+    /// The file range the values are read in place from, if they are.
+    pub fn mapped_region(&self) -> Option<MappedRegion> {
         match &self.storage {
-            Storage::F32(v) => v.is_mapped(),
-            Storage::F16(v) => v.is_mapped(),
-            Storage::BF16(v) => v.is_mapped(),
-            Storage::Quant { data, .. } => data.is_mapped(),
+            Storage::F32(v) => v.region(),
+            Storage::F16(v) => v.region(),
+            Storage::BF16(v) => v.region(),
+            Storage::Quant { data, .. } => data.region(),
             #[cfg(feature = "cuda")]
-            Storage::Cuda(_) => false,
+            Storage::Cuda(_) => None,
         }
     }
 

@@ -123,7 +123,13 @@ pub fn quantize_tensor(t: &Tensor, ty: GgmlType) -> Result<Tensor> {
         };
         data.extend(quantize(ty, &x)?);
     }
-    Tensor::new(t.shape(), Storage::Quant { ty, data: data.into() })
+    Tensor::new(
+        t.shape(),
+        Storage::Quant {
+            ty,
+            data: data.into(),
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------

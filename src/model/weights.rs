@@ -294,18 +294,27 @@ impl Weights {
                 got: t.shape().to_vec(),
             });
         }
-        let t = match &self.quantize {
-            Some((q, tied)) => match q.apply(name, *tied, t)? {
-                (t, true) => return Ok(Some(t)),
-                (t, false) => t,
-            },
-            None => t,
+        // Read in place from the file: once converted (quantized, another dtype, uploaded), the
+        // source pages leave the process's resident memory, so a load never holds both.
+        let source = t.mapped_region();
+        let (t, quantized) = match &self.quantize {
+            Some((q, tied)) => q.apply(name, *tied, t)?,
+            None => (t, false),
         };
-        let t = match self.dtype {
-            Some(dt) if dt != t.dtype() => t.to_dtype(dt)?,
-            _ => t,
+        // A quantized tensor stays on the host, in its blocks.
+        let t = if quantized {
+            t
+        } else {
+            let t = match self.dtype {
+                Some(dt) if dt != t.dtype() => t.to_dtype(dt)?,
+                _ => t,
+            };
+            t.to_device(&self.device)?
         };
-        Ok(Some(t.to_device(&self.device)?))
+        if let Some(source) = source.filter(|_| !t.is_mapped()) {
+            source.release();
+        }
+        Ok(Some(t))
     }
 
     /// Makes [`Weights::take`] return tensors on `device`, converted to `dtype` when given (one

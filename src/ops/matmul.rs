@@ -489,7 +489,14 @@ mod tests {
                                 blk[o..o + 2].copy_from_slice(&half(v));
                             }
                         }
-                        Tensor::new(&[n, k], Storage::Quant { ty, data }).unwrap()
+                        Tensor::new(
+                            &[n, k],
+                            Storage::Quant {
+                                ty,
+                                data: data.into(),
+                            },
+                        )
+                        .unwrap()
                     }
                 };
                 let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.71).cos()).collect();

@@ -73,6 +73,18 @@ impl<T: Plain> HostBuf<T> {
         })
     }
 
+    /// The mapped file range these values are read from, if any.
+    pub fn region(&self) -> Option<MappedRegion> {
+        match &self.0 {
+            Repr::Mapped { map, offset, len } => Some(MappedRegion {
+                map: map.clone(),
+                offset: *offset,
+                len: len * std::mem::size_of::<T>(),
+            }),
+            Repr::Owned(_) => None,
+        }
+    }
+
     /// Whether the values are read in place from a file mapping.
     pub fn is_mapped(&self) -> bool {
         matches!(self.0, Repr::Mapped { .. })
@@ -94,6 +106,38 @@ impl<T: Plain> HostBuf<T> {
         match self.0 {
             Repr::Owned(v) => v,
             Repr::Mapped { .. } => self.to_vec(),
+        }
+    }
+}
+
+/// A byte range of a file mapping that tensors read in place ([`HostBuf::region`]).
+pub struct MappedRegion {
+    map: Arc<Mmap>,
+    offset: usize,
+    len: usize,
+}
+
+impl MappedRegion {
+    /// Tells the kernel this process no longer needs the range's pages (`MADV_DONTNEED`), once
+    /// a tensor converted at load (quantized, another dtype, uploaded) has replaced the values
+    /// read from it: they leave the process's resident memory and stay in the page cache. Any
+    /// buffer still reading them faults them back in from the file, so this never changes a
+    /// value. Best effort: a refusal is ignored.
+    pub fn release(&self) {
+        #[cfg(unix)]
+        {
+            let page = 4096;
+            let start = self.offset / page * page;
+            let end = (self.offset + self.len).min(self.map.len());
+            // SAFETY: the map is a read-only shared file mapping, so dropping its pages loses
+            // nothing: the next read refaults them from the file. The range lies inside it.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end.saturating_sub(start),
+                )
+            };
         }
     }
 }
