@@ -10,7 +10,8 @@
   bench  Runs `fineprune generate` on it (each run under /usr/bin/time for the process's max
          RSS): load time and peak RSS (a one-token text prompt: every LM weight is read once),
          time to first token with the image unpruned and FastV (layer 2) at keep 0.5 / 0.25,
-         and decode tokens/s from a short text prompt in bf16 and, with --quantize, Q8_0 / Q4_K.
+         and decode tokens/s from a short text prompt in bf16 and, with --quantize, Q8_0 / Q4_K;
+         `ttft_unpruned_bf16c` is the unpruned run with --bf16-compute (AVX512-BF16 products).
          Results go to --out/llava7b-cpu.json and are printed as a table with the load average.
 
   python3 scripts/llava7b_cpu.py build --model-dir /work/llava7b
@@ -176,6 +177,7 @@ def bench(args):
             ("ttft_unpruned", img),
             ("ttft_keep0.5", img + ["--prune-layer", "2", "--keep", "0.5"]),
             ("ttft_keep0.25", img + ["--prune-layer", "2", "--keep", "0.25"]),
+            ("ttft_unpruned_bf16c", img + ["--bf16-compute"]),
             ("decode_bf16", text)]
     runs += [(f"decode_{q}", text + ["--quantize", q]) for q in args.quantize]
     size = sum(os.path.getsize(os.path.join(args.model_dir, f))

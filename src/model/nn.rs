@@ -128,11 +128,17 @@ impl<'a> ParamBuilder<'a> {
             return Ok(None);
         };
         value.expect_shape(name, shape)?;
-        let mut p = Param::new(name, "", value);
-        if !self.grads {
-            p.grad = Vec::new();
-        }
-        self.params.push(p);
+        let grad = if self.grads {
+            vec![0.0; value.len()]
+        } else {
+            Vec::new()
+        };
+        self.params.push(Param {
+            name: name.into(),
+            group: String::new(),
+            value,
+            grad,
+        });
         Ok(Some(self.params.len() - 1))
     }
 

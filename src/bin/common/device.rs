@@ -41,6 +41,7 @@ impl DeviceFlags {
     /// [`Model::load_with`] with these flags; with `--quantize`, prints what was quantized.
     pub fn load(&self, path: &Path) -> fineprune::Result<Model> {
         fineprune::ops::bf16::set_native(self.bf16_compute);
+        one_malloc_arena();
         let opts = LoadOptions {
             device: self.device.clone(),
             dtype: self.dtype,
@@ -59,5 +60,24 @@ impl DeviceFlags {
             eprintln!("{}", q.summary(&model.params, model.lm.tied()));
         }
         Ok(model)
+    }
+}
+
+/// Makes glibc's malloc serve every thread from one arena (`mallopt(M_ARENA_MAX, 1)`), before the
+/// model's threads first allocate. With an arena per thread, each of rayon's workers keeps the
+/// high-water mark of its own scratch buffers resident: SmolLM2's 512-token prefill peaked at
+/// 198 MiB instead of 170 (decode 170 instead of 168), and prefill and decode speed measured the
+/// same either way (the hot loops do not allocate). Other C libraries are left as they are.
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const M_ARENA_MAX: i32 = -8;
+        unsafe extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        // SAFETY: glibc's documented tuning call; it only changes how future arenas are chosen.
+        unsafe {
+            mallopt(M_ARENA_MAX, 1);
+        }
     }
 }
