@@ -308,3 +308,53 @@ fn degenerate_inputs_are_errors_not_panics() {
     let t = ImageProcessorConfig::default().preprocess(&thin).unwrap();
     assert_eq!(t.shape(), &[3, 336, 336]);
 }
+
+/// LLaVA-NeXT's any-resolution tiles (`fineprune::model::anyres`) against transformers'
+/// `LlavaNextImageProcessor` (PIL backend; tests/reference/gen_anyres.py): landscape, portrait
+/// and up-scaled images on two pinpoint sets, best resolution, tile count and pixel values
+/// within `TOL`.
+#[test]
+fn anyres_tiles_match_llava_next_image_processor() {
+    use fineprune::model::anyres;
+    let dir = reference_dir();
+    let bytes = std::fs::read(dir.join("anyres_ref.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("anyres_ref.json")).unwrap())
+            .unwrap();
+    let cases = meta["cases"].as_array().unwrap();
+    assert!(cases.len() >= 6);
+    for c in cases {
+        let name = c["name"].as_str().unwrap();
+        let img = image(c["file"].as_str().unwrap());
+        let tile = c["tile"].as_u64().unwrap() as usize;
+        let pair = |v: &Value| {
+            let v = v.as_array().unwrap();
+            (
+                v[0].as_u64().unwrap() as usize,
+                v[1].as_u64().unwrap() as usize,
+            )
+        };
+        let pins: Vec<(usize, usize)> = (c["image_grid_pinpoints"].as_array().unwrap().iter())
+            .map(pair)
+            .collect();
+        let size = (img.height() as usize, img.width() as usize);
+        assert_eq!(size, pair(&c["image_size"]), "{name}");
+        let best = anyres::select_best_resolution(size, &pins);
+        assert_eq!(best, Some(pair(&c["best_resolution"])), "{name}");
+        let cfg = ImageProcessorConfig {
+            shortest_edge: tile,
+            crop_height: tile,
+            crop_width: tile,
+            ..Default::default()
+        };
+        let got = anyres::preprocess(&cfg, &img, &pins).unwrap();
+        let (shape, want) = f32s(&st, &format!("{name}/pixel_values"));
+        assert_eq!(got.shape(), &shape[..], "{name}");
+        let max = (got.f32s().unwrap().iter().zip(&want))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        println!("{name:12} {} tiles, max |diff| = {max:.3e}", shape[0]);
+        assert!(max <= TOL, "{name}: max diff {max}");
+    }
+}

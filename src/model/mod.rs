@@ -1,5 +1,6 @@
 //! Model definitions and everything needed to load them: config, weights, tokenizer, template, image.
 
+pub mod anyres;
 pub mod chat;
 pub mod clip;
 pub mod config;

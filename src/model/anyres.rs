@@ -1,0 +1,173 @@
+//! LLaVA-NeXT's any-resolution image input, as transformers' `LlavaNextImageProcessor` computes
+//! it (its PIL backend; pixel values within 1e-5 of it, `tests/anyres.rs`):
+//!
+//! 1. the best resolution: the `image_grid_pinpoints` entry `(height, width)` that keeps the most
+//!    of the image's pixels when the image is scaled to fit it, ties to the least padding
+//!    ([`select_best_resolution`]);
+//! 2. the image resized into it keeping its aspect ratio (bicubic, [`patch_output_size`]),
+//!    centred on a black canvas of that size, and cut into tiles of the crop size, row by row;
+//! 3. the base image: the whole image resized to a square tile, first;
+//! 4. every tile through the CLIP preprocessing ([`ImageProcessorConfig::preprocess`]).
+
+use super::image::{IMAGE_MEMORY_BUDGET, ImageProcessorConfig, resize_bicubic};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use image::RgbImage;
+
+/// The `(height, width)` among `pinpoints` that keeps the most of an image of `(height, width)`
+/// when it is scaled to fit (its effective resolution, at most the image's own), ties broken by
+/// the least wasted area; the first such entry. `None` when `pinpoints` is empty.
+///
+/// transformers' `select_best_resolution`, in f64 like Python: `scale = min(w' / w, h' / h)`,
+/// effective `min(int(w·scale) · int(h·scale), w·h)`, wasted `w'·h' − effective`.
+pub fn select_best_resolution(
+    (height, width): (usize, usize),
+    pinpoints: &[(usize, usize)],
+) -> Option<(usize, usize)> {
+    let mut best: Option<((usize, usize), u128, u128)> = None;
+    for &(h, w) in pinpoints {
+        let scale = (w as f64 / width as f64).min(h as f64 / height as f64);
+        let (dw, dh) = (
+            (width as f64 * scale) as u128,
+            (height as f64 * scale) as u128,
+        );
+        let effective = (dw * dh).min(width as u128 * height as u128);
+        let wasted = (w as u128 * h as u128).saturating_sub(effective);
+        if best.is_none_or(|(_, e, ws)| effective > e || (effective == e && wasted < ws)) {
+            best = Some(((h, w), effective, wasted));
+        }
+    }
+    best.map(|(hw, _, _)| hw)
+}
+
+/// `(height, width)` an image of `(height, width)` is resized to inside `target` keeping its
+/// aspect ratio: the axis that scales less fills the target, the other is `ceil`ed and capped
+/// (transformers' `get_patch_output_size`).
+pub fn patch_output_size(
+    (height, width): (usize, usize),
+    target: (usize, usize),
+) -> (usize, usize) {
+    let (th, tw) = target;
+    let (sw, sh) = (tw as f64 / width as f64, th as f64 / height as f64);
+    if sw < sh {
+        (((height as f64 * sw).ceil() as usize).min(th), tw)
+    } else {
+        (th, ((width as f64 * sh).ceil() as usize).min(tw))
+    }
+}
+
+/// The RGB tiles of `img` for a tile size of `tile` pixels: the whole image resized to
+/// `base` `(height, width)` first, then the best-resolution canvas cut into `tile x tile`
+/// squares row by row. A pinpoint that is empty or not whole tiles is an [`Error::Arg`].
+pub fn image_tiles(
+    img: &RgbImage,
+    pinpoints: &[(usize, usize)],
+    tile: usize,
+    base: (usize, usize),
+) -> Result<Vec<RgbImage>> {
+    let bad = |msg: String| Error::arg("image_grid_pinpoints", msg);
+    if tile == 0 {
+        return Err(bad("the tile (crop) size is 0".into()));
+    }
+    if let Some(&(h, w)) = pinpoints
+        .iter()
+        .find(|&&(h, w)| h == 0 || w == 0 || h % tile != 0 || w % tile != 0)
+    {
+        return Err(bad(format!(
+            "[{h}, {w}] is not a grid of whole {tile}x{tile} tiles"
+        )));
+    }
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    if width == 0 || height == 0 {
+        return Err(Error::arg("image", "is empty (0 pixels)"));
+    }
+    let (th, tw) =
+        select_best_resolution((height, width), pinpoints).ok_or_else(|| bad("is empty".into()))?;
+    if th.saturating_mul(tw).saturating_mul(3) > IMAGE_MEMORY_BUDGET {
+        return Err(bad(format!(
+            "[{th}, {tw}] needs more than the image memory budget ({IMAGE_MEMORY_BUDGET} bytes)"
+        )));
+    }
+    let (nh, nw) = patch_output_size((height, width), (th, tw));
+    let resized = resize_bicubic(img, nw as u32, nh as u32);
+    let mut canvas = RgbImage::new(tw as u32, th as u32);
+    let (top, left) = ((th - nh) / 2, (tw - nw) / 2);
+    image::imageops::replace(&mut canvas, &resized, left as i64, top as i64);
+    let mut tiles = vec![resize_bicubic(img, base.1 as u32, base.0 as u32)];
+    for y in (0..th).step_by(tile) {
+        for x in (0..tw).step_by(tile) {
+            let t =
+                image::imageops::crop_imm(&canvas, x as u32, y as u32, tile as u32, tile as u32);
+            tiles.push(t.to_image());
+        }
+    }
+    Ok(tiles)
+}
+
+/// `LlavaNextImageProcessor` on `img`: [`image_tiles`] (tile = the crop height; the base image
+/// resized to the shortest edge, or the exact size, squared), each through
+/// [`ImageProcessorConfig::preprocess`]. Returns `[tiles, 3, crop_height, crop_width]`.
+pub fn preprocess(
+    config: &ImageProcessorConfig,
+    img: &RgbImage,
+    pinpoints: &[(usize, usize)],
+) -> Result<Tensor> {
+    let tile = if config.do_center_crop {
+        config.crop_height
+    } else {
+        config.exact_size.map_or(config.shortest_edge, |(h, _)| h)
+    };
+    let base = config
+        .exact_size
+        .unwrap_or((config.shortest_edge, config.shortest_edge));
+    let tiles = image_tiles(img, pinpoints, tile, base)?;
+    let mut shape = vec![tiles.len()];
+    let mut data = Vec::new();
+    for t in &tiles {
+        let px = config.preprocess(t)?;
+        if shape.len() == 1 {
+            shape.extend_from_slice(px.shape());
+        }
+        data.extend_from_slice(px.f32s()?);
+    }
+    Tensor::from_f32(&shape, data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_resolution_by_hand() {
+        let pins = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)];
+        // 800x600 (w x h): 672x672 scales by 0.84 -> 672x504 = 338688 pixels, the most.
+        assert_eq!(select_best_resolution((600, 800), &pins), Some((672, 672)));
+        // 1000x300: 336x1008 keeps 1000x300 whole (scale 1.008, capped at the image's area).
+        assert_eq!(
+            select_best_resolution((300, 1000), &pins),
+            Some((336, 1008))
+        );
+        // A tiny image fits every pinpoint whole: the least padding wins, the first of equals.
+        assert_eq!(select_best_resolution((10, 10), &pins), Some((336, 672)));
+        assert_eq!(select_best_resolution((10, 10), &[]), None);
+        assert_eq!(patch_output_size((600, 800), (672, 672)), (504, 672));
+        assert_eq!(patch_output_size((301, 120), (90, 30)), (76, 30)); // ceil(301 * 0.25)
+    }
+
+    #[test]
+    fn bad_pinpoints_are_errors() {
+        let img = RgbImage::new(20, 10);
+        for pins in [vec![], vec![(30, 45)], vec![(0, 30)]] {
+            let e = image_tiles(&img, &pins, 30, (30, 30))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("image_grid_pinpoints"), "{e}");
+        }
+        let e = image_tiles(&img, &[(30, 30)], 0, (30, 30))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tile"), "{e}");
+        let e = image_tiles(&img, &[(1 << 20, 1 << 20)], 1 << 10, (30, 30)).unwrap_err();
+        assert!(e.to_string().contains("budget"), "{e}");
+    }
+}
