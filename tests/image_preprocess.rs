@@ -358,3 +358,35 @@ fn anyres_tiles_match_llava_next_image_processor() {
         assert!(max <= TOL, "{name}: max diff {max}");
     }
 }
+
+/// The prompt's image-token count and the unpadded feature grid at LLaVA-NeXT-7B's geometry
+/// against transformers' processor count and `unpad_image` (tests/reference/gen_anyres.py),
+/// over tiny, common and extreme-aspect image sizes (one keeps zero columns, as transformers does).
+#[test]
+fn anyres_token_counts_match_transformers() {
+    use fineprune::model::anyres;
+    let text = std::fs::read_to_string(reference_dir().join("anyres_ref.json")).unwrap();
+    let meta: Value = serde_json::from_str(&text).unwrap();
+    let t = &meta["token_counts"];
+    let n = |v: &Value| v.as_u64().unwrap() as usize;
+    let pair = |v: &Value| (n(&v[0]), n(&v[1]));
+    let pins: Vec<(usize, usize)> = t["image_grid_pinpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(pair)
+        .collect();
+    let (tile, patch) = (n(&t["tile"]), n(&t["patch"]));
+    let sizes = t["sizes"].as_array().unwrap();
+    assert!(sizes.len() >= 20);
+    for s in sizes {
+        let size = pair(&s["image_size"]);
+        let (gh, gw) = pair(&s["grid"]);
+        let (rows, cols) = anyres::unpad(size, (gh * tile / patch, gw * tile / patch));
+        assert_eq!((rows.len(), cols.len()), pair(&s["unpadded"]), "{size:?}");
+        let count = anyres::image_token_count(size, &pins, tile, patch, false).unwrap();
+        assert_eq!(count, n(&s["image_tokens"]), "{size:?}");
+    }
+    assert!(anyres::image_token_count((10, 10), &pins, 336, 15, false).is_err());
+    assert!(anyres::image_token_count((10, 10), &[], 336, 14, false).is_err());
+}

@@ -133,6 +133,60 @@ pub fn preprocess(
     Tensor::from_f32(&shape, data)
 }
 
+/// The rows and columns of a `current = (rows, cols)` feature grid that show the image of
+/// `original = (height, width)` pixels, the padding of [`image_tiles`]' canvas cut off
+/// (transformers' `unpad_image`: the axis with room to spare loses
+/// `(current − round(original · scale, 7)) // 2` from each side).
+pub fn unpad(
+    (height, width): (usize, usize),
+    (rows, cols): (usize, usize),
+) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+    // Python's `int(round(x, 7))`: truncation, except just below an integer.
+    let int7 = |x: f64| {
+        let r = x.round();
+        if (r - x).abs() < 5e-8 {
+            r as usize
+        } else {
+            x as usize
+        }
+    };
+    let keep = |n: usize, new: usize| {
+        let pad = n.saturating_sub(new) / 2;
+        pad..n - pad
+    };
+    if width as f64 / height as f64 > cols as f64 / rows as f64 {
+        let new = int7(height as f64 * (cols as f64 / width as f64));
+        (keep(rows, new), 0..cols)
+    } else {
+        let new = int7(width as f64 * (rows as f64 / height as f64));
+        (0..rows, keep(cols, new))
+    }
+}
+
+/// The image tokens LLaVA-NeXT puts in the prompt for an image of `(height, width)`: the base
+/// tile's `(tile / patch)²` features (plus its CLS with `cls`, the `full` strategy), then the
+/// unpadded grid of the selected tiles ([`unpad`]) with one `image_newline` per row, as
+/// `LlavaNextProcessor` counts them and `LlavaNextForConditionalGeneration` packs them.
+pub fn image_token_count(
+    (height, width): (usize, usize),
+    pinpoints: &[(usize, usize)],
+    tile: usize,
+    patch: usize,
+    cls: bool,
+) -> Result<usize> {
+    let bad = |msg: String| Error::arg("image_grid_pinpoints", msg);
+    if patch == 0 || tile == 0 || tile % patch != 0 {
+        return Err(bad(format!(
+            "a {tile}-pixel tile is not whole {patch}-pixel patches"
+        )));
+    }
+    let (th, tw) =
+        select_best_resolution((height, width), pinpoints).ok_or_else(|| bad("is empty".into()))?;
+    let side = tile / patch;
+    let (r, c) = unpad((height, width), (th / tile * side, tw / tile * side));
+    Ok(side * side + usize::from(cls) + r.len() * c.len() + r.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

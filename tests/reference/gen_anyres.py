@@ -5,7 +5,9 @@ with two `image_grid_pinpoints` sets, at a tiny tile size (30; LLaVA-NeXT's is 3
 at 11x the pixels).
 
 Writes anyres_ref.safetensors (`{case}/pixel_values` [tiles, 3, crop, crop] f32) and
-anyres_ref.json (cases: image file, processor settings, best resolution, image size). Images come
+anyres_ref.json (cases: image file, processor settings, best resolution, image size; and
+`token_counts`: the prompt's image-token count and the unpadded feature grid over 20 image sizes
+at LLaVA-NeXT-7B's geometry). Images come
 from images/ (gen_images.py); deterministic.
 
   /tmp/venv-ref/bin/python tests/reference/gen_anyres.py
@@ -36,6 +38,34 @@ CASES = [
 ]
 
 
+def token_counts():
+    """Image-token counts and unpadded feature grids for LLaVA-NeXT-7B's geometry (tile 336,
+    patch 14, its pinpoints) over image sizes from tiny to extreme aspect ratios: the processor's
+    count (`LlavaNextProcessor._get_number_of_features`, `default` strategy) and the model's
+    unpadded grid (`unpad_image` on a [1, rows, cols] tensor of the selected grid)."""
+    import types
+    from functools import partial
+
+    import torch
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+    from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
+
+    pins = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    ns = types.SimpleNamespace(image_processor=types.SimpleNamespace(image_grid_pinpoints=pins),
+                               patch_size=14, num_additional_image_tokens=1)
+    ns._get_unpadded_features = partial(LlavaNextProcessor._get_unpadded_features, ns)
+    rows = []
+    for h, w in [(1, 1), (10, 10), (336, 336), (480, 640), (640, 480), (600, 800), (300, 1000),
+                 (1000, 300), (17, 23), (301, 120), (397, 291), (1080, 1920), (1920, 1080),
+                 (333, 1001), (999, 337), (2000, 10), (10, 2000), (672, 673), (559, 1117), (768, 1024)]:
+        count = LlavaNextProcessor._get_number_of_features(ns, h, w, 336, 336) - 1  # `default`
+        nh, nw = get_anyres_image_grid_shape((h, w), pins, 336)
+        unpadded = unpad_image(torch.zeros(1, nh * 24, nw * 24), (h, w))
+        rows.append({"image_size": [h, w], "grid": [nh, nw], "unpadded": list(unpadded.shape[1:]),
+                     "image_tokens": count})
+    return {"tile": 336, "patch": 14, "image_grid_pinpoints": pins, "strategy": "default", "sizes": rows}
+
+
 def main():
     out, meta = {}, []
     for name, file, tile, pins in CASES:
@@ -52,7 +82,8 @@ def main():
         print(name, img.size, "->", best, pv["pixel_values"].shape)
     save_file(out, os.path.join(HERE, "anyres_ref.safetensors"))
     with open(os.path.join(HERE, "anyres_ref.json"), "w") as f:
-        json.dump({"transformers": transformers.__version__, "cases": meta}, f, indent=1)
+        json.dump({"transformers": transformers.__version__, "cases": meta,
+                   "token_counts": token_counts()}, f, indent=1)
         f.write("\n")
 
 
