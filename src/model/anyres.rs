@@ -175,7 +175,7 @@ pub fn image_token_count(
     cls: bool,
 ) -> Result<usize> {
     let bad = |msg: String| Error::arg("image_grid_pinpoints", msg);
-    if patch == 0 || tile == 0 || tile % patch != 0 {
+    if patch == 0 || tile == 0 || !tile.is_multiple_of(patch) {
         return Err(bad(format!(
             "a {tile}-pixel tile is not whole {patch}-pixel patches"
         )));
