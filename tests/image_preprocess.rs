@@ -390,3 +390,42 @@ fn anyres_token_counts_match_transformers() {
     assert!(anyres::image_token_count((10, 10), &pins, 336, 15, false).is_err());
     assert!(anyres::image_token_count((10, 10), &[], 336, 14, false).is_err());
 }
+
+/// `anyres::pack` against `LlavaNextModel.pack_image_features` (default strategy, with
+/// `image_newline`) on random tile features: the same rows in the same order, bit for bit (it
+/// only moves values).
+#[test]
+fn anyres_pack_matches_pack_image_features() {
+    use fineprune::model::anyres;
+    let dir = reference_dir();
+    let bytes = std::fs::read(dir.join("anyres_ref.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let text = std::fs::read_to_string(dir.join("anyres_ref.json")).unwrap();
+    let meta: Value = serde_json::from_str(&text).unwrap();
+    let pins: Vec<(usize, usize)> = [[30, 60], [60, 30], [60, 60], [30, 90], [90, 30]]
+        .iter()
+        .map(|p| (p[0], p[1]))
+        .collect();
+    let sizes = meta["pack_sizes"].as_array().unwrap();
+    assert!(sizes.len() >= 5);
+    for (i, s) in sizes.iter().enumerate() {
+        let size = (
+            s[0].as_u64().unwrap() as usize,
+            s[1].as_u64().unwrap() as usize,
+        );
+        let (_, feats) = f32s(&st, &format!("pack/{i}/features"));
+        let (_, nl) = f32s(&st, &format!("pack/{i}/newline"));
+        let (shape, want) = f32s(&st, &format!("pack/{i}/packed"));
+        let got = anyres::pack(&feats, 3, size, &pins, (30, 6), Some(&nl)).unwrap();
+        assert_eq!(got.len(), want.len(), "{size:?}: {shape:?}");
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{size:?}"
+        );
+        let count = anyres::image_token_count(size, &pins, 30, 6, false).unwrap();
+        assert_eq!(count, shape[0], "{size:?}");
+        assert!(anyres::pack(&feats[3..], 3, size, &pins, (30, 6), Some(&nl)).is_err());
+    }
+}

@@ -8,6 +8,11 @@
 //!    centred on a black canvas of that size, and cut into tiles of the crop size, row by row;
 //! 3. the base image: the whole image resized to a square tile, first;
 //! 4. every tile through the CLIP preprocessing ([`ImageProcessorConfig::preprocess`]).
+//!
+//! and the model side's geometry, as `LlavaNextForConditionalGeneration` packs the tiles'
+//! features: the grid's feature map cut back to the image's aspect ratio ([`unpad`]), one
+//! `image_newline` after each row, the base tile first ([`pack`]), and the prompt's image-token
+//! count that follows ([`image_token_count`], as `LlavaNextProcessor` computes it).
 
 use super::image::{IMAGE_MEMORY_BUDGET, ImageProcessorConfig, resize_bicubic};
 use crate::error::{Error, Result};
@@ -163,6 +168,43 @@ pub fn unpad(
     }
 }
 
+/// The grid of tiles selected for an image and its unpadded feature map.
+struct Grid {
+    tiles_high: usize,
+    tiles_wide: usize,
+    /// Patches per tile side.
+    side: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+}
+
+impl Grid {
+    fn of(
+        image: (usize, usize),
+        pinpoints: &[(usize, usize)],
+        tile: usize,
+        patch: usize,
+    ) -> Result<Grid> {
+        let bad = |msg: String| Error::arg("image_grid_pinpoints", msg);
+        if patch == 0 || tile == 0 || !tile.is_multiple_of(patch) {
+            return Err(bad(format!(
+                "a {tile}-pixel tile is not whole {patch}-pixel patches"
+            )));
+        }
+        let (th, tw) =
+            select_best_resolution(image, pinpoints).ok_or_else(|| bad("is empty".into()))?;
+        let (tiles_high, tiles_wide, side) = (th / tile, tw / tile, tile / patch);
+        let (rows, cols) = unpad(image, (tiles_high * side, tiles_wide * side));
+        Ok(Grid {
+            tiles_high,
+            tiles_wide,
+            side,
+            rows,
+            cols,
+        })
+    }
+}
+
 /// The image tokens LLaVA-NeXT puts in the prompt for an image of `(height, width)`: the base
 /// tile's `(tile / patch)²` features (plus its CLS with `cls`, the `full` strategy), then the
 /// unpadded grid of the selected tiles ([`unpad`]) with one `image_newline` per row, as
@@ -174,17 +216,50 @@ pub fn image_token_count(
     patch: usize,
     cls: bool,
 ) -> Result<usize> {
-    let bad = |msg: String| Error::arg("image_grid_pinpoints", msg);
-    if patch == 0 || tile == 0 || !tile.is_multiple_of(patch) {
-        return Err(bad(format!(
-            "a {tile}-pixel tile is not whole {patch}-pixel patches"
-        )));
+    let g = Grid::of((height, width), pinpoints, tile, patch)?;
+    Ok(g.side * g.side + usize::from(cls) + g.rows.len() * g.cols.len() + g.rows.len())
+}
+
+/// Packs one image's tile features into its prompt rows, as `LlavaNextModel.pack_image_features`:
+/// `features` is `[1 + rows·cols tiles, side², d]` (the base tile first, then the selected grid's
+/// tiles row by row, each `side x side` patches row by row); the result is `[tokens, d]`: the
+/// base tile's features, then the grid's features as one `rows·side x cols·side` map, cut to the
+/// image ([`unpad`]), row by row, each row followed by `newline` when given.
+///
+/// A tile count that is not the selected grid's for `image` is an [`Error::Shape`].
+pub fn pack(
+    features: &[f32],
+    d: usize,
+    image: (usize, usize),
+    pinpoints: &[(usize, usize)],
+    (tile, patch): (usize, usize),
+    newline: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    let g = Grid::of(image, pinpoints, tile, patch)?;
+    let (gh, gw, side) = (g.tiles_high, g.tiles_wide, g.side);
+    let per_tile = side * side * d;
+    if features.len() != (1 + gh * gw) * per_tile || newline.is_some_and(|n| n.len() != d) {
+        return Err(Error::Shape {
+            name: format!(
+                "LLaVA-NeXT image features for a {}x{} image ({gh}x{gw} tiles + base)",
+                image.1, image.0
+            ),
+            expected: vec![1 + gh * gw, side * side, d],
+            got: vec![features.len() / per_tile.max(1), side * side, d],
+        });
     }
-    let (th, tw) =
-        select_best_resolution((height, width), pinpoints).ok_or_else(|| bad("is empty".into()))?;
-    let side = tile / patch;
-    let (r, c) = unpad((height, width), (th / tile * side, tw / tile * side));
-    Ok(side * side + usize::from(cls) + r.len() * c.len() + r.len())
+    let mut out = features[..per_tile].to_vec();
+    for r in g.rows {
+        for c in g.cols.clone() {
+            let t = 1 + (r / side) * gw + c / side;
+            let at = t * per_tile + ((r % side) * side + c % side) * d;
+            out.extend_from_slice(&features[at..at + d]);
+        }
+        if let Some(nl) = newline {
+            out.extend_from_slice(nl);
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

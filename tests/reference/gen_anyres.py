@@ -7,7 +7,8 @@ at 11x the pixels).
 Writes anyres_ref.safetensors (`{case}/pixel_values` [tiles, 3, crop, crop] f32) and
 anyres_ref.json (cases: image file, processor settings, best resolution, image size; and
 `token_counts`: the prompt's image-token count and the unpadded feature grid over 20 image sizes
-at LLaVA-NeXT-7B's geometry). Images come
+at LLaVA-NeXT-7B's geometry; `pack_sizes`: the image sizes of the `pack/{i}/*` tensors,
+`LlavaNextModel.pack_image_features` on random tile features). Images come
 from images/ (gen_images.py); deterministic.
 
   /tmp/venv-ref/bin/python tests/reference/gen_anyres.py
@@ -66,6 +67,33 @@ def token_counts():
     return {"tile": 336, "patch": 14, "image_grid_pinpoints": pins, "strategy": "default", "sizes": rows}
 
 
+def pack_cases(out):
+    """`LlavaNextModel.pack_image_features` (default strategy, with image_newline) on random tile
+    features [1 + grid tiles, 25, 3] (tile 30, patch 6, the SMALL pinpoints) for landscape,
+    portrait, square and extreme images: `pack/{i}/{features,newline,packed}`."""
+    import types
+
+    import torch
+    from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, get_anyres_image_grid_shape
+
+    cfg = types.SimpleNamespace(vision_config=types.SimpleNamespace(image_size=30, patch_size=6),
+                                image_grid_pinpoints=SMALL)
+    ns = types.SimpleNamespace(config=cfg)
+    g = torch.Generator().manual_seed(0)
+    sizes = []
+    for i, (h, w) in enumerate([(17, 23), (301, 120), (45, 45), (200, 1), (61, 59)]):
+        nh, nw = get_anyres_image_grid_shape((h, w), SMALL, 30)
+        feats = torch.randn(1 + nh * nw, 25, 3, generator=g)
+        newline = torch.randn(3, generator=g)
+        packed, lens = LlavaNextModel.pack_image_features(
+            ns, [feats], torch.tensor([[h, w]]), "default", image_newline=newline)
+        out[f"pack/{i}/features"] = feats.numpy()
+        out[f"pack/{i}/newline"] = newline.numpy()
+        out[f"pack/{i}/packed"] = packed[0].numpy()
+        sizes.append([h, w])
+    return sizes
+
+
 def main():
     out, meta = {}, []
     for name, file, tile, pins in CASES:
@@ -80,10 +108,11 @@ def main():
                      "image_size": [img.height, img.width], "best_resolution": list(best),
                      "tiles": int(pv["pixel_values"].shape[1])})
         print(name, img.size, "->", best, pv["pixel_values"].shape)
+    packs = pack_cases(out)
     save_file(out, os.path.join(HERE, "anyres_ref.safetensors"))
     with open(os.path.join(HERE, "anyres_ref.json"), "w") as f:
         json.dump({"transformers": transformers.__version__, "cases": meta,
-                   "token_counts": token_counts()}, f, indent=1)
+                   "token_counts": token_counts(), "pack_sizes": packs}, f, indent=1)
         f.write("\n")
 
 
