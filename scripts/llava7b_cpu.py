@@ -105,9 +105,9 @@ def build(args):
     ts = tensors()
     sizes = [2 * int(np.prod(s)) for _, s, _ in ts]
     total = sum(sizes)
-    shards, cur, acc = [[]], 0, 0
+    shards, acc = [[]], 0
     for t, n in zip(ts, sizes):
-        if acc + n > total / args.shards + 1 and shards[-1]:
+        if acc >= total / args.shards and len(shards) < args.shards:
             shards.append([])
             acc = 0
         shards[-1].append((t, n))

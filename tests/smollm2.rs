@@ -96,9 +96,7 @@ fn check(
         req.return_logits = true;
         let exact = f32.generate(&[req]).unwrap().remove(0);
         assert_eq!(exact.tokens, want, "prompt {k}: f32 greedy ids");
-        let same = (g.tokens.iter().zip(&exact.tokens))
-            .take_while(|(a, b)| a == b)
-            .count();
+        let same = common_prefix(&g.tokens, &exact.tokens);
         println!(
             "prompt {k}: quantized greedy ids equal f32's for {same} of {} steps",
             want.len()
@@ -161,9 +159,7 @@ fn smollm2_quantized_path_computes_what_llama_cpp_computes() {
             .collect();
         req.max_new_tokens = want_ids.len();
         let g = engine.generate(&[req]).unwrap().remove(0);
-        let same = (g.tokens.iter().zip(&want_ids))
-            .take_while(|(a, b)| a == b)
-            .count();
+        let same = common_prefix(&g.tokens, &want_ids);
         println!(
             "prompt {k}: greedy ids equal llama.cpp's for {same} of {} steps",
             want_ids.len()
@@ -176,4 +172,9 @@ fn smollm2_quantized_path_computes_what_llama_cpp_computes() {
             );
         }
     }
+}
+
+/// How many leading ids two greedy continuations share.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }

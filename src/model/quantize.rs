@@ -24,6 +24,7 @@
 use super::gguf::{GgmlType, f16_at, scale_min_k4};
 use super::nn::Param;
 use crate::error::{Error, Result};
+use crate::ops::quant::nearest_int;
 use crate::tensor::{Storage, Tensor};
 use half::f16;
 use rayon::prelude::*;
@@ -250,14 +251,6 @@ impl Quantize {
 // ---------------------------------------------------------------------------------------------
 // Block quantizers (one block of `x` into `y`, laid out as in ggml-common.h)
 // ---------------------------------------------------------------------------------------------
-
-/// ggml's `nearest_int`: round half to even by adding `1.5 · 2²³` and reading the mantissa, as
-/// ggml does (exact for `|v| < 2²²`, the range it is used on; plain SSE2, so it vectorises
-/// where `round_ties_even` is a library call).
-#[inline]
-fn nearest_int(v: f32) -> i32 {
-    ((v + 12582912.0).to_bits() as i32 & 0x007f_ffff) - 0x0040_0000
-}
 
 #[inline]
 fn put_f16(y: &mut [u8], at: usize, v: f32) {

@@ -427,10 +427,11 @@ fn round_away(v: f32) -> i32 {
     t + (f >= 0.5) as i32 - (f <= -0.5) as i32
 }
 
-/// ggml's `nearest_int`: round half to even by adding `1.5 · 2²³` (exact for `|v| ≤ 2²²`, which
-/// holds for the `|v| ≤ 127` it is given; `round_ties_even` is a libm call without SSE4.1).
+/// ggml's `nearest_int`: round half to even by adding `1.5 · 2²³` and reading the mantissa
+/// (exact for `|v| ≤ 2²²`, the range ggml uses it on: activations here, weights in
+/// [`crate::model::quantize`]; `round_ties_even` is a libm call without SSE4.1).
 #[inline]
-fn nearest_int(v: f32) -> i32 {
+pub(crate) fn nearest_int(v: f32) -> i32 {
     let f = v + 12_582_912.0;
     (f.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
 }
@@ -1353,16 +1354,7 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
 
-    const TYPES: [GgmlType; 8] = [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4_K,
-        GgmlType::Q5_K,
-        GgmlType::Q6_K,
-    ];
+    use crate::model::quantize::TYPES;
 
     /// Byte offsets of the f16 fields of a block.
     fn f16_fields(ty: GgmlType) -> &'static [usize] {

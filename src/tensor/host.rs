@@ -126,7 +126,9 @@ impl MappedRegion {
     pub fn release(&self) {
         #[cfg(unix)]
         {
-            let page = 4096;
+            // madvise wants a page-aligned start: 64 KiB is a multiple of every common page
+            // size (4, 16, 64 KiB), and widening the range only refaults neighbours' pages.
+            let page = 1 << 16;
             let start = self.offset / page * page;
             let end = (self.offset + self.len).min(self.map.len());
             // SAFETY: the map is a read-only shared file mapping, so dropping its pages loses
