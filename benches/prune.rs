@@ -58,6 +58,7 @@ fn input(h: usize) -> Prepared {
         prompt: Prompt {
             ids: vec![0; n],
             segments,
+            visual: vec![],
         },
         embeds: Tensor::from_f32(&[n, h], random(n * h, 3, 1.0)).unwrap(),
     }

@@ -9,14 +9,15 @@ pub use scheduler::{Event, Load, Scheduler, Stream};
 
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::model::anyres;
+use crate::model::anyres::VisualToken;
 use crate::model::chat::{self, ChatMessage, ChatPart};
 use crate::model::flops::lm_layer_flops;
-use crate::model::image::ImageProcessorConfig;
-use crate::model::image::load_image_from_memory;
+use crate::model::image::{ImageProcessorConfig, load_image, load_image_from_memory};
 use crate::model::llama::{KvCache, SeqRows};
 use crate::model::template::{self, ImageSlot, Prompt, PromptOptions};
 use crate::ops::check_finite;
-use crate::prune::metrics::{self, RunStats, StageReport};
+use crate::prune::metrics::{self, RunStats, StageReport, TileKept};
 use crate::prune::score::{Ranking, SelectedAttention};
 use crate::prune::{PrunePlan, Segment};
 use crate::tensor::Tensor;
@@ -55,8 +56,15 @@ pub enum ImageInput {
     Path(PathBuf),
     /// An encoded PNG/JPEG (an upload, a data URL's bytes), preprocessed like a file.
     Bytes(Vec<u8>),
-    /// Already preprocessed `pixel_values`, `[channels, size, size]`.
+    /// Already preprocessed `pixel_values`, `[channels, size, size]` (LLaVA-1.5).
     Pixels(Vec<f32>),
+    /// Already preprocessed LLaVA-NeXT tiles, `[tiles, channels, size, size]` (the base image
+    /// first, as `LlavaNextImageProcessor` writes `pixel_values`), with the image's
+    /// `(height, width)` (its `image_sizes`).
+    Tiles {
+        pixels: Vec<f32>,
+        image_size: (usize, usize),
+    },
 }
 
 /// One prompt to run: a question (LLaVA-1.5's `USER: <image>\n{question} ASSISTANT:`, one
@@ -203,21 +211,24 @@ impl Engine {
                 "an image was given but the model has no vision tower".into(),
             ));
         }
-        // The model's image slot: `<image>` and how many tokens it expands to.
+        // The model's image slot: `<image>` and how many tokens it expands to (LLaVA-NeXT:
+        // one, expanded below once each image's size gives its count).
         let slot = match &m.vision {
             Some(v) => {
                 let id = v.config.image_token_id;
                 let token = m.tokenizer.id_to_token(id).ok_or_else(|| {
                     Error::Prompt(format!("the tokenizer has no image token id {id}"))
                 })?;
-                Some(ImageSlot {
-                    token,
-                    count: v.image_tokens(),
-                })
+                let count = if v.config.is_anyres() {
+                    1
+                } else {
+                    v.image_tokens()
+                };
+                Some(ImageSlot { token, count })
             }
             None => None,
         };
-        let prompt = if req.messages.is_empty() {
+        let mut prompt = if req.messages.is_empty() {
             if req.images.len() > 1 {
                 return Err(Error::Prompt(format!(
                     "a question takes one image, {} were given (a chat takes several)",
@@ -261,69 +272,131 @@ impl Engine {
         };
         let mut embeds = m.lm.embed(&m.params, &prompt.ids)?;
         if let (Some(v), false) = (&m.vision, req.images.is_empty()) {
-            let pixels = (req.images.iter().enumerate())
+            let images = (req.images.iter().enumerate())
                 .map(|(i, img)| self.pixels(i, img, req.options.pad_to_square))
                 .collect::<Result<Vec<_>>>()?;
-            let refs: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
-            embeds = v.merge(&prompt.ids, &embeds, &v.forward(&m.params, &refs)?)?;
+            let mut counts = Vec::with_capacity(images.len());
+            for (i, (_, size)) in images.iter().enumerate() {
+                let tokens = v.visual_tokens(i, *size)?;
+                counts.push(tokens.len());
+                prompt.visual.extend(tokens);
+            }
+            if v.config.is_anyres() {
+                prompt = prompt.expand_images(v.config.image_token_id, &counts, ctx)?;
+                embeds = m.lm.embed(&m.params, &prompt.ids)?;
+            }
+            let refs: Vec<(&[f32], Option<(usize, usize)>)> = images
+                .iter()
+                .map(|(px, size)| (px.as_slice(), *size))
+                .collect();
+            embeds = v.merge(&prompt.ids, &embeds, &v.forward_images(&m.params, &refs)?)?;
         }
         Ok(Prepared { prompt, embeds })
     }
 
-    /// `pixel_values` of image `i`: preprocessed from a file or bytes, or checked when given
-    /// directly.
-    fn pixels(&self, i: usize, img: &ImageInput, pad_to_square: bool) -> Result<Vec<f32>> {
+    /// `pixel_values` of image `i` (all its tiles: one for LLaVA-1.5, the base image and the
+    /// grid's for LLaVA-NeXT) and, for LLaVA-NeXT, the image's `(height, width)`: preprocessed
+    /// from a file or bytes, or checked when given directly.
+    fn pixels(
+        &self,
+        i: usize,
+        img: &ImageInput,
+        pad_to_square: bool,
+    ) -> Result<(Vec<f32>, Option<(usize, usize)>)> {
         let m = &*self.model;
         let (Some(v), Some(proc)) = (&m.vision, &m.image_processor) else {
             return Err(Error::Prompt("the model has no vision tower".into()));
         };
-        let c = &v.config.vision;
-        let want = [c.num_channels, c.image_size, c.image_size];
-        let t = match img {
-            ImageInput::Pixels(p) => {
-                let s = c.image_size.max(1);
-                check_finite(p, s, |r| {
-                    format!("the given pixel_values (channel {}, row {})", r / s, r % s)
-                })?;
-                Tensor::from_f32(&[p.len()], p.clone())?
-            }
-            ImageInput::Path(path) => ImageProcessorConfig {
-                pad_to_square,
-                ..proc.clone()
-            }
-            .preprocess_file(path)
-            .map_err(|e| match e {
-                // A file the request names that is not there is the request's fault.
-                Error::Io { path, source } => Error::Image {
-                    path,
-                    msg: source.to_string(),
-                },
+        let pins = v.config.image_grid_pinpoints.as_deref();
+        let proc = ImageProcessorConfig {
+            pad_to_square,
+            ..proc.clone()
+        };
+        if pins.is_some() && pad_to_square {
+            return Err(Error::arg(
+                "pad_to_square",
+                "is LLaVA-1.5's; LLaVA-NeXT tiles the image at its own aspect ratio",
+            ));
+        }
+        // A decoded image through the model's processor; errors name it `name`.
+        let preprocess = |rgb: image::RgbImage, name: PathBuf| {
+            let size = (rgb.height() as usize, rgb.width() as usize);
+            let t = match pins {
+                Some(pins) => anyres::preprocess(&proc, &rgb, pins),
+                None => proc.preprocess(&rgb),
+            };
+            let t = t.map_err(|e| match e {
+                Error::Image { msg, .. } => Error::Image { path: name, msg },
                 e => e,
-            })?,
-            ImageInput::Bytes(bytes) => load_image_from_memory(bytes)
-                .and_then(|img| {
-                    ImageProcessorConfig {
-                        pad_to_square,
-                        ..proc.clone()
-                    }
-                    .preprocess(&img)
-                })
-                .map_err(|e| match e {
-                    // Name the image by its place in the request.
+            })?;
+            Ok::<_, Error>((t.into_f32_vec()?, pins.map(|_| size)))
+        };
+        let c = &v.config.vision;
+        let s = c.image_size.max(1);
+        let check = |p: &[f32]| {
+            check_finite(p, s, |r| {
+                format!(
+                    "the given pixel_values (tile {}, channel {}, row {})",
+                    r / s / c.num_channels.max(1),
+                    r / s % c.num_channels.max(1),
+                    r % s
+                )
+            })
+        };
+        let (px, size) = match img {
+            ImageInput::Pixels(p) => {
+                if pins.is_some() {
+                    return Err(Error::arg(
+                        "image",
+                        "LLaVA-NeXT tiles each image by its size: give the image (a file or \
+                         bytes), or its tiles with the size (ImageInput::Tiles)",
+                    ));
+                }
+                check(p)?;
+                (p.clone(), None)
+            }
+            ImageInput::Tiles { pixels, image_size } => {
+                if pins.is_none() {
+                    return Err(Error::arg(
+                        "image",
+                        "tiles are LLaVA-NeXT's input; this model takes one image's \
+                         pixel_values (ImageInput::Pixels)",
+                    ));
+                }
+                check(pixels)?;
+                (pixels.clone(), Some(*image_size))
+            }
+            ImageInput::Path(path) => {
+                // A file the request names that is not there is the request's fault.
+                let rgb = load_image(path).map_err(|e| match e {
+                    Error::Io { path, source } => Error::Image {
+                        path,
+                        msg: source.to_string(),
+                    },
+                    e => e,
+                })?;
+                preprocess(rgb, path.clone())?
+            }
+            ImageInput::Bytes(bytes) => {
+                let name = PathBuf::from(format!("<image {i}>"));
+                let rgb = load_image_from_memory(bytes).map_err(|e| match e {
                     Error::Image { msg, .. } => Error::Image {
-                        path: PathBuf::from(format!("<image {i}>")),
+                        path: name.clone(),
                         msg,
                     },
                     e => e,
-                })?,
+                })?;
+                preprocess(rgb, name)?
+            }
         };
-        if t.len() != want.iter().product::<usize>() {
+        let want = [v.tiles(size)?, c.num_channels, c.image_size, c.image_size];
+        if px.len() != want.iter().product::<usize>() {
             return Err(Error::arg(
                 "pixel_values",
-                format!("has {} values, expected {want:?}", t.len()),
+                format!("image {i} has {} values, expected {want:?}", px.len()),
             ));
         }
-        t.into_f32_vec()
+        Ok((px, size))
     }
 
     /// Runs the prompts of `prepared` through the LM together (rows batched), pruning each one by
@@ -440,7 +513,8 @@ impl Engine {
                     image_cols,
                     positions: n,
                 };
-                let (ranking, kept_rows) = plan.select(&st.segments, &att, keep, n);
+                let newlines = st.newlines(&att.image_cols);
+                let (ranking, kept_rows) = plan.select(&st.segments, &att, keep, n, &newlines);
                 let cost = (
                     t_rank.elapsed().as_secs_f64(),
                     att.nbytes() + x_sel.nbytes() + q.nbytes(),
@@ -468,11 +542,12 @@ impl Engine {
         }
         let v = self.model.vision.as_ref();
         for st in states.iter_mut().filter(|st| st.decoding.is_none()) {
-            let image_tokens = st.stats.image_tokens_per_layer[0];
-            let vision = match v {
-                Some(v) if image_tokens > 0 => v.flops(),
-                _ => 0.0,
-            };
+            st.stats.tiles = st.tile_report();
+            // The tower runs once per tile (one per image for LLaVA-1.5).
+            let tiles = (st.stats.tiles.iter())
+                .filter(|t| matches!(t.part, VisualToken::Patch { .. }))
+                .count();
+            let vision = v.map_or(0.0, |v| tiles as f64 * v.flops());
             let head = 2.0 * (h * c.vocab_size) as f64;
             let ns = &st.stats.tokens_per_layer;
             st.stats.prefill_flops = vision
@@ -1081,6 +1156,8 @@ struct SeqState {
     segments: Vec<Segment>,
     /// For each current row that is an image token, its index among the prompt's image tokens.
     image_index: Vec<Option<usize>>,
+    /// What each of the prompt's image tokens shows ([`Prompt::visual`]).
+    visual: Vec<VisualToken>,
     plan: Option<PrunePlan>,
     /// `Some(k)` once prefilled: the next forward decodes generated token `k` (its one row).
     decoding: Option<usize>,
@@ -1125,6 +1202,7 @@ impl SeqState {
             positions: (0..n).collect(),
             segments: prompt.segments.clone(),
             image_index,
+            visual: prompt.visual.clone(),
             plan: plan.cloned(),
             decoding: None,
             keep,
@@ -1133,6 +1211,32 @@ impl SeqState {
             stats: RunStats::default(),
             error: None,
         })
+    }
+
+    /// What image token `k` of the prompt shows (tile 0 of image 0 when the prompt does not say).
+    fn visual_of(&self, k: usize) -> VisualToken {
+        (self.visual.get(k).copied()).unwrap_or(VisualToken::Patch { image: 0, tile: 0 })
+    }
+
+    /// Whether each of `rows` (image rows) is a LLaVA-NeXT row newline.
+    fn newlines(&self, rows: &[usize]) -> Vec<bool> {
+        rows.iter()
+            .map(|&r| {
+                self.image_index[r]
+                    .is_some_and(|k| matches!(self.visual_of(k), VisualToken::Newline { .. }))
+            })
+            .collect()
+    }
+
+    /// The prompt's image tokens per tile and those its rows still have ([`RunStats::tiles`]).
+    fn tile_report(&self) -> Vec<TileKept> {
+        TileKept::count(
+            (0..self.image_tokens).map(|k| self.visual_of(k)),
+            self.image_index
+                .iter()
+                .flatten()
+                .map(|&k| self.visual_of(k)),
+        )
     }
 
     /// The kept count and plan of a stage whose first pruned layer is `layer` (while prefilling).

@@ -216,15 +216,58 @@ pub fn image_token_count(
     patch: usize,
     cls: bool,
 ) -> Result<usize> {
-    let g = Grid::of((height, width), pinpoints, tile, patch)?;
-    Ok(g.side * g.side + usize::from(cls) + g.rows.len() * g.cols.len() + g.rows.len())
+    let (rows, _) = pack_rows((height, width), pinpoints, (tile, patch))?;
+    Ok(rows.len() + usize::from(cls))
 }
 
-/// Packs one image's tile features into its prompt rows, as `LlavaNextModel.pack_image_features`:
-/// `features` is `[1 + rows·cols tiles, side², d]` (the base tile first, then the selected grid's
-/// tiles row by row, each `side x side` patches row by row); the result is `[tokens, d]`: the
-/// base tile's features, then the grid's features as one `rows·side x cols·side` map, cut to the
-/// image ([`unpad`]), row by row, each row followed by `newline` when given.
+/// What one of an image's prompt tokens shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VisualToken {
+    /// A feature of tile `tile` of image `image` (the prompt's images counted from 0): tile 0 is
+    /// the base image (LLaVA-1.5's only one), tiles 1.. the selected grid's, row by row. The
+    /// `full` strategy's CLS token belongs to its tile.
+    Patch { image: usize, tile: usize },
+    /// An `image_newline` that ends a row of image `image`'s grid (LLaVA-NeXT).
+    Newline { image: usize },
+}
+
+impl VisualToken {
+    /// The image it belongs to.
+    pub fn image(&self) -> usize {
+        match *self {
+            VisualToken::Patch { image, .. } | VisualToken::Newline { image } => image,
+        }
+    }
+}
+
+/// Where each prompt row of one image comes from, as `LlavaNextModel.pack_image_features` packs
+/// them: `Some(i)` is feature row `i` of the image's tiles `[1 + grid tiles, side², ·]` flattened
+/// (the base tile's rows first, then the grid's tiles row by row, each `side x side` patches row
+/// by row), `None` an `image_newline`. The rows are the base tile's, then the grid's tiles as one
+/// `rows·side x cols·side` feature map cut to the image ([`unpad`]), row by row, each row followed
+/// by a newline. Also returns the grid's tile count.
+pub fn pack_rows(
+    image: (usize, usize),
+    pinpoints: &[(usize, usize)],
+    (tile, patch): (usize, usize),
+) -> Result<(Vec<Option<usize>>, usize)> {
+    let g = Grid::of(image, pinpoints, tile, patch)?;
+    let (gw, side) = (g.tiles_wide, g.side);
+    let per_tile = side * side;
+    let mut rows: Vec<Option<usize>> = (0..per_tile).map(Some).collect();
+    for r in g.rows.clone() {
+        for c in g.cols.clone() {
+            let t = 1 + (r / side) * gw + c / side;
+            rows.push(Some(t * per_tile + (r % side) * side + c % side));
+        }
+        rows.push(None);
+    }
+    Ok((rows, g.tiles_high * gw))
+}
+
+/// Packs one image's tile features into its prompt rows ([`pack_rows`]): `features` is
+/// `[1 + grid tiles, side², d]`, the result `[tokens, d]`, the newlines `newline` when given
+/// (left out when not).
 ///
 /// A tile count that is not the selected grid's for `image` is an [`Error::Shape`].
 pub fn pack(
@@ -235,28 +278,25 @@ pub fn pack(
     (tile, patch): (usize, usize),
     newline: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
-    let g = Grid::of(image, pinpoints, tile, patch)?;
-    let (gh, gw, side) = (g.tiles_high, g.tiles_wide, g.side);
+    let (rows, tiles) = pack_rows(image, pinpoints, (tile, patch))?;
+    let side = tile / patch;
     let per_tile = side * side * d;
-    if features.len() != (1 + gh * gw) * per_tile || newline.is_some_and(|n| n.len() != d) {
+    if features.len() != (1 + tiles) * per_tile || newline.is_some_and(|n| n.len() != d) {
         return Err(Error::Shape {
             name: format!(
-                "LLaVA-NeXT image features for a {}x{} image ({gh}x{gw} tiles + base)",
+                "LLaVA-NeXT image features for a {}x{} image ({tiles} grid tiles + base)",
                 image.1, image.0
             ),
-            expected: vec![1 + gh * gw, side * side, d],
+            expected: vec![1 + tiles, side * side, d],
             got: vec![features.len() / per_tile.max(1), side * side, d],
         });
     }
-    let mut out = features[..per_tile].to_vec();
-    for r in g.rows {
-        for c in g.cols.clone() {
-            let t = 1 + (r / side) * gw + c / side;
-            let at = t * per_tile + ((r % side) * side + c % side) * d;
-            out.extend_from_slice(&features[at..at + d]);
-        }
-        if let Some(nl) = newline {
-            out.extend_from_slice(nl);
+    let mut out = Vec::with_capacity(rows.len() * d);
+    for r in rows {
+        match (r, newline) {
+            (Some(i), _) => out.extend_from_slice(&features[i * d..(i + 1) * d]),
+            (None, Some(nl)) => out.extend_from_slice(nl),
+            (None, None) => {}
         }
     }
     Ok(out)

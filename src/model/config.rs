@@ -189,10 +189,21 @@ pub struct LlavaConfig {
     pub select_strategy: SelectStrategy,
     pub projector_hidden_act: String,
     pub projector_bias: bool,
+    /// LLaVA-NeXT (`model_type: llava_next`): the `(height, width)` canvases an image may be
+    /// tiled into (`image_grid_pinpoints`, whole tiles of `vision.image_size`); `None` for
+    /// LLaVA-1.5, whose images are one tile.
+    pub image_grid_pinpoints: Option<Vec<(usize, usize)>>,
 }
 
 impl LlavaConfig {
-    /// Image tokens one image expands to in the prompt.
+    /// Whether images are tiled (LLaVA-NeXT's any resolution), so that the image-token count
+    /// depends on each image's size ([`super::anyres::image_token_count`]).
+    pub fn is_anyres(&self) -> bool {
+        self.image_grid_pinpoints.is_some()
+    }
+
+    /// Image tokens one image expands to in the prompt (LLaVA-1.5), or one tile's features
+    /// (LLaVA-NeXT, whose images take [`super::anyres::image_token_count`] tokens).
     pub fn image_tokens(&self) -> usize {
         let g = self.vision.grid();
         g * g + usize::from(self.select_strategy == SelectStrategy::Full)
@@ -250,14 +261,24 @@ impl ModelConfig {
             })
             .unwrap_or("");
         match model_type {
-            "llava" | "LlavaForConditionalGeneration" => Ok(ModelConfig::Llava(r.llava(obj)?)),
-            "llama" | "LlamaForCausalLM" => Ok(ModelConfig::Llama(r.text(obj, None)?)),
+            "llava" | "LlavaForConditionalGeneration" => {
+                Ok(ModelConfig::Llava(r.llava(obj, false)?))
+            }
+            "llava_next" | "LlavaNextForConditionalGeneration" => {
+                Ok(ModelConfig::Llava(r.llava(obj, true)?))
+            }
+            "llama" | "LlamaForCausalLM" => {
+                Ok(ModelConfig::Llama(r.text(obj, None, Family::Llama)?))
+            }
+            "mistral" | "MistralForCausalLM" => {
+                Ok(ModelConfig::Llama(r.text(obj, None, Family::Mistral)?))
+            }
             "" => Err(Error::Config {
                 path: path.to_path_buf(),
                 msg: "no `model_type` or `architectures` key".into(),
             }),
             other => Err(Error::Unsupported {
-                what: "architecture (supported: llava, llama)",
+                what: "architecture (supported: llava, llava_next, llama, mistral)",
                 value: other.to_string(),
             }),
         }
@@ -266,6 +287,28 @@ impl ModelConfig {
 
 struct Reader {
     path: PathBuf,
+}
+
+/// The LLaMA-architecture families we read: the same decoder, different class defaults
+/// (`LlamaConfig`, `MistralConfig`), and Mistral's sliding window.
+#[derive(Clone, Copy, PartialEq)]
+enum Family {
+    Llama,
+    Mistral,
+}
+
+impl Family {
+    /// The family of a `text_config.model_type` (absent: the outer model's default, LLaMA).
+    fn of(model_type: Option<&str>) -> Result<Family> {
+        match model_type {
+            None | Some("llama") => Ok(Family::Llama),
+            Some("mistral") => Ok(Family::Mistral),
+            Some(t) => Err(Error::Unsupported {
+                what: "LLaVA language model (llama, mistral)",
+                value: t.to_string(),
+            }),
+        }
+    }
 }
 
 impl Reader {
@@ -333,15 +376,23 @@ impl Reader {
         }
     }
 
-    /// `LlamaConfig`; `outer` is the LLaVA top level, which may carry `tie_word_embeddings`.
+    /// `LlamaConfig` or `MistralConfig` (`family`); `outer` is the LLaVA top level, which may
+    /// carry `tie_word_embeddings`. Mistral's `sliding_window` (4096 unless `null`) is refused
+    /// when it is shorter than the context, as the engine attends to every earlier position.
     fn text(
         &self,
         o: &Map<String, Value>,
         outer: Option<&Map<String, Value>>,
+        family: Family,
     ) -> Result<TextConfig> {
+        let mistral = family == Family::Mistral;
         let hidden_size = self.usize(o, "hidden_size", Some(4096))?;
         let heads = self.usize(o, "num_attention_heads", Some(32))?;
-        let kv = self.usize(o, "num_key_value_heads", Some(heads))?;
+        let kv = self.usize(
+            o,
+            "num_key_value_heads",
+            Some(if mistral { 8 } else { heads }),
+        )?;
         if heads == 0 || kv == 0 || heads % kv != 0 {
             return Err(self.err(format!(
                 "num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv}"
@@ -391,22 +442,47 @@ impl Reader {
         let c = TextConfig {
             vocab_size: self.usize(o, "vocab_size", Some(32000))?,
             hidden_size,
-            intermediate_size: self.usize(o, "intermediate_size", Some(11008))?,
+            intermediate_size: self.usize(
+                o,
+                "intermediate_size",
+                Some(if mistral { 14336 } else { 11008 }),
+            )?,
             num_hidden_layers: self.usize(o, "num_hidden_layers", Some(32))?,
             num_attention_heads: heads,
             num_key_value_heads: kv,
             head_dim,
             rms_norm_eps: self.f64(o, "rms_norm_eps", 1e-6)?,
             rope_theta,
-            max_position_embeddings: self.usize(o, "max_position_embeddings", Some(2048))?,
+            max_position_embeddings: self.usize(
+                o,
+                "max_position_embeddings",
+                Some(if mistral { 4096 * 32 } else { 2048 }),
+            )?,
             tie_word_embeddings: tie,
-            attention_bias: self.bool(o, "attention_bias", false)?,
-            mlp_bias: self.bool(o, "mlp_bias", false)?,
+            // Mistral has neither option: its projections have no bias.
+            attention_bias: !mistral && self.bool(o, "attention_bias", false)?,
+            mlp_bias: !mistral && self.bool(o, "mlp_bias", false)?,
             bos_token_id: bos.first().copied(),
             eos_token_ids: self.ids(o, "eos_token_id")?,
         };
+        let prefix = if outer.is_some() { "text_config." } else { "" };
+        if mistral {
+            let window = match o.get("sliding_window") {
+                None => Some(4096),
+                Some(Value::Null) => None,
+                Some(_) => Some(self.usize(o, "sliding_window", None)?),
+            };
+            if let Some(w) = window.filter(|&w| w < c.max_position_embeddings) {
+                return Err(self.err(format!(
+                    "`{prefix}sliding_window` is {w}: sliding-window attention is not implemented \
+                     (every position attends to all earlier ones), so a window shorter than the \
+                     context (max_position_embeddings {}) would be ignored; only `null` or a \
+                     window of the whole context is supported",
+                    c.max_position_embeddings
+                )));
+            }
+        }
         c.check().map_err(|(field, msg)| {
-            let prefix = if outer.is_some() { "text_config." } else { "" };
             let key = match field {
                 "rope_theta" if o.contains_key("rope_parameters") => "rope_parameters.rope_theta",
                 f => f,
@@ -441,8 +517,8 @@ impl Reader {
         Ok(c)
     }
 
-    /// `LlavaConfig`.
-    fn llava(&self, o: &Map<String, Value>) -> Result<LlavaConfig> {
+    /// `LlavaConfig`, or `LlavaNextConfig` with `next` (its `image_grid_pinpoints`).
+    fn llava(&self, o: &Map<String, Value>, next: bool) -> Result<LlavaConfig> {
         let empty = Map::new();
         let sub = |key: &str| -> Result<&Map<String, Value>> {
             match o.get(key) {
@@ -452,16 +528,20 @@ impl Reader {
             }
         };
         let text_obj = sub("text_config")?;
-        if let Some(t) = text_obj.get("model_type").and_then(Value::as_str)
-            && t != "llama"
-        {
-            return Err(Error::Unsupported {
-                what: "LLaVA language model (only llama)",
-                value: t.to_string(),
-            });
-        }
-        let text = self.text(text_obj, Some(o))?;
-        let vision = self.vision(sub("vision_config")?)?;
+        let family = Family::of(text_obj.get("model_type").and_then(Value::as_str))?;
+        let text = self.text(text_obj, Some(o), family)?;
+        // No `vision_config` at all: LlavaConfig's default tower (CLIP ViT-L/14 at 336 pixels).
+        let clip_l: Map<String, Value> = match serde_json::json!({
+            "intermediate_size": 4096, "hidden_size": 1024, "patch_size": 14, "image_size": 336,
+            "num_hidden_layers": 24, "num_attention_heads": 16,
+        }) {
+            Value::Object(m) => m,
+            _ => unreachable!("a JSON object literal"),
+        };
+        let vision = match o.get("vision_config") {
+            None | Some(Value::Null) => self.vision(&clip_l)?,
+            _ => self.vision(sub("vision_config")?)?,
+        };
         let layers = match o.get("vision_feature_layer") {
             None | Some(Value::Null) => vec![-2],
             Some(Value::Array(a)) => a
@@ -509,6 +589,10 @@ impl Reader {
                 value: projector_hidden_act,
             });
         }
+        let image_grid_pinpoints = match next {
+            true => Some(self.pinpoints(o, vision.image_size)?),
+            false => None,
+        };
         Ok(LlavaConfig {
             text,
             vision,
@@ -517,7 +601,57 @@ impl Reader {
             select_strategy,
             projector_hidden_act,
             projector_bias: self.bool(o, "multimodal_projector_bias", true)?,
+            image_grid_pinpoints,
         })
+    }
+
+    /// `image_grid_pinpoints`: `[[height, width], ...]`, each a grid of whole `tile`-pixel tiles
+    /// (`LlavaNextConfig`'s default when absent).
+    fn pinpoints(&self, o: &Map<String, Value>, tile: usize) -> Result<Vec<(usize, usize)>> {
+        const DEFAULT: [(usize, usize); 5] =
+            [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)];
+        let list = match o.get("image_grid_pinpoints") {
+            None | Some(Value::Null) => return Ok(DEFAULT.to_vec()),
+            Some(Value::Array(a)) => a,
+            Some(v) => {
+                return Err(self.err(format!(
+                    "`image_grid_pinpoints` must be a list of [height, width] pairs, got {v}"
+                )));
+            }
+        };
+        let pins = list
+            .iter()
+            .map(|p| match p.as_array().map(|a| a.as_slice()) {
+                Some([h, w]) => match (h.as_u64(), w.as_u64()) {
+                    (Some(h), Some(w)) => Ok((h as usize, w as usize)),
+                    _ => Err(p),
+                },
+                _ => Err(p),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|p| {
+                self.err(format!(
+                    "`image_grid_pinpoints` holds {p}, not a [height, width] pair"
+                ))
+            })?;
+        if pins.is_empty() {
+            return Err(self.err("`image_grid_pinpoints` is empty".into()));
+        }
+        if let Some((h, w)) = pins
+            .iter()
+            .find(|&&(h, w)| h == 0 || w == 0 || h % tile != 0 || w % tile != 0)
+        {
+            return Err(self.err(format!(
+                "`image_grid_pinpoints` entry [{h}, {w}] is not a grid of whole {tile}x{tile} \
+                 tiles (vision_config.image_size)"
+            )));
+        }
+        if let Some((h, w)) = pins.iter().find(|&&(h, w)| too_large(&[h, w, 3])) {
+            return Err(self.err(format!(
+                "`image_grid_pinpoints` entry [{h}, {w}] is larger than any image can be"
+            )));
+        }
+        Ok(pins)
     }
 }
 
@@ -593,6 +727,47 @@ mod tests {
         assert_eq!(c.image_token_id, 7);
     }
 
+    /// llava-hf/llava-v1.6-mistral-7b-hf's config (abridged to what it sets).
+    const LLAVA_NEXT_MISTRAL_7B: &str = r#"{
+      "architectures": ["LlavaNextForConditionalGeneration"],
+      "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+      "image_token_index": 32000, "model_type": "llava_next", "projector_hidden_act": "gelu",
+      "text_config": {"_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2",
+        "architectures": ["MistralForCausalLM"], "intermediate_size": 14336,
+        "max_position_embeddings": 32768, "model_type": "mistral", "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": null,
+        "torch_dtype": "bfloat16", "vocab_size": 32064},
+      "torch_dtype": "float16", "use_image_newline_parameter": true,
+      "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+        "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+        "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+      "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064
+    }"#;
+
+    #[test]
+    fn llava_next_mistral_7b_takes_mistral_class_defaults() {
+        let ModelConfig::Llava(c) = parse(LLAVA_NEXT_MISTRAL_7B).unwrap() else {
+            panic!("not llava")
+        };
+        assert!(c.is_anyres());
+        assert_eq!(c.image_grid_pinpoints.as_ref().unwrap()[4], (336, 1008));
+        let t = &c.text;
+        assert_eq!((t.num_attention_heads, t.num_key_value_heads), (32, 8));
+        assert_eq!(
+            (t.hidden_size, t.head_dim, t.num_hidden_layers),
+            (4096, 128, 32)
+        );
+        assert_eq!((t.rope_theta, t.max_position_embeddings), (1e6, 32768));
+        assert_eq!(c.image_tokens(), 576);
+        // Absent pinpoints take LlavaNextConfig's default; a plain Mistral LM parses too.
+        let ModelConfig::Llava(d) = parse(r#"{"model_type": "llava_next"}"#).unwrap() else {
+            panic!("not llava")
+        };
+        assert_eq!(d.image_grid_pinpoints.unwrap().len(), 5);
+        let m = parse(r#"{"model_type": "mistral", "sliding_window": null}"#).unwrap();
+        assert_eq!(m.text().intermediate_size, 14336);
+    }
+
     #[test]
     fn bad_configs_name_the_problem() {
         let cases = [
@@ -619,8 +794,29 @@ mod tests {
                 "cls",
             ),
             (
-                r#"{"model_type": "llava", "text_config": {"model_type": "mistral"}}"#,
-                "mistral",
+                r#"{"model_type": "llava", "text_config": {"model_type": "qwen2"}}"#,
+                "qwen2",
+            ),
+            // MistralConfig's default window (4096) is shorter than its default context.
+            (
+                r#"{"model_type": "llava_next", "text_config": {"model_type": "mistral"}}"#,
+                "text_config.sliding_window` is 4096",
+            ),
+            (
+                r#"{"model_type": "mistral", "sliding_window": 512, "max_position_embeddings": 1024}"#,
+                "sliding_window` is 512",
+            ),
+            (
+                r#"{"model_type": "llava_next", "image_grid_pinpoints": [[336, 600]]}"#,
+                "[336, 600] is not a grid of whole 336x336",
+            ),
+            (
+                r#"{"model_type": "llava_next", "image_grid_pinpoints": [[336]]}"#,
+                "holds [336]",
+            ),
+            (
+                r#"{"model_type": "llava_next", "image_grid_pinpoints": []}"#,
+                "is empty",
             ),
             (r#"[1, 2]"#, "not a JSON object"),
         ];

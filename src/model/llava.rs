@@ -1,7 +1,13 @@
 //! LLaVA (HF `LlavaForConditionalGeneration`): CLIP vision tower -> selected hidden states
 //! (`vision_feature_layer`, `vision_feature_select_strategy`) -> MLP projector (linear, GELU,
 //! linear) -> image features that replace the `<image>` token embeddings of the LLaMA prompt.
+//!
+//! LLaVA-NeXT (`LlavaNextForConditionalGeneration`) runs the same tower and projector on each
+//! tile of an image ([`super::anyres`]: the base image, then the selected grid), then packs the
+//! tiles' features: the base tile's, then the grid's feature map cut to the image's aspect ratio
+//! with a learnt `image_newline` after each row ([`VisionEncoder::forward_images`]).
 
+use super::anyres::{self, VisualToken};
 use super::clip::{ClipVision, VisionCache};
 use super::config::{LlavaConfig, SelectStrategy};
 use super::nn::{Linear, Param, ParamBuilder, host};
@@ -53,12 +59,15 @@ pub struct VisionEncoder {
     pub config: LlavaConfig,
     pub tower: ClipVision,
     pub projector: Projector,
+    /// LLaVA-NeXT's `image_newline` `[text_hidden]` (a parameter index).
+    pub image_newline: Option<usize>,
     /// `vision_feature_layer` resolved to indices into the hidden-states list.
     layers: Vec<usize>,
 }
 
 impl VisionEncoder {
-    /// Loads `vision.*` (the tower's layers up to the deepest selected one) and `projector.*`.
+    /// Loads `vision.*` (the tower's layers up to the deepest selected one), `projector.*` and,
+    /// for LLaVA-NeXT, `image_newline`.
     pub fn load(config: &LlavaConfig, b: &mut ParamBuilder) -> Result<Self> {
         let n = config.vision.num_hidden_layers as i64 + 1;
         let layers = config
@@ -83,15 +92,124 @@ impl VisionEncoder {
             config.text.hidden_size,
         );
         let pb = config.projector_bias;
+        let projector = Projector {
+            linear_1: b.linear("projector.linear_1", th, vh, pb)?,
+            linear_2: b.linear("projector.linear_2", th, th, pb)?,
+        };
+        let image_newline = match config.is_anyres() {
+            true => Some(b.add("image_newline", &[th])?),
+            false => None,
+        };
         Ok(VisionEncoder {
             config: config.clone(),
             tower,
-            projector: Projector {
-                linear_1: b.linear("projector.linear_1", th, vh, pb)?,
-                linear_2: b.linear("projector.linear_2", th, th, pb)?,
-            },
+            projector,
+            image_newline,
             layers,
         })
+    }
+
+    /// Where each prompt token of an image comes from: `Some(i)` is row `i` of the image's
+    /// selected tile features (`[tiles, image_tokens]` flattened, the base tile first), `None`
+    /// the `image_newline`; and how many tiles the image has. LLaVA-1.5: the one tile's rows.
+    /// LLaVA-NeXT ([`anyres::pack_rows`]): the base tile's rows (its CLS first with the `full`
+    /// strategy), then the unpadded grid with a newline per row; the grid tiles' CLS tokens
+    /// have no place in the grid map and are left out. `image` is the image's `(height,
+    /// width)`, which LLaVA-NeXT needs.
+    fn sources(&self, image: Option<(usize, usize)>) -> Result<(Vec<Option<usize>>, usize)> {
+        let ntok = self.image_tokens();
+        let Some(pins) = &self.config.image_grid_pinpoints else {
+            return Ok(((0..ntok).map(Some).collect(), 1));
+        };
+        let size = image.ok_or_else(|| {
+            Error::arg(
+                "image",
+                "LLaVA-NeXT needs each image's size to tile it (give a file, bytes, or tiles with \
+                 their image size)",
+            )
+        })?;
+        let v = &self.config.vision;
+        let cls = usize::from(self.config.select_strategy == SelectStrategy::Full);
+        let sq = v.grid() * v.grid();
+        let (rows, grid) = anyres::pack_rows(size, pins, (v.image_size, v.patch_size))?;
+        let mut out: Vec<Option<usize>> = (cls == 1).then_some(Some(0)).into_iter().collect();
+        out.extend(
+            rows.into_iter()
+                .map(|r| r.map(|i| (i / sq) * ntok + cls + i % sq)),
+        );
+        Ok((out, 1 + grid))
+    }
+
+    /// Tiles an image of `image` `(height, width)` is cut into, the base image included (1 for
+    /// LLaVA-1.5).
+    pub fn tiles(&self, image: Option<(usize, usize)>) -> Result<usize> {
+        Ok(self.sources(image)?.1)
+    }
+
+    /// Prompt tokens of an image of `image` `(height, width)` (`None`: LLaVA-1.5, whose images
+    /// all take [`VisionEncoder::image_tokens`]), as the HF processor counts them.
+    pub fn image_token_count(&self, image: Option<(usize, usize)>) -> Result<usize> {
+        Ok(self.sources(image)?.0.len())
+    }
+
+    /// What each prompt token of image number `index` of size `image` shows.
+    pub fn visual_tokens(
+        &self,
+        index: usize,
+        image: Option<(usize, usize)>,
+    ) -> Result<Vec<VisualToken>> {
+        let ntok = self.image_tokens();
+        Ok(self
+            .sources(image)?
+            .0
+            .into_iter()
+            .map(|r| match r {
+                Some(i) => VisualToken::Patch {
+                    image: index,
+                    tile: i / ntok,
+                },
+                None => VisualToken::Newline { image: index },
+            })
+            .collect())
+    }
+
+    /// The prompt features of a batch of images, `[Σ tokens, text_hidden]`: each image is its
+    /// tiles' pixel values `[tiles, channels, size, size]` and, for LLaVA-NeXT, its `(height,
+    /// width)`. Every tile of every image goes through the tower and projector as one batch;
+    /// LLaVA-NeXT's are then packed ([`VisionEncoder::sources`]), a gather on the device.
+    pub fn forward_images(
+        &self,
+        p: &[Param],
+        images: &[(&[f32], Option<(usize, usize)>)],
+    ) -> Result<Tensor> {
+        let v = &self.config.vision;
+        let per_tile = v.num_channels * v.image_size * v.image_size;
+        let mut tiles: Vec<&[f32]> = Vec::new();
+        let mut rows: Vec<Option<usize>> = Vec::new();
+        for (i, &(px, size)) in images.iter().enumerate() {
+            let (src, n) = self.sources(size)?;
+            if px.len() != n * per_tile {
+                return Err(Error::Shape {
+                    name: format!("pixel_values of image {i}"),
+                    expected: vec![n, v.num_channels, v.image_size, v.image_size],
+                    got: vec![px.len() / per_tile.max(1), px.len() % per_tile.max(1)],
+                });
+            }
+            let offset = tiles.len() * self.image_tokens();
+            rows.extend(src.into_iter().map(|r| r.map(|r| offset + r)));
+            tiles.extend(px.chunks(per_tile));
+        }
+        let feats = self.forward(p, &tiles)?;
+        let Some(nl) = self.image_newline else {
+            return Ok(feats);
+        };
+        let newline = p[nl]
+            .value
+            .to_dtype(feats.dtype())?
+            .reshape(&[1, self.config.text.hidden_size])?;
+        let at = feats.rows();
+        let idx: Vec<usize> = rows.into_iter().map(|r| r.unwrap_or(at)).collect();
+        Tensor::cat_rows(&[&feats, &newline])?.gather_rows(&idx)
     }
 
     /// Image tokens per image.

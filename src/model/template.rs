@@ -1,6 +1,7 @@
 //! The LLaVA-1.5 prompt: `[system ]USER: <image>\n{question} ASSISTANT:`, with `<image>` expanded to
 //! the vision tower's token count, and the segment (System/Image/Text/Template) of every position.
 
+use super::anyres::VisualToken;
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
 use std::ops::Range;
@@ -72,6 +73,10 @@ pub enum Segment {
 pub struct Prompt {
     pub ids: Vec<u32>,
     pub segments: Vec<Segment>,
+    /// What each image token shows, one per [`Segment::Image`] position in order (its image,
+    /// tile, or LLaVA-NeXT row newline), filled in by [`crate::Engine::prepare`]. Empty for a
+    /// prompt built without the images: its image tokens then count as tile 0 of image 0.
+    pub visual: Vec<VisualToken>,
 }
 
 impl Prompt {
@@ -84,7 +89,41 @@ impl Prompt {
                 ids.len()
             )));
         }
-        Ok(Prompt { ids, segments })
+        Ok(Prompt {
+            ids,
+            segments,
+            visual: vec![],
+        })
+    }
+
+    /// The prompt with image `k`'s one `image_id` token (in order) repeated `counts[k]` times,
+    /// each an image token: LLaVA-NeXT's expansion once the image sizes are known, which
+    /// gives the tokens what expanding the text before tokenizing would (the image token is a
+    /// special token, which the tokenizer never merges with its neighbours). A prompt with
+    /// another number of image tokens is an [`Error::Prompt`]; the result must fit `max_len`.
+    pub fn expand_images(self, image_id: u32, counts: &[usize], max_len: usize) -> Result<Prompt> {
+        let found = self.ids.iter().filter(|&&i| i == image_id).count();
+        if found != counts.len() {
+            return Err(Error::Prompt(format!(
+                "the prompt has {found} image tokens (id {image_id}) for {} image(s)",
+                counts.len()
+            )));
+        }
+        let total = self.ids.len() - found + counts.iter().sum::<usize>();
+        let (mut ids, mut segments) = (Vec::with_capacity(total), Vec::with_capacity(total));
+        let mut next = counts.iter();
+        for (&id, &seg) in self.ids.iter().zip(&self.segments) {
+            let n = match id == image_id {
+                true => next.next().copied().unwrap_or(0),
+                false => 1,
+            };
+            let seg = if id == image_id { Segment::Image } else { seg };
+            ids.extend(std::iter::repeat_n(id, n));
+            segments.extend(std::iter::repeat_n(seg, n));
+        }
+        let mut p = Prompt::within(ids, segments, max_len)?;
+        p.visual = self.visual;
+        Ok(p)
     }
 
     /// Positions of the image tokens.

@@ -5,7 +5,8 @@
 //! (CLIP vision model), `projector.*`. Accepted layouts (DESIGN.md): `language_model.model.*` /
 //! `language_model.lm_head.*` (transformers 4.x llava), `model.language_model.*` / `lm_head.*` (5.x),
 //! `vision_tower.vision_model.*` or `vision_tower.*` with or without `model.`,
-//! `multi_modal_projector.*` with or without `model.`, and plain `model.*` (LlamaForCausalLM).
+//! `multi_modal_projector.*` with or without `model.`, LLaVA-NeXT's `image_newline` with or without
+//! `model.`, and plain `model.*` (LlamaForCausalLM).
 
 use super::nn::ParamSource;
 use super::quantize::Quantize;
@@ -28,6 +29,8 @@ const PREFIXES: &[(&str, &str)] = &[
     ("vision_tower.", "vision."),
     ("model.multi_modal_projector.", "projector."),
     ("multi_modal_projector.", "projector."),
+    ("model.image_newline", "image_newline"),
+    ("image_newline", "image_newline"),
     ("lm_head.", "lm_head."),
     ("model.", "lm."),
 ];

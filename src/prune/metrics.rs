@@ -2,6 +2,7 @@
 //! layer, and each stage's ranking.
 
 use super::score::Ranking;
+use crate::model::anyres::VisualToken;
 
 /// One pruning stage of one request.
 #[derive(Debug, Clone)]
@@ -97,6 +98,54 @@ pub struct RunStats {
     pub prefill_flops: f64,
     /// Analytic FLOPs of one decode step right after the prefill.
     pub decode_flops: f64,
+    /// The prompt's image tokens per tile (and per image's row newlines), and how many of them
+    /// the last layer still has: one entry per image for LLaVA-1.5, the base image, each grid
+    /// tile and the newlines for LLaVA-NeXT, in order of first appearance.
+    pub tiles: Vec<TileKept>,
+}
+
+/// Image tokens of one tile in the prompt and after pruning ([`RunStats::tiles`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TileKept {
+    /// Which tile ([`VisualToken::Patch`]), or which image's row newlines
+    /// ([`VisualToken::Newline`]).
+    pub part: VisualToken,
+    pub total: usize,
+    pub kept: usize,
+}
+
+impl TileKept {
+    /// Counts `prompt` (what each prompt image token shows) and `kept` (the same for the tokens
+    /// left), grouped by tile in order of first appearance.
+    pub fn count(
+        prompt: impl IntoIterator<Item = VisualToken>,
+        kept: impl IntoIterator<Item = VisualToken>,
+    ) -> Vec<TileKept> {
+        let mut out: Vec<TileKept> = Vec::new();
+        let slot = |part: VisualToken, out: &mut Vec<TileKept>| match out
+            .iter()
+            .position(|t| t.part == part)
+        {
+            Some(i) => i,
+            None => {
+                out.push(TileKept {
+                    part,
+                    total: 0,
+                    kept: 0,
+                });
+                out.len() - 1
+            }
+        };
+        for part in prompt {
+            let i = slot(part, &mut out);
+            out[i].total += 1;
+        }
+        for part in kept {
+            let i = slot(part, &mut out);
+            out[i].kept += 1;
+        }
+        out
+    }
 }
 
 impl RunStats {

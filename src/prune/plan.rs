@@ -75,6 +75,11 @@ pub struct PrunePlan {
     /// scores and weights stay empty in the ranking). The draws depend on the seed alone: give each request its own seed
     /// for independent draws.
     pub random: Option<u64>,
+    /// LLaVA-NeXT: keep every `image_newline` token (on by default: a row separator costs one
+    /// token per row). They count against each stage's budget (the keep fraction is of all
+    /// visual tokens, newlines included) and are kept before any ranked token; off, they are
+    /// ranked like the tiles' tokens.
+    pub keep_newlines: bool,
 }
 
 impl Stage {
@@ -123,15 +128,23 @@ impl PrunePlan {
             head_keep: 0.5,
             renumber: false,
             random: None,
+            keep_newlines: true,
         }
     }
 
     /// Ranks the image tokens of one stage from the selected attention `att` and the query
-    /// weights, keeping `keep`: by attention ([`score::rank`]), or at random with
-    /// [`PrunePlan::random`].
-    pub fn rank(&self, att: &SelectedAttention, query_weights: Vec<f32>, keep: usize) -> Ranking {
+    /// weights, keeping `keep`, the `pinned` ones first ([`score::top_k_pinned`]): by attention
+    /// ([`score::rank`]), or at random with [`PrunePlan::random`].
+    pub fn rank(
+        &self,
+        att: &SelectedAttention,
+        query_weights: Vec<f32>,
+        keep: usize,
+        pinned: &[bool],
+    ) -> Ranking {
         let Some(seed) = self.random else {
-            return score::rank(att, query_weights, self.head.as_ref(), self.head_keep, keep);
+            let (head, rho) = (self.head.as_ref(), self.head_keep);
+            return score::rank(att, query_weights, head, rho, keep, pinned);
         };
         let importance = score::random_importance(seed, att.image_cols.len());
         Ranking {
@@ -139,7 +152,7 @@ impl PrunePlan {
             query_rows: att.rows.clone(),
             head_scores: vec![],
             head_weights: vec![],
-            kept: score::top_k(&importance, keep),
+            kept: score::top_k_pinned(&importance, keep, pinned),
             importance,
         }
     }
@@ -154,7 +167,8 @@ impl PrunePlan {
     }
 
     /// The second half: ranks the image rows from `att` (the attention of the rows
-    /// [`PrunePlan::targets`] chose, however the backend computed it), keeps `keep`, and returns
+    /// [`PrunePlan::targets`] chose, however the backend computed it), keeps `keep` (the
+    /// `newlines` among `att.image_cols` first with [`PrunePlan::keep_newlines`]), and returns
     /// the ranking with the sequence's surviving rows out of its `rows` (every row that is not a
     /// dropped image row, ascending). The engine, the trainer's pruned forward and the benches
     /// all prune through this, then gather the surviving rows (and RoPE positions).
@@ -164,9 +178,11 @@ impl PrunePlan {
         att: &SelectedAttention,
         keep: usize,
         rows: usize,
+        newlines: &[bool],
     ) -> (Ranking, Vec<usize>) {
         let w = self.query.weights(segments, &att.rows, &att.image_mass());
-        let ranking = self.rank(att, w, keep);
+        let pinned = if self.keep_newlines { newlines } else { &[] };
+        let ranking = self.rank(att, w, keep, pinned);
         let mut survive = vec![true; rows];
         for &c in &att.image_cols {
             survive[c] = false;

@@ -71,13 +71,15 @@ pub struct Ranking {
 }
 
 /// `a_h = Σ_q w_q A[h, q, V]`, head weights beta, importance `s = Σ_h beta_h a_h` and the top
-/// `keep` image tokens by s (ties -> lower index), returned in ascending order.
+/// `keep` image tokens by s (ties -> lower index; `pinned` ones first, [`top_k_pinned`]),
+/// returned in ascending order.
 pub fn rank(
     att: &SelectedAttention,
     query_weights: Vec<f32>,
     head: &dyn HeadStrategy,
     head_keep: f64,
     keep: usize,
+    pinned: &[bool],
 ) -> Ranking {
     let nv = att.image_cols.len();
     let a: Vec<Vec<f32>> = (0..att.heads)
@@ -96,7 +98,7 @@ pub fn rank(
     let importance: Vec<f32> = (0..nv)
         .map(|v| a.iter().zip(&head_weights).map(|(a, b)| b * a[v]).sum())
         .collect();
-    let kept = top_k(&importance, keep);
+    let kept = top_k_pinned(&importance, keep, pinned);
     Ranking {
         query_weights,
         query_rows: att.rows.clone(),
@@ -118,8 +120,21 @@ pub fn random_importance(seed: u64, n: usize) -> Vec<f32> {
 
 /// Indices of the `k` largest values (ties -> lower index), ascending.
 pub fn top_k(s: &[f32], k: usize) -> Vec<usize> {
+    top_k_pinned(s, k, &[])
+}
+
+/// Indices of the first `k` in the order: pinned (`pinned[i]`; missing entries are false)
+/// before the rest, then the larger value, then the lower index; ascending. LLaVA-NeXT's kept
+/// row newlines are pinned.
+pub fn top_k_pinned(s: &[f32], k: usize, pinned: &[bool]) -> Vec<usize> {
+    let pin = |i: usize| pinned.get(i).copied().unwrap_or(false);
     let mut idx: Vec<usize> = (0..s.len()).collect();
-    idx.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+    idx.sort_by(|&a, &b| {
+        pin(b)
+            .cmp(&pin(a))
+            .then(s[b].total_cmp(&s[a]))
+            .then(a.cmp(&b))
+    });
     idx.truncate(k);
     idx.sort_unstable();
     idx
@@ -133,5 +148,15 @@ mod tests {
     fn top_k_breaks_ties_by_lower_index() {
         assert_eq!(top_k(&[0.1, 0.5, 0.5, 0.2, 0.5], 2), vec![1, 2]);
         assert_eq!(top_k(&[0.3, 0.1, 0.3], 3), vec![0, 1, 2]);
+        // Pinned first (by value among themselves), then the rest by value.
+        let pin = [false, true, false, true, true];
+        assert_eq!(
+            top_k_pinned(&[0.9, 0.1, 0.8, 0.3, 0.2], 2, &pin),
+            vec![3, 4]
+        );
+        assert_eq!(
+            top_k_pinned(&[0.9, 0.1, 0.8, 0.3, 0.2], 4, &pin),
+            vec![0, 1, 3, 4]
+        );
     }
 }

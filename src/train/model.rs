@@ -347,7 +347,7 @@ impl<'a> Pruning<'a> {
                 probs: sel,
                 positions: t,
             };
-            let (ranking, survivors) = self.plan.select(prompt, &att, keep, t);
+            let (ranking, survivors) = self.plan.select(prompt, &att, keep, t, &[]);
             let kept: Vec<usize> = ranking.kept.iter().map(|&k| self.images[i][k]).collect();
             self.kept[i].push(kept.clone());
             self.images[i] = kept;

@@ -1,0 +1,227 @@
+//! LLaVA-NeXT against HF transformers on the tiny random checkpoints of
+//! `tests/reference/gen_llava_next.py` (Vicuna-style LLaMA in the 4.x llava-hf layout, Mistral in
+//! the 5.x layout; landscape, portrait and square images selecting four different grids):
+//! pixel values, the packed image features (unpadding, newlines, base tile first), token ids,
+//! logits (max-abs 1e-4, f32), 24 greedy tokens with the KV cache, and FastV on the packed
+//! sequence against a by-hand reference on HF's modules (kept sets identical, scores within
+//! 1e-5, logits within 1e-4), newline tokens pinned or ranked.
+
+mod common;
+
+use common::*;
+use fineprune::model::anyres::{self, VisualToken};
+use fineprune::model::chat::{ChatMessage, ChatPart};
+use fineprune::prune::{Keep, PrunePlan, Stage};
+use fineprune::{Engine, ImageInput, Model, Request};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+const LOGITS_TOL: f32 = 1e-4;
+const CKPTS: [&str; 2] = ["vicuna", "mistral"];
+const IMAGES: [&str; 3] = ["landscape", "portrait", "square"];
+
+fn meta() -> Value {
+    let path = reference_dir().join("llava_next_ref.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn engine(ckpt: &str) -> Engine {
+    let dir = reference_dir().join(format!("llava_next_{ckpt}"));
+    Engine::new(Arc::new(Model::load(dir).unwrap()))
+}
+
+/// The user's question inside a rendered prompt (`USER: <image>\n{q} ASSISTANT:` or
+/// `[INST] <image>\n{q} [/INST]`).
+fn question(prompt: &str) -> String {
+    let q = prompt.split("<image>\n").nth(1).unwrap();
+    q.trim_end_matches(" ASSISTANT:")
+        .trim_end_matches(" [/INST]")
+        .to_string()
+}
+
+/// A one-turn chat: the image, then the question, rendered by the checkpoint's own template.
+fn chat(case: &Value, image: ImageInput) -> Request {
+    let q = question(case["prompt"].as_str().unwrap());
+    let msg = ChatMessage {
+        role: "user".into(),
+        content: vec![ChatPart::Image, ChatPart::Text(q)],
+    };
+    Request::chat(vec![msg], vec![image])
+}
+
+fn tiles_input(r: &HashMap<String, RefTensor>, key: &str) -> ImageInput {
+    let size = &r[&format!("{key}/image_sizes")].i;
+    ImageInput::Tiles {
+        pixels: r[&format!("{key}/pixel_values")].f.clone(),
+        image_size: (size[0] as usize, size[1] as usize),
+    }
+}
+
+/// `logits` rows (`[rows, vocab]`) at `rows` against HF's stored rows.
+fn logits_err(logits: &[f32], rows: &[i64], want: &[f32]) -> f32 {
+    let vocab = want.len() / rows.len();
+    let got: Vec<f32> = rows
+        .iter()
+        .flat_map(|&r| logits[r as usize * vocab..(r as usize + 1) * vocab].to_vec())
+        .collect();
+    max_abs_diff(&got, want)
+}
+
+#[test]
+fn llava_next_matches_hf_on_three_aspect_ratios() {
+    let dir = reference_dir();
+    let r = load_ref(&dir.join("llava_next_ref.safetensors"));
+    let meta = meta();
+    for ckpt in CKPTS {
+        let engine = engine(ckpt);
+        let m = engine.model();
+        let v = m.vision.as_ref().unwrap();
+        for img in IMAGES {
+            let key = format!("{ckpt}/{img}");
+            let case = &meta["cases"][&key];
+            let (h, w) = (
+                case["image_size_hw"][0].as_u64().unwrap() as usize,
+                case["image_size_hw"][1].as_u64().unwrap() as usize,
+            );
+            // Pixel values: our tiles against LlavaNextImageProcessor's, bit for bit.
+            let rgb =
+                fineprune::model::image::load_image(dir.join(case["image"].as_str().unwrap()))
+                    .unwrap();
+            let pins = v.config.image_grid_pinpoints.as_ref().unwrap();
+            let px = anyres::preprocess(m.image_processor.as_ref().unwrap(), &rgb, pins).unwrap();
+            let want_px = &r[&format!("{key}/pixel_values")];
+            assert_eq!(px.shape(), &want_px.shape[..], "{key}: tiles");
+            assert_eq!(px.f32s().unwrap(), &want_px.f[..], "{key}: pixel values");
+            // The packed features: the tower and projector per tile, unpadded, newlines.
+            let feats = v
+                .forward_images(&m.params, &[(&want_px.f, Some((h, w)))])
+                .unwrap();
+            let err = max_abs_diff(
+                &feats.to_vec_f32().unwrap(),
+                &r[&format!("{key}/image_features")].f,
+            );
+            assert!(err < 1e-5, "{key}: image features differ by {err}");
+            // Which tile each image token shows.
+            let want_tiles: Vec<VisualToken> = (case["tile_of"].as_array().unwrap().iter())
+                .map(|t| match t.as_i64().unwrap() {
+                    -1 => VisualToken::Newline { image: 0 },
+                    t => VisualToken::Patch {
+                        image: 0,
+                        tile: t as usize,
+                    },
+                })
+                .collect();
+            assert_eq!(
+                v.visual_tokens(0, Some((h, w))).unwrap(),
+                want_tiles,
+                "{key}"
+            );
+
+            // From the image file and from HF's tiles: the same ids and logits.
+            let file = ImageInput::Path(dir.join(case["image"].as_str().unwrap()));
+            for (how, input) in [("file", file), ("tiles", tiles_input(&r, &key))] {
+                let req = chat(case, input);
+                let out = engine.prompt_logits(&req).unwrap();
+                assert_eq!(
+                    out.prompt.ids,
+                    ids_u32(&r[&format!("{key}/input_ids")]),
+                    "{key} ({how}): ids"
+                );
+                assert_eq!(out.prompt.visual, want_tiles, "{key} ({how})");
+                let rows = &r[&format!("{key}/logits_rows")].i;
+                let err = logits_err(&out.logits, rows, &r[&format!("{key}/logits")].f);
+                println!(
+                    "{key} ({how}): logits max-abs diff {err:.2e} over {} rows",
+                    rows.len()
+                );
+                assert!(err < LOGITS_TOL, "{key} ({how}): logits differ by {err}");
+                // Unpruned: every tile and newline kept, as many as the prompt has.
+                let tiles = &out.stats.tiles;
+                assert_eq!(tiles[0].part, VisualToken::Patch { image: 0, tile: 0 });
+                assert_eq!(
+                    tiles.iter().map(|t| t.total).sum::<usize>(),
+                    case["n_image_tokens"].as_u64().unwrap() as usize
+                );
+                assert!(tiles.iter().all(|t| t.kept == t.total));
+            }
+            let mut req = chat(case, tiles_input(&r, &key));
+            req.max_new_tokens = 24;
+            req.stop_on_eos = false;
+            let g = engine.generate(&[req]).unwrap().remove(0);
+            assert_eq!(
+                g.tokens,
+                ids_u32(&r[&format!("{key}/greedy")]),
+                "{key}: greedy"
+            );
+        }
+    }
+}
+
+#[test]
+fn fastv_on_llava_next_matches_the_hf_reference() {
+    let dir = reference_dir();
+    let r = load_ref(&dir.join("llava_next_ref.safetensors"));
+    let meta = meta();
+    let mut checked = 0;
+    for ckpt in CKPTS {
+        let engine = engine(ckpt);
+        for (name, fc) in meta["fastv"].as_object().unwrap() {
+            if fc["ckpt"] != ckpt {
+                continue;
+            }
+            let img = name.strip_prefix(&format!("{ckpt}_")).unwrap();
+            let key = format!("{ckpt}/{img}");
+            let mut plan = PrunePlan::new(vec![Stage {
+                layer: fc["K"].as_u64().unwrap() as usize,
+                keep: Keep::Fraction(fc["keep"].as_f64().unwrap()),
+            }]);
+            plan.keep_newlines = fc["keep_newlines"].as_bool().unwrap();
+            let mut req = chat(&meta["cases"][&key], tiles_input(&r, &key));
+            req.prune = Some(plan);
+            let out = engine.prompt_logits(&req).unwrap();
+            let stage = &out.stats.stages[0];
+            let f = format!("fastv/{name}");
+            let kept: Vec<usize> = r[&format!("{f}/kept")]
+                .i
+                .iter()
+                .map(|&k| k as usize)
+                .collect();
+            assert_eq!(stage.kept, kept, "{name}: kept");
+            let err = max_abs_diff(&stage.ranking.importance, &r[&format!("{f}/scores")].f);
+            assert!(err < 1e-5, "{name}: scores differ by {err}");
+            let rows = &r[&format!("{f}/logits_rows")].i;
+            let err = logits_err(&out.logits, rows, &r[&format!("{f}/logits")].f);
+            println!(
+                "{name}: {} rows, logits max-abs diff {err:.2e}",
+                out.positions.len()
+            );
+            assert!(err < LOGITS_TOL, "{name}: logits differ by {err}");
+            // The per-tile report: the budget counts every visual token, pinned newlines first.
+            let tiles = &out.stats.tiles;
+            assert_eq!(
+                tiles.iter().map(|t| t.kept).sum::<usize>(),
+                fc["k"].as_u64().unwrap() as usize
+            );
+            let newlines = tiles
+                .iter()
+                .find(|t| matches!(t.part, VisualToken::Newline { .. }))
+                .unwrap();
+            assert_eq!(
+                newlines.kept,
+                fc["n_kept_newlines"].as_u64().unwrap() as usize
+            );
+
+            req.max_new_tokens = 24;
+            req.stop_on_eos = false;
+            let g = engine.generate(&[req]).unwrap().remove(0);
+            assert_eq!(
+                g.tokens,
+                ids_u32(&r[&format!("{f}/greedy")]),
+                "{name}: greedy"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 5);
+}
