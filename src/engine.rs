@@ -9,12 +9,13 @@ pub use scheduler::{Event, Load, Scheduler, Stream};
 
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::model::anyres;
 use crate::model::anyres::VisualToken;
+use crate::model::anyres::{self, ImageSize};
 use crate::model::chat::{self, ChatMessage, ChatPart};
 use crate::model::flops::lm_layer_flops;
 use crate::model::image::{ImageProcessorConfig, load_image, load_image_from_memory};
 use crate::model::llama::{KvCache, SeqRows};
+use crate::model::llava::ImagePixels;
 use crate::model::template::{self, ImageSlot, Prompt, PromptOptions};
 use crate::ops::check_finite;
 use crate::prune::metrics::{self, RunStats, StageReport, TileKept};
@@ -68,7 +69,8 @@ pub enum ImageInput {
 }
 
 /// One prompt to run: a question (LLaVA-1.5's `USER: <image>\n{question} ASSISTANT:`, one
-/// image at most), or a chat rendered with the model's own template ([`Request::chat`]).
+/// image at most; for LLaVA-NeXT, one user turn of the model's chat template), or a chat
+/// rendered with the model's own template ([`Request::chat`]).
 #[derive(Debug, Clone)]
 pub struct Request {
     /// The question (empty when `messages` are given).
@@ -244,7 +246,24 @@ impl Engine {
                     ..req.options.clone()
                 },
             };
-            template::build_prompt(&m.tokenizer, &req.prompt, slot.as_ref(), &opts, ctx)?
+            // LLaVA-NeXT checkpoints prompt in their LM's own format (Vicuna's `USER:`, Mistral's
+            // `[INST]`): a question is one user turn (the image, then the text) of the model's
+            // chat template, after the system prompt when one is given.
+            let next = m.vision.as_ref().is_some_and(|v| v.config.is_anyres());
+            match (&m.chat_template, next && !opts.raw) {
+                (Some(template), true) => {
+                    let mut content: Vec<ChatPart> = slot.iter().map(|_| ChatPart::Image).collect();
+                    content.push(ChatPart::Text(req.prompt.clone()));
+                    let system = opts.system.iter().map(|s| ChatMessage::new("system", s));
+                    let user = ChatMessage {
+                        role: "user".into(),
+                        content,
+                    };
+                    let msgs: Vec<ChatMessage> = system.chain([user]).collect();
+                    chat::chat_prompt(template, &m.tokenizer, &msgs, slot.as_ref(), ctx)?
+                }
+                _ => template::build_prompt(&m.tokenizer, &req.prompt, slot.as_ref(), &opts, ctx)?,
+            }
         } else {
             if !req.prompt.is_empty() {
                 return Err(Error::arg(
@@ -285,7 +304,7 @@ impl Engine {
                 prompt = prompt.expand_images(v.config.image_token_id, &counts, ctx)?;
                 embeds = m.lm.embed(&m.params, &prompt.ids)?;
             }
-            let refs: Vec<(&[f32], Option<(usize, usize)>)> = images
+            let refs: Vec<ImagePixels> = images
                 .iter()
                 .map(|(px, size)| (px.as_slice(), *size))
                 .collect();
@@ -302,7 +321,7 @@ impl Engine {
         i: usize,
         img: &ImageInput,
         pad_to_square: bool,
-    ) -> Result<(Vec<f32>, Option<(usize, usize)>)> {
+    ) -> Result<(Vec<f32>, Option<ImageSize>)> {
         let m = &*self.model;
         let (Some(v), Some(proc)) = (&m.vision, &m.image_processor) else {
             return Err(Error::Prompt("the model has no vision tower".into()));
@@ -333,14 +352,17 @@ impl Engine {
         };
         let c = &v.config.vision;
         let s = c.image_size.max(1);
-        let check = |p: &[f32]| {
-            check_finite(p, s, |r| {
-                format!(
+        // Names a row of the given pixel values: `(tile, )channel, row`.
+        let check = |p: &[f32], tiled: bool| {
+            let ch = c.num_channels.max(1);
+            check_finite(p, s, |r| match tiled {
+                true => format!(
                     "the given pixel_values (tile {}, channel {}, row {})",
-                    r / s / c.num_channels.max(1),
-                    r / s % c.num_channels.max(1),
+                    r / s / ch,
+                    r / s % ch,
                     r % s
-                )
+                ),
+                false => format!("the given pixel_values (channel {}, row {})", r / s, r % s),
             })
         };
         let (px, size) = match img {
@@ -352,7 +374,7 @@ impl Engine {
                          bytes), or its tiles with the size (ImageInput::Tiles)",
                     ));
                 }
-                check(p)?;
+                check(p, false)?;
                 (p.clone(), None)
             }
             ImageInput::Tiles { pixels, image_size } => {
@@ -363,7 +385,7 @@ impl Engine {
                          pixel_values (ImageInput::Pixels)",
                     ));
                 }
-                check(pixels)?;
+                check(pixels, true)?;
                 (pixels.clone(), Some(*image_size))
             }
             ImageInput::Path(path) => {

@@ -225,3 +225,165 @@ fn fastv_on_llava_next_matches_the_hf_reference() {
     }
     assert_eq!(checked, 5);
 }
+
+/// A copy of fixture `llava_next_{ckpt}` with `edit` applied to its `config.json`.
+fn edited(ckpt: &str, edit: impl Fn(&mut Value)) -> tempfile::TempDir {
+    let src = reference_dir().join(format!("llava_next_{ckpt}"));
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    let path = tmp.path().join("config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    tmp
+}
+
+/// A question on a LLaVA-NeXT model is one user turn of its own chat template (Mistral's
+/// `[INST]`), the same prompt as the chat.
+#[test]
+fn a_question_uses_the_models_chat_template() {
+    let r = load_ref(&reference_dir().join("llava_next_ref.safetensors"));
+    let meta = meta();
+    for ckpt in CKPTS {
+        let engine = engine(ckpt);
+        let key = format!("{ckpt}/portrait");
+        let q = question(meta["cases"][&key]["prompt"].as_str().unwrap());
+        let req = Request::new(q, Some(tiles_input(&r, &key)));
+        let p = engine.prepare(&req).unwrap().prompt;
+        assert_eq!(p.ids, ids_u32(&r[&format!("{key}/input_ids")]), "{key}");
+    }
+}
+
+/// `vision_feature_select_strategy: full`, which HF's `LlavaNextModel` cannot run with a CLIP
+/// tower (`pack_image_features` fails to view 26 tokens per tile as a 5x5 grid; recorded in
+/// `checks.full_strategy`): the prompt takes the processor's count (the base tile with its CLS,
+/// then the grid of patches), and the model fills it, the grid tiles' CLS tokens left out.
+#[test]
+fn full_strategy_fills_the_processors_count() {
+    let meta = meta();
+    let full = &meta["checks"]["full_strategy"];
+    assert!(full["raises"].as_bool().unwrap());
+    let dir = edited("vicuna", |c| {
+        c["vision_feature_select_strategy"] = "full".into();
+    });
+    let engine = Engine::new(Arc::new(Model::load(dir.path()).unwrap()));
+    let v = engine.model().vision.as_ref().unwrap();
+    let case = &meta["cases"]["vicuna/landscape"];
+    let size = (
+        case["image_size_hw"][0].as_u64().unwrap() as usize,
+        case["image_size_hw"][1].as_u64().unwrap() as usize,
+    );
+    let want = full["processor_count_full"].as_u64().unwrap() as usize;
+    assert_eq!(v.image_token_count(Some(size)).unwrap(), want);
+    let img = ImageInput::Path(reference_dir().join(case["image"].as_str().unwrap()));
+    let out = engine.prompt_logits(&chat(case, img)).unwrap();
+    assert_eq!(out.prompt.visual.len(), want);
+    // The base tile: its CLS and 25 patches.
+    assert_eq!(out.stats.tiles[0].total, 26);
+    assert!(out.logits.iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn bad_llava_next_input_is_a_clear_error() {
+    let r = load_ref(&reference_dir().join("llava_next_ref.safetensors"));
+    let meta = meta();
+    let case = &meta["cases"]["vicuna/landscape"];
+    let engine = engine("vicuna");
+    let err = |req: Request| engine.prompt_logits(&req).unwrap_err().to_string();
+    // Tiles that are not the grid the image's size selects (2x2 + base = 5).
+    let ImageInput::Tiles { pixels, image_size } = tiles_input(&r, "vicuna/landscape") else {
+        unreachable!()
+    };
+    let four = ImageInput::Tiles {
+        pixels: pixels[..4 * 3 * 30 * 30].to_vec(),
+        image_size,
+    };
+    let e = err(chat(case, four));
+    assert!(
+        e.contains("pixel_values") && e.contains("[5, 3, 30, 30]"),
+        "{e}"
+    );
+    // The other model's inputs.
+    let e = err(chat(case, ImageInput::Pixels(pixels[..2700].to_vec())));
+    assert!(e.contains("LLaVA-NeXT tiles each image by its size"), "{e}");
+    let llava15 = Engine::new(Arc::new(
+        Model::load(reference_dir().join("llava_gqa")).unwrap(),
+    ));
+    let tiles = tiles_input(&r, "vicuna/landscape");
+    let e = llava15
+        .prompt_logits(&Request::new("what?", Some(tiles)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("tiles are LLaVA-NeXT's input"), "{e}");
+    // An image token count that does not match the prompt's.
+    let v = engine.model().vision.as_ref().unwrap();
+    let p = engine
+        .prepare(&chat(case, tiles_input(&r, "vicuna/landscape")))
+        .unwrap();
+    let feats = v
+        .forward_images(
+            &engine.model().params,
+            &[(&pixels, Some((image_size.0, image_size.1 + 40)))],
+        )
+        .unwrap();
+    let e = v
+        .merge(&p.prompt.ids, &p.embeds, &feats)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the prompt has 113 image tokens"), "{e}");
+    let e = p
+        .prompt
+        .clone()
+        .expand_images(v.config.image_token_id, &[3, 4], 512)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("113 image tokens (id 510) for 2 image(s)"),
+        "{e}"
+    );
+    // Configs: a pinpoint that is not whole tiles, an unknown strategy, a sliding window.
+    type Edit = fn(&mut Value);
+    let cases: [(&str, Edit, &str); 3] = [
+        (
+            "vicuna",
+            |c| c["image_grid_pinpoints"] = serde_json::json!([[30, 45]]),
+            "[30, 45] is not a grid of whole 30x30 tiles",
+        ),
+        (
+            "vicuna",
+            |c| c["vision_feature_select_strategy"] = "cls".into(),
+            "vision_feature_select_strategy (default, full): cls",
+        ),
+        (
+            "mistral",
+            |c| c["text_config"]["sliding_window"] = 16.into(),
+            "`text_config.sliding_window` is 16",
+        ),
+    ];
+    for (ckpt, edit, want) in cases {
+        let dir = edited(ckpt, edit);
+        let e = Model::load(dir.path()).err().unwrap().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+}
+
+/// The trainer, `distill` and the teacher cache take one tile per image: a LLaVA-NeXT
+/// checkpoint is refused by name rather than trained wrongly.
+#[test]
+fn the_trainer_refuses_llava_next() {
+    use fineprune::train::model::TrainModel;
+    let dir = reference_dir().join("llava_next_vicuna");
+    let e = TrainModel::from_dir(&dir).err().unwrap().to_string();
+    assert!(
+        e.contains("LLaVA-NeXT") && e.contains("llava_next_vicuna"),
+        "{e}"
+    );
+    let e = fineprune::train::teacher_cache::EncoderParts::from_dir(&dir)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("LLaVA-NeXT"), "{e}");
+}

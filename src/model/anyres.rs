@@ -19,6 +19,9 @@ use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 use image::RgbImage;
 
+/// An image's `(height, width)` in pixels (transformers' `image_sizes`).
+pub type ImageSize = (usize, usize);
+
 /// The `(height, width)` among `pinpoints` that keeps the most of an image of `(height, width)`
 /// when it is scaled to fit (its effective resolution, at most the image's own), ties broken by
 /// the least wasted area; the first such entry. `None` when `pinpoints` is empty.

@@ -54,6 +54,10 @@ impl Projector {
     }
 }
 
+/// One image for [`VisionEncoder::forward_images`]: its tiles' pixel values `[tiles, channels,
+/// size, size]` and, for LLaVA-NeXT, its `(height, width)`.
+pub type ImagePixels<'a> = (&'a [f32], Option<(usize, usize)>);
+
 /// Vision tower + projector: pixels in, LM-width image features out.
 pub struct VisionEncoder {
     pub config: LlavaConfig,
@@ -177,11 +181,7 @@ impl VisionEncoder {
     /// tiles' pixel values `[tiles, channels, size, size]` and, for LLaVA-NeXT, its `(height,
     /// width)`. Every tile of every image goes through the tower and projector as one batch;
     /// LLaVA-NeXT's are then packed ([`VisionEncoder::sources`]), a gather on the device.
-    pub fn forward_images(
-        &self,
-        p: &[Param],
-        images: &[(&[f32], Option<(usize, usize)>)],
-    ) -> Result<Tensor> {
+    pub fn forward_images(&self, p: &[Param], images: &[ImagePixels]) -> Result<Tensor> {
         let v = &self.config.vision;
         let per_tile = v.num_channels * v.image_size * v.image_size;
         let mut tiles: Vec<&[f32]> = Vec::new();

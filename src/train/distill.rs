@@ -82,7 +82,6 @@ use super::optim::decay_group;
 use super::teacher_cache::{SparseRow, TeacherCache};
 use crate::error::{Error, Result};
 use crate::io::{OutTensor, read_f32_tensor, write_safetensors};
-use crate::model::config::{LlavaConfig, ModelConfig};
 use crate::model::llava::{Projector, ProjectorCache};
 use crate::model::nn::{Linear, Param};
 use crate::ops;
@@ -462,16 +461,6 @@ fn weight_ok(name: &str, w: f64) -> Result<()> {
     }
 }
 
-fn llava_config(dir: &Path, what: &str) -> Result<LlavaConfig> {
-    match ModelConfig::from_file(&dir.join("config.json"))? {
-        ModelConfig::Llava(c) => Ok(c),
-        ModelConfig::Llama(_) => Err(Error::arg(
-            what,
-            format!("{} is a LLaMA checkpoint, not LLaVA", dir.display()),
-        )),
-    }
-}
-
 impl DistillConfig {
     /// Distillation from `teacher` with the answers' cross-entropy at weight 1 and no other
     /// loss yet: set the tables wanted, e.g.
@@ -578,7 +567,7 @@ impl DistillConfig {
                 return Err(Error::MissingFile { what, path: p });
             }
         }
-        let t = llava_config(&self.teacher, "distill.teacher")?;
+        let t = super::llava_config(&self.teacher, "distill.teacher")?;
         if let Some(l) = &self.logits
             && let Some(c) = &l.cache
         {
@@ -588,7 +577,7 @@ impl DistillConfig {
             // A stage's student is made by the stage before; checked when it starts.
             return Ok(());
         }
-        let s = llava_config(student_dir, "model")?;
+        let s = super::llava_config(student_dir, "model")?;
         let mismatch = |what: &str, a: String, b: String| {
             Err(Error::arg(
                 "distill.teacher",

@@ -40,6 +40,43 @@ pub mod teacher_cache;
 pub mod tokenizer_train;
 pub mod vision_pretrain;
 
+/// The LLaVA config of the checkpoint in `dir`, for the trainer: a LLaMA checkpoint, or a
+/// LLaVA-NeXT one (any-resolution tiles: the trainer's image path, its data, caches and
+/// student init assume one tile of `image_tokens` per image) is an [`Error::Arg`] on `what`.
+pub(crate) fn llava_config(
+    dir: &std::path::Path,
+    what: &str,
+) -> crate::error::Result<crate::model::config::LlavaConfig> {
+    use crate::model::config::ModelConfig;
+    match ModelConfig::from_file(&dir.join("config.json"))? {
+        ModelConfig::Llava(c) => {
+            check_trainable(&c).map_err(|msg| {
+                crate::error::Error::arg(what, format!("{}: {msg}", dir.display()))
+            })?;
+            Ok(c)
+        }
+        ModelConfig::Llama(_) => Err(crate::error::Error::arg(
+            what,
+            format!("{} is a LLaMA checkpoint, not LLaVA", dir.display()),
+        )),
+    }
+}
+
+/// Why the trainer cannot take a model of config `c`, if it cannot.
+pub(crate) fn check_trainable(
+    c: &crate::model::config::LlavaConfig,
+) -> std::result::Result<(), String> {
+    match c.is_anyres() {
+        true => Err(
+            "LLaVA-NeXT (any-resolution tiles) is not supported by the trainer and \
+                     distill, whose image path takes one tile per image; it runs for inference \
+                     and pruning only"
+                .into(),
+        ),
+        false => Ok(()),
+    }
+}
+
 /// A counter of `len` `unit`s (steps, answers) on stderr, hidden unless `show`: elapsed time,
 /// bar, count, message, eta.
 pub fn progress_bar(len: u64, show: bool, unit: &str) -> indicatif::ProgressBar {

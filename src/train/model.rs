@@ -25,7 +25,7 @@
 use super::optim::decay_group;
 use crate::error::{Error, Result};
 use crate::model::clip::VisionCache;
-use crate::model::config::{LlavaConfig, ModelConfig};
+use crate::model::config::LlavaConfig;
 use crate::model::llama::{DecoderCache, Llama};
 use crate::model::llava::{ProjectorCache, VisionEncoder};
 use crate::model::nn::{Param, ParamBuilder, ParamSource, host};
@@ -558,15 +558,7 @@ impl TrainModel {
     /// Loads a LLaVA checkpoint directory (`config.json` + safetensors, any key layout and dtype
     /// [`Weights`] reads), converting every weight to f32.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let config = match ModelConfig::from_file(&dir.join("config.json"))? {
-            ModelConfig::Llava(c) => c,
-            ModelConfig::Llama(_) => {
-                return Err(Error::arg(
-                    "model",
-                    format!("{} is a LLaMA checkpoint, not LLaVA", dir.display()),
-                ));
-            }
-        };
+        let config = super::llava_config(dir, "model")?;
         let mut w = Weights::from_dir(dir)?;
         w.place(Device::Cpu, Some(DType::F32));
         Self::build(config, &mut w)
@@ -583,6 +575,7 @@ impl TrainModel {
     /// The model's blocks over parameters from `source` (canonical names), renamed to their
     /// transformers 5.x keys and grouped.
     fn build(config: LlavaConfig, source: &mut dyn ParamSource) -> Result<Self> {
+        super::check_trainable(&config).map_err(|msg| Error::arg("model", msg))?;
         let mut b = ParamBuilder::new(source, true);
         let vision = VisionEncoder::load(&config, &mut b)?;
         let lm = Llama::load(&config.text, &mut b)?;

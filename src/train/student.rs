@@ -543,15 +543,7 @@ fn named(e: Error, field: &str) -> Error {
 /// written atomically, `model.safetensors` last.
 pub fn init_student(teacher: &Path, spec: &StudentSpec, out: &Path) -> Result<StudentRecord> {
     let cfg_path = teacher.join("config.json");
-    let tcfg = match ModelConfig::from_file(&cfg_path)? {
-        ModelConfig::Llava(c) => c,
-        ModelConfig::Llama(_) => {
-            return Err(Error::arg(
-                "--teacher",
-                format!("{} is a LLaMA checkpoint, not LLaVA", teacher.display()),
-            ));
-        }
-    };
+    let tcfg = super::llava_config(teacher, "--teacher")?;
     let raw_text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let raw: Value = serde_json::from_str(&raw_text).map_err(|e| Error::Config {
         path: cfg_path.clone(),

@@ -50,7 +50,6 @@ use super::model::{HEAD_CHUNK, TraceRequest, TrainModel, TrainSeq};
 use super::progress_bar;
 use crate::error::{Error, Result};
 use crate::io::fnv1a64;
-use crate::model::config::ModelConfig;
 use crate::model::image::ImageProcessorConfig;
 use crate::model::template::ImageSlot;
 use crate::model::tokenizer::Tokenizer;
@@ -222,15 +221,7 @@ pub struct EncoderParts {
 impl EncoderParts {
     /// Reads them from a LLaVA checkpoint folder (no weights).
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let config = match ModelConfig::from_file(&dir.join("config.json"))? {
-            ModelConfig::Llava(c) => c,
-            ModelConfig::Llama(_) => {
-                return Err(Error::arg(
-                    "teacher",
-                    format!("{} is a LLaMA checkpoint, not LLaVA", dir.display()),
-                ));
-            }
-        };
+        let config = super::llava_config(dir, "teacher")?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path)?;
         let processor = ImageProcessorConfig::from_model_dir(dir, config.vision.image_size)?;
