@@ -4,16 +4,26 @@
 //! analytic FLOPs ratio, plus what the ranking costs: its bytes against the full attention map it
 //! avoids, and its share of the prefill time.
 //!
-//! `cargo bench --bench prune` (FINEPRUNE_BENCH_LAYERS changes the depth).
+//! With `FINEPRUNE_BENCH_IMAGE=next`, the prompt holds a LLaVA-NeXT-7B image instead: a 672x672
+//! image's 2880 tile features (the base tile's 576, then its 2x2 grid's 48x48 map) and 48 row
+//! newlines, 2968 tokens in all, pruned at keep 0.5, 0.25 and 0.11 (newlines kept), and the
+//! table adds attention's share of one layer's time at the unpruned length.
+//!
+//! `cargo bench --bench prune` (FINEPRUNE_BENCH_LAYERS changes the depth; `-- none` prints the
+//! side-by-side table and skips criterion's timings).
 
 mod common;
 
 use common::{config_7b, random, random_llama};
 use criterion::{Criterion, criterion_group, criterion_main};
 use fineprune::engine::Prepared;
-use fineprune::model::config::ModelConfig;
+use fineprune::model::anyres::{self, VisualToken};
+use fineprune::model::config::{ModelConfig, TextConfig};
+use fineprune::model::flops::lm_layer_flops;
+use fineprune::model::llama::{KvCache, SeqRows};
 use fineprune::model::template::Prompt;
 use fineprune::model::tokenizer::Tokenizer;
+use fineprune::ops::attention::{AttnShape, attention};
 use fineprune::prune::{
     Keep, PrunePlan, Segment, Stage, StrategyParams, head_strategy, query_strategy,
 };
@@ -48,9 +58,26 @@ fn model(layers: usize) -> Model {
     }
 }
 
-fn input(h: usize) -> Prepared {
+/// System 5 + the image's tokens + question 30 + template 5, random embeddings: LLaVA-1.5's
+/// 576 image tokens, or (`next`) the LLaVA-NeXT-7B packing of a 672x672 image.
+fn input(h: usize, next: bool) -> Prepared {
+    let visual: Vec<VisualToken> = if next {
+        let pins = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)];
+        let (rows, _) = anyres::pack_rows((672, 672), &pins, (336, 14)).unwrap();
+        (rows.into_iter())
+            .map(|r| match r {
+                Some(i) => VisualToken::Patch {
+                    image: 0,
+                    tile: i / 576,
+                },
+                None => VisualToken::Newline { image: 0 },
+            })
+            .collect()
+    } else {
+        vec![VisualToken::Patch { image: 0, tile: 0 }; 576]
+    };
     let mut segments = vec![Segment::System; 5];
-    segments.extend([Segment::Image; 576]);
+    segments.extend(vec![Segment::Image; visual.len()]);
     segments.extend([Segment::Text; 30]);
     segments.extend([Segment::Template; 5]);
     let n = segments.len();
@@ -58,10 +85,68 @@ fn input(h: usize) -> Prepared {
         prompt: Prompt {
             ids: vec![0; n],
             segments,
-            visual: vec![],
+            visual,
         },
         embeds: Tensor::from_f32(&[n, h], random(n * h, 3, 1.0)).unwrap(),
     }
+}
+
+/// Median seconds of `f` over `runs` runs.
+fn median_secs(runs: usize, mut f: impl FnMut()) -> f64 {
+    let mut t: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+/// Seconds of one decoder layer's prefill of `n` rows, and of its attention alone (causal,
+/// random q/k/v of the layer's shapes), medians of 3.
+fn attention_share(c: &TextConfig, n: usize) -> (f64, f64) {
+    let one = c.clone();
+    let (p, lm) = random_llama(
+        &TextConfig {
+            num_hidden_layers: 1,
+            ..one
+        },
+        false,
+    );
+    let h = c.hidden_size;
+    let x = random(n * h, 5, 1.0);
+    let layer = median_secs(3, || {
+        let mut cache = KvCache::new(1);
+        let mut x = Tensor::from_f32(&[n, h], x.clone()).unwrap();
+        let seqs = [SeqRows {
+            positions: (0..n).collect(),
+        }];
+        lm.layer_forward(&p, 0, &mut x, &seqs, &mut [&mut cache], false)
+            .unwrap();
+    });
+    let (qd, kvd) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    let (q, k, v) = (
+        random(n * qd, 6, 1.0),
+        random(n * kvd, 7, 1.0),
+        random(n * kvd, 8, 1.0),
+    );
+    let sh = AttnShape {
+        t: n,
+        s: n,
+        heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        causal: true,
+    };
+    let attn = median_secs(3, || {
+        attention(&q, &k, &v, sh).unwrap();
+    });
+    (layer, attn)
 }
 
 fn fastv(keep: f64, head: &str, query: &str) -> PrunePlan {
@@ -80,24 +165,26 @@ fn benches(cr: &mut Criterion) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(6);
+    let next = std::env::var("FINEPRUNE_BENCH_IMAGE").is_ok_and(|v| v == "next");
     let engine = Engine::new(Arc::new(model(layers)));
     let c = engine.model().lm.config.clone();
-    let x = [input(c.hidden_size)];
-    let configs: Vec<(String, Option<PrunePlan>)> = vec![
-        ("unpruned".into(), None),
-        (
-            "fastv_keep0.5".into(),
-            Some(fastv(0.5, "sum", "last_token")),
-        ),
-        (
-            "fastv_keep0.25".into(),
-            Some(fastv(0.25, "sum", "last_token")),
-        ),
-        (
-            "variance_text_keep0.25".into(),
-            Some(fastv(0.25, "variance", "text_tokens_only")),
-        ),
-    ];
+    let x = [input(c.hidden_size, next)];
+    let keeps: &[f64] = if next {
+        &[0.5, 0.25, 0.11]
+    } else {
+        &[0.5, 0.25]
+    };
+    let mut configs: Vec<(String, Option<PrunePlan>)> = vec![("unpruned".into(), None)];
+    for &k in keeps {
+        configs.push((
+            format!("fastv_keep{k}"),
+            Some(fastv(k, "sum", "last_token")),
+        ));
+    }
+    configs.push((
+        "variance_text_keep0.25".into(),
+        Some(fastv(0.25, "variance", "text_tokens_only")),
+    ));
     // Side by side in one run: median of 3 prefills each.
     let time = |plan: &Option<PrunePlan>| {
         let mut t: Vec<(f64, fineprune::prune::metrics::RunStats)> = (0..3)
@@ -141,6 +228,21 @@ fn benches(cr: &mut Criterion) {
             100.0 * rs / secs,
             s.avg_image_tokens()
         );
+    }
+    if next {
+        // Attention's share of one layer at the unpruned length and at keep 0.11's.
+        let small =
+            n - x[0].prompt.visual.len() + (0.11 * x[0].prompt.visual.len() as f64).ceil() as usize;
+        for rows in [n, small] {
+            let (layer, attn) = attention_share(&c, rows);
+            let pairs = rows * (rows + 1) / 2;
+            let attn_flops = 4.0 * (c.num_attention_heads * c.head_dim * pairs) as f64;
+            eprintln!(
+                "one layer at {rows} tokens: {layer:.3} s, attention {attn:.3} s = {:.1}% of the time, {:.1}% of the FLOPs",
+                100.0 * attn / layer,
+                100.0 * attn_flops / lm_layer_flops(&c, rows, pairs)
+            );
+        }
     }
     let mut g = cr.benchmark_group(format!("prefill_{layers}x7b_{n}"));
     g.sample_size(10);

@@ -162,7 +162,8 @@ struct GenerateArgs {
     /// Also write the timings as JSON to this file: device, load_secs, prefill_secs (the LM
     /// prefill), decode_secs (sampling and the decode steps), generate_secs (the whole call),
     /// first_token_secs (generate_secs − decode_secs: image preprocessing, vision tower,
-    /// projector and prefill), prompt_tokens, new_tokens, image_tokens_kept (after the last stage).
+    /// projector and prefill), prompt_tokens, new_tokens, image_tokens_kept (after the last stage)
+    /// and image_tokens_per_tile (kept and total per tile; LLaVA-NeXT: base, grid tiles, newlines).
     #[arg(long)]
     timings: Option<PathBuf>,
 }
@@ -372,6 +373,9 @@ fn run(cli: Cli) -> fineprune::Result<()> {
                     "prompt_tokens": gens.iter().map(|g| g.prompt.ids.len()).sum::<usize>(),
                     "new_tokens": tokens,
                     "image_tokens_kept": gens[0].stats.kept_after_last(),
+                    "image_tokens_per_tile": gens[0].stats.tiles.iter().map(|t| serde_json::json!({
+                        "tile": t.part.to_string(), "kept": t.kept, "total": t.total,
+                    })).collect::<Vec<_>>(),
                 });
                 fineprune::io::write_atomic(path, format!("{json:#}\n").as_bytes())?;
             }
@@ -460,6 +464,13 @@ fn report_pruning(stats: &RunStats) {
             s.layer, s.before, s.after, s.kept
         );
     }
+    // Per tile once there is more than one (LLaVA-NeXT) or something was pruned.
+    if stats.tiles.len() > 1 || !stats.stages.is_empty() {
+        let tiles: Vec<String> = (stats.tiles.iter())
+            .map(|t| format!("{} {}/{}", t.part, t.kept, t.total))
+            .collect();
+        eprintln!("image tokens kept per tile: {}", tiles.join(", "));
+    }
     if !stats.stages.is_empty() {
         eprintln!(
             "image tokens averaged over layers {:.1}; prefill {:.3} GFLOP, decode step {:.3} GFLOP",
@@ -475,12 +486,17 @@ fn inspect(m: &Model, list: bool) {
     println!("source:       {}", m.source.display());
     match &m.config {
         ModelConfig::Llava(c) => {
-            println!(
-                "architecture: LlavaForConditionalGeneration (CLIP ViT + MLP projector + LLaMA)"
-            );
+            match &c.image_grid_pinpoints {
+                Some(pins) => println!(
+                    "architecture: LlavaNextForConditionalGeneration (CLIP ViT on any-resolution tiles + MLP projector + image_newline + LLaMA), image_grid_pinpoints {pins:?}"
+                ),
+                None => println!(
+                    "architecture: LlavaForConditionalGeneration (CLIP ViT + MLP projector + LLaMA)"
+                ),
+            }
             let v = &c.vision;
             println!(
-                "vision:       {} layers, hidden {}, {} heads, mlp {}, image {}px, patch {} -> {} image tokens ({:?}, feature layers {:?}), {}",
+                "vision:       {} layers, hidden {}, {} heads, mlp {}, image {}px, patch {} -> {} image tokens per tile ({:?}, feature layers {:?}), {}",
                 v.num_hidden_layers,
                 v.hidden_size,
                 v.num_attention_heads,

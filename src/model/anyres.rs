@@ -234,6 +234,17 @@ pub enum VisualToken {
     Newline { image: usize },
 }
 
+impl std::fmt::Display for VisualToken {
+    /// `image 0 base`, `image 0 tile 3`, `image 0 newlines`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            VisualToken::Patch { image, tile: 0 } => write!(f, "image {image} base"),
+            VisualToken::Patch { image, tile } => write!(f, "image {image} tile {tile}"),
+            VisualToken::Newline { image } => write!(f, "image {image} newlines"),
+        }
+    }
+}
+
 impl VisualToken {
     /// The image it belongs to.
     pub fn image(&self) -> usize {

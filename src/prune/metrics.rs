@@ -99,8 +99,8 @@ pub struct RunStats {
     /// Analytic FLOPs of one decode step right after the prefill.
     pub decode_flops: f64,
     /// The prompt's image tokens per tile (and per image's row newlines), and how many of them
-    /// the last layer still has: one entry per image for LLaVA-1.5, the base image, each grid
-    /// tile and the newlines for LLaVA-NeXT, in order of first appearance.
+    /// the last layer still has: one entry per image for LLaVA-1.5; the base image, each grid
+    /// tile and the newlines for LLaVA-NeXT; image by image, tiles in order, newlines last.
     pub tiles: Vec<TileKept>,
 }
 
@@ -116,7 +116,7 @@ pub struct TileKept {
 
 impl TileKept {
     /// Counts `prompt` (what each prompt image token shows) and `kept` (the same for the tokens
-    /// left), grouped by tile in order of first appearance.
+    /// left), grouped by tile, ordered as [`RunStats::tiles`].
     pub fn count(
         prompt: impl IntoIterator<Item = VisualToken>,
         kept: impl IntoIterator<Item = VisualToken>,
@@ -144,6 +144,10 @@ impl TileKept {
             let i = slot(part, &mut out);
             out[i].kept += 1;
         }
+        out.sort_by_key(|t| match t.part {
+            VisualToken::Patch { image, tile } => (image, 0, tile),
+            VisualToken::Newline { image } => (image, 1, 0),
+        });
         out
     }
 }
@@ -164,6 +168,22 @@ impl RunStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tiles_count_by_hand() {
+        let (base, t1, nl) = (
+            VisualToken::Patch { image: 0, tile: 0 },
+            VisualToken::Patch { image: 0, tile: 1 },
+            VisualToken::Newline { image: 0 },
+        );
+        let prompt = [base, base, t1, t1, nl, t1, nl];
+        let got = TileKept::count(prompt, [nl, t1, nl]);
+        let want = [(base, 2, 0), (t1, 3, 1), (nl, 2, 2)];
+        let want: Vec<TileKept> = (want.iter())
+            .map(|&(part, total, kept)| TileKept { part, total, kept })
+            .collect();
+        assert_eq!(got, want);
+    }
 
     #[test]
     fn entropy_and_diversity_by_hand() {

@@ -18,6 +18,10 @@ pub struct StrategyFlags {
     /// tau of adaptive_by_length: text_tokens_only above this many question tokens.
     #[arg(long, default_value_t = 16)]
     pub tau: usize,
+    /// LLaVA-NeXT: rank the image_newline tokens (one per row of the tile grid) like the tiles'
+    /// tokens instead of always keeping them (they count against --keep either way).
+    #[arg(long)]
+    pub drop_newlines: bool,
 }
 
 impl StrategyFlags {

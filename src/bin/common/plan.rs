@@ -21,5 +21,6 @@ pub fn plan_of_flags(
     plan.query = query_strategy(query, &params)?;
     plan.head_keep = strategy.head_keep;
     plan.renumber = renumber;
+    plan.keep_newlines = !strategy.drop_newlines;
     Ok(plan)
 }
