@@ -387,3 +387,45 @@ fn the_trainer_refuses_llava_next() {
         .to_string();
     assert!(e.contains("LLaVA-NeXT"), "{e}");
 }
+
+/// Every head and query strategy prunes a LLaVA-NeXT prompt: the budget counts all visual
+/// tokens, the newlines are kept first (or ranked with `keep_newlines` off), and the per-tile
+/// report adds up to what the last layer holds.
+#[test]
+fn every_strategy_prunes_llava_next_tiles() {
+    use fineprune::prune::{HEAD_STRATEGIES, QUERY_STRATEGIES, StrategyParams};
+    let r = load_ref(&reference_dir().join("llava_next_ref.safetensors"));
+    let meta = meta();
+    let engine = engine("mistral");
+    let key = "mistral/landscape";
+    let case = &meta["cases"][key];
+    let n = case["n_image_tokens"].as_u64().unwrap() as usize;
+    let newlines = case["newline_positions"].as_array().unwrap().len();
+    let k = (0.25 * n as f64).ceil() as usize;
+    let params = StrategyParams::default();
+    for head in HEAD_STRATEGIES {
+        for query in QUERY_STRATEGIES {
+            for keep_newlines in [true, false] {
+                let mut plan = PrunePlan::new(vec![Stage {
+                    layer: 1,
+                    keep: Keep::Fraction(0.25),
+                }]);
+                plan.head = fineprune::prune::head_strategy(head, &params).unwrap();
+                plan.query = fineprune::prune::query_strategy(query, &params).unwrap();
+                plan.keep_newlines = keep_newlines;
+                let mut req = chat(case, tiles_input(&r, key));
+                req.prune = Some(plan);
+                let s = engine.prompt_logits(&req).unwrap().stats;
+                let what = format!("{head}/{query}/newlines {keep_newlines}");
+                assert_eq!(s.stages[0].kept.len(), k, "{what}");
+                assert_eq!(s.kept_after_last(), k, "{what}");
+                assert_eq!(s.tiles.iter().map(|t| t.kept).sum::<usize>(), k, "{what}");
+                let nl = s.tiles.last().unwrap();
+                assert!(matches!(nl.part, VisualToken::Newline { .. }), "{what}");
+                if keep_newlines {
+                    assert_eq!(nl.kept, newlines, "{what}");
+                }
+            }
+        }
+    }
+}
