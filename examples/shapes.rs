@@ -30,7 +30,7 @@ fn run() -> Result<(), fineprune::Error> {
     let samples = generate(Split::Test, n as usize, seed, &cfg)?;
     let t_gen = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    export_llava_eval(&samples, out.as_ref(), size as u32)?;
+    export_llava_eval(&samples, out.as_ref(), size as u32, size as u32)?;
     let t_export = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let relevant: usize = samples

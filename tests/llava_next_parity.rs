@@ -429,3 +429,56 @@ fn every_strategy_prunes_llava_next_tiles() {
         }
     }
 }
+
+/// The patch tokens of an image's prompt tokens (the ground truth's order in prune-bench): the
+/// newlines left out, and the `full` strategy's CLS in front of the base tile.
+#[test]
+fn patch_tokens_leave_out_newlines_and_the_full_strategys_cls() {
+    // 60x40 (w x h): 25 base tokens, then 6 rows of 10 grid tokens and a newline.
+    let image = Some((40, 60));
+    let model = Model::load(reference_dir().join("llava_next_vicuna")).unwrap();
+    let v = model.vision.as_ref().unwrap();
+    let units = v.patch_tokens(image).unwrap();
+    let default_units = units.clone();
+    let visual = v.visual_tokens(0, image).unwrap();
+    assert_eq!(units.len(), 91);
+    assert_eq!(units.len(), visual.len());
+    for (k, (u, t)) in units.iter().zip(&visual).enumerate() {
+        assert_eq!(
+            u.is_none(),
+            matches!(t, VisualToken::Newline { .. }),
+            "token {k}"
+        );
+    }
+    let want: Vec<usize> = (0..85).collect();
+    assert_eq!(units.iter().flatten().copied().collect::<Vec<_>>(), want);
+    assert_eq!(
+        units[24..37].to_vec(),
+        [
+            Some(24),
+            Some(25),
+            Some(26),
+            Some(27),
+            Some(28),
+            Some(29),
+            Some(30),
+            Some(31),
+            Some(32),
+            Some(33),
+            Some(34),
+            None,
+            Some(35),
+        ]
+    );
+    let full = edited("vicuna", |c| {
+        c["vision_feature_select_strategy"] = "full".into()
+    });
+    let model = Model::load(full.path()).unwrap();
+    let v = model.vision.as_ref().unwrap();
+    let units = v.patch_tokens(image).unwrap();
+    assert_eq!(units.len(), 92);
+    assert_eq!(units[0], None);
+    assert_eq!(units[1..], default_units[..]);
+    assert_eq!(units.iter().flatten().copied().collect::<Vec<_>>(), want);
+    assert_eq!(units[1..].iter().filter(|u| u.is_none()).count(), 6);
+}

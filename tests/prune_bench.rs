@@ -24,6 +24,14 @@ fn model() -> String {
     reference_dir().join("llava_gqa").display().to_string()
 }
 
+/// The tiny LLaVA-NeXT (Vicuna) checkpoint.
+fn next_model() -> String {
+    reference_dir()
+        .join("llava_next_vicuna")
+        .display()
+        .to_string()
+}
+
 /// The columns of samples.csv that do not depend on timing.
 fn deterministic_samples(dir: &Path) -> Vec<String> {
     std::fs::read_to_string(dir.join("samples.csv"))
@@ -248,6 +256,7 @@ fn bad_flags_and_unreadable_data_get_clear_errors() {
         "{\"question_id\": 1, \"image\": \"a.png\", \"text\": \"q\"}\n",
     )
     .unwrap();
+    let next = next_model();
     let bj = bad_jsonl.to_str().unwrap();
     let nl = no_labels.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
@@ -326,6 +335,22 @@ fn bad_flags_and_unreadable_data_get_clear_errors() {
             ],
             "outside the model",
         ),
+        (
+            vec!["--model", &m, "--aspect", "1.5", "--out", o],
+            "--aspect is for LLaVA-NeXT",
+        ),
+        (
+            vec!["--model", &next, "--pyramid", "1,2", "--out", o],
+            "LLaVA-NeXT",
+        ),
+        (
+            vec!["--model", &next, "--aspect", "9", "--out", o],
+            "invalid argument `--aspect`",
+        ),
+        (
+            vec!["--model", &next, "--image-size", "0", "--out", o],
+            "invalid argument `--image-size`",
+        ),
         (vec!["--frobnicate"], "--frobnicate"),
     ];
     for (args, want) in cases {
@@ -362,4 +387,98 @@ fn without_model_flag_it_runs_the_bundled_model() {
             "{err}"
         );
     }
+}
+
+/// FastV on a LLaVA-NeXT model: ShapesVQA images at the requested non-square size, recall
+/// defined over the patch tokens (newlines left out of the random baseline's total), every
+/// sample's kept tokens per tile, and no overlays.
+#[test]
+fn a_llava_next_sweep_renders_non_square_images_and_measures_recall_per_visual_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("next");
+    let m = next_model();
+    let (ok, stdout, err) = bench(&[
+        "--model",
+        &m,
+        "--data",
+        "shapes:3",
+        "--keep",
+        "0.5",
+        "--prune-layer",
+        "2",
+        "--image-size",
+        "48",
+        "--aspect",
+        "1.25",
+        "--visualize",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("sum/last_token/0.5/K2"), "{stdout}");
+    assert!(err.contains("no overlays"), "{err}");
+    assert!(!out.join("visualize").exists());
+    for f in ["results.csv", "samples.csv", "results.json", "flips.csv"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let images: Vec<_> = std::fs::read_dir(out.join("images")).unwrap().collect();
+    assert_eq!(images.len(), 3);
+    for e in images {
+        let (w, h) = image::image_dimensions(e.unwrap().path()).unwrap();
+        assert_eq!((w, h), (60, 48));
+    }
+    // A 60x48 image on tile 30, patch 6: the 60x60 pinpoint, 2 x 2 tiles of 20 unpadded
+    // tokens (the 10 x 10 feature map cut to rows 1..9): 25 base tokens + 8 x 10 grid tokens
+    // + 8 newlines = 113.
+    let (head, rows) = results(&out);
+    let col = |n: &str| head.iter().position(|h| h == n).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0][col("kept_after_K")], "113.0");
+    assert_eq!(rows[0][col("recall")], "1.000");
+    let recall: f64 = rows[1][col("recall")].parse().unwrap();
+    assert!((0.0..=1.0).contains(&recall));
+    // Newlines are pinned and not patch tokens: (kept - 8) / 105 kept at random.
+    let kept: f64 = rows[1][col("kept_after_K")].parse().unwrap();
+    assert!(kept < 113.0);
+    let random = (kept - 8.0) / 105.0;
+    assert_eq!(rows[1][col("recall_random")], format!("{random:.3}"));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    for s in json["samples"].as_array().unwrap() {
+        assert!(s["recall"].is_f64(), "{s}");
+        let tiles = s["tiles"].as_array().unwrap();
+        let parts: Vec<&str> = tiles.iter().map(|t| t["part"].as_str().unwrap()).collect();
+        assert_eq!(
+            parts,
+            ["base", "tile1", "tile2", "tile3", "tile4", "newlines"]
+        );
+        let total: u64 = tiles.iter().map(|t| t["total"].as_u64().unwrap()).sum();
+        let kept: u64 = tiles.iter().map(|t| t["kept"].as_u64().unwrap()).sum();
+        assert_eq!(total, 113);
+        assert_eq!(kept, s["kept_after"].as_u64().unwrap());
+        assert_eq!(tiles[5]["kept"], 8);
+    }
+    let samples = fineprune::bench::report::CsvTable::read(&out.join("samples.csv")).unwrap();
+    let t = samples.col("tiles_kept").unwrap();
+    assert_eq!(
+        samples.rows[0][t],
+        "base:25/25 tile1:20/20 tile2:20/20 tile3:20/20 tile4:20/20 newlines:8/8"
+    );
+    // The defaults: twice the tile high, aspect 1.5: 90x60, 91 tokens.
+    let out2 = tmp.path().join("defaults");
+    let (ok, _, err) = bench(&[
+        "--model",
+        &m,
+        "--data",
+        "shapes:1",
+        "--keep",
+        "0.5",
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let png = out2.join("images/test-0-000000.png");
+    assert_eq!(image::image_dimensions(png).unwrap(), (90, 60));
+    assert_eq!(results(&out2).1[0][col("kept_after_K")], "91.0");
 }

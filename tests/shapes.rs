@@ -537,7 +537,7 @@ fn object_masks_match_pixel_centre_tests_over_the_whole_canvas() {
 
 /// Reads a sign's text from a render by sampling the centre of every font cell.
 fn read_sign(img: &image::RgbImage, o: &Object) -> String {
-    let fineprune::bench::shapes::ObjectKind::Sign { text, glyph: g } = &o.kind else {
+    let fineprune::bench::shapes::ObjectKind::Sign { text, glyph: g, .. } = &o.kind else {
         panic!("not a sign")
     };
     let size = img.width() as f32;
@@ -583,7 +583,7 @@ fn eval_export_round_trips_and_train_export_is_llava_json() {
     let samples = generate(Split::Test, 14, 4, &cfg()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("eval");
-    export_llava_eval(&samples, &dir, 48).unwrap();
+    export_llava_eval(&samples, &dir, 48, 48).unwrap();
     let back = read_llava_eval(&dir).unwrap();
     assert_eq!(back, samples);
     for (a, b) in back.iter().zip(&samples) {
@@ -808,7 +808,7 @@ fn caption_lists_every_shape_left_to_right_and_the_sign() {
 fn damaged(damage: impl Fn(&Path)) -> String {
     let samples = generate(Split::Val, 4, 1, &cfg()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    export_llava_eval(&samples, tmp.path(), 16).unwrap();
+    export_llava_eval(&samples, tmp.path(), 16, 16).unwrap();
     damage(tmp.path());
     read_llava_eval(tmp.path()).unwrap_err().to_string()
 }
@@ -920,7 +920,7 @@ fn sign_characters_outside_the_font_are_rejected_on_read() {
     };
     let samples = generate(Split::Val, 2, 1, &c).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    export_llava_eval(&samples, tmp.path(), 16).unwrap();
+    export_llava_eval(&samples, tmp.path(), 16, 16).unwrap();
     let text = samples[1].answers[0].clone();
     edit_line(&tmp.path().join("scenes.jsonl"), 2, |l| {
         l.replace(&format!("\"text\":\"{text}\""), "\"text\":\"a!\"")
@@ -937,7 +937,7 @@ fn export_rejects_duplicate_ids_and_zero_size() {
     let mut samples = generate(Split::Val, 2, 1, &cfg()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     assert!(
-        export_llava_eval(&samples, tmp.path(), 0)
+        export_llava_eval(&samples, tmp.path(), 0, 0)
             .unwrap_err()
             .to_string()
             .contains("image_size")
@@ -988,4 +988,206 @@ fn absurd_image_sizes_are_refused() {
         ..ShapesConfig::default()
     };
     ok.validate().unwrap();
+}
+
+/// `(x0, y0, x1, y1)`: the first and last pixel columns and rows of a mask `width` wide.
+fn pixel_extent(mask: &[bool], width: u32) -> (u32, u32, u32, u32) {
+    let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
+    for i in (0..mask.len()).filter(|&i| mask[i]) {
+        let (x, y) = (i as u32 % width, i as u32 / width);
+        (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+    }
+    (x0, y0, x1, y1)
+}
+
+/// Wide (aspect 2) and tall (0.5) scenes: every circle, square and sign keeps its shape in the
+/// pixels of a `width() x image_size` render, sizes follow the shorter side, and generation and
+/// rendering are deterministic; at aspect 1 nothing says so in the JSON.
+#[test]
+fn non_square_scenes_keep_shapes_isotropic_in_pixels() {
+    for aspect in [2.0, 0.5] {
+        let c = ShapesConfig {
+            aspect,
+            image_size: 160,
+            sign_prob: 1.0,
+            ..cfg()
+        };
+        let (w, h) = (c.width(), c.image_size);
+        assert_eq!((w, h), if aspect > 1.0 { (320, 160) } else { (80, 160) });
+        let samples = generate(Split::Test, 24, 3, &c).unwrap();
+        assert_eq!(samples, generate(Split::Test, 24, 3, &c).unwrap());
+        let (mut circles, mut squares) = (0, 0);
+        for s in &samples {
+            assert_eq!(s.scene.png_at(w, h).unwrap(), s.scene.png_at(w, h).unwrap());
+            let img = s.scene.render_at(w, h);
+            assert_eq!(img.dimensions(), (w, h));
+            for o in &s.scene.objects {
+                let (x0, y0, x1, y1) = pixel_extent(&o.mask_at(w, h), w);
+                let (pw, ph) = ((x1 - x0 + 1) as f32, (y1 - y0 + 1) as f32);
+                match (o.shape(), &o.kind) {
+                    (Some((Shape::Circle, _, z)), _) | (Some((Shape::Square, _, z)), _) => {
+                        assert!((pw - ph).abs() <= 1.0, "{}: {pw}x{ph} px", s.id);
+                        // sized by the shorter side (160 or 80 pixels)
+                        let side = w.min(h) as f32;
+                        let ex = if o.shape().unwrap().0 == Shape::Circle {
+                            1.0
+                        } else {
+                            0.88
+                        };
+                        assert!((pw - 2.0 * ex * z.radius() * side).abs() <= 2.0, "{}", s.id);
+                        if o.shape().unwrap().0 == Shape::Circle {
+                            circles += 1;
+                        } else {
+                            squares += 1;
+                        }
+                    }
+                    (None, ObjectKind::Sign { text, glyph, .. }) => {
+                        // (6·len − 1 + 4) x 11 square font pixels of glyph · shorter side
+                        let px = glyph * w.min(h) as f32;
+                        let cols = (text.chars().count() * 6 - 1 + 2 * SIGN_PAD) as f32;
+                        let rows = (7 + 2 * SIGN_PAD) as f32;
+                        assert!(
+                            (pw - cols * px).abs() <= 1.5,
+                            "{}: {pw} vs {}",
+                            s.id,
+                            cols * px
+                        );
+                        assert!(
+                            (ph - rows * px).abs() <= 1.5,
+                            "{}: {ph} vs {}",
+                            s.id,
+                            rows * px
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+        assert!(
+            circles > 5 && squares > 3,
+            "{circles} circles, {squares} squares"
+        );
+        let json = serde_json::to_string(&samples[0].scene).unwrap();
+        assert!(json.contains("\"aspect\""), "{json}");
+    }
+    let square = generate(Split::Test, 4, 3, &cfg()).unwrap();
+    assert!(!serde_json::to_string(&square).unwrap().contains("aspect"));
+    assert!(!serde_json::to_string(&cfg()).unwrap().contains("aspect"));
+    for bad in [0.1, 6.0, f32::NAN] {
+        let c = ShapesConfig {
+            aspect: bad,
+            ..cfg()
+        };
+        let e = generate(Split::Test, 1, 0, &c).unwrap_err().to_string();
+        assert!(e.contains("aspect"), "{e}");
+    }
+    let wide = ShapesConfig {
+        aspect: 5.0,
+        image_size: 1000,
+        ..cfg()
+    };
+    assert!(wide.validate().unwrap_err().to_string().contains("aspect"));
+}
+
+/// One square on a 40x20 render, 10-pixel patches: a 2 x 4 grid, by hand.
+#[test]
+fn relevance_masks_on_a_non_square_patch_grid_by_hand() {
+    let o = Object {
+        kind: ObjectKind::Shape {
+            shape: Shape::Square,
+            color: Color::Red,
+            size: Size::Large,
+        },
+        cx: 0.5,
+        cy: 0.5,
+        hw: 0.1,
+        hh: 0.2,
+    };
+    // x in [0.4, 0.6]: pixel columns 16..=23 (centres 16.5/40 to 23.5/40), patch columns 1, 2;
+    // y in [0.3, 0.7]: rows 6..=13 (of 20), patch rows 0, 1.
+    let scene = Scene {
+        background: Background {
+            color: [0, 0, 0],
+            texture: Texture::Plain,
+        },
+        clutter: vec![],
+        objects: vec![o.clone()],
+    };
+    let (x0, y0, x1, y1) = pixel_extent(&o.mask_at(40, 20), 40);
+    assert_eq!((x0, y0, x1, y1), (16, 6, 23, 13));
+    #[rustfmt::skip]
+    let want = vec![
+        false, true, true, false,
+        false, true, true, false,
+    ];
+    assert_eq!(scene.relevance_mask_at(&[0], 40, 20, 10), want);
+    // Pixels past the last whole patch are ignored: 12-pixel patches make a 1 x 3 grid, and
+    // columns 16..=23 lie in its second column.
+    assert_eq!(
+        scene.relevance_mask_at(&[0], 40, 20, 12),
+        vec![false, true, false]
+    );
+    // Nothing referenced, nothing relevant; a patch of 0 gives no grid.
+    assert_eq!(scene.relevance_mask_at(&[], 40, 20, 10), vec![false; 8]);
+    assert!(scene.relevance_mask_at(&[0], 40, 20, 0).is_empty());
+    // The square case is the old one.
+    assert_eq!(
+        scene.relevance_mask(&[0], 40, 10),
+        scene.relevance_mask_at(&[0], 40, 40, 10)
+    );
+}
+
+/// LLaVA-NeXT's tokens of a 60 x 40 (w x h) image at tile 30, patch 6, pinpoints [[30, 60],
+/// [60, 30], [60, 60]], one square referenced, by hand.
+#[test]
+fn anyres_relevance_by_hand() {
+    let scene = Scene {
+        background: Background {
+            color: [0, 0, 0],
+            texture: Texture::Plain,
+        },
+        clutter: vec![],
+        objects: vec![Object {
+            kind: ObjectKind::Shape {
+                shape: Shape::Square,
+                color: Color::Red,
+                size: Size::Large,
+            },
+            cx: 0.7,
+            cy: 0.61,
+            hw: 0.1,
+            hh: 0.15,
+        }],
+    };
+    let pins = [(30, 60), (60, 30), (60, 60)];
+    let got = scene
+        .anyres_relevance(&[0], (40, 60), &pins, (30, 6))
+        .unwrap();
+    // Best resolution 60x60 (it keeps 60x40 pixels whole): a 2 x 2 grid of tiles, the image
+    // resized to 60x40 and centred 10 pixels down; unpadded, the 10 x 10 feature map keeps rows
+    // 2..8 (int(40 · 10/60) = 6 rows). 25 base tokens + 6 rows of 10 and a newline = 91.
+    assert_eq!(got.len(), 91);
+    let mut want: Vec<Option<bool>> = vec![Some(false); 25];
+    // Base tile (the scene at 30x30): x in [0.6, 0.8] -> pixels 18..=23, patch column 3;
+    // y in [0.46, 0.76] -> pixels 14..=22, patch rows 2 and 3.
+    want[2 * 5 + 3] = Some(true);
+    want[3 * 5 + 3] = Some(true);
+    // Grid: the scene at 60x40 shifted down 10: x pixels 36..=47 (patch columns 6, 7), y
+    // pixels 18..=29, on the canvas 28..=39 (patch rows 4, 5, 6), packed rows 2, 3, 4.
+    for row in 0..6 {
+        for col in 0..10 {
+            want.push(Some((2..=4).contains(&row) && (6..=7).contains(&col)));
+        }
+        want.push(None);
+    }
+    assert_eq!(got, want);
+    // Bad geometry is an error naming the pinpoints, never a panic.
+    let e = scene
+        .anyres_relevance(&[0], (40, 60), &[], (30, 6))
+        .unwrap_err();
+    assert!(e.to_string().contains("image_grid_pinpoints"), "{e}");
+    let e = scene
+        .anyres_relevance(&[0], (40, 60), &pins, (30, 7))
+        .unwrap_err();
+    assert!(e.to_string().contains("image_grid_pinpoints"), "{e}");
 }

@@ -79,15 +79,12 @@ fn the_bundled_teacher_answers_every_family_and_its_attention_finds_the_relevant
     let vc = model.vision.as_ref().unwrap().config.vision.clone();
     let shapes = ShapesConfig::for_model(&dir).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let items = sweep::shapes_items(
-        N,
-        1,
-        &shapes,
-        vc.image_size as u32,
-        vc.patch_size as u32,
-        tmp.path(),
-    )
-    .unwrap();
+    let size = vc.image_size as u32;
+    let geometry = sweep::PatchGeometry::Square {
+        size,
+        patch: vc.patch_size as u32,
+    };
+    let items = sweep::shapes_items(N, 1, &shapes, (size, size), &geometry, tmp.path()).unwrap();
     let configs = SweepConfig::grid(
         &["sum".to_string()],
         &["last_token".to_string()],

@@ -1,8 +1,11 @@
 //! ShapesVQA: a seeded synthetic VQA benchmark with ground-truth relevance masks.
 //!
 //! # Scenes
-//! A [`Scene`] lives in normalised coordinates (`[0,1]²`, x right, y down), so it renders at any
-//! size. It holds a [`Background`] (one of a few light colours, plain or with a noise, stripe or
+//! A [`Scene`] lives in normalised coordinates (`[0,1]²`, x right over the width, y down over the
+//! height), so it renders at any size. Scenes are generated for an aspect ratio
+//! ([`ShapesConfig::aspect`], width / height; 1 by default): every object's normalised extents are
+//! scaled by [`aspect_scale`] when it is made ([`Object::for_aspect`]), so a circle renders as a
+//! circle and a square as a square at that aspect, sizes being fractions of the shorter side. It holds a [`Background`] (one of a few light colours, plain or with a noise, stripe or
 //! checker texture), optional [`Clutter`] (thin lines and dots in a dark shade of the background that
 //! are not objects and are never asked about) and 2-8 shape objects (7 [`Shape`]s x 8 [`Color`]s x 3
 //! [`Size`]s) placed so that no shape's bounding box covers more than
@@ -12,11 +15,13 @@
 //! pixels at 336). Signs never overlap anything and are not shapes: a scene with a sign has no
 //! rectangles, so "rectangle" always names a shape, and the sign's black/white are not palette colours.
 //!
-//! [`Scene::render`] rasterises by nearest-pixel coverage: pixel `(x, y)` of a `size`-pixel image
-//! belongs to an object iff the object contains the pixel's centre `((x+0.5)/size, (y+0.5)/size)`.
+//! [`Scene::render_at`] rasterises by nearest-pixel coverage: pixel `(x, y)` of a `width x height`
+//! image belongs to an object iff the object contains the pixel's centre `((x+0.5)/width,
+//! (y+0.5)/height)` ([`Scene::render`] is the square case). Textures and clutter are drawn in
+//! isotropic units (fractions of the shorter side), so they too keep their shape at any size.
 //! Objects are drawn in index order (the sign last) over the clutter over the background. Everything
 //! is plain f32 arithmetic (no trigonometry at render time), so a scene renders to the same bytes
-//! everywhere. [`Object::mask`] rasterises one object alone by the same test.
+//! everywhere. [`Object::mask_at`] rasterises one object alone by the same test.
 //!
 //! # Questions
 //! Each [`Sample`] is one scene with one question of a [`Family`]:
@@ -46,7 +51,9 @@
 //! # Relevance
 //! [`Sample::relevance_mask`] marks, row-major over the `(image_size/patch_size)²` patch grid, the
 //! patches that hold at least one pixel of a referenced object rendered alone at `image_size` (its
-//! whole shape, also where another object covers it). An existence question answered "no" references
+//! whole shape, also where another object covers it); [`Sample::relevance_mask_at`] does the same
+//! on the `(height/patch) x (width/patch)` grid of a non-square render, and
+//! [`Sample::anyres_relevance`] for each of the prompt tokens LLaVA-NeXT makes of an image. An existence question answered "no" references
 //! nothing: its mask is all false, [`Sample::relevance`] is `None` and [`patch_recall`] is undefined
 //! (`None`); leave such samples out of recall averages.
 //!
@@ -66,6 +73,7 @@
 
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
+use crate::model::anyres;
 use image::RgbImage;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -303,8 +311,15 @@ pub enum ObjectKind {
         color: Color,
         size: Size,
     },
-    /// A black plate with `text` in white; `glyph` is the side of one font pixel (normalised).
-    Sign { text: String, glyph: f32 },
+    /// A black plate with `text` in white; `glyph` is the side of one font pixel (normalised),
+    /// scaled by [`aspect_scale`]`(aspect)` so it is square in pixels at that aspect (1, the
+    /// default, is left out of JSON).
+    Sign {
+        text: String,
+        glyph: f32,
+        #[serde(default = "unit_aspect", skip_serializing_if = "is_unit_aspect")]
+        aspect: f32,
+    },
 }
 
 /// One object: its kind and its axis-aligned bounding box (centre and half extents, normalised).
@@ -349,6 +364,29 @@ fn in_polygon(poly: &[(f32, f32)], x: f32, y: f32) -> bool {
         j = i;
     }
     inside
+}
+
+fn unit_aspect() -> f32 {
+    1.0
+}
+
+fn is_unit_aspect(a: &f32) -> bool {
+    *a == 1.0
+}
+
+/// The factors `(sx, sy)` that make normalised extents isotropic in pixels in an image of
+/// `aspect` = width / height, as fractions of its shorter side: `(min(1, 1/aspect), min(1,
+/// aspect))`; exactly `(1, 1)` at aspect 1. An extent of `e` is `e·sx` of the width and `e·sy` of
+/// the height, both `e` times the shorter side in pixels.
+pub fn aspect_scale(aspect: f32) -> (f32, f32) {
+    (1f32.min(1.0 / aspect), 1f32.min(aspect))
+}
+
+/// Factors from normalised x and y to isotropic units (fractions of the shorter side) in a
+/// `width x height` image; exactly `(1, 1)` for a square.
+fn iso(width: u32, height: u32) -> (f32, f32) {
+    let s = width.min(height).max(1) as f32;
+    (width as f32 / s, height as f32 / s)
 }
 
 /// Normalised coordinate of the centre of pixel `p` in a `size`-pixel image.
@@ -415,13 +453,20 @@ impl Object {
         }
     }
 
-    /// Calls `f(x, y)` for every pixel of a `size`-pixel image whose centre the object contains.
-    pub fn for_each_pixel(&self, size: u32, mut f: impl FnMut(u32, u32)) {
+    /// Calls `f(x, y)` for every pixel of a `size`-pixel square image whose centre the object
+    /// contains ([`Object::for_each_pixel_at`]).
+    pub fn for_each_pixel(&self, size: u32, f: impl FnMut(u32, u32)) {
+        self.for_each_pixel_at(size, size, f)
+    }
+
+    /// Calls `f(x, y)` for every pixel of a `width x height` image whose centre the object
+    /// contains.
+    pub fn for_each_pixel_at(&self, width: u32, height: u32, mut f: impl FnMut(u32, u32)) {
         let (x0, y0, x1, y1) = self.bbox();
-        for y in pixel_span(y0, y1, size) {
-            let v = centre(y, size);
-            for x in pixel_span(x0, x1, size) {
-                if self.contains(centre(x, size), v) {
+        for y in pixel_span(y0, y1, height) {
+            let v = centre(y, height);
+            for x in pixel_span(x0, x1, width) {
+                if self.contains(centre(x, width), v) {
                     f(x, y);
                 }
             }
@@ -430,21 +475,45 @@ impl Object {
 
     /// The object's pixels in a `size` x `size` image (row-major), as if drawn alone.
     pub fn mask(&self, size: u32) -> Vec<bool> {
-        let mut m = vec![false; size as usize * size as usize];
-        self.for_each_pixel(size, |x, y| {
-            m[y as usize * size as usize + x as usize] = true
+        self.mask_at(size, size)
+    }
+
+    /// The object's pixels in a `width x height` image (row-major), as if drawn alone.
+    pub fn mask_at(&self, width: u32, height: u32) -> Vec<bool> {
+        let mut m = vec![false; width as usize * height as usize];
+        self.for_each_pixel_at(width, height, |x, y| {
+            m[y as usize * width as usize + x as usize] = true
         });
         m
+    }
+
+    /// The object made for images of `aspect` (width / height): its half extents (a sign's font
+    /// pixel too) scaled by [`aspect_scale`], so it keeps its shape in pixels at that aspect with
+    /// sizes relative to the shorter side. The identity at aspect 1.
+    pub fn for_aspect(mut self, aspect: f32) -> Object {
+        let (sx, sy) = aspect_scale(aspect);
+        self.hw *= sx;
+        self.hh *= sy;
+        if let ObjectKind::Sign { aspect: a, .. } = &mut self.kind {
+            *a = aspect;
+        }
+        self
     }
 
     /// Colour of the object at a point it contains.
     fn rgb_at(&self, u: f32, v: f32) -> [u8; 3] {
         match &self.kind {
             ObjectKind::Shape { color, .. } => color.rgb(),
-            ObjectKind::Sign { text, glyph: g } => {
-                let x0 = self.cx - self.hw + SIGN_PAD as f32 * g;
-                let y0 = self.cy - self.hh + SIGN_PAD as f32 * g;
-                let (col, row) = (((u - x0) / g).floor(), ((v - y0) / g).floor());
+            ObjectKind::Sign {
+                text,
+                glyph: g,
+                aspect,
+            } => {
+                let (sx, sy) = aspect_scale(*aspect);
+                let (gx, gy) = (g * sx, g * sy);
+                let x0 = self.cx - self.hw + SIGN_PAD as f32 * gx;
+                let y0 = self.cy - self.hh + SIGN_PAD as f32 * gy;
+                let (col, row) = (((u - x0) / gx).floor(), ((v - y0) / gy).floor());
                 if col < 0.0 || !(0.0..7.0).contains(&row) {
                     return SIGN_PLATE;
                 }
@@ -458,13 +527,15 @@ impl Object {
         }
     }
 
-    /// A sign centred at `(cx, cy)` with font pixel `glyph`, sized to its text.
+    /// A sign centred at `(cx, cy)` with font pixel `glyph`, sized to its text, for square
+    /// images ([`Object::for_aspect`] makes it for others).
     pub fn sign(text: &str, glyph: f32, cx: f32, cy: f32) -> Object {
         let (hw, hh) = sign_half_extent(text.chars().count(), glyph);
         Object {
             kind: ObjectKind::Sign {
                 text: text.to_string(),
                 glyph,
+                aspect: 1.0,
             },
             cx,
             cy,
@@ -490,8 +561,8 @@ pub enum Texture {
         amplitude: u8,
         seed: u64,
     },
-    /// Bands of width `period` (normalised) along x (`direction` 0), y (1) or the diagonal (2);
-    /// every other band is brightened by `delta`.
+    /// Bands of width `period` (a fraction of the shorter side) along x (`direction` 0), y (1) or
+    /// the diagonal (2); every other band is brightened by `delta`.
     Stripes {
         period: f32,
         direction: u8,
@@ -523,9 +594,12 @@ fn splitmix(mut z: u64) -> u64 {
 }
 
 impl Background {
-    fn at(&self, x: u32, y: u32, size: u32) -> [u8; 3] {
+    /// The colour of pixel `(x, y)` of a `width x height` image (stripes and checker cells in
+    /// isotropic units).
+    fn at(&self, x: u32, y: u32, width: u32, height: u32) -> [u8; 3] {
         let parity = |t: f32, p: f32| (t / p).floor() as i64 & 1 == 1;
-        let (u, v) = (centre(x, size), centre(y, size));
+        let (sx, sy) = iso(width, height);
+        let (u, v) = (centre(x, width) * sx, centre(y, height) * sy);
         match self.texture {
             Texture::Plain => self.color,
             Texture::Noise { amplitude, seed } => {
@@ -564,7 +638,8 @@ impl Background {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Clutter {
-    /// A segment of the given width (at least one pixel wide at any size).
+    /// A segment of the given width (a fraction of the shorter side; at least one pixel wide at
+    /// any size).
     Line {
         x0: f32,
         y0: f32,
@@ -573,7 +648,7 @@ pub enum Clutter {
         width: f32,
         color: [u8; 3],
     },
-    /// A disc (at least one pixel).
+    /// A disc (radius a fraction of the shorter side; at least one pixel).
     Dot {
         x: f32,
         y: f32,
@@ -583,10 +658,12 @@ pub enum Clutter {
 }
 
 impl Clutter {
-    fn draw(&self, size: u32, buf: &mut [u8]) {
-        let half_px = 0.5 / size as f32;
+    /// Draws the mark into the RGB buffer of a `width x height` image, in isotropic units.
+    fn draw(&self, width: u32, height: u32, buf: &mut [u8]) {
+        let (sx, sy) = iso(width, height);
+        let half_px = 0.5 / width.min(height) as f32;
         let mut put = |x: u32, y: u32, c: [u8; 3]| {
-            let i = (y as usize * size as usize + x as usize) * 3;
+            let i = (y as usize * width as usize + x as usize) * 3;
             buf[i..i + 3].copy_from_slice(&c);
         };
         match *self {
@@ -595,16 +672,17 @@ impl Clutter {
                 y0,
                 x1,
                 y1,
-                width,
+                width: line_width,
                 color,
             } => {
-                let r = (width / 2.0).max(half_px);
+                let r = (line_width / 2.0).max(half_px);
+                let (x0, y0, x1, y1) = (x0 * sx, y0 * sy, x1 * sx, y1 * sy);
                 let (dx, dy) = (x1 - x0, y1 - y0);
                 let len2 = dx * dx + dy * dy;
-                for y in pixel_span(y0.min(y1) - r, y0.max(y1) + r, size) {
-                    let v = centre(y, size);
-                    for x in pixel_span(x0.min(x1) - r, x0.max(x1) + r, size) {
-                        let u = centre(x, size);
+                for y in pixel_span((y0.min(y1) - r) / sy, (y0.max(y1) + r) / sy, height) {
+                    let v = centre(y, height) * sy;
+                    for x in pixel_span((x0.min(x1) - r) / sx, (x0.max(x1) + r) / sx, width) {
+                        let u = centre(x, width) * sx;
                         let t = if len2 > 0.0 {
                             (((u - x0) * dx + (v - y0) * dy) / len2).clamp(0.0, 1.0)
                         } else {
@@ -624,10 +702,11 @@ impl Clutter {
                 color,
             } => {
                 let r = radius.max(half_px);
-                for y in pixel_span(cy - r, cy + r, size) {
-                    let v = centre(y, size) - cy;
-                    for x in pixel_span(cx - r, cx + r, size) {
-                        let u = centre(x, size) - cx;
+                let (cx, cy) = (cx * sx, cy * sy);
+                for y in pixel_span((cy - r) / sy, (cy + r) / sy, height) {
+                    let v = centre(y, height) * sy - cy;
+                    for x in pixel_span((cx - r) / sx, (cx + r) / sx, width) {
+                        let u = centre(x, width) * sx - cx;
                         if u * u + v * v <= r * r {
                             put(x, y, color);
                         }
@@ -660,31 +739,42 @@ pub struct Scene {
 }
 
 impl Scene {
-    /// Renders a `size` x `size` image (see the module docs for the coverage rule).
+    /// Renders a `size` x `size` image ([`Scene::render_at`]).
     pub fn render(&self, size: u32) -> RgbImage {
-        let mut img = RgbImage::new(size, size);
+        self.render_at(size, size)
+    }
+
+    /// Renders a `width x height` image (see the module docs for the coverage rule).
+    pub fn render_at(&self, width: u32, height: u32) -> RgbImage {
+        let mut img = RgbImage::new(width, height);
         let buf: &mut [u8] = &mut img;
-        for y in 0..size {
-            for x in 0..size {
-                let i = (y as usize * size as usize + x as usize) * 3;
-                buf[i..i + 3].copy_from_slice(&self.background.at(x, y, size));
+        let at = |x: u32, y: u32| (y as usize * width as usize + x as usize) * 3;
+        for y in 0..height {
+            for x in 0..width {
+                let i = at(x, y);
+                buf[i..i + 3].copy_from_slice(&self.background.at(x, y, width, height));
             }
         }
         for c in &self.clutter {
-            c.draw(size, buf);
+            c.draw(width, height, buf);
         }
         for o in &self.objects {
-            o.for_each_pixel(size, |x, y| {
-                let i = (y as usize * size as usize + x as usize) * 3;
-                buf[i..i + 3].copy_from_slice(&o.rgb_at(centre(x, size), centre(y, size)));
+            o.for_each_pixel_at(width, height, |x, y| {
+                let i = at(x, y);
+                buf[i..i + 3].copy_from_slice(&o.rgb_at(centre(x, width), centre(y, height)));
             });
         }
         img
     }
 
-    /// The scene rendered at `size` and encoded as PNG.
+    /// The scene rendered at `size` x `size` and encoded as PNG.
     pub fn png(&self, size: u32) -> Result<Vec<u8>> {
-        encode_png(&self.render(size))
+        self.png_at(size, size)
+    }
+
+    /// The scene rendered at `width x height` and encoded as PNG.
+    pub fn png_at(&self, width: u32, height: u32) -> Result<Vec<u8>> {
+        encode_png(&self.render_at(width, height))
     }
 
     /// Indices of the shape objects (signs excluded) with their attributes.
@@ -793,20 +883,108 @@ impl Scene {
         image_size: u32,
         patch_size: u32,
     ) -> Vec<bool> {
-        if patch_size == 0 {
+        self.relevance_mask_at(referenced, image_size, image_size, patch_size)
+    }
+
+    /// [`Scene::relevance_mask`] of a `width x height` render, over its `(height / patch_size) x
+    /// (width / patch_size)` patch grid (row-major).
+    pub fn relevance_mask_at(
+        &self,
+        referenced: &[usize],
+        width: u32,
+        height: u32,
+        patch_size: u32,
+    ) -> Vec<bool> {
+        let grid = (
+            width.checked_div(patch_size).unwrap_or(0),
+            height.checked_div(patch_size).unwrap_or(0),
+        );
+        self.mark_patches(referenced, (width, height), (0, 0), patch_size, grid)
+    }
+
+    /// The patches of a `cols x rows` grid of `patch`-pixel patches (row-major) holding a pixel
+    /// of a `referenced` object, the scene rendered at `(width, height)` and placed with its
+    /// top-left corner at pixel `(left, top)` of the grid's canvas; pixels outside the grid are
+    /// ignored. Empty when `patch` is 0.
+    fn mark_patches(
+        &self,
+        referenced: &[usize],
+        (width, height): (u32, u32),
+        (left, top): (u32, u32),
+        patch: u32,
+        (cols, rows): (u32, u32),
+    ) -> Vec<bool> {
+        if patch == 0 {
             return Vec::new();
         }
-        let g = (image_size / patch_size) as usize;
-        let mut m = vec![false; g * g];
+        let (cols, rows) = (cols as usize, rows as usize);
+        let mut m = vec![false; cols * rows];
         for o in referenced.iter().filter_map(|&i| self.objects.get(i)) {
-            o.for_each_pixel(image_size, |x, y| {
-                let (px, py) = ((x / patch_size) as usize, (y / patch_size) as usize);
-                if px < g && py < g {
-                    m[py * g + px] = true;
+            o.for_each_pixel_at(width, height, |x, y| {
+                let px = ((x + left) / patch) as usize;
+                let py = ((y + top) / patch) as usize;
+                if px < cols && py < rows {
+                    m[py * cols + px] = true;
                 }
             });
         }
         m
+    }
+
+    /// Relevance of each prompt token LLaVA-NeXT makes of this scene rendered at `image =
+    /// (height, width)` pixels, in [`anyres::pack_rows`]' order (as
+    /// `VisionEncoder::visual_tokens` gives them, less the `full` strategy's CLS): `Some(true)`
+    /// for a patch holding a pixel of a `referenced` object, `None` for an `image_newline` (never
+    /// relevant). A base-tile patch is judged on the scene rendered at `tile x tile` (the
+    /// processor squashes the whole image to one tile); a grid patch on the best-resolution
+    /// canvas, the scene rendered at [`anyres::patch_output_size`] and centred as
+    /// [`anyres::image_tiles`] places the resized image. Bad geometry is [`anyres::pack_rows`]'
+    /// error.
+    pub fn anyres_relevance(
+        &self,
+        referenced: &[usize],
+        image: (usize, usize),
+        pinpoints: &[(usize, usize)],
+        (tile, patch): (usize, usize),
+    ) -> Result<Vec<Option<bool>>> {
+        let (rows, _) = anyres::pack_rows(image, pinpoints, (tile, patch))?;
+        let (th, tw) = anyres::select_best_resolution(image, pinpoints)
+            .ok_or_else(|| Error::arg("image_grid_pinpoints", "is empty"))?;
+        let (nh, nw) = anyres::patch_output_size(image, (th, tw));
+        let px = |n: usize| {
+            u32::try_from(n)
+                .map_err(|_| Error::arg("image_grid_pinpoints", format!("{n} pixels is too large")))
+        };
+        let (side, p) = (tile / patch, px(patch)?);
+        let base = self.mark_patches(
+            referenced,
+            (px(tile)?, px(tile)?),
+            (0, 0),
+            p,
+            (px(side)?, px(side)?),
+        );
+        let cols = tw / patch;
+        let canvas = self.mark_patches(
+            referenced,
+            (px(nw)?, px(nh)?),
+            (px((tw - nw) / 2)?, px((th - nh) / 2)?),
+            p,
+            (px(cols)?, px(th / patch)?),
+        );
+        let (per_tile, tiles_wide) = (side * side, tw / tile);
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                r.map(|i| match (i / per_tile, i % per_tile) {
+                    (0, k) => base[k],
+                    (t, k) => {
+                        let (tr, tc) = ((t - 1) / tiles_wide, (t - 1) % tiles_wide);
+                        let (row, col) = (tr * side + k / side, tc * side + k % side);
+                        canvas[row * cols + col]
+                    }
+                })
+            })
+            .collect())
     }
 
     /// Index of the sign, if any.
@@ -971,8 +1149,30 @@ impl Sample {
     /// patch (when `patch_size` does not divide `image_size`) are ignored; `patch_size == 0` gives an
     /// empty grid. All false when nothing is referenced (see [`Sample::relevance`]).
     pub fn relevance_mask(&self, image_size: u32, patch_size: u32) -> Vec<bool> {
+        self.relevance_mask_at(image_size, image_size, patch_size)
+    }
+
+    /// [`Sample::relevance_mask`] of a `width x height` render, over its `(height / patch_size)
+    /// x (width / patch_size)` patch grid, row-major.
+    pub fn relevance_mask_at(&self, width: u32, height: u32, patch_size: u32) -> Vec<bool> {
         self.scene
-            .relevance_mask(&self.referenced, image_size, patch_size)
+            .relevance_mask_at(&self.referenced, width, height, patch_size)
+    }
+
+    /// [`Scene::anyres_relevance`] of the referenced objects for the image rendered at `image =
+    /// (height, width)`, or `None` when the question references no object.
+    pub fn anyres_relevance(
+        &self,
+        image: (usize, usize),
+        pinpoints: &[(usize, usize)],
+        tile_patch: (usize, usize),
+    ) -> Result<Option<Vec<Option<bool>>>> {
+        if self.referenced.is_empty() {
+            return Ok(None);
+        }
+        (self.scene)
+            .anyres_relevance(&self.referenced, image, pinpoints, tile_patch)
+            .map(Some)
     }
 
     /// [`Sample::relevance_mask`], or `None` when the question references no object (an existence
@@ -1014,10 +1214,16 @@ pub fn patch_recall(mask: &[bool], kept: &[usize]) -> Option<f64> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ShapesConfig {
-    /// Side of the rendered images in pixels (LLaVA-1.5's CLIP ViT-L/14-336 input: 336). Scenes
-    /// are resolution-free: generation ignores this; it is the default for callers that render,
-    /// export or build masks.
+    /// Height of the rendered images in pixels, their side at aspect 1 (LLaVA-1.5's CLIP
+    /// ViT-L/14-336 input: 336). Scenes are resolution-free: generation ignores this; it is the
+    /// default for callers that render, export or build masks.
     pub image_size: u32,
+    /// Width / height of the images the scenes are made for (0.2-5; 1, square, by default, and
+    /// then left out of JSON): objects are made isotropic in pixels at this aspect
+    /// ([`Object::for_aspect`]), so it changes the scenes; renders are [`ShapesConfig::width`] x
+    /// `image_size`.
+    #[serde(skip_serializing_if = "is_unit_aspect")]
+    pub aspect: f32,
     /// Side of a vision patch in pixels, for relevance masks (14: a 24x24 grid at 336); like
     /// `image_size`, a default for callers.
     pub patch_size: u32,
@@ -1038,7 +1244,7 @@ pub struct ShapesConfig {
     pub textures: bool,
     /// Probability that a scene carries a sign (ReadText questions always get one).
     pub sign_prob: f32,
-    /// Range of a sign's font-pixel side, as a fraction of the image side.
+    /// Range of a sign's font-pixel side, as a fraction of the image's shorter side.
     pub sign_glyph: [f32; 2],
     /// Relative frequency of each [`Family`].
     pub family_weights: [f32; 6],
@@ -1061,6 +1267,7 @@ impl Default for ShapesConfig {
     fn default() -> Self {
         ShapesConfig {
             image_size: 336,
+            aspect: 1.0,
             patch_size: 14,
             min_objects: 2,
             max_objects: 8,
@@ -1095,6 +1302,11 @@ fn check_weights(name: &str, w: &[f32], need_positive: bool) -> Result<()> {
     Ok(())
 }
 
+/// Narrowest and widest [`ShapesConfig::aspect`].
+pub const MIN_ASPECT: f32 = 0.2;
+/// See [`MIN_ASPECT`].
+pub const MAX_ASPECT: f32 = 5.0;
+
 /// File name of the ShapesVQA settings a model was trained on, kept in its checkpoint folder.
 pub const MODEL_SHAPES_CONFIG: &str = "shapes_config.json";
 
@@ -1121,6 +1333,11 @@ impl ShapesConfig {
         }
     }
 
+    /// Width of the rendered images: `image_size · aspect`, rounded (at least 1).
+    pub fn width(&self) -> u32 {
+        ((self.image_size as f32 * self.aspect).round() as u32).max(1)
+    }
+
     /// Patches per side of the relevance grid.
     pub fn grid(&self) -> u32 {
         self.image_size.checked_div(self.patch_size).unwrap_or(0)
@@ -1129,6 +1346,26 @@ impl ShapesConfig {
     /// Checks every field; errors name the field.
     pub fn validate(&self) -> Result<()> {
         check_image_size(self.image_size)?;
+        if !(MIN_ASPECT..=MAX_ASPECT).contains(&self.aspect) {
+            return Err(Error::arg(
+                "aspect",
+                format!(
+                    "width / height must be in [{MIN_ASPECT}, {MAX_ASPECT}], got {}",
+                    self.aspect
+                ),
+            ));
+        }
+        if self.width() > MAX_IMAGE_SIZE {
+            return Err(Error::arg(
+                "aspect",
+                format!(
+                    "{} at image_size {} makes images {} pixels wide, more than {MAX_IMAGE_SIZE}",
+                    self.aspect,
+                    self.image_size,
+                    self.width()
+                ),
+            ));
+        }
         if self.patch_size == 0 || self.patch_size > self.image_size {
             return Err(Error::arg(
                 "patch_size",
@@ -1348,7 +1585,8 @@ fn gen_scene(rng: &mut StdRng, cfg: &ShapesConfig, force_sign: bool) -> Option<S
             .map(|_| chars[rng.random_range(0..chars.len())])
             .collect();
         let g = range(rng, cfg.sign_glyph[0], cfg.sign_glyph[1]);
-        let sign = place(rng, Object::sign(&text, g, 0.5, 0.5), &placed, cfg)?;
+        let sign = Object::sign(&text, g, 0.5, 0.5).for_aspect(cfg.aspect);
+        let sign = place(rng, sign, &placed, cfg)?;
         placed.push(sign);
     }
     let mut shape_w = cfg.shape_weights;
@@ -1371,7 +1609,8 @@ fn gen_scene(rng: &mut StdRng, cfg: &ShapesConfig, force_sign: bool) -> Option<S
             cy: 0.5,
             hw: ex * r,
             hh: ey * r,
-        };
+        }
+        .for_aspect(cfg.aspect);
         let o = place(rng, o, &placed, cfg)?;
         placed.push(o);
     }
@@ -1887,9 +2126,11 @@ fn to_json<T: Serialize>(v: &T, what: &str) -> Result<String> {
     serde_json::to_string(v).map_err(|e| Error::arg(what, format!("cannot serialize: {e}")))
 }
 
-/// Writes `dir/images/{id}.png` for every sample (in parallel), after checking ids are unique.
-fn write_images(samples: &[Sample], dir: &Path, image_size: u32) -> Result<()> {
-    check_image_size(image_size)?;
+/// Writes `dir/images/{id}.png` rendered at `width x height` for every sample (in parallel),
+/// after checking ids are unique.
+fn write_images(samples: &[Sample], dir: &Path, width: u32, height: u32) -> Result<()> {
+    check_image_size(height)?;
+    check_image_size(width)?;
     let mut seen = HashSet::new();
     for s in samples {
         if !seen.insert(&s.id) {
@@ -1903,7 +2144,7 @@ fn write_images(samples: &[Sample], dir: &Path, image_size: u32) -> Result<()> {
     std::fs::create_dir_all(&images).map_err(|e| Error::io(&images, e))?;
     samples.par_iter().try_for_each(|s| {
         let path = images.join(s.image_file());
-        let png = s.scene.png(image_size).map_err(|e| match e {
+        let png = s.scene.png_at(width, height).map_err(|e| match e {
             Error::Image { msg, .. } => Error::Image {
                 path: path.clone(),
                 msg,
@@ -2013,20 +2254,33 @@ fn turns_seed(id: &str) -> u64 {
     splitmix(h ^ 0x5455_524E_5300_0000) // "TURNS"
 }
 
-/// Writes LLaVA's training format: `dir/images/{id}.png` rendered at `cfg.image_size` and
+/// Writes LLaVA's training format: `dir/images/{id}.png` rendered at [`ShapesConfig::width`] x
+/// `cfg.image_size` and
 /// `dir/train.json`, a list of `{"id", "image": "{id}.png", "conversations": [{"from": "human",
 /// "value": "<image>\n{question}{SHORT_ANSWER}"}, {"from": "gpt", "value": "{first answer}"}, ...]}`
 /// (`image` relative to `dir/images`, LLaVA's `--image_folder`; every question ends with
 /// [`SHORT_ANSWER`], as in LLaVA-1.5's VQA training data). `turns` picks what follows the first
 /// turn; `cfg` is the configuration the samples were generated with (existence negatives of the
-/// extra turns follow its weights). The same samples always give the same file.
+/// extra turns follow its weights). The same samples always give the same file. Grounding
+/// targets ([`TrainTurns::ground_phrases`], [`TrainTurns::ground_answers`]) are patches of
+/// LLaVA-1.5's square grid: asking for them at an aspect other than 1 is an error naming `aspect`.
 pub fn export_llava_train(
     samples: &[Sample],
     dir: &Path,
     cfg: &ShapesConfig,
     turns: &TrainTurns,
 ) -> Result<()> {
-    write_images(samples, dir, cfg.image_size)?;
+    let grounded = turns.ground_phrases || !turns.ground_answers.is_empty();
+    if grounded && cfg.aspect != 1.0 {
+        return Err(Error::arg(
+            "aspect",
+            format!(
+                "{}: grounding targets are patches of a square image (LLaVA-1.5's grid);                  export grounded data at aspect 1",
+                cfg.aspect
+            ),
+        ));
+    }
+    write_images(samples, dir, cfg.width(), cfg.image_size)?;
     let turn = |from: &str, value: String| Turn {
         from: from.into(),
         value,
@@ -2114,13 +2368,13 @@ pub fn export_llava_train(
     write_atomic(&dir.join("train.json"), &json)
 }
 
-/// Writes LLaVA's evaluation format: `dir/images/{id}.png` rendered at `image_size`,
+/// Writes LLaVA's evaluation format: `dir/images/{id}.png` rendered at `width x height`,
 /// `questions.jsonl` (`{"question_id", "image", "text", "category"}` per line, category = family
 /// name), `answers.jsonl` (`{"question_id", "answers", "family", "pope_kind"?, "referenced", "refs"?}`) and
 /// `scenes.jsonl` (`{"question_id", "split", "scene"}`), from which [`read_llava_eval`] rebuilds the
 /// samples and so their relevance masks at any resolution.
-pub fn export_llava_eval(samples: &[Sample], dir: &Path, image_size: u32) -> Result<()> {
-    write_images(samples, dir, image_size)?;
+pub fn export_llava_eval(samples: &[Sample], dir: &Path, width: u32, height: u32) -> Result<()> {
+    write_images(samples, dir, width, height)?;
     let (mut q, mut a, mut sc) = (String::new(), String::new(), String::new());
     for s in samples {
         let qr = QuestionRecord {

@@ -7,8 +7,12 @@ use super::shapes::{self, Family, SHORT_ANSWER, ShapesConfig, Split};
 use crate::engine::{Engine, ImageInput, Request};
 use crate::error::{Error, Result};
 use crate::io::{fnv1a64, write_atomic};
+use crate::model::anyres::VisualToken;
+use crate::model::image::load_image;
+use crate::model::llava::VisionEncoder;
 use crate::prune::{
-    Keep, PrunePlan, Stage, StrategyParams, head_strategy, pyramid, query_strategy,
+    Keep, PrunePlan, Stage, StrategyParams, head_strategy, metrics::TileKept, pyramid,
+    query_strategy,
 };
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -24,19 +28,77 @@ pub struct BenchItem {
     pub family: String,
     /// POPE-style yes/no label: scored with POPE's yes/no reading instead of answer matching.
     pub yes_no: Option<bool>,
-    /// Ground-truth relevant patches over the vision tower's patch grid (row-major), if known.
+    /// Ground truth, if known: whether each of the image's patch tokens is relevant, in prompt
+    /// order ([`VisionEncoder::patch_tokens`]: the image's prompt tokens less the `full`
+    /// strategy's CLS and LLaVA-NeXT's newlines). LLaVA-1.5: the vision tower's patch grid,
+    /// row-major; LLaVA-NeXT: the base tile's patches, then the unpadded grid's row by row.
     pub relevant: Option<Vec<bool>>,
 }
 
-/// `n` ShapesVQA test questions (generator `seed`, settings `cfg`) as bench items: images
-/// rendered at `image_size` into `dir/images`, questions with [`SHORT_ANSWER`], relevance masks
-/// over the `patch_size` grid, existence questions scored POPE-style.
+/// How a model cuts an image into patch tokens, for relevance ground truth.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PatchGeometry {
+    /// LLaVA-1.5: the image resized to one `size`-pixel square of `patch`-pixel patches.
+    Square { size: u32, patch: u32 },
+    /// LLaVA-NeXT: a base tile and a grid of `tile`-pixel tiles of `patch`-pixel patches at
+    /// the best of `pinpoints` ([`crate::model::anyres`]).
+    Anyres {
+        pinpoints: Vec<(usize, usize)>,
+        tile: u32,
+        patch: u32,
+    },
+}
+
+impl PatchGeometry {
+    /// The geometry of `vision`'s input.
+    pub fn of(vision: &VisionEncoder) -> PatchGeometry {
+        let v = &vision.config.vision;
+        let (size, patch) = (v.image_size as u32, v.patch_size as u32);
+        match &vision.config.image_grid_pinpoints {
+            Some(pins) => PatchGeometry::Anyres {
+                pinpoints: pins.clone(),
+                tile: size,
+                patch,
+            },
+            None => PatchGeometry::Square { size, patch },
+        }
+    }
+
+    /// Relevance of each patch token of `s` rendered at `width x height` (see
+    /// [`BenchItem::relevant`]); `None` when the question references no object. A square model's
+    /// input is the image resized to its square, so `(width, height)` matters only for
+    /// LLaVA-NeXT.
+    pub fn relevance(
+        &self,
+        s: &shapes::Sample,
+        (width, height): (u32, u32),
+    ) -> Result<Option<Vec<bool>>> {
+        match self {
+            PatchGeometry::Square { size, patch } => Ok(s.relevance(*size, *patch)),
+            PatchGeometry::Anyres {
+                pinpoints,
+                tile,
+                patch,
+            } => {
+                let image = (height as usize, width as usize);
+                let tokens =
+                    s.anyres_relevance(image, pinpoints, (*tile as usize, *patch as usize))?;
+                Ok(tokens.map(|t| t.into_iter().flatten().collect()))
+            }
+        }
+    }
+}
+
+/// `n` ShapesVQA test questions (generator `seed`, settings `cfg`, whose
+/// [`ShapesConfig::aspect`] shapes the scenes) as bench items: images rendered at `width x
+/// height` into `dir/images`, questions with [`SHORT_ANSWER`], relevance of each patch token of
+/// `geometry`, existence questions scored POPE-style.
 pub fn shapes_items(
     n: usize,
     seed: u64,
     cfg: &ShapesConfig,
-    image_size: u32,
-    patch_size: u32,
+    (width, height): (u32, u32),
+    geometry: &PatchGeometry,
     dir: &Path,
 ) -> Result<Vec<BenchItem>> {
     let samples = shapes::generate(Split::Test, n, seed, cfg)?;
@@ -46,7 +108,7 @@ pub fn shapes_items(
         .iter()
         .map(|s| {
             let path = images.join(s.image_file());
-            write_atomic(&path, &s.scene.png(image_size)?)?;
+            write_atomic(&path, &s.scene.png_at(width, height)?)?;
             Ok(BenchItem {
                 id: s.id.clone(),
                 image: path,
@@ -55,7 +117,7 @@ pub fn shapes_items(
                 family: s.family.name().to_string(),
                 yes_no: (s.family == Family::Existence)
                     .then(|| s.answers.first().is_some_and(|x| x == "yes")),
-                relevant: s.relevance(image_size, patch_size),
+                relevant: geometry.relevance(s, (width, height))?,
             })
         })
         .collect()
@@ -199,10 +261,11 @@ pub struct SampleRecord {
     /// Image tokens after the last stage, and averaged over all LM layers.
     pub kept_after: usize,
     pub avg_kept: f64,
-    /// Share of the relevant patches among the kept tokens (all kept when unpruned).
+    /// Share of the relevant patch tokens among the kept tokens (all kept when unpruned).
     pub recall: Option<f64>,
-    /// The random-keep baseline of `recall`: its expectation when the same number of patches is
-    /// kept uniformly at random, `kept patches / all patches` (exact, no sampling noise).
+    /// The random-keep baseline of `recall`: its expectation when the same number of patch
+    /// tokens is kept uniformly at random, `kept patch tokens / all patch tokens` (exact, no
+    /// sampling noise; LLaVA-NeXT's newlines are not patch tokens).
     pub random_recall: Option<f64>,
     /// Normalised entropy of the first stage's importance scores.
     pub concentration: Option<f64>,
@@ -212,12 +275,60 @@ pub struct SampleRecord {
     pub decode_tokens_per_s: f64,
     pub prefill_gflops: f64,
     pub decode_gflops: f64,
-    /// Patches kept after the last stage (all when unpruned).
+    /// LLaVA-NeXT: the image tokens of each tile (and the row newlines) in the prompt and after
+    /// the last stage ([`crate::prune::RunStats::tiles`]); empty for LLaVA-1.5's one tile.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tiles: Vec<TileRecord>,
+    /// Patch tokens kept after the last stage (all when unpruned), as indices among the image's
+    /// patch tokens ([`BenchItem::relevant`]'s order: LLaVA-1.5's patches).
     #[serde(skip)]
     pub kept_patches: Vec<usize>,
-    /// Importance of each patch at the first stage (empty when unpruned).
+    /// Importance of each patch token at the first stage (empty when unpruned).
     #[serde(skip)]
     pub patch_importance: Vec<f32>,
+}
+
+/// One tile's image tokens in the prompt and after pruning ([`SampleRecord::tiles`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TileRecord {
+    /// `base` (the whole image squashed to one tile), `tile1`, `tile2`, ... (the grid's tiles,
+    /// row by row) or `newlines` (the grid's row ends).
+    pub part: String,
+    pub total: usize,
+    pub kept: usize,
+}
+
+impl TileRecord {
+    /// The records of one image's [`TileKept`] counts: the base tile, the grid's tiles in order,
+    /// the newlines last.
+    pub fn of(tiles: &[TileKept]) -> Vec<TileRecord> {
+        let mut tiles = tiles.to_vec();
+        tiles.sort_by_key(|t| match t.part {
+            VisualToken::Patch { tile, .. } => (0, tile),
+            VisualToken::Newline { .. } => (1, 0),
+        });
+        tiles
+            .iter()
+            .map(|t| TileRecord {
+                part: match t.part {
+                    VisualToken::Patch { tile: 0, .. } => "base".into(),
+                    VisualToken::Patch { tile, .. } => format!("tile{tile}"),
+                    VisualToken::Newline { .. } => "newlines".into(),
+                },
+                total: t.total,
+                kept: t.kept,
+            })
+            .collect()
+    }
+
+    /// `part:kept/total` of each, space separated (a samples.csv cell).
+    pub fn cell(tiles: &[TileRecord]) -> String {
+        let v: Vec<String> = tiles
+            .iter()
+            .map(|t| format!("{}:{}/{}", t.part, t.kept, t.total))
+            .collect();
+        v.join(" ")
+    }
 }
 
 /// Aggregates of one configuration.
@@ -280,13 +391,32 @@ pub fn run(
     on_sample: &dyn Fn(),
 ) -> Result<(Vec<SampleRecord>, Vec<ConfigSummary>)> {
     let vision = engine.model().vision.as_ref();
+    let anyres = vision.is_some_and(|v| v.config.is_anyres());
+    // Each item's patch token (if any) of every prompt image token; LLaVA-NeXT's depend on the
+    // image's size, read from the image as the engine reads it.
+    let units = items
+        .iter()
+        .map(|it| match vision {
+            Some(v) => {
+                let size = match anyres {
+                    true => {
+                        let img = load_image(&it.image)?;
+                        Some((img.height() as usize, img.width() as usize))
+                    }
+                    false => None,
+                };
+                v.patch_tokens(size)
+            }
+            None => Ok(Vec::new()),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut records = Vec::new();
     let mut summaries: Vec<ConfigSummary> = Vec::new();
     for cfg in configs {
         mem::reset_peak();
         let mut card = Scorecard::new();
         let mut recs = Vec::with_capacity(items.len());
-        for it in items {
+        for (it, units) in items.iter().zip(&units) {
             let mut req = Request::new(
                 it.question.clone(),
                 Some(ImageInput::Path(it.image.clone())),
@@ -309,7 +439,8 @@ pub fn run(
             };
             let s = &g.stats;
             let n_image = s.image_tokens_per_layer.first().copied().unwrap_or(0);
-            let to_patch = |t: usize| vision.and_then(|v| v.patch_of_token(t));
+            let n_patches = units.iter().flatten().count();
+            let to_patch = |t: usize| units.get(t).copied().flatten();
             let kept_tokens: Vec<usize> = match s.stages.last() {
                 Some(st) => st.kept.clone(),
                 None => (0..n_image).collect(),
@@ -332,9 +463,9 @@ pub fn run(
                 .map(|rel| kept_patches.len().min(rel.len()) as f64 / rel.len() as f64);
             let patch_importance = match s.stages.first() {
                 Some(st) => {
-                    let mut v = vec![0.0f32; n_image];
+                    let mut v = vec![0.0f32; n_patches];
                     for (&t, &imp) in st.ranked.iter().zip(&st.ranking.importance) {
-                        if let Some(p) = to_patch(t).filter(|&p| p < n_image) {
+                        if let Some(p) = to_patch(t).filter(|&p| p < n_patches) {
                             v[p] = imp;
                         }
                     }
@@ -362,6 +493,10 @@ pub fn run(
                 },
                 prefill_gflops: s.prefill_flops / 1e9,
                 decode_gflops: s.decode_flops / 1e9,
+                tiles: match anyres {
+                    true => TileRecord::of(&s.tiles),
+                    false => Vec::new(),
+                },
                 kept_patches,
                 patch_importance,
             });

@@ -417,14 +417,14 @@ fn export_shapes(a: &ShapesExport<'_>) -> fineprune::Result<()> {
     export_llava_train(&samples, out, &cfg, turns)?;
     if test > 0 {
         let samples = shapes::generate(Split::Test, test, seed, &cfg)?;
-        export_llava_eval(&samples, &out.join("test"), image_size)?;
+        export_llava_eval(&samples, &out.join("test"), cfg.width(), image_size)?;
     }
     let json = serde_json::to_vec_pretty(&cfg).expect("shapes config serializes");
     fineprune::io::write_atomic(&out.join(MODEL_SHAPES_CONFIG), &json)?;
     println!(
         "wrote {train} training questions to {} ({}x{} images){}",
         out.join("train.json").display(),
-        image_size,
+        cfg.width(),
         image_size,
         if test > 0 {
             format!(
@@ -460,14 +460,9 @@ fn eval(
     };
     let vc = vision.config.vision.clone();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let items = sweep::shapes_items(
-        n,
-        seed,
-        &shapes_cfg,
-        vc.image_size as u32,
-        vc.patch_size as u32,
-        out,
-    )?;
+    let size = vc.image_size as u32;
+    let geometry = sweep::PatchGeometry::of(vision);
+    let items = sweep::shapes_items(n, seed, &shapes_cfg, (size, size), &geometry, out)?;
     let system = model.system_prompt(llava_system);
     let engine = Engine::new(Arc::new(model));
     let bar = ProgressBar::new(items.len() as u64);

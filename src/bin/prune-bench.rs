@@ -86,7 +86,8 @@ struct Args {
     /// Also run, beside every single-stage configuration, a PyramidDrop-style multi-stage plan
     /// pruning before each of these layers (comma list, e.g. 1,2,3): lambda^i of the image tokens
     /// remain after the i-th stage, lambda solved so that the image tokens averaged over the
-    /// layers equal the single-stage plan's (the kept_avg_layers column).
+    /// layers equal the single-stage plan's (the kept_avg_layers column). LLaVA-1.5 only (its
+    /// image-token count is fixed; LLaVA-NeXT's depends on each image).
     #[arg(long, value_delimiter = ',')]
     pyramid: Vec<usize>,
     #[command(flatten)]
@@ -97,6 +98,17 @@ struct Args {
     /// Seed of the ShapesVQA generator.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Height of the ShapesVQA images in pixels. Default: the model's tile (vision image_size)
+    /// for LLaVA-1.5, which resizes every image to it; twice the tile for LLaVA-NeXT, so its
+    /// grid tiles see more pixels than the base tile.
+    #[arg(long, value_name = "H")]
+    image_size: Option<u32>,
+    /// Width / height of the ShapesVQA images (0.2-5; scenes are made for it, circles stay
+    /// round). Default: 1 for LLaVA-1.5 (which centre-crops, so only 1 is allowed); 1.5 for
+    /// LLaVA-NeXT, a landscape image between its pinpoints' shapes, so any-resolution tiling,
+    /// padding and unpadding all matter.
+    #[arg(long, value_name = "A")]
+    aspect: Option<f32>,
     /// New tokens per answer.
     #[arg(long, default_value_t = 8)]
     max_new_tokens: usize,
@@ -104,12 +116,12 @@ struct Args {
     #[arg(long, default_value = "prune-bench-results")]
     out: PathBuf,
     /// Write overlays (kept patches outlined, importance heatmap) for the first N samples of
-    /// every pruned configuration.
+    /// every pruned configuration (LLaVA-1.5's square patch grid; skipped for LLaVA-NeXT).
     #[arg(long, default_value_t = 0)]
     visualize: usize,
     /// Error analysis: flips.csv always lists every sample whose score under a pruned
     /// configuration differs from the unpruned run's; with N > 0 the first N flips of each
-    /// configuration also get overlays in flips/.
+    /// configuration also get overlays in flips/ (LLaVA-1.5 only, as --visualize).
     #[arg(long, default_value_t = 0)]
     flips: usize,
     /// Put LLaVA-1.5's system prompt before `USER:` even if the model's chat template has none
@@ -172,6 +184,14 @@ fn run(a: Args) -> fineprune::Result<()> {
         ));
     };
     let vc = vision.config.vision.clone();
+    let anyres = vision.config.is_anyres();
+    if anyres && !a.pyramid.is_empty() {
+        return Err(Error::arg(
+            "--pyramid",
+            "needs a fixed image-token count (LLaVA-1.5); a LLaVA-NeXT model's depends on each \
+             image's size and aspect",
+        ));
+    }
     if !a.pyramid.is_empty() {
         let layers = vision.config.text.num_hidden_layers;
         let n_image = vision.image_tokens();
@@ -182,8 +202,32 @@ fn run(a: Args) -> fineprune::Result<()> {
             .collect::<fineprune::Result<Vec<_>>>()?;
         configs.extend(twins);
     }
-    let shapes_cfg = ShapesConfig::for_model(&model_dir)?;
-    let mut items = load_data(&a, &shapes_cfg, vc.image_size as u32, vc.patch_size as u32)?;
+    let mut shapes_cfg = ShapesConfig::for_model(&model_dir)?;
+    let tile = vc.image_size as u32;
+    let (default_height, default_aspect) = match anyres {
+        true => (2 * tile, 1.5),
+        false => (tile, 1.0),
+    };
+    shapes_cfg.image_size = a.image_size.unwrap_or(default_height);
+    shapes_cfg.aspect = a.aspect.unwrap_or(default_aspect);
+    if !anyres && shapes_cfg.aspect != 1.0 {
+        return Err(Error::arg(
+            "--aspect",
+            format!(
+                "{}: LLaVA-1.5 centre-crops a non-square image to its square input; --aspect is \
+                 for LLaVA-NeXT models",
+                shapes_cfg.aspect
+            ),
+        ));
+    }
+    shapes_cfg.validate().map_err(|e| {
+        e.renamed(|n| match n {
+            "image_size" | "aspect" => format!("--{}", n.replace('_', "-")),
+            n => n.to_string(),
+        })
+    })?;
+    let geometry = sweep::PatchGeometry::of(vision);
+    let mut items = load_data(&a, &shapes_cfg, &geometry)?;
     if let Some(n) = a.limit {
         items.truncate(n);
     }
@@ -208,27 +252,35 @@ fn run(a: Args) -> fineprune::Result<()> {
     let (records, summaries) = sweep::run(&engine, &items, &configs, &opts, &|| bar.inc(1))?;
     bar.finish_and_clear();
     write_outputs(&a, &records, &summaries)?;
-    write_flips(&a, &items, &records, vc.grid() as u32)?;
-    if a.visualize > 0 {
-        visualize(&a, &items, &records, vc.grid() as u32)?;
+    // Overlays draw LLaVA-1.5's square patch grid.
+    let grid = (!anyres).then_some(vc.grid() as u32);
+    write_flips(&a, &items, &records, grid)?;
+    match grid {
+        Some(grid) if a.visualize > 0 => visualize(&a, &items, &records, grid)?,
+        None if a.visualize > 0 || a.flips > 0 => eprintln!(
+            "note: no overlays (--visualize, --flips) for LLaVA-NeXT: they draw LLaVA-1.5's square \
+             patch grid"
+        ),
+        _ => {}
     }
     Ok(())
 }
 
-/// ShapesVQA's test split (with the settings the model was trained on, images written under
-/// OUT/images at the model's resolution) or a LLaVA eval file.
+/// ShapesVQA's test split (with the settings the model was trained on, made for
+/// `shapes_cfg.aspect`, images written under OUT/images at [`ShapesConfig::width`] x
+/// `shapes_cfg.image_size`, relevance per patch token of `geometry`) or a LLaVA eval file.
 fn load_data(
     a: &Args,
     shapes_cfg: &ShapesConfig,
-    image_size: u32,
-    patch: u32,
+    geometry: &sweep::PatchGeometry,
 ) -> fineprune::Result<Vec<BenchItem>> {
     if let Some(n) = a.data.strip_prefix("shapes:") {
         let n: usize = n
             .parse()
             .map_err(|_| Error::arg("--data", format!("`{}`: shapes:N needs a count", a.data)))?;
         let n = a.limit.map_or(n, |l| l.min(n));
-        return sweep::shapes_items(n, a.seed, shapes_cfg, image_size, patch, &a.out);
+        let size = (shapes_cfg.width(), shapes_cfg.image_size);
+        return sweep::shapes_items(n, a.seed, shapes_cfg, size, geometry, &a.out);
     }
     let questions = PathBuf::from(&a.data);
     let images = a.images.clone().unwrap_or_else(|| {
@@ -371,6 +423,11 @@ fn write_outputs(
         .map(|s| s.to_string())
         .collect::<Vec<_>>(),
     ];
+    // LLaVA-NeXT: each sample's image tokens per tile, kept/total.
+    let tiles = records.iter().any(|r| !r.tiles.is_empty());
+    if tiles {
+        srows[0].push("tiles_kept".into());
+    }
     for r in records {
         srows.push(vec![
             r.config.clone(),
@@ -384,6 +441,11 @@ fn write_outputs(
             format!("{:.3}", r.prefill_ms),
             format!("{:.5}", r.prefill_gflops),
         ]);
+        if tiles {
+            srows.last_mut().into_iter().for_each(|row| {
+                row.push(sweep::TileRecord::cell(&r.tiles));
+            });
+        }
     }
     report::write_csv(&a.out.join("samples.csv"), &srows)?;
     let json = serde_json::json!({ "configs": summaries, "samples": records });
@@ -485,12 +547,13 @@ fn visualize(
 
 /// flips.csv: every (pruned configuration, sample) whose score differs from the unpruned run's,
 /// `lost` (pruning made it worse) or `gained`; overlays of the first `--flips` of each
-/// configuration in flips/ (the file name is in the `overlay` column).
+/// configuration in flips/ (the file name is in the `overlay` column) on LLaVA-1.5's `grid`,
+/// none without one.
 fn write_flips(
     a: &Args,
     items: &[BenchItem],
     records: &[SampleRecord],
-    grid: u32,
+    grid: Option<u32>,
 ) -> fineprune::Result<()> {
     let base: std::collections::HashMap<&str, &SampleRecord> = records
         .iter()
@@ -528,14 +591,15 @@ fn write_flips(
             continue;
         }
         let n = drawn.entry(r.config.as_str()).or_default();
-        let overlay = if *n < a.flips && !r.patch_importance.is_empty() {
-            *n += 1;
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            let name = format!("{}__{}.png", r.config.replace('/', "_"), r.id);
-            overlay_png(it, r, grid, &dir.join(&name))?;
-            name
-        } else {
-            String::new()
+        let overlay = match grid {
+            Some(grid) if *n < a.flips && !r.patch_importance.is_empty() => {
+                *n += 1;
+                std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                let name = format!("{}__{}.png", r.config.replace('/', "_"), r.id);
+                overlay_png(it, r, grid, &dir.join(&name))?;
+                name
+            }
+            _ => String::new(),
         };
         rows.push(vec![
             r.config.clone(),

@@ -671,7 +671,9 @@ fn make_requests(
         .map(|s| {
             let mut req = Request::new(
                 s.question.clone(),
-                Some(ImageInput::Bytes(s.scene.png(cfg.image_size)?)),
+                Some(ImageInput::Bytes(
+                    s.scene.png_at(cfg.width(), cfg.image_size)?,
+                )),
             );
             req.options = options.clone();
             req.max_new_tokens = a.max_tokens;

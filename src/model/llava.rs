@@ -299,13 +299,28 @@ impl VisionEncoder {
         Ok(out)
     }
 
-    /// The patch (row-major index in the `grid x grid` patch grid) image token `i` comes from;
-    /// `None` for the CLS token that the `full` strategy keeps in front.
-    pub fn patch_of_token(&self, i: usize) -> Option<usize> {
-        match self.config.select_strategy {
-            SelectStrategy::Default => Some(i),
-            SelectStrategy::Full => i.checked_sub(1),
-        }
+    /// For each prompt token of an image of `image` `(height, width)` (as
+    /// [`VisionEncoder::visual_tokens`] lists them), its index among the image's patch tokens,
+    /// the tokens that show a patch: `None` for the `full` strategy's CLS and LLaVA-NeXT's
+    /// `image_newline`s. LLaVA-1.5: the row-major index in the `grid x grid` patch grid;
+    /// LLaVA-NeXT: the base tile's patches, then the unpadded grid's row by row.
+    pub fn patch_tokens(&self, image: Option<(usize, usize)>) -> Result<Vec<Option<usize>>> {
+        let (ntok, cls) = (
+            self.image_tokens(),
+            self.config.select_strategy == SelectStrategy::Full,
+        );
+        let mut next = 0;
+        Ok(self
+            .sources(image)?
+            .0
+            .into_iter()
+            .map(|r| {
+                r.filter(|&i| !(cls && i % ntok == 0)).map(|_| {
+                    next += 1;
+                    next - 1
+                })
+            })
+            .collect())
     }
 
     /// Analytic FLOPs of encoding one image (the tower's layers that run, and the projector).
