@@ -159,6 +159,9 @@ fn run(a: Args) -> fineprune::Result<()> {
             a.seed,
         ));
     }
+    for plan in configs.iter_mut().filter_map(|c| c.plan.as_mut()) {
+        plan.keep_newlines = !a.strategy.drop_newlines;
+    }
     let model_dir = match &a.model {
         Some(m) => m.clone(),
         None => default_model().ok_or_else(|| {
