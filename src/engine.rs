@@ -20,7 +20,7 @@ use crate::model::template::{self, ImageSlot, Prompt, PromptOptions};
 use crate::ops::check_finite;
 use crate::prune::metrics::{self, RunStats, StageReport, TileKept};
 use crate::prune::score::{Ranking, SelectedAttention};
-use crate::prune::{PrunePlan, Segment};
+use crate::prune::{PrunePlan, Scorer, Segment};
 use crate::tensor::Tensor;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -504,44 +504,78 @@ impl Engine {
                 let n = st.rows();
                 let rows = r0..r0 + n;
                 r0 += n;
-                let Some((keep, plan)) = st.stage_at(l + 1).filter(|_| st.error.is_none()) else {
+                let Some(((budget, keep), plan)) =
+                    st.stage_at(l + 1).filter(|_| st.error.is_none())
+                else {
                     next.extend(rows);
                     continue;
                 };
                 let plan = &plan;
-                let (q_rows, image_cols) = plan.targets(&st.segments);
                 let t_rank = Instant::now();
-                let x_sel =
-                    x_in.gather_rows(&q_rows.iter().map(|&r| rows.start + r).collect::<Vec<_>>())?;
-                let pos: Vec<usize> = q_rows.iter().map(|&r| st.positions[r]).collect();
-                let q = lm.query_rows(&self.model.params, l, &x_sel, &pos)?;
-                let heads = c.num_attention_heads;
-                let lse_sel = lse
-                    .as_deref()
-                    .map(|lse| lse_rows(lse, heads, n, &q_rows))
-                    .transpose()?;
-                let att = SelectedAttention {
-                    heads,
-                    probs: q.backend().selected_probs(
-                        &q,
-                        &cache.layers[l].k,
-                        &q_rows,
-                        &image_cols,
-                        heads,
-                        c.num_key_value_heads,
-                        lse_sel.as_deref(),
-                    )?,
-                    rows: q_rows,
-                    image_cols,
-                    positions: n,
+                let (image_cols, ranking, kept_rows, bytes) = match plan.scorer {
+                    // No attention: layer l's output through the final norm and its keys.
+                    Scorer::Dart(dart) => {
+                        let image_cols = plan.targets(&st.segments).1;
+                        let last = image_cols.last().map_or(n, |&r| r + 1);
+                        let text_rows: Vec<usize> = (last..n).collect();
+                        let normed = lm
+                            .final_norm(&self.model.params, &x.narrow_rows(rows.start, n)?)?
+                            .to_vec_f32()?;
+                        let keys = cache.layers[l].k.to_vec_f32()?;
+                        let (kept, importance) = dart.select(
+                            (&keys, &normed),
+                            (lm.kv_width(), h),
+                            &image_cols,
+                            &text_rows,
+                            budget,
+                        );
+                        let ranking = Ranking {
+                            query_weights: vec![],
+                            query_rows: vec![],
+                            head_scores: vec![],
+                            head_weights: vec![],
+                            importance,
+                            kept,
+                        };
+                        let kept_rows = plan.survivors(&image_cols, &ranking.kept, n);
+                        let bytes = 4 * (keys.len() + normed.len());
+                        (image_cols, ranking, kept_rows, bytes)
+                    }
+                    Scorer::Attention | Scorer::Random(_) => {
+                        let (q_rows, image_cols) = plan.targets(&st.segments);
+                        let x_sel = x_in.gather_rows(
+                            &q_rows.iter().map(|&r| rows.start + r).collect::<Vec<_>>(),
+                        )?;
+                        let pos: Vec<usize> = q_rows.iter().map(|&r| st.positions[r]).collect();
+                        let q = lm.query_rows(&self.model.params, l, &x_sel, &pos)?;
+                        let heads = c.num_attention_heads;
+                        let lse_sel = lse
+                            .as_deref()
+                            .map(|lse| lse_rows(lse, heads, n, &q_rows))
+                            .transpose()?;
+                        let att = SelectedAttention {
+                            heads,
+                            probs: q.backend().selected_probs(
+                                &q,
+                                &cache.layers[l].k,
+                                &q_rows,
+                                &image_cols,
+                                heads,
+                                c.num_key_value_heads,
+                                lse_sel.as_deref(),
+                            )?,
+                            rows: q_rows,
+                            image_cols,
+                            positions: n,
+                        };
+                        let newlines = st.newlines(&att.image_cols);
+                        let (ranking, kept_rows) =
+                            plan.select(&st.segments, &att, keep, n, &newlines);
+                        let bytes = att.nbytes() + x_sel.nbytes() + q.nbytes();
+                        (att.image_cols, ranking, kept_rows, bytes)
+                    }
                 };
-                let newlines = st.newlines(&att.image_cols);
-                let (ranking, kept_rows) = plan.select(&st.segments, &att, keep, n, &newlines);
-                let cost = (
-                    t_rank.elapsed().as_secs_f64(),
-                    att.nbytes() + x_sel.nbytes() + q.nbytes(),
-                );
-                let image_cols = att.image_cols;
+                let cost = (t_rank.elapsed().as_secs_f64(), bytes);
                 let kept_image_rows: Vec<usize> = ranking
                     .kept
                     .iter()
@@ -1183,8 +1217,8 @@ struct SeqState {
     plan: Option<PrunePlan>,
     /// `Some(k)` once prefilled: the next forward decodes generated token `k` (its one row).
     decoding: Option<usize>,
-    /// Kept count of each stage of `plan`.
-    keep: Vec<usize>,
+    /// Budget and kept count of each stage of `plan` ([`PrunePlan::budgets`]).
+    keep: Vec<(usize, usize)>,
     /// `(layer, rows removed)` of the stages done, for renumbered decode positions.
     removed: Vec<(usize, usize)>,
     renumber: bool,
@@ -1213,7 +1247,7 @@ impl SeqState {
             })
             .collect();
         let keep = match plan {
-            Some(p) => p.kept_counts(num_layers, next_image)?,
+            Some(p) => p.budgets(num_layers, next_image)?,
             None => vec![],
         };
         Ok(SeqState {
@@ -1261,8 +1295,9 @@ impl SeqState {
         )
     }
 
-    /// The kept count and plan of a stage whose first pruned layer is `layer` (while prefilling).
-    fn stage_at(&self, layer: usize) -> Option<(usize, PrunePlan)> {
+    /// The budget, kept count and plan of a stage whose first pruned layer is `layer` (while
+    /// prefilling).
+    fn stage_at(&self, layer: usize) -> Option<((usize, usize), PrunePlan)> {
         let plan = self.plan.as_ref().filter(|_| self.decoding.is_none())?;
         let i = plan.stages.iter().position(|s| s.layer == layer)?;
         Some((self.keep[i], plan.clone()))
@@ -1294,7 +1329,7 @@ impl SeqState {
                 .iter()
                 .zip(&self.keep)
                 .filter(|(st, _)| st.layer <= l)
-                .map(|(_, &k)| k)
+                .map(|(_, &(_, k))| k)
                 .next_back()
                 .unwrap_or(images),
             None => images,

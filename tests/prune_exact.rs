@@ -151,7 +151,7 @@ fn random_baseline_keeps_the_tokens_its_seed_draws() {
     let e = engine("llava_gqa");
     let kept = |seed: u64, img: f32, stages: Vec<Stage>| {
         let mut p = plan(stages, "variance", "text_tokens_only", false);
-        p.random = Some(seed);
+        p.scorer = fineprune::prune::Scorer::Random(seed);
         let mut r = Request::new("What color is the big square?", pixels(img));
         r.max_new_tokens = 2;
         r.prune = Some(p);

@@ -132,7 +132,7 @@ fn pruned_training_forward_equals_the_engine() {
     ] {
         let plan = match head {
             "random" => PrunePlan {
-                random: Some(11),
+                scorer: fineprune::prune::Scorer::Random(11),
                 ..plan(&stages, "sum", query, renumber)
             },
             _ => plan(&stages, head, query, renumber),

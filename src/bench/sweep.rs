@@ -11,7 +11,7 @@ use crate::model::anyres::VisualToken;
 use crate::model::image::load_image;
 use crate::model::llava::VisionEncoder;
 use crate::prune::{
-    Keep, PrunePlan, Stage, StrategyParams, head_strategy, metrics::TileKept, pyramid,
+    Keep, PrunePlan, Scorer, Stage, StrategyParams, head_strategy, metrics::TileKept, pyramid,
     query_strategy,
 };
 use serde::Serialize;
@@ -206,14 +206,14 @@ impl SweepConfig {
         Ok(out)
     }
 
-    /// The random-keep baseline at every keep and layer ([`PrunePlan::random`]; [`run`] mixes
+    /// The random-keep baseline at every keep and layer ([`Scorer::Random`]; [`run`] mixes
     /// each sample's id into `seed`, so samples draw independently and reproducibly).
     pub fn random_baseline(keeps: &[Keep], layers: &[usize], seed: u64) -> Vec<SweepConfig> {
         let mut out = vec![];
         for &layer in layers {
             for &keep in keeps {
                 let mut plan = PrunePlan::new(vec![Stage { layer, keep }]);
-                plan.random = Some(seed);
+                plan.scorer = Scorer::Random(seed);
                 let mut c = Self::single("random", "-", plan, layer, keep);
                 c.label = format!("random/{keep}/K{layer}");
                 c.series = format!("random/K{layer}");
@@ -425,7 +425,9 @@ pub fn run(
             req.options.system = opts.system.clone();
             req.prune = cfg.plan.clone().map(|mut p| {
                 // The random baseline draws independently per sample.
-                p.random = p.random.map(|seed| seed ^ fnv1a64(it.id.as_bytes()));
+                if let Scorer::Random(seed) = &mut p.scorer {
+                    *seed ^= fnv1a64(it.id.as_bytes());
+                }
                 p
             });
             let g = engine.generate(&[req])?.remove(0);

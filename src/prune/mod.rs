@@ -6,6 +6,7 @@
 //! tokens with the largest s = sum_h beta_h a_h are kept. Both are open traits; the built-in ones
 //! are looked up by their CLI names with [`head::head_strategy`] and [`query::query_strategy`].
 
+pub mod dart;
 pub mod head;
 pub mod metrics;
 pub mod plan;
@@ -14,7 +15,7 @@ pub mod score;
 
 pub use crate::model::template::Segment;
 pub use head::{HEAD_STRATEGIES, HeadStrategy, check_head_keep, head_strategy};
-pub use plan::{Keep, PrunePlan, Stage, pyramid};
+pub use plan::{Keep, PrunePlan, Scorer, Stage, pyramid};
 pub use query::{QUERY_STRATEGIES, QueryStrategy, query_strategy};
 
 /// Parameters of the built-in strategies.

@@ -2,6 +2,7 @@
 //! tokens, and whether position ids are renumbered after a stage.
 
 use super::Segment;
+use super::dart::Dart;
 use super::head::{self, HeadStrategy};
 use super::query::{self, QueryStrategy};
 use super::score::{self, Ranking, SelectedAttention};
@@ -70,16 +71,30 @@ pub struct PrunePlan {
     pub head_keep: f64,
     /// Renumber RoPE position ids after each stage (default: keep the original ones, as FastV).
     pub renumber: bool,
-    /// The random-keep baseline: `Some(seed)` ranks the image tokens by seeded random draws
-    /// instead of attention ([`score::random_importance`]); the head strategy is not run (its
-    /// scores and weights stay empty in the ranking). The draws depend on the seed alone: give each request its own seed
-    /// for independent draws.
-    pub random: Option<u64>,
+    /// What ranks the image tokens at each stage (default: attention, [`Scorer::Attention`]).
+    pub scorer: Scorer,
     /// LLaVA-NeXT: keep every `image_newline` token (on by default: a row separator costs one
     /// token per row). They count against each stage's budget (the keep fraction is of all
     /// visual tokens, newlines included) and are kept before any ranked token; off, they are
     /// ranked like the tiles' tokens.
     pub keep_newlines: bool,
+}
+
+/// What ranks the image tokens at a stage.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scorer {
+    /// The attention of the query strategy's rows, weighted by the head strategy (FastV and
+    /// its variants; PRUNING.md).
+    Attention,
+    /// The random-keep baseline: seeded random draws instead of attention
+    /// ([`score::random_importance`]); the head strategy is not run (its scores and weights stay
+    /// empty in the ranking). The draws depend on the seed alone: give each request its own
+    /// seed for independent draws.
+    Random(u64),
+    /// DART ([`Dart`]): the image tokens least duplicated with a few pivots, no attention
+    /// scores. A stage's keep count is DART's budget, of which it keeps
+    /// [`Dart::kept_count`] (the official code's rounding). Query and head strategies unused.
+    Dart(Dart),
 }
 
 impl Stage {
@@ -127,14 +142,14 @@ impl PrunePlan {
             query: query::query_strategy("last_token", &p).unwrap_or_else(|_| unreachable!()),
             head_keep: 0.5,
             renumber: false,
-            random: None,
+            scorer: Scorer::Attention,
             keep_newlines: true,
         }
     }
 
     /// Ranks the image tokens of one stage from the selected attention `att` and the query
     /// weights, keeping `keep`, the `pinned` ones first ([`score::top_k_pinned`]): by attention
-    /// ([`score::rank`]), or at random with [`PrunePlan::random`].
+    /// ([`score::rank`]), or at random with [`Scorer::Random`].
     pub fn rank(
         &self,
         att: &SelectedAttention,
@@ -142,7 +157,7 @@ impl PrunePlan {
         keep: usize,
         pinned: &[bool],
     ) -> Ranking {
-        let Some(seed) = self.random else {
+        let Scorer::Random(seed) = self.scorer else {
             let (head, rho) = (self.head.as_ref(), self.head_keep);
             return score::rank(att, query_weights, head, rho, keep, pinned);
         };
@@ -183,15 +198,21 @@ impl PrunePlan {
         let w = self.query.weights(segments, &att.rows, &att.image_mass());
         let pinned = if self.keep_newlines { newlines } else { &[] };
         let ranking = self.rank(att, w, keep, pinned);
+        let kept_rows = self.survivors(&att.image_cols, &ranking.kept, rows);
+        (ranking, kept_rows)
+    }
+
+    /// The surviving rows out of `rows` when the image rows `image_cols` keep those at `kept`
+    /// (indices into `image_cols`): every other row, and the kept image rows, ascending.
+    pub fn survivors(&self, image_cols: &[usize], kept: &[usize], rows: usize) -> Vec<usize> {
         let mut survive = vec![true; rows];
-        for &c in &att.image_cols {
+        for &c in image_cols {
             survive[c] = false;
         }
-        for &k in &ranking.kept {
-            survive[att.image_cols[k]] = true;
+        for &k in kept {
+            survive[image_cols[k]] = true;
         }
-        let kept_rows = (0..rows).filter(|&r| survive[r]).collect();
-        (ranking, kept_rows)
+        (0..rows).filter(|&r| survive[r]).collect()
     }
 
     /// RoPE positions after a stage kept `rows` of a sequence at `positions`: renumbered
@@ -204,9 +225,11 @@ impl PrunePlan {
         }
     }
 
-    /// Image tokens kept after each stage for a prompt with `n_image` of them; an error when the
-    /// plan does not fit a `num_layers`-layer model or this many image tokens.
-    pub fn kept_counts(&self, num_layers: usize, n_image: usize) -> Result<Vec<usize>> {
+    /// Each stage's budget (its [`Keep`] as a count) and the image tokens kept after it, for a
+    /// prompt with `n_image` of them: the same unless the scorer rounds its budget
+    /// ([`Dart::kept_count`]). An error when the plan does not fit a `num_layers`-layer model
+    /// or this many image tokens.
+    pub fn budgets(&self, num_layers: usize, n_image: usize) -> Result<Vec<(usize, usize)>> {
         if self.stages.is_empty() {
             return Err(Error::arg("prune plan", "has no stages"));
         }
@@ -265,11 +288,24 @@ impl PrunePlan {
                     ),
                 ));
             }
-            counts.push(k);
-            survivors = k;
+            let kept = match self.scorer {
+                Scorer::Dart(d) => d.kept_count(k, survivors),
+                _ => k,
+            };
+            counts.push((k, kept));
+            survivors = kept;
             prev_layer = s.layer;
         }
         Ok(counts)
+    }
+
+    /// Image tokens kept after each stage ([`PrunePlan::budgets`]).
+    pub fn kept_counts(&self, num_layers: usize, n_image: usize) -> Result<Vec<usize>> {
+        Ok(self
+            .budgets(num_layers, n_image)?
+            .into_iter()
+            .map(|(_, kept)| kept)
+            .collect())
     }
 
     /// Image tokens averaged over the `num_layers` decoder layers (as papers report budgets):

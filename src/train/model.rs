@@ -1015,6 +1015,12 @@ impl TrainModel {
     /// differentiated. Errors when a stage lies outside the model.
     pub fn set_prune(&mut self, plan: Option<PrunePlan>) -> Result<()> {
         if let Some(p) = &plan {
+            if let crate::prune::Scorer::Dart(_) = p.scorer {
+                return Err(Error::arg(
+                    "prune plan",
+                    "DART's training forward is not implemented (the trainer ranks by attention or at random)",
+                ));
+            }
             p.kept_counts(self.lm.num_layers(), self.config.image_tokens())?;
         }
         self.prune = plan;

@@ -1,0 +1,145 @@
+//! DART (`fineprune::prune::dart`) against a reference written from the official code's logic on
+//! HF transformers' modules (`tests/reference/gen_dart.py`): on both LLaVA-1.5 fixtures and the
+//! LLaVA-NeXT Mistral one, at two budgets each, the kept image tokens are identical, the logits of
+//! the pruned sequence within 1e-4, and 24 greedy tokens with the KV cache the same; CPython's
+//! `set` order, which decides the pivots' turn, is reproduced on random integer lists.
+
+mod common;
+
+use common::*;
+use fineprune::model::chat::{ChatMessage, ChatPart};
+use fineprune::model::template::{LLAVA_SYSTEM, PromptOptions};
+use fineprune::prune::dart::{Dart, python_set_order};
+use fineprune::prune::{Keep, PrunePlan, Scorer, Stage};
+use fineprune::{Engine, ImageInput, Model, Request};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+fn meta() -> Value {
+    let path = reference_dir().join("dart_ref.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The request of a reference case: a fixture prompt as gen_llava.py / gen_llava_next.py built it.
+fn request(case: &Value) -> Request {
+    let dir = reference_dir();
+    let fixture = case["fixture"].as_str().unwrap();
+    let key = case["prompt"].as_str().unwrap();
+    if fixture == "llava_next_mistral" {
+        let r = load_ref(&dir.join("llava_next_ref.safetensors"));
+        let next: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("llava_next_ref.json")).unwrap(),
+        )
+        .unwrap();
+        let prompt = next["cases"][key]["prompt"].as_str().unwrap();
+        let q = prompt
+            .split("<image>\n")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches(" [/INST]");
+        let size = &r[&format!("{key}/image_sizes")].i;
+        let image = ImageInput::Tiles {
+            pixels: r[&format!("{key}/pixel_values")].f.clone(),
+            image_size: (size[0] as usize, size[1] as usize),
+        };
+        let msg = ChatMessage {
+            role: "user".into(),
+            content: vec![ChatPart::Image, ChatPart::Text(q.into())],
+        };
+        return Request::chat(vec![msg], vec![image]);
+    }
+    let r: HashMap<String, RefTensor> = load_ref(&dir.join(format!("{fixture}_ref.safetensors")));
+    let (question, system) = match key {
+        "input_ids" => ("What color is the big square?", None),
+        _ => (
+            "How many circles are there?",
+            Some(LLAVA_SYSTEM.to_string()),
+        ),
+    };
+    let mut req = Request::new(
+        question,
+        Some(ImageInput::Pixels(r["pixel_values"].f.clone())),
+    );
+    req.options = PromptOptions {
+        system,
+        ..Default::default()
+    };
+    req
+}
+
+#[test]
+fn dart_matches_the_official_logic_on_hf_modules() {
+    let dir = reference_dir();
+    let r = load_ref(&dir.join("dart_ref.safetensors"));
+    let meta = meta();
+    let pivots = &meta["pivots"];
+    let dart = Dart {
+        image_pivots: pivots[0].as_u64().unwrap() as usize,
+        text_pivots: pivots[1].as_u64().unwrap() as usize,
+    };
+    assert_eq!(dart, Dart::default());
+    let mut engines: HashMap<String, Engine> = HashMap::new();
+    let mut checked = 0;
+    for (name, case) in meta["cases"].as_object().unwrap() {
+        let fixture = case["fixture"].as_str().unwrap();
+        let engine = engines
+            .entry(fixture.to_string())
+            .or_insert_with(|| Engine::new(Arc::new(Model::load(dir.join(fixture)).unwrap())));
+        let mut plan = PrunePlan::new(vec![Stage {
+            layer: meta["K"].as_u64().unwrap() as usize,
+            keep: Keep::Count(case["budget"].as_u64().unwrap() as usize),
+        }]);
+        plan.scorer = Scorer::Dart(dart);
+        let mut req = request(case);
+        req.prune = Some(plan);
+        let out = engine.prompt_logits(&req).unwrap();
+        let kept: Vec<usize> = r[&format!("{name}/kept")]
+            .i
+            .iter()
+            .map(|&k| k as usize)
+            .collect();
+        assert_eq!(out.stats.stages[0].kept, kept, "{name}: kept");
+        assert_eq!(out.stats.kept_after_last(), kept.len(), "{name}");
+        let err = max_abs_diff(&out.logits, &r[&format!("{name}/logits")].f);
+        println!(
+            "{name}: kept {} of {}, logits max-abs diff {err:.2e}",
+            kept.len(),
+            case["N"]
+        );
+        assert!(err < 1e-4, "{name}: logits differ by {err}");
+        req.max_new_tokens = 24;
+        req.stop_on_eos = false;
+        let g = engine.generate(&[req]).unwrap().remove(0);
+        assert_eq!(
+            g.tokens,
+            ids_u32(&r[&format!("{name}/greedy")]),
+            "{name}: greedy"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 7);
+}
+
+/// The pivots take turns in CPython's `set` iteration order (the official code iterates
+/// `list(indices_set)`): [`python_set_order`] against Python's own on random integer lists.
+#[test]
+fn python_set_order_matches_cpython() {
+    let meta = meta();
+    let cases = meta["set_orders"].as_array().unwrap();
+    for c in cases {
+        let ints = |v: &Value| -> Vec<usize> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as usize)
+                .collect()
+        };
+        assert_eq!(
+            python_set_order(&ints(&c["values"])),
+            ints(&c["set_order"]),
+            "{c}"
+        );
+    }
+    assert!(cases.len() >= 40);
+}

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""DART reference (issue 31) on the tiny LLaVA fixtures, written from the official code's logic on
+HF transformers' own modules (eager, f32).
+
+Official code: github.com/ZichenWen1/DART, llava/model/language_model/modeling_llama_self.py
+(`LlamaModel.forward` lines 333-357: before layer K, `last_layer_state = norm(output of layer K-1)`,
+`any_states` = layer K-1's keys after RoPE; `get_retained_image_token` lines 397-449), defaults from
+llava/eval/model_vqa_loader.py lines 172-179 (K = 2, 4 image + 4 text pivots). `retained()` below
+follows get_retained_image_token statement by statement, Python `set`s included (their iteration
+order decides which pivot picks first); the pruned sequence keeps the original position ids
+(`position_ids = keep_indexs`).
+
+Reads llava_gqa/, llava_tied/ (gen_llava.py), llava_next_mistral/ (gen_llava_next.py) and their
+*_ref.safetensors. Writes dart_ref.safetensors (`{case}/{kept, logits, greedy}`) and dart_ref.json
+(cases: fixture, prompt, K, budget, pivots, N, first image position, kept; `set_orders`: random
+integer lists and CPython's `list(set(l))` of each, for the Rust emulation).
+
+  /tmp/venv-ref/bin/python tests/reference/gen_dart.py     (a few seconds; deterministic)
+"""
+import json
+import math
+import os
+import random
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+assert torch.__version__.split("+")[0] == "2.15.0", torch.__version__
+assert transformers.__version__ == "5.23.0", transformers.__version__
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from gen_fastv import HFRunner  # noqa: E402
+from gen_llava_next import NextRunner  # noqa: E402
+
+torch.set_num_threads(2)
+torch.use_deterministic_algorithms(True)
+
+N_GREEDY = 24
+K = 2
+PIVOTS = (4, 4)
+# (case, fixture, prompt key in the fixture's ref file, budget = max_num_trunction)
+CASES = [
+    ("gqa_p1_m8", "llava_gqa", "input_ids", 8),
+    ("gqa_p1_m16", "llava_gqa", "input_ids", 16),
+    ("gqa_p2_m16", "llava_gqa", "input_ids_2", 16),
+    ("tied_p1_m8", "llava_tied", "input_ids", 8),
+    ("tied_p2_m16", "llava_tied", "input_ids_2", 16),
+    ("next_mistral_m64", "llava_next_mistral", "mistral/portrait", 64),
+    ("next_mistral_m128", "llava_next_mistral", "mistral/portrait", 128),
+]
+
+
+def retained(last_layer_state, any_states, start, length, budget, pivots):
+    """get_retained_image_token (modeling_llama_self.py:397-449) with max_num_trunction = budget.
+    last_layer_state [1, L, H]; any_states [1, kv_heads, L, d]. Returns the kept positions."""
+    pivot_image_token, pivot_text_token = pivots
+    TOKEN_TOPK = math.ceil(budget // (pivot_image_token + pivot_text_token))
+    any_states = any_states.permute(0, 2, 1, 3).reshape(any_states.shape[0], any_states.shape[2], -1)
+    k_image = any_states[0][start:start + length, :]
+    k_query = any_states[0][start + length:, :]
+    n_image = torch.norm(k_image, p=1, dim=-1)
+    n_query = torch.norm(k_query, p=1, dim=-1)
+    image_indices = (n_image.topk(pivot_image_token).indices + start).tolist()
+    query_indices = (n_query.topk(pivot_text_token).indices + start + length).tolist()
+    indices_set = set(image_indices + query_indices)
+    valid_indices = set(range(start, start + length)) - set(image_indices)
+    valid_indices_list = list(valid_indices)
+    order = list(indices_set)
+    for item in order:
+        valid_vectors = last_layer_state[0][valid_indices_list, :]
+        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[0][item, :], valid_vectors, dim=-1)
+        top_k_indices = cos_sim.topk(TOKEN_TOPK).indices
+        top_k_real_indices = [valid_indices_list[i] for i in top_k_indices]
+        indices_set.update(top_k_real_indices)
+        valid_indices.difference_update(top_k_real_indices)
+        valid_indices_list = list(valid_indices)
+    indices_set.difference_update(query_indices)
+    return sorted(indices_set), order, sorted(image_indices)
+
+
+class KeyRunner:
+    """Adds layer K-1's keys after RoPE to an HF layer-by-layer runner."""
+
+    def __init__(self, runner):
+        self.r = runner
+
+    @torch.no_grad()
+    def states_before(self, emb, k):
+        """Runs layers 0..k-1 on the full sequence; returns (norm(output), keys after RoPE [1,kv,L,d])."""
+        lm = self.r.lm
+        L = emb.shape[1]
+        pos = torch.arange(L)
+        h = emb
+        got = {}
+        attn = lm.layers[k - 1].self_attn
+        hook = attn.k_proj.register_forward_hook(lambda m, a, out: got.__setitem__("k", out))
+        try:
+            for i in range(k):
+                h, _ = self.r.layer(i, h, pos)
+        finally:
+            hook.remove()
+        d = attn.head_dim
+        keys = got["k"].view(1, L, -1, d).transpose(1, 2)
+        cos, sin = lm.rotary_emb(h, position_ids=pos[None])
+        _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
+        return lm.norm(h), keys
+
+
+def set_orders():
+    rng = random.Random(31)
+    out = []
+    for n in [3, 8, 8, 8, 12, 20, 40]:
+        for _ in range(6):
+            hi = rng.choice([16, 100, 700, 5000])
+            vals = [rng.randrange(hi) for _ in range(n)]
+            out.append({"values": vals, "set_order": list(set(vals))})
+    return out
+
+
+def main():
+    tensors, meta = {}, {"generator": "gen_dart.py", "torch": torch.__version__,
+                         "transformers": transformers.__version__, "K": K, "pivots": list(PIVOTS),
+                         "cases": {}, "set_orders": set_orders()}
+    models = {}
+    for case, fixture, key, budget in CASES:
+        d = os.path.join(HERE, fixture)
+        if fixture not in models:
+            if fixture.startswith("llava_next"):
+                m = LlavaNextForConditionalGeneration.from_pretrained(d, dtype=torch.float32,
+                                                                      attn_implementation="eager").eval()
+                ref = load_file(os.path.join(HERE, "llava_next_ref.safetensors"))
+            else:
+                m = LlavaForConditionalGeneration.from_pretrained(d, dtype=torch.float32,
+                                                                  attn_implementation="eager").eval()
+                ref = load_file(os.path.join(HERE, f"{fixture}_ref.safetensors"))
+            models[fixture] = (m, ref)
+        model, ref = models[fixture]
+        if fixture.startswith("llava_next"):
+            ids, pv = ref[f"{key}/input_ids"], ref[f"{key}/pixel_values"]
+            runner = NextRunner(model, ref[f"{key}/image_sizes"][None])
+            pv_in = pv[None]
+        else:
+            ids, pv = ref[key], ref["pixel_values"]
+            runner = HFRunner(model)
+            pv_in = pv
+        img_pos = (ids == runner.image_token_id).nonzero()[:, 0]
+        start, N = int(img_pos[0]), len(img_pos)
+        assert torch.equal(img_pos, torch.arange(start, start + N))
+        emb = runner.embeds(ids, pv_in)
+        normed, keys = KeyRunner(runner).states_before(emb, K)
+        kept_pos, order, image_pivots = retained(normed, keys, start, N, budget, PIVOTS)
+        L = ids.shape[0]
+        drop = [p for p in range(start, start + N) if p not in set(kept_pos)]
+        logits, _, _, _ = runner.run(emb, K, drop, False)
+        seq = ids.clone()
+        gen = []
+        for _ in range(N_GREEDY):
+            lg, _, _, _ = runner.run(runner.embeds(seq, pv_in), K, drop, False)
+            nxt = int(lg[-1].argmax())
+            gen.append(nxt)
+            seq = torch.cat([seq, torch.tensor([nxt])])
+        kept = [p - start for p in kept_pos]
+        tensors[f"{case}/kept"] = torch.tensor(kept, dtype=torch.int64)
+        tensors[f"{case}/logits"] = logits.float().contiguous()
+        tensors[f"{case}/greedy"] = torch.tensor(gen, dtype=torch.int64)
+        meta["cases"][case] = {"fixture": fixture, "prompt": key, "budget": budget, "N": N, "L": L,
+                               "first_image_pos": start, "kept": kept, "n_kept": len(kept),
+                               "pivot_order": order, "image_pivots": image_pivots,
+                               "pivot_order_is_sorted": order == sorted(order), "greedy": gen}
+        print(f"[{case}] N={N} budget={budget} kept {len(kept)}; pivots visited {order}")
+    save_file(dict(sorted(tensors.items())), os.path.join(HERE, "dart_ref.safetensors"),
+              metadata={"generator": f"gen_dart.py torch {torch.__version__} transformers {transformers.__version__}"})
+    with open(os.path.join(HERE, "dart_ref.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
