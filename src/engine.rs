@@ -12,6 +12,7 @@ use crate::model::Model;
 use crate::model::anyres::VisualToken;
 use crate::model::anyres::{self, ImageSize};
 use crate::model::chat::{self, ChatMessage, ChatPart};
+use crate::model::config::SelectStrategy;
 use crate::model::flops::lm_layer_flops;
 use crate::model::image::{ImageProcessorConfig, load_image, load_image_from_memory};
 use crate::model::llama::{KvCache, SeqRows};
@@ -20,7 +21,7 @@ use crate::model::template::{self, ImageSlot, Prompt, PromptOptions};
 use crate::ops::check_finite;
 use crate::prune::metrics::{self, RunStats, StageReport, TileKept};
 use crate::prune::score::{Ranking, SelectedAttention};
-use crate::prune::{PrunePlan, Scorer, Segment};
+use crate::prune::{PrunePlan, Scorer, Segment, before};
 use crate::tensor::Tensor;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -213,15 +214,28 @@ impl Engine {
                 "an image was given but the model has no vision tower".into(),
             ));
         }
-        // The model's image slot: `<image>` and how many tokens it expands to (LLaVA-NeXT:
-        // one, expanded below once each image's size gives its count).
+        // A reduction before the LM (LLaVA-1.5 only so far) and the CLS rows it passes through.
+        let reduce = req.prune.as_ref().and_then(|p| p.before_lm);
+        let cls = match &m.vision {
+            Some(v) if reduce.is_some() && v.config.is_anyres() => {
+                return Err(Error::arg(
+                    "prune plan",
+                    "reductions before the LM take LLaVA-1.5's one tile per image; LLaVA-NeXT \
+                     is not supported yet",
+                ));
+            }
+            Some(v) => usize::from(v.config.select_strategy == SelectStrategy::Full),
+            None => 0,
+        };
+        // The model's image slot: `<image>` and how many tokens it expands to (LLaVA-NeXT, or a
+        // reduction before the LM: one, expanded below once each image's count is known).
         let slot = match &m.vision {
             Some(v) => {
                 let id = v.config.image_token_id;
                 let token = m.tokenizer.id_to_token(id).ok_or_else(|| {
                     Error::Prompt(format!("the tokenizer has no image token id {id}"))
                 })?;
-                let count = if v.config.is_anyres() {
+                let count = if v.config.is_anyres() || reduce.is_some() {
                     1
                 } else {
                     v.image_tokens()
@@ -294,21 +308,44 @@ impl Engine {
             let images = (req.images.iter().enumerate())
                 .map(|(i, img)| self.pixels(i, img, req.options.pad_to_square))
                 .collect::<Result<Vec<_>>>()?;
-            let mut counts = Vec::with_capacity(images.len());
-            for (i, (_, size)) in images.iter().enumerate() {
-                let tokens = v.visual_tokens(i, *size)?;
-                counts.push(tokens.len());
-                prompt.visual.extend(tokens);
-            }
-            if v.config.is_anyres() {
-                prompt = prompt.expand_images(v.config.image_token_id, &counts, ctx)?;
-                embeds = m.lm.embed(&m.params, &prompt.ids)?;
-            }
             let refs: Vec<ImagePixels> = images
                 .iter()
                 .map(|(px, size)| (px.as_slice(), *size))
                 .collect();
-            embeds = v.merge(&prompt.ids, &embeds, &v.forward_images(&m.params, &refs)?)?;
+            let mut features = v.forward_images(&m.params, &refs)?;
+            let mut counts = Vec::with_capacity(images.len());
+            match reduce {
+                // Fewer rows per image: the reduction's, each a patch of the image's one tile.
+                Some(r) => {
+                    let (sources, d) = (r.rows(v.config.vision.grid(), cls)?, features.cols());
+                    let all = features.to_vec_f32()?;
+                    let per = all.len() / images.len().max(1);
+                    let mut out = Vec::with_capacity(images.len() * sources.len() * d);
+                    for i in 0..images.len() {
+                        out.extend(before::gather(&all[i * per..(i + 1) * per], d, &sources));
+                        counts.push(sources.len());
+                        let tile = VisualToken::Patch { image: i, tile: 0 };
+                        prompt
+                            .visual
+                            .extend(std::iter::repeat_n(tile, sources.len()));
+                    }
+                    features = Tensor::from_f32(&[out.len() / d.max(1), d], out)?
+                        .to_device(&features.device())?
+                        .to_dtype(features.dtype())?;
+                }
+                None => {
+                    for (i, (_, size)) in images.iter().enumerate() {
+                        let tokens = v.visual_tokens(i, *size)?;
+                        counts.push(tokens.len());
+                        prompt.visual.extend(tokens);
+                    }
+                }
+            }
+            if v.config.is_anyres() || reduce.is_some() {
+                prompt = prompt.expand_images(v.config.image_token_id, &counts, ctx)?;
+                embeds = m.lm.embed(&m.params, &prompt.ids)?;
+            }
+            embeds = v.merge(&prompt.ids, &embeds, &features)?;
         }
         Ok(Prepared { prompt, embeds })
     }

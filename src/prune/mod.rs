@@ -6,6 +6,7 @@
 //! tokens with the largest s = sum_h beta_h a_h are kept. Both are open traits; the built-in ones
 //! are looked up by their CLI names with [`head::head_strategy`] and [`query::query_strategy`].
 
+pub mod before;
 pub mod dart;
 pub mod head;
 pub mod metrics;

@@ -2,6 +2,7 @@
 //! tokens, and whether position ids are renumbered after a stage.
 
 use super::Segment;
+use super::before::Reduce;
 use super::dart::Dart;
 use super::head::{self, HeadStrategy};
 use super::query::{self, QueryStrategy};
@@ -73,6 +74,9 @@ pub struct PrunePlan {
     pub renumber: bool,
     /// What ranks the image tokens at each stage (default: attention, [`Scorer::Attention`]).
     pub scorer: Scorer,
+    /// A reduction of the image's features before the LM ([`Reduce`]; the stages, if any,
+    /// then prune what it left).
+    pub before_lm: Option<Reduce>,
     /// LLaVA-NeXT: keep every `image_newline` token (on by default: a row separator costs one
     /// token per row). They count against each stage's budget (the keep fraction is of all
     /// visual tokens, newlines included) and are kept before any ranked token; off, they are
@@ -143,6 +147,7 @@ impl PrunePlan {
             head_keep: 0.5,
             renumber: false,
             scorer: Scorer::Attention,
+            before_lm: None,
             keep_newlines: true,
         }
     }
@@ -230,7 +235,7 @@ impl PrunePlan {
     /// ([`Dart::kept_count`]). An error when the plan does not fit a `num_layers`-layer model
     /// or this many image tokens.
     pub fn budgets(&self, num_layers: usize, n_image: usize) -> Result<Vec<(usize, usize)>> {
-        if self.stages.is_empty() {
+        if self.stages.is_empty() && self.before_lm.is_none() {
             return Err(Error::arg("prune plan", "has no stages"));
         }
         if n_image == 0 {
@@ -312,7 +317,10 @@ impl PrunePlan {
     /// `(K_1 N + Σ_i c_i (K_{i+1} - K_i)) / L` with `c_i` kept after stage i and `K_{m+1} = L`.
     pub fn avg_image_tokens(&self, num_layers: usize, n_image: usize) -> Result<f64> {
         let counts = self.kept_counts(num_layers, n_image)?;
-        let mut total = (self.stages[0].layer * n_image) as f64;
+        let Some(first) = self.stages.first() else {
+            return Ok(n_image as f64);
+        };
+        let mut total = (first.layer * n_image) as f64;
         for (i, c) in counts.iter().enumerate() {
             let next = self.stages.get(i + 1).map_or(num_layers, |s| s.layer);
             total += (c * (next - self.stages[i].layer)) as f64;
