@@ -4,6 +4,7 @@
 mod common;
 
 use common::reference_dir;
+use fineprune::bench::report::CsvTable;
 use std::path::Path;
 use std::process::Command;
 
@@ -481,4 +482,288 @@ fn a_llava_next_sweep_renders_non_square_images_and_measures_recall_per_visual_t
     let png = out2.join("images/test-0-000000.png");
     assert_eq!(image::image_dimensions(png).unwrap(), (90, 60));
     assert_eq!(results(&out2).1[0][col("kept_after_K")], "91.0");
+}
+
+/// A CSV's header and rows without the columns named in `skip`.
+fn csv_without(path: &Path, skip: &[&str]) -> Vec<Vec<String>> {
+    let t = CsvTable::read(path).unwrap();
+    let keep: Vec<bool> = t
+        .header
+        .iter()
+        .map(|c| !skip.contains(&c.as_str()))
+        .collect();
+    assert_eq!(
+        keep.iter().filter(|k| !**k).count(),
+        skip.len(),
+        "{}: {:?} lacks a column of {skip:?}",
+        path.display(),
+        t.header
+    );
+    std::iter::once(t.header)
+        .chain(t.rows)
+        .map(|r| {
+            assert_eq!(r.len(), keep.len(), "{}: {r:?}", path.display());
+            r.into_iter()
+                .zip(&keep)
+                .filter_map(|(c, k)| k.then_some(c))
+                .collect()
+        })
+        .collect()
+}
+
+/// The columns that are wall-time or process measurements: each process (a shard, the single
+/// run) measures its own, so they differ between any two runs, sharded or not. Everything else
+/// (answers, scores, bootstrap intervals, per-family and POPE accuracy, kept tokens per tile,
+/// recall, concentration, diversity, FLOPs and their speedup) must come out of a merge exactly.
+const TIMED_RESULTS: [&str; 4] = ["prefill_ms", "decode_tok_s", "peak_MiB", "time_speedup"];
+const TIMED_SAMPLES: [&str; 1] = ["prefill_ms"];
+const TIMED_JSON: [&str; 4] = [
+    "prefill_ms",
+    "decode_tokens_per_s",
+    "peak_bytes",
+    "time_speedup",
+];
+
+/// results.json without the timed fields of its configs and samples.
+fn json_without_timing(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("results.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for part in ["configs", "samples"] {
+        for obj in json[part].as_array_mut().unwrap() {
+            for key in TIMED_JSON {
+                obj.as_object_mut().unwrap().remove(key);
+            }
+        }
+    }
+    json
+}
+
+/// The printed table's cells (one word each), without the timed columns.
+fn table_without_timing(stdout: &str) -> Vec<Vec<String>> {
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .filter(|l| !l.starts_with('-'))
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let keep: Vec<bool> = rows[0].iter().map(|c| !TIMED_RESULTS.contains(c)).collect();
+    rows.iter()
+        .map(|r| {
+            r.iter()
+                .zip(&keep)
+                .filter(|(_, k)| **k)
+                .map(|(c, _)| c.to_string())
+                .collect()
+        })
+        .collect()
+}
+
+/// `prune-bench merge DIRS... --out OUT` (folders under `root`).
+fn merge(root: &Path, dirs: &[&str], out: &str) -> (bool, String, String) {
+    let mut a = vec!["merge".to_string()];
+    a.extend(dirs.iter().map(|d| root.join(d).display().to_string()));
+    a.extend(["--out".into(), root.join(out).display().to_string()]);
+    bench(&a.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// Runs `args` whole (into root/whole) and as `n` shards (root/s1..sn, run last first, each
+/// rendering only its `images[i]` images), merges them (root/merged, folders given in a shuffled
+/// order) and checks that the merge wrote what the whole run did, but for the timed columns.
+fn assert_shards_merge_into_the_whole_run(root: &Path, args: &[&str], images: &[usize]) {
+    let run = |extra: &[&str], out: &str| {
+        let out = root.join(out);
+        let (ok, stdout, err) = bench(&[args, extra, &["--out", out.to_str().unwrap()]].concat());
+        assert!(ok, "{extra:?}: {err}");
+        stdout
+    };
+    let whole = run(&[], "whole");
+    let n = images.len();
+    for i in (1..=n).rev() {
+        run(&["--shard", &format!("{i}/{n}")], &format!("s{i}"));
+        let rendered = std::fs::read_dir(root.join(format!("s{i}/images"))).unwrap();
+        assert_eq!(
+            rendered.count(),
+            images[i - 1],
+            "shard {i} renders its own images"
+        );
+    }
+    let mut dirs: Vec<String> = (1..=n).map(|i| format!("s{i}")).collect();
+    dirs.rotate_left(1);
+    let dirs: Vec<&str> = dirs.iter().map(String::as_str).collect();
+    let (ok, merged, err) = merge(root, &dirs, "merged");
+    assert!(ok, "{err}");
+    let (w, g) = (root.join("whole"), root.join("merged"));
+    assert_eq!(
+        csv_without(&w.join("results.csv"), &TIMED_RESULTS),
+        csv_without(&g.join("results.csv"), &TIMED_RESULTS)
+    );
+    assert_eq!(
+        csv_without(&w.join("samples.csv"), &TIMED_SAMPLES),
+        csv_without(&g.join("samples.csv"), &TIMED_SAMPLES)
+    );
+    assert_eq!(json_without_timing(&w), json_without_timing(&g));
+    assert_eq!(table_without_timing(&whole), table_without_timing(&merged));
+    // No timed quantity reaches flips.csv or the plots (speedup_vs_keep plots FLOPs).
+    for f in [
+        "flips.csv",
+        "accuracy_vs_kept.svg",
+        "recall_vs_kept.svg",
+        "speedup_vs_keep.svg",
+        "accuracy_vs_kept.png",
+    ] {
+        assert_eq!(
+            std::fs::read(w.join(f)).unwrap(),
+            std::fs::read(g.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+    // Peak memory merges as the largest of the shards' peaks.
+    let peaks = |d: &str| -> Vec<u64> {
+        let text = std::fs::read_to_string(root.join(d).join("results.json")).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let configs = json["configs"].as_array().unwrap();
+        configs
+            .iter()
+            .map(|c| c["peak_bytes"].as_u64().unwrap())
+            .collect()
+    };
+    let shard_peaks: Vec<Vec<u64>> = (1..=n).map(|i| peaks(&format!("s{i}"))).collect();
+    let max: Vec<u64> = (0..shard_peaks[0].len())
+        .map(|c| shard_peaks.iter().map(|p| p[c]).max().unwrap())
+        .collect();
+    assert_eq!(peaks("merged"), max);
+}
+
+#[test]
+fn shards_merge_into_the_results_of_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let dir = |name: &str| root.join(name);
+    let m = model();
+    let args = [
+        "--model",
+        &m,
+        "--data",
+        "shapes:7",
+        "--head",
+        "sum",
+        "--keep",
+        "0.5,0.25",
+        "--random-baseline",
+        "--seed",
+        "5",
+    ];
+    // 7 questions in 3 slices (1-based): 0..2, 2..4, 4..7.
+    assert_shards_merge_into_the_whole_run(root, &args, &[2, 2, 3]);
+    // A merge is a whole sweep: it merges again on its own, and a whole run merges too.
+    let (ok, _, err) = merge(root, &["merged"], "again");
+    assert!(ok, "{err}");
+    let (ok, _, err) = merge(root, &["whole"], "whole_again");
+    assert!(ok, "{err}");
+    assert_eq!(
+        csv_without(&dir("whole/samples.csv"), &TIMED_SAMPLES),
+        csv_without(&dir("whole_again/samples.csv"), &TIMED_SAMPLES)
+    );
+
+    // Shards that do not make up one sweep are refused, naming the folder.
+    let run = |flags: &[&str], out: &str| {
+        let (ok, _, err) = bench(&[flags, &["--out", dir(out).to_str().unwrap()]].concat());
+        assert!(ok, "{err}");
+    };
+    run(&[&args[..], &["--shard", "1/2"]].concat(), "half1");
+    let mut other_keep = args.to_vec();
+    other_keep[7] = "0.5";
+    run(&[&other_keep[..], &["--shard", "3/3"]].concat(), "keep3");
+    let mut other_seed = args.to_vec();
+    other_seed[10] = "6";
+    run(&[&other_seed[..], &["--shard", "3/3"]].concat(), "seed3");
+    std::fs::create_dir_all(dir("empty")).unwrap();
+    let name = |d: &str| dir(d).display().to_string();
+    let cases: Vec<(Vec<&str>, Vec<String>)> = vec![
+        (
+            vec!["half1", "s2", "s3"],
+            vec![name("s2"), "overlap".into(), name("half1")],
+        ),
+        (
+            vec!["s1", "s1", "s2", "s3"],
+            vec![name("s1"), "exactly one shard".into()],
+        ),
+        (
+            vec!["s1", "s3"],
+            vec![name("s3"), "questions 2..4 of 7 are in no folder".into()],
+        ),
+        (
+            vec!["s2", "s1"],
+            vec!["questions 4..7 of 7 are in no folder".into()],
+        ),
+        (
+            vec!["s1", "s2", "keep3"],
+            vec![name("keep3"), "other configurations".into()],
+        ),
+        (
+            vec!["s1", "s2", "seed3"],
+            vec![name("seed3"), "seed is `6` here, `5` in".into()],
+        ),
+        (
+            vec!["s1", "empty"],
+            vec![name("empty"), "no manifest.json".into()],
+        ),
+    ];
+    for (dirs, want) in cases {
+        let (ok, _, err) = merge(root, &dirs, "bad");
+        assert!(!ok, "{dirs:?} merged");
+        for w in want {
+            assert!(err.contains(&w), "{dirs:?}: expected {w:?} in {err}");
+        }
+        assert!(!err.contains("panicked"), "{dirs:?}: {err}");
+    }
+    assert!(!dir("bad").exists(), "a refused merge writes nothing");
+    let (ok, _, err) = merge(root, &["s1", "s2", "s3"], "s2");
+    assert!(
+        !ok && err.contains("--out") && err.contains(&name("s2")),
+        "{err}"
+    );
+}
+
+/// LLaVA-NeXT: the per-tile kept counts (samples.csv's tiles_kept) merge too.
+#[test]
+fn llava_next_shards_merge_into_the_results_of_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = next_model();
+    let args = [
+        "--model", &m, "--data", "shapes:3", "--head", "sum", "--keep", "0.5", "--seed", "1",
+    ];
+    assert_shards_merge_into_the_whole_run(tmp.path(), &args, &[1, 2]);
+    let samples = CsvTable::read(&tmp.path().join("merged/samples.csv")).unwrap();
+    assert!(samples.header.iter().any(|c| c == "tiles_kept"));
+}
+
+#[test]
+fn bad_shard_flags_get_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tmp.path().join("out");
+    let o = o.to_str().unwrap();
+    let m = model();
+    for (shard, want) in [
+        ("0/3", "I counts from 1"),
+        ("4/3", "I counts from 1"),
+        ("1/0", "N must be at least 1"),
+        ("2", "expected I/N"),
+        ("a/3", "whole numbers"),
+        // 2 questions in 3 slices: the first is empty.
+        ("1/3", "no questions in this slice"),
+    ] {
+        let (ok, _, err) = bench(&[
+            "--model", &m, "--data", "shapes:2", "--shard", shard, "--out", o,
+        ]);
+        assert!(!ok, "{shard} succeeded");
+        assert!(
+            err.contains("--shard") && err.contains(want),
+            "{shard}: expected {want:?} in {err}"
+        );
+        assert!(!err.contains("panicked"), "{shard}: {err}");
+    }
+    let (ok, _, err) = bench(&["merge"]);
+    assert!(!ok && err.contains("DIR"), "{err}");
+    let (ok, _, err) = bench(&["merge", o, "--head", "sum"]);
+    assert!(!ok && err.contains("--head"), "{err}");
 }

@@ -84,7 +84,7 @@ fn the_bundled_teacher_answers_every_family_and_its_attention_finds_the_relevant
         size,
         patch: vc.patch_size as u32,
     };
-    let items = sweep::shapes_items(N, 1, &shapes, (size, size), &geometry, tmp.path()).unwrap();
+    let items = sweep::shapes_items(0..N, 1, &shapes, (size, size), &geometry, tmp.path()).unwrap();
     let configs = SweepConfig::grid(
         &["sum".to_string()],
         &["last_token".to_string()],

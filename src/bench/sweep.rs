@@ -1,7 +1,7 @@
 //! Running a pruning study: every configuration (head x query x keep x layer, plus the unpruned
 //! model) over every sample, scored, timed and measured.
 
-use super::eval::{ScoreSummary, Scorecard};
+use super::eval::{SampleScore, ScoreSummary, Scorecard, YesNo};
 use super::mem;
 use super::shapes::{self, Family, SHORT_ANSWER, ShapesConfig, Split};
 use crate::engine::{Engine, ImageInput, Request};
@@ -14,11 +14,13 @@ use crate::prune::{
     Keep, PrunePlan, Scorer, Stage, StrategyParams, head_strategy, metrics::TileKept, pyramid,
     query_strategy,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-/// One question about one image.
-#[derive(Debug, Clone)]
+/// One question about one image. Serialised (without its relevance) in a sweep's manifest
+/// ([`super::shard::Manifest`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchItem {
     pub id: String,
     pub image: PathBuf,
@@ -32,6 +34,7 @@ pub struct BenchItem {
     /// order ([`VisionEncoder::patch_tokens`]: the image's prompt tokens less the `full`
     /// strategy's CLS and LLaVA-NeXT's newlines). LLaVA-1.5: the vision tower's patch grid,
     /// row-major; LLaVA-NeXT: the base tile's patches, then the unpadded grid's row by row.
+    #[serde(skip)]
     pub relevant: Option<Vec<bool>>,
 }
 
@@ -89,23 +92,26 @@ impl PatchGeometry {
     }
 }
 
-/// `n` ShapesVQA test questions (generator `seed`, settings `cfg`, whose
+/// The ShapesVQA test questions numbered `questions` (generator `seed`, settings `cfg`, whose
 /// [`ShapesConfig::aspect`] shapes the scenes) as bench items: images rendered at `width x
 /// height` into `dir/images`, questions with [`SHORT_ANSWER`], relevance of each patch token of
-/// `geometry`, existence questions scored POPE-style.
+/// `geometry`, existence questions scored POPE-style. The generator is prefix-stable (question
+/// `i` is the same whatever the count), so `a..b` are the same questions as in a run of `0..c`
+/// for any `c >= b`: the slices of [`super::shard::Shard`] render only their own images.
 pub fn shapes_items(
-    n: usize,
+    questions: Range<usize>,
     seed: u64,
     cfg: &ShapesConfig,
     (width, height): (u32, u32),
     geometry: &PatchGeometry,
     dir: &Path,
 ) -> Result<Vec<BenchItem>> {
-    let samples = shapes::generate(Split::Test, n, seed, cfg)?;
+    let samples = shapes::generate(Split::Test, questions.end, seed, cfg)?;
     let images = dir.join("images");
     std::fs::create_dir_all(&images).map_err(|e| Error::io(&images, e))?;
     samples
         .iter()
+        .skip(questions.start)
         .map(|s| {
             let path = images.join(s.image_file());
             write_atomic(&path, &s.scene.png_at(width, height)?)?;
@@ -223,6 +229,19 @@ impl SweepConfig {
         out
     }
 
+    /// What a summary and a manifest say of this configuration (all but the plan).
+    pub fn info(&self) -> ConfigInfo {
+        ConfigInfo {
+            label: self.label.clone(),
+            series: self.series.clone(),
+            head: self.head.clone(),
+            query: self.query.clone(),
+            keep: self.keep.map(|k| k.to_string()),
+            layer: self.layer,
+            stages: self.stages.clone(),
+        }
+    }
+
     /// The PyramidDrop-style twin of this single-stage configuration: stages before `layers`
     /// at the same image tokens averaged over the `num_layers` layers ([`pyramid`]), the same
     /// strategies. An error for the unpruned baseline or a plan that does not fit.
@@ -250,14 +269,18 @@ impl SweepConfig {
     }
 }
 
-/// What happened to one sample under one configuration.
-#[derive(Debug, Clone, Serialize)]
+/// What happened to one sample under one configuration: everything [`summarize`] needs (a
+/// shard's results.json carries them to `prune-bench merge`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SampleRecord {
     pub config: String,
     pub id: String,
     pub family: String,
     pub prediction: String,
     pub score: f64,
+    /// The yes/no reading of a POPE-style sample (the POPE metrics are computed over these).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yes_no: Option<YesNo>,
     /// Image tokens after the last stage, and averaged over all LM layers.
     pub kept_after: usize,
     pub avg_kept: f64,
@@ -277,7 +300,7 @@ pub struct SampleRecord {
     pub decode_gflops: f64,
     /// LLaVA-NeXT: the image tokens of each tile (and the row newlines) in the prompt and after
     /// the last stage ([`crate::prune::RunStats::tiles`]); empty for LLaVA-1.5's one tile.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tiles: Vec<TileRecord>,
     /// Patch tokens kept after the last stage (all when unpruned), as indices among the image's
     /// patch tokens ([`BenchItem::relevant`]'s order: LLaVA-1.5's patches).
@@ -289,7 +312,7 @@ pub struct SampleRecord {
 }
 
 /// One tile's image tokens in the prompt and after pruning ([`SampleRecord::tiles`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TileRecord {
     /// `base` (the whole image squashed to one tile), `tile1`, `tile2`, ... (the grid's tiles,
     /// row by row) or `newlines` (the grid's row ends).
@@ -331,9 +354,9 @@ impl TileRecord {
     }
 }
 
-/// Aggregates of one configuration.
-#[derive(Debug, Clone, Serialize)]
-pub struct ConfigSummary {
+/// A configuration as summaries and manifests name it ([`SweepConfig::info`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigInfo {
     pub label: String,
     /// The plot line it belongs to ([`SweepConfig::series`]).
     pub series: String,
@@ -343,6 +366,13 @@ pub struct ConfigSummary {
     pub layer: Option<usize>,
     /// The plan's stages ([`SweepConfig::stages`]).
     pub stages: String,
+}
+
+/// Aggregates of one configuration ([`summarize`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigSummary {
+    #[serde(flatten)]
+    pub config: ConfigInfo,
     /// Accuracy overall and per family, POPE metrics over the yes/no questions.
     pub scores: ScoreSummary,
     pub kept_after: f64,
@@ -352,8 +382,12 @@ pub struct ConfigSummary {
     pub random_recall: Option<f64>,
     pub concentration: Option<f64>,
     pub diversity: Option<f64>,
+    /// Mean prefill time and decode speed of the samples (wall time; after `prune-bench merge`,
+    /// measured by different processes, possibly on different machines).
     pub prefill_ms: f64,
     pub decode_tokens_per_s: f64,
+    /// Peak heap while the configuration ran ([`mem::peak_bytes`]); merged: the largest of the
+    /// shards' peaks.
     pub peak_bytes: usize,
     pub prefill_gflops: f64,
     /// Unpruned prefill FLOPs / this configuration's, and the same for wall time.
@@ -381,8 +415,9 @@ fn mean_opt(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
 }
 
 /// Runs every configuration over every item, one request at a time so each prefill is timed
-/// alone; `on_sample` runs after each (a progress bar). The first configuration should be the
-/// unpruned baseline: speedups are relative to it.
+/// alone; `on_sample` runs after each (a progress bar). Returns the records (configuration by
+/// configuration, items in order) and their [`summarize`]: the first configuration should be the
+/// unpruned baseline, speedups are relative to it.
 pub fn run(
     engine: &Engine,
     items: &[BenchItem],
@@ -411,7 +446,7 @@ pub fn run(
         })
         .collect::<Result<Vec<_>>>()?;
     let mut records = Vec::new();
-    let mut summaries: Vec<ConfigSummary> = Vec::new();
+    let mut peaks = Vec::with_capacity(configs.len());
     for cfg in configs {
         mem::reset_peak();
         let mut card = Scorecard::new();
@@ -432,6 +467,7 @@ pub fn run(
             });
             let g = engine.generate(&[req])?.remove(0);
             let pred = g.text.trim().to_string();
+            // Scored as a scorecard scores; [`summarize`] rebuilds the scorecard from the records.
             let score = match it.yes_no {
                 Some(label) => card.add_yes_no(&it.id, &it.family, &pred, label),
                 None if it.answers.len() >= 10 => {
@@ -481,6 +517,7 @@ pub fn run(
                 family: it.family.clone(),
                 prediction: pred,
                 score,
+                yes_no: card.samples.last().and_then(|s| s.yes_no),
                 kept_after: s.kept_after_last(),
                 avg_kept: s.avg_image_tokens(),
                 recall,
@@ -504,23 +541,58 @@ pub fn run(
             });
             on_sample();
         }
-        let peak_bytes = mem::peak_bytes();
+        peaks.push(mem::peak_bytes());
+        records.extend(recs);
+    }
+    let infos: Vec<ConfigInfo> = configs.iter().map(SweepConfig::info).collect();
+    let summaries = summarize(&infos, &records, &peaks)?;
+    Ok((records, summaries))
+}
+
+/// The summary of each of `configs` over its records (those whose `config` is its label, in
+/// order), with `peak_bytes[i]` the peak memory of `configs[i]`: scores (accuracy, its
+/// bootstrap interval, per family, POPE) from a [`Scorecard`] of the records, means of the
+/// per-sample columns, speedups relative to the first configuration. [`run`] and
+/// `prune-bench merge` both summarise here, so a merged sweep reports what one run would.
+pub fn summarize(
+    configs: &[ConfigInfo],
+    records: &[SampleRecord],
+    peak_bytes: &[usize],
+) -> Result<Vec<ConfigSummary>> {
+    if peak_bytes.len() != configs.len() {
+        return Err(Error::arg(
+            "peak_bytes",
+            format!(
+                "{} peaks for {} configurations",
+                peak_bytes.len(),
+                configs.len()
+            ),
+        ));
+    }
+    let mut summaries: Vec<ConfigSummary> = Vec::with_capacity(configs.len());
+    for (cfg, &peak_bytes) in configs.iter().zip(peak_bytes) {
+        let recs: Vec<&SampleRecord> = records.iter().filter(|r| r.config == cfg.label).collect();
+        let card = Scorecard {
+            samples: recs
+                .iter()
+                .map(|r| SampleScore {
+                    question_id: r.id.clone(),
+                    family: r.family.clone(),
+                    prediction: r.prediction.clone(),
+                    score: r.score,
+                    yes_no: r.yes_no,
+                })
+                .collect(),
+        };
         let prefill_ms = mean(recs.iter().map(|r| r.prefill_ms));
         let prefill_gflops = mean(recs.iter().map(|r| r.prefill_gflops));
         let (base_ms, base_gflops) = summaries
             .first()
             .map(|b| (b.prefill_ms, b.prefill_gflops))
             .unwrap_or((prefill_ms, prefill_gflops));
-        let scores = card.summary();
         summaries.push(ConfigSummary {
-            label: cfg.label.clone(),
-            series: cfg.series.clone(),
-            head: cfg.head.clone(),
-            query: cfg.query.clone(),
-            keep: cfg.keep.map(|k| k.to_string()),
-            layer: cfg.layer,
-            stages: cfg.stages.clone(),
-            scores,
+            config: cfg.clone(),
+            scores: card.summary(),
             kept_after: mean(recs.iter().map(|r| r.kept_after as f64)),
             avg_kept: mean(recs.iter().map(|r| r.avg_kept)),
             recall: mean_opt(recs.iter().map(|r| r.recall)),
@@ -534,7 +606,6 @@ pub fn run(
             flops_speedup: base_gflops / prefill_gflops,
             time_speedup: base_ms / prefill_ms,
         });
-        records.extend(recs);
     }
-    Ok((records, summaries))
+    Ok(summaries)
 }

@@ -462,7 +462,7 @@ fn eval(
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let size = vc.image_size as u32;
     let geometry = sweep::PatchGeometry::of(vision);
-    let items = sweep::shapes_items(n, seed, &shapes_cfg, (size, size), &geometry, out)?;
+    let items = sweep::shapes_items(0..n, seed, &shapes_cfg, (size, size), &geometry, out)?;
     let system = model.system_prompt(llava_system);
     let engine = Engine::new(Arc::new(model));
     let bar = ProgressBar::new(items.len() as u64);

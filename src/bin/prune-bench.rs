@@ -6,7 +6,9 @@
 //! samples, per family, POPE F1), kept tokens, recall of
 //! the relevant patches, concentration and diversity of the kept tokens, prefill time, decode
 //! speed, peak memory, FLOPs and speedups: an aligned table on stdout, `results.csv`,
-//! `samples.csv`, `results.json`, plots (SVG + PNG) and, with `--visualize N`, overlays.
+//! `samples.csv`, `results.json`, `flips.csv`, `manifest.json`, plots (SVG + PNG) and, with
+//! `--visualize N`, overlays. `--shard I/N` runs one slice of the questions;
+//! `prune-bench merge DIR...` combines the slices into what one run writes.
 
 mod common;
 #[path = "common/device.rs"]
@@ -18,12 +20,15 @@ use fineprune::bench::eval;
 use fineprune::bench::mem::PeakAlloc;
 use fineprune::bench::report::{self, Series};
 use fineprune::bench::shapes::ShapesConfig;
+use fineprune::bench::shard::{self, MANIFEST, MANIFEST_FORMAT, Manifest, Shard};
 use fineprune::bench::sweep::{
     self, BenchItem, ConfigSummary, SampleRecord, SweepConfig, SweepOptions,
 };
 use fineprune::prune::Keep;
 use fineprune::{Engine, Error};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -49,9 +54,12 @@ fn default_model() -> Option<PathBuf> {
 #[command(
     name = "prune-bench",
     version,
-    about = "Visual token pruning studies: accuracy, tokens, speed, memory, FLOPs and token quality per strategy"
+    about = "Visual token pruning studies: accuracy, tokens, speed, memory, FLOPs and token quality per strategy",
+    args_conflicts_with_subcommands = true
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// HF model directory (LLaVA). Default: the bundled model in models/shapes-llava.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -95,6 +103,12 @@ struct Args {
     /// Use only the first N questions.
     #[arg(long)]
     limit: Option<usize>,
+    /// Run only the I-th of N slices of the questions (I counts from 1: 1/N .. N/N, e.g. a
+    /// Slurm array's $SLURM_ARRAY_TASK_ID/N with --array=1-N), after --limit: slice I is the
+    /// contiguous run of questions floor((I-1)T/N) .. floor(IT/N) of the T questions. Give
+    /// every slice its own --out and the same other flags; `prune-bench merge` combines them.
+    #[arg(long, value_name = "I/N", value_parser = Shard::parse)]
+    shard: Option<Shard>,
     /// Seed of the ShapesVQA generator.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -131,8 +145,32 @@ struct Args {
     llava_system: bool,
 }
 
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Combine the output folders of `--shard` runs into the results one run over all their
+    /// questions writes: the table, results.csv, samples.csv, results.json, flips.csv (without
+    /// overlays), manifest.json and plots. Refuses shards of different sweeps (model, data,
+    /// seed, flags, configurations), overlapping shards and missing ones.
+    Merge(MergeArgs),
+}
+
+#[derive(clap::Args)]
+struct MergeArgs {
+    /// The shards' output folders, in any order.
+    #[arg(required = true, value_name = "DIR")]
+    dirs: Vec<PathBuf>,
+    /// Output folder of the merged results (not one of the shards').
+    #[arg(long, default_value = "prune-bench-results")]
+    out: PathBuf,
+}
+
 fn main() -> ExitCode {
-    match run(Args::parse()) {
+    let a = Args::parse();
+    let result = match a.command {
+        Some(Command::Merge(m)) => merge(&m),
+        None => run(a),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -230,14 +268,21 @@ fn run(a: Args) -> fineprune::Result<()> {
         })
     })?;
     let geometry = sweep::PatchGeometry::of(vision);
-    let mut items = load_data(&a, &shapes_cfg, &geometry)?;
-    if let Some(n) = a.limit {
-        items.truncate(n);
-    }
-    if items.is_empty() {
+    let shard = a.shard.unwrap_or(Shard::WHOLE);
+    let (items, questions, total) = load_data(&a, &shapes_cfg, &geometry, shard)?;
+    if total == 0 {
         return Err(Error::arg(
             "--data",
             format!("{} holds no questions", a.data),
+        ));
+    }
+    if items.is_empty() {
+        return Err(Error::arg(
+            "--shard",
+            format!(
+                "{shard}: no questions in this slice ({total} questions in {} slices)",
+                shard.count
+            ),
         ));
     }
     let engine = Engine::new(Arc::new(model));
@@ -254,10 +299,10 @@ fn run(a: Args) -> fineprune::Result<()> {
     };
     let (records, summaries) = sweep::run(&engine, &items, &configs, &opts, &|| bar.inc(1))?;
     bar.finish_and_clear();
-    write_outputs(&a, &records, &summaries)?;
+    write_outputs(&a.out, &records, &summaries)?;
     // Overlays draw LLaVA-1.5's square patch grid.
     let grid = (!anyres).then_some(vc.grid() as u32);
-    write_flips(&a, &items, &records, grid)?;
+    write_flips(&a.out, a.flips, &items, &records, grid)?;
     match grid {
         Some(grid) if a.visualize > 0 => visualize(&a, &items, &records, grid)?,
         None if a.visualize > 0 || a.flips > 0 => eprintln!(
@@ -266,24 +311,116 @@ fn run(a: Args) -> fineprune::Result<()> {
         ),
         _ => {}
     }
-    Ok(())
+    write_manifest(
+        &a.out,
+        &Manifest {
+            format: MANIFEST_FORMAT,
+            settings: settings(&a, &model_dir, &shapes_cfg, &opts),
+            plans: configs.iter().map(|c| format!("{:?}", c.plan)).collect(),
+            configs: configs.iter().map(SweepConfig::info).collect(),
+            shard,
+            total,
+            questions,
+            items,
+            peak_bytes: summaries.iter().map(|s| s.peak_bytes).collect(),
+        },
+    )
 }
 
-/// ShapesVQA's test split (with the settings the model was trained on, made for
-/// `shapes_cfg.aspect`, images written under OUT/images at [`ShapesConfig::width`] x
-/// `shapes_cfg.image_size`, relevance per patch token of `geometry`) or a LLaVA eval file.
+/// What decides a run's results besides its configurations and questions, for
+/// [`Manifest::settings`]: shards merge only when these agree. Output-only flags (--out,
+/// --visualize, --flips) and the device's index are left out.
+fn settings(
+    a: &Args,
+    model_dir: &Path,
+    shapes_cfg: &ShapesConfig,
+    opts: &SweepOptions,
+) -> BTreeMap<String, String> {
+    let path = |p: &Option<PathBuf>| p.as_ref().map_or("-".into(), |p| p.display().to_string());
+    let d = &a.run_on;
+    [
+        ("fineprune", env!("CARGO_PKG_VERSION").to_string()),
+        ("model", model_dir.display().to_string()),
+        ("data", a.data.clone()),
+        ("answers", path(&a.answers)),
+        ("images", path(&a.images)),
+        ("limit", format!("{:?}", a.limit)),
+        ("seed", a.seed.to_string()),
+        ("image_size", shapes_cfg.image_size.to_string()),
+        ("aspect", shapes_cfg.aspect.to_string()),
+        ("max_new_tokens", a.max_new_tokens.to_string()),
+        ("system", format!("{:?}", opts.system)),
+        (
+            "device",
+            if d.device.is_cpu() { "cpu" } else { "cuda" }.into(),
+        ),
+        ("dtype", format!("{:?}", d.dtype)),
+        ("quantize", format!("{:?}", d.quantize)),
+        ("quantize_vision", d.quantize_vision.to_string()),
+        ("bf16_compute", d.bf16_compute.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// OUT/manifest.json.
+fn write_manifest(out: &Path, manifest: &Manifest) -> fineprune::Result<()> {
+    let text =
+        serde_json::to_string_pretty(manifest).map_err(|e| Error::arg(MANIFEST, e.to_string()))?;
+    fineprune::io::write_atomic(&out.join(MANIFEST), text.as_bytes())
+}
+
+/// `prune-bench merge`: the shards' sweep, written as one run writes it ([`shard::merge`]).
+fn merge(m: &MergeArgs) -> fineprune::Result<()> {
+    let out = std::fs::canonicalize(&m.out).ok();
+    if let Some(d) = m
+        .dirs
+        .iter()
+        .find(|d| out.is_some() && std::fs::canonicalize(d).ok() == out)
+    {
+        return Err(Error::arg(
+            "--out",
+            format!(
+                "{} is one of the shards: the merged results would overwrite its own",
+                d.display()
+            ),
+        ));
+    }
+    let merged = shard::merge(&m.dirs)?;
+    std::fs::create_dir_all(&m.out).map_err(|e| Error::io(&m.out, e))?;
+    write_outputs(&m.out, &merged.records, &merged.summaries)?;
+    // The records carry no importance maps, so no overlays: flips.csv as with --flips 0.
+    write_flips(&m.out, 0, &merged.manifest.items, &merged.records, None)?;
+    write_manifest(&m.out, &merged.manifest)
+}
+
+/// `shard`'s questions of ShapesVQA's test split (with the settings the model was trained on,
+/// made for `shapes_cfg.aspect`, images written under OUT/images at [`ShapesConfig::width`] x
+/// `shapes_cfg.image_size`, relevance per patch token of `geometry`) or of a LLaVA eval file,
+/// their indices among all the questions (after --limit), and the count of those.
 fn load_data(
     a: &Args,
     shapes_cfg: &ShapesConfig,
     geometry: &sweep::PatchGeometry,
-) -> fineprune::Result<Vec<BenchItem>> {
+    shard: Shard,
+) -> fineprune::Result<(Vec<BenchItem>, Range<usize>, usize)> {
     if let Some(n) = a.data.strip_prefix("shapes:") {
         let n: usize = n
             .parse()
             .map_err(|_| Error::arg("--data", format!("`{}`: shapes:N needs a count", a.data)))?;
         let n = a.limit.map_or(n, |l| l.min(n));
         let size = (shapes_cfg.width(), shapes_cfg.image_size);
-        return sweep::shapes_items(n, a.seed, shapes_cfg, size, geometry, &a.out);
+        let questions = shard.range(n);
+        let items = sweep::shapes_items(
+            questions.clone(),
+            a.seed,
+            shapes_cfg,
+            size,
+            geometry,
+            &a.out,
+        )?;
+        return Ok((items, questions, n));
     }
     let questions = PathBuf::from(&a.data);
     let images = a.images.clone().unwrap_or_else(|| {
@@ -313,7 +450,7 @@ fn load_data(
             ));
         }
     };
-    Ok(items
+    let mut items: Vec<BenchItem> = items
         .into_iter()
         .map(|it| BenchItem {
             yes_no: if has_labels {
@@ -328,15 +465,21 @@ fn load_data(
             answers: it.answers,
             relevant: None,
         })
-        .collect())
+        .collect();
+    items.truncate(a.limit.unwrap_or(items.len()));
+    let total = items.len();
+    let questions = shard.range(total);
+    let items = items.drain(questions.clone()).collect();
+    Ok((items, questions, total))
 }
 
 fn opt(x: Option<f64>, digits: usize) -> String {
     x.map_or("-".into(), |v| format!("{v:.digits$}"))
 }
 
+/// The table on stdout, and OUT/results.csv, samples.csv, results.json and plots.
 fn write_outputs(
-    a: &Args,
+    out: &Path,
     records: &[SampleRecord],
     summaries: &[ConfigSummary],
 ) -> fineprune::Result<()> {
@@ -376,12 +519,12 @@ fn write_outputs(
     let mut rows = vec![header];
     for s in summaries {
         let mut r = vec![
-            s.label.clone(),
-            s.head.clone(),
-            s.query.clone(),
-            s.keep.clone().unwrap_or("-".into()),
-            s.layer.map_or("-".into(), |l| l.to_string()),
-            s.stages.clone(),
+            s.config.label.clone(),
+            s.config.head.clone(),
+            s.config.query.clone(),
+            s.config.keep.clone().unwrap_or("-".into()),
+            s.config.layer.map_or("-".into(), |l| l.to_string()),
+            s.config.stages.clone(),
             s.scores.n.to_string(),
             format!("{:.3}", s.scores.accuracy),
             opt(s.scores.accuracy_ci.map(|c| c.lower), 3),
@@ -408,7 +551,7 @@ fn write_outputs(
         rows.push(r);
     }
     print!("{}", report::table(&rows));
-    report::write_csv(&a.out.join("results.csv"), &rows)?;
+    report::write_csv(&out.join("results.csv"), &rows)?;
     let mut srows = vec![
         [
             "config",
@@ -450,23 +593,23 @@ fn write_outputs(
             });
         }
     }
-    report::write_csv(&a.out.join("samples.csv"), &srows)?;
+    report::write_csv(&out.join("samples.csv"), &srows)?;
     let json = serde_json::json!({ "configs": summaries, "samples": records });
     let text = serde_json::to_string_pretty(&json)
         .map_err(|e| Error::arg("results.json", e.to_string()))?;
-    fineprune::io::write_atomic(&a.out.join("results.json"), text.as_bytes())?;
+    fineprune::io::write_atomic(&out.join("results.json"), text.as_bytes())?;
 
     // One line per series (head/query/K, random/K, pyramid) over its keep values; the unpruned
     // run is its own point.
     let mut groups: Vec<(String, Vec<&ConfigSummary>)> = vec![];
-    for s in summaries.iter().filter(|s| s.keep.is_some()) {
-        let key = s.series.clone();
+    for s in summaries.iter().filter(|s| s.config.keep.is_some()) {
+        let key = s.config.series.clone();
         match groups.iter_mut().find(|g| g.0 == key) {
             Some(g) => g.1.push(s),
             None => groups.push((key, vec![s])),
         }
     }
-    let base = summaries.iter().find(|s| s.keep.is_none());
+    let base = summaries.iter().find(|s| s.config.keep.is_none());
     let series = |f: &dyn Fn(&ConfigSummary) -> Option<(f64, f64)>| -> Vec<Series> {
         let mut v: Vec<Series> = groups
             .iter()
@@ -484,14 +627,14 @@ fn write_outputs(
         v
     };
     report::line_plot(
-        &a.out.join("accuracy_vs_kept"),
+        &out.join("accuracy_vs_kept"),
         "Accuracy vs kept image tokens",
         "image tokens kept after K",
         "accuracy",
         &series(&|s| Some((s.kept_after, s.scores.accuracy))),
     )?;
     report::line_plot(
-        &a.out.join("recall_vs_kept"),
+        &out.join("recall_vs_kept"),
         "Relevant-patch recall vs kept image tokens",
         "image tokens kept after K",
         "recall of relevant patches",
@@ -499,7 +642,7 @@ fn write_outputs(
     )?;
     let keep_x = |s: &ConfigSummary| s.kept_after / base.map_or(1.0, |b| b.kept_after.max(1.0));
     report::line_plot(
-        &a.out.join("speedup_vs_keep"),
+        &out.join("speedup_vs_keep"),
         "Prefill speedup vs keep (solid: FLOPs; see results.csv for wall time)",
         "kept fraction of image tokens",
         "prefill FLOPs speedup",
@@ -507,7 +650,7 @@ fn write_outputs(
     )?;
     eprintln!(
         "wrote {}/results.csv, samples.csv, results.json and plots",
-        a.out.display()
+        out.display()
     );
     Ok(())
 }
@@ -548,12 +691,13 @@ fn visualize(
     Ok(())
 }
 
-/// flips.csv: every (pruned configuration, sample) whose score differs from the unpruned run's,
-/// `lost` (pruning made it worse) or `gained`; overlays of the first `--flips` of each
+/// OUT/flips.csv: every (pruned configuration, sample) whose score differs from the unpruned
+/// run's, `lost` (pruning made it worse) or `gained`; overlays of the first `overlays` of each
 /// configuration in flips/ (the file name is in the `overlay` column) on LLaVA-1.5's `grid`,
 /// none without one.
 fn write_flips(
-    a: &Args,
+    out: &Path,
+    overlays: usize,
     items: &[BenchItem],
     records: &[SampleRecord],
     grid: Option<u32>,
@@ -565,7 +709,7 @@ fn write_flips(
         .collect();
     let item: std::collections::HashMap<&str, &BenchItem> =
         items.iter().map(|it| (it.id.as_str(), it)).collect();
-    let dir = a.out.join("flips");
+    let dir = out.join("flips");
     let mut rows = vec![
         [
             "config",
@@ -595,7 +739,7 @@ fn write_flips(
         }
         let n = drawn.entry(r.config.as_str()).or_default();
         let overlay = match grid {
-            Some(grid) if *n < a.flips && !r.patch_importance.is_empty() => {
+            Some(grid) if *n < overlays && !r.patch_importance.is_empty() => {
                 *n += 1;
                 std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
                 let name = format!("{}__{}.png", r.config.replace('/', "_"), r.id);
@@ -619,5 +763,5 @@ fn write_flips(
             overlay,
         ]);
     }
-    report::write_csv(&a.out.join("flips.csv"), &rows)
+    report::write_csv(&out.join("flips.csv"), &rows)
 }
