@@ -1,8 +1,10 @@
-//! DART (`fineprune::prune::dart`) against a reference written from the official code's logic on
-//! HF transformers' modules (`tests/reference/gen_dart.py`): on both LLaVA-1.5 fixtures and the
-//! LLaVA-NeXT Mistral one, at two budgets each, the kept image tokens are identical, the logits of
-//! the pruned sequence within 1e-4, and 24 greedy tokens with the KV cache the same; CPython's
-//! `set` order, which decides the pivots' turn, is reproduced on random integer lists.
+//! The peer pruning methods against references written from their official code's logic on HF
+//! transformers' modules (`tests/reference/gen_methods.py`), on the tiny fixtures at two budgets
+//! or more each: the kept image tokens identical (DART), the logits within 1e-4, and 24 greedy
+//! tokens with the KV cache the same.
+//! - DART (`fineprune::prune::dart`) on both LLaVA-1.5 fixtures and the LLaVA-NeXT Mistral one;
+//!   CPython's `set` order, which decides the pivots' turn, reproduced on random integer lists.
+//! - Uniform pooling before the LM (`fineprune::prune::before`), `default` and `full` strategies.
 
 mod common;
 
@@ -17,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 fn meta() -> Value {
-    let path = reference_dir().join("dart_ref.json");
+    let path = reference_dir().join("methods_ref.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -71,7 +73,7 @@ fn request(case: &Value) -> Request {
 #[test]
 fn dart_matches_the_official_logic_on_hf_modules() {
     let dir = reference_dir();
-    let r = load_ref(&dir.join("dart_ref.safetensors"));
+    let r = load_ref(&dir.join("methods_ref.safetensors"));
     let meta = meta();
     let pivots = &meta["pivots"];
     let dart = Dart {
@@ -82,6 +84,9 @@ fn dart_matches_the_official_logic_on_hf_modules() {
     let mut engines: HashMap<String, Engine> = HashMap::new();
     let mut checked = 0;
     for (name, case) in meta["cases"].as_object().unwrap() {
+        if case["method"] != "dart" {
+            continue;
+        }
         let fixture = case["fixture"].as_str().unwrap();
         let engine = engines
             .entry(fixture.to_string())
@@ -119,6 +124,54 @@ fn dart_matches_the_official_logic_on_hf_modules() {
         checked += 1;
     }
     assert_eq!(checked, 7);
+}
+
+#[test]
+fn pooling_before_the_lm_matches_adaptive_avg_pool2d_on_hf() {
+    use fineprune::prune::before::{BeforeLm, Reduce};
+    let dir = reference_dir();
+    let r = load_ref(&dir.join("methods_ref.safetensors"));
+    let meta = meta();
+    let mut checked = 0;
+    for (name, case) in meta["cases"].as_object().unwrap() {
+        if case["method"] != "pool" {
+            continue;
+        }
+        let fixture = case["fixture"].as_str().unwrap();
+        let engine = Engine::new(Arc::new(Model::load(dir.join(fixture)).unwrap()));
+        let mut plan = PrunePlan::new(vec![]);
+        plan.before_lm = Some(Reduce {
+            method: BeforeLm::Pool,
+            keep: Keep::Count(case["budget"].as_u64().unwrap() as usize),
+        });
+        let mut req = request(case);
+        req.prune = Some(plan);
+        let out = engine.prompt_logits(&req).unwrap();
+        assert_eq!(
+            out.prompt.ids,
+            ids_u32(&r[&format!("{name}/input_ids")]),
+            "{name}"
+        );
+        let after = case["n_after"].as_u64().unwrap() as usize;
+        assert_eq!(out.stats.kept_after_last(), after, "{name}");
+        assert_eq!(out.stats.avg_image_tokens(), after as f64, "{name}");
+        let err = max_abs_diff(&out.logits, &r[&format!("{name}/logits")].f);
+        println!(
+            "{name}: {} -> {after} image tokens, logits max-abs diff {err:.2e}",
+            case["N"]
+        );
+        assert!(err < 1e-4, "{name}: logits differ by {err}");
+        req.max_new_tokens = 24;
+        req.stop_on_eos = false;
+        let g = engine.generate(&[req]).unwrap().remove(0);
+        assert_eq!(
+            g.tokens,
+            ids_u32(&r[&format!("{name}/greedy")]),
+            "{name}: greedy"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 4);
 }
 
 /// The pivots take turns in CPython's `set` iteration order (the official code iterates

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""DART reference (issue 31) on the tiny LLaVA fixtures, written from the official code's logic on
-HF transformers' own modules (eager, f32).
+"""References for the peer pruning methods (issue 31) on the tiny LLaVA fixtures, each written from
+its official code's logic on HF transformers' own modules (eager, f32).
 
+DART:
 Official code: github.com/ZichenWen1/DART, llava/model/language_model/modeling_llama_self.py
 (`LlamaModel.forward` lines 333-357: before layer K, `last_layer_state = norm(output of layer K-1)`,
 `any_states` = layer K-1's keys after RoPE; `get_retained_image_token` lines 397-449), defaults from
@@ -10,12 +11,18 @@ follows get_retained_image_token statement by statement, Python `set`s included 
 order decides which pivot picks first); the pruned sequence keeps the original position ids
 (`position_ids = keep_indexs`).
 
-Reads llava_gqa/, llava_tied/ (gen_llava.py), llava_next_mistral/ (gen_llava_next.py) and their
-*_ref.safetensors. Writes dart_ref.safetensors (`{case}/{kept, logits, greedy}`) and dart_ref.json
-(cases: fixture, prompt, K, budget, pivots, N, first image position, kept; `set_orders`: random
-integer lists and CPython's `list(set(l))` of each, for the Rust emulation).
+Uniform pooling (the naive baseline, no official code): the projected patch features' g x g grid
+through torch.nn.functional.adaptive_avg_pool2d to s x s, s = floor(sqrt(budget)) (as LLaVA-OneVision's
+get_2dPool pools after the projector), the `full` strategy's CLS row kept in front; the prompt holds
+that many image tokens and the LM runs unpruned on it.
 
-  /tmp/venv-ref/bin/python tests/reference/gen_dart.py     (a few seconds; deterministic)
+Reads llava_gqa/, llava_tied/ (gen_llava.py), llava_next_mistral/ (gen_llava_next.py) and their
+*_ref.safetensors. Writes methods_ref.safetensors (`{case}/{kept, logits, greedy}`; pool cases:
+`{case}/{input_ids, features, logits, greedy}`) and methods_ref.json (cases: method, fixture, prompt,
+K, budget, pivots, N, first image position, kept; `set_orders`: random integer lists and CPython's
+`list(set(l))` of each, for the Rust emulation).
+
+  /tmp/venv-ref/bin/python tests/reference/gen_methods.py     (a few seconds; deterministic)
 """
 import json
 import math
@@ -47,13 +54,20 @@ K = 2
 PIVOTS = (4, 4)
 # (case, fixture, prompt key in the fixture's ref file, budget = max_num_trunction)
 CASES = [
-    ("gqa_p1_m8", "llava_gqa", "input_ids", 8),
-    ("gqa_p1_m16", "llava_gqa", "input_ids", 16),
-    ("gqa_p2_m16", "llava_gqa", "input_ids_2", 16),
-    ("tied_p1_m8", "llava_tied", "input_ids", 8),
-    ("tied_p2_m16", "llava_tied", "input_ids_2", 16),
-    ("next_mistral_m64", "llava_next_mistral", "mistral/portrait", 64),
-    ("next_mistral_m128", "llava_next_mistral", "mistral/portrait", 128),
+    ("dart_gqa_p1_m8", "llava_gqa", "input_ids", 8),
+    ("dart_gqa_p1_m16", "llava_gqa", "input_ids", 16),
+    ("dart_gqa_p2_m16", "llava_gqa", "input_ids_2", 16),
+    ("dart_tied_p1_m8", "llava_tied", "input_ids", 8),
+    ("dart_tied_p2_m16", "llava_tied", "input_ids_2", 16),
+    ("dart_next_mistral_m64", "llava_next_mistral", "mistral/portrait", 64),
+    ("dart_next_mistral_m128", "llava_next_mistral", "mistral/portrait", 128),
+]
+# (case, fixture, prompt key, budget): pooling before the LM
+POOL_CASES = [
+    ("pool_gqa_p1_k4", "llava_gqa", "input_ids", 4),
+    ("pool_gqa_p2_k9", "llava_gqa", "input_ids_2", 9),
+    ("pool_tied_p1_k4", "llava_tied", "input_ids", 4),
+    ("pool_tied_p1_k16", "llava_tied", "input_ids", 16),
 ]
 
 
@@ -113,6 +127,45 @@ class KeyRunner:
         return lm.norm(h), keys
 
 
+@torch.no_grad()
+def pool_case(model, ref, key, budget, tensors, meta, case, fixture):
+    """Pooled image features (adaptive_avg_pool2d on the projected g x g grid), the prompt with that
+    many image tokens, HF's forward on the merged embeddings, greedy by full recompute."""
+    ids, pv = ref[key], ref["pixel_values"]
+    image_id = model.config.image_token_id
+    feats = torch.cat(model.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output, 0)
+    cls = 1 if model.config.vision_feature_select_strategy == "full" else 0
+    g = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    side = max(1, math.isqrt(budget))
+    grid = feats[cls:].reshape(g, g, -1).permute(2, 0, 1)[None]
+    pooled = torch.nn.functional.adaptive_avg_pool2d(grid, side)[0].permute(1, 2, 0).reshape(side * side, -1)
+    pooled = torch.cat([feats[:cls], pooled], 0)
+    pos = (ids == image_id).nonzero()[:, 0]
+    start, n = int(pos[0]), len(pos)
+    new_ids = torch.cat([ids[:start], torch.full((pooled.shape[0],), image_id), ids[start + n:]])
+    emb_layer = model.model.get_input_embeddings()
+
+    def logits_of(seq):
+        e = emb_layer(seq[None])
+        mask = (seq == image_id)[None, :, None].expand_as(e)
+        e = e.masked_scatter(mask, pooled)
+        return model(inputs_embeds=e).logits[0]
+
+    logits = logits_of(new_ids)
+    seq, gen = new_ids.clone(), []
+    for _ in range(N_GREEDY):
+        nxt = int(logits_of(seq)[-1].argmax())
+        gen.append(nxt)
+        seq = torch.cat([seq, torch.tensor([nxt])])
+    tensors[f"{case}/input_ids"] = new_ids.to(torch.int64).contiguous()
+    tensors[f"{case}/features"] = pooled.float().contiguous()
+    tensors[f"{case}/logits"] = logits.float().contiguous()
+    tensors[f"{case}/greedy"] = torch.tensor(gen, dtype=torch.int64)
+    meta["cases"][case] = {"method": "pool", "fixture": fixture, "prompt": key, "budget": budget,
+                           "side": side, "N": n, "n_after": int(pooled.shape[0]), "greedy": gen}
+    print(f"[{case}] {n} image tokens pooled to {pooled.shape[0]}")
+
+
 def set_orders():
     rng = random.Random(31)
     out = []
@@ -125,7 +178,7 @@ def set_orders():
 
 
 def main():
-    tensors, meta = {}, {"generator": "gen_dart.py", "torch": torch.__version__,
+    tensors, meta = {}, {"generator": "gen_methods.py", "torch": torch.__version__,
                          "transformers": transformers.__version__, "K": K, "pivots": list(PIVOTS),
                          "cases": {}, "set_orders": set_orders()}
     models = {}
@@ -170,14 +223,19 @@ def main():
         tensors[f"{case}/kept"] = torch.tensor(kept, dtype=torch.int64)
         tensors[f"{case}/logits"] = logits.float().contiguous()
         tensors[f"{case}/greedy"] = torch.tensor(gen, dtype=torch.int64)
-        meta["cases"][case] = {"fixture": fixture, "prompt": key, "budget": budget, "N": N, "L": L,
+        meta["cases"][case] = {"method": "dart", "fixture": fixture, "prompt": key, "budget": budget, "N": N, "L": L,
                                "first_image_pos": start, "kept": kept, "n_kept": len(kept),
                                "pivot_order": order, "image_pivots": image_pivots,
                                "pivot_order_is_sorted": order == sorted(order), "greedy": gen}
         print(f"[{case}] N={N} budget={budget} kept {len(kept)}; pivots visited {order}")
-    save_file(dict(sorted(tensors.items())), os.path.join(HERE, "dart_ref.safetensors"),
-              metadata={"generator": f"gen_dart.py torch {torch.__version__} transformers {transformers.__version__}"})
-    with open(os.path.join(HERE, "dart_ref.json"), "w") as f:
+    for case, fixture, key, budget in POOL_CASES:
+        model = LlavaForConditionalGeneration.from_pretrained(os.path.join(HERE, fixture), dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+        ref = load_file(os.path.join(HERE, f"{fixture}_ref.safetensors"))
+        pool_case(model, ref, key, budget, tensors, meta, case, fixture)
+    save_file(dict(sorted(tensors.items())), os.path.join(HERE, "methods_ref.safetensors"),
+              metadata={"generator": f"gen_methods.py torch {torch.__version__} transformers {transformers.__version__}"})
+    with open(os.path.join(HERE, "methods_ref.json"), "w") as f:
         json.dump(meta, f, indent=1)
         f.write("\n")
 
