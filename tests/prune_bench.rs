@@ -767,3 +767,59 @@ fn bad_shard_flags_get_clear_errors() {
     let (ok, _, err) = bench(&["merge", o, "--head", "sum"]);
     assert!(!ok && err.contains("--head"), "{err}");
 }
+
+/// `--method` runs the peer methods beside FastV's grid: DART keeps its budget's rounding
+/// (4 + 8 x floor(keep / 8)), pooling reduces the image before the LM (every layer sees the
+/// pooled count; no patch recall for merged tokens); unknown and planned names are refused.
+#[test]
+fn methods_run_side_by_side() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().display().to_string();
+    let (ok, _, err) = bench(&[
+        "--model",
+        &model(),
+        "--data",
+        "shapes:3",
+        "--method",
+        "fastv,dart,pool",
+        "--keep",
+        "16,4",
+        "--out",
+        &dir,
+    ]);
+    assert!(ok, "{err}");
+    let (head, rows) = results(out.path());
+    let col = |name: &str| head.iter().position(|h| h == name).unwrap();
+    let row = |label: &str| rows.iter().find(|r| r[col("config")] == label).unwrap();
+    let labels: Vec<&str> = rows.iter().map(|r| r[col("config")].as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "unpruned",
+            "sum/last_token/16/K2",
+            "sum/last_token/4/K2",
+            "dart/16/K2",
+            "dart/4/K2",
+            "pool/16",
+            "pool/4"
+        ]
+    );
+    // DART: a budget of 16 keeps 4 + 8 x 2 = 20 of the 25 image tokens, 4 keeps the 4 pivots.
+    assert_eq!(row("dart/16/K2")[col("kept_after_K")], "20.0");
+    assert_eq!(row("dart/4/K2")[col("kept_after_K")], "4.0");
+    // Pooling: 4 x 4 and 2 x 2 tokens in every layer, recall undefined.
+    assert_eq!(row("pool/16")[col("kept_avg_layers")], "16.0");
+    assert_eq!(row("pool/4")[col("kept_after_K")], "4.0");
+    assert_eq!(row("pool/4")[col("recall")], "-");
+    for (method, want) in [("visionzip", "not implemented yet"), ("nope", "nope")] {
+        let (ok, _, err) = bench(&[
+            "--model",
+            &model(),
+            "--data",
+            "shapes:1",
+            "--method",
+            method,
+        ]);
+        assert!(!ok && err.contains(want), "{err}");
+    }
+}

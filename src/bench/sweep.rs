@@ -10,6 +10,8 @@ use crate::io::{fnv1a64, write_atomic};
 use crate::model::anyres::VisualToken;
 use crate::model::image::load_image;
 use crate::model::llava::VisionEncoder;
+use crate::prune::before::{BeforeLm, Reduce};
+use crate::prune::dart::Dart;
 use crate::prune::{
     Keep, PrunePlan, Scorer, Stage, StrategyParams, head_strategy, metrics::TileKept, pyramid,
     query_strategy,
@@ -129,6 +131,12 @@ pub fn shapes_items(
         .collect()
 }
 
+/// The methods `prune-bench --method` runs: FastV's head x query grid, and the peers.
+pub const METHODS: [&str; 4] = ["fastv", "random", "dart", "pool"];
+
+/// Peer methods issue 31 adds next, named so that a study script fails clearly until they land.
+const PLANNED: [&str; 4] = ["visionzip", "fastervlm", "sparsevlm", "pdrop"];
+
 /// One configuration of a sweep.
 #[derive(Debug, Clone)]
 pub struct SweepConfig {
@@ -212,21 +220,64 @@ impl SweepConfig {
         Ok(out)
     }
 
-    /// The random-keep baseline at every keep and layer ([`Scorer::Random`]; [`run`] mixes
-    /// each sample's id into `seed`, so samples draw independently and reproducibly).
-    pub fn random_baseline(keeps: &[Keep], layers: &[usize], seed: u64) -> Vec<SweepConfig> {
-        let mut out = vec![];
-        for &layer in layers {
-            for &keep in keeps {
-                let mut plan = PrunePlan::new(vec![Stage { layer, keep }]);
-                plan.scorer = Scorer::Random(seed);
-                let mut c = Self::single("random", "-", plan, layer, keep);
-                c.label = format!("random/{keep}/K{layer}");
-                c.series = format!("random/K{layer}");
-                out.push(c);
+    /// The runs of a method other than FastV's strategy grid ([`METHODS`]) at every keep (and
+    /// every layer, for the methods that prune inside the LM):
+    /// - `random`: the random-keep baseline ([`Scorer::Random`]; [`run`] mixes each sample's id
+    ///   into `seed`, so samples draw independently and reproducibly);
+    /// - `dart`: DART with the official defaults ([`Scorer::Dart`], 4 + 4 pivots; the keep is
+    ///   its budget);
+    /// - `pool`: uniform pooling before the LM ([`BeforeLm::Pool`]; no layer).
+    pub fn method(name: &str, keeps: &[Keep], layers: &[usize], seed: u64) -> Result<Vec<Self>> {
+        let in_lm = |scorer: Scorer| {
+            let mut out = vec![];
+            for &layer in layers {
+                for &keep in keeps {
+                    let mut plan = PrunePlan::new(vec![Stage { layer, keep }]);
+                    plan.scorer = scorer;
+                    let mut c = Self::single(name, "-", plan, layer, keep);
+                    c.label = format!("{name}/{keep}/K{layer}");
+                    c.series = format!("{name}/K{layer}");
+                    out.push(c);
+                }
             }
+            out
+        };
+        match name {
+            "random" => Ok(in_lm(Scorer::Random(seed))),
+            "dart" => Ok(in_lm(Scorer::Dart(Dart::default()))),
+            "pool" => Ok(keeps
+                .iter()
+                .map(|&keep| {
+                    let mut plan = PrunePlan::new(vec![]);
+                    plan.before_lm = Some(Reduce {
+                        method: BeforeLm::Pool,
+                        keep,
+                    });
+                    SweepConfig {
+                        label: format!("pool/{keep}"),
+                        series: "pool".into(),
+                        head: "pool".into(),
+                        query: "-".into(),
+                        keep: Some(keep),
+                        layer: None,
+                        stages: "-".into(),
+                        plan: Some(plan),
+                    }
+                })
+                .collect()),
+            "fastv" => Err(Error::arg(
+                "--method",
+                "fastv runs the --head x --query grid (SweepConfig::grid)",
+            )),
+            planned if PLANNED.contains(&planned) => Err(Error::Unsupported {
+                what: "pruning method (not implemented yet; available: fastv, random, dart, pool)",
+                value: planned.to_string(),
+            }),
+            other => Err(Error::Unsupported {
+                what: "pruning method (fastv, random, dart, pool)",
+                value: other.to_string(),
+            }),
         }
-        out
     }
 
     /// What a summary and a manifest say of this configuration (all but the plan).
@@ -479,13 +530,17 @@ pub fn run(
             let n_image = s.image_tokens_per_layer.first().copied().unwrap_or(0);
             let n_patches = units.iter().flatten().count();
             let to_patch = |t: usize| units.get(t).copied().flatten();
+            // A reduction before the LM merges patches: its tokens are no patch of the grid, so
+            // it has no kept patches (recall undefined).
+            let merged = cfg.plan.as_ref().is_some_and(|p| p.before_lm.is_some());
             let kept_tokens: Vec<usize> = match s.stages.last() {
+                _ if merged => vec![],
                 Some(st) => st.kept.clone(),
                 None => (0..n_image).collect(),
             };
             let kept_patches: Vec<usize> =
                 kept_tokens.iter().filter_map(|&t| to_patch(t)).collect();
-            let recall = it.relevant.as_ref().and_then(|rel| {
+            let recall = it.relevant.as_ref().filter(|_| !merged).and_then(|rel| {
                 let total = rel.iter().filter(|&&r| r).count();
                 (total > 0).then(|| {
                     kept_patches

@@ -24,7 +24,7 @@ use fineprune::bench::shard::{self, MANIFEST, MANIFEST_FORMAT, Manifest, Shard};
 use fineprune::bench::sweep::{
     self, BenchItem, ConfigSummary, SampleRecord, SweepConfig, SweepOptions,
 };
-use fineprune::prune::Keep;
+use fineprune::prune::{Keep, Scorer};
 use fineprune::{Engine, Error};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
@@ -87,8 +87,15 @@ struct Args {
     /// Pruning layers K to sweep (comma list).
     #[arg(long, value_delimiter = ',', default_value = "2")]
     prune_layer: Vec<usize>,
-    /// Also run the random-keep baseline at every --keep and --prune-layer: the image tokens are
-    /// ranked by seeded random draws (seed --seed) instead of attention.
+    /// Pruning methods to run (comma list), each at every --keep (and --prune-layer where it
+    /// prunes inside the LM): fastv (the --head x --query grid), random (image tokens ranked by
+    /// seeded random draws, seed --seed), dart (DART: pivots by key norm, then the tokens least
+    /// duplicated with them; --keep is its budget, of which it keeps 4 + 8 x floor(keep / 8)),
+    /// pool (uniform average pooling of the patch grid to floor(sqrt(keep))^2 tokens before the
+    /// LM). The unpruned model always runs first.
+    #[arg(long, value_delimiter = ',', default_value = "fastv")]
+    method: Vec<String>,
+    /// Also run the random-keep baseline (the same as adding `random` to --method).
     #[arg(long)]
     random_baseline: bool,
     /// Also run, beside every single-stage configuration, a PyramidDrop-style multi-stage plan
@@ -190,12 +197,15 @@ fn run(a: Args) -> fineprune::Result<()> {
         &params,
         a.strategy.head_keep,
     )?;
-    if a.random_baseline {
-        configs.extend(SweepConfig::random_baseline(
-            &a.keep,
-            &a.prune_layer,
-            a.seed,
-        ));
+    if !a.method.iter().any(|m| m == "fastv") {
+        configs.truncate(1); // the unpruned run alone
+    }
+    let mut methods: Vec<&str> = a.method.iter().map(String::as_str).collect();
+    if a.random_baseline && !methods.contains(&"random") {
+        methods.push("random");
+    }
+    for m in methods.into_iter().filter(|&m| m != "fastv") {
+        configs.extend(SweepConfig::method(m, &a.keep, &a.prune_layer, a.seed)?);
     }
     for plan in configs.iter_mut().filter_map(|c| c.plan.as_mut()) {
         plan.keep_newlines = !a.strategy.drop_newlines;
@@ -238,7 +248,12 @@ fn run(a: Args) -> fineprune::Result<()> {
         let n_image = vision.image_tokens();
         let twins = configs
             .iter()
-            .filter(|c| c.plan.is_some())
+            // Attention-ranked and random single stages: DART rounds its budget, pooling has
+            // no stage.
+            .filter(|c| {
+                (c.plan.as_ref())
+                    .is_some_and(|p| p.before_lm.is_none() && !matches!(p.scorer, Scorer::Dart(_)))
+            })
             .map(|c| c.pyramid(&a.pyramid, layers, n_image))
             .collect::<fineprune::Result<Vec<_>>>()?;
         configs.extend(twins);
