@@ -1015,10 +1015,11 @@ impl TrainModel {
     /// differentiated. Errors when a stage lies outside the model.
     pub fn set_prune(&mut self, plan: Option<PrunePlan>) -> Result<()> {
         if let Some(p) = &plan {
-            if let crate::prune::Scorer::Dart(_) = p.scorer {
+            if matches!(p.scorer, crate::prune::Scorer::Dart(_)) || p.before_lm.is_some() {
                 return Err(Error::arg(
                     "prune plan",
-                    "DART's training forward is not implemented (the trainer ranks by attention or at random)",
+                    "the trainer's pruned forward ranks by attention or at random; DART and \
+                     reductions before the LM are not implemented there",
                 ));
             }
             p.kept_counts(self.lm.num_layers(), self.config.image_tokens())?;
