@@ -312,16 +312,24 @@ impl Engine {
                 .iter()
                 .map(|(px, size)| (px.as_slice(), *size))
                 .collect();
-            let mut features = v.forward_images(&m.params, &refs)?;
+            let (mut features, scores) = match reduce {
+                Some(r) if r.method.needs_cls_attention() => {
+                    let px: Vec<&[f32]> = refs.iter().map(|(px, _)| *px).collect();
+                    v.forward_with_cls_attention(&m.params, &px)?
+                }
+                _ => (v.forward_images(&m.params, &refs)?, vec![]),
+            };
             let mut counts = Vec::with_capacity(images.len());
             match reduce {
                 // Fewer rows per image: the reduction's, each a patch of the image's one tile.
                 Some(r) => {
-                    let (sources, d) = (r.rows(v.config.vision.grid(), cls)?, features.cols());
+                    let (grid, d) = (v.config.vision.grid(), features.cols());
                     let all = features.to_vec_f32()?;
                     let per = all.len() / images.len().max(1);
-                    let mut out = Vec::with_capacity(images.len() * sources.len() * d);
+                    let mut out = Vec::new();
                     for i in 0..images.len() {
+                        let s = scores.get(i * grid * grid..(i + 1) * grid * grid);
+                        let sources = r.rows(grid, cls, s.unwrap_or(&[]))?;
                         out.extend(before::gather(&all[i * per..(i + 1) * per], d, &sources));
                         counts.push(sources.len());
                         let tile = VisualToken::Patch { image: i, tile: 0 };

@@ -4,7 +4,8 @@
 //! tokens with the KV cache the same.
 //! - DART (`fineprune::prune::dart`) on both LLaVA-1.5 fixtures and the LLaVA-NeXT Mistral one;
 //!   CPython's `set` order, which decides the pivots' turn, reproduced on random integer lists.
-//! - Uniform pooling before the LM (`fineprune::prune::before`), `default` and `full` strategies.
+//! - Reductions before the LM (`fineprune::prune::before`): uniform pooling (`default` and `full`
+//!   strategies) and FasterVLM's CLS-attention ranking.
 
 mod common;
 
@@ -126,22 +127,27 @@ fn dart_matches_the_official_logic_on_hf_modules() {
     assert_eq!(checked, 7);
 }
 
+/// Reductions before the LM: pooling (`adaptive_avg_pool2d` of the projected grid) and FasterVLM
+/// (the patches the CLS attends to most): the prompt's ids, logits within 1e-4 and the greedy
+/// tokens of HF's forward on the reduced features.
 #[test]
-fn pooling_before_the_lm_matches_adaptive_avg_pool2d_on_hf() {
+fn reductions_before_the_lm_match_hf() {
     use fineprune::prune::before::{BeforeLm, Reduce};
     let dir = reference_dir();
     let r = load_ref(&dir.join("methods_ref.safetensors"));
     let meta = meta();
     let mut checked = 0;
     for (name, case) in meta["cases"].as_object().unwrap() {
-        if case["method"] != "pool" {
-            continue;
-        }
+        let method = match case["method"].as_str().unwrap() {
+            "pool" => BeforeLm::Pool,
+            "fastervlm" => BeforeLm::FasterVlm,
+            _ => continue,
+        };
         let fixture = case["fixture"].as_str().unwrap();
         let engine = Engine::new(Arc::new(Model::load(dir.join(fixture)).unwrap()));
         let mut plan = PrunePlan::new(vec![]);
         plan.before_lm = Some(Reduce {
-            method: BeforeLm::Pool,
+            method,
             keep: Keep::Count(case["budget"].as_u64().unwrap() as usize),
         });
         let mut req = request(case);
@@ -171,7 +177,7 @@ fn pooling_before_the_lm_matches_adaptive_avg_pool2d_on_hf() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 4);
+    assert_eq!(checked, 6);
 }
 
 /// The pivots take turns in CPython's `set` iteration order (the official code iterates

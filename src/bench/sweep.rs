@@ -132,10 +132,10 @@ pub fn shapes_items(
 }
 
 /// The methods `prune-bench --method` runs: FastV's head x query grid, and the peers.
-pub const METHODS: [&str; 4] = ["fastv", "random", "dart", "pool"];
+pub const METHODS: [&str; 5] = ["fastv", "random", "dart", "pool", "fastervlm"];
 
 /// Peer methods issue 31 adds next, named so that a study script fails clearly until they land.
-const PLANNED: [&str; 4] = ["visionzip", "fastervlm", "sparsevlm", "pdrop"];
+const PLANNED: [&str; 3] = ["visionzip", "sparsevlm", "pdrop"];
 
 /// One configuration of a sweep.
 #[derive(Debug, Clone)]
@@ -226,7 +226,8 @@ impl SweepConfig {
     ///   into `seed`, so samples draw independently and reproducibly);
     /// - `dart`: DART with the official defaults ([`Scorer::Dart`], 4 + 4 pivots; the keep is
     ///   its budget);
-    /// - `pool`: uniform pooling before the LM ([`BeforeLm::Pool`]; no layer).
+    /// - `pool`: uniform pooling before the LM ([`BeforeLm::Pool`]; no layer);
+    /// - `fastervlm`: FasterVLM's CLS-attention ranking before the LM ([`BeforeLm::FasterVlm`]).
     pub fn method(name: &str, keeps: &[Keep], layers: &[usize], seed: u64) -> Result<Vec<Self>> {
         let in_lm = |scorer: Scorer| {
             let mut out = vec![];
@@ -245,36 +246,39 @@ impl SweepConfig {
         match name {
             "random" => Ok(in_lm(Scorer::Random(seed))),
             "dart" => Ok(in_lm(Scorer::Dart(Dart::default()))),
-            "pool" => Ok(keeps
-                .iter()
-                .map(|&keep| {
-                    let mut plan = PrunePlan::new(vec![]);
-                    plan.before_lm = Some(Reduce {
-                        method: BeforeLm::Pool,
-                        keep,
-                    });
-                    SweepConfig {
-                        label: format!("pool/{keep}"),
-                        series: "pool".into(),
-                        head: "pool".into(),
-                        query: "-".into(),
-                        keep: Some(keep),
-                        layer: None,
-                        stages: "-".into(),
-                        plan: Some(plan),
-                    }
-                })
-                .collect()),
+            "pool" | "fastervlm" => {
+                let method = match name {
+                    "pool" => BeforeLm::Pool,
+                    _ => BeforeLm::FasterVlm,
+                };
+                Ok(keeps
+                    .iter()
+                    .map(|&keep| {
+                        let mut plan = PrunePlan::new(vec![]);
+                        plan.before_lm = Some(Reduce { method, keep });
+                        SweepConfig {
+                            label: format!("{name}/{keep}"),
+                            series: name.into(),
+                            head: name.into(),
+                            query: "-".into(),
+                            keep: Some(keep),
+                            layer: None,
+                            stages: "-".into(),
+                            plan: Some(plan),
+                        }
+                    })
+                    .collect())
+            }
             "fastv" => Err(Error::arg(
                 "--method",
                 "fastv runs the --head x --query grid (SweepConfig::grid)",
             )),
             planned if PLANNED.contains(&planned) => Err(Error::Unsupported {
-                what: "pruning method (not implemented yet; available: fastv, random, dart, pool)",
+                what: "pruning method (not implemented yet; available: fastv, random, dart, pool, fastervlm)",
                 value: planned.to_string(),
             }),
             other => Err(Error::Unsupported {
-                what: "pruning method (fastv, random, dart, pool)",
+                what: "pruning method (fastv, random, dart, pool, fastervlm)",
                 value: other.to_string(),
             }),
         }

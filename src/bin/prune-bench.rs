@@ -92,7 +92,8 @@ struct Args {
     /// seeded random draws, seed --seed), dart (DART: pivots by key norm, then the tokens least
     /// duplicated with them; --keep is its budget, of which it keeps 4 + 8 x floor(keep / 8)),
     /// pool (uniform average pooling of the patch grid to floor(sqrt(keep))^2 tokens before the
-    /// LM). The unpruned model always runs first.
+    /// LM), fastervlm (the keep patches the vision tower's CLS attends to most, before the LM).
+    /// The unpruned model always runs first.
     #[arg(long, value_delimiter = ',', default_value = "fastv")]
     method: Vec<String>,
     /// Also run the random-keep baseline (the same as adding `random` to --method).

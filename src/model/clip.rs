@@ -152,6 +152,46 @@ impl EncoderLayer {
         }))
     }
 
+    /// The attention probabilities of each image's CLS row (its first of `t` rows) in this
+    /// layer for the input `x: [images · t, hidden]`, averaged over the heads: `[images, t]`
+    /// (HF's `attentions[layer][:, :, 0]` averaged over dim 1).
+    fn cls_attention(
+        &self,
+        p: &[Param],
+        c: &VisionConfig,
+        x: &Tensor,
+        t: usize,
+    ) -> Result<Vec<f32>> {
+        let xn1 = self.layer_norm1.forward(p, x, c.layer_norm_eps)?;
+        let images = x.rows() / t.max(1);
+        let cls_rows: Vec<usize> = (0..images).map(|i| i * t).collect();
+        let q = self
+            .q_proj
+            .forward(p, &xn1.gather_rows(&cls_rows)?)?
+            .to_vec_f32()?;
+        let k = self.k_proj.forward(p, &xn1)?.to_vec_f32()?;
+        let (h, heads) = (c.hidden_size, c.num_attention_heads);
+        let d = h / heads.max(1);
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0.0f32; images * t];
+        for i in 0..images {
+            for hd in 0..heads {
+                let qh = &q[i * h + hd * d..][..d];
+                let mut row: Vec<f32> = (0..t)
+                    .map(|j| {
+                        let kj = &k[(i * t + j) * h + hd * d..][..d];
+                        qh.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>()
+                    })
+                    .collect();
+                crate::ops::attention::softmax_scaled(&mut row, t, scale);
+                for (o, pr) in out[i * t..(i + 1) * t].iter_mut().zip(&row) {
+                    *o += pr / heads as f32;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// `dx` is the gradient of the layer's output on entry and of its input on return.
     fn backward(
         &self,
@@ -327,6 +367,19 @@ impl ClipVision {
             layers: caches,
         });
         Ok((states, cache))
+    }
+
+    /// The CLS token's attention in encoder layer `layer` (averaged over heads, `[images,
+    /// tokens]`) for `states`, [`ClipVision::forward`]'s hidden states (layer `layer` reads
+    /// `states[layer]`).
+    pub fn cls_attention(&self, p: &[Param], states: &[Tensor], layer: usize) -> Result<Vec<f32>> {
+        let l = self.layers.get(layer).ok_or_else(|| {
+            Error::arg(
+                "vision layer",
+                format!("{layer} is not one of the {} loaded", self.layers.len()),
+            )
+        })?;
+        l.cls_attention(p, &self.config, &states[layer], self.tokens())
     }
 
     /// `dstates[i]`: the gradient reaching hidden state `i` directly (from the feature

@@ -291,6 +291,38 @@ impl VisionEncoder {
         self.tower.backward(p, cache, &dstates)
     }
 
+    /// [`VisionEncoder::forward`] and each image's CLS attention to its patches `[images,
+    /// grid²]` (averaged over heads) in the layer whose output is the selected feature layer
+    /// (HF's `attentions[vision_feature_layer][:, :, 0, 1:]`), what FasterVLM ranks by. One
+    /// feature layer only, and not the 0th (the embeddings have no attention).
+    pub fn forward_with_cls_attention(
+        &self,
+        p: &[Param],
+        pixels: &[&[f32]],
+    ) -> Result<(Tensor, Vec<f32>)> {
+        let &[layer] = self.layers.as_slice() else {
+            return Err(Error::arg(
+                "vision_feature_layer",
+                "CLS-attention ranking reads one feature layer's attention; this model selects several",
+            ));
+        };
+        let at = layer.checked_sub(1).ok_or_else(|| {
+            Error::arg(
+                "vision_feature_layer",
+                "the embeddings (hidden state 0) have no attention to rank by",
+            )
+        })?;
+        let (states, _) = self.tower.forward(p, pixels, false)?;
+        let t = self.tower.tokens();
+        let cls = self.tower.cls_attention(p, &states, at)?;
+        let att: Vec<f32> = cls.chunks(t).flat_map(|row| row[1..].to_vec()).collect();
+        let rows = self.selected_rows(pixels.len());
+        let feats = states[layer].gather_rows(&rows)?;
+        let (out, _) = self.projector.forward(p, feats, false)?;
+        out.check_finite(|t| format!("the projector's output (image token {t})"))?;
+        Ok((out, att))
+    }
+
     /// Projected image features of a batch of images, `[images · image_tokens, text_hidden]`.
     pub fn forward(&self, p: &[Param], pixels: &[&[f32]]) -> Result<Tensor> {
         let (f, _) = self.features(p, pixels, false)?;

@@ -11,6 +11,9 @@ follows get_retained_image_token statement by statement, Python `set`s included 
 order decides which pivot picks first); the pruned sequence keeps the original position ids
 (`position_ids = keep_indexs`).
 
+FasterVLM: the `budget` patches the vision tower's CLS attends to most in the selected feature layer
+(clip_encoder.py feature_select, llava_arch.py encode_images), the kept features in patch order.
+
 Uniform pooling (the naive baseline, no official code): the projected patch features' g x g grid
 through torch.nn.functional.adaptive_avg_pool2d to s x s, s = floor(sqrt(budget)) (as LLaVA-OneVision's
 get_2dPool pools after the projector), the `full` strategy's CLS row kept in front; the prompt holds
@@ -62,12 +65,14 @@ CASES = [
     ("dart_next_mistral_m64", "llava_next_mistral", "mistral/portrait", 64),
     ("dart_next_mistral_m128", "llava_next_mistral", "mistral/portrait", 128),
 ]
-# (case, fixture, prompt key, budget): pooling before the LM
-POOL_CASES = [
-    ("pool_gqa_p1_k4", "llava_gqa", "input_ids", 4),
-    ("pool_gqa_p2_k9", "llava_gqa", "input_ids_2", 9),
-    ("pool_tied_p1_k4", "llava_tied", "input_ids", 4),
-    ("pool_tied_p1_k16", "llava_tied", "input_ids", 16),
+# (case, method, fixture, prompt key, budget): reductions before the LM
+BEFORE_CASES = [
+    ("pool_gqa_p1_k4", "pool", "llava_gqa", "input_ids", 4),
+    ("pool_gqa_p2_k9", "pool", "llava_gqa", "input_ids_2", 9),
+    ("pool_tied_p1_k4", "pool", "llava_tied", "input_ids", 4),
+    ("pool_tied_p1_k16", "pool", "llava_tied", "input_ids", 16),
+    ("fastervlm_gqa_p1_k5", "fastervlm", "llava_gqa", "input_ids", 5),
+    ("fastervlm_gqa_p2_k12", "fastervlm", "llava_gqa", "input_ids_2", 12),
 ]
 
 
@@ -127,28 +132,48 @@ class KeyRunner:
         return lm.norm(h), keys
 
 
-@torch.no_grad()
-def pool_case(model, ref, key, budget, tensors, meta, case, fixture):
-    """Pooled image features (adaptive_avg_pool2d on the projected g x g grid), the prompt with that
-    many image tokens, HF's forward on the merged embeddings, greedy by full recompute."""
-    ids, pv = ref[key], ref["pixel_values"]
-    image_id = model.config.image_token_id
+def pool_features(model, pv, budget):
+    """adaptive_avg_pool2d of the projected g x g patch grid to floor(sqrt(budget))^2, CLS in front."""
     feats = torch.cat(model.model.get_image_features(pixel_values=pv, return_dict=True).pooler_output, 0)
     cls = 1 if model.config.vision_feature_select_strategy == "full" else 0
     g = model.config.vision_config.image_size // model.config.vision_config.patch_size
     side = max(1, math.isqrt(budget))
     grid = feats[cls:].reshape(g, g, -1).permute(2, 0, 1)[None]
-    pooled = torch.nn.functional.adaptive_avg_pool2d(grid, side)[0].permute(1, 2, 0).reshape(side * side, -1)
-    pooled = torch.cat([feats[:cls], pooled], 0)
+    out = torch.nn.functional.adaptive_avg_pool2d(grid, side)[0].permute(1, 2, 0).reshape(side * side, -1)
+    return torch.cat([feats[:cls], out], 0), None
+
+
+def fastervlm_features(model, pv, budget):
+    """FasterVLM (github.com/Theia-4869/FasterVLM): clip_encoder.py feature_select (lines 35-45,
+    `attentions[select_layer][:, :, 0, 1:]` with select_feature 'patch') and llava_arch.py encode_images
+    (lines 141-157: mean over heads, topk, index mask, the projected features where the mask holds)."""
+    layer = model.config.vision_feature_layer
+    assert model.config.vision_feature_select_strategy == "default" and isinstance(layer, int)
+    out = model.model.vision_tower(pv, output_attentions=True, output_hidden_states=True)
+    att = out.attentions[layer][:, :, 0, 1:].mean(dim=1)  # (B, N)
+    idx = torch.topk(att, k=budget, dim=1)[1]
+    mask = torch.zeros_like(att, dtype=torch.bool)
+    mask.scatter_(1, idx, True)
+    feats = model.model.multi_modal_projector(out.hidden_states[layer][:, 1:])
+    return feats[0][mask[0]], sorted(idx[0].tolist())
+
+
+@torch.no_grad()
+def before_case(model, ref, key, budget, method, tensors, meta, case, fixture):
+    """The reduced image features, the prompt with that many image tokens, HF's forward on the
+    merged embeddings, greedy by full recompute."""
+    ids, pv = ref[key], ref["pixel_values"]
+    image_id = model.config.image_token_id
+    reduced, kept = {"pool": pool_features, "fastervlm": fastervlm_features}[method](model, pv, budget)
     pos = (ids == image_id).nonzero()[:, 0]
     start, n = int(pos[0]), len(pos)
-    new_ids = torch.cat([ids[:start], torch.full((pooled.shape[0],), image_id), ids[start + n:]])
+    new_ids = torch.cat([ids[:start], torch.full((reduced.shape[0],), image_id), ids[start + n:]])
     emb_layer = model.model.get_input_embeddings()
 
     def logits_of(seq):
         e = emb_layer(seq[None])
         mask = (seq == image_id)[None, :, None].expand_as(e)
-        e = e.masked_scatter(mask, pooled)
+        e = e.masked_scatter(mask, reduced)
         return model(inputs_embeds=e).logits[0]
 
     logits = logits_of(new_ids)
@@ -157,13 +182,15 @@ def pool_case(model, ref, key, budget, tensors, meta, case, fixture):
         nxt = int(logits_of(seq)[-1].argmax())
         gen.append(nxt)
         seq = torch.cat([seq, torch.tensor([nxt])])
+    if kept is not None:
+        tensors[f"{case}/kept"] = torch.tensor(kept, dtype=torch.int64)
     tensors[f"{case}/input_ids"] = new_ids.to(torch.int64).contiguous()
-    tensors[f"{case}/features"] = pooled.float().contiguous()
+    tensors[f"{case}/features"] = reduced.float().contiguous()
     tensors[f"{case}/logits"] = logits.float().contiguous()
     tensors[f"{case}/greedy"] = torch.tensor(gen, dtype=torch.int64)
-    meta["cases"][case] = {"method": "pool", "fixture": fixture, "prompt": key, "budget": budget,
-                           "side": side, "N": n, "n_after": int(pooled.shape[0]), "greedy": gen}
-    print(f"[{case}] {n} image tokens pooled to {pooled.shape[0]}")
+    meta["cases"][case] = {"method": method, "fixture": fixture, "prompt": key, "budget": budget,
+                           "N": n, "n_after": int(reduced.shape[0]), "kept": kept, "greedy": gen}
+    print(f"[{case}] {n} image tokens reduced to {reduced.shape[0]}")
 
 
 def set_orders():
@@ -228,11 +255,11 @@ def main():
                                "pivot_order": order, "image_pivots": image_pivots,
                                "pivot_order_is_sorted": order == sorted(order), "greedy": gen}
         print(f"[{case}] N={N} budget={budget} kept {len(kept)}; pivots visited {order}")
-    for case, fixture, key, budget in POOL_CASES:
+    for case, method, fixture, key, budget in BEFORE_CASES:
         model = LlavaForConditionalGeneration.from_pretrained(os.path.join(HERE, fixture), dtype=torch.float32,
                                                               attn_implementation="eager").eval()
         ref = load_file(os.path.join(HERE, f"{fixture}_ref.safetensors"))
-        pool_case(model, ref, key, budget, tensors, meta, case, fixture)
+        before_case(model, ref, key, budget, method, tensors, meta, case, fixture)
     save_file(dict(sorted(tensors.items())), os.path.join(HERE, "methods_ref.safetensors"),
               metadata={"generator": f"gen_methods.py torch {torch.__version__} transformers {transformers.__version__}"})
     with open(os.path.join(HERE, "methods_ref.json"), "w") as f:
