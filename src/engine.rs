@@ -12,7 +12,6 @@ use crate::model::Model;
 use crate::model::anyres::VisualToken;
 use crate::model::anyres::{self, ImageSize};
 use crate::model::chat::{self, ChatMessage, ChatPart};
-use crate::model::config::SelectStrategy;
 use crate::model::flops::lm_layer_flops;
 use crate::model::image::{ImageProcessorConfig, load_image, load_image_from_memory};
 use crate::model::llama::{KvCache, SeqRows};
@@ -21,7 +20,7 @@ use crate::model::template::{self, ImageSlot, Prompt, PromptOptions};
 use crate::ops::check_finite;
 use crate::prune::metrics::{self, RunStats, StageReport, TileKept};
 use crate::prune::score::{Ranking, SelectedAttention};
-use crate::prune::{PrunePlan, Scorer, Segment, before};
+use crate::prune::{PrunePlan, Scorer, Segment};
 use crate::tensor::Tensor;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -214,19 +213,15 @@ impl Engine {
                 "an image was given but the model has no vision tower".into(),
             ));
         }
-        // A reduction before the LM (LLaVA-1.5 only so far) and the CLS rows it passes through.
+        // A reduction before the LM (LLaVA-1.5 only so far).
         let reduce = req.prune.as_ref().and_then(|p| p.before_lm);
-        let cls = match &m.vision {
-            Some(v) if reduce.is_some() && v.config.is_anyres() => {
-                return Err(Error::arg(
-                    "prune plan",
-                    "reductions before the LM take LLaVA-1.5's one tile per image; LLaVA-NeXT \
-                     is not supported yet",
-                ));
-            }
-            Some(v) => usize::from(v.config.select_strategy == SelectStrategy::Full),
-            None => 0,
-        };
+        if reduce.is_some() && m.vision.as_ref().is_some_and(|v| v.config.is_anyres()) {
+            return Err(Error::arg(
+                "prune plan",
+                "reductions before the LM take LLaVA-1.5's one tile per image; LLaVA-NeXT is not \
+                 supported yet",
+            ));
+        }
         // The model's image slot: `<image>` and how many tokens it expands to (LLaVA-NeXT, or a
         // reduction before the LM: one, expanded below once each image's count is known).
         let slot = match &m.vision {
@@ -312,34 +307,18 @@ impl Engine {
                 .iter()
                 .map(|(px, size)| (px.as_slice(), *size))
                 .collect();
-            let (mut features, scores) = match reduce {
-                Some(r) if r.method.needs_cls_attention() => {
-                    let px: Vec<&[f32]> = refs.iter().map(|(px, _)| *px).collect();
-                    v.forward_with_cls_attention(&m.params, &px)?
-                }
-                _ => (v.forward_images(&m.params, &refs)?, vec![]),
-            };
             let mut counts = Vec::with_capacity(images.len());
-            match reduce {
+            let features = match reduce {
                 // Fewer rows per image: the reduction's, each a patch of the image's one tile.
                 Some(r) => {
-                    let (grid, d) = (v.config.vision.grid(), features.cols());
-                    let all = features.to_vec_f32()?;
-                    let per = all.len() / images.len().max(1);
-                    let mut out = Vec::new();
-                    for i in 0..images.len() {
-                        let s = scores.get(i * grid * grid..(i + 1) * grid * grid);
-                        let sources = r.rows(grid, cls, s.unwrap_or(&[]))?;
-                        out.extend(before::gather(&all[i * per..(i + 1) * per], d, &sources));
-                        counts.push(sources.len());
+                    let px: Vec<&[f32]> = refs.iter().map(|(px, _)| *px).collect();
+                    let (features, reduced) = v.forward_reduced(&m.params, &px, &r)?;
+                    for (i, &n) in reduced.iter().enumerate() {
                         let tile = VisualToken::Patch { image: i, tile: 0 };
-                        prompt
-                            .visual
-                            .extend(std::iter::repeat_n(tile, sources.len()));
+                        prompt.visual.extend(std::iter::repeat_n(tile, n));
                     }
-                    features = Tensor::from_f32(&[out.len() / d.max(1), d], out)?
-                        .to_device(&features.device())?
-                        .to_dtype(features.dtype())?;
+                    counts = reduced;
+                    features
                 }
                 None => {
                     for (i, (_, size)) in images.iter().enumerate() {
@@ -347,8 +326,9 @@ impl Engine {
                         counts.push(tokens.len());
                         prompt.visual.extend(tokens);
                     }
+                    v.forward_images(&m.params, &refs)?
                 }
-            }
+            };
             if v.config.is_anyres() || reduce.is_some() {
                 prompt = prompt.expand_images(v.config.image_token_id, &counts, ctx)?;
                 embeds = m.lm.embed(&m.params, &prompt.ids)?;

@@ -5,7 +5,7 @@
 //! - DART (`fineprune::prune::dart`) on both LLaVA-1.5 fixtures and the LLaVA-NeXT Mistral one;
 //!   CPython's `set` order, which decides the pivots' turn, reproduced on random integer lists.
 //! - Reductions before the LM (`fineprune::prune::before`): uniform pooling (`default` and `full`
-//!   strategies) and FasterVLM's CLS-attention ranking.
+//!   strategies), FasterVLM's CLS-attention ranking and VisionZip's dominant + contextual tokens.
 
 mod common;
 
@@ -127,9 +127,10 @@ fn dart_matches_the_official_logic_on_hf_modules() {
     assert_eq!(checked, 7);
 }
 
-/// Reductions before the LM: pooling (`adaptive_avg_pool2d` of the projected grid) and FasterVLM
-/// (the patches the CLS attends to most): the prompt's ids, logits within 1e-4 and the greedy
-/// tokens of HF's forward on the reduced features.
+/// Reductions before the LM: pooling (`adaptive_avg_pool2d` of the projected grid), FasterVLM
+/// (the patches the CLS attends to most) and VisionZip (dominant tokens, then contextual ones
+/// merged by key similarity, before the projector): the prompt's ids, logits within 1e-4 and the
+/// greedy tokens of HF's forward on the reduced features.
 #[test]
 fn reductions_before_the_lm_match_hf() {
     use fineprune::prune::before::{BeforeLm, Reduce};
@@ -141,6 +142,7 @@ fn reductions_before_the_lm_match_hf() {
         let method = match case["method"].as_str().unwrap() {
             "pool" => BeforeLm::Pool,
             "fastervlm" => BeforeLm::FasterVlm,
+            "visionzip" => BeforeLm::VisionZip,
             _ => continue,
         };
         let fixture = case["fixture"].as_str().unwrap();
@@ -177,7 +179,7 @@ fn reductions_before_the_lm_match_hf() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 6);
+    assert_eq!(checked, 8);
 }
 
 /// The pivots take turns in CPython's `set` iteration order (the official code iterates

@@ -781,7 +781,7 @@ fn methods_run_side_by_side() {
         "--data",
         "shapes:3",
         "--method",
-        "fastv,dart,pool,fastervlm",
+        "fastv,dart,pool,fastervlm,visionzip",
         "--keep",
         "16,4",
         "--out",
@@ -803,7 +803,9 @@ fn methods_run_side_by_side() {
             "pool/16",
             "pool/4",
             "fastervlm/16",
-            "fastervlm/4"
+            "fastervlm/4",
+            "visionzip/16",
+            "visionzip/4"
         ]
     );
     // DART: a budget of 16 keeps 4 + 8 x 2 = 20 of the 25 image tokens, 4 keeps the 4 pivots.
@@ -814,7 +816,8 @@ fn methods_run_side_by_side() {
     assert_eq!(row("pool/4")[col("kept_after_K")], "4.0");
     assert_eq!(row("pool/4")[col("recall")], "-");
     assert_eq!(row("fastervlm/4")[col("kept_avg_layers")], "4.0");
-    for (method, want) in [("visionzip", "not implemented yet"), ("nope", "nope")] {
+    assert_eq!(row("visionzip/16")[col("kept_after_K")], "16.0");
+    for (method, want) in [("sparsevlm", "not implemented yet"), ("nope", "nope")] {
         let (ok, _, err) = bench(&[
             "--model",
             &model(),

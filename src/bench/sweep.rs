@@ -132,10 +132,10 @@ pub fn shapes_items(
 }
 
 /// The methods `prune-bench --method` runs: FastV's head x query grid, and the peers.
-pub const METHODS: [&str; 5] = ["fastv", "random", "dart", "pool", "fastervlm"];
+pub const METHODS: [&str; 6] = ["fastv", "random", "dart", "pool", "fastervlm", "visionzip"];
 
 /// Peer methods issue 31 adds next, named so that a study script fails clearly until they land.
-const PLANNED: [&str; 3] = ["visionzip", "sparsevlm", "pdrop"];
+const PLANNED: [&str; 2] = ["sparsevlm", "pdrop"];
 
 /// One configuration of a sweep.
 #[derive(Debug, Clone)]
@@ -227,7 +227,9 @@ impl SweepConfig {
     /// - `dart`: DART with the official defaults ([`Scorer::Dart`], 4 + 4 pivots; the keep is
     ///   its budget);
     /// - `pool`: uniform pooling before the LM ([`BeforeLm::Pool`]; no layer);
-    /// - `fastervlm`: FasterVLM's CLS-attention ranking before the LM ([`BeforeLm::FasterVlm`]).
+    /// - `fastervlm`: FasterVLM's CLS-attention ranking before the LM ([`BeforeLm::FasterVlm`]);
+    /// - `visionzip`: VisionZip's dominant and contextual tokens before the LM
+    ///   ([`BeforeLm::VisionZip`]).
     pub fn method(name: &str, keeps: &[Keep], layers: &[usize], seed: u64) -> Result<Vec<Self>> {
         let in_lm = |scorer: Scorer| {
             let mut out = vec![];
@@ -246,10 +248,11 @@ impl SweepConfig {
         match name {
             "random" => Ok(in_lm(Scorer::Random(seed))),
             "dart" => Ok(in_lm(Scorer::Dart(Dart::default()))),
-            "pool" | "fastervlm" => {
+            "pool" | "fastervlm" | "visionzip" => {
                 let method = match name {
                     "pool" => BeforeLm::Pool,
-                    _ => BeforeLm::FasterVlm,
+                    "fastervlm" => BeforeLm::FasterVlm,
+                    _ => BeforeLm::VisionZip,
                 };
                 Ok(keeps
                     .iter()
@@ -274,11 +277,11 @@ impl SweepConfig {
                 "fastv runs the --head x --query grid (SweepConfig::grid)",
             )),
             planned if PLANNED.contains(&planned) => Err(Error::Unsupported {
-                what: "pruning method (not implemented yet; available: fastv, random, dart, pool, fastervlm)",
+                what: "pruning method (not implemented yet; available: fastv, random, dart, pool, fastervlm, visionzip)",
                 value: planned.to_string(),
             }),
             other => Err(Error::Unsupported {
-                what: "pruning method (fastv, random, dart, pool, fastervlm)",
+                what: "pruning method (fastv, random, dart, pool, fastervlm, visionzip)",
                 value: other.to_string(),
             }),
         }

@@ -92,7 +92,9 @@ struct Args {
     /// seeded random draws, seed --seed), dart (DART: pivots by key norm, then the tokens least
     /// duplicated with them; --keep is its budget, of which it keeps 4 + 8 x floor(keep / 8)),
     /// pool (uniform average pooling of the patch grid to floor(sqrt(keep))^2 tokens before the
-    /// LM), fastervlm (the keep patches the vision tower's CLS attends to most, before the LM).
+    /// LM), fastervlm (the keep patches the vision tower's CLS attends to most, before the LM),
+    /// visionzip (the CLS and the patches it attends to most, plus contextual tokens merged by
+    /// key similarity: 54 + 10 of 64, before the LM).
     /// The unpruned model always runs first.
     #[arg(long, value_delimiter = ',', default_value = "fastv")]
     method: Vec<String>,

@@ -42,6 +42,15 @@ pub struct EncoderCache {
     act: Tensor,
 }
 
+/// What one encoder layer's attention says of each image, averaged over heads
+/// ([`ClipVision::attention_summary`]).
+pub struct AttentionSummary {
+    /// The CLS row's attention probabilities, `[images, tokens]`.
+    pub cls: Vec<f32>,
+    /// Every row's key (before attention), `[images · tokens, head_dim]`.
+    pub keys: Vec<f32>,
+}
+
 /// Bidirectional attention over one image's `t` rows.
 fn attn_shape(c: &VisionConfig, t: usize) -> AttnShape {
     AttnShape {
@@ -152,16 +161,17 @@ impl EncoderLayer {
         }))
     }
 
-    /// The attention probabilities of each image's CLS row (its first of `t` rows) in this
-    /// layer for the input `x: [images · t, hidden]`, averaged over the heads: `[images, t]`
-    /// (HF's `attentions[layer][:, :, 0]` averaged over dim 1).
-    fn cls_attention(
+    /// For the input `x: [images · t, hidden]`: the attention probabilities of each image's CLS
+    /// row (its first of `t` rows), averaged over the heads, `[images, t]` (HF's
+    /// `attentions[layer][:, :, 0]` averaged over dim 1), and every row's keys averaged over the
+    /// heads, `[images · t, head_dim]` (VisionZip's `metric`).
+    fn attention_summary(
         &self,
         p: &[Param],
         c: &VisionConfig,
         x: &Tensor,
         t: usize,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<AttentionSummary> {
         let xn1 = self.layer_norm1.forward(p, x, c.layer_norm_eps)?;
         let images = x.rows() / t.max(1);
         let cls_rows: Vec<usize> = (0..images).map(|i| i * t).collect();
@@ -189,7 +199,14 @@ impl EncoderLayer {
                 }
             }
         }
-        Ok(out)
+        let keys = k
+            .chunks(h)
+            .flat_map(|row| {
+                (0..d)
+                    .map(move |e| (0..heads).map(|hd| row[hd * d + e]).sum::<f32>() / heads as f32)
+            })
+            .collect();
+        Ok(AttentionSummary { cls: out, keys })
     }
 
     /// `dx` is the gradient of the layer's output on entry and of its input on return.
@@ -369,17 +386,22 @@ impl ClipVision {
         Ok((states, cache))
     }
 
-    /// The CLS token's attention in encoder layer `layer` (averaged over heads, `[images,
-    /// tokens]`) for `states`, [`ClipVision::forward`]'s hidden states (layer `layer` reads
-    /// `states[layer]`).
-    pub fn cls_attention(&self, p: &[Param], states: &[Tensor], layer: usize) -> Result<Vec<f32>> {
+    /// The CLS token's attention and the keys in encoder layer `layer` (both averaged over
+    /// heads, [`AttentionSummary`]) for `states`, [`ClipVision::forward`]'s hidden states (layer
+    /// `layer` reads `states[layer]`).
+    pub fn attention_summary(
+        &self,
+        p: &[Param],
+        states: &[Tensor],
+        layer: usize,
+    ) -> Result<AttentionSummary> {
         let l = self.layers.get(layer).ok_or_else(|| {
             Error::arg(
                 "vision layer",
                 format!("{layer} is not one of the {} loaded", self.layers.len()),
             )
         })?;
-        l.cls_attention(p, &self.config, &states[layer], self.tokens())
+        l.attention_summary(p, &self.config, &states[layer], self.tokens())
     }
 
     /// `dstates[i]`: the gradient reaching hidden state `i` directly (from the feature

@@ -13,6 +13,7 @@ use super::config::{LlavaConfig, SelectStrategy};
 use super::nn::{Linear, Param, ParamBuilder, host};
 use crate::error::{Error, Result};
 use crate::ops::{self, act};
+use crate::prune::before::{self, ImageView, Reduce};
 use crate::tensor::Tensor;
 
 /// HF `LlavaMultiModalProjector`: linear, exact GELU, linear.
@@ -291,36 +292,85 @@ impl VisionEncoder {
         self.tower.backward(p, cache, &dstates)
     }
 
-    /// [`VisionEncoder::forward`] and each image's CLS attention to its patches `[images,
-    /// grid²]` (averaged over heads) in the layer whose output is the selected feature layer
-    /// (HF's `attentions[vision_feature_layer][:, :, 0, 1:]`), what FasterVLM ranks by. One
-    /// feature layer only, and not the 0th (the embeddings have no attention).
-    pub fn forward_with_cls_attention(
+    /// Projected features of a batch of LLaVA-1.5 images each reduced before the LM by `r`
+    /// ([`Reduce`]), `[Σ rows, text_hidden]`, and each image's row count. The reductions that
+    /// read attention use the layer whose output is the (one) selected feature layer; those
+    /// merging hidden states do it before the projector.
+    pub fn forward_reduced(
         &self,
         p: &[Param],
         pixels: &[&[f32]],
-    ) -> Result<(Tensor, Vec<f32>)> {
-        let &[layer] = self.layers.as_slice() else {
-            return Err(Error::arg(
-                "vision_feature_layer",
-                "CLS-attention ranking reads one feature layer's attention; this model selects several",
-            ));
+        r: &Reduce,
+    ) -> Result<(Tensor, Vec<usize>)> {
+        let (grid, t) = (self.config.vision.grid(), self.tower.tokens());
+        let cls = usize::from(self.config.select_strategy == SelectStrategy::Full);
+        let (states, summary) = match r.method.needs_attention() {
+            true => {
+                let &[layer] = self.layers.as_slice() else {
+                    return Err(Error::arg(
+                        "vision_feature_layer",
+                        "attention-ranked reductions read one feature layer's attention; this \
+                         model selects several",
+                    ));
+                };
+                let at = layer.checked_sub(1).ok_or_else(|| {
+                    Error::arg(
+                        "vision_feature_layer",
+                        "the embeddings (hidden state 0) have no attention to rank by",
+                    )
+                })?;
+                let (mut states, _) = self.tower.forward(p, pixels, false)?;
+                let summary = self.tower.attention_summary(p, &states, at)?;
+                (Some(states.swap_remove(layer)), Some(summary))
+            }
+            false => (None, None),
         };
-        let at = layer.checked_sub(1).ok_or_else(|| {
-            Error::arg(
-                "vision_feature_layer",
-                "the embeddings (hidden state 0) have no attention to rank by",
-            )
-        })?;
-        let (states, _) = self.tower.forward(p, pixels, false)?;
-        let t = self.tower.tokens();
-        let cls = self.tower.cls_attention(p, &states, at)?;
-        let att: Vec<f32> = cls.chunks(t).flat_map(|row| row[1..].to_vec()).collect();
-        let rows = self.selected_rows(pixels.len());
-        let feats = states[layer].gather_rows(&rows)?;
-        let (out, _) = self.projector.forward(p, feats, false)?;
-        out.check_finite(|t| format!("the projector's output (image token {t})"))?;
-        Ok((out, att))
+        // The rows the sources index: the tower's tokens, or the projected selected features.
+        let (base, per) = match (&states, r.method.before_projector()) {
+            (Some(s), true) => (s.clone(), t),
+            (Some(s), false) => {
+                let (out, _) = (self.projector).forward(
+                    p,
+                    s.gather_rows(&self.selected_rows(pixels.len()))?,
+                    false,
+                )?;
+                (out, self.image_tokens())
+            }
+            (None, _) => (self.forward(p, pixels)?, self.image_tokens()),
+        };
+        let (d, all) = (base.cols(), base.to_vec_f32()?);
+        let hd = summary
+            .as_ref()
+            .map_or(0, |s| s.keys.len() / (pixels.len() * t).max(1));
+        let (mut out, mut counts) = (Vec::new(), Vec::with_capacity(pixels.len()));
+        for i in 0..pixels.len() {
+            let view = ImageView {
+                grid,
+                cls,
+                cls_attention: summary
+                    .as_ref()
+                    .map_or(&[][..], |s| &s.cls[i * t..(i + 1) * t]),
+                keys: summary
+                    .as_ref()
+                    .map_or(&[][..], |s| &s.keys[i * t * hd..(i + 1) * t * hd]),
+            };
+            let sources = r.rows(&view)?;
+            counts.push(sources.len());
+            out.extend(before::gather(
+                &all[i * per * d..(i + 1) * per * d],
+                d,
+                &sources,
+            ));
+        }
+        let reduced = Tensor::from_f32(&[out.len() / d.max(1), d], out)?
+            .to_device(&base.device())?
+            .to_dtype(base.dtype())?;
+        let projected = match r.method.before_projector() {
+            true => self.projector.forward(p, reduced, false)?.0,
+            false => reduced,
+        };
+        projected.check_finite(|t| format!("the projector's output (image token {t})"))?;
+        Ok((projected, counts))
     }
 
     /// Projected image features of a batch of images, `[images · image_tokens, text_hidden]`.

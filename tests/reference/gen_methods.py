@@ -11,6 +11,9 @@ follows get_retained_image_token statement by statement, Python `set`s included 
 order decides which pivot picks first); the pruned sequence keeps the original position ids
 (`position_ids = keep_indexs`).
 
+VisionZip: the CLS and the patches the CLS attends to most in the selected layer, then the rest merged
+into evenly spaced targets by key similarity, before the projector (clip_encoder.py forward, 42-83).
+
 FasterVLM: the `budget` patches the vision tower's CLS attends to most in the selected feature layer
 (clip_encoder.py feature_select, llava_arch.py encode_images), the kept features in patch order.
 
@@ -73,6 +76,8 @@ BEFORE_CASES = [
     ("pool_tied_p1_k16", "pool", "llava_tied", "input_ids", 16),
     ("fastervlm_gqa_p1_k5", "fastervlm", "llava_gqa", "input_ids", 5),
     ("fastervlm_gqa_p2_k12", "fastervlm", "llava_gqa", "input_ids_2", 12),
+    ("visionzip_gqa_p1_k8", "visionzip", "llava_gqa", "input_ids", 8),
+    ("visionzip_gqa_p2_k16", "visionzip", "llava_gqa", "input_ids_2", 16),
 ]
 
 
@@ -158,13 +163,64 @@ def fastervlm_features(model, pv, budget):
     return feats[0][mask[0]], sorted(idx[0].tolist())
 
 
+def visionzip_features(model, pv, budget):
+    """VisionZip (github.com/dvlab-research/VisionZip): clip_encoder.py CLIPVisionTower_VisionZip.forward
+    (lines 42-83) statement by statement, `metric` = the layer's raw keys averaged over heads
+    (utils.py CLIPAttention_forward), then the projector (llava_arch.py encode_images_visionzip).
+    The budget splits as the README's settings: contextual = max(1, round(5k/32)), dominant = k - it
+    (visionzip(model, dominant, contextual) passes dominant - 1 patches: the CLS is the other)."""
+    contextual_num = min(max(1, (5 * budget + 16) // 32), budget - 1)
+    dominant_num = budget - contextual_num - 1
+    layer = model.config.vision_feature_layer
+    assert isinstance(layer, int)
+    vt = model.model.vision_tower
+    attn_mod = vt.encoder.layers[layer].self_attn  # 5.23: the vision tower holds the encoder itself
+    got = {}
+    hook = attn_mod.k_proj.register_forward_hook(lambda m, a, out: got.__setitem__("k", out))
+    try:
+        out = vt(pv, output_attentions=True, output_hidden_states=True)
+    finally:
+        hook.remove()
+    bsz, t, _ = got["k"].shape
+    metric = got["k"].view(bsz, t, attn_mod.num_heads, attn_mod.head_dim).transpose(1, 2).mean(1)
+    attn_weights = out.attentions[layer]
+    hidden_states = out.hidden_states[layer]
+    # --- clip_encoder.py lines 50-80 ---
+    cls_idx = 0
+    cls_attention = attn_weights[:, :, cls_idx, cls_idx + 1:]
+    cls_attention_sum = cls_attention.sum(dim=1)
+    topk_indices = cls_attention_sum.topk(dominant_num, dim=1).indices + 1
+    all_indices = torch.cat([torch.zeros((hidden_states.shape[0], 1), dtype=topk_indices.dtype), topk_indices], dim=1)
+    mask = torch.ones_like(hidden_states[:, :, 0], dtype=torch.bool).scatter_(1, all_indices, False)
+    dominant_tokens = hidden_states.masked_select(~mask.unsqueeze(-1)).view(hidden_states.shape[0], dominant_num + 1, hidden_states.shape[2])
+    metric_filtered = metric[mask].view(hidden_states.shape[0], hidden_states.shape[1] - (dominant_num + 1), metric.shape[2])
+    hidden_states_filtered = hidden_states.masked_select(mask.unsqueeze(-1)).view(hidden_states.shape[0], hidden_states.shape[1] - (dominant_num + 1), hidden_states.shape[2])
+    metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+    step = max(1, metric_normalized.shape[1] // contextual_num)
+    target_indices = torch.arange(0, metric_normalized.shape[1], step)[:contextual_num]
+    target_tokens = metric_normalized[:, target_indices, :]
+    tokens_to_merge = metric_normalized[:, ~torch.isin(torch.arange(metric_normalized.shape[1]), target_indices), :]
+    similarity = torch.bmm(tokens_to_merge, target_tokens.transpose(1, 2))
+    assign_one_hot = torch.zeros(tokens_to_merge.shape[0], tokens_to_merge.shape[1], contextual_num, dtype=hidden_states_filtered.dtype)
+    assign_one_hot.scatter_(2, similarity.argmax(dim=2).unsqueeze(-1), 1)
+    counts = assign_one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
+    hidden_to_merge = hidden_states_filtered[:, ~torch.isin(torch.arange(hidden_states_filtered.shape[1]), target_indices), :]
+    aggregated_hidden = torch.bmm(assign_one_hot.transpose(1, 2), hidden_to_merge) / counts
+    target_hidden = hidden_states_filtered[:, target_indices, :]
+    contextual_tokens = target_hidden + aggregated_hidden
+    hidden_states_save = torch.cat([dominant_tokens, contextual_tokens], dim=1)
+    kept = sorted(all_indices[0].tolist())
+    return model.model.multi_modal_projector(hidden_states_save)[0], kept
+
+
 @torch.no_grad()
 def before_case(model, ref, key, budget, method, tensors, meta, case, fixture):
     """The reduced image features, the prompt with that many image tokens, HF's forward on the
     merged embeddings, greedy by full recompute."""
     ids, pv = ref[key], ref["pixel_values"]
     image_id = model.config.image_token_id
-    reduced, kept = {"pool": pool_features, "fastervlm": fastervlm_features}[method](model, pv, budget)
+    reduced, kept = {"pool": pool_features, "fastervlm": fastervlm_features,
+                     "visionzip": visionzip_features}[method](model, pv, budget)
     pos = (ids == image_id).nonzero()[:, 0]
     start, n = int(pos[0]), len(pos)
     new_ids = torch.cat([ids[:start], torch.full((reduced.shape[0],), image_id), ids[start + n:]])
