@@ -20,7 +20,7 @@ use crate::model::template::{self, ImageSlot, Prompt, PromptOptions};
 use crate::ops::check_finite;
 use crate::prune::metrics::{self, RunStats, StageReport, TileKept};
 use crate::prune::score::{Ranking, SelectedAttention};
-use crate::prune::{PrunePlan, Scorer, Segment};
+use crate::prune::{PrunePlan, RankLayer, Scorer, Segment};
 use crate::tensor::Tensor;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -568,21 +568,39 @@ impl Engine {
                     }
                     Scorer::Attention | Scorer::Random(_) => {
                         let (q_rows, image_cols) = plan.targets(&st.segments);
-                        let x_sel = x_in.gather_rows(
+                        // FastV: layer l's attention (its input, its cached keys); PyramidDrop:
+                        // layer l + 1's projections of its input, layer l's output.
+                        let (src, at) = match plan.rank_layer {
+                            RankLayer::Previous => (&x_in, l),
+                            RankLayer::Next => (&x, l + 1),
+                        };
+                        let x_sel = src.gather_rows(
                             &q_rows.iter().map(|&r| rows.start + r).collect::<Vec<_>>(),
                         )?;
                         let pos: Vec<usize> = q_rows.iter().map(|&r| st.positions[r]).collect();
-                        let q = lm.query_rows(&self.model.params, l, &x_sel, &pos)?;
+                        let q = lm.query_rows(&self.model.params, at, &x_sel, &pos)?;
+                        let own_keys = match plan.rank_layer {
+                            RankLayer::Previous => None,
+                            RankLayer::Next => Some(lm.key_rows(
+                                &self.model.params,
+                                at,
+                                &x.narrow_rows(rows.start, n)?,
+                                &st.positions,
+                            )?),
+                        };
+                        let keys = own_keys.as_ref().unwrap_or(&cache.layers[l].k);
                         let heads = c.num_attention_heads;
+                        // The backend's log-sum-exps are layer l's own (FastV only).
                         let lse_sel = lse
                             .as_deref()
+                            .filter(|_| plan.rank_layer == RankLayer::Previous)
                             .map(|lse| lse_rows(lse, heads, n, &q_rows))
                             .transpose()?;
                         let att = SelectedAttention {
                             heads,
                             probs: q.backend().selected_probs(
                                 &q,
-                                &cache.layers[l].k,
+                                keys,
                                 &q_rows,
                                 &image_cols,
                                 heads,

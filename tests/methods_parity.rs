@@ -6,6 +6,7 @@
 //!   CPython's `set` order, which decides the pivots' turn, reproduced on random integer lists.
 //! - Reductions before the LM (`fineprune::prune::before`): uniform pooling (`default` and `full`
 //!   strategies), FasterVLM's CLS-attention ranking and VisionZip's dominant + contextual tokens.
+//! - PyramidDrop as published (`PrunePlan::pdrop`): its stages' kept sets identical.
 
 mod common;
 
@@ -180,6 +181,60 @@ fn reductions_before_the_lm_match_hf() {
         checked += 1;
     }
     assert_eq!(checked, 8);
+}
+
+/// PyramidDrop as published: two stages (after layers 1 and 2 of the 3-layer fixtures, ratios
+/// 0.5 and 0.25), each ranked by the next layer's own projections of its input, positions
+/// renumbered: the kept sets of both stages identical, logits within 1e-4, greedy the same.
+#[test]
+fn pyramiddrop_matches_the_official_logic_on_hf_modules() {
+    let dir = reference_dir();
+    let r = load_ref(&dir.join("methods_ref.safetensors"));
+    let meta = meta();
+    let mut checked = 0;
+    for (name, case) in meta["cases"].as_object().unwrap() {
+        if case["method"] != "pdrop" {
+            continue;
+        }
+        let fixture = case["fixture"].as_str().unwrap();
+        let engine = Engine::new(Arc::new(Model::load(dir.join(fixture)).unwrap()));
+        let ints = |v: &Value| -> Vec<usize> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as usize)
+                .collect()
+        };
+        let ratios: Vec<f64> = (case["ratios"].as_array().unwrap().iter())
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let n = case["N"].as_u64().unwrap() as usize;
+        let plan = PrunePlan::pdrop(&ints(&case["layers"]), &ratios, n).unwrap();
+        let mut req = request(case);
+        req.prune = Some(plan);
+        let out = engine.prompt_logits(&req).unwrap();
+        for (i, st) in out.stats.stages.iter().enumerate() {
+            let want: Vec<usize> = r[&format!("{name}/kept{i}")]
+                .i
+                .iter()
+                .map(|&k| k as usize)
+                .collect();
+            assert_eq!(st.kept, want, "{name}: stage {i}");
+        }
+        let err = max_abs_diff(&out.logits, &r[&format!("{name}/logits")].f);
+        println!("{name}: logits max-abs diff {err:.2e}");
+        assert!(err < 1e-4, "{name}: logits differ by {err}");
+        req.max_new_tokens = 24;
+        req.stop_on_eos = false;
+        let g = engine.generate(&[req]).unwrap().remove(0);
+        assert_eq!(
+            g.tokens,
+            ids_u32(&r[&format!("{name}/greedy")]),
+            "{name}: greedy"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 3);
 }
 
 /// The pivots take turns in CPython's `set` iteration order (the official code iterates

@@ -132,10 +132,18 @@ pub fn shapes_items(
 }
 
 /// The methods `prune-bench --method` runs: FastV's head x query grid, and the peers.
-pub const METHODS: [&str; 6] = ["fastv", "random", "dart", "pool", "fastervlm", "visionzip"];
+pub const METHODS: [&str; 7] = [
+    "fastv",
+    "random",
+    "dart",
+    "pool",
+    "fastervlm",
+    "visionzip",
+    "pdrop",
+];
 
 /// Peer methods issue 31 adds next, named so that a study script fails clearly until they land.
-const PLANNED: [&str; 2] = ["sparsevlm", "pdrop"];
+const PLANNED: [&str; 1] = ["sparsevlm"];
 
 /// One configuration of a sweep.
 #[derive(Debug, Clone)]
@@ -272,19 +280,58 @@ impl SweepConfig {
                     })
                     .collect())
             }
-            "fastv" => Err(Error::arg(
+            "fastv" | "pdrop" => Err(Error::arg(
                 "--method",
-                "fastv runs the --head x --query grid (SweepConfig::grid)",
+                format!(
+                    "{name} is built by its own constructor (SweepConfig::grid, SweepConfig::pdrop)"
+                ),
             )),
             planned if PLANNED.contains(&planned) => Err(Error::Unsupported {
-                what: "pruning method (not implemented yet; available: fastv, random, dart, pool, fastervlm, visionzip)",
+                what: "pruning method (not implemented yet; available: fastv, random, dart, pool, fastervlm, visionzip, pdrop)",
                 value: planned.to_string(),
             }),
             other => Err(Error::Unsupported {
-                what: "pruning method (fastv, random, dart, pool, fastervlm, visionzip)",
+                what: "pruning method (fastv, random, dart, pool, fastervlm, visionzip, pdrop)",
                 value: other.to_string(),
             }),
         }
+    }
+
+    /// PyramidDrop as published ([`PrunePlan::pdrop`]) at every keep λ (a fraction, or a count
+    /// of the `n_image` image tokens): stages before layers L/4, L/2 and 3L/4 of the
+    /// `num_layers`-layer LM keeping λ, λ² and λ³ of the image tokens (the official 0.5, 0.25,
+    /// 0.125 at 8, 16, 24 of 32 layers for λ = 0.5).
+    pub fn pdrop(keeps: &[Keep], num_layers: usize, n_image: usize) -> Result<Vec<Self>> {
+        let layers: Vec<usize> = (1..4).map(|i| i * num_layers / 4).collect();
+        if layers[0] == 0 || layers.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::arg(
+                "--method",
+                format!(
+                    "pdrop needs stages at L/4, L/2, 3L/4: a {num_layers}-layer LM is too shallow"
+                ),
+            ));
+        }
+        keeps
+            .iter()
+            .map(|&keep| {
+                let lambda = match keep {
+                    Keep::Fraction(f) => f,
+                    Keep::Count(c) => c as f64 / n_image.max(1) as f64,
+                };
+                let ratios: Vec<f64> = (1..4).map(|i| lambda.powi(i)).collect();
+                let plan = PrunePlan::pdrop(&layers, &ratios, n_image)?;
+                Ok(SweepConfig {
+                    label: format!("pdrop/{keep}"),
+                    series: "pdrop".into(),
+                    head: "pdrop".into(),
+                    query: "-".into(),
+                    keep: Some(keep),
+                    layer: Some(layers[0]),
+                    stages: stages_text(&plan.stages),
+                    plan: Some(plan),
+                })
+            })
+            .collect()
     }
 
     /// What a summary and a manifest say of this configuration (all but the plan).

@@ -94,7 +94,8 @@ struct Args {
     /// pool (uniform average pooling of the patch grid to floor(sqrt(keep))^2 tokens before the
     /// LM), fastervlm (the keep patches the vision tower's CLS attends to most, before the LM),
     /// visionzip (the CLS and the patches it attends to most, plus contextual tokens merged by
-    /// key similarity: 54 + 10 of 64, before the LM).
+    /// key similarity: 54 + 10 of 64, before the LM), pdrop (PyramidDrop as published: stages
+    /// at L/4, L/2, 3L/4 keeping keep, keep² and keep³, LLaVA-1.5 only).
     /// The unpruned model always runs first.
     #[arg(long, value_delimiter = ',', default_value = "fastv")]
     method: Vec<String>,
@@ -207,9 +208,13 @@ fn run(a: Args) -> fineprune::Result<()> {
     if a.random_baseline && !methods.contains(&"random") {
         methods.push("random");
     }
-    for m in methods.into_iter().filter(|&m| m != "fastv") {
+    for m in methods
+        .into_iter()
+        .filter(|&m| m != "fastv" && m != "pdrop")
+    {
         configs.extend(SweepConfig::method(m, &a.keep, &a.prune_layer, a.seed)?);
     }
+    let pdrop = a.method.iter().any(|m| m == "pdrop");
     for plan in configs.iter_mut().filter_map(|c| c.plan.as_mut()) {
         plan.keep_newlines = !a.strategy.drop_newlines;
     }
@@ -239,11 +244,11 @@ fn run(a: Args) -> fineprune::Result<()> {
     };
     let vc = vision.config.vision.clone();
     let anyres = vision.config.is_anyres();
-    if anyres && !a.pyramid.is_empty() {
+    if anyres && (!a.pyramid.is_empty() || pdrop) {
         return Err(Error::arg(
-            "--pyramid",
-            "needs a fixed image-token count (LLaVA-1.5); a LLaVA-NeXT model's depends on each \
-             image's size and aspect",
+            if pdrop { "--method" } else { "--pyramid" },
+            "pyramid and pdrop stages need a fixed image-token count (LLaVA-1.5); a LLaVA-NeXT \
+             model's depends on each image's size and aspect",
         ));
     }
     if !a.pyramid.is_empty() {
@@ -260,6 +265,11 @@ fn run(a: Args) -> fineprune::Result<()> {
             .map(|c| c.pyramid(&a.pyramid, layers, n_image))
             .collect::<fineprune::Result<Vec<_>>>()?;
         configs.extend(twins);
+    }
+    // After the twins: PyramidDrop's stages are its own.
+    if pdrop {
+        let (layers, n_image) = (vision.config.text.num_hidden_layers, vision.image_tokens());
+        configs.extend(SweepConfig::pdrop(&a.keep, layers, n_image)?);
     }
     let mut shapes_cfg = ShapesConfig::for_model(&model_dir)?;
     let tile = vc.image_size as u32;

@@ -459,6 +459,23 @@ impl Llama {
         Ok(q)
     }
 
+    /// Keys of layer `l` for the rows of its input `x: [rows, hidden]` at RoPE `positions`,
+    /// `[rows, kv_heads · head_dim]` with RoPE applied (what its attention would read).
+    pub fn key_rows(
+        &self,
+        p: &[Param],
+        l: usize,
+        x: &Tensor,
+        positions: &[usize],
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let layer = &self.layers[l];
+        let xn = layer.input_layernorm.forward(p, x, c.rms_norm_eps)?;
+        let mut k = layer.k_proj.forward(p, &xn)?;
+        k.rope(c.num_key_value_heads, positions, &self.inv_freq)?;
+        Ok(k)
+    }
+
     /// Final RMSNorm then LM head on `x: [rows, hidden]` -> `[rows, vocab]`.
     pub fn logits(&self, p: &[Param], x: &Tensor) -> Result<Tensor> {
         self.final_norm(p, x)?.linear(&p[self.head()].value, None)

@@ -16,7 +16,7 @@ pub mod score;
 
 pub use crate::model::template::Segment;
 pub use head::{HEAD_STRATEGIES, HeadStrategy, check_head_keep, head_strategy};
-pub use plan::{Keep, PrunePlan, Scorer, Stage, pyramid};
+pub use plan::{Keep, PrunePlan, RankLayer, Scorer, Stage, pyramid};
 pub use query::{QUERY_STRATEGIES, QueryStrategy, query_strategy};
 
 /// Parameters of the built-in strategies.

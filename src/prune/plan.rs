@@ -77,11 +77,24 @@ pub struct PrunePlan {
     /// A reduction of the image's features before the LM ([`Reduce`]; the stages, if any,
     /// then prune what it left).
     pub before_lm: Option<Reduce>,
+    /// Whose attention ranks at a stage K ([`Scorer::Attention`] and [`Scorer::Random`]):
+    /// layer K-1's, as it ran (FastV; default), or layer K's own queries and keys of its input,
+    /// computed before it runs (PyramidDrop's `pdrop_rank_drop`).
+    pub rank_layer: RankLayer,
     /// LLaVA-NeXT: keep every `image_newline` token (on by default: a row separator costs one
     /// token per row). They count against each stage's budget (the keep fraction is of all
     /// visual tokens, newlines included) and are kept before any ranked token; off, they are
     /// ranked like the tiles' tokens.
     pub keep_newlines: bool,
+}
+
+/// Whose attention ranks the image tokens at a stage K ([`PrunePlan::rank_layer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankLayer {
+    /// Layer K-1's attention (its cached keys): FastV.
+    Previous,
+    /// Layer K's projections of its input (layer K-1's output): PyramidDrop.
+    Next,
 }
 
 /// What ranks the image tokens at a stage.
@@ -128,6 +141,33 @@ impl Stage {
 }
 
 impl PrunePlan {
+    /// PyramidDrop as published (Xing et al. 2024, github.com/Cooperx521/PyramidDrop,
+    /// `llava/model/modeling_llama_pdrop.py`: `pdrop_forward` lines 1220-1268 and
+    /// `pdrop_rank_drop` lines 1291-1420; settings from `scripts/v1_5/pdrop_eval/*.sh`): stages
+    /// before `layers` (8, 16, 24 for a 32-layer LM) keeping `int(N · ratio)` of the prompt's
+    /// `n_image` image tokens (ratios 0.5, 0.25, 0.125); each stage ranks by layer K's own
+    /// queries and keys of its input ([`RankLayer::Next`]), the last prompt token's attention
+    /// averaged over the heads (`last_token`, `sum`), and the positions are renumbered after
+    /// every stage, as the official code does.
+    pub fn pdrop(layers: &[usize], ratios: &[f64], n_image: usize) -> Result<Self> {
+        if layers.len() != ratios.len() {
+            return Err(Error::arg(
+                "pdrop",
+                format!("{} layers for {} ratios", layers.len(), ratios.len()),
+            ));
+        }
+        let stages = (layers.iter().zip(ratios))
+            .map(|(&layer, &r)| Stage {
+                layer,
+                keep: Keep::Count(((n_image as f64 * r) as usize).max(1)),
+            })
+            .collect();
+        let mut plan = Self::new(stages);
+        plan.rank_layer = RankLayer::Next;
+        plan.renumber = true;
+        Ok(plan)
+    }
+
     /// FastV: one stage `(2, 0.5)`, every head (`sum`), the last prompt token as query.
     pub fn fastv() -> Self {
         Self::new(vec![Stage {
@@ -148,6 +188,7 @@ impl PrunePlan {
             renumber: false,
             scorer: Scorer::Attention,
             before_lm: None,
+            rank_layer: RankLayer::Previous,
             keep_newlines: true,
         }
     }
@@ -398,6 +439,20 @@ pub fn pyramid(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pdrop_as_published() {
+        // 8, 16, 24 of 32 layers keeping int(576 x 0.5^i), positions renumbered, ranked by the
+        // next layer's own projections.
+        let p = PrunePlan::pdrop(&[8, 16, 24], &[0.5, 0.25, 0.125], 576).unwrap();
+        let keeps: Vec<Keep> = p.stages.iter().map(|s| s.keep).collect();
+        assert_eq!(keeps, [Keep::Count(288), Keep::Count(144), Keep::Count(72)]);
+        assert!(p.renumber && p.rank_layer == RankLayer::Next);
+        // int() floors: 25 x 0.5 keeps 12.
+        let p = PrunePlan::pdrop(&[1, 2], &[0.5, 0.25], 25).unwrap();
+        assert_eq!(p.kept_counts(3, 25).unwrap(), vec![12, 6]);
+        assert!(PrunePlan::pdrop(&[1], &[0.5, 0.25], 25).is_err());
+    }
 
     #[test]
     fn counts_round_up_and_bad_plans_are_refused() {

@@ -11,6 +11,10 @@ follows get_retained_image_token statement by statement, Python `set`s included 
 order decides which pivot picks first); the pruned sequence keeps the original position ids
 (`position_ids = keep_indexs`).
 
+PyramidDrop: stages after layers 1 and 2 of the 3-layer fixtures (ratios 0.5, 0.25), each ranking by the
+next layer's own projections of its input, the last prompt token's attention averaged over heads, and
+renumbering the positions (modeling_llama_pdrop.py pdrop_forward, pdrop_rank_drop).
+
 VisionZip: the CLS and the patches the CLS attends to most in the selected layer, then the rest merged
 into evenly spaced targets by key similarity, before the projector (clip_encoder.py forward, 42-83).
 
@@ -249,6 +253,94 @@ def before_case(model, ref, key, budget, method, tensors, meta, case, fixture):
     print(f"[{case}] {n} image tokens reduced to {reduced.shape[0]}")
 
 
+# (case, fixture, prompt key): PyramidDrop at layers 1 and 2 of the 3-layer fixtures, ratios 0.5, 0.25
+PDROP_LAYERS, PDROP_RATIOS = [1, 2], [0.5, 0.25]
+PDROP_CASES = [
+    ("pdrop_gqa_p1", "llava_gqa", "input_ids"),
+    ("pdrop_gqa_p2", "llava_gqa", "input_ids_2"),
+    ("pdrop_tied_p1", "llava_tied", "input_ids"),
+]
+
+
+@torch.no_grad()
+def pdrop_forward(runner, emb, start, N, prompt_len, fixed=None):
+    """PyramidDrop (github.com/Cooperx521/PyramidDrop, modeling_llama_pdrop.py: pdrop_forward lines
+    1220-1268, pdrop_rank_drop 1291-1420): after layer idx, if idx + 1 is in the layer list, layer
+    idx+1's input_layernorm, q_proj, k_proj and RoPE at the current positions; the last prompt token's
+    attention (softmax over the keys it sees) averaged over heads, on the current image block; topk of
+    int(N * ratio), sorted; positions renumbered 0..n. `fixed`: the kept lists of an earlier ranking
+    (greedy recompute). The official code multiplies [heads] queries with [kv_heads] keys (MHA only);
+    query head h reads kv head h // (heads / kv_heads) here, as attention does."""
+    lm = runner.lm
+    h, L = emb, emb.shape[1]
+    pos = torch.arange(L)
+    n_img, kept_lists = N, []
+    for idx in range(runner.cfg.num_hidden_layers):
+        h, _ = runner.layer(idx, h, pos)
+        rank_layer = idx + 1
+        if rank_layer not in PDROP_LAYERS:
+            continue
+        stage = PDROP_LAYERS.index(rank_layer)
+        keep_len = int(N * PDROP_RATIOS[stage])
+        if fixed is None:
+            layer = lm.layers[rank_layer]
+            attn = layer.self_attn
+            xn = layer.input_layernorm(h)
+            n, d = h.shape[1], attn.head_dim
+            q = attn.q_proj(xn).view(1, n, -1, d).transpose(1, 2)
+            k = attn.k_proj(xn).view(1, n, -1, d).transpose(1, 2)
+            cos, sin = lm.rotary_emb(h, position_ids=pos[None])
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+            last = prompt_len - (N - n_img) - 1  # the last prompt token in the current sequence
+            w = torch.matmul(q[0, :, last:last + 1], k[0].transpose(1, 2)) / math.sqrt(d)
+            w[..., last + 1:] = float("-inf")
+            w = torch.softmax(w, dim=-1, dtype=torch.float32)
+            avg = w.mean(0)[:, start:start + n_img].mean(0)
+            top = sorted(avg.topk(keep_len).indices.tolist())
+        else:
+            top = fixed[stage]
+        kept_lists.append(top)
+        keep = [start + t for t in top]
+        h = torch.cat([h[:, :start], h[:, keep], h[:, start + n_img:]], dim=1)
+        pos = torch.arange(h.shape[1])
+        n_img = keep_len
+    return lm_head_logits(runner, h), kept_lists
+
+
+def lm_head_logits(runner, h):
+    return runner.model.lm_head(runner.lm.norm(h))[0]
+
+
+@torch.no_grad()
+def pdrop_case(model, ref, key, tensors, meta, case, fixture):
+    runner = HFRunner(model)
+    ids, pv = ref[key], ref["pixel_values"]
+    img_pos = (ids == runner.image_token_id).nonzero()[:, 0]
+    start, N = int(img_pos[0]), len(img_pos)
+    emb = runner.embeds(ids, pv)
+    logits, kept = pdrop_forward(runner, emb, start, N, ids.shape[0])
+    # kept indices among the prompt's image tokens, stage by stage
+    orig, stages = list(range(N)), []
+    for top in kept:
+        orig = [orig[t] for t in top]
+        stages.append(orig)
+    seq, gen = ids.clone(), []
+    for _ in range(N_GREEDY):
+        lg, _ = pdrop_forward(runner, runner.embeds(seq, pv), start, N, ids.shape[0], fixed=kept)
+        nxt = int(lg[-1].argmax())
+        gen.append(nxt)
+        seq = torch.cat([seq, torch.tensor([nxt])])
+    for i, st in enumerate(stages):
+        tensors[f"{case}/kept{i}"] = torch.tensor(st, dtype=torch.int64)
+    tensors[f"{case}/logits"] = logits.float().contiguous()
+    tensors[f"{case}/greedy"] = torch.tensor(gen, dtype=torch.int64)
+    meta["cases"][case] = {"method": "pdrop", "fixture": fixture, "prompt": key, "N": N,
+                           "layers": PDROP_LAYERS, "ratios": PDROP_RATIOS,
+                           "kept": stages, "greedy": gen}
+    print(f"[{case}] N={N} kept {[len(s) for s in stages]}")
+
+
 def set_orders():
     rng = random.Random(31)
     out = []
@@ -316,6 +408,11 @@ def main():
                                                               attn_implementation="eager").eval()
         ref = load_file(os.path.join(HERE, f"{fixture}_ref.safetensors"))
         before_case(model, ref, key, budget, method, tensors, meta, case, fixture)
+    for case, fixture, key in PDROP_CASES:
+        model = LlavaForConditionalGeneration.from_pretrained(os.path.join(HERE, fixture), dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
+        ref = load_file(os.path.join(HERE, f"{fixture}_ref.safetensors"))
+        pdrop_case(model, ref, key, tensors, meta, case, fixture)
     save_file(dict(sorted(tensors.items())), os.path.join(HERE, "methods_ref.safetensors"),
               metadata={"generator": f"gen_methods.py torch {torch.__version__} transformers {transformers.__version__}"})
     with open(os.path.join(HERE, "methods_ref.json"), "w") as f:
