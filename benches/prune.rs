@@ -86,6 +86,7 @@ fn input(h: usize, next: bool) -> Prepared {
             ids: vec![0; n],
             segments,
             visual,
+            patches: vec![],
         },
         embeds: Tensor::from_f32(&[n, h], random(n * h, 3, 1.0)).unwrap(),
     }

@@ -312,12 +312,13 @@ impl Engine {
                 // Fewer rows per image: the reduction's, each a patch of the image's one tile.
                 Some(r) => {
                     let px: Vec<&[f32]> = refs.iter().map(|(px, _)| *px).collect();
-                    let (features, reduced) = v.forward_reduced(&m.params, &px, &r)?;
-                    for (i, &n) in reduced.iter().enumerate() {
+                    let (features, patches) = v.forward_reduced(&m.params, &px, &r)?;
+                    for (i, rows) in patches.into_iter().enumerate() {
                         let tile = VisualToken::Patch { image: i, tile: 0 };
-                        prompt.visual.extend(std::iter::repeat_n(tile, n));
+                        prompt.visual.extend(std::iter::repeat_n(tile, rows.len()));
+                        counts.push(rows.len());
+                        prompt.patches.extend(rows);
                     }
-                    counts = reduced;
                     features
                 }
                 None => {

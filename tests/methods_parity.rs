@@ -161,6 +161,19 @@ fn reductions_before_the_lm_match_hf() {
             ids_u32(&r[&format!("{name}/input_ids")]),
             "{name}"
         );
+        // The patches kept as they are: FasterVLM's picks; VisionZip's dominant ones (its kept
+        // tower tokens less the CLS); none for pooling.
+        let kept: Vec<usize> = out.prompt.patches.iter().flatten().copied().collect();
+        let want: Vec<usize> = match case["kept"].as_array() {
+            Some(k) if method == BeforeLm::VisionZip => k
+                .iter()
+                .skip(1)
+                .map(|x| x.as_u64().unwrap() as usize - 1)
+                .collect(),
+            Some(k) => k.iter().map(|x| x.as_u64().unwrap() as usize).collect(),
+            None => vec![],
+        };
+        assert_eq!(kept, want, "{name}: kept patches");
         let after = case["n_after"].as_u64().unwrap() as usize;
         assert_eq!(out.stats.kept_after_last(), after, "{name}");
         assert_eq!(out.stats.avg_image_tokens(), after as f64, "{name}");

@@ -817,6 +817,9 @@ fn methods_run_side_by_side() {
     assert_eq!(row("pool/4")[col("recall")], "-");
     assert_eq!(row("fastervlm/4")[col("kept_avg_layers")], "4.0");
     assert_eq!(row("visionzip/16")[col("kept_after_K")], "16.0");
+    // The patches FasterVLM and VisionZip keep as they are give them a recall.
+    assert_ne!(row("fastervlm/16")[col("recall")], "-");
+    assert_ne!(row("visionzip/16")[col("recall")], "-");
     // PyramidDrop's stages at L/4, L/2, 3L/4 do not fit a 3-layer LM (its own test runs it).
     let refused = [
         ("sparsevlm", "not implemented yet"),

@@ -583,10 +583,15 @@ pub fn run(
             let s = &g.stats;
             let n_image = s.image_tokens_per_layer.first().copied().unwrap_or(0);
             let n_patches = units.iter().flatten().count();
-            let to_patch = |t: usize| units.get(t).copied().flatten();
-            // A reduction before the LM merges patches: its tokens are no patch of the grid, so
-            // it has no kept patches (recall undefined).
-            let merged = cfg.plan.as_ref().is_some_and(|p| p.before_lm.is_some());
+            // A reduction before the LM says which patch each token is as it is (none when it
+            // merges them all, pooling: recall undefined).
+            let reduced = &g.prompt.patches;
+            let merged = cfg.plan.as_ref().is_some_and(|p| p.before_lm.is_some())
+                && reduced.iter().all(Option::is_none);
+            let to_patch = |t: usize| match reduced.is_empty() {
+                true => units.get(t).copied().flatten(),
+                false => reduced.get(t).copied().flatten(),
+            };
             let kept_tokens: Vec<usize> = match s.stages.last() {
                 _ if merged => vec![],
                 Some(st) => st.kept.clone(),

@@ -293,7 +293,8 @@ impl VisionEncoder {
     }
 
     /// Projected features of a batch of LLaVA-1.5 images each reduced before the LM by `r`
-    /// ([`Reduce`]), `[Σ rows, text_hidden]`, and each image's row count. The reductions that
+    /// ([`Reduce`]), `[Σ rows, text_hidden]`, and for each image the grid patch each of its rows
+    /// is as it is (`None`: merged or CLS; [`Reduce::patch_of`]). The reductions that
     /// read attention use the layer whose output is the (one) selected feature layer; those
     /// merging hidden states do it before the projector.
     pub fn forward_reduced(
@@ -301,7 +302,7 @@ impl VisionEncoder {
         p: &[Param],
         pixels: &[&[f32]],
         r: &Reduce,
-    ) -> Result<(Tensor, Vec<usize>)> {
+    ) -> Result<(Tensor, Vec<Vec<Option<usize>>>)> {
         let (grid, t) = (self.config.vision.grid(), self.tower.tokens());
         let cls = usize::from(self.config.select_strategy == SelectStrategy::Full);
         let (states, summary) = match r.method.needs_attention() {
@@ -355,7 +356,7 @@ impl VisionEncoder {
                     .map_or(&[][..], |s| &s.keys[i * t * hd..(i + 1) * t * hd]),
             };
             let sources = r.rows(&view)?;
-            counts.push(sources.len());
+            counts.push(sources.iter().map(|s| r.patch_of(s, cls)).collect());
             out.extend(before::gather(
                 &all[i * per * d..(i + 1) * per * d],
                 d,

@@ -77,6 +77,9 @@ pub struct Prompt {
     /// tile, or LLaVA-NeXT row newline), filled in by [`crate::Engine::prepare`]. Empty for a
     /// prompt built without the images: its image tokens then count as tile 0 of image 0.
     pub visual: Vec<VisualToken>,
+    /// For images reduced before the LM ([`crate::prune::before`]): the grid patch each image
+    /// token is as it is (`None`: merged or CLS), one per image token; empty otherwise.
+    pub patches: Vec<Option<usize>>,
 }
 
 impl Prompt {
@@ -93,6 +96,7 @@ impl Prompt {
             ids,
             segments,
             visual: vec![],
+            patches: vec![],
         })
     }
 
@@ -122,7 +126,7 @@ impl Prompt {
             segments.extend(std::iter::repeat_n(seg, n));
         }
         let mut p = Prompt::within(ids, segments, max_len)?;
-        p.visual = self.visual;
+        (p.visual, p.patches) = (self.visual, self.patches);
         Ok(p)
     }
 

@@ -176,6 +176,23 @@ impl Reduce {
     }
 }
 
+impl Reduce {
+    /// The grid patch a reduced row is as it is (for patch recall): a selected patch row
+    /// (past the `cls` leading CLS rows of the selected features, or past the tower's CLS
+    /// before the projector); `None` for a CLS row and for merged rows (pooled, contextual).
+    pub fn patch_of(&self, s: &Source, cls: usize) -> Option<usize> {
+        let skip = if self.method.before_projector() {
+            1
+        } else {
+            cls
+        };
+        match *s {
+            Source::Row(i) => i.checked_sub(skip),
+            Source::Mean(_) | Source::Merge { .. } => None,
+        }
+    }
+}
+
 /// Where one row of a reduced image comes from ([`Reduce::rows`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Source {
