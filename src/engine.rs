@@ -298,7 +298,8 @@ impl Engine {
             }
             chat::chat_prompt(template, &m.tokenizer, &req.messages, slot.as_ref(), ctx)?
         };
-        let mut embeds = m.lm.embed(&m.params, &prompt.ids)?;
+        // The images' features, the prompt expanded to their counts first where they vary.
+        let mut image_features = None;
         if let (Some(v), false) = (&m.vision, req.images.is_empty()) {
             let images = (req.images.iter().enumerate())
                 .map(|(i, img)| self.pixels(i, img, req.options.pad_to_square))
@@ -332,8 +333,11 @@ impl Engine {
             };
             if v.config.is_anyres() || reduce.is_some() {
                 prompt = prompt.expand_images(v.config.image_token_id, &counts, ctx)?;
-                embeds = m.lm.embed(&m.params, &prompt.ids)?;
             }
+            image_features = Some((v, features));
+        }
+        let mut embeds = m.lm.embed(&m.params, &prompt.ids)?;
+        if let Some((v, features)) = image_features {
             embeds = v.merge(&prompt.ids, &embeds, &features)?;
         }
         Ok(Prepared { prompt, embeds })

@@ -108,21 +108,7 @@ fn dart_matches_the_official_logic_on_hf_modules() {
             .collect();
         assert_eq!(out.stats.stages[0].kept, kept, "{name}: kept");
         assert_eq!(out.stats.kept_after_last(), kept.len(), "{name}");
-        let err = max_abs_diff(&out.logits, &r[&format!("{name}/logits")].f);
-        println!(
-            "{name}: kept {} of {}, logits max-abs diff {err:.2e}",
-            kept.len(),
-            case["N"]
-        );
-        assert!(err < 1e-4, "{name}: logits differ by {err}");
-        req.max_new_tokens = 24;
-        req.stop_on_eos = false;
-        let g = engine.generate(&[req]).unwrap().remove(0);
-        assert_eq!(
-            g.tokens,
-            ids_u32(&r[&format!("{name}/greedy")]),
-            "{name}: greedy"
-        );
+        matches_hf(engine, &r, name, &out.logits, req);
         checked += 1;
     }
     assert_eq!(checked, 7);
@@ -177,20 +163,7 @@ fn reductions_before_the_lm_match_hf() {
         let after = case["n_after"].as_u64().unwrap() as usize;
         assert_eq!(out.stats.kept_after_last(), after, "{name}");
         assert_eq!(out.stats.avg_image_tokens(), after as f64, "{name}");
-        let err = max_abs_diff(&out.logits, &r[&format!("{name}/logits")].f);
-        println!(
-            "{name}: {} -> {after} image tokens, logits max-abs diff {err:.2e}",
-            case["N"]
-        );
-        assert!(err < 1e-4, "{name}: logits differ by {err}");
-        req.max_new_tokens = 24;
-        req.stop_on_eos = false;
-        let g = engine.generate(&[req]).unwrap().remove(0);
-        assert_eq!(
-            g.tokens,
-            ids_u32(&r[&format!("{name}/greedy")]),
-            "{name}: greedy"
-        );
+        matches_hf(&engine, &r, name, &out.logits, req);
         checked += 1;
     }
     assert_eq!(checked, 8);
@@ -234,20 +207,29 @@ fn pyramiddrop_matches_the_official_logic_on_hf_modules() {
                 .collect();
             assert_eq!(st.kept, want, "{name}: stage {i}");
         }
-        let err = max_abs_diff(&out.logits, &r[&format!("{name}/logits")].f);
-        println!("{name}: logits max-abs diff {err:.2e}");
-        assert!(err < 1e-4, "{name}: logits differ by {err}");
-        req.max_new_tokens = 24;
-        req.stop_on_eos = false;
-        let g = engine.generate(&[req]).unwrap().remove(0);
-        assert_eq!(
-            g.tokens,
-            ids_u32(&r[&format!("{name}/greedy")]),
-            "{name}: greedy"
-        );
+        matches_hf(&engine, &r, name, &out.logits, req);
         checked += 1;
     }
     assert_eq!(checked, 3);
+}
+
+/// The prefill logits `logits` of case `name` within 1e-4 of the reference's, and 24 greedy
+/// tokens of `req` (with the KV cache) equal to its greedy ones.
+fn matches_hf(
+    engine: &Engine,
+    r: &HashMap<String, RefTensor>,
+    name: &str,
+    logits: &[f32],
+    mut req: Request,
+) {
+    let err = max_abs_diff(logits, &r[&format!("{name}/logits")].f);
+    println!("{name}: logits max-abs diff {err:.2e}");
+    assert!(err < 1e-4, "{name}: logits differ by {err}");
+    req.max_new_tokens = 24;
+    req.stop_on_eos = false;
+    let g = engine.generate(&[req]).unwrap().remove(0);
+    let want = ids_u32(&r[&format!("{name}/greedy")]);
+    assert_eq!(g.tokens, want, "{name}: greedy");
 }
 
 /// The pivots take turns in CPython's `set` iteration order (the official code iterates

@@ -451,12 +451,8 @@ impl Llama {
         x: &Tensor,
         positions: &[usize],
     ) -> Result<Tensor> {
-        let c = &self.config;
-        let layer = &self.layers[l];
-        let xn = layer.input_layernorm.forward(p, x, c.rms_norm_eps)?;
-        let mut q = layer.q_proj.forward(p, &xn)?;
-        q.rope(c.num_attention_heads, positions, &self.inv_freq)?;
-        Ok(q)
+        let q_proj = &self.layers[l].q_proj;
+        self.projected_rows(p, l, q_proj, self.config.num_attention_heads, x, positions)
     }
 
     /// Keys of layer `l` for the rows of its input `x: [rows, hidden]` at RoPE `positions`,
@@ -468,12 +464,27 @@ impl Llama {
         x: &Tensor,
         positions: &[usize],
     ) -> Result<Tensor> {
+        let k_proj = &self.layers[l].k_proj;
+        self.projected_rows(p, l, k_proj, self.config.num_key_value_heads, x, positions)
+    }
+
+    /// Layer `l`'s input norm of `x`, through `proj`, RoPE applied over `heads` heads.
+    fn projected_rows(
+        &self,
+        p: &[Param],
+        l: usize,
+        proj: &Linear,
+        heads: usize,
+        x: &Tensor,
+        positions: &[usize],
+    ) -> Result<Tensor> {
         let c = &self.config;
-        let layer = &self.layers[l];
-        let xn = layer.input_layernorm.forward(p, x, c.rms_norm_eps)?;
-        let mut k = layer.k_proj.forward(p, &xn)?;
-        k.rope(c.num_key_value_heads, positions, &self.inv_freq)?;
-        Ok(k)
+        let xn = self.layers[l]
+            .input_layernorm
+            .forward(p, x, c.rms_norm_eps)?;
+        let mut y = proj.forward(p, &xn)?;
+        y.rope(heads, positions, &self.inv_freq)?;
+        Ok(y)
     }
 
     /// Final RMSNorm then LM head on `x: [rows, hidden]` -> `[rows, vocab]`.

@@ -110,7 +110,8 @@ pub enum Scorer {
     Random(u64),
     /// DART ([`Dart`]): the image tokens least duplicated with a few pivots, no attention
     /// scores. A stage's keep count is DART's budget, of which it keeps
-    /// [`Dart::kept_count`] (the official code's rounding). Query and head strategies unused.
+    /// [`Dart::kept_count`] (the official code's rounding). Query and head strategies unused;
+    /// LLaVA-NeXT's newlines are image tokens to it, as in the official code (not pinned).
     Dart(Dart),
 }
 

@@ -34,6 +34,7 @@ K, budget, pivots, N, first image position, kept; `set_orders`: random integer l
 
   /tmp/venv-ref/bin/python tests/reference/gen_methods.py     (a few seconds; deterministic)
 """
+import functools
 import json
 import math
 import os
@@ -352,24 +353,23 @@ def set_orders():
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def load_fixture(fixture):
+    """A fixture's model (f32, eager attention) and its reference tensors, loaded once."""
+    d = os.path.join(HERE, fixture)
+    if fixture.startswith("llava_next"):
+        m = LlavaNextForConditionalGeneration.from_pretrained(d, dtype=torch.float32, attn_implementation="eager")
+        return m.eval(), load_file(os.path.join(HERE, "llava_next_ref.safetensors"))
+    m = LlavaForConditionalGeneration.from_pretrained(d, dtype=torch.float32, attn_implementation="eager")
+    return m.eval(), load_file(os.path.join(HERE, f"{fixture}_ref.safetensors"))
+
+
 def main():
     tensors, meta = {}, {"generator": "gen_methods.py", "torch": torch.__version__,
                          "transformers": transformers.__version__, "K": K, "pivots": list(PIVOTS),
                          "cases": {}, "set_orders": set_orders()}
-    models = {}
     for case, fixture, key, budget in CASES:
-        d = os.path.join(HERE, fixture)
-        if fixture not in models:
-            if fixture.startswith("llava_next"):
-                m = LlavaNextForConditionalGeneration.from_pretrained(d, dtype=torch.float32,
-                                                                      attn_implementation="eager").eval()
-                ref = load_file(os.path.join(HERE, "llava_next_ref.safetensors"))
-            else:
-                m = LlavaForConditionalGeneration.from_pretrained(d, dtype=torch.float32,
-                                                                  attn_implementation="eager").eval()
-                ref = load_file(os.path.join(HERE, f"{fixture}_ref.safetensors"))
-            models[fixture] = (m, ref)
-        model, ref = models[fixture]
+        model, ref = load_fixture(fixture)
         if fixture.startswith("llava_next"):
             ids, pv = ref[f"{key}/input_ids"], ref[f"{key}/pixel_values"]
             runner = NextRunner(model, ref[f"{key}/image_sizes"][None])
@@ -404,14 +404,10 @@ def main():
                                "pivot_order_is_sorted": order == sorted(order), "greedy": gen}
         print(f"[{case}] N={N} budget={budget} kept {len(kept)}; pivots visited {order}")
     for case, method, fixture, key, budget in BEFORE_CASES:
-        model = LlavaForConditionalGeneration.from_pretrained(os.path.join(HERE, fixture), dtype=torch.float32,
-                                                              attn_implementation="eager").eval()
-        ref = load_file(os.path.join(HERE, f"{fixture}_ref.safetensors"))
+        model, ref = load_fixture(fixture)
         before_case(model, ref, key, budget, method, tensors, meta, case, fixture)
     for case, fixture, key in PDROP_CASES:
-        model = LlavaForConditionalGeneration.from_pretrained(os.path.join(HERE, fixture), dtype=torch.float32,
-                                                              attn_implementation="eager").eval()
-        ref = load_file(os.path.join(HERE, f"{fixture}_ref.safetensors"))
+        model, ref = load_fixture(fixture)
         pdrop_case(model, ref, key, tensors, meta, case, fixture)
     save_file(dict(sorted(tensors.items())), os.path.join(HERE, "methods_ref.safetensors"),
               metadata={"generator": f"gen_methods.py torch {torch.__version__} transformers {transformers.__version__}"})
