@@ -20,6 +20,7 @@ use crate::model::template::{self, ImageSlot, Prompt, PromptOptions};
 use crate::ops::check_finite;
 use crate::prune::metrics::{self, RunStats, StageReport, TileKept};
 use crate::prune::score::{Ranking, SelectedAttention};
+use crate::prune::sparsevlm;
 use crate::prune::{PrunePlan, RankLayer, Scorer, Segment};
 use crate::tensor::Tensor;
 use rand::rngs::StdRng;
@@ -508,6 +509,7 @@ impl Engine {
         let lm = &self.model.lm;
         let c = &lm.config;
         let h = c.hidden_size;
+        choose_raters(&x, states)?;
         for l in 0..lm.num_layers() {
             for st in states.iter_mut().filter(|st| st.decoding.is_none()) {
                 st.record_layer();
@@ -529,6 +531,7 @@ impl Engine {
             // Rank and drop image tokens of the sequences with a stage at layer l + 1; the kept
             // rows of the whole batch are gathered on the device at the end.
             let mut next: Vec<usize> = Vec::with_capacity(x.rows());
+            let mut extra: Vec<f32> = vec![];
             let mut r0 = 0;
             for ((st, cache), lse) in states.iter_mut().zip(caches.iter()).zip(&lses) {
                 let n = st.rows();
@@ -566,13 +569,17 @@ impl Engine {
                             head_weights: vec![],
                             importance,
                             kept,
+                            recycle: vec![],
                         };
                         let kept_rows = plan.survivors(&image_cols, &ranking.kept, n);
                         let bytes = 4 * (keys.len() + normed.len());
                         (image_cols, ranking, kept_rows, bytes)
                     }
-                    Scorer::Attention | Scorer::Random(_) => {
-                        let (q_rows, image_cols) = plan.targets(&st.segments);
+                    Scorer::Attention | Scorer::Random(_) | Scorer::SparseVlm(_) => {
+                        let (mut q_rows, image_cols) = plan.targets(&st.segments);
+                        if let Scorer::SparseVlm(_) = plan.scorer {
+                            q_rows = st.rater_rows();
+                        }
                         // FastV: layer l's attention (its input, its cached keys); PyramidDrop:
                         // layer l + 1's projections of its input, layer l's output.
                         let (src, at) = match plan.rank_layer {
@@ -617,8 +624,13 @@ impl Engine {
                             positions: n,
                         };
                         let newlines = st.newlines(&att.image_cols);
+                        // SparseVLM ranks to its budget; merged tokens make up the rest.
+                        let rank_keep = match plan.scorer {
+                            Scorer::SparseVlm(_) => budget,
+                            _ => keep,
+                        };
                         let (ranking, kept_rows) =
-                            plan.select(&st.segments, &att, keep, n, &newlines);
+                            plan.select(&st.segments, &att, rank_keep, n, &newlines);
                         let bytes = att.nbytes() + x_sel.nbytes() + q.nbytes();
                         (att.image_cols, ranking, kept_rows, bytes)
                     }
@@ -632,17 +644,55 @@ impl Engine {
                 let kept_states = x.gather_rows(&kept_image_rows)?.to_vec_f32()?;
                 let kept_states: Vec<&[f32]> = kept_states.chunks(h.max(1)).collect();
                 let diversity = metrics::mean_cosine_distance(&kept_states);
-                next.extend(kept_rows.iter().map(|r| rows.start + r));
+                // SparseVLM's recycled tokens: merged rows after the kept image rows, each
+                // described by its cluster's centre.
+                let mut meta_rows = kept_rows.clone();
+                let mut merged_members = vec![];
+                let mut gather: Vec<usize> = kept_rows.iter().map(|r| rows.start + r).collect();
+                if let (Scorer::SparseVlm(sv), false) = (plan.scorer, ranking.recycle.is_empty()) {
+                    let cand: Vec<usize> = ranking.recycle.iter().map(|&k| image_cols[k]).collect();
+                    let feats = x
+                        .gather_rows(&cand.iter().map(|&r| rows.start + r).collect::<Vec<_>>())?
+                        .to_vec_f32()?;
+                    let clusters = sv.recycled(image_cols.len() - ranking.kept.len()).1;
+                    let m = sparsevlm::cluster_and_merge(&feats, h, clusters);
+                    let last_image = image_cols.last().copied().unwrap_or(0);
+                    let at = kept_rows.partition_point(|&r| r <= last_image);
+                    let first = x.rows() + extra.len() / h.max(1);
+                    let centres = m.centres.iter().map(|&c| cand[c]);
+                    meta_rows.splice(at..at, centres);
+                    gather.splice(at..at, first..first + m.centres.len());
+                    merged_members = (0..m.centres.len())
+                        .map(|k| {
+                            let mut members: Vec<usize> = (m.assign.iter().enumerate())
+                                .filter(|&(_, &a)| a == k)
+                                .filter_map(|(i, _)| st.image_index[cand[i]])
+                                .collect();
+                            members.sort_unstable();
+                            members
+                        })
+                        .collect();
+                    extra.extend(m.rows);
+                }
+                next.extend(gather);
                 st.apply_stage(
                     l + 1,
                     plan,
                     &image_cols,
                     ranking,
-                    kept_rows,
+                    (meta_rows, merged_members),
                     (cost.0, cost.1, diversity),
                 );
             }
-            x = x.gather_rows(&next)?;
+            x = match extra.is_empty() {
+                true => x.gather_rows(&next)?,
+                false => {
+                    let merged = Tensor::from_f32(&[extra.len() / h, h], extra)?
+                        .to_dtype(x.dtype())?
+                        .to_device(&x.device())?;
+                    Tensor::cat_rows(&[&x, &merged])?.gather_rows(&next)?
+                }
+            };
         }
         let v = self.model.vision.as_ref();
         for st in states.iter_mut().filter(|st| st.decoding.is_none()) {
@@ -1218,6 +1268,41 @@ fn lse_rows(lse: &[f32], heads: usize, n: usize, rows: &[usize]) -> Result<Vec<f
         .collect())
 }
 
+/// Chooses the SparseVLM raters of the prefilling sequences that prune with it, from their rows
+/// of `x`, the LM's input embeddings ([`sparsevlm::raters`]): among the rows after the first
+/// image token that are not image tokens (every text token after the image). When none stands
+/// above the mean (all equally relevant) every one of them rates.
+fn choose_raters(x: &Tensor, states: &mut [&mut SeqState]) -> Result<()> {
+    let mut r0 = 0;
+    for st in states.iter_mut() {
+        let n = st.rows();
+        let sparse = st.decoding.is_none()
+            && st
+                .plan
+                .as_ref()
+                .is_some_and(|p| matches!(p.scorer, Scorer::SparseVlm(_)));
+        if sparse && let Some(first) = st.segments.iter().position(|&s| s == Segment::Image) {
+            let image: Vec<usize> = (first..n)
+                .filter(|&r| st.segments[r] == Segment::Image)
+                .collect();
+            let text: Vec<usize> = (first..n)
+                .filter(|&r| st.segments[r] != Segment::Image)
+                .collect();
+            let take = |rows: &[usize]| {
+                x.gather_rows(&rows.iter().map(|&r| r0 + r).collect::<Vec<_>>())?
+                    .to_vec_f32()
+            };
+            let chosen = sparsevlm::raters(&take(&image)?, &take(&text)?, x.cols());
+            st.raters = match chosen.is_empty() {
+                true => text.iter().map(|&r| st.orig[r]).collect(),
+                false => chosen.iter().map(|&t| st.orig[text[t]]).collect(),
+            };
+        }
+        r0 += n;
+    }
+    Ok(())
+}
+
 /// Gives every sequence whose rows of `x` hold a NaN or infinity its own [`Error::NonFinite`]
 /// (the first value, `at` naming where from the row's origin), so that one bad request fails
 /// alone while the others go on: rows of different sequences never mix. The usual all-finite
@@ -1270,6 +1355,8 @@ struct SeqState {
     /// `(layer, rows removed)` of the stages done, for renumbered decode positions.
     removed: Vec<(usize, usize)>,
     renumber: bool,
+    /// SparseVLM's text raters (prompt positions), chosen from the input embeddings.
+    raters: Vec<usize>,
     stats: RunStats,
     /// The first error of its own (a non-finite value in its rows): it fails alone.
     error: Option<Error>,
@@ -1312,6 +1399,7 @@ impl SeqState {
             keep,
             removed: vec![],
             renumber: plan.is_some_and(|p| p.renumber),
+            raters: vec![],
             stats: RunStats::default(),
             error: None,
         })
@@ -1400,7 +1488,9 @@ impl SeqState {
         self.stats.tokens_per_layer.push(self.positions.len());
     }
 
-    /// Records a stage that kept `rows` (the non-image rows and the ranked-kept image rows).
+    /// Records a stage that kept `rows` (the non-image rows and the ranked-kept image rows, and
+    /// for each merged row the row at its cluster's centre, whose prompt position, segment,
+    /// image index and RoPE position it takes), with the image tokens each merged row averages.
     /// `cost`: seconds and bytes the ranking took, and the diversity of the kept tokens.
     fn apply_stage(
         &mut self,
@@ -1408,7 +1498,7 @@ impl SeqState {
         plan: &PrunePlan,
         image_cols: &[usize],
         ranking: Ranking,
-        rows: Vec<usize>,
+        (rows, merged): (Vec<usize>, Vec<Vec<usize>>),
         cost: (f64, usize, f64),
     ) {
         let n = self.positions.len();
@@ -1419,7 +1509,8 @@ impl SeqState {
         self.stats.stages.push(StageReport {
             layer,
             before: image_cols.len(),
-            after: ranking.kept.len(),
+            after: ranking.kept.len() + merged.len(),
+            merged,
             kept: ranking.kept.iter().map(|&k| ranked[k]).collect(),
             ranked,
             query_positions: ranking.query_rows.iter().map(|&r| self.orig[r]).collect(),
@@ -1433,6 +1524,16 @@ impl SeqState {
         self.segments = rows.iter().map(|&r| self.segments[r]).collect();
         self.image_index = rows.iter().map(|&r| self.image_index[r]).collect();
         self.positions = plan.positions_after(&self.positions, &rows);
+    }
+
+    /// Its current rows that are SparseVLM raters, ascending.
+    fn rater_rows(&self) -> Vec<usize> {
+        (0..self.orig.len())
+            .filter(|&r| {
+                self.segments[r] != Segment::Image
+                    && self.raters.binary_search(&self.orig[r]).is_ok()
+            })
+            .collect()
     }
 
     /// RoPE position id of generated token `k` (0-based) in layer `l`.

@@ -7,6 +7,9 @@
 //! - Reductions before the LM (`fineprune::prune::before`): uniform pooling (`default` and `full`
 //!   strategies), FasterVLM's CLS-attention ranking and VisionZip's dominant + contextual tokens.
 //! - PyramidDrop as published (`PrunePlan::pdrop`): its stages' kept sets identical.
+//! - SparseVLM (`fineprune::prune::sparsevlm`): its raters, each stage's kept set and the members
+//!   of every merged token identical, on both LLaVA-1.5 fixtures and the LLaVA-NeXT Mistral one
+//!   (one and two stages; two to five merged tokens per stage there).
 
 mod common;
 
@@ -14,6 +17,7 @@ use common::*;
 use fineprune::model::chat::{ChatMessage, ChatPart};
 use fineprune::model::template::{LLAVA_SYSTEM, PromptOptions};
 use fineprune::prune::dart::{Dart, python_set_order};
+use fineprune::prune::sparsevlm::SparseVlm;
 use fineprune::prune::{Keep, PrunePlan, Scorer, Stage};
 use fineprune::{Engine, ImageInput, Model, Request};
 use serde_json::Value;
@@ -211,6 +215,78 @@ fn pyramiddrop_matches_the_official_logic_on_hf_modules() {
         checked += 1;
     }
     assert_eq!(checked, 3);
+}
+
+/// SparseVLM v1.0: raters from the input embeddings, stages after the given layers ranked by
+/// the raters' attention, the pruned tokens partly recycled into merged ones, positions
+/// renumbered: raters, kept sets and merged tokens' members identical, logits within 1e-4,
+/// greedy the same.
+#[test]
+fn sparsevlm_matches_the_official_logic_on_hf_modules() {
+    let dir = reference_dir();
+    let r = load_ref(&dir.join("methods_ref.safetensors"));
+    let meta = meta();
+    let ints = |v: &Value| -> Vec<usize> {
+        (v.as_array().unwrap().iter())
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect()
+    };
+    let (mut checked, mut batch) = (0, vec![]);
+    for (name, case) in meta["cases"].as_object().unwrap() {
+        if case["method"] != "sparsevlm" {
+            continue;
+        }
+        let fixture = case["fixture"].as_str().unwrap();
+        let engine = Engine::new(Arc::new(Model::load(dir.join(fixture)).unwrap()));
+        let mut plan = PrunePlan::sparsevlm(
+            &ints(&case["layers"]),
+            &ints(&case["budgets"]),
+            SparseVlm::default(),
+        )
+        .unwrap();
+        // The official code ranks LLaVA-NeXT's newlines like any image token.
+        plan.keep_newlines = false;
+        let mut req = request(case);
+        req.prune = Some(plan);
+        let out = engine.prompt_logits(&req).unwrap();
+        let want_stages = case["stages"].as_array().unwrap();
+        assert_eq!(out.stats.stages.len(), want_stages.len(), "{name}");
+        for (i, (st, want)) in out.stats.stages.iter().zip(want_stages).enumerate() {
+            let mut kept = st.kept.clone();
+            kept.sort_unstable();
+            assert_eq!(kept, ints(&want["kept"]), "{name}: stage {i} kept");
+            let merged: Vec<Vec<usize>> = (want["merged"].as_array().unwrap().iter())
+                .map(&ints)
+                .collect();
+            assert_eq!(st.merged, merged, "{name}: stage {i} merged");
+            assert_eq!(st.after, kept.len() + merged.len(), "{name}: stage {i}");
+            assert_eq!(
+                st.query_positions,
+                ints(&case["raters"]),
+                "{name}: stage {i} raters"
+            );
+        }
+        if fixture == "llava_gqa" {
+            batch.push((req.clone(), ids_u32(&r[&format!("{name}/greedy")])));
+        }
+        matches_hf(&engine, &r, name, &out.logits, req);
+        checked += 1;
+    }
+    assert_eq!(checked, 5);
+    // Both prompts in one batch: merged rows of two sequences in one layer, each its own.
+    let engine = Engine::new(Arc::new(Model::load(dir.join("llava_gqa")).unwrap()));
+    let reqs: Vec<Request> = (batch.iter())
+        .map(|(req, _)| Request {
+            max_new_tokens: 24,
+            stop_on_eos: false,
+            ..req.clone()
+        })
+        .collect();
+    let out = engine.generate(&reqs).unwrap();
+    assert_eq!(out.len(), 2);
+    for (g, (_, want)) in out.iter().zip(&batch) {
+        assert_eq!(&g.tokens, want, "batched greedy");
+    }
 }
 
 /// The prefill logits `logits` of case `name` within 1e-4 of the reference's, and 24 greedy

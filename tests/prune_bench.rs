@@ -770,7 +770,7 @@ fn bad_shard_flags_get_clear_errors() {
 
 /// `--method` runs the peer methods beside FastV's grid: DART keeps its budget's rounding
 /// (4 + 8 x floor(keep / 8)), pooling reduces the image before the LM (every layer sees the
-/// pooled count; no patch recall for merged tokens); unknown and planned names are refused.
+/// pooled count; no patch recall for merged tokens); unknown names are refused.
 #[test]
 fn methods_run_side_by_side() {
     let out = tempfile::tempdir().unwrap();
@@ -821,11 +821,7 @@ fn methods_run_side_by_side() {
     assert_ne!(row("fastervlm/16")[col("recall")], "-");
     assert_ne!(row("visionzip/16")[col("recall")], "-");
     // PyramidDrop's stages at L/4, L/2, 3L/4 do not fit a 3-layer LM (its own test runs it).
-    let refused = [
-        ("sparsevlm", "not implemented yet"),
-        ("nope", "nope"),
-        ("pdrop", "too shallow"),
-    ];
+    let refused = [("nope", "nope"), ("pdrop", "too shallow")];
     for (method, want) in refused {
         let (ok, _, err) = bench(&[
             "--model",
@@ -837,4 +833,54 @@ fn methods_run_side_by_side() {
         ]);
         assert!(!ok && err.contains(want), "{err}");
     }
+}
+
+/// `--avg-budget` runs every method at a number of image tokens averaged over the LM layers,
+/// each realising it within its own rounding; a method (and K) that cannot reach it is skipped
+/// with a note. 3 layers, 25 image tokens: 0.6 is 15 tokens, which a stage at K = 2 cannot
+/// average (at least (2 x 25 + 1) / 3).
+#[test]
+fn methods_at_matched_average_budgets() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().display().to_string();
+    let (ok, _, err) = bench(&[
+        "--model",
+        &model(),
+        "--data",
+        "shapes:2",
+        "--method",
+        "fastv,random,dart,pool,fastervlm,visionzip,sparsevlm",
+        "--avg-budget",
+        "0.6,12",
+        "--prune-layer",
+        "1,2",
+        "--out",
+        &dir,
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("fastv at K=2 cannot average 15.0"), "{err}");
+    assert!(err.contains("dart at K=2 cannot average 12.0"), "{err}");
+    let (head, rows) = results(out.path());
+    let col = |name: &str| head.iter().position(|h| h == name).unwrap();
+    let avg = |label: &str| -> f64 {
+        let r = rows.iter().find(|r| r[col("config")] == label);
+        r.unwrap_or_else(|| panic!("no {label}"))[col("kept_avg_layers")]
+            .parse()
+            .unwrap()
+    };
+    // A stage at K = 1 keeping c: (25 + 2c) / 3, c = 10 for 15 and round(5.5) = 6 for 12
+    // (results.csv has one decimal).
+    assert_eq!(avg("sum/last_token/K1@0.6"), 15.0);
+    assert_eq!(avg("random/K1@0.6"), 15.0);
+    assert!((avg("sum/last_token/K1@12") - 37.0 / 3.0).abs() < 0.05);
+    // DART keeps 4 + 8 x floor(M / 8): 12 for the c = 10 asked for.
+    assert!((avg("dart/K1@0.6") - 49.0 / 3.0).abs() < 0.05);
+    // Before the LM: the nearest square for pooling, the count for the others.
+    assert_eq!(avg("pool@0.6"), 16.0);
+    assert_eq!(avg("fastervlm@0.6"), 15.0);
+    assert_eq!(avg("visionzip@12"), 12.0);
+    // SparseVLM's scaled schedule, merged tokens included.
+    assert!((avg("sparsevlm@0.6") - 15.0).abs() <= 1.0);
+    assert!((avg("sparsevlm@12") - 12.0).abs() <= 1.0);
+    assert!(!rows.iter().any(|r| r[col("config")].contains("K2@")));
 }

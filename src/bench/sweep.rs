@@ -12,6 +12,7 @@ use crate::model::image::load_image;
 use crate::model::llava::VisionEncoder;
 use crate::prune::before::{BeforeLm, Reduce};
 use crate::prune::dart::Dart;
+use crate::prune::sparsevlm::{self, SparseVlm};
 use crate::prune::{
     Keep, PrunePlan, Scorer, Stage, StrategyParams, head_strategy, metrics::TileKept, pyramid,
     query_strategy,
@@ -132,7 +133,7 @@ pub fn shapes_items(
 }
 
 /// The methods `prune-bench --method` runs: FastV's head x query grid, and the peers.
-pub const METHODS: [&str; 7] = [
+pub const METHODS: [&str; 8] = [
     "fastv",
     "random",
     "dart",
@@ -140,10 +141,24 @@ pub const METHODS: [&str; 7] = [
     "fastervlm",
     "visionzip",
     "pdrop",
+    "sparsevlm",
 ];
 
-/// Peer methods issue 31 adds next, named so that a study script fails clearly until they land.
-const PLANNED: [&str; 1] = ["sparsevlm"];
+/// What a matched-budget sweep ([`SweepConfig::matched`]) needs: the LM's depth and image
+/// tokens, the layers of the single-stage methods and FastV's strategy grid.
+#[derive(Debug, Clone)]
+pub struct Matching {
+    pub num_layers: usize,
+    pub n_image: usize,
+    /// First pruned layers K of fastv, random and dart.
+    pub layers: Vec<usize>,
+    pub heads: Vec<String>,
+    pub queries: Vec<String>,
+    pub params: StrategyParams,
+    pub head_keep: f64,
+    /// The random baseline's seed.
+    pub seed: u64,
+}
 
 /// One configuration of a sweep.
 #[derive(Debug, Clone)]
@@ -280,18 +295,14 @@ impl SweepConfig {
                     })
                     .collect())
             }
-            "fastv" | "pdrop" => Err(Error::arg(
+            "fastv" | "pdrop" | "sparsevlm" => Err(Error::arg(
                 "--method",
                 format!(
-                    "{name} is built by its own constructor (SweepConfig::grid, SweepConfig::pdrop)"
+                    "{name} is built by its own constructor (SweepConfig::grid, ::pdrop, ::sparsevlm)"
                 ),
             )),
-            planned if PLANNED.contains(&planned) => Err(Error::Unsupported {
-                what: "pruning method (not implemented yet; available: fastv, random, dart, pool, fastervlm, visionzip, pdrop)",
-                value: planned.to_string(),
-            }),
             other => Err(Error::Unsupported {
-                what: "pruning method (fastv, random, dart, pool, fastervlm, visionzip, pdrop)",
+                what: "pruning method (fastv, random, dart, pool, fastervlm, visionzip, pdrop, sparsevlm)",
                 value: other.to_string(),
             }),
         }
@@ -332,6 +343,183 @@ impl SweepConfig {
                 })
             })
             .collect()
+    }
+
+    /// SparseVLM ([`PrunePlan::sparsevlm`]) at every keep, the image tokens it should average
+    /// over the LM layers (a fraction of the `n_image` image tokens, or a count: the official
+    /// `RETAIN_TOKN`): on a 32-layer LM with 576 image tokens at a published setting (192, 128,
+    /// 96, 64) its table as published ([`sparsevlm::PUBLISHED`]; it averages more than its name
+    /// by this count, see [`sparsevlm::schedule`]), otherwise [`sparsevlm::schedule`].
+    pub fn sparsevlm(keeps: &[Keep], num_layers: usize, n_image: usize) -> Result<Vec<Self>> {
+        keeps
+            .iter()
+            .map(|&keep| {
+                let avg = match keep {
+                    Keep::Fraction(f) => f * n_image as f64,
+                    Keep::Count(c) => c as f64,
+                };
+                let published = (sparsevlm::PUBLISHED.iter())
+                    .find(|(r, _)| *r as f64 == avg && num_layers == 32 && n_image == 576);
+                let (layers, budgets) = match published {
+                    Some((_, b)) => (sparsevlm::LAYERS.to_vec(), b.to_vec()),
+                    None => sparsevlm::schedule(avg, num_layers, n_image)?,
+                };
+                Self::sparsevlm_plan(keep, &layers, &budgets, (num_layers, n_image))
+            })
+            .collect()
+    }
+
+    /// SparseVLM's configuration for `keep` with these sparse layers and budgets, checked to
+    /// fit the `(layers, image tokens)` of the model.
+    fn sparsevlm_plan(
+        keep: Keep,
+        layers: &[usize],
+        budgets: &[usize],
+        (num_layers, n_image): (usize, usize),
+    ) -> Result<Self> {
+        let plan = PrunePlan::sparsevlm(layers, budgets, SparseVlm::default())?;
+        plan.kept_counts(num_layers, n_image)?;
+        Ok(SweepConfig {
+            label: format!("sparsevlm/{keep}"),
+            series: "sparsevlm".into(),
+            head: "sparsevlm".into(),
+            query: "-".into(),
+            keep: Some(keep),
+            layer: plan.stages.first().map(|s| s.layer),
+            stages: stages_text(&plan.stages),
+            plan: Some(plan),
+        })
+    }
+
+    /// Every method of `methods` ([`METHODS`]) at `avg` image tokens averaged over the LM
+    /// layers (a fraction of the image tokens or a count), each method's own setting solved to
+    /// realise it ([`PrunePlan::avg_image_tokens`]; before the LM, the tokens it leaves):
+    /// - fastv (every head x query) and random, a stage at each K: keep
+    ///   `c = round((avg L - K N) / (L - K))`;
+    /// - dart: the budget whose kept count (`4 + 8 ⌊M / 8⌋`) is nearest that `c`;
+    /// - pool: the square nearest `avg`; fastervlm and visionzip: `round(avg)` tokens;
+    /// - pdrop: the λ (bisection) whose stages `int(N λ^i)` average nearest `avg`;
+    /// - sparsevlm: [`sparsevlm::schedule`].
+    ///
+    /// Each is labelled `{series}@{avg}` and keeps `avg` as its keep. Returns the
+    /// configurations and a note for each method (and K) that cannot reach `avg` (an in-LM
+    /// stage at K averages at least `K N / L`).
+    pub fn matched(methods: &[&str], avg: Keep, m: &Matching) -> Result<(Vec<Self>, Vec<String>)> {
+        let (l, n) = (m.num_layers, m.n_image);
+        let target = match avg {
+            Keep::Fraction(f) if f > 0.0 && f <= 1.0 => f * n as f64,
+            Keep::Count(c) if (1..=n).contains(&c) => c as f64,
+            k => {
+                return Err(Error::arg(
+                    "--avg-budget",
+                    format!("{k} is not a budget for {n} image tokens"),
+                ));
+            }
+        };
+        let (mut out, mut notes) = (vec![], vec![]);
+        let single = |k: usize| -> Option<usize> {
+            let c = ((target * l as f64 - (k * n) as f64) / (l - k) as f64).round();
+            (c >= 1.0 && c <= n as f64 && k < l).then_some(c as usize)
+        };
+        let unreachable = |name: &str, k: usize| {
+            format!(
+                "{name} at K={k} cannot average {target:.1} image tokens over {l} layers: \
+                 at least {:.1}",
+                (k * n + l - k) as f64 / l as f64
+            )
+        };
+        let tag = |mut c: SweepConfig| {
+            c.label = format!("{}@{avg}", c.series);
+            c.keep = Some(avg);
+            c
+        };
+        for &name in methods {
+            match name {
+                "fastv" | "random" | "dart" => {
+                    for &k in &m.layers {
+                        let Some(c) = single(k) else {
+                            notes.push(unreachable(name, k));
+                            continue;
+                        };
+                        let configs = match name {
+                            "fastv" => Self::grid(
+                                &m.heads,
+                                &m.queries,
+                                &[Keep::Count(c)],
+                                &[k],
+                                &m.params,
+                                m.head_keep,
+                            )?
+                            .split_off(1),
+                            "dart" => {
+                                let d = Dart::default();
+                                let p = d.image_pivots + d.text_pivots;
+                                let q = ((c as f64 - d.image_pivots as f64) / p as f64)
+                                    .round()
+                                    .max(0.0) as usize;
+                                Self::method(name, &[Keep::Count((q * p).max(1))], &[k], m.seed)?
+                            }
+                            _ => Self::method(name, &[Keep::Count(c)], &[k], m.seed)?,
+                        };
+                        out.extend(configs.into_iter().map(tag));
+                    }
+                }
+                "pool" | "fastervlm" | "visionzip" => {
+                    let c = match name {
+                        "pool" => (target.sqrt().round() as usize).pow(2),
+                        _ => target.round() as usize,
+                    };
+                    let c = c.clamp(1, n);
+                    out.extend(
+                        Self::method(name, &[Keep::Count(c)], &[], m.seed)?
+                            .into_iter()
+                            .map(tag),
+                    );
+                }
+                "pdrop" => {
+                    let realised = |lam: f64| -> Option<f64> {
+                        let c = Self::pdrop(&[Keep::Fraction(lam)], l, n).ok()?;
+                        c[0].plan.as_ref()?.avg_image_tokens(l, n).ok()
+                    };
+                    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+                    for _ in 0..50 {
+                        let mid = 0.5 * (lo + hi);
+                        match realised(mid) {
+                            Some(a) if a < target => lo = mid,
+                            _ => hi = mid,
+                        }
+                    }
+                    let best = [lo, hi]
+                        .into_iter()
+                        .filter_map(|lam| realised(lam).map(|a| (lam, (a - target).abs())))
+                        .min_by(|a, b| a.1.total_cmp(&b.1));
+                    match best {
+                        Some((lam, err)) if err <= 0.05 * target + 1.0 => out.extend(
+                            Self::pdrop(&[Keep::Fraction(lam)], l, n)?
+                                .into_iter()
+                                .map(tag),
+                        ),
+                        _ => notes.push(format!(
+                            "pdrop cannot average {target:.1} image tokens over {l} layers \
+                             (stages at L/4, L/2, 3L/4)"
+                        )),
+                    }
+                }
+                "sparsevlm" => match sparsevlm::schedule(target, l, n) {
+                    Ok((layers, budgets)) => {
+                        out.push(tag(Self::sparsevlm_plan(avg, &layers, &budgets, (l, n))?))
+                    }
+                    Err(e) => notes.push(e.to_string()),
+                },
+                other => {
+                    return Err(Error::Unsupported {
+                        what: "pruning method (fastv, random, dart, pool, fastervlm, visionzip, pdrop, sparsevlm)",
+                        value: other.to_string(),
+                    });
+                }
+            }
+        }
+        Ok((out, notes))
     }
 
     /// What a summary and a manifest say of this configuration (all but the plan).

@@ -95,10 +95,24 @@ struct Args {
     /// LM), fastervlm (the keep patches the vision tower's CLS attends to most, before the LM),
     /// visionzip (the CLS and the patches it attends to most, plus contextual tokens merged by
     /// key similarity: 54 + 10 of 64, before the LM), pdrop (PyramidDrop as published: stages
-    /// at L/4, L/2, 3L/4 keeping keep, keep² and keep³, LLaVA-1.5 only).
+    /// at L/4, L/2, 3L/4 keeping keep, keep² and keep³, LLaVA-1.5 only), sparsevlm (SparseVLM:
+    /// text raters' attention at layers 2, 6, 15 of 32, pruned tokens recycled into merged ones;
+    /// --keep is the image tokens averaged over the layers, the published tables at 192, 128,
+    /// 96, 64 of a 32-layer LM with 576 tokens, scaled otherwise; LLaVA-1.5 only).
     /// The unpruned model always runs first.
     #[arg(long, value_delimiter = ',', default_value = "fastv")]
     method: Vec<String>,
+    /// Run every --method at these budgets of image tokens averaged over the LM layers instead
+    /// of at --keep (fractions of the image tokens or counts, comma list; 0.333,0.222,0.111 are
+    /// LLaVA-1.5's 192, 128 and 64 of 576). Each method's own setting is solved to realise the
+    /// budget: fastv (the --head x --query grid) and random keep c at each --prune-layer K with
+    /// (K N + (L - K) c) / L = budget; dart the budget nearest that c; pool, fastervlm and
+    /// visionzip that many tokens (pool: the nearest square); pdrop its lambda; sparsevlm its
+    /// scaled schedule. A method that cannot reach a budget (a stage at K averages at least
+    /// K N / L) is skipped with a note. The kept_avg_layers column is what each realised.
+    /// LLaVA-1.5 only.
+    #[arg(long, value_delimiter = ',', value_name = "B")]
+    avg_budget: Vec<Keep>,
     /// Also run the random-keep baseline (the same as adding `random` to --method).
     #[arg(long)]
     random_baseline: bool,
@@ -201,23 +215,29 @@ fn run(a: Args) -> fineprune::Result<()> {
         &params,
         a.strategy.head_keep,
     )?;
-    if !a.method.iter().any(|m| m == "fastv") {
-        configs.truncate(1); // the unpruned run alone
+    let matched = !a.avg_budget.is_empty();
+    if !a.method.iter().any(|m| m == "fastv") || matched {
+        configs.truncate(1); // the unpruned run alone (matched budgets: built below)
     }
     let mut methods: Vec<&str> = a.method.iter().map(String::as_str).collect();
     if a.random_baseline && !methods.contains(&"random") {
         methods.push("random");
     }
-    for m in methods
-        .into_iter()
-        .filter(|&m| m != "fastv" && m != "pdrop")
-    {
-        configs.extend(SweepConfig::method(m, &a.keep, &a.prune_layer, a.seed)?);
+    if let Some(bad) = methods.iter().find(|m| !sweep::METHODS.contains(m)) {
+        return Err(Error::Unsupported {
+            what: "pruning method (fastv, random, dart, pool, fastervlm, visionzip, pdrop, sparsevlm)",
+            value: bad.to_string(),
+        });
     }
-    let pdrop = a.method.iter().any(|m| m == "pdrop");
-    for plan in configs.iter_mut().filter_map(|c| c.plan.as_mut()) {
-        plan.keep_newlines = !a.strategy.drop_newlines;
+    // Methods with stages of their own, which need the model's depth and image tokens.
+    let staged = |m: &&str| matches!(*m, "fastv" | "pdrop" | "sparsevlm");
+    if !matched {
+        for &m in methods.iter().filter(|m| !staged(m)) {
+            configs.extend(SweepConfig::method(m, &a.keep, &a.prune_layer, a.seed)?);
+        }
     }
+    let pdrop = methods.contains(&"pdrop");
+    let sparse = methods.contains(&"sparsevlm");
     let model_dir = match &a.model {
         Some(m) => m.clone(),
         None => default_model().ok_or_else(|| {
@@ -244,32 +264,67 @@ fn run(a: Args) -> fineprune::Result<()> {
     };
     let vc = vision.config.vision.clone();
     let anyres = vision.config.is_anyres();
-    if anyres && (!a.pyramid.is_empty() || pdrop) {
+    if anyres && (!a.pyramid.is_empty() || pdrop || sparse || matched) {
+        let flag = match (matched, pdrop || sparse) {
+            (true, _) => "--avg-budget",
+            (false, true) => "--method",
+            (false, false) => "--pyramid",
+        };
         return Err(Error::arg(
-            if pdrop { "--method" } else { "--pyramid" },
-            "pyramid and pdrop stages need a fixed image-token count (LLaVA-1.5); a LLaVA-NeXT \
-             model's depends on each image's size and aspect",
+            flag,
+            "pyramid, pdrop and sparsevlm stages and matched budgets need a fixed image-token \
+             count (LLaVA-1.5); a LLaVA-NeXT model's depends on each image's size and aspect",
         ));
     }
+    let (num_layers, n_image) = (vision.config.text.num_hidden_layers, vision.image_tokens());
+    if matched {
+        let m = sweep::Matching {
+            num_layers,
+            n_image,
+            layers: a.prune_layer.clone(),
+            heads: a.head.clone(),
+            queries: a.query.clone(),
+            params,
+            head_keep: a.strategy.head_keep,
+            seed: a.seed,
+        };
+        for &budget in &a.avg_budget {
+            let (found, notes) = SweepConfig::matched(&methods, budget, &m)?;
+            notes.iter().for_each(|n| eprintln!("note: {n}"));
+            configs.extend(found);
+        }
+        if configs.len() == 1 {
+            return Err(Error::arg(
+                "--avg-budget",
+                "no method reaches any of the budgets (see the notes above)",
+            ));
+        }
+    }
+    for plan in configs.iter_mut().filter_map(|c| c.plan.as_mut()) {
+        plan.keep_newlines = !a.strategy.drop_newlines;
+    }
     if !a.pyramid.is_empty() {
-        let layers = vision.config.text.num_hidden_layers;
-        let n_image = vision.image_tokens();
         let twins = configs
             .iter()
             // Attention-ranked and random single stages: DART rounds its budget, pooling has
-            // no stage.
+            // no stage, PyramidDrop and SparseVLM have stages of their own.
             .filter(|c| {
-                (c.plan.as_ref())
-                    .is_some_and(|p| p.before_lm.is_none() && !matches!(p.scorer, Scorer::Dart(_)))
+                (c.plan.as_ref()).is_some_and(|p| {
+                    p.before_lm.is_none()
+                        && p.stages.len() == 1
+                        && matches!(p.scorer, Scorer::Attention | Scorer::Random(_))
+                })
             })
-            .map(|c| c.pyramid(&a.pyramid, layers, n_image))
+            .map(|c| c.pyramid(&a.pyramid, num_layers, n_image))
             .collect::<fineprune::Result<Vec<_>>>()?;
         configs.extend(twins);
     }
-    // After the twins: PyramidDrop's stages are its own.
-    if pdrop {
-        let (layers, n_image) = (vision.config.text.num_hidden_layers, vision.image_tokens());
-        configs.extend(SweepConfig::pdrop(&a.keep, layers, n_image)?);
+    // After the twins: PyramidDrop's and SparseVLM's stages are their own.
+    if pdrop && !matched {
+        configs.extend(SweepConfig::pdrop(&a.keep, num_layers, n_image)?);
+    }
+    if sparse && !matched {
+        configs.extend(SweepConfig::sparsevlm(&a.keep, num_layers, n_image)?);
     }
     let mut shapes_cfg = ShapesConfig::for_model(&model_dir)?;
     let tile = vc.image_size as u32;

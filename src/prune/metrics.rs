@@ -17,6 +17,11 @@ pub struct StageReport {
     pub ranked: Vec<usize>,
     /// Image-token indices kept, ascending.
     pub kept: Vec<usize>,
+    /// The image-token indices each merged token averages, ascending, one list per merged
+    /// token in row order (SparseVLM's recycling; empty
+    /// otherwise). A merged token is an image token of the later stages, where it goes by its
+    /// cluster centre's index.
+    pub merged: Vec<Vec<usize>>,
     /// Prompt positions of the query rows that voted (`ranking.query_rows` are positions in the
     /// sequence as it was at this stage).
     pub query_positions: Vec<usize>,

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod plan;
 pub mod query;
 pub mod score;
+pub mod sparsevlm;
 
 pub use crate::model::template::Segment;
 pub use head::{HEAD_STRATEGIES, HeadStrategy, check_head_keep, head_strategy};

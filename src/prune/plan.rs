@@ -7,6 +7,7 @@ use super::dart::Dart;
 use super::head::{self, HeadStrategy};
 use super::query::{self, QueryStrategy};
 use super::score::{self, Ranking, SelectedAttention};
+use super::sparsevlm::{self, SparseVlm};
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
@@ -113,6 +114,11 @@ pub enum Scorer {
     /// [`Dart::kept_count`] (the official code's rounding). Query and head strategies unused;
     /// LLaVA-NeXT's newlines are image tokens to it, as in the official code (not pinned).
     Dart(Dart),
+    /// SparseVLM ([`SparseVlm`]): the attention of text raters chosen by relevance (layer K-1's,
+    /// averaged over heads and raters) keeps `min(keep, n - 1)` image tokens, and the pruned
+    /// ones are partly recycled into merged tokens placed after the kept ones, which count as
+    /// image tokens after the stage ([`SparseVlm::after`]). Query and head strategies unused.
+    SparseVlm(SparseVlm),
 }
 
 impl Stage {
@@ -169,6 +175,29 @@ impl PrunePlan {
         Ok(plan)
     }
 
+    /// SparseVLM as published ([`SparseVlm`]): after each sparse layer of `layers` (0-based, the
+    /// layer whose attention ranks; the official 2, 6, 15 of 32) keep `keeps[i]` image tokens
+    /// (the official tables: [`super::sparsevlm::PUBLISHED`]), recycling the pruned ones, with
+    /// the positions renumbered after every stage.
+    pub fn sparsevlm(layers: &[usize], keeps: &[usize], sparse: SparseVlm) -> Result<Self> {
+        if layers.len() != keeps.len() {
+            return Err(Error::arg(
+                "sparsevlm",
+                format!("{} layers for {} budgets", layers.len(), keeps.len()),
+            ));
+        }
+        let stages = (layers.iter().zip(keeps))
+            .map(|(&layer, &k)| Stage {
+                layer: layer + 1,
+                keep: Keep::Count(k.max(1)),
+            })
+            .collect();
+        let mut plan = Self::new(stages);
+        plan.scorer = Scorer::SparseVlm(sparse);
+        plan.renumber = true;
+        Ok(plan)
+    }
+
     /// FastV: one stage `(2, 0.5)`, every head (`sum`), the last prompt token as query.
     pub fn fastv() -> Self {
         Self::new(vec![Stage {
@@ -196,7 +225,8 @@ impl PrunePlan {
 
     /// Ranks the image tokens of one stage from the selected attention `att` and the query
     /// weights, keeping `keep`, the `pinned` ones first ([`score::top_k_pinned`]): by attention
-    /// ([`score::rank`]), or at random with [`Scorer::Random`].
+    /// ([`score::rank`]), at random with [`Scorer::Random`], or by SparseVLM's relation (the
+    /// rows weigh the same; `keep` is the stage's budget, [`SparseVlm::select`]).
     pub fn rank(
         &self,
         att: &SelectedAttention,
@@ -204,18 +234,31 @@ impl PrunePlan {
         keep: usize,
         pinned: &[bool],
     ) -> Ranking {
-        let Scorer::Random(seed) = self.scorer else {
-            let (head, rho) = (self.head.as_ref(), self.head_keep);
-            return score::rank(att, query_weights, head, rho, keep, pinned);
+        let (importance, kept, recycle, query_weights) = match self.scorer {
+            Scorer::Random(seed) => {
+                let importance = score::random_importance(seed, att.image_cols.len());
+                let kept = score::top_k_pinned(&importance, keep, pinned);
+                (importance, kept, vec![], query_weights)
+            }
+            Scorer::SparseVlm(s) => {
+                let importance = sparsevlm::relation(att);
+                let sel = s.select(&importance, keep, pinned);
+                let w = vec![1.0 / att.rows.len().max(1) as f32; att.rows.len()];
+                (importance, sel.kept, sel.candidates, w)
+            }
+            Scorer::Attention | Scorer::Dart(_) => {
+                let (head, rho) = (self.head.as_ref(), self.head_keep);
+                return score::rank(att, query_weights, head, rho, keep, pinned);
+            }
         };
-        let importance = score::random_importance(seed, att.image_cols.len());
         Ranking {
             query_weights,
             query_rows: att.rows.clone(),
             head_scores: vec![],
             head_weights: vec![],
-            kept: score::top_k_pinned(&importance, keep, pinned),
+            kept,
             importance,
+            recycle,
         }
     }
 
@@ -337,6 +380,7 @@ impl PrunePlan {
             }
             let kept = match self.scorer {
                 Scorer::Dart(d) => d.kept_count(k, survivors),
+                Scorer::SparseVlm(s) => s.after(k, survivors),
                 _ => k,
             };
             counts.push((k, kept));

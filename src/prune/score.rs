@@ -68,6 +68,9 @@ pub struct Ranking {
     pub importance: Vec<f32>,
     /// Indices into `importance` of the kept tokens, ascending.
     pub kept: Vec<usize>,
+    /// Indices into `importance` of pruned tokens recycled into merged ones, in the order they
+    /// are clustered ([`Scorer::SparseVlm`](super::Scorer::SparseVlm); empty otherwise).
+    pub recycle: Vec<usize>,
 }
 
 /// `a_h = Σ_q w_q A[h, q, V]`, head weights beta, importance `s = Σ_h beta_h a_h` and the top
@@ -106,6 +109,7 @@ pub fn rank(
         head_weights,
         importance,
         kept,
+        recycle: vec![],
     }
 }
 

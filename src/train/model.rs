@@ -1015,11 +1015,12 @@ impl TrainModel {
     /// differentiated. Errors when a stage lies outside the model.
     pub fn set_prune(&mut self, plan: Option<PrunePlan>) -> Result<()> {
         if let Some(p) = &plan {
-            if matches!(p.scorer, crate::prune::Scorer::Dart(_)) || p.before_lm.is_some() {
+            use crate::prune::Scorer;
+            if !matches!(p.scorer, Scorer::Attention | Scorer::Random(_)) || p.before_lm.is_some() {
                 return Err(Error::arg(
                     "prune plan",
-                    "the trainer's pruned forward ranks by attention or at random; DART and \
-                     reductions before the LM are not implemented there",
+                    "the trainer's pruned forward ranks by attention or at random; DART, \
+                     SparseVLM and reductions before the LM are not implemented there",
                 ));
             }
             p.kept_counts(self.lm.num_layers(), self.config.image_tokens())?;

@@ -342,6 +342,131 @@ def pdrop_case(model, ref, key, tensors, meta, case, fixture):
     print(f"[{case}] N={N} kept {[len(s) for s in stages]}")
 
 
+# (case, fixture, prompt key, sparse layers (0-based, whose attention ranks), budgets)
+SPARSE_CASES = [
+    ("sparsevlm_gqa_p1", "llava_gqa", "input_ids", [0, 1], [12, 6]),
+    ("sparsevlm_gqa_p2", "llava_gqa", "input_ids_2", [0, 1], [8, 3]),
+    ("sparsevlm_tied_p1", "llava_tied", "input_ids", [1], [10]),
+    ("sparsevlm_next_mistral", "llava_next_mistral", "mistral/portrait", [0, 1], [64, 24]),
+    ("sparsevlm_next_mistral_b", "llava_next_mistral", "mistral/portrait", [1], [100]),
+]
+
+
+def cluster_and_merge(x, cluster_num):
+    """SparseVLMs utils.py cluster_and_merge (lines 179-239), statement by statement, for B = 1,
+    except the density noise (`torch.rand(...) * 1e-6`, there to break ties): a tie in density goes
+    to the lower index instead (the Rust side's documented rule). Also returns each token's cluster
+    and the centres, for the comparison."""
+    B, N, C = x.shape
+    x1 = x[:, :, None, :]  # ein.rearrange(x, "b l r -> b l () r")
+    x2 = x[:, None, :, :]  # ein.rearrange(x, "b l r -> b () l r")
+    dist_matrix = (x1 - x2).norm(dim=-1, p=2) / (C ** 0.5)
+    dist_nearest, _ = torch.topk(dist_matrix, k=cluster_num, dim=-1, largest=False)
+    density = (-(dist_nearest ** 2).mean(dim=-1)).exp()
+    idx = torch.arange(N)
+    tie_lower = (density[:, None, :] == density[:, :, None]) & (idx[None, :] < idx[:, None])[None]
+    mask = (density[:, None, :] > density[:, :, None]) | tie_lower
+    mask = mask.type(x.dtype)
+    dist_max = dist_matrix.flatten(1).max(dim=-1)[0][:, None, None]
+    dist, _ = (dist_matrix * mask + dist_max * (1 - mask)).min(dim=-1)
+    score = dist * density
+    # topk's order of equal scores is unspecified: the lower index first (a stable sort)
+    index_down = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :cluster_num]
+    dm = dist_matrix[0][index_down[0]][None]  # index_points
+    idx_cluster = dm.argmin(dim=1)
+    idx_cluster[0, index_down[0]] = torch.arange(cluster_num)
+    token_weight = x.new_ones(B, N, 1)
+    all_weight = token_weight.new_zeros(B * cluster_num, 1)
+    all_weight.index_add_(dim=0, index=idx_cluster.reshape(B * N), source=token_weight.reshape(B * N, 1))
+    all_weight = all_weight + 1e-6
+    norm_weight = token_weight / all_weight[idx_cluster]
+    x_merged = x.new_zeros(B * cluster_num, C)
+    source = x * norm_weight
+    x_merged.index_add_(dim=0, index=idx_cluster.reshape(B * N), source=source.reshape(B * N, C).type(x.dtype))
+    return x_merged.reshape(B, cluster_num, C), idx_cluster[0].tolist(), index_down[0].tolist()
+
+
+def stable_topk(v, k):
+    """torch.topk's indices with equal values in index order (the Rust side's documented rule)."""
+    return torch.sort(v, descending=True, stable=True).indices[:k]
+
+
+@torch.no_grad()
+def sparsevlm_forward(runner, emb, start, N, layers, budgets, fixed=None):
+    """SparseVLM v1.0 (github.com/Gumpest/SparseVLMs, llava/model/language_model/
+    modelling_sparse_llama.py LlamaDynamicvitModel.forward lines 185-360, score.py
+    attn_postprocess_topk lines 23-45): raters from the input embeddings (lines 198-204); at each
+    sparse layer the layer runs unpruned, its attention averaged over heads, the raters' rows to
+    the visual block averaged over raters ranks; topk(min(budget, v - 1)) kept; of the pruned ones
+    (ascending) the int(0.3 p) + 1 most related are clustered into int(n / 10) + 1 tokens placed
+    after the kept ones; positions renumbered (line 302). `fixed`: (raters, per-stage (kept,
+    candidates)) of an earlier run, for the greedy recompute. Returns logits and the choices."""
+    h, pos = emb, torch.arange(emb.shape[1])
+    v_start, v_num = start, N
+    if fixed is None:
+        v_t, t_t = emb[:, start:start + N], emb[:, start + N:]
+        m = (v_t @ t_t.transpose(1, 2)).softmax(2).mean(1)
+        t_idx = torch.where(m > m.mean())[1]
+        choices = []
+    else:
+        t_idx, choices = fixed
+    stages = []
+    for idx in range(runner.cfg.num_hidden_layers):
+        h, attn = runner.layer(idx, h, pos)
+        if idx not in layers:
+            continue
+        s = layers.index(idx)
+        text_start = v_start + v_num
+        if fixed is None:
+            rel = attn.mean(1)[:, t_idx + text_start, v_start:v_start + v_num].mean(1)[0]
+            kept = sorted(stable_topk(rel, min(budgets[s], v_num - 1)).tolist())
+            pruned = [i for i in range(v_num) if i not in set(kept)]
+            n2 = int(len(pruned) * 0.3) + 1
+            cand = [pruned[j] for j in stable_topk(rel[pruned], n2).tolist()]
+            choices.append((kept, cand))
+        else:
+            kept, cand = choices[s]
+        clusters = int(len(cand) / 10) + 1
+        merged, assign, centres = cluster_and_merge(h[:, [v_start + c for c in cand]], clusters)
+        stages.append({"kept": kept, "cand": cand, "assign": assign, "centres": centres})
+        h = torch.cat([h[:, :v_start], h[:, [v_start + k for k in kept]], merged, h[:, v_start + v_num:]], dim=1)
+        pos = torch.arange(h.shape[1])
+        v_num = len(kept) + clusters
+    return lm_head_logits(runner, h), (t_idx, choices), stages
+
+
+@torch.no_grad()
+def sparsevlm_case(runner, ids, pv_in, layers, budgets, tensors, meta, case, fixture, key):
+    img_pos = (ids == runner.image_token_id).nonzero()[:, 0]
+    start, N = int(img_pos[0]), len(img_pos)
+    assert torch.equal(img_pos, torch.arange(start, start + N))
+    emb = runner.embeds(ids, pv_in)
+    logits, fixed, stages = sparsevlm_forward(runner, emb, start, N, layers, budgets)
+    # Each visual token's id: the prompt's image-token index (a merged one: its centre's).
+    ids_now, report = list(range(N)), []
+    for st in stages:
+        members = [sorted(ids_now[st["cand"][i]] for i, a in enumerate(st["assign"]) if a == k)
+                   for k in range(len(st["centres"]))]
+        kept = [ids_now[k] for k in st["kept"]]
+        report.append({"kept": sorted(kept), "merged": members})
+        ids_now = kept + [ids_now[st["cand"][c]] for c in st["centres"]]
+    seq, gen = ids.clone(), []
+    for _ in range(N_GREEDY):
+        lg, _, _ = sparsevlm_forward(runner, runner.embeds(seq, pv_in), start, N, layers, budgets, fixed=fixed)
+        nxt = int(lg[-1].argmax())
+        gen.append(nxt)
+        seq = torch.cat([seq, torch.tensor([nxt])])
+    tensors[f"{case}/logits"] = logits.float().contiguous()
+    tensors[f"{case}/greedy"] = torch.tensor(gen, dtype=torch.int64)
+    raters = [start + N + int(t) for t in fixed[0]]
+    meta["cases"][case] = {"method": "sparsevlm", "fixture": fixture, "prompt": key, "N": N,
+                           "layers": layers, "budgets": budgets, "raters": raters,
+                           "stages": report, "greedy": gen}
+    print(f"[{case}] N={N} raters {len(raters)}; after stages "
+          f"{[len(r['kept']) + len(r['merged']) for r in report]} "
+          f"(merged {[len(r['merged']) for r in report]})")
+
+
 def set_orders():
     rng = random.Random(31)
     out = []
@@ -409,6 +534,14 @@ def main():
     for case, fixture, key in PDROP_CASES:
         model, ref = load_fixture(fixture)
         pdrop_case(model, ref, key, tensors, meta, case, fixture)
+    for case, fixture, key, layers, budgets in SPARSE_CASES:
+        model, ref = load_fixture(fixture)
+        if fixture.startswith("llava_next"):
+            ids, pv = ref[f"{key}/input_ids"], ref[f"{key}/pixel_values"]
+            runner, pv_in = NextRunner(model, ref[f"{key}/image_sizes"][None]), pv[None]
+        else:
+            ids, runner, pv_in = ref[key], HFRunner(model), ref["pixel_values"]
+        sparsevlm_case(runner, ids, pv_in, layers, budgets, tensors, meta, case, fixture, key)
     save_file(dict(sorted(tensors.items())), os.path.join(HERE, "methods_ref.safetensors"),
               metadata={"generator": f"gen_methods.py torch {torch.__version__} transformers {transformers.__version__}"})
     with open(os.path.join(HERE, "methods_ref.json"), "w") as f:
