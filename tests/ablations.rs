@@ -1,5 +1,6 @@
 //! `ablations/run.sh`, the whole study of issue 8, on both bundled models at a tiny limit: every
-//! study runs, B takes A's winner from A's CSV, and the report's numbers are the CSV's.
+//! study runs, B takes A's winner from A's CSV, and the report's numbers are the CSV's. The same
+//! for `ablations/methods/run.sh`, the peer methods at matched budgets (issue 31).
 
 use fineprune::bench::report::CsvTable;
 use std::path::{Path, PathBuf};
@@ -257,4 +258,86 @@ fn ablate_picks_the_best_mean_and_reports_bad_input() {
     let (ok, _, err) = ablate(&["best", "--results", r, "--by", "head"]);
     assert!(!ok);
     assert!(err.contains("no column `head`"), "{err}");
+}
+
+/// The methods study on both bundled models at a tiny limit: every method at every budget it
+/// can reach (the rest noted), FastV's best strategy read from ablations/REPORT.md, the report's
+/// cells the CSV's, a verdict per model and budget.
+#[test]
+fn the_methods_study_runs_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    let report = tmp.path().join("REPORT.md");
+    let bin: PathBuf = Path::new(env!("CARGO_BIN_EXE_prune-bench"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let out = Command::new("bash")
+        .current_dir(root())
+        .env("BIN", &bin)
+        .args([
+            "ablations/methods/run.sh",
+            "--limit",
+            "4",
+            "--out",
+            work.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = std::fs::read_to_string(&report).unwrap();
+    for (model, best) in [
+        ("shapes-llava", "weighted_quality/attention_weighted/K1@"),
+        ("shapes-llava-student", "sum/last_n_tokens/K1@"),
+    ] {
+        let w = work.join(model);
+        let m = CsvTable::read(&w.join("methods/results.csv")).unwrap();
+        let b = CsvTable::read(&w.join("best/results.csv")).unwrap();
+        let configs = m.column("config").unwrap();
+        // Before the LM, every budget is reachable; the 2-layer student's in-LM stages at
+        // K = 1 average at least 72.5 tokens, so only 384 of 576 (96) is.
+        for method in ["pool", "fastervlm", "visionzip"] {
+            for budget in ["0.6667", "0.3333", "0.2222", "0.1111"] {
+                let label = format!("{method}@{budget}");
+                assert!(configs.contains(&label.as_str()), "{model}: {label}");
+            }
+        }
+        let in_lm = configs.iter().filter(|c| c.contains("/K1@")).count();
+        assert_eq!(
+            in_lm,
+            if model == "shapes-llava" { 6 } else { 3 },
+            "{model}"
+        );
+        let notes = std::fs::read_to_string(w.join("methods/notes.txt")).unwrap();
+        assert!(
+            notes.contains("fastv at K=1 cannot average 16.0"),
+            "{notes}"
+        );
+        let best_configs = b.column("config").unwrap();
+        assert!(
+            best_configs[1..].iter().all(|c| c.starts_with(best)),
+            "{model}"
+        );
+        // The report's cells are the CSV's.
+        let section = &md[md.find(&format!("## {model}\n")).unwrap()..];
+        let (acc, lo, hi) = (
+            m.col("accuracy").unwrap(),
+            m.col("acc_lo95").unwrap(),
+            m.col("acc_hi95").unwrap(),
+        );
+        let r = &m.rows[configs
+            .iter()
+            .position(|c| *c == "fastervlm@0.3333")
+            .unwrap()];
+        let cell = format!("| fastervlm | {} [{}, {}] |", r[acc], r[lo], r[hi]);
+        assert!(section.contains(&cell), "{model}: no {cell}");
+        assert!(md.contains(&format!("- **{model}, 64 of 576 (16.0)**: ")));
+    }
+    assert!(tmp.path().join("plots/shapes-llava_methods.png").is_file());
 }

@@ -509,7 +509,8 @@ impl SweepConfig {
                     Ok((layers, budgets)) => {
                         out.push(tag(Self::sparsevlm_plan(avg, &layers, &budgets, (l, n))?))
                     }
-                    Err(e) => notes.push(e.to_string()),
+                    Err(Error::Arg { msg, .. }) => notes.push(format!("sparsevlm: {msg}")),
+                    Err(e) => return Err(e),
                 },
                 other => {
                     return Err(Error::Unsupported {

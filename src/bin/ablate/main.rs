@@ -7,6 +7,8 @@
 //!   the `prune-bench` outputs (results.csv, samples.csv, flips.csv) that run.sh wrote. Every
 //!   number it prints comes from those files; paired differences and correlations carry 95%
 //!   bootstrap intervals over the samples (1000 resamples, seed 0).
+//! - `ablate methods --work DIR --out REPORT.md`: the peer-methods study of
+//!   `ablations/methods/run.sh` at matched budgets ([`methods`]).
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fineprune::bench::eval::{ConfidenceInterval, bootstrap_ci};
@@ -20,6 +22,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+mod methods;
 
 /// Bootstrap resamples of every interval in the report.
 const RESAMPLES: usize = 1000;
@@ -64,6 +68,16 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Render the peer-methods report (Markdown + plots) from the work folder of
+    /// ablations/methods/run.sh: one sub-folder per model holding methods/ and best/, each a
+    /// prune-bench --avg-budget --out folder of the same questions.
+    Methods {
+        #[arg(long)]
+        work: PathBuf,
+        /// The Markdown file to write; plots go to a `plots/` folder beside it.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -100,6 +114,7 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Cmd::Report { work, out } => render(&work, &out),
+        Cmd::Methods { work, out } => methods::render(&work, &out),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
