@@ -36,6 +36,44 @@ __device__ void selected_probs_impl(const T* q_sel, const T* k, const float* lse
     }
 FOR_EACH_DTYPE(SELECTED)
 
+// lse[h, i] = log sum_{j <= rows[i]} exp(scale q_i . k_j): the log-sum-exp of a selected row over
+// the keys it sees causally, for selected_probs when no attention wrote it (PyramidDrop ranks by
+// the next layer's own projections, before that layer runs). One block per (h, i).
+template <typename T>
+__device__ void selected_lse_impl(const T* q_sel, const T* k, const u32* rows, float* lse, int r,
+                                  int heads, int kv_heads, int d, float scale) {
+    __shared__ float scratch[32];
+    int i = blockIdx.x % r, h = blockIdx.x / r;
+    int kvh = h / (heads / kv_heads);
+    const T* qr = q_sel + ((long)i * heads + h) * d;
+    int n = (int)rows[i] + 1;
+    float mx = -F32_INF;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const T* kr = k + ((long)j * kv_heads + kvh) * d;
+        float dot = 0.0f;
+        for (int e = 0; e < d; e++) dot += to_f32(qr[e]) * to_f32(kr[e]);
+        mx = fmaxf(mx, dot * scale);
+    }
+    mx = block_max(mx, scratch);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const T* kr = k + ((long)j * kv_heads + kvh) * d;
+        float dot = 0.0f;
+        for (int e = 0; e < d; e++) dot += to_f32(qr[e]) * to_f32(kr[e]);
+        sum += expf(dot * scale - mx);
+    }
+    sum = block_sum(sum, scratch);
+    if (threadIdx.x == 0) lse[(long)h * r + i] = mx + logf(sum);
+}
+
+#define SELECTED_LSE(T, S)                                                                         \
+    extern "C" __global__ void selected_lse_##S(const T* q_sel, const T* k, const u32* rows,       \
+                                                float* lse, int r, int heads, int kv_heads, int d, \
+                                                float scale) {                                     \
+        selected_lse_impl<T>(q_sel, k, rows, lse, r, heads, kv_heads, d, scale);                   \
+    }
+FOR_EACH_DTYPE(SELECTED_LSE)
+
 // a[h, v] = sum_i w[i] probs[h, i, v]: the query strategy's vote, one thread per (h, v).
 extern "C" __global__ void query_vote(const float* probs, const float* w, float* a, int heads,
                                       int r, int nv) {

@@ -54,6 +54,7 @@ fn every_kernel_compiles_to_ptx() {
             "rope",
             "gather_rows",
             "selected_probs",
+            "selected_lse",
         ] {
             entries.push(format!("{k}_{s}"));
         }
@@ -416,6 +417,16 @@ fn scoring_kernels_match_the_cpu() {
             .unwrap();
     let got = g.download(&probs).unwrap();
     assert!(max_diff(&got, &want) < 1e-6);
+    // The log-sum-exps rebuilt from the rows' queries and the keys, as flash_attn wrote them.
+    let own = g
+        .selected_lse(
+            &g.upload(&sel_q).unwrap(),
+            &kd,
+            &u32s(&rows),
+            (heads, kv_heads, d),
+        )
+        .unwrap();
+    assert!(max_diff(&g.download(&own).unwrap(), &sel_lse) < 1e-5);
     // The vote, the head statistics and the importance.
     let w = vec![0.5f32, 0.3, 0.2];
     let a = g

@@ -25,6 +25,7 @@ use common::{
 };
 use fineprune::model::template::{LLAVA_SYSTEM, PromptOptions};
 use fineprune::prune::metrics::StageReport;
+use fineprune::prune::sparsevlm::SparseVlm;
 use fineprune::prune::{HEAD_STRATEGIES, Keep, PrunePlan, QUERY_STRATEGIES};
 use fineprune::{DType, Device, Engine, Generation, ImageInput, Model, Request};
 use std::collections::HashMap;
@@ -397,6 +398,16 @@ fn kept_sets_match_the_cpu_for_every_head_and_query_strategy() {
                 "last_token",
                 false,
             ),
+        );
+        // PyramidDrop ranks by the next layer's keys (the GPU computes their log-sum-exps
+        // itself); SparseVLM by its raters, recycling the pruned tokens.
+        run(
+            "PyramidDrop, 2 stages".into(),
+            PrunePlan::pdrop(&[1, 2], &[0.5, 0.25], 24).unwrap(),
+        );
+        run(
+            "SparseVLM, 2 stages".into(),
+            PrunePlan::sparsevlm(&[0, 1], &[12, 6], SparseVlm::default()).unwrap(),
         );
     }
     assert!(failed.is_empty(), "kept sets differ: {failed:?}");

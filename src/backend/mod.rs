@@ -164,7 +164,9 @@ pub trait Backend: Send + Sync {
     /// `rows`, `k: [s, kv_heads·d]` the layer's keys, `cols` the image positions; row `i` sees
     /// keys `0..=rows[i]`. `lse` is those rows' log-sum-exp `[heads, rows.len()]` from
     /// [`Backend::attention`] where it returned one: the GPU rebuilds the probabilities as
-    /// `exp(q·k/√d − lse)` for the image keys only; the CPU normalises over the full rows.
+    /// `exp(q·k/√d − lse)` for the image keys only (computing `lse` over the rows' keys itself
+    /// when `None`, as when PyramidDrop ranks by keys no attention has run on); the CPU
+    /// normalises over the full rows.
     #[allow(clippy::too_many_arguments)]
     fn selected_probs(
         &self,

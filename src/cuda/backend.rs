@@ -399,27 +399,21 @@ impl Backend for Device {
         kv_heads: usize,
         lse: Option<&[f32]>,
     ) -> Result<Vec<f32>> {
-        let lse = lse.ok_or_else(|| {
-            Error::arg(
-                "selected_probs",
-                "the CUDA backend rebuilds the probabilities from the attention's log-sum-exp: \
-                 run the ranking layer's attention with `lse`"
-                    .to_string(),
-            )
-        })?;
-        check_shape("selected_probs lse", &[heads * rows.len()], &[lse.len()])?;
         let d = q.cols() / heads.max(1);
-        let lse = self.upload(lse)?;
         let (rows, cols) = (u32s("row", rows)?, u32s("column", cols)?);
-        let probs = by_dtype!(q.dtype(), T => Device::selected_probs::<T>(
-            self,
-            slice("selected_probs q", q)?,
-            slice("selected_probs k", k)?,
-            &lse,
-            &rows,
-            &cols,
-            (heads, kv_heads, d),
-        )?);
+        let probs = by_dtype!(q.dtype(), T => {
+            let (qs, ks) = (slice("selected_probs q", q)?, slice("selected_probs k", k)?);
+            // The attention's own log-sum-exps, or (ranking by keys no attention ran on yet)
+            // computed here.
+            let lse = match lse {
+                Some(l) => {
+                    check_shape("selected_probs lse", &[heads * rows.len()], &[l.len()])?;
+                    self.upload(l)?
+                }
+                None => Device::selected_lse::<T>(self, qs, ks, &rows, (heads, kv_heads, d))?,
+            };
+            Device::selected_probs::<T>(self, qs, ks, &lse, &rows, &cols, (heads, kv_heads, d))?
+        });
         let mut v = self.download(&probs)?;
         v.truncate(heads * rows.len() * cols.len());
         Ok(v)

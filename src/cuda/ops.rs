@@ -481,6 +481,41 @@ impl Device {
         Ok(out)
     }
 
+    /// Each selected row's log-sum-exp `[heads, rows]` over the keys `k` it sees causally (keys
+    /// `0..=rows[i]`), for [`Device::selected_probs`] when no attention wrote it.
+    pub fn selected_lse<T: Storage>(
+        &self,
+        q_sel: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        rows: &[u32],
+        (heads, kv_heads, d): (usize, usize, usize),
+    ) -> Result<CudaSlice<f32>> {
+        check_heads(heads, kv_heads, d)?;
+        let r = rows.len();
+        check("selected q", q_sel.len(), r * heads * d)?;
+        let n_k = k.len() / (kv_heads * d);
+        if let Some(bad) = rows.iter().find(|&&p| p as usize >= n_k) {
+            return Err(Error::Cuda(format!(
+                "selected_lse: position {bad} of a {n_k}-key cache"
+            )));
+        }
+        let name = format!("selected_lse_{}", T::SUFFIX);
+        let f = self.function("score", &name)?;
+        let rows_d = self.upload(rows)?;
+        let mut out = self.zeros::<f32>(heads * r)?;
+        let ints = [r, heads, kv_heads, d].map(|x| x as i32);
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(q_sel).arg(k).arg(&rows_d).arg(&mut out);
+        for x in &ints {
+            b.arg(x);
+        }
+        b.arg(&scale);
+        // SAFETY: shapes and positions checked above; one block per (head, row).
+        unsafe { b.launch(per_row(heads * r)?) }.map_err(|e| launch_err(&name, e))?;
+        Ok(out)
+    }
+
     /// `a[h, v] = Σ_i w[i] probs[h, i, v]`: the query strategy's vote.
     pub fn query_vote(
         &self,

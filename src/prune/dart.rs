@@ -21,6 +21,12 @@
 //!    not image tokens). A budget `M` thus keeps `image_pivots + P · ⌊M / P⌋` tokens (132 for
 //!    the paper's 128 with 4 + 4 pivots), as the official code does.
 //!
+//! The budget is capped at `n - image_pivots` for `n` image tokens, as the official code caps
+//! LLaVA-NeXT's (`min(retain_token_num_for_llava_next, image_token_length -
+//! pivot_image_token)`, lines 413-417). Its LLaVA-1.5 path has no cap, but a larger budget fails
+//! there (a pivot's `topk` asks for more tokens than remain), so the cap changes no budget the
+//! official code runs.
+//!
 //! The pivots are visited in the order the code's `list(indices_set)` gives them: CPython's
 //! iteration order of `set(image_pivots + text_pivots)` (both lists largest norm first), which
 //! is a hash-table order, not position order; [`python_set_order`] reproduces it, so the kept
@@ -44,10 +50,16 @@ impl Default for Dart {
 }
 
 impl Dart {
-    /// Image tokens a budget of `budget` keeps out of `n` (step 4 above), capped at `n`.
+    /// Image tokens a budget of `budget` keeps out of `n` (step 4 above, the budget capped at
+    /// `n - image_pivots`), at most `n`.
     pub fn kept_count(&self, budget: usize, n: usize) -> usize {
         let p = (self.image_pivots + self.text_pivots).max(1);
-        (self.image_pivots + p * (budget / p)).min(n)
+        (self.image_pivots + p * (self.capped(budget, n) / p)).min(n)
+    }
+
+    /// The budget capped at `n - image_pivots` (the official LLaVA-NeXT cap).
+    fn capped(&self, budget: usize, n: usize) -> usize {
+        budget.min(n.saturating_sub(self.image_pivots))
     }
 
     /// The kept image tokens, as indices into `image_rows` (ascending), and each image token's
@@ -76,7 +88,7 @@ impl Dart {
         let image_pivots = largest(&image_norms, self.image_pivots);
         let text_pivots = largest(&text_norms, self.text_pivots);
         let p = self.image_pivots + self.text_pivots;
-        let per_pivot = budget / p.max(1);
+        let per_pivot = self.capped(budget, image_rows.len()) / p.max(1);
         let pivot_rows: Vec<usize> = (image_pivots.iter().map(|&i| image_rows[i]))
             .chain(text_pivots.iter().map(|&i| text_rows[i]))
             .collect();
@@ -203,5 +215,12 @@ mod tests {
         assert_eq!(kept, vec![0, 1, 3]);
         assert_eq!(d.kept_count(2, 4), 3);
         assert_eq!(Dart::default().kept_count(128, 576), 132);
+        // Budgets are capped at n - image pivots: 208 of 205 tokens is 201, so 4 + 8 x 25.
+        assert_eq!(Dart::default().kept_count(208, 205), 204);
+        // Budget 5 of 4 tokens is capped at 3 (4 - 1 pivot): one pick per pivot, as with
+        // budget 2 (uncapped, each pivot would ask for two).
+        let (kept, _) = d.select((&keys, &states), (1, 2), &[0, 1, 2, 3], &[4], 5);
+        assert_eq!(kept, vec![0, 1, 3]);
+        assert_eq!(d.kept_count(5, 4), 3);
     }
 }
