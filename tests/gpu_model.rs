@@ -403,7 +403,7 @@ fn kept_sets_match_the_cpu_for_every_head_and_query_strategy() {
         // itself); SparseVLM by its raters, recycling the pruned tokens.
         run(
             "PyramidDrop, 2 stages".into(),
-            PrunePlan::pdrop(&[1, 2], &[0.5, 0.25], 24).unwrap(),
+            PrunePlan::pdrop(&[1, 2], &[0.5, 0.25]).unwrap(),
         );
         run(
             "SparseVLM, 2 stages".into(),

@@ -198,8 +198,7 @@ fn pyramiddrop_matches_the_official_logic_on_hf_modules() {
         let ratios: Vec<f64> = (case["ratios"].as_array().unwrap().iter())
             .map(|x| x.as_f64().unwrap())
             .collect();
-        let n = case["N"].as_u64().unwrap() as usize;
-        let plan = PrunePlan::pdrop(&ints(&case["layers"]), &ratios, n).unwrap();
+        let plan = PrunePlan::pdrop(&ints(&case["layers"]), &ratios).unwrap();
         let mut req = request(case);
         req.prune = Some(plan);
         let out = engine.prompt_logits(&req).unwrap();
@@ -238,14 +237,14 @@ fn sparsevlm_matches_the_official_logic_on_hf_modules() {
         }
         let fixture = case["fixture"].as_str().unwrap();
         let engine = Engine::new(Arc::new(Model::load(dir.join(fixture)).unwrap()));
-        let mut plan = PrunePlan::sparsevlm(
+        let plan = PrunePlan::sparsevlm(
             &ints(&case["layers"]),
             &ints(&case["budgets"]),
             SparseVlm::default(),
         )
         .unwrap();
         // The official code ranks LLaVA-NeXT's newlines like any image token.
-        plan.keep_newlines = false;
+        assert!(!plan.keep_newlines);
         let mut req = request(case);
         req.prune = Some(plan);
         let out = engine.prompt_logits(&req).unwrap();

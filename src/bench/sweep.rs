@@ -326,11 +326,11 @@ impl SweepConfig {
             .iter()
             .map(|&keep| {
                 let lambda = match keep {
-                    Keep::Fraction(f) => f,
+                    Keep::Fraction(f) | Keep::Floor(f) => f,
                     Keep::Count(c) => c as f64 / n_image.max(1) as f64,
                 };
                 let ratios: Vec<f64> = (1..4).map(|i| lambda.powi(i)).collect();
-                let plan = PrunePlan::pdrop(&layers, &ratios, n_image)?;
+                let plan = PrunePlan::pdrop(&layers, &ratios)?;
                 Ok(SweepConfig {
                     label: format!("pdrop/{keep}"),
                     series: "pdrop".into(),
@@ -355,7 +355,7 @@ impl SweepConfig {
             .iter()
             .map(|&keep| {
                 let avg = match keep {
-                    Keep::Fraction(f) => f * n_image as f64,
+                    Keep::Fraction(f) | Keep::Floor(f) => f * n_image as f64,
                     Keep::Count(c) => c as f64,
                 };
                 let published = (sparsevlm::PUBLISHED.iter())

@@ -95,7 +95,8 @@ struct Args {
     /// LM), fastervlm (the keep patches the vision tower's CLS attends to most, before the LM),
     /// visionzip (the CLS and the patches it attends to most, plus contextual tokens merged by
     /// key similarity: 54 + 10 of 64, before the LM), pdrop (PyramidDrop as published: stages
-    /// at L/4, L/2, 3L/4 keeping keep, keep² and keep³, LLaVA-1.5 only), sparsevlm (SparseVLM:
+    /// at L/4, L/2, 3L/4 keeping keep, keep² and keep³ of each prompt's image tokens, rounded
+    /// down; LLaVA-NeXT takes fractions only), sparsevlm (SparseVLM:
     /// text raters' attention at layers 2, 6, 15 of 32, pruned tokens recycled into merged ones;
     /// --keep is the image tokens averaged over the layers, the published tables at 192, 128,
     /// 96, 64 of a 32-layer LM with 576 tokens, scaled otherwise; LLaVA-1.5 only).
@@ -264,16 +265,19 @@ fn run(a: Args) -> fineprune::Result<()> {
     };
     let vc = vision.config.vision.clone();
     let anyres = vision.config.is_anyres();
-    if anyres && (!a.pyramid.is_empty() || pdrop || sparse || matched) {
-        let flag = match (matched, pdrop || sparse) {
+    // PyramidDrop's fractions apply per prompt; the rest is budgeted in counts of a fixed N.
+    let pdrop_counts = pdrop && a.keep.iter().any(|k| matches!(k, Keep::Count(_)));
+    if anyres && (!a.pyramid.is_empty() || pdrop_counts || sparse || matched) {
+        let flag = match (matched, pdrop_counts || sparse) {
             (true, _) => "--avg-budget",
             (false, true) => "--method",
             (false, false) => "--pyramid",
         };
         return Err(Error::arg(
             flag,
-            "pyramid, pdrop and sparsevlm stages and matched budgets need a fixed image-token \
-             count (LLaVA-1.5); a LLaVA-NeXT model's depends on each image's size and aspect",
+            "pyramid stages, sparsevlm, pdrop at token counts and matched budgets need a fixed \
+             image-token count (LLaVA-1.5); a LLaVA-NeXT model's depends on each image's size \
+             and aspect (pdrop takes fractions there)",
         ));
     }
     let (num_layers, n_image) = (vision.config.text.num_hidden_layers, vision.image_tokens());

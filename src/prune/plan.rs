@@ -19,12 +19,16 @@ pub enum Keep {
     Fraction(f64),
     /// An absolute count.
     Count(usize),
+    /// A fraction of the prompt's image tokens rounded down, at least 1: PyramidDrop's
+    /// `int(N · ratio)`, per prompt (LLaVA-NeXT's counts vary with the image). Written `0.5N`.
+    Floor(f64),
 }
 
 impl std::str::FromStr for Keep {
     type Err = Error;
 
-    /// `0.5` is a fraction, `144` (an integer > 1) a count; `1` means everything (fraction 1.0).
+    /// `0.5` is a fraction, `144` (an integer > 1) a count; `1` means everything (fraction 1.0);
+    /// `0.5N` a fraction rounded down ([`Keep::Floor`]).
     fn from_str(s: &str) -> Result<Keep> {
         let bad = || {
             Error::arg(
@@ -32,6 +36,9 @@ impl std::str::FromStr for Keep {
                 format!("`{s}` is neither a fraction in (0, 1] nor a token count"),
             )
         };
+        if let Some(f) = s.strip_suffix('N') {
+            return f.parse::<f64>().map(Keep::Floor).map_err(|_| bad());
+        }
         if let Ok(n) = s.parse::<usize>() {
             return Ok(if n <= 1 {
                 Keep::Fraction(n as f64)
@@ -48,6 +55,7 @@ impl std::fmt::Display for Keep {
         match self {
             Keep::Fraction(x) => write!(f, "{x}"),
             Keep::Count(n) => write!(f, "{n}"),
+            Keep::Floor(x) => write!(f, "{x}N"),
         }
     }
 }
@@ -152,11 +160,13 @@ impl PrunePlan {
     /// `llava/model/modeling_llama_pdrop.py`: `pdrop_forward` lines 1220-1268 and
     /// `pdrop_rank_drop` lines 1291-1420; settings from `scripts/v1_5/pdrop_eval/*.sh`): stages
     /// before `layers` (8, 16, 24 for a 32-layer LM) keeping `int(N · ratio)` of the prompt's
-    /// `n_image` image tokens (ratios 0.5, 0.25, 0.125); each stage ranks by layer K's own
+    /// N image tokens ([`Keep::Floor`]; ratios 0.5, 0.25, 0.125), LLaVA-1.5's or LLaVA-NeXT's
+    /// (`scripts/v1_6/pdrop_eval`, per image's count); each stage ranks by layer K's own
     /// queries and keys of its input ([`RankLayer::Next`]), the last prompt token's attention
     /// averaged over the heads (`last_token`, `sum`), and the positions are renumbered after
-    /// every stage, as the official code does.
-    pub fn pdrop(layers: &[usize], ratios: &[f64], n_image: usize) -> Result<Self> {
+    /// every stage, as the official code does; LLaVA-NeXT's newlines are ranked like any image
+    /// token (`keep_newlines` off), as there.
+    pub fn pdrop(layers: &[usize], ratios: &[f64]) -> Result<Self> {
         if layers.len() != ratios.len() {
             return Err(Error::arg(
                 "pdrop",
@@ -166,19 +176,21 @@ impl PrunePlan {
         let stages = (layers.iter().zip(ratios))
             .map(|(&layer, &r)| Stage {
                 layer,
-                keep: Keep::Count(((n_image as f64 * r) as usize).max(1)),
+                keep: Keep::Floor(r),
             })
             .collect();
         let mut plan = Self::new(stages);
         plan.rank_layer = RankLayer::Next;
         plan.renumber = true;
+        plan.keep_newlines = false;
         Ok(plan)
     }
 
     /// SparseVLM as published ([`SparseVlm`]): after each sparse layer of `layers` (0-based, the
     /// layer whose attention ranks; the official 2, 6, 15 of 32) keep `keeps[i]` image tokens
     /// (the official tables: [`super::sparsevlm::PUBLISHED`]), recycling the pruned ones, with
-    /// the positions renumbered after every stage.
+    /// the positions renumbered after every stage; LLaVA-NeXT's newlines are ranked like any
+    /// image token (`keep_newlines` off), as the official code's visual block is.
     pub fn sparsevlm(layers: &[usize], keeps: &[usize], sparse: SparseVlm) -> Result<Self> {
         if layers.len() != keeps.len() {
             return Err(Error::arg(
@@ -195,6 +207,7 @@ impl PrunePlan {
         let mut plan = Self::new(stages);
         plan.scorer = Scorer::SparseVlm(sparse);
         plan.renumber = true;
+        plan.keep_newlines = false;
         Ok(plan)
     }
 
@@ -355,7 +368,8 @@ impl PrunePlan {
             }
             let k = match s.keep {
                 Keep::Fraction(f) if f > 0.0 && f <= 1.0 => (f * n_image as f64).ceil() as usize,
-                Keep::Fraction(f) => {
+                Keep::Floor(f) if f > 0.0 && f <= 1.0 => ((f * n_image as f64) as usize).max(1),
+                Keep::Fraction(f) | Keep::Floor(f) => {
                     return Err(Error::arg(
                         "keep",
                         format!("fraction {f} is outside (0, 1]"),
@@ -489,14 +503,22 @@ mod tests {
     fn pdrop_as_published() {
         // 8, 16, 24 of 32 layers keeping int(576 x 0.5^i), positions renumbered, ranked by the
         // next layer's own projections.
-        let p = PrunePlan::pdrop(&[8, 16, 24], &[0.5, 0.25, 0.125], 576).unwrap();
-        let keeps: Vec<Keep> = p.stages.iter().map(|s| s.keep).collect();
-        assert_eq!(keeps, [Keep::Count(288), Keep::Count(144), Keep::Count(72)]);
+        let p = PrunePlan::pdrop(&[8, 16, 24], &[0.5, 0.25, 0.125]).unwrap();
+        assert_eq!(p.kept_counts(32, 576).unwrap(), vec![288, 144, 72]);
         assert!(p.renumber && p.rank_layer == RankLayer::Next);
-        // int() floors: 25 x 0.5 keeps 12.
-        let p = PrunePlan::pdrop(&[1, 2], &[0.5, 0.25], 25).unwrap();
+        // int() floors: 25 x 0.5 keeps 12, 25 x 0.25 keeps 6; never fewer than 1.
+        let p = PrunePlan::pdrop(&[1, 2], &[0.5, 0.25]).unwrap();
         assert_eq!(p.kept_counts(3, 25).unwrap(), vec![12, 6]);
-        assert!(PrunePlan::pdrop(&[1], &[0.5, 0.25], 25).is_err());
+        assert_eq!(p.kept_counts(3, 3).unwrap(), vec![1, 1]);
+        assert!(PrunePlan::pdrop(&[1], &[0.5, 0.25]).is_err());
+        assert!(
+            PrunePlan::pdrop(&[1], &[1.5])
+                .unwrap()
+                .kept_counts(3, 25)
+                .is_err()
+        );
+        let k: Keep = "0.25N".parse().unwrap();
+        assert_eq!((k, k.to_string()), (Keep::Floor(0.25), "0.25N".to_string()));
     }
 
     #[test]

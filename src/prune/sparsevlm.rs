@@ -27,8 +27,8 @@
 //! is fixed here: ties in a relation or a cluster score go to the lower index, and the clustering
 //! adds no random noise to the densities (the code adds `rand · 1e-6` to break their ties, which
 //! two mutual nearest neighbours always have; the lower index counts as denser here). A
-//! LLaVA-NeXT prompt's image tokens are all of its tiles and newlines (the newlines are pinned
-//! with [`PrunePlan::keep_newlines`](super::PrunePlan)).
+//! LLaVA-NeXT prompt's image tokens are all of its tiles and newlines, ranked alike
+//! ([`PrunePlan::sparsevlm`] turns [`PrunePlan::keep_newlines`] off).
 
 use super::PrunePlan;
 use super::score::{SelectedAttention, top_k_pinned};
