@@ -214,15 +214,8 @@ impl Engine {
                 "an image was given but the model has no vision tower".into(),
             ));
         }
-        // A reduction before the LM (LLaVA-1.5 only so far).
+        // A reduction before the LM.
         let reduce = req.prune.as_ref().and_then(|p| p.before_lm);
-        if reduce.is_some() && m.vision.as_ref().is_some_and(|v| v.config.is_anyres()) {
-            return Err(Error::arg(
-                "prune plan",
-                "reductions before the LM take LLaVA-1.5's one tile per image; LLaVA-NeXT is not \
-                 supported yet",
-            ));
-        }
         // The model's image slot: `<image>` and how many tokens it expands to (LLaVA-NeXT, or a
         // reduction before the LM: one, expanded below once each image's count is known).
         let slot = match &m.vision {
@@ -311,15 +304,15 @@ impl Engine {
                 .collect();
             let mut counts = Vec::with_capacity(images.len());
             let features = match reduce {
-                // Fewer rows per image: the reduction's, each a patch of the image's one tile.
+                // Fewer rows per image: the reduction's, each of a tile and maybe a patch.
                 Some(r) => {
-                    let px: Vec<&[f32]> = refs.iter().map(|(px, _)| *px).collect();
-                    let (features, patches) = v.forward_reduced(&m.params, &px, &r)?;
-                    for (i, rows) in patches.into_iter().enumerate() {
-                        let tile = VisualToken::Patch { image: i, tile: 0 };
-                        prompt.visual.extend(std::iter::repeat_n(tile, rows.len()));
+                    let (features, shows) = v.forward_reduced(&m.params, &refs, &r)?;
+                    for (i, rows) in shows.into_iter().enumerate() {
                         counts.push(rows.len());
-                        prompt.patches.extend(rows);
+                        for (tile, patch) in rows {
+                            prompt.visual.push(VisualToken::Patch { image: i, tile });
+                            prompt.patches.push(patch);
+                        }
                     }
                     features
                 }

@@ -5,7 +5,9 @@
 //! - DART (`fineprune::prune::dart`) on both LLaVA-1.5 fixtures and the LLaVA-NeXT Mistral one;
 //!   CPython's `set` order, which decides the pivots' turn, reproduced on random integer lists.
 //! - Reductions before the LM (`fineprune::prune::before`): uniform pooling (`default` and `full`
-//!   strategies), FasterVLM's CLS-attention ranking and VisionZip's dominant + contextual tokens.
+//!   strategies), FasterVLM's CLS-attention ranking and VisionZip's dominant + contextual tokens,
+//!   on LLaVA-1.5 and LLaVA-NeXT (pooling on the Mistral fixture; FasterVLM and VisionZip, which
+//!   read one feature layer's attention, on the Vicuna one).
 //! - PyramidDrop as published (`PrunePlan::pdrop`): its stages' kept sets identical.
 //! - SparseVLM (`fineprune::prune::sparsevlm`): its raters, each stage's kept set and the members
 //!   of every merged token identical, on both LLaVA-1.5 fixtures and the LLaVA-NeXT Mistral one
@@ -34,7 +36,7 @@ fn request(case: &Value) -> Request {
     let dir = reference_dir();
     let fixture = case["fixture"].as_str().unwrap();
     let key = case["prompt"].as_str().unwrap();
-    if fixture == "llava_next_mistral" {
+    if fixture.starts_with("llava_next") {
         let r = load_ref(&dir.join("llava_next_ref.safetensors"));
         let next: Value = serde_json::from_str(
             &std::fs::read_to_string(dir.join("llava_next_ref.json")).unwrap(),
@@ -45,7 +47,8 @@ fn request(case: &Value) -> Request {
             .split("<image>\n")
             .nth(1)
             .unwrap()
-            .trim_end_matches(" [/INST]");
+            .trim_end_matches(" [/INST]")
+            .trim_end_matches(" ASSISTANT:");
         let size = &r[&format!("{key}/image_sizes")].i;
         let image = ImageInput::Tiles {
             pixels: r[&format!("{key}/pixel_values")].f.clone(),
@@ -121,9 +124,12 @@ fn dart_matches_the_official_logic_on_hf_modules() {
 /// Reductions before the LM: pooling (`adaptive_avg_pool2d` of the projected grid), FasterVLM
 /// (the patches the CLS attends to most) and VisionZip (dominant tokens, then contextual ones
 /// merged by key similarity, before the projector): the prompt's ids, logits within 1e-4 and the
-/// greedy tokens of HF's forward on the reduced features.
+/// greedy tokens of HF's forward on the reduced features. On LLaVA-NeXT every tile is reduced
+/// and the image laid out as the official code does: each row's tile and kept patch as the
+/// reference's (its patch numbered among the image's patch tokens, `None` in the padding).
 #[test]
 fn reductions_before_the_lm_match_hf() {
+    use fineprune::model::anyres::{self, VisualToken};
     use fineprune::prune::before::{BeforeLm, Reduce};
     let dir = reference_dir();
     let r = load_ref(&dir.join("methods_ref.safetensors"));
@@ -151,26 +157,68 @@ fn reductions_before_the_lm_match_hf() {
             ids_u32(&r[&format!("{name}/input_ids")]),
             "{name}"
         );
-        // The patches kept as they are: FasterVLM's picks; VisionZip's dominant ones (its kept
-        // tower tokens less the CLS); none for pooling.
-        let kept: Vec<usize> = out.prompt.patches.iter().flatten().copied().collect();
-        let want: Vec<usize> = match case["kept"].as_array() {
-            Some(k) if method == BeforeLm::VisionZip => k
-                .iter()
-                .skip(1)
-                .map(|x| x.as_u64().unwrap() as usize - 1)
-                .collect(),
-            Some(k) => k.iter().map(|x| x.as_u64().unwrap() as usize).collect(),
-            None => vec![],
+        let ints = |v: &Value| -> Vec<i64> {
+            (v.as_array().unwrap().iter())
+                .map(|x| x.as_i64().unwrap())
+                .collect()
         };
-        assert_eq!(kept, want, "{name}: kept patches");
+        let (tiles, patches): (Vec<VisualToken>, Vec<Option<usize>>) = match &case["shows"] {
+            // LLaVA-NeXT: [tile, patch of the tile's grid or -1] per row; a patch numbered among
+            // the image's patch tokens as `pack_rows` packs them (none in the padding).
+            Value::Array(shows) => {
+                let v = engine.model().vision.as_ref().unwrap();
+                let ImageInput::Tiles { image_size, .. } = req.images[0] else {
+                    unreachable!()
+                };
+                let (vc, pins) = (&v.config.vision, v.config.image_grid_pinpoints.as_ref());
+                let (rows, _) =
+                    anyres::pack_rows(image_size, pins.unwrap(), (vc.image_size, vc.patch_size))
+                        .unwrap();
+                let token_of: HashMap<usize, usize> = (rows.iter().flatten().enumerate())
+                    .map(|(k, &i)| (i, k))
+                    .collect();
+                let per_tile = vc.grid() * vc.grid();
+                (shows.iter().map(&ints))
+                    .map(|s| {
+                        let t = s[0] as usize;
+                        let p = usize::try_from(s[1]).ok();
+                        let patch = p.and_then(|p| token_of.get(&(t * per_tile + p)).copied());
+                        (VisualToken::Patch { image: 0, tile: t }, patch)
+                    })
+                    .unzip()
+            }
+            // LLaVA-1.5: FasterVLM's picks; VisionZip's dominant patches (its kept tower
+            // tokens less the CLS) then none for its contextual tokens; none for pooling.
+            _ => {
+                let n = case["n_after"].as_u64().unwrap() as usize;
+                let mut patches: Vec<Option<usize>> = match method {
+                    BeforeLm::VisionZip => std::iter::once(None)
+                        .chain(
+                            ints(&case["kept"])
+                                .iter()
+                                .skip(1)
+                                .map(|&k| Some(k as usize - 1)),
+                        )
+                        .collect(),
+                    BeforeLm::FasterVlm => (ints(&case["kept"]).iter())
+                        .map(|&k| Some(k as usize))
+                        .collect(),
+                    BeforeLm::Pool => vec![],
+                };
+                patches.resize(n, None);
+                let tile = VisualToken::Patch { image: 0, tile: 0 };
+                (vec![tile; n], patches)
+            }
+        };
+        assert_eq!(out.prompt.visual, tiles, "{name}: tiles");
+        assert_eq!(out.prompt.patches, patches, "{name}: kept patches");
         let after = case["n_after"].as_u64().unwrap() as usize;
         assert_eq!(out.stats.kept_after_last(), after, "{name}");
         assert_eq!(out.stats.avg_image_tokens(), after as f64, "{name}");
         matches_hf(&engine, &r, name, &out.logits, req);
         checked += 1;
     }
-    assert_eq!(checked, 8);
+    assert_eq!(checked, 14);
 }
 
 /// PyramidDrop as published: two stages (after layers 1 and 2 of the 3-layer fixtures, ratios

@@ -835,6 +835,58 @@ fn methods_run_side_by_side() {
     }
 }
 
+/// On LLaVA-NeXT the reductions before the LM reduce every tile to the budget and lay the image
+/// out without unpadding or newlines, as the official code does: a 60x48 image (a base tile
+/// and 2 x 2 grid tiles of 5 x 5 patches) takes 5 x 9 or 5 x 4 tokens, tile by tile; the
+/// patches kept as they are give FasterVLM and VisionZip a recall.
+#[test]
+fn llava_next_reduces_every_tile_before_the_lm() {
+    let out = tempfile::tempdir().unwrap();
+    let (ok, _, err) = bench(&[
+        "--model",
+        &next_model(),
+        "--data",
+        "shapes:2",
+        "--method",
+        "pool,fastervlm,visionzip",
+        "--keep",
+        "9,4",
+        "--image-size",
+        "48",
+        "--aspect",
+        "1.25",
+        "--out",
+        &out.path().display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    let (head, rows) = results(out.path());
+    let col = |name: &str| head.iter().position(|h| h == name).unwrap();
+    assert_eq!(rows.len(), 7);
+    assert_eq!(rows[0][col("kept_after_K")], "113.0");
+    for r in &rows[1..] {
+        let label = &r[col("config")];
+        let k: usize = label.split('/').nth(1).unwrap().parse().unwrap();
+        assert_eq!(r[col("kept_after_K")], format!("{}.0", 5 * k), "{label}");
+        assert_eq!(r[col("kept_avg_layers")], format!("{}.0", 5 * k), "{label}");
+        assert_eq!(
+            r[col("recall")] == "-",
+            label.starts_with("pool"),
+            "{label}"
+        );
+    }
+    let samples =
+        fineprune::bench::report::CsvTable::read(&out.path().join("samples.csv")).unwrap();
+    let (c, t) = (
+        samples.col("config").unwrap(),
+        samples.col("tiles_kept").unwrap(),
+    );
+    for r in samples.rows.iter().filter(|r| r[c] != "unpruned") {
+        let k = if r[c].ends_with("/9") { 9 } else { 4 };
+        let want = format!("base:{k}/{k} tile1:{k}/{k} tile2:{k}/{k} tile3:{k}/{k} tile4:{k}/{k}");
+        assert_eq!(r[t], want, "{}", r[c]);
+    }
+}
+
 /// `--avg-budget` runs every method at a number of image tokens averaged over the LM layers,
 /// each realising it within its own rounding; a method (and K) that cannot reach it is skipped
 /// with a note. 3 layers, 25 image tokens: 0.6 is 15 tokens, which a stage at K = 2 cannot

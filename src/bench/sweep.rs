@@ -253,6 +253,9 @@ impl SweepConfig {
     /// - `fastervlm`: FasterVLM's CLS-attention ranking before the LM ([`BeforeLm::FasterVlm`]);
     /// - `visionzip`: VisionZip's dominant and contextual tokens before the LM
     ///   ([`BeforeLm::VisionZip`]).
+    ///
+    /// The reductions before the LM take the keep per tile on LLaVA-NeXT
+    /// ([`crate::prune::before`]).
     pub fn method(name: &str, keeps: &[Keep], layers: &[usize], seed: u64) -> Result<Vec<Self>> {
         let in_lm = |scorer: Scorer| {
             let mut out = vec![];

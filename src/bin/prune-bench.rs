@@ -94,9 +94,11 @@ struct Args {
     /// pool (uniform average pooling of the patch grid to floor(sqrt(keep))^2 tokens before the
     /// LM), fastervlm (the keep patches the vision tower's CLS attends to most, before the LM),
     /// visionzip (the CLS and the patches it attends to most, plus contextual tokens merged by
-    /// key similarity: 54 + 10 of 64, before the LM), pdrop (PyramidDrop as published: stages
-    /// at L/4, L/2, 3L/4 keeping keep, keep² and keep³ of each prompt's image tokens, rounded
-    /// down; LLaVA-NeXT takes fractions only), sparsevlm (SparseVLM:
+    /// key similarity: 54 + 10 of 64, before the LM; on LLaVA-NeXT these three reduce every
+    /// tile to the budget and lay the image out as the official code does, without unpadding
+    /// or newlines), pdrop (PyramidDrop as published: stages at L/4, L/2, 3L/4 keeping keep,
+    /// keep² and keep³ of each prompt's image tokens, rounded down; LLaVA-NeXT takes fractions
+    /// only), sparsevlm (SparseVLM:
     /// text raters' attention at layers 2, 6, 15 of 32, pruned tokens recycled into merged ones;
     /// --keep is the image tokens averaged over the layers, the published tables at 192, 128,
     /// 96, 64 of a 32-layer LM with 576 tokens, scaled otherwise; LLaVA-1.5 only).

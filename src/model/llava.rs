@@ -59,6 +59,13 @@ impl Projector {
 /// size, size]` and, for LLaVA-NeXT, its `(height, width)`.
 pub type ImagePixels<'a> = (&'a [f32], Option<(usize, usize)>);
 
+/// What one row of an image reduced before the LM shows ([`VisionEncoder::forward_reduced`]):
+/// its tile, and for a patch kept as it is its index among the image's patch tokens.
+pub type ReducedRow = (usize, Option<usize>);
+
+/// One image's tiles' pixel values and its prompt rows ([`VisionEncoder::sources`]).
+type SplitImage<'a> = (Vec<&'a [f32]>, Vec<Option<usize>>);
+
 /// Vision tower + projector: pixels in, LM-width image features out.
 pub struct VisionEncoder {
     pub config: LlavaConfig,
@@ -183,22 +190,12 @@ impl VisionEncoder {
     /// width)`. Every tile of every image goes through the tower and projector as one batch;
     /// LLaVA-NeXT's are then packed ([`VisionEncoder::sources`]), a gather on the device.
     pub fn forward_images(&self, p: &[Param], images: &[ImagePixels]) -> Result<Tensor> {
-        let v = &self.config.vision;
-        let per_tile = v.num_channels * v.image_size * v.image_size;
         let mut tiles: Vec<&[f32]> = Vec::new();
         let mut rows: Vec<Option<usize>> = Vec::new();
-        for (i, &(px, size)) in images.iter().enumerate() {
-            let (src, n) = self.sources(size)?;
-            if px.len() != n * per_tile {
-                return Err(Error::Shape {
-                    name: format!("pixel_values of image {i}"),
-                    expected: vec![n, v.num_channels, v.image_size, v.image_size],
-                    got: vec![px.len() / per_tile.max(1), px.len() % per_tile.max(1)],
-                });
-            }
+        for (px, src) in self.split_tiles(images)? {
             let offset = tiles.len() * self.image_tokens();
             rows.extend(src.into_iter().map(|r| r.map(|r| offset + r)));
-            tiles.extend(px.chunks(per_tile));
+            tiles.extend(px);
         }
         let feats = self.forward(p, &tiles)?;
         let Some(nl) = self.image_newline else {
@@ -211,6 +208,25 @@ impl VisionEncoder {
         let at = feats.rows();
         let idx: Vec<usize> = rows.into_iter().map(|r| r.unwrap_or(at)).collect();
         Tensor::cat_rows(&[&feats, &newline])?.gather_rows(&idx)
+    }
+
+    /// Each image's tiles (its pixel values `[tiles, channels, size, size]`, checked against
+    /// the tiles its size takes) and its prompt rows ([`VisionEncoder::sources`]).
+    fn split_tiles<'a>(&self, images: &[ImagePixels<'a>]) -> Result<Vec<SplitImage<'a>>> {
+        let v = &self.config.vision;
+        let per_tile = v.num_channels * v.image_size * v.image_size;
+        let split = |(i, &(px, size)): (usize, &ImagePixels<'a>)| {
+            let (src, n) = self.sources(size)?;
+            if px.len() != n * per_tile {
+                return Err(Error::Shape {
+                    name: format!("pixel_values of image {i}"),
+                    expected: vec![n, v.num_channels, v.image_size, v.image_size],
+                    got: vec![px.len() / per_tile.max(1), px.len() % per_tile.max(1)],
+                });
+            }
+            Ok((px.chunks(per_tile).collect(), src))
+        };
+        images.iter().enumerate().map(split).collect()
     }
 
     /// Image tokens per image.
@@ -292,19 +308,31 @@ impl VisionEncoder {
         self.tower.backward(p, cache, &dstates)
     }
 
-    /// Projected features of a batch of LLaVA-1.5 images each reduced before the LM by `r`
-    /// ([`Reduce`]), `[Σ rows, text_hidden]`, and for each image the grid patch each of its rows
-    /// is as it is (`None`: merged or CLS; [`Reduce::patch_of`]). The reductions that
-    /// read attention use the layer whose output is the (one) selected feature layer; those
-    /// merging hidden states do it before the projector.
+    /// Projected features of a batch of images each reduced before the LM by `r` ([`Reduce`]),
+    /// `[Σ rows, text_hidden]` (the images as [`VisionEncoder::forward_images`] takes them), and
+    /// for each image what each of its rows shows: its tile, and for a patch kept as it is its
+    /// index among the image's patch tokens ([`VisionEncoder::patch_tokens`]; `None` for merged
+    /// and CLS rows and LLaVA-NeXT's padding). Every tile is reduced on its own
+    /// ([`Reduce::rows`]), then the image's tiles laid out ([`Reduce::lay_out`]). The
+    /// reductions that read attention use the layer whose output is the (one) selected feature
+    /// layer; those merging hidden states do it before the projector.
     pub fn forward_reduced(
         &self,
         p: &[Param],
-        pixels: &[&[f32]],
+        images: &[ImagePixels],
         r: &Reduce,
-    ) -> Result<(Tensor, Vec<Vec<Option<usize>>>)> {
-        let (grid, t) = (self.config.vision.grid(), self.tower.tokens());
+    ) -> Result<(Tensor, Vec<Vec<ReducedRow>>)> {
+        let (grid, t, ntok) = (
+            self.config.vision.grid(),
+            self.tower.tokens(),
+            self.image_tokens(),
+        );
         let cls = usize::from(self.config.select_strategy == SelectStrategy::Full);
+        let split = self.split_tiles(images)?;
+        let pixels: Vec<&[f32]> = split
+            .iter()
+            .flat_map(|(px, _)| px.iter().copied())
+            .collect();
         let (states, summary) = match r.method.needs_attention() {
             true => {
                 let &[layer] = self.layers.as_slice() else {
@@ -320,13 +348,14 @@ impl VisionEncoder {
                         "the embeddings (hidden state 0) have no attention to rank by",
                     )
                 })?;
-                let (mut states, _) = self.tower.forward(p, pixels, false)?;
+                let (mut states, _) = self.tower.forward(p, &pixels, false)?;
                 let summary = self.tower.attention_summary(p, &states, at)?;
                 (Some(states.swap_remove(layer)), Some(summary))
             }
             false => (None, None),
         };
-        // The rows the sources index: the tower's tokens, or the projected selected features.
+        // The rows the sources index, per tile: the tower's tokens, or the projected selected
+        // features.
         let (base, per) = match (&states, r.method.before_projector()) {
             (Some(s), true) => (s.clone(), t),
             (Some(s), false) => {
@@ -335,33 +364,53 @@ impl VisionEncoder {
                     s.gather_rows(&self.selected_rows(pixels.len()))?,
                     false,
                 )?;
-                (out, self.image_tokens())
+                (out, ntok)
             }
-            (None, _) => (self.forward(p, pixels)?, self.image_tokens()),
+            (None, _) => (self.forward(p, &pixels)?, ntok),
         };
         let (d, all) = (base.cols(), base.to_vec_f32()?);
         let hd = summary
             .as_ref()
             .map_or(0, |s| s.keys.len() / (pixels.len() * t).max(1));
-        let (mut out, mut counts) = (Vec::new(), Vec::with_capacity(pixels.len()));
-        for i in 0..pixels.len() {
-            let view = ImageView {
-                grid,
-                cls,
-                cls_attention: summary
-                    .as_ref()
-                    .map_or(&[][..], |s| &s.cls[i * t..(i + 1) * t]),
-                keys: summary
-                    .as_ref()
-                    .map_or(&[][..], |s| &s.keys[i * t * hd..(i + 1) * t * hd]),
+        let view = |k: usize| ImageView {
+            grid,
+            cls,
+            cls_attention: summary
+                .as_ref()
+                .map_or(&[][..], |s| &s.cls[k * t..(k + 1) * t]),
+            keys: summary
+                .as_ref()
+                .map_or(&[][..], |s| &s.keys[k * t * hd..(k + 1) * t * hd]),
+        };
+        let (mut out, mut shows) = (Vec::new(), Vec::with_capacity(images.len()));
+        let mut first = 0;
+        for (&(_, size), (px, src)) in images.iter().zip(&split) {
+            let n = px.len();
+            // Each of the image's selected feature rows' index among its patch tokens.
+            let mut token_of = vec![None; n * ntok];
+            for (s, tok) in src.iter().zip(self.patch_tokens(size)?) {
+                if let Some(i) = *s {
+                    token_of[i] = tok;
+                }
+            }
+            let wide = match (&self.config.image_grid_pinpoints, size) {
+                (Some(pins), Some(size)) => anyres::select_best_resolution(size, pins)
+                    .map_or(1, |(_, w)| w / self.config.vision.image_size),
+                _ => 1,
             };
-            let sources = r.rows(&view)?;
-            counts.push(sources.iter().map(|s| r.patch_of(s, cls)).collect());
-            out.extend(before::gather(
-                &all[i * per * d..(i + 1) * per * d],
-                d,
-                &sources,
-            ));
+            let tiles = (first..first + n)
+                .map(|k| r.rows(&view(k)))
+                .collect::<Result<Vec<_>>>()?;
+            let mut rows = Vec::new();
+            for (tile, s) in r.lay_out(tiles, wide, grid, cls) {
+                let k = first + tile;
+                let feats = &all[k * per * d..(k + 1) * per * d];
+                out.extend(before::gather(feats, d, std::slice::from_ref(&s)));
+                let patch = r.patch_of(&s, cls);
+                rows.push((tile, patch.and_then(|p| token_of[tile * ntok + cls + p])));
+            }
+            shows.push(rows);
+            first += n;
         }
         let reduced = Tensor::from_f32(&[out.len() / d.max(1), d], out)?
             .to_device(&base.device())?
@@ -371,7 +420,7 @@ impl VisionEncoder {
             false => reduced,
         };
         projected.check_finite(|t| format!("the projector's output (image token {t})"))?;
-        Ok((projected, counts))
+        Ok((projected, shows))
     }
 
     /// Projected image features of a batch of images, `[images · image_tokens, text_hidden]`.

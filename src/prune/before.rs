@@ -26,6 +26,37 @@
 //!   the projector, as the official code does. A budget `k` splits as the README's settings do
 //!   (64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30): `contextual = max(1, round(5k / 32))`,
 //!   `dominant = k - contextual` (the CLS among them), so it keeps exactly `k` tokens.
+//!
+//! **LLaVA-NeXT.** Every tile, the base image and each tile of the selected grid, is reduced
+//! on its own as above with the same budget (`keep` counts one tile's patches), and the image's
+//! rows are laid out as FasterVLM's and VisionZip's official code lays them out
+//! ([`Reduce::lay_out`]), which is not LLaVA-NeXT's (nor HF's `pack_image_features`') packing:
+//! no unpadding and no `image_newline`. The base tile's rows come first as the tile's
+//! reduction orders them; then the grid tiles' rows that stand at a patch, as one
+//! `high·g x wide·g` feature map of the grid (padding included) read row by row; then the grid
+//! tiles' CLS rows, tile by tile; then their merged rows (VisionZip's contextual tokens), tile
+//! by tile. So an image of `T` tiles takes `T x budget` tokens, as the official READMEs count
+//! them (FasterVLM: "29 * 5 = 145"; VisionZip: 640, 320, 160 for 5 tiles).
+//! - FasterVLM: `llava/model/llava_arch.py` `prepare_inputs_labels_for_multimodal`, lines
+//!   168-223: `mm_patch_merge_type = 'spatial'` is forced (line 177), so its `unpad` branch never
+//!   runs; each tile's index mask from `encode_images`; the grid tiles' features and masks
+//!   `view(num_patch_height, num_patch_width, h, w)`, `permute(0, 2, 1, 3)`, flattened and
+//!   masked; the base tile's masked features first.
+//! - VisionZip: `visionzip/llava_arch.py` `prepare_inputs_labels_for_multimodal_visionzip`,
+//!   lines 91-130 (the base tile's `[CLS, dominant, contextual]` as the tower returns them,
+//!   first), and `restore_image_features_sorted`, lines 42-80: the grid tiles' dominant patches
+//!   scattered into the grid's feature map and read back where kept (its `image_newline` is
+//!   expanded but never used), then `image_feature[:, 0]` (the tiles' CLS), then
+//!   `image_feature[:, -num_extra:]` (their contextual tokens). Its `24` and `576` are
+//!   CLIP-L/336's `g` and `g²`; here the tower's.
+//! - Uniform pooling (no official code): each tile pooled to `s x s` as LLaVA-1.5's image is
+//!   (a grid tile's cell stands at its window's top-left patch) and laid out as the two above,
+//!   so all three reductions give the same token count and arrangement.
+//!
+//! The grid's shape is the engine's tiling (transformers' `select_best_resolution` on
+//! `(height, width)` pinpoints); the original LLaVA code reads pinpoints and image sizes as
+//! `(width, height)`, which selects the same grid on pinpoint lists closed under transposition
+//! (LLaVA-1.6's) except between equally good candidates.
 
 use super::plan::Keep;
 use crate::error::{Error, Result};
@@ -64,7 +95,8 @@ pub struct ImageView<'a> {
     pub keys: &'a [f32],
 }
 
-/// A reduction before the LM and its budget (of the image's patch tokens).
+/// A reduction before the LM and its budget (of the image's patch tokens; of each tile's for
+/// LLaVA-NeXT).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Reduce {
     pub method: BeforeLm,
@@ -193,6 +225,56 @@ impl Reduce {
     }
 }
 
+impl Reduce {
+    /// The patch of its tile's `g x g` grid a reduced row stands at: a row as it is, its patch
+    /// ([`Reduce::patch_of`]); a pooled cell, its window's top-left patch (distinct windows
+    /// start at distinct rows and columns, the budget being at most `g²`); `None` for CLS and
+    /// merged rows.
+    fn cell(&self, s: &Source, cls: usize) -> Option<usize> {
+        match s {
+            Source::Mean(rows) => rows.first().and_then(|r| r.checked_sub(cls)),
+            _ => self.patch_of(s, cls),
+        }
+    }
+
+    /// The rows of one image whose tiles were each reduced by [`Reduce::rows`], each with its
+    /// tile: `tiles[0]` the base tile's sources, then the grid's tiles row by row, `wide` to a
+    /// row, each tile's sources indexing its own rows. The base tile's as they are; then the
+    /// grid tiles' rows at a patch (kept patches; pooled cells at their window's top-left
+    /// patch) in the order of the grid's `high·g x wide·g` feature map, row by row; then the grid tiles' other rows as they
+    /// come, CLS rows before merged ones (the module doc's LLaVA-NeXT layout). One tile: its
+    /// sources as they are.
+    pub fn lay_out(
+        &self,
+        tiles: Vec<Vec<Source>>,
+        wide: usize,
+        g: usize,
+        cls: usize,
+    ) -> Vec<(usize, Source)> {
+        let mut tiles = tiles.into_iter().enumerate();
+        let mut out: Vec<(usize, Source)> = match tiles.next() {
+            Some((_, base)) => base.into_iter().map(|s| (0, s)).collect(),
+            None => vec![],
+        };
+        let (mut placed, mut cls_rows, mut merged) = (vec![], vec![], vec![]);
+        for (t, sources) in tiles {
+            let (row, col) = ((t - 1) / wide.max(1), (t - 1) % wide.max(1));
+            for s in sources {
+                match (self.cell(&s, cls), &s) {
+                    (Some(p), _) => placed.push(((row * g + p / g, col * g + p % g), (t, s))),
+                    (None, Source::Merge { .. }) => merged.push((t, s)),
+                    (None, _) => cls_rows.push((t, s)),
+                }
+            }
+        }
+        placed.sort_by_key(|&(at, _)| at);
+        out.extend(placed.into_iter().map(|(_, ts)| ts));
+        out.extend(cls_rows);
+        out.extend(merged);
+        out
+    }
+}
+
 /// Where one row of a reduced image comes from ([`Reduce::rows`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Source {
@@ -287,6 +369,97 @@ mod tests {
         assert_eq!(rows, vec![Source::Row(1), Source::Row(3)]);
         assert!(r.rows(&view(1, &[0.1; 5])).is_err());
         assert!(r.rows(&view(0, &[0.1; 4])).is_err());
+    }
+
+    #[test]
+    fn lay_out_by_hand() {
+        use Source::{Mean, Merge, Row};
+        let r = |method| Reduce {
+            method,
+            keep: Keep::Count(2),
+        };
+        // A base tile and a 1 x 2 grid of 2 x 2-patch tiles: the grid's map is 2 x 4, tile 1
+        // in columns 0-1, tile 2 in 2-3. Kept patches: tile 1's 0 (0, 0) and 3 (1, 1); tile 2's
+        // 1 (0, 3) and 2 (1, 2): read row by row.
+        let tiles = vec![
+            vec![Row(3), Row(1)],
+            vec![Row(0), Row(3)],
+            vec![Row(1), Row(2)],
+        ];
+        let want = vec![
+            (0, Row(3)),
+            (0, Row(1)),
+            (1, Row(0)),
+            (2, Row(1)),
+            (1, Row(3)),
+            (2, Row(2)),
+        ];
+        assert_eq!(r(BeforeLm::FasterVlm).lay_out(tiles, 2, 2, 0), want);
+        // VisionZip (rows are tower tokens, CLS first): the grid's dominant patches as a map,
+        // then the grid tiles' CLS rows, then their contextual tokens, tile by tile.
+        let zip = |t| {
+            vec![
+                Row(0),
+                Row(t),
+                Merge {
+                    target: 1,
+                    rows: vec![3, 4],
+                },
+            ]
+        };
+        let tiles = vec![zip(4), zip(2), zip(3)];
+        let merge = Merge {
+            target: 1,
+            rows: vec![3, 4],
+        };
+        let want = vec![
+            (0, Row(0)),
+            (0, Row(4)),
+            (0, merge.clone()),
+            (1, Row(2)), // patch 1: (0, 1)
+            (2, Row(3)), // patch 2: (1, 2)
+            (1, Row(0)),
+            (2, Row(0)),
+            (1, merge.clone()),
+            (2, merge),
+        ];
+        assert_eq!(r(BeforeLm::VisionZip).lay_out(tiles, 2, 2, 0), want);
+        // Pooling 3 x 3 to 2 x 2 in a 1 x 2 grid with the `full` strategy's CLS: each cell at
+        // its window's top-left patch (0, 1, 3, 4: rows 0, 0, 1, 1 of its tile), so the grid's
+        // cells interleave row by row; the grid tiles' CLS rows last.
+        let pool = Reduce {
+            method: BeforeLm::Pool,
+            keep: Keep::Count(4),
+        };
+        let view = ImageView {
+            grid: 3,
+            cls: 1,
+            cls_attention: &[],
+            keys: &[],
+        };
+        let tiles = vec![pool.rows(&view).unwrap(); 3];
+        let laid = pool.lay_out(tiles, 2, 3, 1);
+        let cells: Vec<(usize, Option<usize>)> =
+            laid.iter().map(|(t, s)| (*t, pool.cell(s, 1))).collect();
+        let want = [
+            (0, None),
+            (0, Some(0)),
+            (0, Some(1)),
+            (0, Some(3)),
+            (0, Some(4)),
+            (1, Some(0)),
+            (1, Some(1)),
+            (2, Some(0)),
+            (2, Some(1)),
+            (1, Some(3)),
+            (1, Some(4)),
+            (2, Some(3)),
+            (2, Some(4)),
+            (1, None),
+            (2, None),
+        ];
+        assert_eq!(cells, want);
+        assert_eq!(laid[1], (0, Mean(vec![1, 2, 4, 5])));
     }
 
     #[test]

@@ -26,10 +26,20 @@ through torch.nn.functional.adaptive_avg_pool2d to s x s, s = floor(sqrt(budget)
 get_2dPool pools after the projector), the `full` strategy's CLS row kept in front; the prompt holds
 that many image tokens and the LM runs unpruned on it.
 
+LLaVA-NeXT (the three above, budget per tile): every tile of the image through the tower at once and
+reduced on its own, then laid out as the official code lays it out, not as LLaVA-NeXT packs: FasterVLM's
+llava_arch.py (prepare_inputs_labels_for_multimodal, lines 177-223: 'spatial' forced, so no unpadding
+and no newlines; the base tile's kept rows, then the grid's kept patches as one feature map row by
+row), VisionZip's llava_arch.py (prepare_inputs_labels_for_multimodal_visionzip, lines 91-121, and
+restore_image_features_sorted, lines 42-80: the base tile's tokens, the grid's dominant patches as one
+map row by row, the grid tiles' CLS tokens, their contextual tokens); pooling laid out as FasterVLM's.
+The grid shape is HF's (get_anyres_image_grid_shape). Each row's (tile, patch) goes through the same
+ops as the features (`shows`).
+
 Reads llava_gqa/, llava_tied/ (gen_llava.py), llava_next_mistral/ (gen_llava_next.py) and their
 *_ref.safetensors. Writes methods_ref.safetensors (`{case}/{kept, logits, greedy}`; pool cases:
 `{case}/{input_ids, features, logits, greedy}`) and methods_ref.json (cases: method, fixture, prompt,
-K, budget, pivots, N, first image position, kept; `set_orders`: random integer lists and CPython's
+K, budget, pivots, N, first image position, kept; LLaVA-NeXT reductions: shows; `set_orders`: random integer lists and CPython's
 `list(set(l))` of each, for the Rust emulation).
 
   /tmp/venv-ref/bin/python tests/reference/gen_methods.py     (a few seconds; deterministic)
@@ -48,6 +58,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 assert torch.__version__.split("+")[0] == "2.15.0", torch.__version__
 assert transformers.__version__ == "5.23.0", transformers.__version__
@@ -83,6 +94,14 @@ BEFORE_CASES = [
     ("fastervlm_gqa_p2_k12", "fastervlm", "llava_gqa", "input_ids_2", 12),
     ("visionzip_gqa_p1_k8", "visionzip", "llava_gqa", "input_ids", 8),
     ("visionzip_gqa_p2_k16", "visionzip", "llava_gqa", "input_ids_2", 16),
+    # LLaVA-NeXT (budget per tile). FasterVLM and VisionZip read one feature layer's attention:
+    # the Vicuna fixture's (-2); the Mistral one concatenates layers -3 and -1.
+    ("pool_next_mistral_k4", "pool", "llava_next_mistral", "mistral/portrait", 4),
+    ("pool_next_mistral_k9", "pool", "llava_next_mistral", "mistral/portrait", 9),
+    ("fastervlm_next_vicuna_k6", "fastervlm", "llava_next_vicuna", "vicuna/landscape", 6),
+    ("fastervlm_next_vicuna_k12", "fastervlm", "llava_next_vicuna", "vicuna/landscape", 12),
+    ("visionzip_next_vicuna_k8", "visionzip", "llava_next_vicuna", "vicuna/landscape", 8),
+    ("visionzip_next_vicuna_k16", "visionzip", "llava_next_vicuna", "vicuna/landscape", 16),
 ]
 
 
@@ -153,10 +172,11 @@ def pool_features(model, pv, budget):
     return torch.cat([feats[:cls], out], 0), None
 
 
-def fastervlm_features(model, pv, budget):
+def fastervlm_tiles(model, pv, budget):
     """FasterVLM (github.com/Theia-4869/FasterVLM): clip_encoder.py feature_select (lines 35-45,
     `attentions[select_layer][:, :, 0, 1:]` with select_feature 'patch') and llava_arch.py encode_images
-    (lines 141-157: mean over heads, topk, index mask, the projected features where the mask holds)."""
+    (lines 141-157: mean over heads, topk, index mask) on a batch of tiles: the projected features
+    (B, N, D), the index masks (B, N) and the kept indices (B, T)."""
     layer = model.config.vision_feature_layer
     assert model.config.vision_feature_select_strategy == "default" and isinstance(layer, int)
     out = model.model.vision_tower(pv, output_attentions=True, output_hidden_states=True)
@@ -165,15 +185,22 @@ def fastervlm_features(model, pv, budget):
     mask = torch.zeros_like(att, dtype=torch.bool)
     mask.scatter_(1, idx, True)
     feats = model.model.multi_modal_projector(out.hidden_states[layer][:, 1:])
+    return feats, mask, idx
+
+
+def fastervlm_features(model, pv, budget):
+    """FasterVLM on one image: the projected features where the mask holds, in patch order."""
+    feats, mask, idx = fastervlm_tiles(model, pv, budget)
     return feats[0][mask[0]], sorted(idx[0].tolist())
 
 
-def visionzip_features(model, pv, budget):
+def visionzip_tiles(model, pv, budget):
     """VisionZip (github.com/dvlab-research/VisionZip): clip_encoder.py CLIPVisionTower_VisionZip.forward
-    (lines 42-83) statement by statement, `metric` = the layer's raw keys averaged over heads
-    (utils.py CLIPAttention_forward), then the projector (llava_arch.py encode_images_visionzip).
-    The budget splits as the README's settings: contextual = max(1, round(5k/32)), dominant = k - it
-    (visionzip(model, dominant, contextual) passes dominant - 1 patches: the CLS is the other)."""
+    (lines 42-83) statement by statement on a batch of tiles, `metric` = the layer's raw keys averaged
+    over heads (utils.py CLIPAttention_forward), then the projector (llava_arch.py
+    encode_images_visionzip[_multi]). The budget splits as the README's settings: contextual =
+    max(1, round(5k/32)), dominant = k - it (visionzip(model, dominant, contextual) passes dominant - 1
+    patches: the CLS is the other). Returns the projected tokens (B, k, D) and all_indices (B, dominant)."""
     contextual_num = min(max(1, (5 * budget + 16) // 32), budget - 1)
     dominant_num = budget - contextual_num - 1
     layer = model.config.vision_feature_layer
@@ -214,18 +241,155 @@ def visionzip_features(model, pv, budget):
     target_hidden = hidden_states_filtered[:, target_indices, :]
     contextual_tokens = target_hidden + aggregated_hidden
     hidden_states_save = torch.cat([dominant_tokens, contextual_tokens], dim=1)
-    kept = sorted(all_indices[0].tolist())
-    return model.model.multi_modal_projector(hidden_states_save)[0], kept
+    return model.model.multi_modal_projector(hidden_states_save), all_indices
+
+
+def visionzip_features(model, pv, budget):
+    """VisionZip on one image: its projected tokens and kept tower tokens (CLS and dominant)."""
+    feats, all_indices = visionzip_tiles(model, pv, budget)
+    return feats[0], sorted(all_indices[0].tolist())
+
+
+def next_grid(model, image_size):
+    """(num_patch_height, num_patch_width) of an image's tile grid, as HF tiles it."""
+    c = model.config
+    return get_anyres_image_grid_shape(image_size, c.image_grid_pinpoints, c.vision_config.image_size)
+
+
+def labels(tiles, n, patches):
+    """(tile, patch) labels [tiles, n, 2] (float64, exact) of each tile's rows, carried through the
+    same ops as the features: `patches` ([n] or [tiles, n]) the rows' patches (-1: CLS, merged,
+    pooled)."""
+    lab = torch.empty(tiles, n, 2, dtype=torch.float64)
+    lab[:, :, 0] = torch.arange(tiles, dtype=torch.float64)[:, None]
+    lab[:, :, 1] = torch.as_tensor(patches, dtype=torch.float64)
+    return lab
+
+
+def spatial_layout(image_feature, index_mask, nph, npw, side):
+    """FasterVLM llava_arch.py prepare_inputs_labels_for_multimodal lines 184-223 with
+    mm_patch_merge_type = 'spatial' (forced, line 177): the base tile's masked rows, then the grid
+    tiles' as one feature map, row by row, where the mask holds. No unpadding, no newlines."""
+    base_image_feature = image_feature[0]
+    base_index_mask = index_mask[0]
+    image_feature = image_feature[1:]
+    index_mask = index_mask[1:]
+    height = width = side
+    assert height * width == base_image_feature.shape[0]
+    image_feature = image_feature.view(nph, npw, height, width, -1)
+    index_mask = index_mask.view(nph, npw, height, width)
+    image_feature = image_feature.permute(0, 2, 1, 3, 4).contiguous()
+    index_mask = index_mask.permute(0, 2, 1, 3).contiguous()
+    image_feature = image_feature.flatten(0, 3)
+    index_mask = index_mask.flatten(0, 3)
+    image_feature = image_feature[index_mask]
+    base_image_feature = base_image_feature[base_index_mask]
+    return torch.cat((base_image_feature, image_feature), dim=0)
+
+
+def fastervlm_next(model, pv, image_size, budget):
+    """FasterVLM on a LLaVA-NeXT image: encode_images on all its tiles at once (each keeps `budget`),
+    then the 'spatial' layout; each row's (tile, patch) through the same ops."""
+    feats, mask, _ = fastervlm_tiles(model, pv, budget)
+    tiles, n = mask.shape
+    nph, npw = next_grid(model, image_size)
+    side = math.isqrt(n)
+    out = spatial_layout(feats, mask, nph, npw, side)
+    shows = spatial_layout(labels(tiles, n, range(n)), mask, nph, npw, side)
+    return out, shows
+
+
+def restore_image_features_sorted(image_feature, cur_keep_idx, width, height, side):
+    """VisionZip llava_arch.py restore_image_features_sorted (lines 42-80) statement by statement,
+    CLIP-L/336's 24 and 576 as `side` and side²; `image_newline_expanded` (line 66) is never used."""
+    num_img, total_patches, feature_dim = image_feature.shape
+    num_keep = cur_keep_idx.shape[1]
+    num_extra = total_patches - num_keep
+    cur_keep_idx_sorted, _ = cur_keep_idx.sort(dim=1)
+    cur_keep_idx_sorted_restore = cur_keep_idx_sorted[:, 1:] - 1
+    restored_features = torch.zeros((num_img, side * side, feature_dim), dtype=image_feature.dtype)
+    mask = torch.zeros(num_img, side * side, dtype=torch.bool)
+    mask.scatter_(1, cur_keep_idx_sorted_restore, True)
+    kept_features = image_feature[:, 1:num_keep, :]
+    restored_features[mask] = kept_features.reshape(-1, feature_dim)
+    assert width * height == restored_features.shape[0], "width * height must equal num_img"
+    restored_features = restored_features.view(height, width, side, side, feature_dim)
+    restored_features = restored_features.permute(0, 2, 1, 3, 4).contiguous()
+    restored_features = restored_features.view(height, side, width * side, feature_dim)
+    restored_features = restored_features.view(height * side, width * side, feature_dim)
+    grid_with_newline = restored_features
+    mask = mask.view(height, width, side, side)
+    mask = mask.permute(0, 2, 1, 3).contiguous()
+    mask = mask.view(height * side, width * side)
+    mask_all = mask
+    image_feature_select = grid_with_newline[mask_all]
+    raw_img_feature_merge = image_feature[:, -num_extra:, ].reshape(-1, feature_dim)
+    cls_img_feature_merge = image_feature[:, 0, ]
+    return torch.cat([image_feature_select, cls_img_feature_merge, raw_img_feature_merge])
+
+
+def visionzip_next(model, pv, image_size, budget):
+    """VisionZip on a LLaVA-NeXT image: llava_arch.py prepare_inputs_labels_for_multimodal_visionzip
+    lines 91-121 ('spatial_unpad'): every tile through the tower at once (each keeps `budget`), the base
+    tile's tokens as they come, then restore_image_features_sorted on the grid's; each row's
+    (tile, patch) through the same ops."""
+    feats, keep_idxs = visionzip_tiles(model, pv, budget)
+    tiles, k, _ = feats.shape
+    nph, npw = next_grid(model, image_size)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    dominant = keep_idxs.shape[1]
+    # Each tile's rows: the CLS, its dominant patches in sequence order, the contextual tokens.
+    patches = [[-1] + [int(i) - 1 for i in sorted(row.tolist())[1:]] + [-1] * (k - dominant) for row in keep_idxs]
+    out, shows = (torch.cat((x[0], restore_image_features_sorted(x[1:], keep_idxs[1:], npw, nph, side)), dim=0)
+                  for x in (feats, labels(tiles, k, patches)))
+    return out, shows
+
+
+def next_tile_features(model, pv):
+    """LlavaNextModel.get_image_features before its packing (modeling_llava_next.py, 5.23, lines
+    377-393): every tile's projected selected features, [tiles, g², D]."""
+    c = model.config
+    assert c.vision_feature_select_strategy == "default"
+    out = model.model.vision_tower(pv, output_hidden_states=True)
+    layer = c.vision_feature_layer
+    if isinstance(layer, int):
+        sel = out.hidden_states[layer]
+    else:
+        sel = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+    return model.model.multi_modal_projector(sel[:, 1:])
+
+
+def pool_next(model, pv, image_size, budget):
+    """Uniform pooling on a LLaVA-NeXT image (no official code): every tile's g x g projected features
+    through adaptive_avg_pool2d to s x s as a LLaVA-1.5 image's are, then FasterVLM's 'spatial' layout
+    of the pooled tiles (base tile first, the grid's pooled map row by row; no unpadding, no newlines)."""
+    feats = next_tile_features(model, pv)
+    tiles, n, d = feats.shape
+    g, side = math.isqrt(n), max(1, math.isqrt(budget))
+    grid = feats.reshape(tiles, g, g, d).permute(0, 3, 1, 2)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(grid, side).permute(0, 2, 3, 1).reshape(tiles, side * side, d)
+    nph, npw = next_grid(model, image_size)
+    everything = torch.ones(tiles, side * side, dtype=torch.bool)
+    out = spatial_layout(pooled, everything, nph, npw, side)
+    shows = spatial_layout(labels(tiles, side * side, [-1] * side * side), everything, nph, npw, side)
+    return out, shows
 
 
 @torch.no_grad()
 def before_case(model, ref, key, budget, method, tensors, meta, case, fixture):
     """The reduced image features, the prompt with that many image tokens, HF's forward on the
     merged embeddings, greedy by full recompute."""
-    ids, pv = ref[key], ref["pixel_values"]
     image_id = model.config.image_token_id
-    reduced, kept = {"pool": pool_features, "fastervlm": fastervlm_features,
-                     "visionzip": visionzip_features}[method](model, pv, budget)
+    shows = None
+    if fixture.startswith("llava_next"):
+        ids, pv, size = ref[f"{key}/input_ids"], ref[f"{key}/pixel_values"], ref[f"{key}/image_sizes"]
+        reduced, shows = {"pool": pool_next, "fastervlm": fastervlm_next,
+                          "visionzip": visionzip_next}[method](model, pv, size, budget)
+        kept = None
+    else:
+        ids, pv = ref[key], ref["pixel_values"]
+        reduced, kept = {"pool": pool_features, "fastervlm": fastervlm_features,
+                         "visionzip": visionzip_features}[method](model, pv, budget)
     pos = (ids == image_id).nonzero()[:, 0]
     start, n = int(pos[0]), len(pos)
     new_ids = torch.cat([ids[:start], torch.full((reduced.shape[0],), image_id), ids[start + n:]])
@@ -251,6 +415,9 @@ def before_case(model, ref, key, budget, method, tensors, meta, case, fixture):
     tensors[f"{case}/greedy"] = torch.tensor(gen, dtype=torch.int64)
     meta["cases"][case] = {"method": method, "fixture": fixture, "prompt": key, "budget": budget,
                            "N": n, "n_after": int(reduced.shape[0]), "kept": kept, "greedy": gen}
+    if shows is not None:
+        # What each row shows: [tile, patch of the tile's g x g grid (-1: CLS, merged, pooled)].
+        meta["cases"][case]["shows"] = [[int(t), int(p)] for t, p in shows.tolist()]
     print(f"[{case}] {n} image tokens reduced to {reduced.shape[0]}")
 
 
