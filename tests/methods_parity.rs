@@ -8,7 +8,8 @@
 //!   strategies), FasterVLM's CLS-attention ranking and VisionZip's dominant + contextual tokens,
 //!   on LLaVA-1.5 and LLaVA-NeXT (pooling on the Mistral fixture; FasterVLM and VisionZip, which
 //!   read one feature layer's attention, on the Vicuna one).
-//! - PyramidDrop as published (`PrunePlan::pdrop`): its stages' kept sets identical.
+//! - PyramidDrop as published (`PrunePlan::pdrop`): its stages' kept sets identical, LLaVA-NeXT
+//!   included.
 //! - SparseVLM (`fineprune::prune::sparsevlm`): its raters, each stage's kept set and the members
 //!   of every merged token identical, on both LLaVA-1.5 fixtures and the LLaVA-NeXT Mistral one
 //!   (one and two stages; two to five merged tokens per stage there).
@@ -221,8 +222,8 @@ fn reductions_before_the_lm_match_hf() {
     assert_eq!(checked, 14);
 }
 
-/// PyramidDrop as published: two stages (after layers 1 and 2 of the 3-layer fixtures, ratios
-/// 0.5 and 0.25), each ranked by the next layer's own projections of its input, positions
+/// PyramidDrop as published: two stages (after layers 1 and 2 of the 3-layer fixtures, both
+/// LLaVA-1.5 ones and LLaVA-NeXT Mistral's, ratios 0.5 and 0.25 floored per prompt), each ranked by the next layer's own projections of its input, positions
 /// renumbered: the kept sets of both stages identical, logits within 1e-4, greedy the same.
 #[test]
 fn pyramiddrop_matches_the_official_logic_on_hf_modules() {
@@ -261,7 +262,7 @@ fn pyramiddrop_matches_the_official_logic_on_hf_modules() {
         matches_hf(&engine, &r, name, &out.logits, req);
         checked += 1;
     }
-    assert_eq!(checked, 3);
+    assert_eq!(checked, 4);
 }
 
 /// SparseVLM v1.0: raters from the input embeddings, stages after the given layers ranked by

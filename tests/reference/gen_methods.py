@@ -11,7 +11,8 @@ follows get_retained_image_token statement by statement, Python `set`s included 
 order decides which pivot picks first); the pruned sequence keeps the original position ids
 (`position_ids = keep_indexs`).
 
-PyramidDrop: stages after layers 1 and 2 of the 3-layer fixtures (ratios 0.5, 0.25), each ranking by the
+PyramidDrop: stages after layers 1 and 2 of the 3-layer fixtures, LLaVA-NeXT Mistral's included (ratios 0.5,
+0.25 of each prompt's image tokens, int()), each ranking by the
 next layer's own projections of its input, the last prompt token's attention averaged over heads, and
 renumbering the positions (modeling_llama_pdrop.py pdrop_forward, pdrop_rank_drop).
 
@@ -427,6 +428,7 @@ PDROP_CASES = [
     ("pdrop_gqa_p1", "llava_gqa", "input_ids"),
     ("pdrop_gqa_p2", "llava_gqa", "input_ids_2"),
     ("pdrop_tied_p1", "llava_tied", "input_ids"),
+    ("pdrop_next_mistral", "llava_next_mistral", "mistral/portrait"),
 ]
 
 
@@ -481,9 +483,7 @@ def lm_head_logits(runner, h):
 
 
 @torch.no_grad()
-def pdrop_case(model, ref, key, tensors, meta, case, fixture):
-    runner = HFRunner(model)
-    ids, pv = ref[key], ref["pixel_values"]
+def pdrop_case(runner, ids, pv, tensors, meta, case, fixture, key):
     img_pos = (ids == runner.image_token_id).nonzero()[:, 0]
     start, N = int(img_pos[0]), len(img_pos)
     emb = runner.embeds(ids, pv)
@@ -656,20 +656,21 @@ def load_fixture(fixture):
     return m.eval(), load_file(os.path.join(HERE, f"{fixture}_ref.safetensors"))
 
 
+def prompt_inputs(fixture, key):
+    """A fixture prompt's runner, input ids and pixel values (LLaVA-NeXT's with its image size)."""
+    model, ref = load_fixture(fixture)
+    if fixture.startswith("llava_next"):
+        runner = NextRunner(model, ref[f"{key}/image_sizes"][None])
+        return runner, ref[f"{key}/input_ids"], ref[f"{key}/pixel_values"][None]
+    return HFRunner(model), ref[key], ref["pixel_values"]
+
+
 def main():
     tensors, meta = {}, {"generator": "gen_methods.py", "torch": torch.__version__,
                          "transformers": transformers.__version__, "K": K, "pivots": list(PIVOTS),
                          "cases": {}, "set_orders": set_orders()}
     for case, fixture, key, budget in CASES:
-        model, ref = load_fixture(fixture)
-        if fixture.startswith("llava_next"):
-            ids, pv = ref[f"{key}/input_ids"], ref[f"{key}/pixel_values"]
-            runner = NextRunner(model, ref[f"{key}/image_sizes"][None])
-            pv_in = pv[None]
-        else:
-            ids, pv = ref[key], ref["pixel_values"]
-            runner = HFRunner(model)
-            pv_in = pv
+        runner, ids, pv_in = prompt_inputs(fixture, key)
         img_pos = (ids == runner.image_token_id).nonzero()[:, 0]
         start, N = int(img_pos[0]), len(img_pos)
         assert torch.equal(img_pos, torch.arange(start, start + N))
@@ -699,15 +700,9 @@ def main():
         model, ref = load_fixture(fixture)
         before_case(model, ref, key, budget, method, tensors, meta, case, fixture)
     for case, fixture, key in PDROP_CASES:
-        model, ref = load_fixture(fixture)
-        pdrop_case(model, ref, key, tensors, meta, case, fixture)
+        pdrop_case(*prompt_inputs(fixture, key), tensors, meta, case, fixture, key)
     for case, fixture, key, layers, budgets in SPARSE_CASES:
-        model, ref = load_fixture(fixture)
-        if fixture.startswith("llava_next"):
-            ids, pv = ref[f"{key}/input_ids"], ref[f"{key}/pixel_values"]
-            runner, pv_in = NextRunner(model, ref[f"{key}/image_sizes"][None]), pv[None]
-        else:
-            ids, runner, pv_in = ref[key], HFRunner(model), ref["pixel_values"]
+        runner, ids, pv_in = prompt_inputs(fixture, key)
         sparsevlm_case(runner, ids, pv_in, layers, budgets, tensors, meta, case, fixture, key)
     save_file(dict(sorted(tensors.items())), os.path.join(HERE, "methods_ref.safetensors"),
               metadata={"generator": f"gen_methods.py torch {torch.__version__} transformers {transformers.__version__}"})
