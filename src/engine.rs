@@ -637,43 +637,28 @@ impl Engine {
                 let kept_states = x.gather_rows(&kept_image_rows)?.to_vec_f32()?;
                 let kept_states: Vec<&[f32]> = kept_states.chunks(h.max(1)).collect();
                 let diversity = metrics::mean_cosine_distance(&kept_states);
-                // SparseVLM's recycled tokens: merged rows after the kept image rows, each
-                // described by its cluster's centre.
-                let mut meta_rows = kept_rows.clone();
-                let mut merged_members = vec![];
-                let mut gather: Vec<usize> = kept_rows.iter().map(|r| rows.start + r).collect();
-                if let (Scorer::SparseVlm(sv), false) = (plan.scorer, ranking.recycle.is_empty()) {
-                    let cand: Vec<usize> = ranking.recycle.iter().map(|&k| image_cols[k]).collect();
-                    let feats = x
-                        .gather_rows(&cand.iter().map(|&r| rows.start + r).collect::<Vec<_>>())?
-                        .to_vec_f32()?;
-                    let clusters = sv.recycled(image_cols.len() - ranking.kept.len()).1;
-                    let m = sparsevlm::cluster_and_merge(&feats, h, clusters);
-                    let last_image = image_cols.last().copied().unwrap_or(0);
-                    let at = kept_rows.partition_point(|&r| r <= last_image);
-                    let first = x.rows() + extra.len() / h.max(1);
-                    let centres = m.centres.iter().map(|&c| cand[c]);
-                    meta_rows.splice(at..at, centres);
-                    gather.splice(at..at, first..first + m.centres.len());
-                    merged_members = (0..m.centres.len())
-                        .map(|k| {
-                            let mut members: Vec<usize> = (m.assign.iter().enumerate())
-                                .filter(|&(_, &a)| a == k)
-                                .filter_map(|(i, _)| st.image_index[cand[i]])
-                                .collect();
-                            members.sort_unstable();
-                            members
-                        })
-                        .collect();
-                    extra.extend(m.rows);
-                }
+                // SparseVLM's merged rows go after the batch's own, gathered in place below.
+                let first = x.rows() + extra.len() / h.max(1);
+                let Recycled {
+                    meta,
+                    gather,
+                    members,
+                    rows: merged,
+                } = match plan.scorer {
+                    Scorer::SparseVlm(sv) if !ranking.recycle.is_empty() => {
+                        let ranked = (image_cols.as_slice(), &ranking);
+                        recycle(&x, rows.start, st, ranked, &kept_rows, sv, first)?
+                    }
+                    _ => Recycled::none(&kept_rows, rows.start),
+                };
+                extra.extend(merged);
                 next.extend(gather);
                 st.apply_stage(
                     l + 1,
                     plan,
                     &image_cols,
                     ranking,
-                    (meta_rows, merged_members),
+                    (meta, members),
                     (cost.0, cost.1, diversity),
                 );
             }
@@ -1259,6 +1244,68 @@ fn lse_rows(lse: &[f32], heads: usize, n: usize, rows: &[usize]) -> Result<Vec<f
     Ok((0..heads)
         .flat_map(|h| rows.iter().map(move |&r| lse[h * n + r]))
         .collect())
+}
+
+/// A stage's surviving rows with SparseVLM's merged ones ([`recycle`]).
+struct Recycled {
+    /// Each surviving row's source row in the sequence (a merged row's: its cluster's centre).
+    meta: Vec<usize>,
+    /// Each surviving row's row in the batch's `x`, merged rows after `x`'s own.
+    gather: Vec<usize>,
+    /// The image tokens each merged row averages, ascending.
+    members: Vec<Vec<usize>>,
+    /// The merged rows, `[merged, hidden]`.
+    rows: Vec<f32>,
+}
+
+impl Recycled {
+    /// The kept rows alone (of a sequence starting at row `r0` of the batch).
+    fn none(kept_rows: &[usize], r0: usize) -> Self {
+        Recycled {
+            meta: kept_rows.to_vec(),
+            gather: kept_rows.iter().map(|r| r0 + r).collect(),
+            members: vec![],
+            rows: vec![],
+        }
+    }
+}
+
+/// SparseVLM's recycling at one stage of the sequence `st` (rows `r0..` of `x`, layer K-1's
+/// output): its ranking's candidates clustered and merged ([`sparsevlm::cluster_and_merge`]),
+/// the merged rows placed right after the last kept image row (numbered from `first` in the
+/// batch's rows with them appended).
+fn recycle(
+    x: &Tensor,
+    r0: usize,
+    st: &SeqState,
+    (image_cols, ranking): (&[usize], &Ranking),
+    kept_rows: &[usize],
+    sv: sparsevlm::SparseVlm,
+    first: usize,
+) -> Result<Recycled> {
+    let mut r = Recycled::none(kept_rows, r0);
+    let cand: Vec<usize> = ranking.recycle.iter().map(|&k| image_cols[k]).collect();
+    let feats = x
+        .gather_rows(&cand.iter().map(|&c| r0 + c).collect::<Vec<_>>())?
+        .to_vec_f32()?;
+    let clusters = sv.recycled(image_cols.len() - ranking.kept.len()).1;
+    let m = sparsevlm::cluster_and_merge(&feats, x.cols(), clusters);
+    let last_image = image_cols.last().copied().unwrap_or(0);
+    let at = kept_rows.partition_point(|&k| k <= last_image);
+    r.meta.splice(at..at, m.centres.iter().map(|&c| cand[c]));
+    r.gather.splice(at..at, first..first + m.centres.len());
+    r.members = (0..m.centres.len())
+        .map(|k| {
+            let mut members: Vec<usize> = (m.assign.iter().enumerate())
+                .filter(|&(_, &a)| a == k)
+                .filter_map(|(i, _)| st.image_index[cand[i]])
+                .collect();
+            members.sort_unstable();
+            members
+        })
+        .collect();
+    r.rows = m.rows;
+    Ok(r)
 }
 
 /// Chooses the SparseVLM raters of the prefilling sequences that prune with it, from their rows
