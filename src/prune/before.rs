@@ -241,9 +241,9 @@ impl Reduce {
     /// tile: `tiles[0]` the base tile's sources, then the grid's tiles row by row, `wide` to a
     /// row, each tile's sources indexing its own rows. The base tile's as they are; then the
     /// grid tiles' rows at a patch (kept patches; pooled cells at their window's top-left
-    /// patch) in the order of the grid's `high·g x wide·g` feature map, row by row; then the grid tiles' other rows as they
-    /// come, CLS rows before merged ones (the module doc's LLaVA-NeXT layout). One tile: its
-    /// sources as they are.
+    /// patch) in the order of the grid's `high·g x wide·g` feature map, row by row; then the
+    /// grid tiles' other rows as they come, CLS rows before merged ones (the module doc's
+    /// LLaVA-NeXT layout). One tile: its sources as they are.
     pub fn lay_out(
         &self,
         tiles: Vec<Vec<Source>>,
