@@ -81,7 +81,9 @@ check(usage.completion_tokens == 300, f"streamed usage {usage}")
 ext = last.model_extra["fineprune"]
 decode_secs = (usage.completion_tokens - 1) / ext["decode_tokens_per_sec"]
 spread = t_last - arrivals[0]
-check(spread > 0.5 * decode_secs,
+# A reply sent at the end arrives within a millisecond; a streamed one spreads over the decode.
+# The margin is for a client thread descheduled on a busy 2-core machine (CI once saw 43%).
+check(spread > 0.25 * decode_secs,
       f"first chunk {arrivals[0]*1e3:.1f} ms, last {t_last*1e3:.1f} ms: spread {spread*1e3:.1f} ms "
       f"over a {decode_secs*1e3:.1f} ms decode")
 whole = client.chat.completions.create(model=model, messages=ask(question), temperature=0,
