@@ -32,6 +32,39 @@ fn meta() -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The reference cases of one method, by name.
+fn cases<'a>(meta: &'a Value, method: &str) -> Vec<(&'a String, &'a Value)> {
+    (meta["cases"].as_object().unwrap().iter())
+        .filter(|(_, c)| c["method"] == method)
+        .collect()
+}
+
+/// A JSON list of non-negative integers.
+fn usizes(v: &Value) -> Vec<usize> {
+    (v.as_array().unwrap().iter())
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
+}
+
+/// A reference tensor of indices.
+fn indices(r: &HashMap<String, RefTensor>, key: &str) -> Vec<usize> {
+    r[key].i.iter().map(|&k| k as usize).collect()
+}
+
+/// The fixtures' engines, each loaded once.
+#[derive(Default)]
+struct Engines(HashMap<String, Engine>);
+
+impl Engines {
+    fn get(&mut self, fixture: &str) -> &Engine {
+        (self.0.entry(fixture.to_string())).or_insert_with(|| {
+            Engine::new(Arc::new(
+                Model::load(reference_dir().join(fixture)).unwrap(),
+            ))
+        })
+    }
+}
+
 /// The request of a reference case: a fixture prompt as gen_llava.py / gen_llava_next.py built it.
 fn request(case: &Value) -> Request {
     let dir = reference_dir();
@@ -91,16 +124,10 @@ fn dart_matches_the_official_logic_on_hf_modules() {
         text_pivots: pivots[1].as_u64().unwrap() as usize,
     };
     assert_eq!(dart, Dart::default());
-    let mut engines: HashMap<String, Engine> = HashMap::new();
+    let mut engines = Engines::default();
     let mut checked = 0;
-    for (name, case) in meta["cases"].as_object().unwrap() {
-        if case["method"] != "dart" {
-            continue;
-        }
-        let fixture = case["fixture"].as_str().unwrap();
-        let engine = engines
-            .entry(fixture.to_string())
-            .or_insert_with(|| Engine::new(Arc::new(Model::load(dir.join(fixture)).unwrap())));
+    for (name, case) in cases(&meta, "dart") {
+        let engine = engines.get(case["fixture"].as_str().unwrap());
         let mut plan = PrunePlan::new(vec![Stage {
             layer: meta["K"].as_u64().unwrap() as usize,
             keep: Keep::Count(case["budget"].as_u64().unwrap() as usize),
@@ -109,11 +136,7 @@ fn dart_matches_the_official_logic_on_hf_modules() {
         let mut req = request(case);
         req.prune = Some(plan);
         let out = engine.prompt_logits(&req).unwrap();
-        let kept: Vec<usize> = r[&format!("{name}/kept")]
-            .i
-            .iter()
-            .map(|&k| k as usize)
-            .collect();
+        let kept = indices(&r, &format!("{name}/kept"));
         assert_eq!(out.stats.stages[0].kept, kept, "{name}: kept");
         assert_eq!(out.stats.kept_after_last(), kept.len(), "{name}");
         matches_hf(engine, &r, name, &out.logits, req);
@@ -135,7 +158,7 @@ fn reductions_before_the_lm_match_hf() {
     let dir = reference_dir();
     let r = load_ref(&dir.join("methods_ref.safetensors"));
     let meta = meta();
-    let mut checked = 0;
+    let (mut engines, mut checked) = (Engines::default(), 0);
     for (name, case) in meta["cases"].as_object().unwrap() {
         let method = match case["method"].as_str().unwrap() {
             "pool" => BeforeLm::Pool,
@@ -143,8 +166,7 @@ fn reductions_before_the_lm_match_hf() {
             "visionzip" => BeforeLm::VisionZip,
             _ => continue,
         };
-        let fixture = case["fixture"].as_str().unwrap();
-        let engine = Engine::new(Arc::new(Model::load(dir.join(fixture)).unwrap()));
+        let engine = engines.get(case["fixture"].as_str().unwrap());
         let mut plan = PrunePlan::new(vec![]);
         plan.before_lm = Some(Reduce {
             method,
@@ -223,40 +245,26 @@ fn reductions_before_the_lm_match_hf() {
 }
 
 /// PyramidDrop as published: two stages (after layers 1 and 2 of the 3-layer fixtures, both
-/// LLaVA-1.5 ones and LLaVA-NeXT Mistral's, ratios 0.5 and 0.25 floored per prompt), each ranked by the next layer's own projections of its input, positions
-/// renumbered: the kept sets of both stages identical, logits within 1e-4, greedy the same.
+/// LLaVA-1.5 ones and LLaVA-NeXT Mistral's, ratios 0.5 and 0.25 floored per prompt), each
+/// ranked by the next layer's own projections of its input, positions renumbered: the kept sets
+/// of both stages identical, logits within 1e-4, greedy the same.
 #[test]
 fn pyramiddrop_matches_the_official_logic_on_hf_modules() {
     let dir = reference_dir();
     let r = load_ref(&dir.join("methods_ref.safetensors"));
     let meta = meta();
-    let mut checked = 0;
-    for (name, case) in meta["cases"].as_object().unwrap() {
-        if case["method"] != "pdrop" {
-            continue;
-        }
-        let fixture = case["fixture"].as_str().unwrap();
-        let engine = Engine::new(Arc::new(Model::load(dir.join(fixture)).unwrap()));
-        let ints = |v: &Value| -> Vec<usize> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as usize)
-                .collect()
-        };
+    let (mut engines, mut checked) = (Engines::default(), 0);
+    for (name, case) in cases(&meta, "pdrop") {
+        let engine = engines.get(case["fixture"].as_str().unwrap());
         let ratios: Vec<f64> = (case["ratios"].as_array().unwrap().iter())
             .map(|x| x.as_f64().unwrap())
             .collect();
-        let plan = PrunePlan::pdrop(&ints(&case["layers"]), &ratios).unwrap();
+        let plan = PrunePlan::pdrop(&usizes(&case["layers"]), &ratios).unwrap();
         let mut req = request(case);
         req.prune = Some(plan);
         let out = engine.prompt_logits(&req).unwrap();
         for (i, st) in out.stats.stages.iter().enumerate() {
-            let want: Vec<usize> = r[&format!("{name}/kept{i}")]
-                .i
-                .iter()
-                .map(|&k| k as usize)
-                .collect();
+            let want = indices(&r, &format!("{name}/kept{i}"));
             assert_eq!(st.kept, want, "{name}: stage {i}");
         }
         matches_hf(&engine, &r, name, &out.logits, req);
@@ -274,21 +282,13 @@ fn sparsevlm_matches_the_official_logic_on_hf_modules() {
     let dir = reference_dir();
     let r = load_ref(&dir.join("methods_ref.safetensors"));
     let meta = meta();
-    let ints = |v: &Value| -> Vec<usize> {
-        (v.as_array().unwrap().iter())
-            .map(|x| x.as_u64().unwrap() as usize)
-            .collect()
-    };
-    let (mut checked, mut batch) = (0, vec![]);
-    for (name, case) in meta["cases"].as_object().unwrap() {
-        if case["method"] != "sparsevlm" {
-            continue;
-        }
+    let (mut engines, mut checked, mut batch) = (Engines::default(), 0, vec![]);
+    for (name, case) in cases(&meta, "sparsevlm") {
         let fixture = case["fixture"].as_str().unwrap();
-        let engine = Engine::new(Arc::new(Model::load(dir.join(fixture)).unwrap()));
+        let engine = engines.get(fixture);
         let plan = PrunePlan::sparsevlm(
-            &ints(&case["layers"]),
-            &ints(&case["budgets"]),
+            &usizes(&case["layers"]),
+            &usizes(&case["budgets"]),
             SparseVlm::default(),
         )
         .unwrap();
@@ -302,15 +302,15 @@ fn sparsevlm_matches_the_official_logic_on_hf_modules() {
         for (i, (st, want)) in out.stats.stages.iter().zip(want_stages).enumerate() {
             let mut kept = st.kept.clone();
             kept.sort_unstable();
-            assert_eq!(kept, ints(&want["kept"]), "{name}: stage {i} kept");
+            assert_eq!(kept, usizes(&want["kept"]), "{name}: stage {i} kept");
             let merged: Vec<Vec<usize>> = (want["merged"].as_array().unwrap().iter())
-                .map(&ints)
+                .map(usizes)
                 .collect();
             assert_eq!(st.merged, merged, "{name}: stage {i} merged");
             assert_eq!(st.after, kept.len() + merged.len(), "{name}: stage {i}");
             assert_eq!(
                 st.query_positions,
-                ints(&case["raters"]),
+                usizes(&case["raters"]),
                 "{name}: stage {i} raters"
             );
         }
@@ -322,7 +322,7 @@ fn sparsevlm_matches_the_official_logic_on_hf_modules() {
     }
     assert_eq!(checked, 5);
     // Both prompts in one batch: merged rows of two sequences in one layer, each its own.
-    let engine = Engine::new(Arc::new(Model::load(dir.join("llava_gqa")).unwrap()));
+    let engine = engines.get("llava_gqa");
     let reqs: Vec<Request> = (batch.iter())
         .map(|(req, _)| Request {
             max_new_tokens: 24,
@@ -363,16 +363,9 @@ fn python_set_order_matches_cpython() {
     let meta = meta();
     let cases = meta["set_orders"].as_array().unwrap();
     for c in cases {
-        let ints = |v: &Value| -> Vec<usize> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as usize)
-                .collect()
-        };
         assert_eq!(
-            python_set_order(&ints(&c["values"])),
-            ints(&c["set_order"]),
+            python_set_order(&usizes(&c["values"])),
+            usizes(&c["set_order"]),
             "{c}"
         );
     }
