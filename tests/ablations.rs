@@ -51,8 +51,9 @@ fn ranking(t: &CsvTable, col: &str) -> Vec<(String, f64)> {
     m
 }
 
-#[test]
-fn the_study_runs_end_to_end_and_the_report_comes_from_its_csv_files() {
+/// Runs a study script at `--limit 4` into a temporary folder with the built binaries; returns
+/// the folder (kept alive), its work folder and the report.
+fn run_study(script: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let work = tmp.path().join("work");
     let report = tmp.path().join("REPORT.md");
@@ -63,22 +64,21 @@ fn the_study_runs_end_to_end_and_the_report_comes_from_its_csv_files() {
     let out = Command::new("bash")
         .current_dir(root())
         .env("BIN", &bin)
-        .args([
-            "ablations/run.sh",
-            "--limit",
-            "4",
-            "--out",
-            work.to_str().unwrap(),
-            "--report",
-            report.to_str().unwrap(),
-        ])
+        .args([script, "--limit", "4", "--out", work.to_str().unwrap()])
+        .args(["--report", report.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{script}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    (tmp, work, report)
+}
+
+#[test]
+fn the_study_runs_end_to_end_and_the_report_comes_from_its_csv_files() {
+    let (tmp, work, report) = run_study("ablations/run.sh");
     let md = std::fs::read_to_string(&report).unwrap();
     for model in ["shapes-llava", "shapes-llava-student"] {
         let w = work.join(model);
@@ -265,32 +265,7 @@ fn ablate_picks_the_best_mean_and_reports_bad_input() {
 /// cells the CSV's, a verdict per model and budget.
 #[test]
 fn the_methods_study_runs_end_to_end() {
-    let tmp = tempfile::tempdir().unwrap();
-    let work = tmp.path().join("work");
-    let report = tmp.path().join("REPORT.md");
-    let bin: PathBuf = Path::new(env!("CARGO_BIN_EXE_prune-bench"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let out = Command::new("bash")
-        .current_dir(root())
-        .env("BIN", &bin)
-        .args([
-            "ablations/methods/run.sh",
-            "--limit",
-            "4",
-            "--out",
-            work.to_str().unwrap(),
-            "--report",
-            report.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (tmp, work, report) = run_study("ablations/methods/run.sh");
     let md = std::fs::read_to_string(&report).unwrap();
     for (model, best) in [
         ("shapes-llava", "weighted_quality/attention_weighted/K1@"),

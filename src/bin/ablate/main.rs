@@ -519,19 +519,20 @@ fn clustered_pearson(groups: &[Vec<(f64, f64)>]) -> Option<(f64, f64, f64)> {
     (r.is_finite() && !rs.is_empty()).then(|| (r, q(0.025), q(0.975)))
 }
 
-/// Every model folder of the work folder (one holding A/results.csv), in name order.
-fn model_dirs(work: &Path) -> Result<Vec<PathBuf>> {
+/// Every model folder of the work folder (one holding `SUB/results.csv`), in name order; an
+/// error naming `script` (the study that writes them) when there is none.
+fn model_dirs(work: &Path, sub: &str, script: &str) -> Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(work)
         .map_err(|e| Error::io(work, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("A").join("results.csv").is_file())
+        .filter(|p| p.join(sub).join("results.csv").is_file())
         .collect();
     v.sort();
     if v.is_empty() {
         return Err(Error::arg(
             "--work",
             format!(
-                "{} holds no study (no MODEL/A/results.csv): run ablations/run.sh first",
+                "{} holds no study (no MODEL/{sub}/results.csv): run {script} first",
                 work.display()
             ),
         ));
@@ -571,7 +572,7 @@ fn render(work: &Path, out: &Path) -> Result<()> {
          0. Budgets are given both ways: image tokens kept after K (the last stage), and averaged \
          over all LM layers (as papers report them).\n\n",
     );
-    for dir in model_dirs(work)? {
+    for dir in model_dirs(work, "A", "ablations/run.sh")? {
         model_section(&mut md, &dir, base, &plots)?;
     }
     write_atomic(out, md.as_bytes())?;

@@ -6,27 +6,6 @@
 
 use super::*;
 
-/// The output folders of one model's study.
-fn study_dirs(work: &Path) -> Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(work)
-        .map_err(|e| Error::io(work, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("methods").join("results.csv").is_file())
-        .collect();
-    v.sort();
-    if v.is_empty() {
-        return Err(Error::arg(
-            "--work",
-            format!(
-                "{} holds no study (no MODEL/methods/results.csv): run \
-                 ablations/methods/run.sh first",
-                work.display()
-            ),
-        ));
-    }
-    Ok(v)
-}
-
 /// A budget column: `0.3333` -> `192 of 576 (48.0 tokens)` for `n` image tokens.
 fn budget_name(budget: &str, n: f64) -> String {
     match budget.parse::<f64>() {
@@ -55,7 +34,7 @@ pub fn render(work: &Path, out: &Path) -> Result<()> {
     std::fs::create_dir_all(&plots).map_err(|e| Error::io(&plots, e))?;
     let mut body = String::new();
     let mut verdicts = String::new();
-    for dir in study_dirs(work)? {
+    for dir in model_dirs(work, "methods", "ablations/methods/run.sh")? {
         section(&mut body, &mut verdicts, &dir, base, &plots)?;
     }
     let md = format!(
