@@ -530,9 +530,7 @@ impl Engine {
                 let n = st.rows();
                 let rows = r0..r0 + n;
                 r0 += n;
-                let Some(((budget, keep), plan)) =
-                    st.stage_at(l + 1).filter(|_| st.error.is_none())
-                else {
+                let Some((budget, plan)) = st.stage_at(l + 1).filter(|_| st.error.is_none()) else {
                     next.extend(rows);
                     continue;
                 };
@@ -617,13 +615,9 @@ impl Engine {
                             positions: n,
                         };
                         let newlines = st.newlines(&att.image_cols);
-                        // SparseVLM ranks to its budget; merged tokens make up the rest.
-                        let rank_keep = match plan.scorer {
-                            Scorer::SparseVlm(_) => budget,
-                            _ => keep,
-                        };
+                        // Ranked to the stage's budget (SparseVLM's merged tokens come on top).
                         let (ranking, kept_rows) =
-                            plan.select(&st.segments, &att, rank_keep, n, &newlines);
+                            plan.select(&st.segments, &att, budget, n, &newlines);
                         let bytes = att.nbytes() + x_sel.nbytes() + q.nbytes();
                         (att.image_cols, ranking, kept_rows, bytes)
                     }
@@ -1471,12 +1465,11 @@ impl SeqState {
         )
     }
 
-    /// The budget, kept count and plan of a stage whose first pruned layer is `layer` (while
-    /// prefilling).
-    fn stage_at(&self, layer: usize) -> Option<((usize, usize), PrunePlan)> {
+    /// The budget and plan of a stage whose first pruned layer is `layer` (while prefilling).
+    fn stage_at(&self, layer: usize) -> Option<(usize, PrunePlan)> {
         let plan = self.plan.as_ref().filter(|_| self.decoding.is_none())?;
         let i = plan.stages.iter().position(|s| s.layer == layer)?;
-        Some((self.keep[i], plan.clone()))
+        Some((self.keep[i].0, plan.clone()))
     }
 
     /// "request i, prompt position p" (or "generated token k") of its row `row`.
