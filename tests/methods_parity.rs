@@ -238,7 +238,7 @@ fn reductions_before_the_lm_match_hf() {
         let after = case["n_after"].as_u64().unwrap() as usize;
         assert_eq!(out.stats.kept_after_last(), after, "{name}");
         assert_eq!(out.stats.avg_image_tokens(), after as f64, "{name}");
-        matches_hf(&engine, &r, name, &out.logits, req);
+        matches_hf(engine, &r, name, &out.logits, req);
         checked += 1;
     }
     assert_eq!(checked, 14);
@@ -267,7 +267,7 @@ fn pyramiddrop_matches_the_official_logic_on_hf_modules() {
             let want = indices(&r, &format!("{name}/kept{i}"));
             assert_eq!(st.kept, want, "{name}: stage {i}");
         }
-        matches_hf(&engine, &r, name, &out.logits, req);
+        matches_hf(engine, &r, name, &out.logits, req);
         checked += 1;
     }
     assert_eq!(checked, 4);
@@ -317,7 +317,7 @@ fn sparsevlm_matches_the_official_logic_on_hf_modules() {
         if fixture == "llava_gqa" {
             batch.push((req.clone(), ids_u32(&r[&format!("{name}/greedy")])));
         }
-        matches_hf(&engine, &r, name, &out.logits, req);
+        matches_hf(engine, &r, name, &out.logits, req);
         checked += 1;
     }
     assert_eq!(checked, 5);
