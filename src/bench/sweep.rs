@@ -14,8 +14,8 @@ use crate::prune::before::{BeforeLm, Reduce};
 use crate::prune::dart::Dart;
 use crate::prune::sparsevlm::{self, SparseVlm};
 use crate::prune::{
-    Keep, PrunePlan, Scorer, Stage, StrategyParams, head_strategy, metrics::TileKept, pyramid,
-    query_strategy,
+    Keep, PrunePlan, Scorer, Stage, StrategyParams, head_strategy, metrics::TileKept,
+    plan::nearest_setting, pyramid, query_strategy,
 };
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -484,19 +484,7 @@ impl SweepConfig {
                         let c = Self::pdrop(&[Keep::Fraction(lam)], l, n).ok()?;
                         c[0].plan.as_ref()?.avg_image_tokens(l, n).ok()
                     };
-                    let (mut lo, mut hi) = (0.0f64, 1.0f64);
-                    for _ in 0..50 {
-                        let mid = 0.5 * (lo + hi);
-                        match realised(mid) {
-                            Some(a) if a < target => lo = mid,
-                            _ => hi = mid,
-                        }
-                    }
-                    let best = [lo, hi]
-                        .into_iter()
-                        .filter_map(|lam| realised(lam).map(|a| (lam, (a - target).abs())))
-                        .min_by(|a, b| a.1.total_cmp(&b.1));
-                    match best {
+                    match nearest_setting(realised, target, (0.0, 1.0)) {
                         Some((lam, err)) if err <= 0.05 * target + 1.0 => out.extend(
                             Self::pdrop(&[Keep::Fraction(lam)], l, n)?
                                 .into_iter()

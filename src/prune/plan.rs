@@ -495,6 +495,29 @@ pub fn pyramid(
     Ok((lam, stages))
 }
 
+/// The setting `x` in `[lo, hi]` whose realised image-token average `realised(x)` comes nearest
+/// `target`, for a `realised` that does not fall as `x` grows (`None` where no plan fits):
+/// 50 steps of bisection, then the nearer end of the last bracket. Returns `x` and its distance
+/// `|realised(x) - target|`; `None` when neither end realises a plan. Matches a method whose
+/// plan rounds (PyramidDrop's λ in `--avg-budget`, SparseVLM's budget scale) to an average.
+pub(crate) fn nearest_setting(
+    realised: impl Fn(f64) -> Option<f64>,
+    target: f64,
+    (mut lo, mut hi): (f64, f64),
+) -> Option<(f64, f64)> {
+    for _ in 0..50 {
+        let mid = 0.5 * (lo + hi);
+        match realised(mid) {
+            Some(a) if a < target => lo = mid,
+            _ => hi = mid,
+        }
+    }
+    [lo, hi]
+        .into_iter()
+        .filter_map(|x| realised(x).map(|a| (x, (a - target).abs())))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

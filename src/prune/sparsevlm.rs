@@ -31,6 +31,7 @@
 //! ([`PrunePlan::sparsevlm`] turns [`PrunePlan::keep_newlines`] off).
 
 use super::PrunePlan;
+use super::plan::nearest_setting;
 use super::score::{SelectedAttention, top_k_pinned};
 use crate::error::{Error, Result};
 
@@ -115,21 +116,9 @@ pub fn schedule(avg: f64, num_layers: usize, n_image: usize) -> Result<(Vec<usiz
              {layers:?} of a {num_layers}-layer LM: it must lie in [{lo_avg:.1}, {hi_avg:.1}]"
         )));
     }
-    let (mut lo, mut hi) = (0.0f64, hi);
-    for _ in 0..50 {
-        let mid = 0.5 * (lo + hi);
-        match realised(mid) {
-            Some(a) if a < avg => lo = mid,
-            _ => hi = mid,
-        }
-    }
-    let best = [lo, hi]
-        .into_iter()
-        .filter_map(|s| realised(s).map(|a| (s, (a - avg).abs())))
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .map_or(hi, |(s, _)| s);
-    let b = budgets(best);
-    Ok((layers, b))
+    let best = nearest_setting(realised, avg, (0.0, hi)).map_or(hi, |(s, _)| s);
+    let budgets = budgets(best);
+    Ok((layers, budgets))
 }
 
 impl SparseVlm {
