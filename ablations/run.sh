@@ -27,6 +27,7 @@
 #      PyramidDrop-style plan over layers 1..layers-1 at the same average budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source ablations/lib.sh
 
 LIMIT=600 MODELS=models/shapes-llava,models/shapes-llava-student DATA="" SEED=0 JOBS=2
 OUT=ablations/work REPORT=ablations/REPORT.md
@@ -62,12 +63,8 @@ study() { # model dir
   # bench NAME FLAGS...: one prune-bench run into $w/NAME, skipped when already finished.
   bench() {
     local d="$w/$1"; shift
-    [ -f "$d/results.csv" ] && return 0
-    rm -rf "$d.part"
-    "$BIN/prune-bench" --model "$m" --data "$DATA" "${EXTRA[@]}" --limit "$LIMIT" --seed "$SEED" \
-      --keep "$KEEPS" --out "$d.part" "$@" > "$d.part.log" 2>&1 || { cat "$d.part.log" >&2; return 1; }
-    mkdir -p "$(dirname "$d")"
-    mv "$d.part" "$d" && mv "$d.part.log" "$d/log.txt"
+    finished "$d" "$BIN/prune-bench" --model "$m" --data "$DATA" "${EXTRA[@]}" --limit "$LIMIT" \
+      --seed "$SEED" --keep "$KEEPS" "$@"
     echo "$(basename "$m"): $(basename "$d") done" >&2
   }
   mkdir -p "$w/C"
@@ -95,13 +92,6 @@ study() { # model dir
 }
 
 start=$(date +%s)
-pids=()
-IFS=, read -ra ms <<< "$MODELS"
-for m in "${ms[@]}"; do
-  study "$m" &
-  pids+=($!)
-  if [ "${#pids[@]}" -ge "$JOBS" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
-done
-for p in "${pids[@]}"; do wait "$p"; done
+each_model study
 "$BIN/ablate" report --work "$OUT" --out "$REPORT"
 echo "study done in $(( $(date +%s) - start )) s" >&2

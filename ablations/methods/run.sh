@@ -25,6 +25,7 @@
 #             ablations/REPORT.md ("Study C: sensitivity of HEAD + QUERY" under the model).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source ablations/lib.sh
 
 LIMIT=600 MODELS=models/shapes-llava,models/shapes-llava-student SEED=0 JOBS=2
 BUDGETS=0.6667,0.3333,0.2222,0.1111 OUT=ablations/methods/work REPORT=ablations/methods/REPORT.md
@@ -60,14 +61,8 @@ study() { # model dir
   # notes (budgets a method cannot reach) go to NAME/notes.txt.
   bench() {
     local d="$w/$1"; shift
-    [ -f "$d/results.csv" ] && return 0
-    rm -rf "$d.part"
-    mkdir -p "$w"
-    "$BIN/prune-bench" --model "$m" --data "shapes:$LIMIT" --limit "$LIMIT" --seed "$SEED" \
-      --avg-budget "$BUDGETS" --prune-layer 1 --out "$d.part" "$@" > "$d.part.log" 2>&1 \
-      || { cat "$d.part.log" >&2; return 1; }
-    grep '^note:' "$d.part.log" > "$d.part/notes.txt" || true
-    mv "$d.part" "$d" && mv "$d.part.log" "$d/log.txt"
+    finished "$d" "$BIN/prune-bench" --model "$m" --data "shapes:$LIMIT" --limit "$LIMIT" \
+      --seed "$SEED" --avg-budget "$BUDGETS" --prune-layer 1 "$@"
     echo "$name: $(basename "$d") done" >&2
   }
   bench methods --method "$METHODS" --head sum --query last_token
@@ -75,13 +70,6 @@ study() { # model dir
 }
 
 start=$(date +%s)
-pids=()
-IFS=, read -ra ms <<< "$MODELS"
-for m in "${ms[@]}"; do
-  study "$m" &
-  pids+=($!)
-  if [ "${#pids[@]}" -ge "$JOBS" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
-done
-for p in "${pids[@]}"; do wait "$p"; done
+each_model study
 "$BIN/ablate" methods --work "$OUT" --out "$REPORT"
 echo "study done in $(( $(date +%s) - start )) s" >&2
