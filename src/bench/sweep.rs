@@ -144,6 +144,14 @@ pub const METHODS: [&str; 8] = [
     "sparsevlm",
 ];
 
+/// The error for a `--method` name that is not one of [`METHODS`].
+pub fn unknown_method(name: &str) -> Error {
+    Error::Unsupported {
+        what: "pruning method (fastv, random, dart, pool, fastervlm, visionzip, pdrop, sparsevlm)",
+        value: name.to_string(),
+    }
+}
+
 /// What a matched-budget sweep ([`SweepConfig::matched`]) needs: the LM's depth and image
 /// tokens, the layers of the single-stage methods and FastV's strategy grid.
 #[derive(Debug, Clone)]
@@ -304,10 +312,7 @@ impl SweepConfig {
                     "{name} is built by its own constructor (SweepConfig::grid, ::pdrop, ::sparsevlm)"
                 ),
             )),
-            other => Err(Error::Unsupported {
-                what: "pruning method (fastv, random, dart, pool, fastervlm, visionzip, pdrop, sparsevlm)",
-                value: other.to_string(),
-            }),
+            other => Err(unknown_method(other)),
         }
     }
 
@@ -503,12 +508,7 @@ impl SweepConfig {
                     Err(Error::Arg { msg, .. }) => notes.push(format!("sparsevlm: {msg}")),
                     Err(e) => return Err(e),
                 },
-                other => {
-                    return Err(Error::Unsupported {
-                        what: "pruning method (fastv, random, dart, pool, fastervlm, visionzip, pdrop, sparsevlm)",
-                        value: other.to_string(),
-                    });
-                }
+                other => return Err(unknown_method(other)),
             }
         }
         Ok((out, notes))

@@ -227,10 +227,7 @@ fn run(a: Args) -> fineprune::Result<()> {
         methods.push("random");
     }
     if let Some(bad) = methods.iter().find(|m| !sweep::METHODS.contains(m)) {
-        return Err(Error::Unsupported {
-            what: "pruning method (fastv, random, dart, pool, fastervlm, visionzip, pdrop, sparsevlm)",
-            value: bad.to_string(),
-        });
+        return Err(sweep::unknown_method(bad));
     }
     // Methods with stages of their own, which need the model's depth and image tokens.
     let staged = |m: &&str| matches!(*m, "fastv" | "pdrop" | "sparsevlm");
